@@ -1,0 +1,3 @@
+from cna_export.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""Contrastive Neuron Attribution: forward passes only, last-token MLP activations, mean differences.
+
+For each prompt set the model runs in length-sorted, left-padded batches (so every prompt's last real token
+sits at position -1). A pre-hook on every layer's `down_proj` adds the last-token input, one value per neuron,
+to a float64 running sum on the device; nothing per-prompt is kept. The pass stops inside the last layer,
+before its `down_proj`, the final norm and the lm_head, which attribution never needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cna_export.arch import ArchSpec, ModelShape
+from cna_export.circuit import Circuit, ModelIdentity, Neuron, Selection, prompt_set
+from cna_export.errors import RecipeError
+from cna_export.hooks import down_projs, pre_hooks
+from cna_export.source import Source, describe, identity, load_model
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised inside the last needed hook to end the forward pass early."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Attribution parameters (the recipe's selection block, resolved)."""
+
+    top_k: int | None = None
+    fraction: float | None = 0.001
+    skip_first_layers: int = 0
+    universal: bool = True
+    universal_top_n: int | None = None  # per layer; default 1% of the MLP width
+    universal_threshold: float = 0.8
+    batch_size: int = 16
+    chat_template: bool = True
+
+
+@dataclass
+class SetStats:
+    """Per-neuron sums over one prompt set (and, for neutral sets, top-n membership counts)."""
+
+    sums: torch.Tensor  # [layers, neurons] float64
+    count: int
+    top_counts: torch.Tensor | None = None  # [layers, neurons] int32
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sums / self.count
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
+    """Token ids per prompt; chat-templated (with the generation prompt) when the tokenizer has a template."""
+    if not prompts:
+        raise RecipeError("A prompt set is empty.", "give at least one prompt on each side.")
+    use_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    encoded = []
+    for prompt in prompts:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RecipeError(f"Prompt {prompt!r} is empty.", "remove empty prompts from the set.")
+        if use_template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise RecipeError(f"Prompt {prompt!r} tokenizes to nothing.", "remove it or fix the tokenizer.")
+        encoded.append(list(ids))
+    return encoded
+
+
+def batches(encoded: list[list[int]], batch_size: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Left-padded (input_ids, attention_mask) batches of length-sorted prompts."""
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+    out = []
+    for start in range(0, len(order), batch_size):
+        group = [encoded[i] for i in order[start : start + batch_size]]
+        width = max(len(ids) for ids in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, seq in enumerate(group):
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        out.append((ids, mask))
+    return out
+
+
+@torch.inference_mode()
+def collect(
+    model: nn.Module,
+    spec: ArchSpec,
+    encoded: list[list[int]],
+    batch_size: int,
+    pad_id: int,
+    top_n: int | None = None,
+    desc: str = "forward",
+) -> SetStats:
+    """Sum last-token `down_proj` inputs over prompts; with `top_n`, count per-layer top-|act| membership."""
+    projs = down_projs(model, spec)
+    device = projs[0].weight.device
+    n_layers, width = len(projs), projs[0].in_features
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+    sums = torch.zeros((n_layers, width), dtype=acc_dtype, device=device)
+    top_counts = torch.zeros((n_layers, width), dtype=torch.int32, device=device) if top_n else None
+    last = n_layers - 1
+
+    def capture(layer: int, x: torch.Tensor) -> None:
+        act = x[:, -1, :]
+        sums[layer] += act.to(acc_dtype).sum(0)
+        if top_counts is not None:
+            idx = act.abs().topk(top_n, dim=-1).indices
+            top_counts[layer].index_add_(0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.int32, device=device))
+        if layer == last:
+            raise _StopForward
+
+    todo = batches(encoded, batch_size, pad_id)
+    with pre_hooks(dict(enumerate(projs)), capture):
+        for ids, mask in tqdm(todo, desc=desc, unit="batch", leave=False):
+            # Positions count real tokens only, so a left-padded prompt sees the same positions as alone.
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            try:
+                model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=position_ids.to(device),
+                    use_cache=False,
+                )
+            except _StopForward:
+                pass
+            else:
+                raise AssertionError("the last layer's down_proj never ran")
+    return SetStats(sums.to("cpu", torch.float64), len(encoded), None if top_counts is None else top_counts.cpu())
+
+
+def universal_mask(stats: SetStats, threshold: float) -> torch.Tensor:
+    """Neurons in the per-layer top-n for at least `threshold` of the neutral prompts."""
+    assert stats.top_counts is not None
+    return stats.top_counts >= math.ceil(threshold * stats.count - 1e-9)
+
+
+def resolve_k(settings: Settings, shape: ModelShape) -> int:
+    if settings.top_k is not None:
+        k = settings.top_k
+    else:
+        k = max(1, round((settings.fraction or 0.001) * shape.num_neurons))
+    if k < 1 or k > shape.num_neurons:
+        raise RecipeError(
+            f"k={k} neurons is outside 1..{shape.num_neurons} (all MLP neurons of this model).",
+            "lower --top-k or --fraction.",
+        )
+    return k
+
+
+def select(delta: torch.Tensor, k: int, excluded: torch.Tensor) -> list[tuple[int, int]]:
+    """Top-k (layer, index) by |delta|, skipping `excluded`. Ties break by (layer, index): deterministic."""
+    score = delta.abs().to(torch.float64).numpy().copy()
+    score[excluded.numpy()] = -np.inf
+    available = int(np.isfinite(score).sum())
+    if k > available:
+        raise RecipeError(
+            f"k={k} but only {available} neurons remain after exclusions.", "lower k or exclude fewer layers."
+        )
+    flat = np.argsort(-score.reshape(-1), kind="stable")[:k]
+    width = delta.shape[1]
+    return [(int(i // width), int(i % width)) for i in flat]
+
+
+def discover(
+    model: nn.Module,
+    tokenizer,
+    spec: ArchSpec,
+    model_id: ModelIdentity,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    neutral: Sequence[str],
+    settings: Settings,
+    *,
+    behaviour: str = "custom",
+    recipe: str | None = None,
+    multiplier: float = 0.0,
+) -> Circuit:
+    """Run CNA and return the circuit (not yet saved).
+
+    Example:
+        >>> circuit = discover(model, tok, arch_for("llama"), ident, harmful, benign, neutral, Settings(top_k=100))
+    """
+    shape = ModelShape(model_id.num_layers, model_id.intermediate_size, model_id.hidden_size)
+    k = resolve_k(settings, shape)
+    if settings.skip_first_layers >= shape.num_layers:
+        raise RecipeError(
+            f"skip_first_layers={settings.skip_first_layers} skips all {shape.num_layers} layers.",
+            "skip fewer layers.",
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = 0 if pad_id is None else pad_id
+    enc = {name: encode_prompts(tokenizer, p, settings.chat_template) for name, p in
+           (("positive", positive), ("negative", negative))}  # fmt: skip
+    pos = collect(model, spec, enc["positive"], settings.batch_size, pad_id, desc="positive prompts")
+    neg = collect(model, spec, enc["negative"], settings.batch_size, pad_id, desc="negative prompts")
+    delta = pos.mean - neg.mean
+
+    excluded = torch.zeros_like(delta, dtype=torch.bool)
+    excluded[: settings.skip_first_layers] = True
+    top_n = universal = None
+    universal_list: list[tuple[int, int]] = []
+    prompts = {"positive": prompt_set(list(positive)), "negative": prompt_set(list(negative))}
+    if settings.universal:
+        top_n = settings.universal_top_n or max(1, math.ceil(0.01 * shape.intermediate_size))
+        enc_neutral = encode_prompts(tokenizer, neutral, settings.chat_template)
+        stats = collect(model, spec, enc_neutral, settings.batch_size, pad_id, top_n=top_n, desc="neutral prompts")
+        universal = universal_mask(stats, settings.universal_threshold)
+        universal_list = [(int(a), int(b)) for a, b in universal.nonzero().tolist()]
+        excluded |= universal
+        prompts["neutral"] = prompt_set(list(neutral))
+    chosen = select(delta, k, excluded)
+    log.info("selected %d neurons; %d universal excluded", len(chosen), len(universal_list))
+    weight = next(model.parameters())
+    return Circuit(
+        behaviour=behaviour,
+        recipe=recipe,
+        multiplier=multiplier,
+        model=model_id,
+        prompts=prompts,
+        selection=Selection(
+            top_k=k,
+            fraction=None if settings.top_k is not None else settings.fraction,
+            skip_first_layers=settings.skip_first_layers,
+            universal_top_n=top_n,
+            universal_threshold=settings.universal_threshold if settings.universal else None,
+            universal_excluded=universal_list,
+            batch_size=settings.batch_size,
+            dtype=str(weight.dtype).removeprefix("torch."),
+            chat_template=settings.chat_template and bool(getattr(tokenizer, "chat_template", None)),
+        ),
+        neurons=[Neuron(layer=l, index=i, delta=float(delta[l, i])) for l, i in chosen],
+    )
+
+
+def discover_circuit(
+    source: Source,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    neutral: Sequence[str],
+    settings: Settings,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    behaviour: str = "custom",
+    recipe: str | None = None,
+    multiplier: float = 0.0,
+) -> Circuit:
+    """Load `source`, fingerprint it, and run `discover` on it."""
+    spec, shape, config = describe(source)
+    model_id = identity(source, config, shape)
+    model, tokenizer = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return discover(
+        model, tokenizer, spec, model_id, positive, negative, neutral, settings,
+        behaviour=behaviour, recipe=recipe, multiplier=multiplier,
+    )  # fmt: skip

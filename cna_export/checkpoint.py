@@ -1,0 +1,358 @@
+"""Checkpoint I/O: a lazy reader over safetensors shards, a streaming writer, and atomic output folders.
+
+The reader maps tensor names to byte ranges and decodes a tensor only when asked (through `safe_open`, which
+memory-maps). The writer streams: it writes the header first and then each tensor's bytes, either copied
+straight from a source file (untouched tensors, never decoded) or from an edited tensor, so peak memory is
+about one tensor whatever the model size. The safetensors package has no streaming writer, hence the small
+header writer here; every file it writes is read back through `safe_open` in the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from cna_export.errors import CheckpointError, OutputError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Files in a model folder that are not weights and travel unchanged into an export.
+NOT_COPIED_SUFFIXES = (".safetensors", ".gguf", ".msgpack", ".h5", ".onnx", *PICKLE_SUFFIXES)
+NOT_COPIED_NAMES = {INDEX_NAME, "README.md", "circuit.json", "recipe.yaml"}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+COPY_CHUNK = 64 * 1024 * 1024
+
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+TORCH_TO_ST = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes live: `file` (a name inside the folder), absolute byte range [start, end)."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse and check one safetensors header. Returns (entries by name, metadata).
+
+    Checks: header length inside the file, valid JSON object, known dtypes, byte ranges that match the
+    shapes, lie inside the file and do not overlap.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _bad(path, "is shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise _bad(path, f"declares a {n}-byte header but the file has {size} bytes")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(path, f"has a header that is not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise _bad(path, "has a header that is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _bad(path, "has __metadata__ that is not a string map")
+    base = 8 + n
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            ok = all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise _bad(path, f"has a malformed entry for tensor {name!r}")
+        if dtype not in DTYPE_SIZES:
+            raise _bad(path, f"stores tensor {name!r} with unknown dtype {dtype!r}")
+        if math.prod(shape) * DTYPE_SIZES[dtype] != end - begin:
+            raise _bad(path, f"gives tensor {name!r} a byte range that does not match its shape {list(shape)}")
+        if base + end > size:
+            raise _bad(path, f"is truncated: tensor {name!r} ends past the end of the file")
+        entries[name] = TensorEntry(name, path.name, dtype, shape, base + begin, base + end)
+    ordered = sorted(entries.values(), key=lambda e: (e.start, e.end))
+    for prev, cur in zip(ordered, ordered[1:]):
+        if cur.start < prev.end:
+            raise _bad(path, f"has overlapping tensors {prev.name!r} and {cur.name!r}")
+    return entries, metadata
+
+
+def _bad(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} {what}.", "re-download or re-export the checkpoint; the file is damaged.")
+
+
+class CheckpointReader:
+    """Lazy, name-keyed access to the safetensors weights of one Hugging Face model folder.
+
+    Example:
+        >>> reader = CheckpointReader(Path("Llama-3.2-1B-Instruct"))
+        >>> w = reader.tensor("model.layers.0.mlp.down_proj.weight")
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.files = _weight_files(self.folder)
+        self.entries: dict[str, TensorEntry] = {}
+        self.file_metadata: dict[str, dict[str, str]] = {}
+        for file in self.files:
+            entries, metadata = read_header(self.folder / file)
+            self.file_metadata[file] = metadata
+            for name, entry in entries.items():
+                if name in self.entries:
+                    raise _bad(self.folder / file, f"repeats tensor {name!r} found in another shard")
+                self.entries[name] = entry
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Decode one tensor (memory-mapped read)."""
+        entry = self.entry(name)
+        try:
+            with safe_open(self.folder / entry.file, framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types; they all mean a bad file.
+            raise _bad(self.folder / entry.file, f"could not be read ({exc})") from None
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise CheckpointError(
+                f"Tensor {name!r} is not in the checkpoint at {self.folder}.",
+                "check that the checkpoint matches its config.json (same architecture and size).",
+            ) from None
+
+    def entries_in(self, file: str) -> list[TensorEntry]:
+        """Entries of one file in on-disk order."""
+        return sorted((e for e in self.entries.values() if e.file == file), key=lambda e: e.start)
+
+
+def _weight_files(folder: Path) -> list[str]:
+    """Names of the safetensors files of a folder, from its index when it has one."""
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{folder} is not a folder.", "pass a Hugging Face model folder, a Hub id or a .gguf file."
+        )
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise _bad(index, "is not a valid shard index") from None
+        for name in files:
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise CheckpointError(
+                    f"{index} names shard {name!r} outside the model folder.",
+                    "use an index whose shard names are plain file names.",
+                )
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{index} names shard {name} which is missing.", "download the missing shard.")
+        return files
+    if (folder / SINGLE_NAME).is_file():
+        return [SINGLE_NAME]
+    if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
+        raise CheckpointError(
+            f"{folder} holds only pickle weights (.bin/.pt), which cna-export never loads.",
+            "convert the model to safetensors first (or download its safetensors revision).",
+        )
+    raise CheckpointError(f"{folder} has no safetensors weights.", "pass a folder with model.safetensors or an index.")
+
+
+def side_files(folder: Path) -> list[Path]:
+    """Non-weight files that an export copies unchanged: config, tokenizer, generation config, templates."""
+    keep = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or path.name in NOT_COPIED_NAMES:
+            continue
+        if path.suffix in NOT_COPIED_SUFFIXES:
+            continue
+        keep.append(path)
+    return keep
+
+
+# Writing -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor to write: bytes come from `copy_from` (untouched) or from `make()` (edited)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    copy_from: tuple[Path, int] | None = None
+    make: Callable[[], torch.Tensor] | None = None
+
+
+def write_safetensors(
+    path: Path, tensors: list[OutTensor], metadata: dict[str, str], progress: tqdm | None = None
+) -> None:
+    """Write one safetensors file, streaming tensor by tensor in the given order."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header so tensor data starts 8-byte aligned
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for t in tensors:
+            if t.copy_from is not None:
+                _copy_range(t.copy_from[0], t.copy_from[1], t.nbytes, out)
+            else:
+                tensor = t.make().contiguous()
+                if TORCH_TO_ST[tensor.dtype] != t.dtype or tuple(tensor.shape) != t.shape:
+                    raise AssertionError(f"edited tensor {t.name} changed dtype or shape")
+                out.write(tensor.view(torch.uint8).reshape(-1).numpy().data)
+            if progress is not None:
+                progress.update(t.nbytes)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _copy_range(src: Path, offset: int, length: int, out) -> None:
+    """Copy bytes [offset, offset+length) of src into the open file `out` without decoding them."""
+    out.flush()
+    with open(src, "rb") as f:
+        fd_in, fd_out = f.fileno(), out.fileno()
+        remaining = length
+        try:
+            while remaining:
+                n = os.copy_file_range(fd_in, fd_out, min(remaining, COPY_CHUNK), offset + length - remaining)
+                if n == 0:
+                    raise CheckpointError(f"{src} ended early while copying.", "re-download the checkpoint.")
+                remaining -= n
+        except OSError as exc:
+            if remaining != length or exc.errno not in (18, 22, 38, 95):  # EXDEV EINVAL ENOSYS EOPNOTSUPP
+                raise
+            f.seek(offset)
+            while remaining:
+                chunk = f.read(min(remaining, COPY_CHUNK))
+                if not chunk:
+                    raise CheckpointError(f"{src} ended early while copying.", "re-download the checkpoint.") from None
+                out.write(chunk)
+                remaining -= len(chunk)
+            out.flush()
+            return
+        # os.copy_file_range moved the output fd; keep the Python file object in step.
+        out.seek(0, os.SEEK_END)
+
+
+def sha256_file(path: Path, progress: tqdm | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 1024 * 1024):
+            h.update(chunk)
+            if progress is not None:
+                progress.update(len(chunk))
+    return h.hexdigest()
+
+
+def sha256_files(paths: Iterable[Path], desc: str = "hashing") -> dict[str, str]:
+    """sha256 of each file (name -> hex), with one byte progress bar."""
+    paths = list(paths)
+    with tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+        return {p.name: sha256_file(p, bar) for p in paths}
+
+
+def combined_sha256(file_hashes: dict[str, str]) -> str:
+    """One hash for a set of files: sha256 over sorted 'name sha256' lines."""
+    lines = "".join(f"{name} {digest}\n" for name, digest in sorted(file_hashes.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+# Atomic output -----------------------------------------------------------------------------------------------
+
+
+def check_output_path(out: Path, source: Path | None, overwrite: bool) -> None:
+    """Refuse output locations that would clobber the source or existing work."""
+    out_r = out.resolve()
+    if source is not None:
+        src_r = source.resolve()
+        src_dir = src_r if src_r.is_dir() else src_r.parent
+        if out_r == src_r or src_r.is_relative_to(out_r) or (src_r.is_dir() and out_r.is_relative_to(src_dir)):
+            raise OutputError(
+                f"Output {out} overlaps the source model {source}.",
+                "write the export to a separate folder; the source is never modified.",
+            )
+    if out_r.exists() and not overwrite:
+        raise OutputError(f"Output {out} already exists.", "pass --overwrite to replace it, or choose another path.")
+    parent = out_r.parent
+    if not parent.is_dir():
+        raise OutputError(f"Output folder {parent} does not exist.", "create it first or choose another path.")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"Output folder {parent} is not writable.", "choose a writable location.")
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, overwrite: bool = False, is_dir: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; on success rename it to `out`, on any failure remove it.
+
+    A crash at any point leaves either the old state or the complete new output, never a half-written
+    `out`. Leftover temporaries carry a `.cna-tmp-` prefix.
+    """
+    out = Path(out).absolute()
+    tmp = out.parent / f".{out.name}.cna-tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        if is_dir:
+            tmp.mkdir()
+        yield tmp
+        if out.exists() or out.is_symlink():
+            if not overwrite:
+                raise OutputError(f"Output {out} already exists.", "pass --overwrite to replace it.")
+            old = out.parent / f".{out.name}.cna-old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            _remove(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

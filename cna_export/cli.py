@@ -1,0 +1,293 @@
+"""Command line: thin wrappers that build validated settings and call one library function each.
+
+Errors the user can fix print as one line and exit 2; set CNA_EXPORT_DEBUG=1 (or --debug) for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cna_export import __version__
+from cna_export.errors import CnaExportError
+
+log = logging.getLogger("cna_export")
+
+EXAMPLES = {
+    "run": """examples:
+  cna-export run refusal-ablate --model Qwen/Qwen2.5-0.5B-Instruct --out qwen-no-refusal
+  cna-export run recipes/refusal-strengthen.yaml --model ./my-model --out hardened --multiplier 3
+  cna-export run refusal-ablate --model model.gguf --out out --top-k 1600""",
+    "discover": """examples:
+  cna-export discover --model ./Llama-3.2-1B-Instruct --recipe refusal-ablate -o circuit.json
+  cna-export discover --model ./m --positive harmful.txt --negative benign.txt --top-k 500 -o c.json""",
+    "apply": """examples:
+  cna-export apply --model ./Llama-3.2-1B-Instruct --circuit circuit.json --out edited
+  cna-export apply --model ./m --circuit c.json --out amplified --multiplier 2 --overwrite""",
+    "inspect": """examples:
+  cna-export inspect circuit.json
+  cna-export inspect circuit.json --top 50 --plot layers.png""",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _model_opts() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="model folder, Hub id (owner/name) or .gguf file")
+    g.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
+    return p
+
+
+def _select_opts() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("selection (overrides the recipe)")
+    k = g.add_mutually_exclusive_group()
+    k.add_argument("--top-k", type=int, help="number of neurons to select")
+    k.add_argument("--fraction", type=float, help="share of all MLP neurons to select (default 0.001)")
+    g.add_argument("--skip-first-layers", type=int, help="never select neurons in the first N layers")
+    g.add_argument("--no-universal", action="store_true", help="do not exclude universal neurons")
+    g.add_argument("--universal-top-n", type=int, help="per-layer top-|activation| size for universal neurons")
+    g.add_argument("--universal-threshold", type=float, help="share of neutral prompts that makes a neuron universal")
+    g.add_argument("--batch-size", type=int, help="prompts per forward pass")
+    g.add_argument("--no-chat-template", action="store_true", help="feed raw prompts even if a chat template exists")
+    return p
+
+
+def _apply_opts() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("edit and export")
+    g.add_argument("--multiplier", type=float, help="scale for every selected neuron (0 ablate, >1 amplify)")
+    g.add_argument("--allow-negative", action="store_true", help="permit a negative multiplier")
+    g.add_argument(
+        "--target", choices=("down", "up"), default="down", help="fold into down_proj columns or up_proj rows"
+    )
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    g.add_argument("--force", action="store_true", help="apply a circuit discovered on different weights of this shape")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cna-export", description="Find the MLP neurons behind a behaviour and ship the edit.")
+    parser.add_argument("--version", action="version", version=f"cna-export {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    model, select, apply = _model_opts(), _select_opts(), _apply_opts()
+
+    def add(name: str, help: str, parents: list) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help, parents=parents, epilog=EXAMPLES.get(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+
+    p = add("run", "discover a circuit from a recipe and export the edited model", [model, select, apply])
+    p.add_argument("recipe", help="recipe name (see recipes/) or YAML path")
+    p.add_argument("--out", required=True, type=Path, help="output model folder")
+    p.set_defaults(func=_run)
+
+    p = add("discover", "find the neurons of a behaviour and write a circuit file", [model, select])
+    p.add_argument("--recipe", help="recipe name or YAML path with the prompt sets")
+    p.add_argument("--positive", help="prompts with the behaviour (.txt/.yaml/.json/.jsonl)")
+    p.add_argument("--negative", help="prompts without it")
+    p.add_argument("--neutral", help="diverse neutral prompts for universal neurons (default: built-in set)")
+    p.add_argument("--behaviour", help="name of the behaviour, recorded in the circuit")
+    p.add_argument("--multiplier", type=float, help="default multiplier stored in the circuit")
+    p.add_argument("-o", "--out", required=True, type=Path, help="circuit file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing circuit file")
+    p.set_defaults(func=_discover)
+
+    p = add("apply", "fold a circuit into a model and export it as safetensors", [model, apply])
+    p.add_argument("--circuit", required=True, type=Path, help="circuit file from discover")
+    p.add_argument("--out", required=True, type=Path, help="output model folder")
+    p.set_defaults(func=_apply)
+
+    p = add("inspect", "summarise a circuit: neurons per layer and top neurons", [])
+    p.add_argument("circuit", type=Path, help="circuit file")
+    p.add_argument("--top", type=int, default=20, help="how many neurons to list")
+    p.add_argument("--plot", type=Path, help="write a PNG of neurons per layer")
+    p.set_defaults(func=_inspect)
+    return parser
+
+
+# Subcommands -------------------------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace, base):
+    """Recipe settings with the command-line overrides applied."""
+    from dataclasses import replace
+
+    overrides = {
+        "top_k": args.top_k,
+        "skip_first_layers": args.skip_first_layers,
+        "universal_top_n": args.universal_top_n,
+        "universal_threshold": args.universal_threshold,
+        "batch_size": args.batch_size,
+    }
+    settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    if args.top_k is not None:
+        settings = replace(settings, fraction=None)
+    if args.fraction is not None:
+        settings = replace(settings, fraction=args.fraction, top_k=None)
+    if args.no_universal:
+        settings = replace(settings, universal=False)
+    if args.no_chat_template:
+        settings = replace(settings, chat_template=False)
+    _check_settings(settings)
+    return settings
+
+
+def _check_settings(s) -> None:
+    if s.top_k is not None and s.top_k < 1:
+        raise CnaExportError(f"--top-k {s.top_k} must be at least 1.", "pass a positive count.")
+    if s.fraction is not None and not 0 < s.fraction <= 1:
+        raise CnaExportError(f"--fraction {s.fraction} must be in (0, 1].", "e.g. 0.001 for 0.1%.")
+    if s.batch_size < 1:
+        raise CnaExportError(f"--batch-size {s.batch_size} must be at least 1.", "pass a positive size.")
+    if s.skip_first_layers < 0:
+        raise CnaExportError("--skip-first-layers must not be negative.", "pass 0 or more.")
+    if not 0 < s.universal_threshold <= 1:
+        raise CnaExportError(f"--universal-threshold {s.universal_threshold} must be in (0, 1].", "e.g. 0.8.")
+
+
+def _discover_from(args: argparse.Namespace, recipe, base: Path | None):
+    from cna_export.attribute import Settings, discover_circuit
+    from cna_export.recipe import load_prompts
+    from cna_export.source import resolve
+
+    if recipe is not None:
+        settings = _settings(args, recipe.settings())
+        positive, negative = load_prompts(recipe.positive, base), load_prompts(recipe.negative, base)
+        neutral = load_prompts(recipe.universal.prompts, base) if settings.universal else []
+        behaviour, multiplier, name = recipe.behaviour, recipe.multiplier, recipe.name
+    else:
+        settings = _settings(args, Settings())
+        positive, negative = load_prompts(args.positive), load_prompts(args.negative)
+        neutral = load_prompts(args.neutral or "builtin:neutral_diverse") if settings.universal else []
+        behaviour, multiplier, name = "custom", 0.0, None
+    if getattr(args, "behaviour", None):
+        behaviour = args.behaviour
+    if args.multiplier is not None:
+        multiplier = args.multiplier
+    source = resolve(args.model, args.revision)
+    return source, discover_circuit(
+        source, positive, negative, neutral, settings, dtype=args.dtype, device=args.device,
+        trust_remote_code=args.trust_remote_code, behaviour=behaviour, recipe=name, multiplier=multiplier,
+    )  # fmt: skip
+
+
+def _discover(args: argparse.Namespace) -> None:
+    from cna_export.checkpoint import check_output_path
+    from cna_export.recipe import load_recipe
+
+    if args.recipe is None and (args.positive is None or args.negative is None):
+        raise CnaExportError("discover needs prompt sets.", "pass --recipe, or both --positive and --negative.")
+    check_output_path(args.out, None, args.overwrite)
+    recipe, base = load_recipe(args.recipe) if args.recipe else (None, None)
+    _, circuit = _discover_from(args, recipe, base)
+    circuit.save(args.out)
+    print(f"wrote {args.out}: {len(circuit.neurons)} neurons in {len(circuit.layer_counts())} layers")
+
+
+def _apply(args: argparse.Namespace) -> None:
+    from cna_export.circuit import Circuit
+    from cna_export.export import apply_circuit
+    from cna_export.source import resolve
+
+    source = resolve(args.model, args.revision)
+    out = apply_circuit(source, Circuit.load(args.circuit), args.out, **_apply_kwargs(args))
+    print(f"wrote {out}")
+
+
+def _apply_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "multiplier": args.multiplier,
+        "allow_negative": args.allow_negative,
+        "overwrite": args.overwrite,
+        "force": args.force,
+        "target": args.target,
+    }
+
+
+def _run(args: argparse.Namespace) -> None:
+    from cna_export.checkpoint import check_output_path
+    from cna_export.export import apply_circuit
+    from cna_export.recipe import load_recipe
+
+    recipe, base = load_recipe(args.recipe)
+    if args.multiplier is not None:
+        from cna_export.fold import check_multiplier
+
+        check_multiplier(args.multiplier, args.allow_negative or recipe.allow_negative)
+    check_output_path(args.out, None, args.overwrite)
+    source, circuit = _discover_from(args, recipe, base)
+    kwargs = _apply_kwargs(args) | {"allow_negative": args.allow_negative or recipe.allow_negative}
+    out = apply_circuit(source, circuit, args.out, **kwargs)
+    print(f"wrote {out}: {len(circuit.neurons)} neurons scaled")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from cna_export.circuit import Circuit
+
+    circuit = Circuit.load(args.circuit)
+    print(summary(circuit, args.top))
+    if args.plot:
+        from cna_export.plots import plot_layers
+
+        plot_layers(circuit, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def summary(circuit, top: int = 20) -> str:
+    """A readable summary of a circuit."""
+    m, s = circuit.model, circuit.selection
+    total = m.num_layers * m.intermediate_size
+    lines = [
+        f"circuit: {circuit.behaviour} on {m.source} ({m.model_type}, {m.num_layers} layers x {m.intermediate_size})",
+        f"neurons: {len(circuit.neurons)} ({100 * len(circuit.neurons) / total:.3f}% of {total}), "
+        f"default multiplier {circuit.multiplier:g}",
+        f"excluded: first {s.skip_first_layers} layers, {len(s.universal_excluded)} universal neurons",
+        "prompts: " + ", ".join(f"{k} {v.count}" for k, v in circuit.prompts.items()),
+        "",
+        "layer  neurons",
+    ]
+    lines += [f"{layer:5d}  {count:7d}" for layer, count in circuit.layer_counts().items()]
+    lines += ["", f"top {min(top, len(circuit.neurons))} by |delta|:", "layer  index        delta"]
+    ranked = sorted(circuit.neurons, key=lambda n: -abs(n.delta))[:top]
+    lines += [f"{n.layer:5d}  {n.index:5d}  {n.delta:+11.5f}" for n in ranked]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = args.debug or bool(os.environ.get("CNA_EXPORT_DEBUG"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        args.func(args)
+    except CnaExportError as exc:
+        if debug:
+            raise
+        print(f"cna-export: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"cna-export: error: {exc.strerror or exc}{where}. Fix: check the path, permissions and free space.",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    except KeyboardInterrupt:
+        print("cna-export: interrupted; temporary files removed.", file=sys.stderr)
+        return 130
+    return 0

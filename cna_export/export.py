@@ -1,0 +1,154 @@
+"""Export: fold a circuit into a checkpoint and write it as safetensors in the Hugging Face layout.
+
+Each source shard becomes one output shard with the same name, tensor order and dtypes. Untouched tensors are
+copied byte for byte without being decoded; only the MLP projections a circuit touches are read, scaled and
+written. Everything goes into a temporary folder that is renamed into place at the very end.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from cna_export import __version__
+from cna_export.arch import ArchSpec, ModelShape
+from cna_export.checkpoint import (
+    INDEX_NAME,
+    CheckpointReader,
+    OutTensor,
+    check_output_path,
+    side_files,
+    staged_output,
+    write_safetensors,
+)
+from cna_export.circuit import Circuit
+from cna_export.errors import ArchitectureError
+from cna_export.fold import LayerEdits, scale_columns, scale_rows
+from cna_export.source import Source, describe, identity, load_model
+
+log = logging.getLogger(__name__)
+
+Target = Literal["down", "up"]
+
+
+def planned_edits(spec: ArchSpec, edits: LayerEdits, target: Target = "down") -> dict[str, tuple]:
+    """Tensor name -> (fold function, indices, multipliers) for every tensor a circuit changes."""
+    template, fn = (spec.down_weight, scale_columns) if target == "down" else (spec.up_weight, scale_rows)
+    return {template.format(i=layer): (fn, index, mult) for layer, (index, mult) in edits.items()}
+
+
+def write_folded(
+    src: Path, dst: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, metadata: dict[str, str],
+    target: Target = "down",
+) -> None:  # fmt: skip
+    """Write the folded weights of folder `src` into the existing folder `dst`, plus the side files."""
+    reader = CheckpointReader(src)
+    changes = planned_edits(spec, edits, target)
+    expected = (shape.hidden_size, shape.intermediate_size)
+    if target == "up":
+        expected = expected[::-1]
+    for name in changes:
+        entry = reader.entry(name)
+        if entry.shape != expected:
+            raise ArchitectureError(
+                f"{name} has shape {list(entry.shape)} but config.json implies {list(expected)}.",
+                "use the config.json that belongs to these weights.",
+            )
+    total = sum(e.nbytes for e in reader.entries.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="export") as bar:
+        for file in reader.files:
+            out = []
+            for entry in reader.entries_in(file):
+                if entry.name in changes:
+                    fn, index, mult = changes[entry.name]
+                    make = partial(lambda n, f, i, m: f(reader.tensor(n), i, m), entry.name, fn, index, mult)
+                    out.append(OutTensor(entry.name, entry.dtype, entry.shape, entry.nbytes, make=make))
+                else:
+                    copy_from = (src / entry.file, entry.start)
+                    out.append(OutTensor(entry.name, entry.dtype, entry.shape, entry.nbytes, copy_from=copy_from))
+            meta = {**reader.file_metadata[file], "format": "pt", **metadata}
+            write_safetensors(dst / file, out, meta, bar)
+    if (src / INDEX_NAME).is_file():
+        shutil.copyfile(src / INDEX_NAME, dst / INDEX_NAME)
+    for path in side_files(src):
+        shutil.copyfile(path, dst / path.name)
+
+
+def materialize_gguf(source: Source, folder: Path, dtype: str = "float32") -> None:
+    """Dequantize a GGUF model into a Hugging Face folder (weights, config, tokenizer, generation config)."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load_model(source, dtype=dtype, device="cpu")
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # transformers refuses to save a model still marked as GGUF-quantized
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    clean.load_state_dict(model.state_dict(), assign=True)
+    clean.tie_weights()
+    del model
+    clean.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def apply_circuit(
+    source: Source,
+    circuit: Circuit,
+    out: Path,
+    *,
+    multiplier: float | None = None,
+    allow_negative: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
+    target: Target = "down",
+    gguf_dtype: str = "float32",
+) -> Path:
+    """Fold `circuit` into `source` and export it to the folder `out`. The source is never modified.
+
+    Args:
+        source: resolved model (folder, Hub snapshot or GGUF file).
+        circuit: neurons and default multiplier.
+        out: output folder; must not exist unless `overwrite`.
+        multiplier: overrides every neuron's multiplier.
+        allow_negative: accept negative multipliers.
+        force: apply even if the circuit was discovered on different weights (same shape).
+        target: fold into `down` columns (default) or the equivalent `up` rows.
+        gguf_dtype: dtype of the dequantized weights when the source is a GGUF file.
+
+    Returns:
+        The output folder.
+
+    Example:
+        >>> apply_circuit(resolve("Qwen/Qwen2.5-0.5B-Instruct"), Circuit.load("c.json"), Path("out"))
+    """
+    out = Path(out)
+    spec, shape, config = describe(source)
+    edits = circuit.edits(multiplier, allow_negative)
+    check_output_path(out, source.path, overwrite)
+    circuit.check_fits(config["model_type"], shape, identity(source, config, shape).weights_sha256, force)
+    metadata = {
+        "cna_export.version": __version__,
+        "cna_export.source": source.name,
+        "cna_export.circuit_sha256": circuit.sha256(),
+        "cna_export.behaviour": circuit.behaviour,
+    }
+    with staged_output(out, overwrite) as tmp:
+        if source.is_gguf:
+            with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{out.name}.cna-gguf-") as dense:
+                materialize_gguf(source, Path(dense), gguf_dtype)
+                write_folded(Path(dense), tmp, spec, shape, edits, metadata, target)
+        else:
+            write_folded(source.folder, tmp, spec, shape, edits, metadata, target)
+        applied = circuit.model_copy(update={"multiplier": circuit.multiplier if multiplier is None else multiplier})
+        if multiplier is not None:
+            applied.neurons = [n.model_copy(update={"multiplier": None}) for n in circuit.neurons]
+        applied.save(tmp / "circuit.json")
+    log.info("wrote %s", out)
+    return out

@@ -1,0 +1,61 @@
+"""Fold neuron multipliers into weights: pure tensor math, no I/O.
+
+Scaling neuron j of a gated MLP by m multiplies its activation h_j = act(gate_j x) * (up_j x) by m. Because
+`down_proj(h) = W_down h` has no bias, `W_down (m * h) = (W_down diag(m)) h`: the edit is exactly
+`W_down[:, j] *= m`. Equivalently h_j is linear in `up_j`, so `W_up[j, :] *= m` gives the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from cna_export.errors import CircuitError
+
+# layer -> (neuron indices, multipliers), the form every consumer of a circuit uses.
+LayerEdits = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_multiplier(m: float, allow_negative: bool = False) -> float:
+    """Validate one multiplier: finite, and non-negative unless explicitly allowed."""
+    if not isinstance(m, (int, float)) or isinstance(m, bool) or not math.isfinite(m):
+        raise CircuitError(f"Multiplier {m!r} is not a finite number.", "use 0 to ablate, 1 to keep, >1 to amplify.")
+    if m < 0 and not allow_negative:
+        raise CircuitError(
+            f"Multiplier {m} is negative, which flips neurons rather than scaling them.",
+            "pass --allow-negative if that is intended.",
+        )
+    return float(m)
+
+
+def group_by_layer(neurons: Iterable[tuple[int, int, float]]) -> LayerEdits:
+    """Turn (layer, index, multiplier) triples into per-layer index/multiplier tensors (sorted by index)."""
+    by_layer: dict[int, dict[int, float]] = {}
+    for layer, index, m in neurons:
+        by_layer.setdefault(layer, {})[index] = m
+    edits: LayerEdits = {}
+    for layer in sorted(by_layer):
+        items = sorted(by_layer[layer].items())
+        edits[layer] = (
+            torch.tensor([i for i, _ in items], dtype=torch.long),
+            torch.tensor([m for _, m in items], dtype=torch.float32),
+        )
+    return edits
+
+
+def scale_columns(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """Return a copy of `down_proj.weight` ([hidden, intermediate]) with columns `index` scaled.
+
+    The product is taken in float32 and rounded once to the weight's dtype.
+    """
+    out = weight.clone()
+    cols = weight[:, index].to(torch.float32) * multiplier.to(torch.float32)
+    out[:, index] = cols.to(weight.dtype)
+    return out
+
+
+def scale_rows(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """Return a copy of `up_proj.weight` ([intermediate, hidden]) with rows `index` scaled."""
+    return scale_columns(weight.T, index, multiplier).T.contiguous()

@@ -1,0 +1,146 @@
+"""Attribution: batching, padding and order do not change the result; exclusions and k behave."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cna_export.arch import ModelShape, arch_for
+from cna_export.attribute import Settings, collect, discover, encode_prompts, resolve_k, select
+from cna_export.errors import RecipeError
+from cna_export.hooks import down_projs
+from cna_export.recipe import load_prompts
+from cna_export.source import describe, identity, resolve
+
+POS = load_prompts("builtin:refusal_harmful_discovery")[:12]
+NEG = load_prompts("builtin:refusal_benign_discovery")[:12]
+NEUTRAL = load_prompts("builtin:neutral_diverse")[:16]
+
+
+def setup(model_dir):
+    source = resolve(str(model_dir))
+    spec, shape, config = describe(source)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir), spec, identity(source, config, shape)
+
+
+def reference_activations(model, tokenizer, spec, prompts):
+    """Unbatched, full forward, one prompt at a time: the reference implementation's way."""
+    rows = []
+    for ids in encode_prompts(tokenizer, prompts):
+        acts = {}
+        handles = [p.register_forward_pre_hook(lambda m, a, i=i, acts=acts: acts.__setitem__(i, a[0][0, -1].double()))
+                   for i, p in enumerate(down_projs(model, spec))]  # fmt: skip
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+        for h in handles:
+            h.remove()
+        rows.append(torch.stack([acts[i] for i in sorted(acts)]))
+    return torch.stack(rows).mean(0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gemma3_text"])
+def test_batched_equals_unbatched(tiny_models, arch):
+    model, tok, spec, _ = setup(tiny_models[arch])
+    enc = encode_prompts(tok, POS)
+    assert len({len(e) for e in enc}) > 3, "prompts should differ in length so padding is exercised"
+    ref = reference_activations(model, tok, spec, POS)
+    for batch in (1, 5, 12):
+        stats = collect(model, spec, enc, batch, tok.pad_token_id)
+        torch.testing.assert_close(stats.mean, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_discover_independent_of_order_and_batch(tiny_models):
+    model, tok, spec, ident = setup(tiny_models["llama"])
+    base = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Settings(top_k=20, batch_size=1))
+    rng = random.Random(0)
+    pos, neg = POS[:], NEG[:]
+    rng.shuffle(pos)
+    rng.shuffle(neg)
+    other = discover(model, tok, spec, ident, pos, neg, NEUTRAL, Settings(top_k=20, batch_size=7))
+    assert [(n.layer, n.index) for n in base.neurons] == [(n.layer, n.index) for n in other.neurons]
+    for a, b in zip(base.neurons, other.neurons):
+        assert a.delta == pytest.approx(b.delta, rel=1e-4, abs=1e-6)
+
+
+def test_selection_is_top_abs_delta_with_exclusions(tiny_models):
+    model, tok, spec, ident = setup(tiny_models["qwen3"])
+    ref = reference_activations(model, tok, spec, POS) - reference_activations(model, tok, spec, NEG)
+    settings = Settings(top_k=15, skip_first_layers=1, universal=True, universal_top_n=8, universal_threshold=0.5)
+    circuit = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, settings)
+    assert all(n.layer >= 1 for n in circuit.neurons)
+    excluded = set(map(tuple, circuit.selection.universal_excluded))
+    assert excluded, "with a low threshold some neurons should be universal"
+    assert not excluded & {(n.layer, n.index) for n in circuit.neurons}
+    score = ref.abs().clone()
+    score[:1] = -1
+    for layer, index in excluded:
+        score[layer, index] = -1
+    expected = {(int(i) // score.shape[1], int(i) % score.shape[1]) for i in score.flatten().topk(15).indices}
+    assert {(n.layer, n.index) for n in circuit.neurons} == expected
+    for n in circuit.neurons:
+        assert n.delta == pytest.approx(float(ref[n.layer, n.index]), rel=1e-4, abs=1e-6)
+    # recorded in the circuit
+    assert circuit.selection.skip_first_layers == 1 and circuit.selection.universal_top_n == 8
+    assert circuit.prompts["positive"].count == len(POS) and "neutral" in circuit.prompts
+
+
+def test_universal_neurons_are_the_always_on_ones(tiny_models):
+    model, tok, spec, _ = setup(tiny_models["mistral"])
+    # make one neuron fire hugely on every prompt: scale its up_proj row and gate row
+    layer, index = 1, 17
+    mlp = model.model.layers[layer].mlp
+    with torch.no_grad():
+        mlp.up_proj.weight[index] *= 50
+        mlp.gate_proj.weight[index] = mlp.gate_proj.weight[index].abs() * 50
+    stats = collect(model, spec, encode_prompts(tok, NEUTRAL), 8, tok.pad_token_id, top_n=2)
+    from cna_export.attribute import universal_mask
+
+    mask = universal_mask(stats, 0.8)
+    assert mask[layer, index]
+    assert int(mask.sum()) < 10
+
+
+def test_k_from_fraction_and_bounds():
+    shape = ModelShape(num_layers=10, intermediate_size=1000, hidden_size=64)
+    assert resolve_k(Settings(fraction=0.001), shape) == 10
+    assert resolve_k(Settings(top_k=7), shape) == 7
+    with pytest.raises(RecipeError, match="outside"):
+        resolve_k(Settings(top_k=10_001), shape)
+
+
+def test_select_breaks_ties_by_position():
+    delta = torch.tensor([[1.0, -2.0, 2.0], [0.5, 2.0, 0.1]], dtype=torch.float64)
+    excluded = torch.zeros_like(delta, dtype=torch.bool)
+    assert select(delta, 3, excluded) == [(0, 1), (0, 2), (1, 1)]
+    excluded[0, 1] = True
+    assert select(delta, 2, excluded) == [(0, 2), (1, 1)]
+    with pytest.raises(RecipeError, match="remain"):
+        select(delta, 6, excluded)
+
+
+def test_chat_template_used_only_when_present(tiny_models):
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    templated = encode_prompts(tok, ["hello"])[0]
+    assert tok.decode(templated).startswith("<|im_start|>user\nhello")
+    raw = encode_prompts(tok, ["hello"], chat_template=False)[0]
+    assert tok.decode(raw) == "hello"
+    tok.chat_template = None
+    assert encode_prompts(tok, ["hello"]) == [raw]
+    with pytest.raises(RecipeError, match="empty"):
+        encode_prompts(tok, [])
+
+
+def test_stops_before_lm_head(tiny_models):
+    model, tok, spec, _ = setup(tiny_models["gemma"])
+    calls = []
+    handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        collect(model, spec, encode_prompts(tok, POS[:3]), 3, tok.pad_token_id)
+    finally:
+        handle.remove()
+    assert calls == []
+    assert arch_for("gemma").activation == "gelu_tanh"
