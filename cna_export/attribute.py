@@ -12,12 +12,14 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cna_export import distributed
 from cna_export.arch import ArchSpec, ModelShape
 from cna_export.circuit import Circuit, ModelIdentity, Neuron, Selection, prompt_set
 from cna_export.errors import RecipeError
@@ -106,27 +108,36 @@ def collect(
     top_n: int | None = None,
     desc: str = "forward",
 ) -> SetStats:
-    """Sum last-token `down_proj` inputs over prompts; with `top_n`, count per-layer top-|act| membership."""
+    """Sum last-token `down_proj` inputs over prompts; with `top_n`, count per-layer top-|act| membership.
+
+    Each layer's running sum lives on the device that layer runs on (layers may be spread over several GPUs,
+    the CPU or disk offload), so nothing is copied to the host until the end. Under torch.distributed each
+    rank runs a strided slice of the prompts and the partial sums are all-reduced.
+    """
     projs = down_projs(model, spec)
-    device = projs[0].weight.device
     n_layers, width = len(projs), projs[0].in_features
-    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
-    sums = torch.zeros((n_layers, width), dtype=acc_dtype, device=device)
-    top_counts = torch.zeros((n_layers, width), dtype=torch.int32, device=device) if top_n else None
+    sums: dict[int, torch.Tensor] = {}
+    tops: dict[int, torch.Tensor] = {}
     last = n_layers - 1
 
     def capture(layer: int, x: torch.Tensor) -> None:
         act = x[:, -1, :]
-        sums[layer] += act.to(acc_dtype).sum(0)
-        if top_counts is not None:
-            idx = act.abs().topk(top_n, dim=-1).indices
-            top_counts[layer].index_add_(0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.int32, device=device))
+        acc = torch.float32 if act.device.type == "mps" else torch.float64
+        if layer not in sums:
+            sums[layer] = torch.zeros(width, dtype=acc, device=act.device)
+        sums[layer] += act.to(acc).sum(0)
+        if top_n:
+            if layer not in tops:
+                tops[layer] = torch.zeros(width, dtype=torch.int32, device=act.device)
+            idx = act.abs().topk(top_n, dim=-1).indices.reshape(-1)
+            tops[layer].index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
         if layer == last:
             raise _StopForward
 
-    todo = batches(encoded, batch_size, pad_id)
+    device = input_device(model)
+    todo = batches(distributed.shard(encoded), batch_size, pad_id)
     with pre_hooks(dict(enumerate(projs)), capture):
-        for ids, mask in tqdm(todo, desc=desc, unit="batch", leave=False):
+        for ids, mask in tqdm(todo, desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
             # Positions count real tokens only, so a left-padded prompt sees the same positions as alone.
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             try:
@@ -140,7 +151,20 @@ def collect(
                 pass
             else:
                 raise AssertionError("the last layer's down_proj never ran")
-    return SetStats(sums.to("cpu", torch.float64), len(encoded), None if top_counts is None else top_counts.cpu())
+
+    def gather(parts: dict[int, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        out = torch.zeros((n_layers, width), dtype=dtype)
+        for layer, part in parts.items():
+            out[layer] = part.to("cpu", dtype)
+        return distributed.all_reduce_sum(out)
+
+    return SetStats(gather(sums, torch.float64), len(encoded), gather(tops, torch.int32) if top_n else None)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the embedding's device (the CPU when it is offloaded to meta/disk)."""
+    device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def universal_mask(stats: SetStats, threshold: float) -> torch.Tensor:
@@ -256,6 +280,8 @@ def discover_circuit(
     *,
     dtype: str = "auto",
     device: str = "auto",
+    device_map: str | dict | None = None,
+    offload_folder: Path | None = None,
     trust_remote_code: bool = False,
     behaviour: str = "custom",
     recipe: str | None = None,
@@ -264,7 +290,10 @@ def discover_circuit(
     """Load `source`, fingerprint it, and run `discover` on it."""
     spec, shape, config = describe(source)
     model_id = identity(source, config, shape)
-    model, tokenizer = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_model(
+        source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+        device_map=device_map, offload_folder=offload_folder,
+    )  # fmt: skip
     return discover(
         model, tokenizer, spec, model_id, positive, negative, neutral, settings,
         behaviour=behaviour, recipe=recipe, multiplier=multiplier,

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cna_export import __version__
+from cna_export import __version__, distributed
 from cna_export.errors import CnaExportError
 
 log = logging.getLogger("cna_export")
@@ -46,6 +46,8 @@ def _model_opts() -> argparse.ArgumentParser:
     g.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--device-map", help="spread layers over devices: auto, balanced, sequential (accelerate)")
+    g.add_argument("--offload-folder", type=Path, help="folder for weights offloaded to disk with --device-map")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
     return p
 
@@ -183,6 +185,7 @@ def _discover_from(args: argparse.Namespace, recipe, base: Path | None):
     source = resolve(args.model, args.revision)
     return source, discover_circuit(
         source, positive, negative, neutral, settings, dtype=args.dtype, device=args.device,
+        device_map=args.device_map, offload_folder=args.offload_folder,
         trust_remote_code=args.trust_remote_code, behaviour=behaviour, recipe=name, multiplier=multiplier,
     )  # fmt: skip
 
@@ -196,6 +199,8 @@ def _discover(args: argparse.Namespace) -> None:
     check_output_path(args.out, None, args.overwrite)
     recipe, base = load_recipe(args.recipe) if args.recipe else (None, None)
     _, circuit = _discover_from(args, recipe, base)
+    if not distributed.is_main():
+        return
     circuit.save(args.out)
     print(f"wrote {args.out}: {len(circuit.neurons)} neurons in {len(circuit.layer_counts())} layers")
 
@@ -232,6 +237,8 @@ def _run(args: argparse.Namespace) -> None:
         check_multiplier(args.multiplier, args.allow_negative or recipe.allow_negative)
     check_output_path(args.out, None, args.overwrite)
     source, circuit = _discover_from(args, recipe, base)
+    if not distributed.is_main():
+        return
     kwargs = _apply_kwargs(args) | {"allow_negative": args.allow_negative or recipe.allow_negative}
     out = apply_circuit(source, circuit, args.out, **kwargs)
     print(f"wrote {out}: {len(circuit.neurons)} neurons scaled")
@@ -274,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug or bool(os.environ.get("CNA_EXPORT_DEBUG"))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
+        distributed.init_from_env()
         args.func(args)
     except CnaExportError as exc:
         if debug:
@@ -290,4 +298,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cna-export: interrupted; temporary files removed.", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0

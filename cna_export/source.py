@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,8 @@ def identity(source: Source, config: dict[str, Any], shape: ModelShape) -> Model
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            # Under torchrun each process takes its own GPU.
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -159,15 +161,29 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
 
 
 def load_model(
-    source: Source, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False
+    source: Source,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    offload_folder: Path | None = None,
 ) -> tuple[torch.nn.Module, Any]:
-    """Load model (eval mode, on `device`) and tokenizer. GGUF weights are dequantized by transformers."""
+    """Load model (eval mode) and tokenizer. GGUF weights are dequantized by transformers.
+
+    Args:
+        device: where the whole model goes, unless `device_map` is given.
+        device_map: accelerate's big-model placement ("auto", "balanced", or {module: device}), spreading
+            layers over GPUs, the CPU and disk (`offload_folder`) for models larger than one device.
+    """
     from transformers import AutoModelForCausalLM
 
     describe(source)  # fail early, with our message, on unsupported architectures
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    log.info("loading %s (%s on %s)", source.name, torch_dtype, dev)
+    placement = {}
+    if device_map is not None:
+        placement = {"device_map": device_map, "offload_folder": str(offload_folder) if offload_folder else None}
+    log.info("loading %s (%s on %s)", source.name, torch_dtype, device_map or dev)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.folder,
@@ -175,10 +191,12 @@ def load_model(
             dtype=torch_dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if source.is_gguf else True,
+            **placement,
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"Could not load {source.name}: {exc}".splitlines()[0], "check the model files."
-        ) from None
-    model.to(dev).eval()
+        first_line = f"Could not load {source.name}: {exc}".splitlines()[0]
+        raise CheckpointError(first_line, "check the model files.") from None
+    if device_map is None:
+        model.to(dev)
+    model.eval()
     return model, load_tokenizer(source, trust_remote_code)
