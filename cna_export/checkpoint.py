@@ -288,10 +288,49 @@ def sha256_file(path: Path, progress: tqdm | None = None) -> str:
 
 
 def sha256_files(paths: Iterable[Path], desc: str = "hashing") -> dict[str, str]:
-    """sha256 of each file (name -> hex), with one byte progress bar."""
+    """sha256 of each file (name -> hex), with one byte progress bar.
+
+    Digests are cached by (real path, size, mtime, inode) in `$CNA_EXPORT_CACHE` (default
+    ~/.cache/cna-export), so `apply` after `discover` does not read a multi-GB model a second time only to
+    hash it. A file rewritten in place gets a new mtime and is hashed again.
+    """
     paths = list(paths)
-    with tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc=desc, leave=False) as bar:
-        return {p.name: sha256_file(p, bar) for p in paths}
+    cache = _HashCache()
+    todo = [p for p in paths if cache.get(p) is None]
+    with tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+        for p in todo:
+            cache.put(p, sha256_file(p, bar))
+    return {p.name: cache.get(p) for p in paths}
+
+
+class _HashCache:
+    """A tiny on-disk sha256 cache: one small file per key, written atomically; failures only cost speed."""
+
+    def __init__(self) -> None:
+        root = os.environ.get("CNA_EXPORT_CACHE") or Path.home() / ".cache" / "cna-export"
+        self.folder = Path(root) / "sha256"
+
+    def _key(self, path: Path) -> Path:
+        st = path.stat()
+        raw = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+        return self.folder / hashlib.sha256(raw.encode()).hexdigest()
+
+    def get(self, path: Path) -> str | None:
+        try:
+            value = self._key(path).read_text().strip()
+        except OSError:
+            return None
+        return value if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else None
+
+    def put(self, path: Path, digest: str) -> None:
+        key = self._key(path)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = key.with_name(f".{key.name}.{uuid.uuid4().hex[:8]}")
+            tmp.write_text(digest)
+            os.replace(tmp, key)
+        except OSError:
+            log.debug("could not cache the hash of %s", path)
 
 
 def combined_sha256(file_hashes: dict[str, str]) -> str:

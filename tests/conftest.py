@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import torch
 from cna_export.circuit import Circuit, ModelIdentity, Neuron, PromptSet, Selection
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# Keep the sha256 cache of the tests out of the user's home.
+os.environ.setdefault("CNA_EXPORT_CACHE", tempfile.mkdtemp(prefix="cna-export-cache-"))
 REPO = Path(__file__).resolve().parent.parent
 
 CHATML = (
