@@ -8,6 +8,8 @@ before its `down_proj`, the final norm and the lm_head, which attribution never 
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import math
 from collections.abc import Sequence
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from cna_export import distributed
 from cna_export.arch import ArchSpec, ModelShape
@@ -107,6 +110,7 @@ def collect(
     pad_id: int,
     top_n: int | None = None,
     desc: str = "forward",
+    share_prefix: bool = True,
 ) -> SetStats:
     """Sum last-token `down_proj` inputs over prompts; with `top_n`, count per-layer top-|act| membership.
 
@@ -120,7 +124,13 @@ def collect(
     tops: dict[int, torch.Tensor] = {}
     last = n_layers - 1
 
+    recording = [True]
+
     def capture(layer: int, x: torch.Tensor) -> None:
+        if not recording[0]:
+            if layer == last:
+                raise _StopForward
+            return
         act = x[:, -1, :]
         acc = torch.float32 if act.device.type == "mps" else torch.float64
         if layer not in sums:
@@ -135,22 +145,26 @@ def collect(
             raise _StopForward
 
     device = input_device(model)
-    todo = batches(distributed.shard(encoded), batch_size, pad_id)
+    mine = distributed.shard(encoded)
+    # Chat templates give every prompt the same opening (often a default system prompt): run it once and
+    # reuse its key/value cache, so each batch computes only the tokens that differ.
+    prefix = common_prefix(mine) if share_prefix else 0
+    if prefix and not _prefix_allowed(model, mine, prefix):
+        prefix = 0
+    cache = None
+    recording[0] = False
     with pre_hooks(dict(enumerate(projs)), capture):
+        if prefix:
+            cache = DynamicCache(config=model.config)
+            _forward(model, torch.tensor([mine[0][:prefix]]), torch.ones(1, prefix, dtype=torch.long), 0, cache, device)
+        recording[0] = True
+        todo = batches([ids[prefix:] for ids in mine], batch_size, pad_id)
         for ids, mask in tqdm(todo, desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
-            # Positions count real tokens only, so a left-padded prompt sees the same positions as alone.
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            try:
-                model(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=position_ids.to(device),
-                    use_cache=False,
-                )
-            except _StopForward:
-                pass
-            else:
-                raise AssertionError("the last layer's down_proj never ran")
+            past = None
+            if cache is not None:
+                past = copy.deepcopy(cache)
+                past.batch_repeat_interleave(ids.shape[0])
+            _forward(model, ids, mask, prefix, past, device)
 
     def gather(parts: dict[int, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         out = torch.zeros((n_layers, width), dtype=dtype)
@@ -159,6 +173,48 @@ def collect(
         return distributed.all_reduce_sum(out)
 
     return SetStats(gather(sums, torch.float64), len(encoded), gather(tops, torch.int32) if top_n else None)
+
+
+def common_prefix(encoded: list[list[int]], minimum: int = 4) -> int:
+    """Length of the token prefix all prompts share, leaving each at least one token of its own (0 if short)."""
+    if len(encoded) < 2:
+        return 0
+    first, n = encoded[0], min(map(len, encoded)) - 1
+    for seq in encoded[1:]:
+        n = next((i for i in range(n) if seq[i] != first[i]), n)
+    return n if n >= minimum else 0
+
+
+def _forward(model, ids, mask, offset, past, device) -> None:
+    """One forward pass that ends inside the last layer. `offset` tokens are already in the cache `past`."""
+    # Positions count real tokens only, so a left-padded prompt sees the same positions as alone.
+    position_ids = offset + (mask.cumsum(-1) - 1).clamp(min=0)
+    if offset:
+        mask = torch.cat([torch.ones(mask.shape[0], offset, dtype=mask.dtype), mask], dim=1)
+    try:
+        model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=position_ids.to(device),
+            use_cache=past is not None,
+            **{_cache_kwarg(model): past},
+        )
+    except _StopForward:
+        return
+    raise AssertionError("the last layer's down_proj never ran")
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.x); use whichever this model's forward takes."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _prefix_allowed(model: nn.Module, encoded: list[list[int]], prefix: int) -> bool:
+    """Sliding-window layers count padding inside the window, so share a prefix only if all fits in it."""
+    config = model.config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    uses_window = window and any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ["sliding"]))
+    return not uses_window or max(map(len, encoded)) < window
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -144,3 +144,17 @@ def test_stops_before_lm_head(tiny_models):
         handle.remove()
     assert calls == []
     assert arch_for("gemma").activation == "gelu_tanh"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
+def test_shared_prefix_cache_gives_same_sums(tiny_models, arch):
+    from cna_export.attribute import common_prefix
+
+    model, tok, spec, _ = setup(tiny_models[arch])
+    prompts = [f"You are a helpful assistant. Please answer briefly. {p}" for p in POS[:8]]
+    enc = encode_prompts(tok, prompts)
+    assert common_prefix(enc) >= 8
+    shared = collect(model, spec, enc, 3, tok.pad_token_id, top_n=4)
+    plain = collect(model, spec, enc, 3, tok.pad_token_id, top_n=4, share_prefix=False)
+    torch.testing.assert_close(shared.sums, plain.sums, rtol=1e-4, atol=1e-5)
+    assert torch.equal(shared.top_counts, plain.top_counts)

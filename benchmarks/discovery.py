@@ -1,0 +1,145 @@
+"""Discovery speed: cna-export's attribution vs the reference implementation's way, same prompts, same k, one run.
+
+The baseline does what NousResearch/neural-steering does: one prompt at a time, a full forward pass including
+the lm_head, per-layer hooks that copy each activation to the host, and a Python loop over every neuron to rank
+them. Both sides use the same selection rule (no universal filter, no skipped layers) so the selected neurons
+can be compared. Prints a table and writes JSON to benchmarks/results/discovery.json.
+
+    python benchmarks/discovery.py                       # SmolLM2-135M-Instruct (real, from PyPI)
+    python benchmarks/discovery.py --model path/to/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cna_export.attribute import collect, common_prefix, encode_prompts, select  # noqa: E402
+from cna_export.hooks import down_projs  # noqa: E402
+from cna_export.recipe import load_prompts, load_recipe  # noqa: E402
+from cna_export.source import describe, load_model, resolve  # noqa: E402
+
+REAL = Path(os.environ.get("CNA_REAL_MODELS", Path.home() / ".cache" / "cna-real-models"))
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def computed_tokens(encoded, batch_size):
+    """Tokens the forward passes actually process: the shared prefix once, then padded suffix batches."""
+    prefix = common_prefix(encoded)
+    suffixes = sorted(len(ids) - prefix for ids in encoded)
+    return prefix + sum(max(suffixes[i : i + batch_size]) * len(suffixes[i : i + batch_size])
+                        for i in range(0, len(suffixes), batch_size))  # fmt: skip
+
+
+def ours(model, spec, pos, neg, k, batch_size, pad_id):
+    t0 = time.perf_counter()
+    a = collect(model, spec, pos, batch_size, pad_id)
+    b = collect(model, spec, neg, batch_size, pad_id)
+    chosen = select(a.mean - b.mean, k, torch.zeros_like(a.sums, dtype=torch.bool))
+    return time.perf_counter() - t0, chosen
+
+
+@torch.no_grad()
+def baseline(model, spec, pos, neg, k):
+    """One prompt at a time, full forward with lm_head, host copy per layer, Python ranking loop."""
+    t0 = time.perf_counter()
+    projs = down_projs(model, spec)
+    means = []
+    for prompts in (pos, neg):
+        rows = []
+        for ids in prompts:
+            acts: dict[int, torch.Tensor] = {}
+            hooks = [p.register_forward_pre_hook(lambda m, a, i=i, acts=acts: acts.__setitem__(i, a[0][0, -1].cpu()))
+                     for i, p in enumerate(projs)]  # fmt: skip
+            model(torch.tensor([ids]))
+            for h in hooks:
+                h.remove()
+            rows.append([acts[i].tolist() for i in range(len(projs))])
+        n = len(rows)
+        means.append([[sum(r[l][j] for r in rows) / n for j in range(len(rows[0][l]))] for l in range(len(projs))])
+    scored = []
+    for l in range(len(projs)):
+        for j in range(len(means[0][l])):
+            scored.append((abs(means[0][l][j] - means[1][l][j]), l, j))
+    scored.sort(key=lambda t: -t[0])
+    return time.perf_counter() - t0, [(l, j) for _, l, j in scored[:k]]
+
+
+def matmul_peak(dtype=torch.float32, n=2048, reps=10) -> float:
+    """Measured FLOP/s of a large GEMM on this machine: the roofline the forward passes are held against."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(REAL / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    parser.add_argument("--top-k", type=int, default=0, help="default: 0.1%% of all MLP neurons")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--name", default=None, help="results file stem (default: discovery-<model>)")
+    args = parser.parse_args()
+
+    source = resolve(args.model)
+    spec, shape, _ = describe(source)
+    model, tok = load_model(source, dtype="float32", device="cpu")
+    recipe, base = load_recipe("refusal-ablate")
+    pos = encode_prompts(tok, load_prompts(recipe.positive, base))
+    neg = encode_prompts(tok, load_prompts(recipe.negative, base))
+    k = args.top_k or max(1, round(0.001 * shape.num_neurons))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    t_base, sel_base = baseline(model, spec, pos, neg, k)
+    tokens = sum(map(len, pos)) + sum(map(len, neg))
+    computed = computed_tokens(pos, args.batch_size) + computed_tokens(neg, args.batch_size)
+    layer_params = sum(p.numel() for p in model.get_submodule(spec.layers_module).parameters())
+    result = {
+        "model": Path(args.model).name,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "prompts": len(pos) + len(neg),
+        "prompt_tokens": tokens,
+        "computed_tokens": computed,
+        "k": k,
+        "baseline_s": round(t_base, 3),
+        "baseline_tokens_per_s": round(tokens / t_base, 1),
+    }
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        m = model.to(dtype)
+        ours(m, spec, pos[:2], neg[:2], k, args.batch_size, pad)  # warm-up (allocator, kernels)
+        t_ours, sel_ours = ours(m, spec, pos, neg, k, args.batch_size, pad)
+        peak = matmul_peak(dtype)
+        # matmul FLOPs of the decoder layers on the tokens computed (attention scores are negligible here)
+        flops = 2 * layer_params * computed
+        result |= {
+            f"ours_{name}_s": round(t_ours, 3),
+            f"speedup_{name}": round(t_base / t_ours, 2),
+            f"overlap_{name}": round(len(set(sel_ours) & set(sel_base)) / k, 4),
+            f"ours_{name}_prompt_tokens_per_s": round(tokens / t_ours, 1),
+            f"matmul_peak_{name}_gflops": round(peak / 1e9, 1),
+            f"ours_{name}_gflops": round(flops / t_ours / 1e9, 1),
+            f"roofline_fraction_{name}": round(flops / t_ours / peak, 3),
+        }
+    RESULTS.mkdir(exist_ok=True)
+    stem = args.name or f"discovery-{Path(args.model).stem.split('.')[0]}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    width = max(map(len, result))
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
