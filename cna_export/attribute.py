@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from cna_export import distributed
 from cna_export.arch import ArchSpec, ModelShape
-from cna_export.circuit import Circuit, ModelIdentity, Neuron, Selection, prompt_set
+from cna_export.circuit import Circuit, ModelIdentity, Neuron, PromptSet, Selection, prompt_set
 from cna_export.errors import RecipeError
 from cna_export.hooks import down_projs, pre_hooks
 from cna_export.source import Source, describe, identity, load_model
@@ -256,7 +256,51 @@ def select(delta: torch.Tensor, k: int, excluded: torch.Tensor) -> list[tuple[in
     return [(int(i // width), int(i % width)) for i in flat]
 
 
-def discover(
+@dataclass
+class Attribution:
+    """One attribution run: per-neuron deltas and exclusions. `circuit(k)` cuts the ranking at any k, so a
+    sweep over k needs the forward passes only once."""
+
+    delta: torch.Tensor  # [layers, neurons] float64, mean(positive) - mean(negative)
+    excluded: torch.Tensor  # [layers, neurons] bool: skipped layers and universal neurons
+    universal: list[tuple[int, int]]
+    top_n: int | None
+    prompts: dict[str, PromptSet]
+    settings: Settings
+    model_id: ModelIdentity
+    dtype: str
+    chat_template: bool
+
+    def circuit(
+        self, k: int, *, fraction: float | None = None, behaviour: str = "custom", recipe: str | None = None,
+        multiplier: float = 0.0,
+    ) -> Circuit:  # fmt: skip
+        """The circuit of the top-k neurons by |delta| (`fraction` is only recorded, as requested)."""
+        chosen = select(self.delta, k, self.excluded)
+        log.info("selected %d neurons; %d universal excluded", len(chosen), len(self.universal))
+        s = self.settings
+        return Circuit(
+            behaviour=behaviour,
+            recipe=recipe,
+            multiplier=multiplier,
+            model=self.model_id,
+            prompts=self.prompts,
+            selection=Selection(
+                top_k=k,
+                fraction=fraction,
+                skip_first_layers=s.skip_first_layers,
+                universal_top_n=self.top_n,
+                universal_threshold=s.universal_threshold if s.universal else None,
+                universal_excluded=self.universal,
+                batch_size=s.batch_size,
+                dtype=self.dtype,
+                chat_template=self.chat_template,
+            ),
+            neurons=[Neuron(layer=l, index=i, delta=float(self.delta[l, i])) for l, i in chosen],
+        )
+
+
+def attribute(
     model: nn.Module,
     tokenizer,
     spec: ArchSpec,
@@ -265,18 +309,9 @@ def discover(
     negative: Sequence[str],
     neutral: Sequence[str],
     settings: Settings,
-    *,
-    behaviour: str = "custom",
-    recipe: str | None = None,
-    multiplier: float = 0.0,
-) -> Circuit:
-    """Run CNA and return the circuit (not yet saved).
-
-    Example:
-        >>> circuit = discover(model, tok, arch_for("llama"), ident, harmful, benign, neutral, Settings(top_k=100))
-    """
+) -> Attribution:
+    """Run the forward passes of CNA: deltas, skipped layers and universal neurons (no k yet)."""
     shape = ModelShape(model_id.num_layers, model_id.intermediate_size, model_id.hidden_size)
-    k = resolve_k(settings, shape)
     if settings.skip_first_layers >= shape.num_layers:
         raise RecipeError(
             f"skip_first_layers={settings.skip_first_layers} skips all {shape.num_layers} layers.",
@@ -303,28 +338,38 @@ def discover(
         universal_list = [(int(a), int(b)) for a, b in universal.nonzero().tolist()]
         excluded |= universal
         prompts["neutral"] = prompt_set(list(neutral))
-    chosen = select(delta, k, excluded)
-    log.info("selected %d neurons; %d universal excluded", len(chosen), len(universal_list))
     weight = next(model.parameters())
-    return Circuit(
-        behaviour=behaviour,
-        recipe=recipe,
-        multiplier=multiplier,
-        model=model_id,
-        prompts=prompts,
-        selection=Selection(
-            top_k=k,
-            fraction=None if settings.top_k is not None else settings.fraction,
-            skip_first_layers=settings.skip_first_layers,
-            universal_top_n=top_n,
-            universal_threshold=settings.universal_threshold if settings.universal else None,
-            universal_excluded=universal_list,
-            batch_size=settings.batch_size,
-            dtype=str(weight.dtype).removeprefix("torch."),
-            chat_template=settings.chat_template and bool(getattr(tokenizer, "chat_template", None)),
-        ),
-        neurons=[Neuron(layer=l, index=i, delta=float(delta[l, i])) for l, i in chosen],
-    )
+    return Attribution(
+        delta=delta, excluded=excluded, universal=universal_list, top_n=top_n, prompts=prompts, settings=settings,
+        model_id=model_id, dtype=str(weight.dtype).removeprefix("torch."),
+        chat_template=settings.chat_template and bool(getattr(tokenizer, "chat_template", None)),
+    )  # fmt: skip
+
+
+def discover(
+    model: nn.Module,
+    tokenizer,
+    spec: ArchSpec,
+    model_id: ModelIdentity,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    neutral: Sequence[str],
+    settings: Settings,
+    *,
+    behaviour: str = "custom",
+    recipe: str | None = None,
+    multiplier: float = 0.0,
+) -> Circuit:
+    """Run CNA and return the circuit (not yet saved).
+
+    Example:
+        >>> circuit = discover(model, tok, arch_for("llama"), ident, harmful, benign, neutral, Settings(top_k=100))
+    """
+    shape = ModelShape(model_id.num_layers, model_id.intermediate_size, model_id.hidden_size)
+    k = resolve_k(settings, shape)  # before the forward passes, so a bad k fails fast
+    result = attribute(model, tokenizer, spec, model_id, positive, negative, neutral, settings)
+    fraction = None if settings.top_k is not None else settings.fraction
+    return result.circuit(k, fraction=fraction, behaviour=behaviour, recipe=recipe, multiplier=multiplier)
 
 
 def discover_circuit(
