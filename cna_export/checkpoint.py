@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
@@ -48,6 +49,7 @@ TORCH_TO_ST = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }  # fmt: skip
+ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,11 @@ def side_files(folder: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class OutTensor:
-    """One tensor to write: bytes come from `copy_from` (untouched) or from `make()` (edited)."""
+    """One tensor to write: bytes come from `copy_from` (a file and offset) or from `make()`.
+
+    `edit`, if given, is applied in place to the copied bytes (viewed as a tensor of `dtype` and `shape`
+    through a memory map of the output file), so an edit touches only the values it changes.
+    """
 
     name: str
     dtype: str
@@ -219,6 +225,7 @@ class OutTensor:
     nbytes: int
     copy_from: tuple[Path, int] | None = None
     make: Callable[[], torch.Tensor] | None = None
+    edit: Callable[[torch.Tensor], None] | None = None
 
 
 def write_safetensors(
@@ -232,6 +239,7 @@ def write_safetensors(
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header so tensor data starts 8-byte aligned
+    base = 8 + len(raw)
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
@@ -245,8 +253,15 @@ def write_safetensors(
                 out.write(tensor.view(torch.uint8).reshape(-1).numpy().data)
             if progress is not None:
                 progress.update(t.nbytes)
-        out.flush()
-        os.fsync(out.fileno())
+        # No fsync: a killed process cannot lose page-cache data, and the folder only appears, complete, by
+        # rename. (cp does not fsync either; power-loss durability is the file system's job.)
+    offset = base
+    for t in tensors:
+        if t.edit is not None and t.nbytes:
+            mapped = np.memmap(path, dtype=np.uint8, mode="r+", offset=offset, shape=(t.nbytes,))
+            t.edit(torch.from_numpy(mapped).view(ST_TO_TORCH[t.dtype]).view(t.shape))
+            del mapped  # unmapping leaves the dirty pages to the kernel; msync would force a slow disk write
+        offset += t.nbytes
 
 
 def _copy_range(src: Path, offset: int, length: int, out) -> None:

@@ -30,7 +30,7 @@ from cna_export.checkpoint import (
 )
 from cna_export.circuit import Circuit
 from cna_export.errors import ArchitectureError
-from cna_export.fold import LayerEdits, scale_columns, scale_rows
+from cna_export.fold import LayerEdits, scale_columns_, scale_rows_
 from cna_export.source import Source, describe, identity, load_model
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ Target = Literal["down", "up"]
 
 def planned_edits(spec: ArchSpec, edits: LayerEdits, target: Target = "down") -> dict[str, tuple]:
     """Tensor name -> (fold function, indices, multipliers) for every tensor a circuit changes."""
-    template, fn = (spec.down_weight, scale_columns) if target == "down" else (spec.up_weight, scale_rows)
+    template, fn = (spec.down_weight, scale_columns_) if target == "down" else (spec.up_weight, scale_rows_)
     return {template.format(i=layer): (fn, index, mult) for layer, (index, mult) in edits.items()}
 
 
@@ -66,13 +66,12 @@ def write_folded(
         for file in reader.files:
             out = []
             for entry in reader.entries_in(file):
+                edit = None
                 if entry.name in changes:
                     fn, index, mult = changes[entry.name]
-                    make = partial(lambda n, f, i, m: f(reader.tensor(n), i, m), entry.name, fn, index, mult)
-                    out.append(OutTensor(entry.name, entry.dtype, entry.shape, entry.nbytes, make=make))
-                else:
-                    copy_from = (src / entry.file, entry.start)
-                    out.append(OutTensor(entry.name, entry.dtype, entry.shape, entry.nbytes, copy_from=copy_from))
+                    edit = partial(fn, index=index, multiplier=mult)
+                copy_from = (src / entry.file, entry.start)
+                out.append(OutTensor(entry.name, entry.dtype, entry.shape, entry.nbytes, copy_from, edit=edit))
             meta = {**reader.file_metadata[file], "format": "pt", **metadata}
             write_safetensors(dst / file, out, meta, bar)
     if (src / INDEX_NAME).is_file():
@@ -132,7 +131,9 @@ def apply_circuit(
     spec, shape, config = describe(source)
     edits = circuit.edits(multiplier, allow_negative)
     check_output_path(out, source.path, overwrite)
-    circuit.check_fits(config["model_type"], shape, identity(source, config, shape).weights_sha256, force)
+    # Hash the weights only when there is something to compare with (cached after discover).
+    weights = identity(source, config, shape).weights_sha256 if circuit.model.weights_sha256 and not force else None
+    circuit.check_fits(config["model_type"], shape, weights, force)
     metadata = {
         "cna_export.version": __version__,
         "cna_export.source": source.name,

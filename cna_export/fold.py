@@ -45,17 +45,28 @@ def group_by_layer(neurons: Iterable[tuple[int, int, float]]) -> LayerEdits:
     return edits
 
 
-def scale_columns(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-    """Return a copy of `down_proj.weight` ([hidden, intermediate]) with columns `index` scaled.
+def scale_columns_(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> None:
+    """Scale columns `index` of `down_proj.weight` ([hidden, intermediate]) in place.
 
     The product is taken in float32 and rounded once to the weight's dtype.
     """
+    weight[:, index] = (weight[:, index].to(torch.float32) * multiplier.to(torch.float32)).to(weight.dtype)
+
+
+def scale_rows_(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> None:
+    """Scale rows `index` of `up_proj.weight` ([intermediate, hidden]) in place."""
+    scale_columns_(weight.T, index, multiplier)
+
+
+def scale_columns(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """Return a copy of `down_proj.weight` with columns `index` scaled (see `scale_columns_`)."""
     out = weight.clone()
-    cols = weight[:, index].to(torch.float32) * multiplier.to(torch.float32)
-    out[:, index] = cols.to(weight.dtype)
+    scale_columns_(out, index, multiplier)
     return out
 
 
 def scale_rows(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-    """Return a copy of `up_proj.weight` ([intermediate, hidden]) with rows `index` scaled."""
-    return scale_columns(weight.T, index, multiplier).T.contiguous()
+    """Return a copy of `up_proj.weight` with rows `index` scaled."""
+    out = weight.clone()
+    scale_rows_(out, index, multiplier)
+    return out
