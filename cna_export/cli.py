@@ -31,6 +31,14 @@ EXAMPLES = {
     "inspect": """examples:
   cna-export inspect circuit.json
   cna-export inspect circuit.json --top 50 --plot layers.png""",
+    "eval": """examples:
+  cna-export eval --model ./m --circuit circuit.json --multiplier 0 1 2 --recipe refusal-ablate --out eval-report
+  cna-export eval --model ./m --edited ./m-no-refusal --recipe refusal-ablate --out eval-exported
+  cna-export eval --model ./m --circuit c.json --positive harmful.txt --negative benign.txt --max-new-tokens 24 \\
+      --out ev --lm-eval mmlu --lm-eval-limit 100""",
+    "sweep": """examples:
+  cna-export sweep --model ./m --recipe refusal-ablate --k 467 1167 1600 2400 --multipliers 0 1 2 --out sweep
+  cna-export sweep --model m.gguf --recipe refusal-ablate --k 0.004 0.014 --kl-budget 0.1 --out s --export best""",
 }
 
 
@@ -86,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    model, select, apply = _model_opts(), _select_opts(), _apply_opts()
+    model, select, apply, evalo = _model_opts(), _select_opts(), _apply_opts(), _eval_opts()
 
     def add(name: str, help: str, parents: list) -> argparse.ArgumentParser:
         return sub.add_parser(
@@ -120,7 +128,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=20, help="how many neurons to list")
     p.add_argument("--plot", type=Path, help="write a PNG of neurons per layer")
     p.set_defaults(func=_inspect)
+
+    p = add("eval", "measure an edit on held-out prompts: behaviour rate, benign rate, KL, quality", [model, evalo])
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--edited", type=Path, help="exported model folder to compare with --model")
+    what.add_argument("--circuit", type=Path, help="circuit to apply with runtime hooks (no export needed)")
+    p.add_argument("--multiplier", type=float, nargs="+", help="one or more multipliers for --circuit")
+    p.add_argument("--allow-negative", action="store_true", help="permit a negative multiplier")
+    p.add_argument("--recipe", help="recipe whose heldout_positive/heldout_negative sets to use")
+    p.add_argument("--positive", help="held-out prompts with the behaviour (overrides the recipe)")
+    p.add_argument("--negative", help="held-out benign prompts (overrides the recipe)")
+    p.add_argument("--behaviour", help="detector to use (refusal, answer-in-french); default from recipe/circuit")
+    p.add_argument("--lm-eval", nargs="+", metavar="TASK", default=(), help="also run lm-eval-harness tasks")
+    p.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task")
+    p.set_defaults(func=_eval)
+
+    p = add("sweep", "grid over k and m from one attribution; Pareto front, pick a point, optionally export",
+            [model, evalo])  # fmt: skip
+    p.add_argument("--recipe", required=True, help="recipe with discovery and held-out prompt sets")
+    p.add_argument("--k", nargs="+", required=True, help="neuron counts (1600) or fractions (0.014, 1.4%%)")
+    p.add_argument("--multipliers", type=float, nargs="+", default=[0.0, 1.0, 2.0], help="default: 0 1 2")
+    p.add_argument("--kl-budget", type=float, default=0.1, help="max mean first-token KL of the chosen point")
+    p.add_argument("--benign-budget", type=float, help="max benign (false positive) rate of the chosen point")
+    p.add_argument("--positive", help="held-out prompts with the behaviour (overrides the recipe)")
+    p.add_argument("--negative", help="held-out benign prompts (overrides the recipe)")
+    p.add_argument("--allow-negative", action="store_true", help="permit negative multipliers")
+    p.add_argument("--export", type=Path, help="export the chosen point to this model folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --export folder")
+    p.set_defaults(func=_sweep)
     return parser
+
+
+def _eval_opts() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--out", required=True, type=Path, help="report folder (results.json, prompts.jsonl, report.md)")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (default 32)")
+    g.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
+    g.add_argument("--kl-tokens", type=int, default=8, help="answer positions averaged for KL (default 8)")
+    g.add_argument("--no-chat-template", action="store_true", help="feed raw prompts even if a chat template exists")
+    return p
 
 
 # Subcommands -------------------------------------------------------------------------------------------------
@@ -254,6 +301,90 @@ def _inspect(args: argparse.Namespace) -> None:
 
         plot_layers(circuit, args.plot)
         print(f"wrote {args.plot}")
+
+
+def _eval_config(args: argparse.Namespace):
+    from cna_export.evaluate import EvalConfig
+
+    cfg = EvalConfig(args.max_new_tokens, args.batch_size, args.kl_tokens, not args.no_chat_template)
+    cfg.check()
+    return cfg
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from cna_export.circuit import Circuit
+    from cna_export.recipe import load_recipe
+    from cna_export.report import headline, write_report
+    from cna_export.source import resolve
+    from cna_export.sweep import heldout_sets, run_eval, save_results
+
+    cfg = _eval_config(args)
+    circuit = Circuit.load(args.circuit) if args.circuit else None
+    if args.multiplier and circuit is None:
+        raise CnaExportError("--multiplier needs --circuit.", "pass --circuit, or evaluate an --edited folder.")
+    recipe_name = args.recipe or (circuit.recipe if circuit is not None and not args.positive else None)
+    recipe, base = load_recipe(recipe_name) if recipe_name else (None, None)
+    positive, negative = heldout_sets(recipe, base, args.positive, args.negative)
+    behaviour = args.behaviour or (recipe.behaviour if recipe else None) or (circuit.behaviour if circuit else None)
+    if behaviour is None:
+        raise CnaExportError("Unknown behaviour to detect.", "pass --behaviour refusal (or a --recipe).")
+    results, records, used = run_eval(
+        resolve(args.model, args.revision), positive, negative, behaviour, cfg, circuit=circuit,
+        multipliers=args.multiplier, edited=args.edited, allow_negative=args.allow_negative,
+        lm_eval_tasks=args.lm_eval, lm_eval_limit=args.lm_eval_limit, dtype=args.dtype, device=args.device,
+    )  # fmt: skip
+    save_results(args.out, results, records)
+    report = write_report(args.out, results, used)
+    print(_headline_text(headline(results)))
+    print(f"wrote {report}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from cna_export.checkpoint import check_output_path
+    from cna_export.recipe import load_recipe
+    from cna_export.report import headline, write_report
+    from cna_export.source import resolve
+    from cna_export.sweep import parse_k, sweep_source
+
+    cfg = _eval_config(args)
+    if args.export is not None:
+        check_output_path(args.export, None, args.overwrite)
+    recipe, base = load_recipe(args.recipe)
+    source = resolve(args.model, args.revision)
+    results, records, circuits, att = sweep_source(
+        source, recipe, base, [parse_k(k) for k in args.k], args.multipliers, cfg, positive=args.positive,
+        negative=args.negative, kl_budget=args.kl_budget, benign_budget=args.benign_budget,
+        allow_negative=args.allow_negative, dtype=args.dtype, device=args.device, out=args.out,
+    )  # fmt: skip
+    chosen = results["points"][results["chosen"]] if results["chosen"] is not None else None
+    shown = circuits[chosen["k"]] if chosen else circuits[max(circuits)]
+    candidates = att.delta.abs()[~att.excluded].numpy()
+    cuts = {f"k={k}": min(abs(n.delta) for n in c.neurons) for k, c in circuits.items()}
+    report = write_report(args.out, results, shown, candidates, cuts)
+    print(_headline_text(headline(results)))
+    print(f"wrote {report}")
+    if args.export is not None:
+        if chosen is None:
+            raise CnaExportError("No sweep point meets the selection rule, so nothing was exported.",
+                                 "raise --kl-budget or try other --k/--multipliers; see the report.")  # fmt: skip
+        from cna_export.export import apply_circuit
+
+        allow = args.allow_negative or recipe.allow_negative
+        circuit = circuits[chosen["k"]].model_copy(update={"multiplier": chosen["multiplier"]})
+        out = apply_circuit(source, circuit, args.export, allow_negative=allow, overwrite=args.overwrite)
+        print(f"wrote {out}: k={chosen['k']} m={chosen['multiplier']:g}")
+
+
+def _headline_text(h: dict) -> str:
+    """One readable line of headline numbers."""
+    text = f"{h['behaviour']} rate on {h['heldout_positive']} held-out prompts: original {h['rate_original']:.1%}"
+    if "rate_edited" not in h:
+        return text + f"; benign {h['benign_rate_original']:.1%}"
+    return text + (
+        f", edited {h['rate_edited']:.1%} (k={h['k']}, m={h['multiplier']:g}); benign "
+        f"{h['benign_rate_original']:.1%} -> {h['benign_rate_edited']:.1%}; KL first {h['kl_first']:.4f}, "
+        f"mean {h['kl_mean']:.4f}; perplexity ratio {h['ppl_ratio']:.3f}"
+    )
 
 
 def summary(circuit, top: int = 20) -> str:
