@@ -9,16 +9,14 @@ header writer here; every file it writes is read back through `safe_open` in the
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import struct
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +25,10 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from cna_export.errors import CheckpointError, OutputError
+from cna_export.errors import CheckpointError
+
+# Output safety lives in output.py; re-exported here, where the rest of the project has always found it.
+from cna_export.output import check_output_path, staged_output  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _bad(path, f"has a header that is not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise _bad(path, "has a header that is not a JSON object")
@@ -97,7 +98,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     for name, info in header.items():
         try:
             dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            ok = all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end))
+            ok = all(type(x) is int and x >= 0 for x in (*shape, begin, end))  # bool is an int; not here
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
@@ -130,7 +131,7 @@ class CheckpointReader:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.files = _weight_files(self.folder)
+        self.files, weight_map = _weight_files(self.folder)
         self.entries: dict[str, TensorEntry] = {}
         self.file_metadata: dict[str, dict[str, str]] = {}
         for file in self.files:
@@ -140,6 +141,10 @@ class CheckpointReader:
                 if name in self.entries:
                     raise _bad(self.folder / file, f"repeats tensor {name!r} found in another shard")
                 self.entries[name] = entry
+        # An index that disagrees with its shards would make loaders look for tensors in the wrong file.
+        for name, file in (weight_map or {}).items():
+            if name not in self.entries or self.entries[name].file != file:
+                raise _bad(self.folder / INDEX_NAME, f"says tensor {name!r} is in {file}, but it is not there")
 
     def tensor(self, name: str) -> torch.Tensor:
         """Decode one tensor (memory-mapped read)."""
@@ -164,8 +169,11 @@ class CheckpointReader:
         return sorted((e for e in self.entries.values() if e.file == file), key=lambda e: e.start)
 
 
-def _weight_files(folder: Path) -> list[str]:
-    """Names of the safetensors files of a folder, from its index when it has one."""
+def _weight_files(folder: Path) -> tuple[list[str], dict[str, str] | None]:
+    """Names of the safetensors files of a folder, and its index's weight map when it has one.
+
+    Shard names come from a file, so they are trusted only as plain names of files inside `folder`.
+    """
     if not folder.is_dir():
         raise CheckpointError(
             f"{folder} is not a folder.", "pass a Hugging Face model folder, a Hub id or a .gguf file."
@@ -174,20 +182,29 @@ def _weight_files(folder: Path) -> list[str]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise TypeError
             files = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError):
             raise _bad(index, "is not a valid shard index") from None
+        if not files:
+            raise _bad(index, "lists no shards")
         for name in files:
-            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            if Path(name).name != name or name in ("", ".", "..") or "\\" in name or "\0" in name:
                 raise CheckpointError(
                     f"{index} names shard {name!r} outside the model folder.",
                     "use an index whose shard names are plain file names.",
                 )
+            if name.endswith(PICKLE_SUFFIXES):
+                raise CheckpointError(
+                    f"{index} names pickle shard {name}, which cna-export never loads.",
+                    "convert the model to safetensors first (or download its safetensors revision).",
+                )
             if not (folder / name).is_file():
                 raise CheckpointError(f"{index} names shard {name} which is missing.", "download the missing shard.")
-        return files
+        return files, weight_map
     if (folder / SINGLE_NAME).is_file():
-        return [SINGLE_NAME]
+        return [SINGLE_NAME], None
     if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
         raise CheckpointError(
             f"{folder} holds only pickle weights (.bin/.pt), which cna-export never loads.",
@@ -197,15 +214,39 @@ def _weight_files(folder: Path) -> list[str]:
 
 
 def side_files(folder: Path) -> list[Path]:
-    """Non-weight files that an export copies unchanged: config, tokenizer, generation config, templates."""
+    """Non-weight files that an export copies unchanged: config, tokenizer, generation config, templates.
+
+    These are copied byte for byte into an export that may be published, so a symlink among them must stay
+    inside the model folder (or, for a huggingface_hub cache snapshot, inside that repository's `blobs`): a
+    downloaded folder with `tokenizer.json -> ~/.ssh/id_rsa` must not leak the key into the export. Weight
+    files are exempt (they are parsed as safetensors, never copied blindly, and are often links to shared
+    storage).
+    """
+    roots = trusted_roots(folder)
     keep = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file() or path.name in NOT_COPIED_NAMES:
             continue
         if path.suffix in NOT_COPIED_SUFFIXES:
             continue
+        target = path.resolve()
+        if not any(target.is_relative_to(root) for root in roots):
+            raise CheckpointError(
+                f"{path} links to {target}, outside the model folder, and would be copied into the export.",
+                "copy the file into the model folder instead of linking it.",
+            )
         keep.append(path)
     return keep
+
+
+def trusted_roots(folder: Path) -> list[Path]:
+    """Where the files of a model folder may live: the folder, plus its repository's blobs for a Hub snapshot."""
+    root = Path(folder).resolve()
+    roots = [root]
+    # huggingface_hub cache layout: <cache>/models--owner--name/snapshots/<revision>/<file> -> ../../blobs/<hash>
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        roots.append(root.parent.parent / "blobs")
+    return roots
 
 
 # Writing -----------------------------------------------------------------------------------------------------
@@ -352,61 +393,3 @@ def combined_sha256(file_hashes: dict[str, str]) -> str:
     """One hash for a set of files: sha256 over sorted 'name sha256' lines."""
     lines = "".join(f"{name} {digest}\n" for name, digest in sorted(file_hashes.items()))
     return hashlib.sha256(lines.encode()).hexdigest()
-
-
-# Atomic output -----------------------------------------------------------------------------------------------
-
-
-def check_output_path(out: Path, source: Path | None, overwrite: bool) -> None:
-    """Refuse output locations that would clobber the source or existing work."""
-    out_r = out.resolve()
-    if source is not None:
-        src_r = source.resolve()
-        src_dir = src_r if src_r.is_dir() else src_r.parent
-        if out_r == src_r or src_r.is_relative_to(out_r) or (src_r.is_dir() and out_r.is_relative_to(src_dir)):
-            raise OutputError(
-                f"Output {out} overlaps the source model {source}.",
-                "write the export to a separate folder; the source is never modified.",
-            )
-    if out_r.exists() and not overwrite:
-        raise OutputError(f"Output {out} already exists.", "pass --overwrite to replace it, or choose another path.")
-    parent = out_r.parent
-    if not parent.is_dir():
-        raise OutputError(f"Output folder {parent} does not exist.", "create it first or choose another path.")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"Output folder {parent} is not writable.", "choose a writable location.")
-
-
-@contextlib.contextmanager
-def staged_output(out: Path, overwrite: bool = False, is_dir: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling of `out`; on success rename it to `out`, on any failure remove it.
-
-    A crash at any point leaves either the old state or the complete new output, never a half-written
-    `out`. Leftover temporaries carry a `.cna-tmp-` prefix.
-    """
-    out = Path(out).absolute()
-    tmp = out.parent / f".{out.name}.cna-tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        if is_dir:
-            tmp.mkdir()
-        yield tmp
-        if out.exists() or out.is_symlink():
-            if not overwrite:
-                raise OutputError(f"Output {out} already exists.", "pass --overwrite to replace it.")
-            old = out.parent / f".{out.name}.cna-old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            _remove(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()

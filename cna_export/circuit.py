@@ -145,7 +145,7 @@ class Circuit(_Strict):
     def save(self, path: Path) -> None:
         """Write atomically (temporary file, then rename)."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.cna-tmp")
+        tmp = path.with_name(f".{path.name}.cna-tmp-{os.getpid()}")  # per process: concurrent saves do not collide
         try:
             tmp.write_text(self.to_json())
             os.replace(tmp, path)
@@ -160,8 +160,11 @@ class Circuit(_Strict):
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise CircuitError(f"Circuit file {path} does not exist.", "pass the path written by discover.") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CircuitError(f"Circuit file {path} is not valid JSON ({exc}).", "re-run discover.") from None
+        except OSError as exc:  # a folder, no permission, an I/O error
+            raise CircuitError(f"Circuit file {path} cannot be read ({exc.strerror}).", "check the path.") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise CircuitError(f"Circuit file {path} is not valid JSON ({what}).", "re-run discover.") from None
         if isinstance(data, dict) and data.get("format") not in (None, FORMAT):
             raise CircuitError(f"{path} is not a cna-export circuit.", "pass a circuit written by discover.")
         try:

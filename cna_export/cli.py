@@ -6,9 +6,13 @@ Errors the user can fix print as one line and exit 2; set CNA_EXPORT_DEBUG=1 (or
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from cna_export import __version__, distributed
 from cna_export.errors import CnaExportError
 
 log = logging.getLogger("cna_export")
+EXPORT_MARKER = "circuit.json"  # the file every export folder holds (cna_export.export.EXPORT_MARKER)
 
 EXAMPLES = {
     "run": """examples:
@@ -282,7 +287,7 @@ def _run(args: argparse.Namespace) -> None:
         from cna_export.fold import check_multiplier
 
         check_multiplier(args.multiplier, args.allow_negative or recipe.allow_negative)
-    check_output_path(args.out, None, args.overwrite)
+    check_output_path(args.out, None, args.overwrite, marker=EXPORT_MARKER)
     source, circuit = _discover_from(args, recipe, base)
     if not distributed.is_main():
         return
@@ -348,7 +353,7 @@ def _sweep(args: argparse.Namespace) -> None:
 
     cfg = _eval_config(args)
     if args.export is not None:
-        check_output_path(args.export, None, args.overwrite)
+        check_output_path(args.export, None, args.overwrite, marker=EXPORT_MARKER)
     recipe, base = load_recipe(args.recipe)
     source = resolve(args.model, args.revision)
     results, records, circuits, att = sweep_source(
@@ -412,8 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug or bool(os.environ.get("CNA_EXPORT_DEBUG"))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        distributed.init_from_env()
-        args.func(args)
+        with _termination_as_interrupt():
+            distributed.init_from_env()
+            args.func(args)
     except CnaExportError as exc:
         if debug:
             raise
@@ -422,13 +428,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if debug:
             raise
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"cna-export: error: {exc.strerror or exc}{where}. Fix: check the path, permissions and free space.",
-              file=sys.stderr)  # fmt: skip
+        print(f"cna-export: error: {_os_error_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("cna-export: interrupted; temporary files removed.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        print(f"cna-export: interrupted ({signal.Signals(signum).name}); temporary files removed.", file=sys.stderr)
+        return 128 + signum
     finally:
         distributed.shutdown()
     return 0
+
+
+# What to do about an operating-system error, by errno; the problem itself is the system's message.
+_OS_FIXES = {
+    errno.ENOSPC: "free some space or write to another disk",
+    errno.EDQUOT: "free some space (disk quota exceeded) or write to another disk",
+    errno.EROFS: "write to a location that is not on a read-only file system",
+    errno.EACCES: "check the permissions of that path or choose another location",
+    errno.EPERM: "check the permissions of that path or choose another location",
+    errno.ENOENT: "check the path",
+    errno.EISDIR: "pass a file, not a folder",
+    errno.ENOTDIR: "check the path; a part of it is a file, not a folder",
+    errno.EIO: "the disk reported an I/O error; check it and try again",
+}
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OSError: the system's message, the path, and a fix that fits the errno."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    problem = exc.strerror or str(exc) or exc.__class__.__name__
+    fix = _OS_FIXES.get(exc.errno, "check the path, its permissions and the free space")
+    return " ".join(f"{problem}{where}. Fix: {fix}.".split())
+
+
+@contextlib.contextmanager
+def _termination_as_interrupt():
+    """Turn SIGTERM and SIGHUP into KeyboardInterrupt, so a killed-politely run removes its temporaries too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -31,11 +30,14 @@ from cna_export.checkpoint import (
 from cna_export.circuit import Circuit
 from cna_export.errors import ArchitectureError
 from cna_export.fold import LayerEdits, scale_columns_, scale_rows_
+from cna_export.output import check_free_space, temp_sibling
 from cna_export.source import Source, describe, identity, load_model
 
 log = logging.getLogger(__name__)
 
 Target = Literal["down", "up"]
+# Every export holds this file; --overwrite replaces only folders that have it (or are empty).
+EXPORT_MARKER = "circuit.json"
 
 
 def planned_edits(spec: ArchSpec, edits: LayerEdits, target: Target = "down") -> dict[str, tuple]:
@@ -44,12 +46,10 @@ def planned_edits(spec: ArchSpec, edits: LayerEdits, target: Target = "down") ->
     return {template.format(i=layer): (fn, index, mult) for layer, (index, mult) in edits.items()}
 
 
-def write_folded(
-    src: Path, dst: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, metadata: dict[str, str],
-    target: Target = "down",
-) -> None:  # fmt: skip
-    """Write the folded weights of folder `src` into the existing folder `dst`, plus the side files."""
-    reader = CheckpointReader(src)
+def check_targets(
+    reader: CheckpointReader, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, target: Target = "down"
+) -> dict[str, tuple]:
+    """The planned edits, after checking that every tensor they touch exists with the shape config.json implies."""
     changes = planned_edits(spec, edits, target)
     expected = (shape.hidden_size, shape.intermediate_size)
     if target == "up":
@@ -61,6 +61,32 @@ def write_folded(
                 f"{name} has shape {list(entry.shape)} but config.json implies {list(expected)}.",
                 "use the config.json that belongs to these weights.",
             )
+    return changes
+
+
+def preflight(source: Source, out: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, target: Target) -> None:
+    """Check everything that can be checked before writing: weight headers, target shapes, side files, space.
+
+    A bad input then fails before any byte is written, and a disk that is too small fails before a multi-GB
+    write rather than at its end. (GGUF sources are checked when they are dequantized.)
+    """
+    if source.is_gguf:
+        return
+    reader = CheckpointReader(source.folder)
+    check_targets(reader, spec, shape, edits, target)
+    extra = [source.folder / INDEX_NAME] if (source.folder / INDEX_NAME).is_file() else []
+    needed = sum((source.folder / f).stat().st_size for f in reader.files)
+    needed += sum(p.stat().st_size for p in [*side_files(source.folder), *extra])
+    check_free_space(Path(out).absolute().parent, needed)
+
+
+def write_folded(
+    src: Path, dst: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, metadata: dict[str, str],
+    target: Target = "down",
+) -> None:  # fmt: skip
+    """Write the folded weights of folder `src` into the existing folder `dst`, plus the side files."""
+    reader = CheckpointReader(src)
+    changes = check_targets(reader, spec, shape, edits, target)
     total = sum(e.nbytes for e in reader.entries.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="export") as bar:
         for file in reader.files:
@@ -130,7 +156,7 @@ def apply_circuit(
     out = Path(out)
     spec, shape, config = describe(source)
     edits = circuit.edits(multiplier, allow_negative)
-    check_output_path(out, source.path, overwrite)
+    check_output_path(out, source.path, overwrite, marker=EXPORT_MARKER)
     # Hash the weights only when there is something to compare with (cached after discover).
     weights = identity(source, config, shape).weights_sha256 if circuit.model.weights_sha256 and not force else None
     circuit.check_fits(config["model_type"], shape, weights, force)
@@ -140,16 +166,21 @@ def apply_circuit(
         "cna_export.circuit_sha256": circuit.sha256(),
         "cna_export.behaviour": circuit.behaviour,
     }
-    with staged_output(out, overwrite) as tmp:
+    preflight(source, out, spec, shape, edits, target)
+    with staged_output(out, overwrite, marker=EXPORT_MARKER) as tmp:
         if source.is_gguf:
-            with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{out.name}.cna-gguf-") as dense:
-                materialize_gguf(source, Path(dense), gguf_dtype)
-                write_folded(Path(dense), tmp, spec, shape, edits, metadata, target)
+            dense = temp_sibling(out, "gguf")  # named like every temporary, so a killed run's is cleaned later
+            try:
+                dense.mkdir()
+                materialize_gguf(source, dense, gguf_dtype)
+                write_folded(dense, tmp, spec, shape, edits, metadata, target)
+            finally:
+                shutil.rmtree(dense, ignore_errors=True)
         else:
             write_folded(source.folder, tmp, spec, shape, edits, metadata, target)
         applied = circuit.model_copy(update={"multiplier": circuit.multiplier if multiplier is None else multiplier})
         if multiplier is not None:
             applied.neurons = [n.model_copy(update={"multiplier": None}) for n in circuit.neurons]
-        applied.save(tmp / "circuit.json")
+        applied.save(tmp / EXPORT_MARKER)
     log.info("wrote %s", out)
     return out

@@ -20,6 +20,7 @@ from cna_export.arch import ArchSpec, ModelShape, arch_for, shape_of
 from cna_export.checkpoint import CheckpointReader, combined_sha256, sha256_files
 from cna_export.circuit import ModelIdentity
 from cna_export.errors import ArchitectureError, CheckpointError, CnaExportError
+from cna_export.gguf_check import check_gguf
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def resolve(model: str, revision: str | None = None) -> Source:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise CheckpointError(f"GGUF file {path} does not exist.", "check the path.")
+        check_gguf(path)  # a damaged file fails here, with one clear message, before any parser sees it
         return Source(str(path), path.parent.resolve(), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -83,12 +85,13 @@ def read_config(source: Source) -> dict[str, Any]:
 
         try:
             config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file).to_dict()
-        except (ValueError, OSError, KeyError) as exc:
-            raise CheckpointError(f"Could not read GGUF {source.path}: {exc}", "check the file.") from None
+        except Exception as exc:  # transformers' GGUF parsing of an untrusted file raises many types
+            problem = f"Could not read the model config from GGUF {source.path}: {exc}".splitlines()[0]
+            raise CheckpointError(problem, "check that the file is a complete GGUF model file.") from None
         return config
     try:
         config = json.loads((source.folder / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{source.folder}/config.json is unreadable ({exc}).", "restore it.") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{source.folder}/config.json is not a JSON object.", "restore it.")
