@@ -44,6 +44,12 @@ EXAMPLES = {
     "sweep": """examples:
   cna-export sweep --model ./m --recipe refusal-ablate --k 467 1167 1600 2400 --multipliers 0 1 2 --out sweep
   cna-export sweep --model m.gguf --recipe refusal-ablate --k 0.004 0.014 --kl-budget 0.1 --out s --export best""",
+    "patch-gguf": """examples:
+  cna-export discover --model smollm2.Q4_1.gguf --recipe refusal-ablate --top-k 46 -o c.json
+  cna-export patch-gguf smollm2.Q4_1.gguf --circuit c.json -o smollm2-edited.Q4_1.gguf
+  cna-export patch-gguf ~/.ollama/models/blobs/sha256-XXXX --circuit c.json -o edited.gguf --multiplier 2
+scales the circuit's ffn_up rows inside the quantized file (f16 block scales); every other byte is copied
+unchanged, and the applied circuit is written to OUT.circuit.json.""",
 }
 
 
@@ -161,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", type=Path, help="export the chosen point to this model folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --export folder")
     p.set_defaults(func=_sweep)
+
+    p = add("patch-gguf", "scale a circuit's neurons inside an existing GGUF file (no re-conversion)", [])
+    p.add_argument("gguf", type=Path, help="GGUF file to patch (never modified)")
+    p.add_argument("--circuit", required=True, type=Path, help="circuit file from discover")
+    p.add_argument("-o", "--out", required=True, type=Path, help="patched GGUF file to write")
+    p.add_argument("--multiplier", type=float, help="scale for every neuron (0 ablate, >1 amplify)")
+    p.add_argument("--allow-negative", action="store_true", help="permit a negative multiplier")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output written by patch-gguf")
+    p.add_argument("--force", action="store_true", help="patch with a circuit discovered on different weights")
+    p.set_defaults(func=_patch_gguf)
     return parser
 
 
@@ -378,6 +394,18 @@ def _sweep(args: argparse.Namespace) -> None:
         circuit = circuits[chosen["k"]].model_copy(update={"multiplier": chosen["multiplier"]})
         out = apply_circuit(source, circuit, args.export, allow_negative=allow, overwrite=args.overwrite)
         print(f"wrote {out}: k={chosen['k']} m={chosen['multiplier']:g}")
+
+
+def _patch_gguf(args: argparse.Namespace) -> None:
+    from cna_export.circuit import Circuit
+    from cna_export.gguf_patch import patch_gguf_report
+
+    report = patch_gguf_report(
+        args.gguf, Circuit.load(args.circuit), args.out, multiplier=args.multiplier, overwrite=args.overwrite,
+        force=args.force, allow_negative=args.allow_negative,
+    )  # fmt: skip
+    print(f"wrote {report.out}: {report.summary()}")
+    print(f"wrote {report.sidecar}")
 
 
 def _headline_text(h: dict) -> str:
