@@ -50,6 +50,17 @@ EXAMPLES = {
   cna-export patch-gguf ~/.ollama/models/blobs/sha256-XXXX --circuit c.json -o edited.gguf --multiplier 2
 scales the circuit's ffn_up rows inside the quantized file (f16 block scales); every other byte is copied
 unchanged, and the applied circuit is written to OUT.circuit.json.""",
+    "push": """examples:
+  cna-export push qwen-no-refusal me/qwen-no-refusal --private
+  cna-export push qwen-no-refusal me/qwen-no-refusal --revision m0 --commit-message "k=1600, m=0"
+  cna-export push qwen-no-refusal.Q8_0.gguf me/qwen-no-refusal-GGUF
+the token comes from `hf auth login` or HF_TOKEN and is never printed.""",
+    "diff": """examples:
+  cna-export diff Qwen/Qwen2.5-0.5B-Instruct ./qwen-no-refusal -o recovered_circuit.json
+  cna-export diff ./model ./edited --verify ./edited/circuit.json
+  cna-export diff model.Q4_K_M.gguf edited.Q4_K_M.gguf --json
+exit status: 0 when the difference is exactly a neuron edit (with --verify: exactly that circuit, nothing else),
+1 when it is not, 2 on bad input.""",
 }
 
 
@@ -96,6 +107,9 @@ def _apply_opts() -> argparse.ArgumentParser:
     )
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
     g.add_argument("--force", action="store_true", help="apply a circuit discovered on different weights of this shape")
+    g.add_argument("--base-model", help="Hub id of the source for the model card, when it is a local copy or GGUF")
+    g.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export to this Hub repository (owner/name)")
+    g.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private")
     return p
 
 
@@ -177,6 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output written by patch-gguf")
     p.add_argument("--force", action="store_true", help="patch with a circuit discovered on different weights")
     p.set_defaults(func=_patch_gguf)
+
+    p = add("push", "upload an exported folder (or a .gguf file) to the Hugging Face Hub", [])
+    p.add_argument("path", type=Path, help="exported model folder, or one .gguf file")
+    p.add_argument("repo_id", help="Hub repository, owner/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", help="branch to push to (created if missing; default main)")
+    p.add_argument("--commit-message", help="commit title")
+    p.add_argument("--no-verify", action="store_true", help="skip checking the files against the card's sha256")
+    p.set_defaults(func=_push)
+
+    p = add("diff", "list what differs between two checkpoints and recover the neuron edit", [])
+    p.add_argument("original", help="original model: folder, Hub id or .gguf file")
+    p.add_argument("edited", help="edited model: folder, Hub id or .gguf file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-o", "--output", type=Path, help="write the recovered circuit to this file (without --verify)")
+    p.add_argument("--verify", type=Path, metavar="CIRCUIT", help="exit 0 only if EDITED is ORIGINAL + CIRCUIT")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.set_defaults(func=_diff)
     return parser
 
 
@@ -278,9 +310,11 @@ def _apply(args: argparse.Namespace) -> None:
     from cna_export.export import apply_circuit
     from cna_export.source import resolve
 
+    _check_push_args(args)
     source = resolve(args.model, args.revision)
     out = apply_circuit(source, Circuit.load(args.circuit), args.out, **_apply_kwargs(args))
     print(f"wrote {out}")
+    _after_export(args, out)
 
 
 def _apply_kwargs(args: argparse.Namespace) -> dict:
@@ -290,14 +324,38 @@ def _apply_kwargs(args: argparse.Namespace) -> dict:
         "overwrite": args.overwrite,
         "force": args.force,
         "target": args.target,
+        "base_model": args.base_model,
     }
+
+
+def _check_push_args(args: argparse.Namespace) -> None:
+    """Fail on a bad --push-to-hub before any long work."""
+    if args.push_to_hub is not None:
+        from cna_export.hub import check_repo_id
+
+        check_repo_id(args.push_to_hub)
+    elif args.private:
+        raise CnaExportError("--private needs --push-to-hub.", "add --push-to-hub owner/name, or drop --private.")
+
+
+def _after_export(args: argparse.Namespace, out: Path) -> None:
+    """After apply/run: list files added to the folder (--gguf) in its model card, then --push-to-hub."""
+    if getattr(args, "gguf", None) is not None:
+        from cna_export.hub import update_card
+
+        update_card(out, rehash=True)
+    if args.push_to_hub is not None:
+        from cna_export.hub import push
+
+        print(f"pushed {out} to {push(out, args.push_to_hub, private=args.private)}")
 
 
 def _run(args: argparse.Namespace) -> None:
     from cna_export.checkpoint import check_output_path
     from cna_export.export import apply_circuit
-    from cna_export.recipe import load_recipe
+    from cna_export.recipe import find_recipe, load_recipe
 
+    _check_push_args(args)
     recipe, base = load_recipe(args.recipe)
     if args.multiplier is not None:
         from cna_export.fold import check_multiplier
@@ -308,8 +366,9 @@ def _run(args: argparse.Namespace) -> None:
     if not distributed.is_main():
         return
     kwargs = _apply_kwargs(args) | {"allow_negative": args.allow_negative or recipe.allow_negative}
-    out = apply_circuit(source, circuit, args.out, **kwargs)
+    out = apply_circuit(source, circuit, args.out, recipe_file=find_recipe(args.recipe), **kwargs)
     print(f"wrote {out}: {len(circuit.neurons)} neurons scaled")
+    _after_export(args, out)
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -358,6 +417,11 @@ def _eval(args: argparse.Namespace) -> None:
     report = write_report(args.out, results, used)
     print(_headline_text(headline(results)))
     print(f"wrote {report}")
+    if args.edited is not None and (args.edited / "circuit.json").is_file():
+        from cna_export.hub import add_metrics
+
+        if add_metrics(args.edited, headline(results)):  # the card's file hashes stay valid
+            print(f"added these numbers to the model card of {args.edited}")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -389,10 +453,12 @@ def _sweep(args: argparse.Namespace) -> None:
             raise CnaExportError("No sweep point meets the selection rule, so nothing was exported.",
                                  "raise --kl-budget or try other --k/--multipliers; see the report.")  # fmt: skip
         from cna_export.export import apply_circuit
+        from cna_export.recipe import find_recipe
 
         allow = args.allow_negative or recipe.allow_negative
         circuit = circuits[chosen["k"]].model_copy(update={"multiplier": chosen["multiplier"]})
-        out = apply_circuit(source, circuit, args.export, allow_negative=allow, overwrite=args.overwrite)
+        out = apply_circuit(source, circuit, args.export, allow_negative=allow, overwrite=args.overwrite,
+                            recipe_file=find_recipe(args.recipe), metrics=headline(results))  # fmt: skip
         print(f"wrote {out}: k={chosen['k']} m={chosen['multiplier']:g}")
 
 
@@ -406,6 +472,37 @@ def _patch_gguf(args: argparse.Namespace) -> None:
     )  # fmt: skip
     print(f"wrote {report.out}: {report.summary()}")
     print(f"wrote {report.sidecar}")
+
+
+def _push(args: argparse.Namespace) -> None:
+    from cna_export.hub import push
+
+    url = push(args.path, args.repo_id, private=args.private, branch=args.revision,
+               commit_message=args.commit_message, verify=not args.no_verify)  # fmt: skip
+    print(f"pushed {args.path} to {url}")
+
+
+def _diff(args: argparse.Namespace) -> int:
+    import json
+
+    from cna_export.diff import diff, verify
+
+    if args.output is not None:
+        from cna_export.checkpoint import check_output_path
+
+        check_output_path(args.output, None, args.overwrite)
+    if args.verify is not None:
+        from cna_export.circuit import Circuit
+
+        ok, reason = verify(args.original, args.edited, Circuit.load(args.verify))
+        print(json.dumps({"verified": ok, "reason": reason}) if args.json else f"{'OK' if ok else 'FAILED'}: {reason}")
+        return 0 if ok else 1
+    report = diff(args.original, args.edited)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.table())
+    if args.output is not None:
+        report.circuit().save(args.output)
+        print(f"wrote {args.output}", file=sys.stderr if args.json else sys.stdout)
+    return 0 if report.is_circuit_edit else 1
 
 
 def _headline_text(h: dict) -> str:
@@ -447,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _termination_as_interrupt():
             distributed.init_from_env()
-            args.func(args)
+            code = args.func(args)
     except CnaExportError as exc:
         if debug:
             raise
@@ -464,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signum
     finally:
         distributed.shutdown()
-    return 0
+    return code or 0
 
 
 # What to do about an operating-system error, by errno; the problem itself is the system's message.

@@ -30,6 +30,7 @@ from cna_export.checkpoint import (
 from cna_export.circuit import Circuit
 from cna_export.errors import ArchitectureError
 from cna_export.fold import LayerEdits, scale_columns_, scale_rows_
+from cna_export.hub import check_repo_id, copy_recipe, write_card
 from cna_export.output import check_free_space, temp_sibling
 from cna_export.source import Source, describe, identity, load_model
 
@@ -134,6 +135,9 @@ def apply_circuit(
     force: bool = False,
     target: Target = "down",
     gguf_dtype: str = "float32",
+    recipe_file: Path | None = None,
+    metrics: dict | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """Fold `circuit` into `source` and export it to the folder `out`. The source is never modified.
 
@@ -146,6 +150,9 @@ def apply_circuit(
         force: apply even if the circuit was discovered on different weights (same shape).
         target: fold into `down` columns (default) or the equivalent `up` rows.
         gguf_dtype: dtype of the dequantized weights when the source is a GGUF file.
+        recipe_file: the recipe the circuit came from, saved as `recipe.yaml` in the folder.
+        metrics: evaluation numbers for the model card (README.md, written into every export).
+        base_model: Hub id of the source for the card, when it cannot be inferred (local copy, GGUF file).
 
     Returns:
         The output folder.
@@ -157,6 +164,8 @@ def apply_circuit(
     spec, shape, config = describe(source)
     edits = circuit.edits(multiplier, allow_negative)
     check_output_path(out, source.path, overwrite, marker=EXPORT_MARKER)
+    if base_model is not None:
+        check_repo_id(base_model)  # before the export, not after it
     # Hash the weights only when there is something to compare with (cached after discover).
     weights = identity(source, config, shape).weights_sha256 if circuit.model.weights_sha256 and not force else None
     circuit.check_fits(config["model_type"], shape, weights, force)
@@ -182,5 +191,9 @@ def apply_circuit(
         if multiplier is not None:
             applied.neurons = [n.model_copy(update={"multiplier": None}) for n in circuit.neurons]
         applied.save(tmp / EXPORT_MARKER)
+        if recipe_file is not None:
+            copy_recipe(recipe_file, tmp)
+        write_card(tmp, source, applied, target=target, source_weights_sha256=weights, metrics=metrics,
+                   base_model=base_model)  # fmt: skip
     log.info("wrote %s", out)
     return out

@@ -24,8 +24,9 @@ from cna_export.gguf_check import check_gguf
 
 log = logging.getLogger(__name__)
 
-# What a Hub download fetches: weights as safetensors only (never pickles), config, tokenizer, templates.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "LICENSE*"]
+# What a Hub download fetches: weights as safetensors only (never pickles), config, tokenizer, templates, and the
+# model card (its license travels into the card of an export).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "LICENSE*", "README.md"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
