@@ -1,0 +1,329 @@
+"""HF folder -> GGUF: llama.cpp (llama-cpp-python) must give the logits and token ids transformers gives.
+
+Tolerances (max |logit difference| on tiny random models, logits of size ~3; measured values in README.md):
+f32 1e-4 (Gemma family 2e-3: ggml evaluates GELU through an f16 lookup table; emulating that table in
+transformers brings the difference to ~2e-4), f16 1e-2, bf16 6e-2, q8_0 0.2. Random tiny models have near-ties,
+so argmax agreement is required where transformers' top-2 margin exceeds twice the tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ARCHS, make_circuit, run_cli
+from gguf import GGMLQuantizationType, GGUFReader, Keys
+from llama_cpp import Llama
+
+from cna_export.arch import arch_for
+from cna_export.errors import ArchitectureError, CheckpointError, CnaExportError, OutputError
+from cna_export.gguf_export import export_gguf
+from cna_export.gguf_vocab import PRE_TOKENIZERS, pre_tokenizer
+from cna_export.ollama import CHAT_FORMATS, chat_format, modelfile_text, write_modelfile
+
+GEMMAS = {"gemma", "gemma2", "gemma3_text"}
+TOL = {"f32": 1e-4, "f16": 1e-2, "bf16": 6e-2, "q8_0": 0.2}
+PROMPT = "How do I bake bread? def add(a, b): return a + b. Qu'est-ce que la photosynthese? The quick brown fox"
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Crème brûlée, naïve façade, Ærøskøbing; 東京タワー 🎉🚀 and ümlaut ß",
+    "def add(a, b):\n    return a + b  # 0123456789 {}[]()<>=+-*/\n\tindented\r\n",
+    "  leading spaces,   runs of   spaces and trailing  ",
+    "<|im_start|>user\nhi<|im_end|>\n",
+]
+
+
+def tolerance(arch: str, outtype: str) -> float:
+    return 2e-3 if outtype == "f32" and arch in GEMMAS else TOL[outtype]
+
+
+def hf_logits(folder: Path, ids: list[int], edits=None) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    from cna_export.hooks import scaled_neurons
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        if edits is None:
+            return model(torch.tensor([ids])).logits[0].numpy()
+        with scaled_neurons(model, arch_for(model.config.model_type), edits):
+            return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def llama_logits(path: Path, ids: list[int], q8: bool = False) -> np.ndarray:
+    # This llama.cpp build (AVX-512/AMX wheel) crashes evaluating batches of Q8_0 weights, also for files made by
+    # llama.cpp's own quantizer; one token per batch works.
+    llm = Llama(str(path), logits_all=True, n_ctx=256, n_batch=1 if q8 else 512, type_k=0, type_v=0, verbose=False,
+                seed=0, n_threads=1)  # fmt: skip
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+def assert_logits_close(got: np.ndarray, ref: np.ndarray, tol: float) -> float:
+    diff = float(np.abs(got - ref).max())
+    assert diff <= tol, f"max |logit diff| {diff:.2e} > {tol:.0e}"
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * tol
+    assert (got.argmax(-1) == ref.argmax(-1))[clear].all()
+    return diff
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_models) -> list[int]:
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_models["llama"])(PROMPT)["input_ids"]
+    assert len(ids) > 16 + 8  # longer than the tiny Gemma 2/3 sliding window
+    return ids
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f32_logits_match_transformers(arch, tiny_models, prompt_ids, tmp_path):
+    out = export_gguf(tiny_models[arch], tmp_path / f"{arch}.gguf", outtype="f32")
+    assert_logits_close(llama_logits(out, prompt_ids), hf_logits(tiny_models[arch], prompt_ids), tolerance(arch, "f32"))
+
+
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
+def test_outtypes(arch, outtype, tiny_models, prompt_ids, tmp_path):
+    out = export_gguf(tiny_models[arch], tmp_path / f"{arch}-{outtype}.gguf", outtype=outtype)
+    got = llama_logits(out, prompt_ids, q8=outtype == "q8_0")
+    assert_logits_close(got, hf_logits(tiny_models[arch], prompt_ids), tolerance(arch, outtype))
+    types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
+    want = {"f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
+    assert types["blk.0.ffn_gate.weight"] == want[outtype]
+    assert all(kind == GGMLQuantizationType.F32 for name, kind in types.items() if "norm" in name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # rope permutation / query-scale folding on edited weights
+def test_edited_export_matches_runtime_hooks(arch, tiny_models, prompt_ids, tmp_path):
+    from cna_export.export import apply_circuit
+    from cna_export.source import resolve
+
+    folder = tiny_models[arch]
+    circuit = make_circuit(folder, [(0, 3), (0, 17), (1, 5), (1, 40)])
+    for m in (0.0, 2.0):
+        edited = apply_circuit(resolve(str(folder)), circuit, tmp_path / f"m{m:g}", multiplier=m)
+        out = export_gguf(edited, tmp_path / f"m{m:g}.gguf", outtype="f32")
+        expected = hf_logits(folder, prompt_ids, circuit.edits(m))
+        assert np.abs(expected - hf_logits(folder, prompt_ids)).max() > 1e-3  # the edit changes the logits
+        assert_logits_close(llama_logits(out, prompt_ids), expected, tolerance(arch, "f32"))
+        meta = GGUFReader(out).get_field("cna_export.circuit_sha256")
+        assert meta is not None and meta.contents() == circuit.sha256()
+
+
+def test_tokenizer_parity_tiny(tiny_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = tiny_models["qwen2"]
+    out = export_gguf(folder, tmp_path / "tok.gguf", outtype="f16")
+    check_tokenizer_parity(AutoTokenizer.from_pretrained(folder), out)
+
+
+def check_tokenizer_parity(tok, gguf_path: Path) -> None:
+    llm = Llama(str(gguf_path), vocab_only=True, verbose=False)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "Écris une fonction 排序 😀"}, {"role": "assistant", "content": "def f(x): ..."}],
+        tokenize=False, add_generation_prompt=True,
+    )  # fmt: skip
+    for text in [*TEXTS, chat]:
+        want = tok(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
+        assert llm.detokenize(want, special=True).decode("utf-8") == tok.decode(want), text
+    # add_bos/add_eos follow transformers: tokenizing with special tokens adds what transformers adds.
+    assert llm.tokenize(TEXTS[0].encode(), add_bos=True, special=True) == tok(TEXTS[0])["input_ids"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        ([{"type": "ByteLevel", "use_regex": True}], "gpt-2"),
+        ([{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}], "smollm"),
+        ([{"type": "Split", "pattern": {"Regex": next(iter(PRE_TOKENIZERS))}}, {"type": "ByteLevel", "use_regex": False}],
+         "llama-bpe"),
+        ([{"type": "Whitespace"}], "default"),
+    ],
+)  # fmt: skip
+def test_pre_tokenizer_from_structure(steps, expected):
+    assert pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": steps}}) == expected
+
+
+def test_metadata_and_fallbacks(tiny_models, tmp_path):
+    out = export_gguf(tiny_models["qwen2"], tmp_path / "q.gguf", outtype="q8_0")
+    reader = GGUFReader(out)
+    assert reader.get_field(Keys.General.ARCHITECTURE).contents() == "qwen2"
+    assert reader.get_field(Keys.General.FILE_TYPE).contents() == 7
+    assert reader.get_field(Keys.Tokenizer.MODEL).contents() == "gpt2"
+    # transformers loads a qwen2 folder with the Qwen2 tokenizer class, whose regex split is llama.cpp's "qwen2".
+    assert reader.get_field(Keys.Tokenizer.PRE).contents() == "qwen2"
+    assert "<|im_start|>" in reader.get_field(Keys.Tokenizer.CHAT_TEMPLATE).contents()
+    assert reader.get_field(Keys.Tokenizer.EOS_ID).contents() == 2
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    # qwen2's MLP is 112 wide: down_proj rows are not whole 32-value Q8_0 blocks, so they stay F16 (as llama.cpp).
+    assert types["blk.0.ffn_down.weight"] == GGMLQuantizationType.F16
+    assert types["blk.0.attn_q.bias"] == GGMLQuantizationType.F32
+    assert "output.weight" not in types  # tied embeddings
+
+
+def test_llama3_rope_scaling(tmp_path):
+    from conftest import build_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path / "llama31"
+    folder.mkdir()
+    tok = build_tokenizer(folder)
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}  # fmt: skip
+    config = AutoConfig.for_model("llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                  rope_parameters=rope, eos_token_id=tok.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder)
+    ids = tok((PROMPT + " ") * 3)["input_ids"]
+    out = export_gguf(folder, tmp_path / "l31.gguf", outtype="f32")
+    assert "rope_freqs.weight" in {t.name for t in GGUFReader(out).tensors}
+    assert_logits_close(llama_logits(out, ids), hf_logits(folder, ids), TOL["f32"])
+
+
+def test_bad_inputs_and_no_partial_output(tiny_models, tmp_path, monkeypatch):
+    folder = tiny_models["llama"]
+    with pytest.raises(CnaExportError, match="outtype"):
+        export_gguf(folder, tmp_path / "x.gguf", outtype="q4_k")
+    with pytest.raises(CnaExportError, match=r"\.gguf"):
+        export_gguf(folder, tmp_path / "x.bin")
+    (tmp_path / "exists.gguf").write_bytes(b"old")
+    with pytest.raises(OutputError, match="--overwrite"):
+        export_gguf(folder, tmp_path / "exists.gguf")
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(OutputError, match="is a folder"):
+        export_gguf(folder, tmp_path / "dir.gguf", overwrite=True)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text('{"model_type": "gpt_neox"}')
+    with pytest.raises(ArchitectureError, match="Unsupported model_type"):
+        export_gguf(odd, tmp_path / "odd.gguf")
+    with pytest.raises(CheckpointError, match="config.json"):
+        export_gguf(tmp_path / "missing", tmp_path / "m.gguf")
+
+    import cna_export.gguf_export as ge
+
+    calls = []
+
+    def failing(reader, t):  # fail after a few tensors have been written
+        calls.append(t.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(reader, t)
+
+    original = ge._convert
+    monkeypatch.setattr(ge, "_convert", failing)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(folder, tmp_path / "exists.gguf", overwrite=True)
+    assert (tmp_path / "exists.gguf").read_bytes() == b"old"  # the previous file is untouched
+    assert not [p.name for p in tmp_path.iterdir() if "cna-tmp" in p.name]  # no temporary left behind
+
+
+@pytest.mark.parametrize("fmt", CHAT_FORMATS, ids=lambda f: f.name)
+def test_modelfile_recognises_chat_formats(fmt):
+    jinja = "{% for m in messages %}" + fmt.marker + "{{ m['content'] }}{% endfor %}"
+    assert chat_format(jinja) == fmt
+    text = modelfile_text("m.gguf", jinja)
+    assert "FROM ./m.gguf" in text and 'TEMPLATE """' in text
+    assert [line.split(" ", 2)[2] for line in text.splitlines() if line.startswith("PARAMETER stop")] == list(fmt.stops)
+    assert "{{ .Prompt }}" in text and "{{ .Response }}" in text
+
+
+def test_modelfile_default_system_and_unknown_template():
+    smol = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named "
+            "SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}")  # fmt: skip
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile_text(
+        "s.gguf", smol
+    )
+    text = modelfile_text("u.gguf", "{{ bos_token }}{% for m in messages %}### {{ m['content'] }}{% endfor %}")
+    assert not [line for line in text.splitlines() if line.startswith("TEMPLATE")] and "# No TEMPLATE" in text
+    assert "PARAMETER stop" not in text
+
+
+def test_cli_gguf_modelfile_and_ollama_create(tiny_models, tmp_path, monkeypatch):
+    bin_dir, log = tmp_path / "bin", tmp_path / "ollama-argv.txt"
+    bin_dir.mkdir()
+    fake = bin_dir / "ollama"
+    fake.write_text(f"#!{sys.executable}\nimport os, sys\nopen({str(log)!r}, 'w').write(os.getcwd() + '\\n' + "
+                    "'\\n'.join(sys.argv[1:]))\n")  # fmt: skip
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "models" / "tiny.gguf"
+    out.parent.mkdir()
+    proc = run_cli("gguf", str(tiny_models["llama"]), "-o", str(out), "--outtype", "f32", "--ollama-create", "tiny-x")
+    assert "created Ollama model tiny-x" in proc.stdout
+    modelfile = out.parent / "Modelfile"
+    assert "FROM ./tiny.gguf" in modelfile.read_text() and "<|im_start|>assistant" in modelfile.read_text()
+    cwd, *argv = log.read_text().splitlines()
+    assert argv == ["create", "tiny-x", "-f", str(modelfile)] and cwd == str(out.parent)
+    again = run_cli("gguf", str(tiny_models["llama"]), "-o", str(out), check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(CnaExportError, match="ollama is not on PATH"):
+        from cna_export.ollama import ollama_create
+
+        ollama_create("tiny-x", modelfile)
+    with pytest.raises(OutputError):
+        write_modelfile(out)  # exists, no overwrite
+
+
+def test_cli_apply_with_gguf(tiny_models, tmp_path, prompt_ids):
+    folder = tiny_models["qwen3"]
+    circuit = make_circuit(folder, [(1, 7), (1, 9)], multiplier=0.0)
+    circuit.save(tmp_path / "c.json")
+    out = tmp_path / "edited"
+    proc = run_cli("apply", "--model", str(folder), "--circuit", str(tmp_path / "c.json"), "--out", str(out),
+                   "--gguf", "f32")  # fmt: skip
+    gguf_path = out / "edited-f32.gguf"  # inside the export folder, listed in its model card
+    assert f"wrote {gguf_path}" in proc.stdout
+    assert "edited-f32.gguf" in (out / "README.md").read_text()
+    assert_logits_close(llama_logits(gguf_path, prompt_ids), hf_logits(out, prompt_ids), TOL["f32"])
+
+
+# Real model ----------------------------------------------------------------------------------------------------
+
+REAL = Path(os.environ.get("CNA_REAL_MODELS", Path.home() / ".cache" / "cna-real-models"))
+SMOL = REAL / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smol_folder(tmp_path_factory) -> Path:
+    from cna_export.export import materialize_gguf
+    from cna_export.source import resolve
+
+    folder = tmp_path_factory.mktemp("smol-hf")
+    materialize_gguf(resolve(str(SMOL)), folder)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOL.is_file(), reason=f"run scripts/fetch-real-models.sh first ({SMOL})")
+def test_real_smollm2_f16_logits_tokens_and_generation(smol_folder, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = export_gguf(smol_folder, tmp_path / "smol-f16.gguf", outtype="f16")
+    tok = AutoTokenizer.from_pretrained(smol_folder)
+    check_tokenizer_parity(tok, out)
+    for question in ["What is the capital of France?", "Write a haiku about rain."]:
+        text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                       add_generation_prompt=True)  # fmt: skip
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        # f16 weights over 30 layers: logits of size ~20 differ by up to ~0.05 (measured 0.04).
+        assert_logits_close(llama_logits(out, ids), hf_logits(smol_folder, ids), 0.15)
+    llm = Llama(str(out), n_ctx=256, verbose=False, seed=0, n_threads=2)
+    answer = llm.create_completion(text, max_tokens=12, temperature=0)["choices"][0]["text"]
+    assert answer.strip()
