@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from cna_export import __version__
 from cna_export.arch import ArchSpec, ModelShape
+from cna_export.card import check_repo_id, copy_recipe, write_card
 from cna_export.checkpoint import (
     INDEX_NAME,
     CheckpointReader,
@@ -30,7 +31,6 @@ from cna_export.checkpoint import (
 from cna_export.circuit import Circuit
 from cna_export.errors import ArchitectureError
 from cna_export.fold import LayerEdits, scale_columns_, scale_rows_
-from cna_export.hub import check_repo_id, copy_recipe, write_card
 from cna_export.output import check_free_space, temp_sibling
 from cna_export.source import Source, describe, identity, load_model
 

@@ -1,4 +1,4 @@
-"""Model card and Hub push, offline: the huggingface_hub API object is replaced by a recording fake."""
+"""Model card (card.py) and Hub push (hub.py), offline: the huggingface_hub API object is replaced by a recording fake."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import make_circuit
 
-from cna_export import __version__, cli, hub
+from cna_export import __version__, card, cli, hub
 from cna_export.circuit import Circuit
 from cna_export.errors import CheckpointError, CnaExportError
 from cna_export.export import apply_circuit
@@ -116,7 +116,7 @@ def test_card_front_matter_provenance_and_hashes(hub_source, tmp_path):
     assert meta["library_name"] == "transformers" and meta["license"] == "apache-2.0" and meta["language"] == ["en"]
     assert {"cna-export", "refusal"} <= set(meta["tags"])
 
-    record = hub.read_provenance(out / "README.md")
+    record = card.read_provenance(out / "README.md")
     assert record["tool_version"] == __version__
     assert record["source"] == {"model": "acme/tiny-qwen", "revision": COMMIT, "gguf_file": None,
                                 "weights_sha256": None}  # fmt: skip
@@ -131,7 +131,7 @@ def test_card_front_matter_provenance_and_hashes(hub_source, tmp_path):
     assert record["metrics"] == metrics
     assert "| rate_edited | 0.05 |" in text and "| lm_eval_edited.mmlu | 0.41 |" in text
     assert str(tmp_path) not in text  # a published card does not reveal the author's disk layout
-    assert hub.check_card(out)["files"] == on_disk
+    assert card.check_card(out)["files"] == on_disk
 
 
 def test_card_of_local_folder_and_up_target(tiny_models, tmp_path):
@@ -140,7 +140,7 @@ def test_card_of_local_folder_and_up_target(tiny_models, tmp_path):
     meta = _front_matter(text)
     assert meta["base_model"] == "acme/tiny-llama" and "license" not in meta
     assert "rows of `mlp.up_proj.weight`" in text and "Not evaluated yet" in text
-    files = hub.read_provenance(out / "README.md")["files"]
+    files = card.read_provenance(out / "README.md")["files"]
     shards = [p.name for p in out.glob("*.safetensors")]
     assert len(shards) > 1 and all(files[s] == _sha256(out / s) for s in shards)  # llama is sharded
     with pytest.raises(CnaExportError, match="not a Hub repository id"):
@@ -150,15 +150,15 @@ def test_card_of_local_folder_and_up_target(tiny_models, tmp_path):
 
 def test_update_card_metrics_and_rehash(hub_source, tmp_path):
     out, _ = _export(hub_source, tmp_path / "edited")
-    hub.update_card(out, metrics={"rate_edited": 0.1})
-    assert hub.check_card(out)["metrics"] == {"rate_edited": 0.1}
+    card.update_card(out, metrics={"rate_edited": 0.1})
+    assert card.check_card(out)["metrics"] == {"rate_edited": 0.1}
     (out / "model.Q8_0.gguf").write_bytes(b"GGUF" + bytes(60))
     with pytest.raises(CheckpointError, match="not listed"):
-        hub.check_card(out)
-    hub.update_card(out, rehash=True)
+        card.check_card(out)
+    card.update_card(out, rehash=True)
     meta = _front_matter((out / "README.md").read_text())
     assert meta["library_name"] == "gguf" and "gguf" in meta["tags"] and meta["base_model"] == "acme/tiny-qwen"
-    assert hub.check_card(out)["files"]["model.Q8_0.gguf"] == _sha256(out / "model.Q8_0.gguf")
+    assert card.check_card(out)["files"]["model.Q8_0.gguf"] == _sha256(out / "model.Q8_0.gguf")
 
 
 def test_push_folder_cli(hub_source, tmp_path, fake_api, capsys, caplog):
@@ -174,9 +174,9 @@ def test_push_folder_cli(hub_source, tmp_path, fake_api, capsys, caplog):
     assert up["repo_id"] == "me/tiny-no-refusal" and up["revision"] == "m0" and up["commit_message"] == "k=3, m=0"
     files = up["files"]
     assert set(files) == {p.name for p in out.iterdir()}
-    card = files["README.md"].decode()
-    assert _front_matter(card)["base_model"] == "acme/tiny-qwen"
-    record = hub.read_provenance(out / "README.md")
+    uploaded_card = files["README.md"].decode()
+    assert _front_matter(uploaded_card)["base_model"] == "acme/tiny-qwen"
+    record = card.read_provenance(out / "README.md")
     assert {name: hashlib.sha256(data).hexdigest() for name, data in files.items() if name != "README.md"} == record[
         "files"
     ]
@@ -261,7 +261,7 @@ def test_apply_and_run_push_to_hub(tiny_models, tmp_path, fake_api, capsys):
     assert code == 0
     files = fake_api.called("upload_folder")[-1]["files"]
     assert files["recipe.yaml"] == find_recipe("refusal-ablate").read_bytes()
-    record = hub.read_provenance(run_out / "README.md")
+    record = card.read_provenance(run_out / "README.md")
     assert record["recipe"]["file"] == "recipe.yaml" and record["source"]["weights_sha256"]
     assert {"circuit.json", "recipe.yaml", "model.safetensors", "README.md"} <= set(files)
 
@@ -276,7 +276,7 @@ def test_evaluation_numbers_reach_the_card(tiny_models, tmp_path, monkeypatch, c
     code = cli.main(["sweep", "--model", str(src), "--recipe", "refusal-ablate", "--k", "6", "--multipliers", "0",
                      "--out", str(tmp_path / "s"), "--export", str(tmp_path / "best"), *small])  # fmt: skip
     assert code == 0
-    record = hub.check_card(tmp_path / "best")
+    record = card.check_card(tmp_path / "best")
     assert record["metrics"]["k"] == 6 and record["metrics"]["multiplier"] == 0.0
     assert "rate_edited" in record["metrics"] and record["recipe"]["file"] == "recipe.yaml"
     assert "| kl_first |" in (tmp_path / "best" / "README.md").read_text()
@@ -289,7 +289,7 @@ def test_evaluation_numbers_reach_the_card(tiny_models, tmp_path, monkeypatch, c
                      "--negative", str(tmp_path / "n.txt"), "--behaviour", "refusal", "--out", str(tmp_path / "e"),
                      *small])  # fmt: skip
     assert code == 0 and "added these numbers to the model card" in capsys.readouterr().out
-    assert hub.check_card(out)["metrics"]["heldout_positive"] == 2
+    assert card.check_card(out)["metrics"]["heldout_positive"] == 2
     (out / "README.md").write_text("# my own card\n")
-    assert hub.add_metrics(out, {"rate_edited": 0.0}) is False  # a card cna-export did not write stays as it is
+    assert card.add_metrics(out, {"rate_edited": 0.0}) is False  # a card cna-export did not write stays as it is
     assert (out / "README.md").read_text() == "# my own card\n"
