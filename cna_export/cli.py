@@ -21,6 +21,7 @@ from cna_export.errors import CnaExportError
 
 log = logging.getLogger("cna_export")
 EXPORT_MARKER = "circuit.json"  # the file every export folder holds (cna_export.export.EXPORT_MARKER)
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # cna_export.gguf_export.OUTTYPES, without importing gguf here
 
 EXAMPLES = {
     "run": """examples:
@@ -33,6 +34,10 @@ EXAMPLES = {
     "apply": """examples:
   cna-export apply --model ./Llama-3.2-1B-Instruct --circuit circuit.json --out edited
   cna-export apply --model ./m --circuit c.json --out amplified --multiplier 2 --overwrite""",
+    "gguf": """examples:
+  cna-export gguf qwen-no-refusal -o qwen-no-refusal-f16.gguf
+  cna-export gguf ./m -o m-q8_0.gguf --outtype q8_0 --modelfile --ollama-create m-edited
+  cna-export apply --model ./m --circuit c.json --out edited --gguf q8_0   # also edited/edited-q8_0.gguf""",
     "inspect": """examples:
   cna-export inspect circuit.json
   cna-export inspect circuit.json --top 50 --plot layers.png""",
@@ -110,6 +115,8 @@ def _apply_opts() -> argparse.ArgumentParser:
     g.add_argument("--base-model", help="Hub id of the source for the model card, when it is a local copy or GGUF")
     g.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export to this Hub repository (owner/name)")
     g.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private")
+    g.add_argument("--gguf", metavar="OUTTYPE", choices=GGUF_OUTTYPES,
+                   help="also convert the export to OUT/OUT-OUTTYPE.gguf (f32, f16, bf16, q8_0)")  # fmt: skip
     return p
 
 
@@ -147,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--circuit", required=True, type=Path, help="circuit file from discover")
     p.add_argument("--out", required=True, type=Path, help="output model folder")
     p.set_defaults(func=_apply)
+
+    p = add("gguf", "convert a Hugging Face model folder (e.g. an export) to GGUF for llama.cpp / Ollama", [])
+    p.add_argument("model_dir", type=Path, help="model folder with config.json, safetensors and tokenizer")
+    p.add_argument("-o", "--out", required=True, type=Path, help="GGUF file to write (NAME.gguf)")
+    p.add_argument("--outtype", choices=GGUF_OUTTYPES, default="f16", help="weight type (default f16)")
+    p.add_argument("--modelfile", action="store_true", help="also write an Ollama Modelfile next to the GGUF")
+    p.add_argument("--ollama-create", metavar="NAME", help="write the Modelfile and run `ollama create NAME`")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing GGUF (and Modelfile)")
+    p.set_defaults(func=_gguf)
 
     p = add("inspect", "summarise a circuit: neurons per layer and top neurons", [])
     p.add_argument("circuit", type=Path, help="circuit file")
@@ -314,6 +330,7 @@ def _apply(args: argparse.Namespace) -> None:
     source = resolve(args.model, args.revision)
     out = apply_circuit(source, Circuit.load(args.circuit), args.out, **_apply_kwargs(args))
     print(f"wrote {out}")
+    _write_gguf(args, out)
     _after_export(args, out)
 
 
@@ -350,6 +367,34 @@ def _after_export(args: argparse.Namespace, out: Path) -> None:
         print(f"pushed {out} to {push(out, args.push_to_hub, private=args.private)}")
 
 
+def _write_gguf(args: argparse.Namespace, out: Path) -> None:
+    """--gguf on apply/run: convert the export folder NAME into NAME/NAME-OUTTYPE.gguf.
+
+    Inside the folder, so one folder holds both formats: the model card lists the GGUF with its sha256
+    (`_after_export`) and --push-to-hub uploads it alongside the safetensors.
+    """
+    if args.gguf is not None:
+        from cna_export.gguf_export import export_gguf
+
+        path = export_gguf(out, out / f"{out.name}-{args.gguf}.gguf", outtype=args.gguf)
+        print(f"wrote {path}")
+
+
+def _gguf(args: argparse.Namespace) -> None:
+    from cna_export.gguf_export import export_gguf
+
+    out = export_gguf(args.model_dir, args.out, outtype=args.outtype, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    if args.modelfile or args.ollama_create:
+        from cna_export.ollama import ollama_create, write_modelfile
+
+        modelfile = write_modelfile(out, overwrite=args.overwrite)
+        print(f"wrote {modelfile}")
+        if args.ollama_create:
+            ollama_create(args.ollama_create, modelfile)
+            print(f"created Ollama model {args.ollama_create}")
+
+
 def _run(args: argparse.Namespace) -> None:
     from cna_export.checkpoint import check_output_path
     from cna_export.export import apply_circuit
@@ -368,6 +413,7 @@ def _run(args: argparse.Namespace) -> None:
     kwargs = _apply_kwargs(args) | {"allow_negative": args.allow_negative or recipe.allow_negative}
     out = apply_circuit(source, circuit, args.out, recipe_file=find_recipe(args.recipe), **kwargs)
     print(f"wrote {out}: {len(circuit.neurons)} neurons scaled")
+    _write_gguf(args, out)
     _after_export(args, out)
 
 
