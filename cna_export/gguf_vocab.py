@@ -83,7 +83,8 @@ def load_vocab(folder: Path, n_vocab: int) -> GgufVocab:
         CheckpointError: no usable tokenizer, or more tokens than embedding rows.
     """
     folder = Path(folder)
-    tok_json = _backend_json(folder) or _read_json(folder / "tokenizer.json")
+    tok_json, adds = _transformers_tokenizer(folder)
+    tok_json = tok_json or _read_json(folder / "tokenizer.json")
     if (folder / "tokenizer.model").is_file():
         vocab = _sentencepiece(folder, tok_json, n_vocab)
     elif tok_json is not None and _is_byte_level_bpe(tok_json):
@@ -94,27 +95,38 @@ def load_vocab(folder: Path, n_vocab: int) -> GgufVocab:
             "tokenizer.model).",
             "copy the tokenizer files of the original model into the folder.",
         )
+    vocab.defaults.update(adds)  # what transformers adds when asked for special tokens beats any file setting
+    if adds and vocab.special is not None:
+        vocab.special.add_special_token.update(adds)
     log.info("tokenizer: %s (pre %s), %d tokens", vocab.model, vocab.pre, len(vocab.tokens))
     return vocab
 
 
-def _backend_json(folder: Path) -> dict[str, Any] | None:
-    """The tokenizer transformers really runs for `folder`, serialized (None if it has no fast backend).
+def _transformers_tokenizer(folder: Path) -> tuple[dict[str, Any] | None, dict[str, bool]]:
+    """The tokenizer transformers really runs for `folder`: its serialized backend, and whether it adds BOS/EOS.
 
     transformers may rebuild parts of tokenizer.json from the tokenizer class of the model type (for example the
     Qwen2 tokenizer installs its own regex split and NFC normalizer), so the file alone can tokenize differently
-    from `AutoTokenizer.from_pretrained(folder)`. The GGUF must match the latter.
+    from `AutoTokenizer.from_pretrained(folder)`. The GGUF must match the latter. Returns (None, {}) where
+    transformers cannot load the tokenizer.
     """
     if not (folder / "tokenizer.json").is_file():
-        return None
+        return None, {}
     try:
         from transformers import AutoTokenizer
 
-        backend = getattr(AutoTokenizer.from_pretrained(folder), "backend_tokenizer", None)
-        return None if backend is None else json.loads(backend.to_str())
+        tok = AutoTokenizer.from_pretrained(folder)
+        backend = getattr(tok, "backend_tokenizer", None)
+        plain, full = tok("a", add_special_tokens=False)["input_ids"], tok("a")["input_ids"]
     except Exception as exc:  # a tokenizer transformers cannot load: fall back to the file itself
         log.info("transformers could not load the tokenizer of %s (%s); reading tokenizer.json", folder, exc)
-        return None
+        return None, {}
+    # "a" never tokenizes to BOS/EOS itself, so an extra first/last id is one transformers added.
+    adds = {
+        "bos": tok.bos_token_id is not None and full[:1] == [tok.bos_token_id] != plain[:1],
+        "eos": tok.eos_token_id is not None and full[-1:] == [tok.eos_token_id] != plain[-1:],
+    }
+    return (None if backend is None else json.loads(backend.to_str())), adds
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

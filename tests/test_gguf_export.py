@@ -153,6 +153,64 @@ def test_pre_tokenizer_from_structure(steps, expected):
     assert pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": steps}}) == expected
 
 
+@pytest.fixture(scope="module")
+def gemma_spm(tmp_path_factory) -> Path:
+    """A tiny Gemma whose tokenizer is SentencePiece (tokenizer.model + the Gemma tokenizer class of transformers)."""
+    import io
+
+    import sentencepiece as spm
+    from conftest import CORPUS, TINY
+    from transformers import AutoConfig, AutoModelForCausalLM, GemmaTokenizer
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    folder = tmp_path_factory.mktemp("gemma-spm")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 20), model_writer=buf, vocab_size=450, model_type="bpe", byte_fallback=True,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], character_coverage=1.0, pad_id=0, eos_id=1,
+        bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        minloglevel=2,
+    )  # fmt: skip
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = generate_merges(vocab, {piece: sp.get_score(i) for piece, i in vocab.items()})
+    tok = GemmaTokenizer(vocab=vocab, merges=merges, mask_token="<unk>", add_bos_token=True,
+                         extra_special_tokens=["<start_of_turn>", "<end_of_turn>"])  # fmt: skip
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
+        "\n{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    tok.save_pretrained(folder)
+    config = AutoConfig.for_model("gemma", vocab_size=512, max_position_embeddings=256, bos_token_id=2,
+                                  eos_token_id=1, pad_token_id=0, **TINY["gemma"])  # fmt: skip
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_sentencepiece_tokenizer(gemma_spm, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = export_gguf(gemma_spm, tmp_path / "spm.gguf", outtype="f32")
+    reader = GGUFReader(out)
+    assert reader.get_field(Keys.Tokenizer.MODEL).contents() == "llama"
+    assert reader.get_field(Keys.Tokenizer.ADD_BOS).contents() is True
+    tok = AutoTokenizer.from_pretrained(gemma_spm)
+    check_tokenizer_parity(tok, out)
+    ids = tok(PROMPT)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert_logits_close(llama_logits(out, ids), hf_logits(gemma_spm, ids), tolerance("gemma", "f32"))
+    modelfile = modelfile_text(out.name, reader.get_field(Keys.Tokenizer.CHAT_TEMPLATE).contents())
+    assert "<start_of_turn>model" in modelfile and "PARAMETER stop <end_of_turn>" in modelfile
+
+
 def test_metadata_and_fallbacks(tiny_models, tmp_path):
     out = export_gguf(tiny_models["qwen2"], tmp_path / "q.gguf", outtype="q8_0")
     reader = GGUFReader(out)
