@@ -193,13 +193,13 @@ def build_card(
         check_repo_id(base_model)
     if base is None:
         log.info("the card has no base_model (the source is not a Hub id); --base-model owner/name sets it")
-    is_gguf = any(name.endswith(".gguf") for name in record["files"])
-    tags = ["cna-export", _tag(circuit.behaviour), "neuron-editing"] + (["gguf"] if is_gguf else [])
+    has_gguf, library = _library(record["files"])
+    tags = ["cna-export", _tag(circuit.behaviour), "neuron-editing"] + (["gguf"] if has_gguf else [])
     if circuit.recipe:
         tags.append(_tag(circuit.recipe))
     data = ModelCardData(
         base_model=base,
-        library_name="gguf" if is_gguf else "transformers",
+        library_name=library,
         pipeline_tag="text-generation",
         tags=tags,
         **inherited,
@@ -220,7 +220,7 @@ def update_card(folder: Path, *, metrics: dict[str, Any] | None = None, rehash: 
     """Rewrite the card of an exported folder: add evaluation numbers, and/or re-hash its files.
 
     Use `rehash=True` after adding a file to an export (a GGUF conversion, say), so that the card lists it and
-    `push` accepts the folder. The front-matter is kept (a GGUF added sets `library_name: gguf` and its tag).
+    `push` accepts the folder. The front-matter is kept (a GGUF added gets its tag).
 
     Example:
         >>> update_card(Path("qwen-no-refusal"), metrics=headline_from(Path("eval-report")))
@@ -234,8 +234,8 @@ def update_card(folder: Path, *, metrics: dict[str, Any] | None = None, rehash: 
     if rehash:
         record["files"] = file_hashes(Path(folder))
     card = ModelCard(path.read_text(encoding="utf-8"))
-    if any(name.endswith(".gguf") for name in record["files"]):
-        card.data.library_name = "gguf"
+    has_gguf, card.data.library_name = _library(record["files"])
+    if has_gguf:
         card.data.tags = [*(card.data.tags or []), *([] if "gguf" in (card.data.tags or []) else ["gguf"])]
     circuit = Circuit.load(Path(folder) / record["circuit"]["file"])
     body = _human_text(record, circuit, card.data.base_model)
@@ -257,6 +257,13 @@ def add_metrics(folder: Path, metrics: dict[str, Any]) -> bool:
 def copy_recipe(recipe_file: Path, folder: Path) -> None:
     """Keep the recipe an export came from next to its weights (hashed by the card like every file)."""
     shutil.copyfile(recipe_file, Path(folder) / RECIPE_NAME)
+
+
+def _library(files: dict[str, str]) -> tuple[bool, str]:
+    """(holds a GGUF, the card's library_name): transformers while there are safetensors, else gguf."""
+    has_gguf = any(name.endswith(".gguf") for name in files)
+    dense = any(name.endswith(".safetensors") for name in files)
+    return has_gguf, "gguf" if has_gguf and not dense else "transformers"
 
 
 def _tag(text: str) -> str:

@@ -153,6 +153,19 @@ def test_cli_diff_json_output_and_exit_codes(tiny_models, tmp_path):
     assert exists.returncode == 2  # never overwrites without --overwrite
 
 
+@pytest.mark.parametrize(("outtype", "target"), [("f32", "down"), ("f16", "up"), ("bf16", "down")])
+def test_float_gguf_conversions(tiny_models, tmp_path, outtype, target):
+    from cna_export.gguf_export import export_gguf
+
+    src = tiny_models["qwen3"]
+    circuit = _circuit(src)
+    out = apply_circuit(resolve(str(src)), circuit, tmp_path / "edited", target=target)
+    a = export_gguf(src, tmp_path / f"original-{outtype}.gguf", outtype=outtype)
+    b = export_gguf(out, tmp_path / f"edited-{outtype}.gguf", outtype=outtype)
+    _assert_recovers(str(a), str(b), circuit)
+    assert {c.name for c in diff(str(a), str(b)).changes} == {f"blk.{i}.ffn_{target}.weight" for i in (0, 1)}
+
+
 # Quantized GGUF --------------------------------------------------------------------------------------------------
 
 

@@ -157,7 +157,7 @@ def test_update_card_metrics_and_rehash(hub_source, tmp_path):
         card.check_card(out)
     card.update_card(out, rehash=True)
     meta = _front_matter((out / "README.md").read_text())
-    assert meta["library_name"] == "gguf" and "gguf" in meta["tags"] and meta["base_model"] == "acme/tiny-qwen"
+    assert meta["library_name"] == "transformers" and "gguf" in meta["tags"] and meta["base_model"] == "acme/tiny-qwen"
     assert card.check_card(out)["files"]["model.Q8_0.gguf"] == _sha256(out / "model.Q8_0.gguf")
 
 
@@ -293,3 +293,18 @@ def test_evaluation_numbers_reach_the_card(tiny_models, tmp_path, monkeypatch, c
     (out / "README.md").write_text("# my own card\n")
     assert card.add_metrics(out, {"rate_edited": 0.0}) is False  # a card cna-export did not write stays as it is
     assert (out / "README.md").read_text() == "# my own card\n"
+
+
+def test_apply_gguf_is_listed_in_the_card_and_pushed(tiny_models, tmp_path, fake_api):
+    src = tiny_models["llama"]
+    make_circuit(src, [(1, 3), (2, 7)]).save(tmp_path / "c.json")
+    out = tmp_path / "edited"
+    code = cli.main(["apply", "--model", str(src), "--circuit", str(tmp_path / "c.json"), "--out", str(out),
+                     "--gguf", "f16", "--push-to-hub", "me/edited"])  # fmt: skip
+    assert code == 0
+    gguf = out / "edited-f16.gguf"
+    record = card.check_card(out)  # the GGUF written after the export is in the card, with its sha256
+    assert record["files"][gguf.name] == _sha256(gguf)
+    meta = _front_matter((out / "README.md").read_text())
+    assert meta["library_name"] == "transformers" and "gguf" in meta["tags"]  # both formats in one repository
+    assert gguf.name in fake_api.called("upload_folder")[0]["files"]
