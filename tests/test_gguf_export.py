@@ -100,6 +100,28 @@ def test_outtypes(arch, outtype, tiny_models, prompt_ids, tmp_path):
     assert all(kind == GGMLQuantizationType.F32 for name, kind in types.items() if "norm" in name)
 
 
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
+def test_weights_bytes_equal_llama_cpp_quantizer(outtype, tiny_models, tmp_path):
+    """Our f16/bf16/q8_0 tensors are byte for byte what llama.cpp's own quantizer makes from our f32 file."""
+    import ctypes
+
+    import llama_cpp
+
+    f32 = export_gguf(tiny_models["llama"], tmp_path / "f32.gguf", outtype="f32")
+    ours = export_gguf(tiny_models["llama"], tmp_path / "ours.gguf", outtype=outtype)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"f16": 1, "bf16": 32, "q8_0": 7}[outtype]  # LLAMA_FTYPE_MOSTLY_*
+    ref = tmp_path / "ref.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(ref).encode(), ctypes.byref(params)) == 0
+    theirs = {t.name: t for t in GGUFReader(ref).tensors}
+    compared = 0
+    for t in GGUFReader(ours).tensors:
+        if t.tensor_type == theirs[t.name].tensor_type:
+            assert np.array_equal(np.asarray(t.data), np.asarray(theirs[t.name].data)), t.name
+            compared += 1
+    assert compared >= len(theirs) - 2  # llama.cpp may pick other types for token_embd/output only
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])  # rope permutation / query-scale folding on edited weights
 def test_edited_export_matches_runtime_hooks(arch, tiny_models, prompt_ids, tmp_path):
     from cna_export.export import apply_circuit
