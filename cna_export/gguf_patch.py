@@ -4,7 +4,8 @@ Neuron j of layer l is row j of `blk.{l}.ffn_up.weight` (GGUF stores ffn_up as n
 values, and a row is a whole number of quantization blocks). Scaling that row by m scales the neuron by m, exactly
 as `cna_export.fold` does for `up_proj`. How a row is scaled depends on its storage type:
 
-* `values`: F32, F16 and BF16 rows are decoded, multiplied in float32 and rounded once to the storage type, which is what `cna_export.fold.scale_rows_` does for safetensors exports.
+* `values`: F32, F16 and BF16 rows are decoded, multiplied in float32 and rounded once to the storage type,
+  which is what `cna_export.fold.scale_rows_` does for safetensors exports.
 * `scales`: every dequantized value of a quantized block is linear in the block's f16 scale fields (d, and the
   min/dmin of the Q*_1 and K types), so multiplying those fields by m scales the whole block by m while the
   quantized values stay untouched. The only error is the f16 rounding of each new scale: none for m = 0 and
@@ -13,9 +14,10 @@ as `cna_export.fold` does for `up_proj`. How a row is scaled depends on its stor
   quantized again, which also changes the row's rounding; a warning says so.
 Any other type is refused with a `CnaExportError` naming it.
 
-The output is a kernel copy of the source (`os.copy_file_range`, a reflink where the file system supports it)
-into a temporary sibling, with only the edited row bytes rewritten in place, renamed into place at the end:
-every byte outside the edited rows is identical to the source, and the source is only ever read. The GGUF
+The output is a kernel copy of the source (`os.copy_file_range`, a reflink where the file system supports it,
+run on a worker thread while the header is validated and the new rows computed) into a temporary sibling, with
+only the edited row bytes then rewritten in place (`os.pwrite`), renamed into place at the end: every byte
+outside the edited rows is identical to the source, and the source is only ever read. The GGUF
 header is not changed (new metadata would move every tensor); the applied circuit is written next to the output
 as `OUT.circuit.json` (for `Y.gguf`: `Y.gguf.circuit.json`), which `cna-export inspect` reads.
 
@@ -28,9 +30,10 @@ gguf-py supplies the type table (`GGML_QUANT_SIZES`), the tensor names and the (
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
-import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +73,8 @@ SCALE_FIELDS: dict[GGMLQuantizationType, tuple[int, ...]] = {
 FLOAT_TYPES: dict[GGMLQuantizationType, torch.dtype] = {Q.F32: torch.float32, Q.F16: torch.float16,
                                                         Q.BF16: torch.bfloat16}  # fmt: skip
 F16_MAX = float(np.finfo(np.float16).max)
+# errnos meaning "this in-kernel copy does not work between these files" (another file system, old kernel).
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
 @dataclass
@@ -257,22 +262,69 @@ def _rel_error(got: np.ndarray, exact: np.ndarray) -> float:
 # Patching --------------------------------------------------------------------------------------------------------
 
 
-def _copy_file(src: Path, dst: Path) -> None:
-    """Copy in the kernel: copy_file_range (a reflink on btrfs/xfs), else shutil's sendfile path."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        size = os.fstat(fin.fileno()).st_size
+class _BackgroundCopy:
+    """Copy `src` to `dst` in the kernel on a worker thread, in chunks, so the caller validates meanwhile.
+
+    `os.copy_file_range` (a reflink on btrfs/xfs, an in-kernel copy elsewhere) releases the GIL, so on two cores
+    the header walk and the row math run while the bytes move. Falls back to `os.sendfile`, then to read/write.
+    A cancelled copy stops after the chunk in flight.
+    """
+
+    CHUNK = 256 << 20
+
+    def __init__(self, src: Path, dst: Path) -> None:
+        self.src, self.dst = src, dst
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="cna-gguf-copy", daemon=True)
+
+    def __enter__(self) -> _BackgroundCopy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.stop.set()
+        self.thread.join()
+
+    def wait(self) -> None:
+        """Block until the copy is complete; re-raise its error."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
         try:
-            done = 0
-            while done < size:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done)
-                if n == 0:
-                    break
-                done += n
-            if done == size:
-                return
-        except (AttributeError, OSError) as exc:  # no copy_file_range here, or across file systems
-            log.debug("copy_file_range unavailable (%s); copying with shutil", exc)
-    shutil.copyfile(src, dst)
+            with open(self.src, "rb") as fin, open(self.dst, "wb") as fout:
+                self._copy(fin.fileno(), fout.fileno(), os.fstat(fin.fileno()).st_size)
+        except BaseException as exc:  # handed to the caller by wait()
+            self.error = exc
+
+    def _copy(self, fin: int, fout: int, size: int) -> None:
+        def by_range(n: int, at: int) -> int:
+            return os.copy_file_range(fin, fout, n, at, at)
+
+        def by_sendfile(n: int, at: int) -> int:
+            os.lseek(fout, at, os.SEEK_SET)  # sendfile writes at the output's file position
+            return os.sendfile(fout, fin, at, n)
+
+        def by_read(n: int, at: int) -> int:
+            return os.pwrite(fout, os.pread(fin, min(n, 16 << 20), at), at)
+
+        methods = [by_range, by_sendfile, by_read] if hasattr(os, "copy_file_range") else [by_sendfile, by_read]
+        done = 0
+        while done < size and not self.stop.is_set():
+            try:
+                got = methods[0](min(self.CHUNK, size - done), done)
+            except OSError as exc:
+                if len(methods) > 1 and exc.errno in _NO_KERNEL_COPY:
+                    log.debug("in-kernel copy unavailable here (%s); trying the next method", exc)
+                    methods.pop(0)
+                    continue
+                raise
+            if got == 0:
+                raise OSError(errno.EIO, f"{self.src} ended early while being copied", str(self.src))
+            done += got
 
 
 def _plan(layout: GGUFLayout, circuit: Circuit, shape: ModelShape, multiplier: float | None,
@@ -303,10 +355,7 @@ def patch_gguf_report(
     src, out = Path(src), Path(out)
     if not src.is_file():
         raise CheckpointError(f"GGUF file {src} does not exist.", "check the path.")
-    circuit.edits(multiplier, allow_negative)  # a bad multiplier fails before the file is read or hashed
-    layout = check_gguf(src)  # bad magic, damaged header, truncated tensor data: one clear error
-    shape = check_circuit_fits(src, layout, circuit, force)
-    plan = _plan(layout, circuit, shape, multiplier, allow_negative)
+    circuit.edits(multiplier, allow_negative)  # a bad multiplier fails before anything is read or written
     sidecar = sidecar_path(out)
     check_output_path(out, src, overwrite)
     check_output_path(sidecar, src, overwrite=True)
@@ -317,26 +366,31 @@ def patch_gguf_report(
             "choose another path, or delete it yourself if it is really to be replaced.",
         )
     check_free_space(out.absolute().parent, src.stat().st_size)
-    source_data = np.memmap(src, dtype=np.uint8, mode="r")
     patches = []
-    with staged_output(out, overwrite, is_dir=False) as tmp:
-        _copy_file(src, tmp)
+    # The copy runs while the header is validated and the new rows are computed; any failure cancels it and
+    # staged_output removes the temporary, so a bad input leaves nothing behind.
+    with staged_output(out, overwrite, is_dir=False) as tmp, _BackgroundCopy(src, tmp) as copy:
+        layout = check_gguf(src)  # bad magic, damaged header, truncated tensor data: one clear error
+        shape = check_circuit_fits(src, layout, circuit, force)
+        source_data = np.memmap(src, dtype=np.uint8, mode="r")
+        writes: list[tuple[int, bytes]] = []
+        for info, index, mult in _plan(layout, circuit, shape, multiplier, allow_negative):
+            row_bytes = info.nbytes // shape.intermediate_size
+            rows = source_data[info.start : info.start + info.nbytes].reshape(-1, row_bytes)[index]
+            new, worst = scale_rows_bytes(rows, info.ggml_type, mult)
+            starts = [info.start + j * row_bytes for j in index.tolist()]
+            writes += [(start, row.tobytes()) for start, row in zip(starts, new)]
+            route = _route(info.ggml_type)
+            if route == "requantize":
+                log.warning("%s is %s, which has no f16 block scale: its %d rows were dequantized, scaled "
+                            "and re-quantized (rounding changes)", info.name, info.ggml_type.name, len(index))  # fmt: skip
+            ranges = [(start, start + row_bytes) for start in starts]
+            patches.append(TensorPatch(info.name, info.ggml_type.name, route, len(index), worst, ranges))
+        copy.wait()
         fd = os.open(tmp, os.O_WRONLY)
         try:
-            for info, index, mult in plan:
-                row_bytes = info.nbytes // shape.intermediate_size
-                rows = source_data[info.start : info.start + info.nbytes].reshape(-1, row_bytes)[index]
-                new, worst = scale_rows_bytes(rows, info.ggml_type, mult)
-                ranges = []
-                for j, row in zip(index.tolist(), new):
-                    start = info.start + j * row_bytes
-                    os.pwrite(fd, row.tobytes(), start)
-                    ranges.append((start, start + row_bytes))
-                route = _route(info.ggml_type)
-                if route == "requantize":
-                    log.warning("%s is %s, which has no f16 block scale: its %d rows were dequantized, scaled "
-                                "and re-quantized (rounding changes)", info.name, info.ggml_type.name, len(index))  # fmt: skip
-                patches.append(TensorPatch(info.name, info.ggml_type.name, route, len(index), worst, ranges))
+            for start, data in writes:
+                os.pwrite(fd, data, start)
         finally:
             os.close(fd)
     del source_data
