@@ -139,6 +139,24 @@ def test_edited_export_matches_runtime_hooks(arch, tiny_models, prompt_ids, tmp_
         assert meta is not None and meta.contents() == circuit.sha256()
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # (transformers' GGUF loader ignores qwen3's key_length)
+def test_gguf_reads_back_as_a_cna_export_source(arch, tiny_models, prompt_ids, tmp_path):
+    """The GGUF passes the project's header check and loads back through transformers as a source."""
+    from transformers import AutoModelForCausalLM
+
+    from cna_export.gguf_check import check_gguf
+    from cna_export.source import describe, resolve
+
+    out = export_gguf(tiny_models[arch], tmp_path / f"{arch}.gguf", outtype="f32")
+    check_gguf(out)
+    spec, shape, _ = describe(resolve(str(out)))
+    assert spec.model_type == arch and shape.num_layers == 3
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = model(torch.tensor([prompt_ids])).logits[0].numpy()
+    assert_logits_close(got, hf_logits(tiny_models[arch], prompt_ids), 1e-5)
+
+
 def test_tokenizer_parity_tiny(tiny_models, tmp_path):
     from transformers import AutoTokenizer
 
