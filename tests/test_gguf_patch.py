@@ -281,6 +281,23 @@ def test_per_neuron_multipliers_and_sidecar(gguf_files, tmp_path):
     assert saved.multiplier == 2.0 and all(n.multiplier is None for n in saved.neurons)
 
 
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.F16], ids=lambda t: t.name)
+def test_overflow_refused(gguf_files, tmp_path, qtype):
+    src = gguf_files[qtype]
+    with pytest.raises(CnaExportError, match="overflow"):
+        patch_gguf(src, circuit_for(src), tmp_path / "o.gguf", multiplier=1e9)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q6_K, Q.BF16], ids=lambda t: t.name)
+def test_diff_verify_accepts_patched_file(gguf_files, tmp_path, qtype):
+    """`cna-export diff --verify` (an independent reader of block scales) confirms the patch is exactly the circuit."""
+    src = gguf_files[qtype]
+    out = patch_gguf(src, circuit_for(src), tmp_path / "o.gguf", multiplier=0.3)
+    proc = run_cli("diff", str(src), str(out), "--verify", str(sidecar_path(out)))
+    assert proc.stdout.startswith("OK:"), proc.stdout
+
+
 def test_requantize_fallback_for_mxfp4(tmp_path, caplog):
     rng = np.random.default_rng(1)
     raw = quantize((rng.standard_normal((F, E)) * 0.05).astype(np.float32), Q.MXFP4)
@@ -299,8 +316,8 @@ def test_hash_check_and_force(gguf_files, tmp_path):
     src = gguf_files[Q.Q4_0]
     good = combined_sha256({src.name: sha(src)})
     patch_gguf(src, circuit_for(src, weights_sha256=good), tmp_path / "a.gguf")
-    # a renamed copy of the same file is the same model
-    renamed = tmp_path / "renamed.gguf"
+    # a renamed copy of the same file is the same model (an Ollama blob has no .gguf suffix)
+    renamed = tmp_path / "sha256-6a1b2c3d4e5f"
     renamed.write_bytes(src.read_bytes())
     patch_gguf(renamed, circuit_for(src, weights_sha256=good), tmp_path / "b.gguf")
     with pytest.raises(CircuitError, match="--force"):
