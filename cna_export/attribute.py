@@ -43,6 +43,10 @@ class Settings:
     top_k: int | None = None
     fraction: float | None = 0.001
     skip_first_layers: int = 0
+    # Not in the paper (default 0 keeps its selection). On small models the top-|delta| neurons pile into the
+    # last layers, which write almost straight into the logits: ablating them shifts the first answer token on
+    # benign prompts (high first-token KL) more than it removes the behaviour. See benchmarks/refusal_qwen.py.
+    skip_last_layers: int = 0
     universal: bool = True
     universal_top_n: int | None = None  # per layer; default 1% of the MLP width
     universal_threshold: float = 0.8
@@ -289,6 +293,7 @@ class Attribution:
                 top_k=k,
                 fraction=fraction,
                 skip_first_layers=s.skip_first_layers,
+                skip_last_layers=s.skip_last_layers,
                 universal_top_n=self.top_n,
                 universal_threshold=s.universal_threshold if s.universal else None,
                 universal_excluded=self.universal,
@@ -312,9 +317,10 @@ def attribute(
 ) -> Attribution:
     """Run the forward passes of CNA: deltas, skipped layers and universal neurons (no k yet)."""
     shape = ModelShape(model_id.num_layers, model_id.intermediate_size, model_id.hidden_size)
-    if settings.skip_first_layers >= shape.num_layers:
+    if settings.skip_first_layers + settings.skip_last_layers >= shape.num_layers:
         raise RecipeError(
-            f"skip_first_layers={settings.skip_first_layers} skips all {shape.num_layers} layers.",
+            f"skip_first_layers={settings.skip_first_layers} and skip_last_layers={settings.skip_last_layers} "
+            f"skip all {shape.num_layers} layers.",
             "skip fewer layers.",
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -327,6 +333,8 @@ def attribute(
 
     excluded = torch.zeros_like(delta, dtype=torch.bool)
     excluded[: settings.skip_first_layers] = True
+    if settings.skip_last_layers:
+        excluded[shape.num_layers - settings.skip_last_layers :] = True
     top_n = universal = None
     universal_list: list[tuple[int, int]] = []
     prompts = {"positive": prompt_set(list(positive)), "negative": prompt_set(list(negative))}

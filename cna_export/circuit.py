@@ -57,6 +57,7 @@ class Selection(_Strict):
     top_k: int = Field(ge=0, description="Number of neurons selected.")
     fraction: float | None = Field(default=None, description="Requested fraction of all MLP neurons, if given so.")
     skip_first_layers: int = Field(default=0, ge=0, description="Layers 0..n-1 were excluded.")
+    skip_last_layers: int = Field(default=0, ge=0, description="The last n layers were excluded.")
     universal_top_n: int | None = Field(default=None, description="Per-layer top-|activation| size on neutral prompts.")
     universal_threshold: float | None = Field(
         default=None, description="Share of neutral prompts that makes universal."

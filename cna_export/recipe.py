@@ -47,6 +47,9 @@ class Recipe(_Strict):
     multiplier: float = Field(description="0 ablates, 1 keeps, >1 amplifies.")
     allow_negative: bool = Field(default=False, description="Permit a negative multiplier.")
     skip_first_layers: int = Field(default=0, ge=0, description="Never select neurons in layers 0..n-1.")
+    skip_last_layers: int = Field(
+        default=0, ge=0, description="Never select neurons in the last n layers (not in the paper; see the recipes)."
+    )
     universal: Universal = Field(default_factory=Universal, description="Universal-neuron exclusion.")
     chat_template: bool = Field(default=True, description="Apply the tokenizer's chat template if it has one.")
     batch_size: int = Field(default=16, ge=1, description="Prompts per forward pass.")
@@ -66,6 +69,7 @@ class Recipe(_Strict):
             top_k=self.top_k,
             fraction=self.fraction if self.top_k is None else None,
             skip_first_layers=self.skip_first_layers,
+            skip_last_layers=self.skip_last_layers,
             universal=self.universal.enabled,
             universal_top_n=self.universal.top_n,
             universal_threshold=self.universal.threshold,

@@ -158,3 +158,23 @@ def test_shared_prefix_cache_gives_same_sums(tiny_models, arch):
     plain = collect(model, spec, enc, 3, tok.pad_token_id, top_n=4, share_prefix=False)
     torch.testing.assert_close(shared.sums, plain.sums, rtol=1e-4, atol=1e-5)
     assert torch.equal(shared.top_counts, plain.top_counts)
+
+
+def test_skip_last_layers_option(tiny_models):
+    """Optional exclusion of the last layers (default off = the paper's selection): top |delta| of the rest."""
+    model, tok, spec, ident = setup(tiny_models["llama"])
+    n_layers = ident.num_layers
+    plain = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Settings(top_k=20, universal=False))
+    assert plain.selection.skip_last_layers == 0
+    assert any(n.layer == n_layers - 1 for n in plain.neurons), "the tiny model's last layer should be selected"
+    settings = Settings(top_k=20, universal=False, skip_first_layers=1, skip_last_layers=1)
+    cut = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, settings)
+    assert all(1 <= n.layer < n_layers - 1 for n in cut.neurons)
+    assert cut.selection.skip_last_layers == 1
+    # the same ranking as the plain selection, restricted to the allowed layers
+    allowed = [n for n in discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Settings(top_k=200, universal=False))
+               .neurons if 1 <= n.layer < n_layers - 1][:20]  # fmt: skip
+    assert [(n.layer, n.index) for n in cut.neurons] == [(n.layer, n.index) for n in allowed]
+    with pytest.raises(RecipeError, match="skip all"):
+        discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Settings(top_k=5, skip_first_layers=1,
+                                                                       skip_last_layers=n_layers - 1))  # fmt: skip
