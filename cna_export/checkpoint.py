@@ -103,7 +103,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             ok = False
         if not ok:
             raise _bad(path, f"has a malformed entry for tensor {name!r}")
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list here is unhashable
             raise _bad(path, f"stores tensor {name!r} with unknown dtype {dtype!r}")
         if math.prod(shape) * DTYPE_SIZES[dtype] != end - begin:
             raise _bad(path, f"gives tensor {name!r} a byte range that does not match its shape {list(shape)}")

@@ -24,6 +24,8 @@ from cna_export.fold import LayerEdits, check_multiplier, group_by_layer
 
 FORMAT = "cna-circuit"
 FORMAT_VERSION = 1
+# Sizes and indices beyond this are damage, not models; without a bound they would overflow int64 tensors.
+MAX_SIZE = 2**31
 
 
 class _Strict(BaseModel):
@@ -31,8 +33,8 @@ class _Strict(BaseModel):
 
 
 class Neuron(_Strict):
-    layer: int = Field(ge=0, description="Decoder layer index.")
-    index: int = Field(ge=0, description="Neuron index inside the layer's MLP (column of down_proj).")
+    layer: int = Field(ge=0, lt=MAX_SIZE, description="Decoder layer index.")
+    index: int = Field(ge=0, lt=MAX_SIZE, description="Neuron index inside the layer's MLP (column of down_proj).")
     delta: float = Field(description="mean(positive) - mean(negative) of the neuron's activation at the last token.")
     multiplier: float | None = Field(default=None, description="Per-neuron multiplier; None uses the circuit's.")
 
@@ -48,9 +50,9 @@ class ModelIdentity(_Strict):
     revision: str | None = Field(default=None, description="Hub commit, when the model came from the Hub.")
     weights_sha256: str | None = Field(default=None, description="Combined sha256 of the weight files.")
     config_sha256: str | None = Field(default=None, description="sha256 of config.json.")
-    num_layers: int = Field(gt=0, description="Decoder layers.")
-    intermediate_size: int = Field(gt=0, description="MLP neurons per layer.")
-    hidden_size: int = Field(gt=0, description="Residual width.")
+    num_layers: int = Field(gt=0, lt=MAX_SIZE, description="Decoder layers.")
+    intermediate_size: int = Field(gt=0, lt=MAX_SIZE, description="MLP neurons per layer.")
+    hidden_size: int = Field(gt=0, lt=MAX_SIZE, description="Residual width.")
 
 
 class Selection(_Strict):

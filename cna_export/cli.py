@@ -367,6 +367,13 @@ def _after_export(args: argparse.Namespace, out: Path) -> None:
         print(f"pushed {out} to {push(out, args.push_to_hub, private=args.private)}")
 
 
+def _local_model(args: argparse.Namespace) -> Path | None:
+    """The --model path when it is a local file or folder, so an output overlapping it is refused before the
+    (long) discovery rather than after it."""
+    path = Path(args.model).expanduser()
+    return path if path.exists() else None
+
+
 def _write_gguf(args: argparse.Namespace, out: Path) -> None:
     """--gguf on apply/run: convert the export folder NAME into NAME/NAME-OUTTYPE.gguf.
 
@@ -406,7 +413,7 @@ def _run(args: argparse.Namespace) -> None:
         from cna_export.fold import check_multiplier
 
         check_multiplier(args.multiplier, args.allow_negative or recipe.allow_negative)
-    check_output_path(args.out, None, args.overwrite, marker=EXPORT_MARKER)
+    check_output_path(args.out, _local_model(args), args.overwrite, marker=EXPORT_MARKER)
     source, circuit = _discover_from(args, recipe, base)
     if not distributed.is_main():
         return
@@ -479,7 +486,7 @@ def _sweep(args: argparse.Namespace) -> None:
 
     cfg = _eval_config(args)
     if args.export is not None:
-        check_output_path(args.export, None, args.overwrite, marker=EXPORT_MARKER)
+        check_output_path(args.export, _local_model(args), args.overwrite, marker=EXPORT_MARKER)
     recipe, base = load_recipe(args.recipe)
     source = resolve(args.model, args.revision)
     results, records, circuits, att = sweep_source(
