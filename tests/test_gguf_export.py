@@ -12,6 +12,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -55,11 +56,20 @@ def hf_logits(folder: Path, ids: list[int], edits=None) -> np.ndarray:
             return model(torch.tensor([ids])).logits[0].numpy()
 
 
-def llama_logits(path: Path, ids: list[int], q8: bool = False) -> np.ndarray:
-    # This llama.cpp build (AVX-512/AMX wheel) crashes evaluating batches of Q8_0 weights, also for files made by
-    # llama.cpp's own quantizer; one token per batch works.
-    llm = Llama(str(path), logits_all=True, n_ctx=256, n_batch=1 if q8 else 512, type_k=0, type_v=0, verbose=False,
-                seed=0, n_threads=1)  # fmt: skip
+def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
+    import llama_cpp.llama as ll
+
+    # Without extra buffer types: ggml's AMX kernels (picked for Q8_0 on CPUs with AMX) crash at `ldtilecfg` on VMs
+    # whose kernel does not grant AMX tile state, as here (also for files from llama.cpp's own quantizer).
+    defaults = ll.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    with mock.patch.object(ll.llama_cpp, "llama_model_default_params", params):
+        llm = Llama(str(path), logits_all=True, n_ctx=256, type_k=0, type_v=0, verbose=False, seed=0, n_threads=1)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)])
 
@@ -92,7 +102,7 @@ def test_f32_logits_match_transformers(arch, tiny_models, prompt_ids, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
 def test_outtypes(arch, outtype, tiny_models, prompt_ids, tmp_path):
     out = export_gguf(tiny_models[arch], tmp_path / f"{arch}-{outtype}.gguf", outtype=outtype)
-    got = llama_logits(out, prompt_ids, q8=outtype == "q8_0")
+    got = llama_logits(out, prompt_ids)
     assert_logits_close(got, hf_logits(tiny_models[arch], prompt_ids), tolerance(arch, outtype))
     types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
     want = {"f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
@@ -420,8 +430,9 @@ def test_real_smollm2_f16_logits_tokens_and_generation(smol_folder, tmp_path):
         text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                        add_generation_prompt=True)  # fmt: skip
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        # f16 weights over 30 layers: logits of size ~20 differ by up to ~0.05 (measured 0.04).
-        assert_logits_close(llama_logits(out, ids), hf_logits(smol_folder, ids), 0.15)
+        # f16 weights (and f16 activations in llama.cpp's matmuls) over 30 layers: logits of size ~38 differ by
+        # 0.04-0.08 here, depending on the CPU kernels llama.cpp picks.
+        assert_logits_close(llama_logits(out, ids), hf_logits(smol_folder, ids), 0.25)
     llm = Llama(str(out), n_ctx=256, verbose=False, seed=0, n_threads=2)
     answer = llm.create_completion(text, max_tokens=12, temperature=0)["choices"][0]["text"]
     assert answer.strip()
