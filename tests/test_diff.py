@@ -128,29 +128,35 @@ def test_verify_fails_on_any_other_change(tiny_models, tmp_path):
     assert not report.is_circuit_edit and "other" in {c.kind for c in report.changes}
 
 
-def test_cli_diff_json_output_and_exit_codes(tiny_models, tmp_path):
+def test_cli_diff_json_output_and_exit_codes(tiny_models, tmp_path, capsys):
+    from cna_export.cli import main
+
     src = tiny_models["gemma2"]
     circuit = _circuit(src)
     out = apply_circuit(resolve(str(src)), circuit, tmp_path / "edited", target="up")
     rec = tmp_path / "recovered_circuit.json"
-    proc = run_cli("diff", str(src), str(out), "--json", "-o", str(rec))
+    proc = run_cli("diff", str(src), str(out), "--json", "-o", str(rec))  # once as a user runs it
     data = json.loads(proc.stdout)
     assert data["circuit_edit"] and data["neurons"] == len(EDIT) and data["tensors"]["changed"] == 2
     assert _effective(Circuit.load(rec)) == _effective(circuit)
-    table = run_cli("diff", str(src), str(out)).stdout
-    assert "up_proj" in table and "2.5 x1" in table and "a circuit edit" in table
 
-    assert run_cli("diff", str(src), str(out), "--verify", str(out / "circuit.json")).returncode == 0
+    def cli(*args: str) -> tuple[int, str, str]:
+        code = main(["diff", *args])
+        printed = capsys.readouterr()
+        return code, printed.out, printed.err
+
+    code, table, _ = cli(str(src), str(out))
+    assert code == 0 and "up_proj" in table and "2.5 x1" in table and "a circuit edit" in table
+    assert cli(str(src), str(out), "--verify", str(out / "circuit.json"))[0] == 0
     wrong = tmp_path / "wrong.json"
     _circuit(src, {**EDIT, (0, 60): 3.0}).save(wrong)
-    proc = run_cli("diff", str(src), str(out), "--verify", str(wrong), "--json", check=False)
-    assert proc.returncode == 1 and json.loads(proc.stdout)["verified"] is False
-    unrelated = run_cli("diff", str(src), str(tiny_models["gemma"]), check=False)
-    assert unrelated.returncode == 1 and "NOT only a circuit edit" in unrelated.stdout
-    bad = run_cli("diff", str(tmp_path / "nope"), str(out), check=False)
-    assert bad.returncode == 2 and "error" in bad.stderr
-    exists = run_cli("diff", str(src), str(out), "-o", str(rec), check=False)
-    assert exists.returncode == 2  # never overwrites without --overwrite
+    code, printed, _ = cli(str(src), str(out), "--verify", str(wrong), "--json")
+    assert code == 1 and json.loads(printed)["verified"] is False
+    code, printed, _ = cli(str(src), str(tiny_models["gemma"]))
+    assert code == 1 and "NOT only a circuit edit" in printed
+    code, _, err = cli(str(tmp_path / "nope"), str(out))
+    assert code == 2 and "error" in err
+    assert cli(str(src), str(out), "-o", str(rec))[0] == 2  # never overwrites without --overwrite
 
 
 @pytest.mark.parametrize(("outtype", "target"), [("f32", "down"), ("f16", "up"), ("bf16", "down")])
@@ -242,6 +248,16 @@ def test_quantized_gguf_scales(tmp_path, qtype):
     _edit_byte(extra, "blk.1.ffn_gate.weight", 0, 5)
     assert not verify(str(src), str(extra), circuit)[0]
     assert not diff(str(src), str(extra)).is_circuit_edit
+
+
+def test_damaged_gguf_is_one_clear_error(tmp_path):
+    from cna_export.errors import CheckpointError
+
+    src = write_gguf(tmp_path / "m.gguf", "Q8_0")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(src.read_bytes()[:-100])  # a truncated download
+    with pytest.raises(CheckpointError, match="cut.gguf"):
+        diff(str(src), str(cut))
 
 
 def test_gguf_patch_output_verifies(tmp_path):
