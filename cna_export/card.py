@@ -193,6 +193,7 @@ def build_card(
         check_repo_id(base_model)
     if base is None:
         log.info("the card has no base_model (the source is not a Hub id); --base-model owner/name sets it")
+    record["source"]["base_model"] = base
     has_gguf, library = _library(record["files"])
     tags = ["cna-export", _tag(circuit.behaviour), "neuron-editing"] + (["gguf"] if has_gguf else [])
     if circuit.recipe:
@@ -298,7 +299,7 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
     overrides = sorted({nn.multiplier for nn in circuit.neurons if nn.multiplier is not None})
     lines = [
         "",
-        f"# {src['model']}: {circuit.behaviour} edited with cna-export",
+        f"# {base or src['model']}: {circuit.behaviour} edited with cna-export",
         "",
         f"This model is {origin} with one behaviour changed and nothing else: the MLP neurons that carry "
         f"**{circuit.behaviour}** (found by contrastive neuron attribution) are scaled, and the scale is folded "
@@ -311,7 +312,8 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
         f"- Multiplier: m = {edit['multiplier']:g} (0 removes a neuron, 1 keeps it, >1 amplifies it)"
         + (f"; per-neuron overrides: {', '.join(f'{m:g}' for m in overrides)}" if overrides else ""),
         f"- Folded into: {where}; exact, no approximation",
-        "- Every other tensor is byte-identical to the source.",
+        "- Every other tensor is byte-identical to the source"
+        + (" (as dequantized from its GGUF file)." if src.get("gguf_file") else "."),
         "",
         "| layer | neurons |",
         "|---:|---:|",

@@ -119,7 +119,7 @@ def test_card_front_matter_provenance_and_hashes(hub_source, tmp_path):
     record = card.read_provenance(out / "README.md")
     assert record["tool_version"] == __version__
     assert record["source"] == {"model": "acme/tiny-qwen", "revision": COMMIT, "gguf_file": None,
-                                "weights_sha256": None}  # fmt: skip
+                                "weights_sha256": None, "base_model": "acme/tiny-qwen"}  # fmt: skip
     assert record["circuit"]["sha256"] == Circuit.load(out / "circuit.json").sha256() == circuit.sha256()
     assert record["recipe"]["name"] == "refusal-ablate"
     assert (out / "recipe.yaml").read_bytes() == find_recipe("refusal-ablate").read_bytes()
@@ -140,6 +140,7 @@ def test_card_of_local_folder_and_up_target(tiny_models, tmp_path):
     meta = _front_matter(text)
     assert meta["base_model"] == "acme/tiny-llama" and "license" not in meta
     assert "rows of `mlp.up_proj.weight`" in text and "Not evaluated yet" in text
+    assert "# acme/tiny-llama: custom edited with cna-export" in text
     files = card.read_provenance(out / "README.md")["files"]
     shards = [p.name for p in out.glob("*.safetensors")]
     assert len(shards) > 1 and all(files[s] == _sha256(out / s) for s in shards)  # llama is sharded
