@@ -140,7 +140,7 @@ def test_card_of_local_folder_and_up_target(tiny_models, tmp_path):
     meta = _front_matter(text)
     assert meta["base_model"] == "acme/tiny-llama" and "license" not in meta
     assert "rows of `mlp.up_proj.weight`" in text and "Not evaluated yet" in text
-    assert "# acme/tiny-llama: custom edited with cna-export" in text
+    assert "# acme/tiny-llama: refusal edited with cna-export" in text
     files = card.read_provenance(out / "README.md")["files"]
     shards = [p.name for p in out.glob("*.safetensors")]
     assert len(shards) > 1 and all(files[s] == _sha256(out / s) for s in shards)  # llama is sharded
