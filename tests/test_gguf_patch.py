@@ -12,6 +12,7 @@ quantized by llama.cpp itself (`llama_model_quantize`). Exactness claims checked
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -46,18 +47,7 @@ def sha(path: Path) -> str:
 def write_model(path: Path, up_type: Q = Q.F32, seed: int = 0, up_raw: np.ndarray | None = None) -> Path:
     """A tiny but complete llama GGUF (llama.cpp can quantize it); ffn_up stored as `up_type`."""
     rng = np.random.default_rng(seed)
-    w = GGUFWriter(path, "llama")
-    w.add_context_length(64)
-    w.add_embedding_length(E)
-    w.add_block_count(L)
-    w.add_feed_forward_length(F)
-    w.add_head_count(4)
-    w.add_head_count_kv(4)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(E // 4)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(V)])
-    w.add_token_merges([])
+    w = _writer(path)
 
     def dense(name: str, shape: tuple[int, int]) -> None:
         w.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
@@ -79,11 +69,73 @@ def write_model(path: Path, up_type: Q = Q.F32, seed: int = 0, up_raw: np.ndarra
         else:
             w.add_tensor(f"blk.{i}.ffn_up.weight", quantize(up, up_type), raw_dtype=up_type)
         dense(f"blk.{i}.ffn_down.weight", (E, F))
+    return _finish(w, path)
+
+
+def _writer(path: Path) -> GGUFWriter:
+    w = GGUFWriter(path, "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(E)
+    w.add_block_count(L)
+    w.add_feed_forward_length(F)
+    w.add_head_count(4)
+    w.add_head_count_kv(4)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(E // 4)
+    w.add_vocab_size(V)
+    w.add_tokenizer_model("none")  # llama.cpp's no-vocab mode: the tests feed token ids
+    return w
+
+
+def _finish(w: GGUFWriter, path: Path) -> Path:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_dense(src: Path, dst: Path, neurons=(), m: float = 1.0) -> Path:
+    """An F32 copy of `src` (every tensor dequantized by gguf-py), with the circuit's ffn_up rows times m."""
+    w = _writer(dst)
+    for t in GGUFReader(src).tensors:
+        x = dequantize(np.asarray(t.data), t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
+        x = x.astype(np.float32)
+        for layer, j in neurons:
+            if t.name == f"blk.{layer}.ffn_up.weight":
+                x[j] *= np.float32(m)
+        w.add_tensor(t.name, x)
+    return _finish(w, dst)
+
+
+def token_logits(path: Path, ids: list[int]) -> np.ndarray:
+    """llama.cpp logits for a list of token ids (tiny no-vocab models)."""
+    with _llama(path, n_ctx=64) as llm:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float64)
+
+
+@contextlib.contextmanager
+def _llama(path: Path, n_ctx: int):
+    """llama.cpp (f32 KV cache, one thread), without extra buffer types: ggml's AMX kernels (picked for
+    Q4_0/Q4_1/Q8_0 on CPUs with AMX) die with a general protection fault at `ldtilecfg` on VMs whose kernel does
+    not grant AMX tile state, as on this machine."""
+    import llama_cpp.llama as ll
+    from llama_cpp import Llama
+
+    defaults = ll.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    with mock.patch.object(ll.llama_cpp, "llama_model_default_params", params):
+        llm = Llama(str(path), logits_all=True, n_ctx=n_ctx, type_k=0, type_v=0, verbose=False, seed=0, n_threads=1)
+    try:
+        yield llm
+    finally:
+        llm.close()
 
 
 def llama_quantize(src: Path, dst: Path, ftype: str) -> Path:
@@ -298,6 +350,29 @@ def test_diff_verify_accepts_patched_file(gguf_files, tmp_path, qtype):
     assert proc.stdout.startswith("OK:"), proc.stdout
 
 
+@pytest.mark.parametrize(
+    "qtype", [Q.Q4_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.BF16], ids=lambda t: t.name
+)
+def test_llama_cpp_computes_the_patch(gguf_files, tmp_path, qtype):
+    """llama.cpp, running its own kernels on the patched file, matches an F32 file with the rows scaled densely.
+
+    Only ffn_up is quantized (its bytes taken from the llama.cpp-quantized file), so the floor, llama.cpp's
+    quantized-activation path vs its f32 path, is small next to the edit of 16 neurons per layer."""
+    raw = np.asarray(up_tensors(gguf_files[qtype])["blk.0.ffn_up.weight"].data)
+    src = write_model(tmp_path / "src.gguf", qtype, up_raw=raw)
+    neurons, ids = [(layer, j) for layer in range(L) for j in range(0, F, 4)], [1, 5, 7, 3, 9, 11, 2, 30, 17, 4]
+    base, dense_base = token_logits(src, ids), token_logits(write_dense(src, tmp_path / "d.gguf"), ids)
+    floor = np.abs(base - dense_base).max()
+    for m in (0.0, 2.0):
+        got = token_logits(patch_gguf(src, circuit_for(src, neurons), tmp_path / f"m{m}.gguf", multiplier=m), ids)
+        want = token_logits(write_dense(src, tmp_path / f"d{m}.gguf", neurons, m), ids)
+        effect = np.abs(want - dense_base).max()
+        print(f"{qtype.name} m={m}: edit effect {effect:.3g}, |patched - dense| {np.abs(got - want).max():.3g}, "
+              f"floor {floor:.3g}")  # fmt: skip
+        assert effect > 10 * max(floor, 1e-6)
+        assert np.abs(got - want).max() <= 2 * floor + 1e-5
+
+
 def test_requantize_fallback_for_mxfp4(tmp_path, caplog):
     rng = np.random.default_rng(1)
     raw = quantize((rng.standard_normal((F, E)) * 0.05).astype(np.float32), Q.MXFP4)
@@ -414,29 +489,13 @@ PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start
 
 def llama_logits(path: Path, text: str = PROMPT) -> tuple[np.ndarray, str]:
     """llama.cpp logits at every position (f32 KV cache, one thread) and a short greedy continuation."""
-    import llama_cpp.llama as ll
-    from llama_cpp import Llama
-
-    # Without extra buffer types: ggml's AMX kernels (chosen for Q4_0/Q4_1/Q8_0 on CPUs with AMX) crash with a
-    # general protection fault at `ldtilecfg` on VMs whose kernel does not grant AMX tile state, as here.
-    defaults = ll.llama_cpp.llama_model_default_params
-
-    def params():
-        p = defaults()
-        p.use_extra_bufts = False
-        return p
-
-    with mock.patch.object(ll.llama_cpp, "llama_model_default_params", params):
-        llm = Llama(str(path), logits_all=True, n_ctx=256, type_k=0, type_v=0, verbose=False, seed=0, n_threads=1)
-    try:
+    with _llama(path, n_ctx=256) as llm:
         ids = llm.tokenize(text.encode(), add_bos=False, special=True)
         llm.eval(ids)
         logits = np.array(llm.scores[: len(ids)], dtype=np.float64)
         llm.reset()
         text_out = llm.create_completion(text, max_tokens=6, temperature=0.0)["choices"][0]["text"]
         return logits, text_out
-    finally:
-        llm.close()
 
 
 def real_circuit(path: Path, layers: int, n_ff: int, hidden: int, model_type: str, neurons) -> Circuit:
