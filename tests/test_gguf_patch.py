@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -342,12 +343,12 @@ def test_overflow_refused(gguf_files, tmp_path, qtype):
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q6_K, Q.BF16], ids=lambda t: t.name)
-def test_diff_verify_accepts_patched_file(gguf_files, tmp_path, qtype):
+def test_diff_verify_accepts_patched_file(gguf_files, tmp_path, capsys, qtype):
     """`cna-export diff --verify` (an independent reader of block scales) confirms the patch is exactly the circuit."""
     src = gguf_files[qtype]
     out = patch_gguf(src, circuit_for(src), tmp_path / "o.gguf", multiplier=0.3)
-    proc = run_cli("diff", str(src), str(out), "--verify", str(sidecar_path(out)))
-    assert proc.stdout.startswith("OK:"), proc.stdout
+    proc = cli(capsys, "diff", str(src), str(out), "--verify", str(sidecar_path(out)))
+    assert proc.returncode == 0 and proc.stdout.startswith("OK:"), proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -450,8 +451,23 @@ BAD_INPUTS = {
 }
 
 
+def cli(capsys, *args: str) -> SimpleNamespace:
+    """`cna-export ARGS` in this process (`main()` as the console script runs it): exit code, stdout, stderr."""
+    from cna_export.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    # drop tqdm progress bars (the subprocess runs disable them with TQDM_DISABLE) and the blank lines they leave
+    lines = [line.rsplit("\r", 1)[-1] for line in out.err.splitlines()]
+    err = "\n".join(x for x in lines if x.strip() and not re.search(r"(B|it)/s\]$", x.strip()))
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=err)
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_cli_bad_inputs(gguf_files, tmp_path, case):
+def test_cli_bad_inputs(gguf_files, tmp_path, capsys, case):
+    """Exit 2 with one line, nothing left in the output folder, the source unchanged (bad magic in a real
+    subprocess, the other cases through `main()` in this process to keep the suite fast)."""
     make, model, message = BAD_INPUTS[case]
     src = make(tmp_path, gguf_files[Q.Q4_0])
     circuit = circuit_for(src, neurons=[(0, 1), (1, 2)], **model)
@@ -459,7 +475,8 @@ def test_cli_bad_inputs(gguf_files, tmp_path, case):
     before = sha(src)
     out = tmp_path / "out" / "o.gguf"
     out.parent.mkdir()
-    proc = run_cli("patch-gguf", str(src), "--circuit", str(tmp_path / "c.json"), "-o", str(out), check=False)
+    args = ("patch-gguf", str(src), "--circuit", str(tmp_path / "c.json"), "-o", str(out))
+    proc = run_cli(*args, check=False) if case == "bad magic" else cli(capsys, *args)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cna-export: error:") and message in lines[0], proc.stderr
@@ -467,7 +484,7 @@ def test_cli_bad_inputs(gguf_files, tmp_path, case):
     assert sha(src) == before
 
 
-def test_cli_patch(gguf_files, tmp_path):
+def test_cli_patch(gguf_files, tmp_path, capsys):
     src = gguf_files[Q.Q4_K]
     circuit_for(src).save(tmp_path / "c.json")
     out = tmp_path / "o.gguf"
@@ -475,7 +492,7 @@ def test_cli_patch(gguf_files, tmp_path):
     assert f"wrote {out}: 5 rows in 2 ffn_up tensors (Q4_K scales: 5 rows)" in proc.stdout
     check_rows(src, out, NEURONS, 2.0, rtol=None)
     assert Circuit.load(sidecar_path(out)).multiplier == 2.0
-    proc = run_cli("patch-gguf", str(src), "--circuit", str(tmp_path / "c.json"), "-o", str(out), check=False)
+    proc = cli(capsys, "patch-gguf", str(src), "--circuit", str(tmp_path / "c.json"), "-o", str(out))
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
 
 
