@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +20,7 @@ from cna_export import __version__
 from cna_export.arch import ModelShape
 from cna_export.errors import CircuitError
 from cna_export.fold import LayerEdits, check_multiplier, group_by_layer
+from cna_export.output import staged_output
 
 FORMAT = "cna-circuit"
 FORMAT_VERSION = 1
@@ -146,14 +146,10 @@ class Circuit(_Strict):
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     def save(self, path: Path) -> None:
-        """Write atomically (temporary file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.cna-tmp-{os.getpid()}")  # per process: concurrent saves do not collide
-        try:
+        """Write atomically: a temporary sibling, then a rename (`output.staged_output`). The temporary is named
+        like every cna-export temporary, so one left by a killed run is removed by the next save to `path`."""
+        with staged_output(Path(path), overwrite=True, is_dir=False) as tmp:
             tmp.write_text(self.to_json())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: Path) -> Circuit:

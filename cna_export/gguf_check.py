@@ -153,9 +153,13 @@ def _walk(cur: _Cursor, size: int) -> GGUFLayout:
     for _ in range(n_tensors):
         name = cur.string("tensor name")
         n_dims = cur.u32()
-        if n_dims > MAX_DIMS:
-            raise _bad(path, f"gives tensor {name!r} {n_dims} dimensions (at most {MAX_DIMS})")
+        if not 1 <= n_dims <= MAX_DIMS:  # gguf-py cannot read a 0-dimensional tensor (IndexError)
+            raise _bad(path, f"gives tensor {name!r} {n_dims} dimensions (1 to {MAX_DIMS})")
         dims = tuple(cur.u64() for _ in range(n_dims))
+        # An empty dimension makes the byte count 0 whatever the others say, so huge dims would pass the bounds
+        # checks below and then overflow in gguf-py's reshape (ValueError); ggml dims are int64 besides.
+        if not all(1 <= d < 2**63 for d in dims):
+            raise _bad(path, f"gives tensor {name!r} dimensions {list(dims)} (each must be 1 to 2**63 - 1)")
         raw_type, offset = cur.u32(), cur.u64()
         try:
             ggml_type = GGMLQuantizationType(raw_type)

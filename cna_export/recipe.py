@@ -95,7 +95,7 @@ def load_recipe(name_or_path: str | Path) -> tuple[Recipe, Path]:
     path = find_recipe(name_or_path)
     try:
         data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise RecipeError(f"Recipe {path} is not valid YAML ({exc.__class__.__name__}).", "fix the syntax.") from None
     try:
         return Recipe.model_validate(data), path.parent
@@ -144,7 +144,7 @@ def _parse(text: str, suffix: str, where: str) -> list:
         if suffix == ".jsonl":
             return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
         return [line for line in text.splitlines() if line.strip()]
-    except (yaml.YAMLError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (yaml.YAMLError, json.JSONDecodeError, KeyError, TypeError, RecursionError) as exc:
         raise RecipeError(f"Prompt file {where} is malformed ({exc.__class__.__name__}).", "fix its format.") from None
 
 

@@ -442,6 +442,34 @@ def _(c: Ctx):
     return c.apply(m, circuit)
 
 
+@case("config-layers-not-int", "config.json has no valid num_hidden_layers (found 'three')")
+def _(c: Ctx):
+    """config.json gives num_hidden_layers as a string."""
+    m = c.model()
+    circuit = c.circuit(m)
+    cfg = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": "three"}))
+    return c.apply(m, circuit)
+
+
+@case("config-deep-nesting", "config.json is unreadable (maximum recursion depth exceeded")
+def _(c: Ctx):
+    """config.json is 100000 nested JSON arrays (a parser-exhaustion file)."""
+    m = c.model()
+    circuit = c.circuit(m)
+    (m / "config.json").write_text("[" * 100000)
+    return c.apply(m, circuit)
+
+
+@case("tokenizer-garbage", "Could not load the tokenizer of")
+def _(c: Ctx):
+    """tokenizer.json cut off in the middle (discover loads the tokenizer)."""
+    m = c.model()
+    tok = m / "tokenizer.json"
+    tok.write_text(tok.read_text()[:200])
+    return c.discover(m)
+
+
 @case("config-mlp-shape", "but config.json implies")
 def _(c: Ctx):
     """config.json's intermediate_size disagrees with the MLP weights (the circuit matches the config)."""
@@ -530,6 +558,13 @@ def _(c: Ctx):
     return c.apply(c.model(), c.tmp / "nope.json")
 
 
+@case("circuit-is-folder", "cannot be read (Is a directory). Fix: check the path.")
+def _(c: Ctx):
+    """--circuit names a folder."""
+    (c.tmp / "circuits").mkdir()
+    return c.apply(c.model(), c.tmp / "circuits")
+
+
 @case("circuit-nan-multiplier", "multiplier is not finite")
 def _(c: Ctx):
     """The circuit file stores its multiplier as NaN."""
@@ -607,6 +642,21 @@ def _(c: Ctx):
     return args
 
 
+@case("prompts-deep-nesting", "is malformed (RecursionError)")
+def _(c: Ctx):
+    """A JSON prompt file of 100000 nested arrays."""
+    args = c.discover(c.model())
+    (c.tmp / "pos.json").write_text("[" * 100000)
+    args[args.index("--positive") + 1] = str(c.tmp / "pos.json")
+    return args
+
+
+@case("dtype-unknown", "Unknown dtype 'float8'. Fix: use auto or one of")
+def _(c: Ctx):
+    """--dtype float8."""
+    return c.discover(c.model(), "--dtype", "float8")
+
+
 @case("k-too-large", "k=100000 neurons is outside 1..336")
 def _(c: Ctx):
     """--top-k larger than the model's number of MLP neurons (3 x 112)."""
@@ -652,6 +702,12 @@ def _(c: Ctx):
 def _(c: Ctx):
     """A recipe file that is not YAML."""
     return ["run", str(c.recipe("version: [1\n  name: :\n")), "--model", str(c.model()), "--out", str(c.out)]
+
+
+@case("recipe-deep-nesting", "is not valid YAML (RecursionError)")
+def _(c: Ctx):
+    """A recipe of 100000 nested YAML sequences (a parser-exhaustion file)."""
+    return ["run", str(c.recipe("[" * 100000)), "--model", str(c.model()), "--out", str(c.out)]
 
 
 @case("recipe-negative-multiplier", "set allow_negative: true if intended")

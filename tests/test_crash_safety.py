@@ -198,3 +198,22 @@ def test_interrupt_during_overwrite_keeps_previous_export(big_model, setup):
     assert proc.returncode == 130, err
     _check_complete(out, reference, big_model)
     assert _temps(out) == []
+
+
+def test_circuit_save_removes_a_killed_saves_temporary(tmp_path):
+    """A circuit file's temporary left by a SIGKILLed process is removed by the next save to that path."""
+    path = tmp_path / "c.json"
+    code = (
+        "import os, sys; from pathlib import Path; from cna_export.output import temp_sibling; "
+        "t = temp_sibling(Path(sys.argv[1])); t.write_text('{\"partial'); os.kill(os.getpid(), 9)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], env=_env())
+    assert proc.returncode == -signal.SIGKILL
+    assert len(_temps(path)) == 1 and not path.exists()
+    circuit = Circuit.model_validate_json(
+        '{"model": {"source": "m", "model_type": "llama", "num_layers": 1, "intermediate_size": 4, '
+        '"hidden_size": 4}, "prompts": {}, "selection": {"top_k": 1}, "neurons": [{"layer": 0, "index": 1, '
+        '"delta": 1.0}]}'
+    )
+    circuit.save(path)
+    assert _temps(path) == [] and Circuit.load(path).neurons[0].index == 1

@@ -9,6 +9,7 @@ well under a minute on 2 cores; `--hypothesis-seed` reproduces a failure.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import tempfile
 from pathlib import Path
@@ -25,7 +26,9 @@ from cna_export.circuit import Circuit, ModelIdentity, Neuron, PromptSet, Select
 from cna_export.errors import CnaExportError
 from cna_export.gguf_check import check_gguf
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# CNA_FUZZ_EXAMPLES=2000 for a deeper local run; the default keeps CI quick.
+EXAMPLES = int(os.environ.get("CNA_FUZZ_EXAMPLES", "120"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
@@ -180,11 +183,18 @@ def test_circuit_neuron_numbers(field, value):
 # GGUF ----------------------------------------------------------------------------------------------------------
 
 
+class _Bytes(bytes):
+    """File contents with a short repr, so a falsifying example does not print kilobytes of a fixture."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} bytes>"
+
+
 @pytest.fixture(scope="module")
 def gguf_bytes(tmp_path_factory) -> bytes:
     from test_bad_inputs import tiny_gguf
 
-    return tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf").read_bytes()
+    return _Bytes(tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf").read_bytes())
 
 
 def _check_gguf(data: bytes) -> None:
@@ -199,6 +209,33 @@ def _check_gguf(data: bytes) -> None:
         return
     reader = GGUFReader(path)
     assert {t.name for t in reader.tensors} == set(layout.tensors)
+
+
+def test_gguf_zero_dimensional_tensor_is_refused(gguf_bytes):
+    """Found by test_gguf_truncations_and_insertions: check_gguf accepted a tensor with 0 dimensions, which
+    gguf-py's GGUFReader (and so transformers) then failed on with an IndexError."""
+    from cna_export.errors import CheckpointError
+
+    at = gguf_bytes.index(b"token_embd.weight") + len(b"token_embd.weight")
+    assert struct.unpack("<I", gguf_bytes[at : at + 4])[0] == 2
+    bad = gguf_bytes[:at] + struct.pack("<I", 0) + gguf_bytes[at + 4 + 16 :]  # n_dims 0, its two dims removed
+    path = _workdir() / "zero.gguf"
+    path.write_bytes(bad)
+    with pytest.raises(CheckpointError, match="0 dimensions"):
+        check_gguf(path)
+
+
+def test_gguf_empty_dimension_is_refused(gguf_bytes):
+    """Found by test_gguf_numbers: dims (2**61, 0) give 0 bytes, passed the bounds checks, and then overflowed
+    in GGUFReader's reshape."""
+    from cna_export.errors import CheckpointError
+
+    at = gguf_bytes.index(b"output.weight") + len(b"output.weight") + 4  # the first dim, after n_dims
+    bad = gguf_bytes[:at] + struct.pack("<QQ", 2**61, 0) + gguf_bytes[at + 16 :]
+    path = _workdir() / "empty.gguf"
+    path.write_bytes(bad)
+    with pytest.raises(CheckpointError, match="each must be 1 to"):
+        check_gguf(path)
 
 
 def _data_start(data: bytes) -> int:
@@ -245,7 +282,7 @@ def patch_source(tmp_path_factory) -> tuple[bytes, Circuit]:
     from test_gguf_patch import circuit_for, write_model
 
     path = write_model(tmp_path_factory.mktemp("patch") / "q4.gguf", Q.Q4_0)
-    return path.read_bytes(), circuit_for(path, neurons=[(0, 1), (1, 63)])
+    return _Bytes(path.read_bytes()), circuit_for(path, neurons=[(0, 1), (1, 63)])
 
 
 def _check_patch(data: bytes, circuit: Circuit) -> None:
@@ -262,7 +299,7 @@ def _check_patch(data: bytes, circuit: Circuit) -> None:
     assert src.read_bytes() == data
 
 
-PATCH_FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PATCH_FUZZ = settings(max_examples=max(1, EXAMPLES // 3), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @PATCH_FUZZ
@@ -279,3 +316,53 @@ def test_patcher_byte_flips(patch_source, data):
 def test_patcher_truncations(patch_source, data):
     raw, circuit = patch_source
     _check_patch(raw[: data.draw(st.integers(0, len(raw) - 1))], circuit)
+
+
+# Recipes and prompt files ----------------------------------------------------------------------------------------
+
+RECIPE_TEXT = (Path(__file__).resolve().parent.parent / "recipes" / "refusal-ablate.yaml").read_text()
+
+
+def _check_recipe(text: str | bytes) -> None:
+    """load_recipe and the prompt sets it names raise only RecipeError (or another CnaExportError)."""
+    from cna_export.recipe import load_prompts, load_recipe
+
+    folder = _workdir()
+    path = folder / "r.yaml"
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    try:
+        recipe, base = load_recipe(path)
+        recipe.settings()
+        for ref in (recipe.positive, recipe.negative, recipe.universal.prompts):
+            load_prompts(ref, base)
+    except CnaExportError:
+        pass
+
+
+@FUZZ
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=3), JSON)
+def test_recipe_mutations(path, value):
+    import yaml
+
+    data = yaml.safe_load(RECIPE_TEXT)
+    _check_recipe(yaml.safe_dump(_mutate_json(data, path, value)))
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, len(RECIPE_TEXT) - 1), st.integers(0, 255)), min_size=1, max_size=4))
+def test_recipe_byte_flips(flips):
+    _check_recipe(_flip(RECIPE_TEXT.encode(), flips))
+
+
+@FUZZ
+@given(st.sampled_from([".txt", ".json", ".jsonl", ".yaml"]), st.binary(max_size=64) | JSON.map(json.dumps))
+def test_prompt_files(suffix, content):
+    from cna_export.recipe import load_prompts
+
+    path = _workdir() / f"p{suffix}"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    try:
+        prompts = load_prompts(path.name, path.parent)
+    except CnaExportError:
+        return
+    assert prompts and all(isinstance(p, str) and p.strip() for p in prompts)
