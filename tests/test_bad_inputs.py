@@ -11,7 +11,7 @@ runs `cna-export` in a subprocess and checks the same contract:
 A few cases need a condition a test cannot create by editing files: a read-only or full file system. These run
 the CLI inside a private mount namespace (`unshare -rm`) on a tiny tmpfs, so the kernel itself reports EROFS or
 ENOSPC; they are skipped where user namespaces are not available. The one case that goes past the free-space
-preflight to hit ENOSPC mid-write disables that preflight in the subprocess only (`PRELUDE` below); no product
+preflight to hit ENOSPC mid-write disables that preflight in the subprocess only (`PRELUDE_NO_PREFLIGHT`); no product
 code has test hooks.
 
 `tests/README.md` lists every case and the message it gets; `test_readme_lists_every_case` keeps the two in
@@ -801,6 +801,23 @@ def _(c: Ctx):
     return c.in_tmpfs("size=64k", c.apply(m, None, out=c.tmp / "mnt" / "out"), prelude=PRELUDE_NO_PREFLIGHT)
 
 
+@case("discover-out-read-only", "is not writable. Fix: choose a writable location.")
+def _(c: Ctx):
+    """discover -o on a read-only file system (refused before the model is loaded)."""
+    m = c.model()
+    args = c.discover(m)
+    args[args.index("-o") + 1] = str(c.tmp / "mnt" / "found.json")
+    return c.in_tmpfs("ro,size=1m", args)
+
+
+@case("discover-out-exists", "already exists. Fix: pass --overwrite to replace it")
+def _(c: Ctx):
+    """discover -o naming an existing circuit file, without --overwrite."""
+    args = c.discover(c.model())
+    (c.tmp / "found.json").write_text("{}")
+    return args
+
+
 # Symlinks and GGUF ----------------------------------------------------------------------------------------------
 
 
@@ -946,8 +963,10 @@ def check_case(c: Case, tmp_path: Path, tiny: dict[str, Path]) -> str:
     assert "Traceback" not in proc.stderr + proc.stdout, report
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, report
-    assert lines[0].startswith("cna-export: error: ") or lines[0].startswith("cna-export "), report
+    assert re.match(r"cna-export( [a-z-]+)?: error: ", lines[0]), report  # "cna-export apply: error:" is argparse
     assert c.expect in lines[0], report
+    # Every message says how to fix it: "Fix: ..." from cna-export, "(see --help)" from the argument parser.
+    assert " Fix: " in lines[0] or lines[0].endswith("(see --help)"), report
     assert SECRET not in proc.stderr + proc.stdout
     if setup.mount is not None:  # what the run left inside its private tmpfs, listed before the namespace ended
         assert "LEFT:" in proc.stdout and proc.stdout.split("LEFT:")[1].strip() == "", report

@@ -165,6 +165,10 @@ def test_sigkill_leaves_nothing_or_a_complete_export(big_model, setup):
     assert _temps(out) == []
     _check_complete(out, reference, big_model)
     assert {p.name: _hash(p) for p in big_model.iterdir()} == source_before
+    # And what survives is a model transformers loads (the reference every kept state was compared with).
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
     assert not [p for p in big_model.parent.iterdir() if TMP_TAG in p.name]
 
 

@@ -105,6 +105,18 @@ def test_hub_token_never_printed(tmp_path, flags, monkeypatch):
         assert proc.returncode == 2 and "Could not fetch 'someone/private-model'" in proc.stderr
 
 
+def test_hub_token_never_written_into_an_export(tiny_models, tmp_path, monkeypatch):
+    """An export made with HF_TOKEN set: no file of it (weights, card, circuit) holds the token."""
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    model = tiny_models["qwen2"]
+    make_circuit(model, [(0, 1)]).save(tmp_path / "c.json")
+    out = tmp_path / "out"
+    proc = run_cli("-v", "apply", "--model", str(model), "--circuit", str(tmp_path / "c.json"), "--out", str(out))
+    assert SECRET not in proc.stdout + proc.stderr
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and not [p for p in files if SECRET.encode() in p.read_bytes()]
+
+
 def test_hub_token_never_printed_by_push(tiny_models, tmp_path, monkeypatch):
     """`push` of a real export that cannot reach the Hub, with HF_TOKEN set, verbose and with tracebacks."""
     if "push" not in cli.build_parser()._subparsers._group_actions[0].choices:
