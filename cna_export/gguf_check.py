@@ -67,6 +67,24 @@ class _Cursor:
         self.pos += n
         return out
 
+    def skip(self, n: int) -> None:
+        """Advance past n bytes without copying them."""
+        if n < 0 or self.pos + n > len(self.buf):
+            raise _bad(self.path, "is truncated inside its header")
+        self.pos += n
+
+    def skip_strings(self, count: int) -> None:
+        """Advance past `count` length-prefixed strings (a vocabulary: 150k entries) without copying any."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        unpack = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                raise _bad(self.path, "is truncated inside its header")
+            pos += 8 + unpack(buf, pos)[0]
+        if pos > end:
+            raise _bad(self.path, "is truncated inside its header")
+        self.pos = pos
+
     def u32(self) -> int:
         return struct.unpack("<I", self.take(4))[0]
 
@@ -197,19 +215,22 @@ def _value_type(cur: _Cursor, key: str) -> GGUFValueType:
 
 def _skip_value(cur: _Cursor, vtype: GGUFValueType, key: str, depth: int) -> None:
     if vtype in _SCALAR_SIZES:
-        cur.take(_SCALAR_SIZES[vtype])
+        cur.skip(_SCALAR_SIZES[vtype])
     elif vtype == GGUFValueType.STRING:
-        cur.take(cur.u64())
+        cur.skip(cur.u64())
     elif vtype == GGUFValueType.ARRAY:
         if depth >= MAX_NESTING:
             raise _bad(cur.path, f"nests arrays in metadata {key!r} too deeply")
         item = _value_type(cur, key)
         count = cur.u64()
         if item in _SCALAR_SIZES:
-            cur.take(count * _SCALAR_SIZES[item])
+            cur.skip(count * _SCALAR_SIZES[item])
             return
         if count * (8 if item == GGUFValueType.STRING else 12) > cur.remaining():
             raise _bad(cur.path, "is truncated inside its header")
+        if item == GGUFValueType.STRING:
+            cur.skip_strings(count)
+            return
         for _ in range(count):
             _skip_value(cur, item, key, depth + 1)
     else:  # pragma: no cover - every GGUFValueType is handled above
