@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -36,9 +37,26 @@ JSON = st.recursive(
 )
 
 
+_BASE = Path(tempfile.mkdtemp(prefix="cna-fuzz-"))
+_CURRENT: list[Path] = []
+
+
 def _workdir() -> Path:
-    # hypothesis runs many examples per test function, so a function-scoped tmp_path would be shared anyway.
-    return Path(tempfile.mkdtemp(prefix="cna-fuzz-"))
+    """A fresh empty folder for one example; the previous example's folder is removed first.
+
+    hypothesis runs hundreds of examples per test function (a function-scoped tmp_path would be shared), and
+    every check uses one folder at a time, so only the latest one is kept.
+    """
+    while _CURRENT:
+        shutil.rmtree(_CURRENT.pop(), ignore_errors=True)
+    _CURRENT.append(Path(tempfile.mkdtemp(dir=_BASE)))
+    return _CURRENT[-1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_workdirs():
+    yield
+    shutil.rmtree(_BASE, ignore_errors=True)
 
 
 def _flip(data: bytes, flips: list[tuple[int, int]]) -> bytes:
