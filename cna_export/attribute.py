@@ -9,6 +9,7 @@ before its `down_proj`, the final norm and the lm_head, which attribution never 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 import math
@@ -305,6 +306,18 @@ class Attribution:
         )
 
 
+def _cap_skip_last(settings: Settings, num_layers: int) -> Settings:
+    """Leave at least one layer: a recipe tuned on a deep model (skip 2 + 2) still runs on a 3-layer one."""
+    room = num_layers - settings.skip_first_layers - 1
+    if settings.skip_last_layers <= room:
+        return settings
+    log.warning(
+        "skip_last_layers=%d leaves no layer after skipping the first %d of %d; skipping the last %d instead",
+        settings.skip_last_layers, settings.skip_first_layers, num_layers, room,
+    )  # fmt: skip
+    return dataclasses.replace(settings, skip_last_layers=room)
+
+
 def attribute(
     model: nn.Module,
     tokenizer,
@@ -317,12 +330,12 @@ def attribute(
 ) -> Attribution:
     """Run the forward passes of CNA: deltas, skipped layers and universal neurons (no k yet)."""
     shape = ModelShape(model_id.num_layers, model_id.intermediate_size, model_id.hidden_size)
-    if settings.skip_first_layers + settings.skip_last_layers >= shape.num_layers:
+    if settings.skip_first_layers >= shape.num_layers:
         raise RecipeError(
-            f"skip_first_layers={settings.skip_first_layers} and skip_last_layers={settings.skip_last_layers} "
-            f"skip all {shape.num_layers} layers.",
+            f"skip_first_layers={settings.skip_first_layers} skips all {shape.num_layers} layers.",
             "skip fewer layers.",
         )
+    settings = _cap_skip_last(settings, shape.num_layers)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad_id = 0 if pad_id is None else pad_id
     enc = {name: encode_prompts(tokenizer, p, settings.chat_template) for name, p in
