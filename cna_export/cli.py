@@ -49,12 +49,6 @@ EXAMPLES = {
     "sweep": """examples:
   cna-export sweep --model ./m --recipe refusal-ablate --k 467 1167 1600 2400 --multipliers 0 1 2 --out sweep
   cna-export sweep --model m.gguf --recipe refusal-ablate --k 0.004 0.014 --kl-budget 0.1 --out s --export best""",
-    "patch-gguf": """examples:
-  cna-export discover --model smollm2.Q4_1.gguf --recipe refusal-ablate --top-k 46 -o c.json
-  cna-export patch-gguf smollm2.Q4_1.gguf --circuit c.json -o smollm2-edited.Q4_1.gguf
-  cna-export patch-gguf ~/.ollama/models/blobs/sha256-XXXX --circuit c.json -o edited.gguf --multiplier 2
-scales the circuit's ffn_up rows inside the quantized file (f16 block scales); every other byte is copied
-unchanged, and the applied circuit is written to OUT.circuit.json.""",
     "push": """examples:
   cna-export push qwen-no-refusal me/qwen-no-refusal --private
   cna-export push qwen-no-refusal me/qwen-no-refusal --revision m0 --commit-message "k=1600, m=0"
@@ -66,6 +60,12 @@ the token comes from `hf auth login` or HF_TOKEN and is never printed.""",
   cna-export diff model.Q4_K_M.gguf edited.Q4_K_M.gguf --json
 exit status: 0 when the difference is exactly a neuron edit (with --verify: exactly that circuit, nothing else),
 1 when it is not, 2 on bad input.""",
+    "patch-gguf": """examples:
+  cna-export discover --model smollm2.Q4_1.gguf --recipe refusal-ablate --top-k 46 -o c.json
+  cna-export patch-gguf smollm2.Q4_1.gguf --circuit c.json -o smollm2-edited.Q4_1.gguf
+  cna-export patch-gguf ~/.ollama/models/blobs/sha256-XXXX --circuit c.json -o edited.gguf --multiplier 2
+scales the circuit's ffn_up rows inside the quantized file (f16 block scales); every other byte is copied
+unchanged, and the applied circuit is written to OUT.circuit.json.""",
 }
 
 
@@ -198,16 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --export folder")
     p.set_defaults(func=_sweep)
 
-    p = add("patch-gguf", "scale a circuit's neurons inside an existing GGUF file (no re-conversion)", [])
-    p.add_argument("gguf", type=Path, help="GGUF file to patch (never modified)")
-    p.add_argument("--circuit", required=True, type=Path, help="circuit file from discover")
-    p.add_argument("-o", "--out", required=True, type=Path, help="patched GGUF file to write")
-    p.add_argument("--multiplier", type=float, help="scale for every neuron (0 ablate, >1 amplify)")
-    p.add_argument("--allow-negative", action="store_true", help="permit a negative multiplier")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output written by patch-gguf")
-    p.add_argument("--force", action="store_true", help="patch with a circuit discovered on different weights")
-    p.set_defaults(func=_patch_gguf)
-
     p = add("push", "upload an exported folder (or a .gguf file) to the Hugging Face Hub", [])
     p.add_argument("path", type=Path, help="exported model folder, or one .gguf file")
     p.add_argument("repo_id", help="Hub repository, owner/name (created if missing)")
@@ -225,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", type=Path, metavar="CIRCUIT", help="exit 0 only if EDITED is ORIGINAL + CIRCUIT")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(func=_diff)
+
+    p = add("patch-gguf", "scale a circuit's neurons inside an existing GGUF file (no re-conversion)", [])
+    p.add_argument("gguf", type=Path, help="GGUF file to patch (never modified)")
+    p.add_argument("--circuit", required=True, type=Path, help="circuit file from discover")
+    p.add_argument("-o", "--out", required=True, type=Path, help="patched GGUF file to write")
+    p.add_argument("--multiplier", type=float, help="scale for every neuron (0 ablate, >1 amplify)")
+    p.add_argument("--allow-negative", action="store_true", help="permit a negative multiplier")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output written by patch-gguf")
+    p.add_argument("--force", action="store_true", help="patch with a circuit discovered on different weights")
+    p.set_defaults(func=_patch_gguf)
     return parser
 
 
@@ -330,7 +330,6 @@ def _apply(args: argparse.Namespace) -> None:
     source = resolve(args.model, args.revision)
     out = apply_circuit(source, Circuit.load(args.circuit), args.out, **_apply_kwargs(args))
     print(f"wrote {out}")
-    _write_gguf(args, out)
     _after_export(args, out)
 
 
@@ -342,6 +341,7 @@ def _apply_kwargs(args: argparse.Namespace) -> dict:
         "force": args.force,
         "target": args.target,
         "base_model": args.base_model,
+        "gguf": args.gguf,
     }
 
 
@@ -356,11 +356,9 @@ def _check_push_args(args: argparse.Namespace) -> None:
 
 
 def _after_export(args: argparse.Namespace, out: Path) -> None:
-    """After apply/run: list files added to the folder (--gguf) in its model card, then --push-to-hub."""
-    if getattr(args, "gguf", None) is not None:
-        from cna_export.card import update_card
-
-        update_card(out, rehash=True)
+    """After apply/run: name the GGUF written into the folder (--gguf), then --push-to-hub."""
+    if args.gguf is not None:
+        print(f"wrote {out / f'{out.name}-{args.gguf}.gguf'}")
     if args.push_to_hub is not None:
         from cna_export.hub import push
 
@@ -372,19 +370,6 @@ def _local_model(args: argparse.Namespace) -> Path | None:
     (long) discovery rather than after it."""
     path = Path(args.model).expanduser()
     return path if path.exists() else None
-
-
-def _write_gguf(args: argparse.Namespace, out: Path) -> None:
-    """--gguf on apply/run: convert the export folder NAME into NAME/NAME-OUTTYPE.gguf.
-
-    Inside the folder, so one folder holds both formats: the model card lists the GGUF with its sha256
-    (`_after_export`) and --push-to-hub uploads it alongside the safetensors.
-    """
-    if args.gguf is not None:
-        from cna_export.gguf_export import export_gguf
-
-        path = export_gguf(out, out / f"{out.name}-{args.gguf}.gguf", outtype=args.gguf)
-        print(f"wrote {path}")
 
 
 def _gguf(args: argparse.Namespace) -> None:
@@ -420,7 +405,6 @@ def _run(args: argparse.Namespace) -> None:
     kwargs = _apply_kwargs(args) | {"allow_negative": args.allow_negative or recipe.allow_negative}
     out = apply_circuit(source, circuit, args.out, recipe_file=find_recipe(args.recipe), **kwargs)
     print(f"wrote {out}: {len(circuit.neurons)} neurons scaled")
-    _write_gguf(args, out)
     _after_export(args, out)
 
 

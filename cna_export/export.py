@@ -138,6 +138,7 @@ def apply_circuit(
     recipe_file: Path | None = None,
     metrics: dict | None = None,
     base_model: str | None = None,
+    gguf: str | None = None,
 ) -> Path:
     """Fold `circuit` into `source` and export it to the folder `out`. The source is never modified.
 
@@ -153,6 +154,8 @@ def apply_circuit(
         recipe_file: the recipe the circuit came from, saved as `recipe.yaml` in the folder.
         metrics: evaluation numbers for the model card (README.md, written into every export).
         base_model: Hub id of the source for the card, when it cannot be inferred (local copy, GGUF file).
+        gguf: also convert the export to `OUT/OUT-<gguf>.gguf` (outtype f32, f16, bf16 or q8_0), inside the staged
+            folder, so the GGUF is listed in the card and a failure leaves no export behind.
 
     Returns:
         The output folder.
@@ -193,6 +196,10 @@ def apply_circuit(
         applied.save(tmp / EXPORT_MARKER)
         if recipe_file is not None:
             copy_recipe(recipe_file, tmp)
+        if gguf is not None:
+            from cna_export.gguf_export import export_gguf
+
+            export_gguf(tmp, tmp / f"{out.name}-{gguf}.gguf", outtype=gguf)
         write_card(tmp, source, applied, target=target, source_weights_sha256=weights, metrics=metrics,
                    base_model=base_model)  # fmt: skip
     log.info("wrote %s", out)

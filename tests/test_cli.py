@@ -61,7 +61,7 @@ def test_discover_apply_inspect(tiny_models, tmp_path):
         (["apply", "--model", "{src}", "--circuit", "{tmp}/missing.json", "--out", "{tmp}/o"], "does not exist"),
         (["apply", "--model", "{tmp}/nowhere", "--circuit", "{tmp}/c.json", "--out", "{tmp}/o"], "neither"),
         (["run", "no-such-recipe", "--model", "{src}", "--out", "{tmp}/o"], "not found"),
-        (["run", "refusal-ablate", "--model", "{src}", "--out", "{src}"], "already exists"),
+        (["run", "refusal-ablate", "--model", "{src}", "--out", "{src}"], "overlaps the source"),
         (["run", "refusal-ablate", "--model", "{src}", "--out", "{tmp}/o", "--multiplier", "nan"], "finite"),
         (["discover", "--model", "{src}", "-o", "{tmp}/c.json"], "--recipe"),
         (["run", "refusal-ablate", "--model", "{src}", "--out", "{tmp}/o", "--top-k", "0"], "at least 1"),

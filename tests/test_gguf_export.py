@@ -464,3 +464,20 @@ def test_real_smollm2_f16_logits_tokens_and_generation(smol_folder, tmp_path):
     llm = Llama(str(out), n_ctx=256, verbose=False, seed=0, n_threads=2)
     answer = llm.create_completion(text, max_tokens=12, temperature=0)["choices"][0]["text"]
     assert answer.strip()
+
+
+def test_apply_gguf_failure_leaves_no_export(tiny_models, tmp_path, monkeypatch):
+    """--gguf is converted inside the staged folder: a failing conversion leaves no half export behind."""
+    import cna_export.gguf_export as gguf_export
+    from cna_export.export import apply_circuit
+    from cna_export.source import resolve
+
+    def broken(folder, out, **kwargs):
+        Path(out).write_bytes(b"partial")
+        raise CnaExportError("GGUF conversion failed.", "none")
+
+    monkeypatch.setattr(gguf_export, "export_gguf", broken)
+    folder = tiny_models["llama"]
+    with pytest.raises(CnaExportError, match="conversion failed"):
+        apply_circuit(resolve(str(folder)), make_circuit(folder, [(1, 7)], multiplier=0.0), tmp_path / "o", gguf="f16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
