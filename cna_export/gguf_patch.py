@@ -393,11 +393,13 @@ def patch_gguf_report(
                 os.pwrite(fd, data, start)
         finally:
             os.close(fd)
+        # The sidecar goes first: a kill before the GGUF's rename leaves a harmless sidecar, never a patched GGUF
+        # without its record (which --overwrite would then refuse to replace).
+        applied = circuit.model_copy(update={"multiplier": circuit.multiplier if multiplier is None else multiplier})
+        if multiplier is not None:
+            applied.neurons = [n.model_copy(update={"multiplier": None}) for n in circuit.neurons]
+        applied.save(sidecar)
     del source_data
-    applied = circuit.model_copy(update={"multiplier": circuit.multiplier if multiplier is None else multiplier})
-    if multiplier is not None:
-        applied.neurons = [n.model_copy(update={"multiplier": None}) for n in circuit.neurons]
-    applied.save(sidecar)
     report = PatchReport(out, sidecar, patches)
     log.info("wrote %s: %s", out, report.summary())
     return report
