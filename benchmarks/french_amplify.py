@@ -1,0 +1,97 @@
+"""Does the `french-amplify` recipe change behaviour on a real model? Sweep k x m, count answers in French.
+
+One attribution with the recipe's discovery prompts ("... Answer in French." vs "... Answer in English."), cut at
+every k; the held-out prompts (`builtin:french_heldout`, 30 plain English questions with no language
+instruction) are answered greedily by the original model (m = 1) and by every (k, m) point with runtime hooks,
+and `cna_export.detectors.detect_french` counts the answers that are in French. Benign set (KL, quality):
+`builtin:refusal_benign_heldout`; answering those in French too is the behaviour generalising, not a false
+positive, so no KL budget is applied when choosing a point.
+
+Usage (SmolLM2-135M: about 15 minutes on 2 busy CPU cores; Qwen 0.5B: longer):
+    nohup python benchmarks/french_amplify.py > /tmp/french.log 2>&1 &
+    python benchmarks/french_amplify.py --model ~/.cache/cna-real-models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf \
+        --name french_qwen
+    # ablation (m=0) with the instruction kept in the held-out prompts: does the model stop answering in French?
+    python benchmarks/french_amplify.py --model ...Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf --k 0.001 0.005 --m 0 \
+        --heldout-suffix "Answer in French." --name french_ablate_qwen
+The committed results (results/french_*.md) were made with PYTHONPATH=. and --k 0.01 --m 4 8 --max-new-tokens 24
+(SmolLM2), --k 0.005 --m 2 4 (Qwen), both with --threads 1, and the ablation line above; all --max-new-tokens 24.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+from refusal_qwen import write_outputs
+
+from cna_export.attribute import attribute
+from cna_export.evaluate import EvalConfig
+from cna_export.recipe import load_prompts, load_recipe
+from cna_export.source import describe, identity, load_model, resolve
+from cna_export.sweep import goal_of, heldout_sets, resolve_ks, run_sweep
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = Path.home() / ".cache" / "cna-real-models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--recipe", default="french-amplify")
+    ap.add_argument("--k", type=float, nargs="+", default=[0.005, 0.01, 0.02], help="fractions of all MLP neurons")
+    ap.add_argument("--m", type=float, nargs="+", default=[2.0, 4.0, 8.0])
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--kl-tokens", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--heldout-suffix", default="", help='e.g. "Answer in French." to test ablation (m < 1)')
+    ap.add_argument("--name", default="french_smollm2")
+    ap.add_argument("--out", type=Path, default=ROOT / "results")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+
+    recipe, base = load_recipe(args.recipe)
+    held_pos, held_neg = heldout_sets(recipe, base)
+    if args.heldout_suffix:
+        held_pos = [f"{p} {args.heldout_suffix}" for p in held_pos]
+    times = {}
+    t = time.time()
+    source = resolve(str(args.model))
+    spec, shape, config = describe(source)
+    model, tokenizer = load_model(source, dtype="float32", device="cpu")
+    times["load_s"] = time.time() - t
+    t = time.time()
+    settings = recipe.settings()
+    neutral = load_prompts(recipe.universal.prompts, base) if settings.universal else []
+    att = attribute(model, tokenizer, spec, identity(source, config, shape), load_prompts(recipe.positive, base),
+                    load_prompts(recipe.negative, base), neutral, settings)  # fmt: skip
+    times["attribution_s"] = time.time() - t
+    t = time.time()
+    results, records, circuits = run_sweep(
+        model, tokenizer, spec, att, resolve_ks(args.k, shape), args.m, held_pos, held_neg, recipe.behaviour,
+        EvalConfig(args.max_new_tokens, args.batch_size, args.kl_tokens), model_name=args.model.name,
+        recipe=recipe.name, kl_budget=None, goal=goal_of(min(args.m)), out=args.out / args.name,
+    )  # fmt: skip
+    times["sweep_s"] = time.time() - t
+    results["heldout_sources"] = {
+        "positive": str(recipe.heldout_positive),
+        "negative": "builtin:refusal_benign_heldout",
+    }
+    notes = (
+        f"Recipe `{recipe.name}` (its defaults: k = {recipe.fraction} of MLP neurons, m = {recipe.multiplier:g}); "
+        f"swept here: k = {', '.join(f'{k:g}' for k in args.k)} of MLP neurons, m = {', '.join(f'{m:g}' for m in args.m)}. Held-out: "
+        f"{len(held_pos)} plain English questions (`{recipe.heldout_positive}`)"
+        f"{f' each followed by {args.heldout_suffix!r}' if args.heldout_suffix else ''}; 'positive rate' = answers in "
+        f"French. Benign: {len(held_neg)} everyday requests. Greedy, {args.max_new_tokens} new tokens."
+    )
+    write_outputs(args.out, args.name, f"French {'amplification' if min(args.m) > 1 else 'ablation'} on {args.model.name}", results, records, att,
+                  circuits, times, notes)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
