@@ -94,6 +94,7 @@ def _select_opts() -> argparse.ArgumentParser:
     k.add_argument("--top-k", type=int, help="number of neurons to select")
     k.add_argument("--fraction", type=float, help="share of all MLP neurons to select (default 0.001)")
     g.add_argument("--skip-first-layers", type=int, help="never select neurons in the first N layers")
+    g.add_argument("--skip-last-layers", type=int, help="never select neurons in the last N layers")
     g.add_argument("--no-universal", action="store_true", help="do not exclude universal neurons")
     g.add_argument("--universal-top-n", type=int, help="per-layer top-|activation| size for universal neurons")
     g.add_argument("--universal-threshold", type=float, help="share of neutral prompts that makes a neuron universal")
@@ -249,6 +250,7 @@ def _settings(args: argparse.Namespace, base):
     overrides = {
         "top_k": args.top_k,
         "skip_first_layers": args.skip_first_layers,
+        "skip_last_layers": args.skip_last_layers,
         "universal_top_n": args.universal_top_n,
         "universal_threshold": args.universal_threshold,
         "batch_size": args.batch_size,
@@ -273,8 +275,8 @@ def _check_settings(s) -> None:
         raise CnaExportError(f"--fraction {s.fraction} must be in (0, 1].", "e.g. 0.001 for 0.1%.")
     if s.batch_size < 1:
         raise CnaExportError(f"--batch-size {s.batch_size} must be at least 1.", "pass a positive size.")
-    if s.skip_first_layers < 0:
-        raise CnaExportError("--skip-first-layers must not be negative.", "pass 0 or more.")
+    if s.skip_first_layers < 0 or s.skip_last_layers < 0:
+        raise CnaExportError("--skip-first-layers/--skip-last-layers must not be negative.", "pass 0 or more.")
     if not 0 < s.universal_threshold <= 1:
         raise CnaExportError(f"--universal-threshold {s.universal_threshold} must be in (0, 1].", "e.g. 0.8.")
 
@@ -562,7 +564,8 @@ def summary(circuit, top: int = 20) -> str:
         f"circuit: {circuit.behaviour} on {m.source} ({m.model_type}, {m.num_layers} layers x {m.intermediate_size})",
         f"neurons: {len(circuit.neurons)} ({100 * len(circuit.neurons) / total:.3f}% of {total}), "
         f"default multiplier {circuit.multiplier:g}",
-        f"excluded: first {s.skip_first_layers} layers, {len(s.universal_excluded)} universal neurons",
+        f"excluded: first {s.skip_first_layers} and last {s.skip_last_layers} layers, "
+        f"{len(s.universal_excluded)} universal neurons",
         "prompts: " + ", ".join(f"{k} {v.count}" for k, v in circuit.prompts.items()),
         "",
         "layer  neurons",

@@ -65,7 +65,7 @@ def test_heldout_sets_default_to_recipe_and_exclude_discovery(tmp_path):
     leaked.write_text(f"A new harmful request?\n{load_prompts(recipe.positive, base)[0]}\n")
     pos, _ = heldout_sets(recipe, base, positive=str(leaked))
     assert pos == ["A new harmful request?"]  # the discovery prompt is never scored
-    _, neg = heldout_sets(*load_recipe("french-amplify"))
+    _, neg = heldout_sets(*load_recipe("french-ablate"))
     assert len(neg) == 40  # no benign held-out set in that recipe: the built-in everyday requests
     with pytest.raises(RecipeError, match="held-out"):
         heldout_sets(None)

@@ -1,21 +1,21 @@
-"""Does the `french-amplify` recipe change behaviour on a real model? Sweep k x m, count answers in French.
+"""Does a French-language edit change behaviour on a real model? Sweep k x m, count answers in French.
 
 One attribution with the recipe's discovery prompts ("... Answer in French." vs "... Answer in English."), cut at
-every k; the held-out prompts (`builtin:french_heldout`, 30 plain English questions with no language
-instruction) are answered greedily by the original model (m = 1) and by every (k, m) point with runtime hooks,
-and `cna_export.detectors.detect_french` counts the answers that are in French. Benign set (KL, quality):
-`builtin:refusal_benign_heldout`; answering those in French too is the behaviour generalising, not a false
-positive, so no KL budget is applied when choosing a point.
+every k; the recipe's held-out prompts are answered greedily by the original model (m = 1) and by every (k, m)
+point with runtime hooks, and `cna_export.detectors.detect_french` counts the answers that are in French. Benign
+set (KL, quality): `builtin:refusal_benign_heldout`.
 
-Usage (SmolLM2-135M: about 15 minutes on 2 busy CPU cores; Qwen 0.5B: longer):
-    nohup python benchmarks/french_amplify.py > /tmp/french.log 2>&1 &
-    python benchmarks/french_amplify.py --model ~/.cache/cna-real-models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf \
-        --name french_qwen
-    # ablation (m=0) with the instruction kept in the held-out prompts: does the model stop answering in French?
-    python benchmarks/french_amplify.py --model ...Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf --k 0.001 0.005 --m 0 \
-        --heldout-suffix "Answer in French." --name french_ablate_qwen
-The committed results (results/french_*.md) were made with PYTHONPATH=. and --k 0.01 --m 4 8 --max-new-tokens 24
-(SmolLM2), --k 0.005 --m 2 4 (Qwen), both with --threads 1, and the ablation line above; all --max-new-tokens 24.
+The default recipe `french-ablate` holds out 30 English questions followed by "Answer in French."
+(`builtin:french_heldout_instructed`): does ablation keep the model in English? Amplification was tried too, on
+plain English questions (`--heldout-suffix` adds text to each held-out prompt; use a recipe whose held-out set is
+`builtin:french_heldout` with m > 1): it did not make the models answer in French (results/french_qwen.md).
+
+Usage (Qwen 0.5B: about 3 minutes of sweep on 2 CPU cores, plus loading):
+    python benchmarks/french.py --model ~/.cache/cna-real-models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf \
+        --k 0.001 0.005 --m 0 --name french_ablate_qwen
+The committed results/french_ablate_qwen.* were made with the same prompts (then as builtin:french_heldout plus
+--heldout-suffix "Answer in French."), --max-new-tokens 24, PYTHONPATH=.; results/french_smollm2.* and
+french_qwen.* are the amplification attempts (--k 0.01 --m 4 8 and --k 0.005 --m 2 4, --threads 1).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ DEFAULT_MODEL = Path.home() / ".cache" / "cna-real-models" / "SmolLM2-135M-Instr
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--recipe", default="french-amplify")
+    ap.add_argument("--recipe", default="french-ablate")
     ap.add_argument("--k", type=float, nargs="+", default=[0.005, 0.01, 0.02], help="fractions of all MLP neurons")
     ap.add_argument("--m", type=float, nargs="+", default=[2.0, 4.0, 8.0])
     ap.add_argument("--max-new-tokens", type=int, default=32)
