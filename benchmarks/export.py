@@ -2,7 +2,8 @@
 
 Builds random-weight Llama checkpoints (bf16, sharded like the Hub's) of two sizes, the larger >= 2 GB, then in
 one run measures, each in its own process so peak RSS is its own:
-  - `cp -r` of the folder (the floor for any tool that writes a full copy),
+  - `cp -r` of the folder (the floor for any tool that writes a full copy), and `cp -r` + `sha256sum` (the floor
+    for one that also records every file's hash, as the model card of each export does),
   - `cna_export.export.apply_circuit` with a 0.1% circuit (time inside the process, and the whole command),
   - transformers `from_pretrained` + edit + `save_pretrained`.
 The page cache is warmed first so every contender reads from memory. Prints a table and writes JSON to
@@ -140,9 +141,18 @@ def timed_cp(src: Path, dst: Path) -> float:
     return time.perf_counter() - t0
 
 
+def timed_cp_sha256(src: Path, dst: Path) -> float:
+    """`cp -r` then `sha256sum` of the copy: the floor for a tool that writes a copy and records its hashes (the
+    model card of every export lists the sha256 of each file)."""
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    subprocess.run(["sha256sum", *map(str, sorted(dst.iterdir()))], check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
 def settle(work: Path) -> None:
     """Remove earlier outputs and flush dirty pages to disk (untimed)."""
-    for name in ("cp", "ours", "hf"):
+    for name in ("cp", "cp-sha", "ours", "hf"):
         shutil.rmtree(work / f"out-{name}", ignore_errors=True)
     os.sync()
 
@@ -195,22 +205,26 @@ def main() -> None:
         warm(src)
         # Each contender starts with no dirty pages, so none pays for another's write-back; median of 3 runs
         # (interleaved, so drift on this shared machine hits all alike).
-        runs: dict[str, list] = {"cp": [], "ours": [], "hf": []}
+        runs: dict[str, list] = {"cp": [], "cp_sha": [], "ours": [], "hf": []}
         for _ in range(args.repeats):
             settle(args.work)
             runs["cp"].append(timed_cp(src, args.work / "out-cp"))
+            settle(args.work)
+            runs["cp_sha"].append(timed_cp_sha256(src, args.work / "out-cp-sha"))
             settle(args.work)
             runs["ours"].append(run_py(OURS, str(src), str(circuit), str(args.work / "out-ours")))
             settle(args.work)
             runs["hf"].append(run_py(HF, str(src), str(circuit), str(args.work / "out-hf")))
         settle(args.work)
         t_cp = statistics.median(runs["cp"])
+        t_cp_sha = statistics.median(runs["cp_sha"])
         ours = {k: statistics.median(r[k] for r in runs["ours"]) for k in runs["ours"][0]}
         hf = {k: statistics.median(r[k] for r in runs["hf"]) for k in runs["hf"][0]}
         rows.append({
             "layers": layers, "size_gb": round(size / 1e9, 2), "largest_tensor_mb": round(largest / 1e6, 1),
             "cp_s": round(t_cp, 2), "ours_export_s": round(ours["export_s"], 2), "ours_wall_s": round(ours["wall_s"], 2),
             "ours_vs_cp": round(ours["export_s"] / t_cp, 2), "ours_wall_vs_cp": round(ours["wall_s"] / t_cp, 2),
+            "cp_sha256_s": round(t_cp_sha, 2), "ours_vs_cp_sha256": round(ours["export_s"] / t_cp_sha, 2),
             "ours_peak_rss_mb": round(ours["rss_mb"]), "rss_budget_mb": round(2 * largest / 1e6 + 600),
             "hf_s": round(hf["export_s"], 2), "hf_peak_rss_mb": round(hf["rss_mb"]),
             "hf_vs_ours": round(hf["export_s"] / ours["export_s"], 2),

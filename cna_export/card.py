@@ -20,7 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from cna_export import __version__
-from cna_export.checkpoint import sha256_file
+from cna_export.checkpoint import BackgroundHasher, sha256_file
 from cna_export.circuit import Circuit
 from cna_export.errors import CheckpointError, CnaExportError
 from cna_export.source import Source
@@ -41,8 +41,11 @@ _CACHE_DIR = re.compile(r"^models--([\w.-]+?)--([\w.-]+)$")
 RELATION = "finetune"
 
 
-def file_hashes(folder: Path, desc: str = "hashing export") -> dict[str, str]:
-    """sha256 of every file in `folder` (relative posix path -> hex) except the card and hidden files."""
+def file_hashes(folder: Path, desc: str = "hashing export", known: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 of every file in `folder` (relative posix path -> hex) except the card and hidden files.
+
+    `known` digests (hashed while the files were written) are taken as they are; the rest are hashed on two threads.
+    """
     folder = Path(folder)
     files = sorted(
         p
@@ -50,11 +53,18 @@ def file_hashes(folder: Path, desc: str = "hashing export") -> dict[str, str]:
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
     files = [p for p in files if p.relative_to(folder).as_posix() != CARD_NAME]
-    hashes = {}
-    with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc=desc, leave=False) as bar:
-        for p in files:
-            hashes[p.relative_to(folder).as_posix()] = sha256_file(p, bar)
-    return hashes
+    known = known or {}
+    todo = [p for p in files if p.relative_to(folder).as_posix() not in known]
+    with (
+        tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc=desc, leave=False) as bar,
+        BackgroundHasher(folder) as hasher,
+    ):
+        for p in todo:
+            hasher.submit(p)
+        computed = hasher.results()
+        bar.update(bar.total)
+    merged = {**known, **computed}
+    return {name: merged[name] for name in sorted(p.relative_to(folder).as_posix() for p in files)}
 
 
 def source_metadata(source: Source) -> dict[str, Any]:
@@ -123,6 +133,7 @@ def provenance(
     target: str = "down",
     source_weights_sha256: str | None = None,
     metrics: dict[str, Any] | None = None,
+    known_hashes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The machine-readable record of an export; `files` covers every file of `folder` but the card."""
     recipe_path = Path(folder) / RECIPE_NAME
@@ -153,7 +164,7 @@ def provenance(
             "neurons_per_layer": {str(k): v for k, v in circuit.layer_counts().items()},
         },
         "metrics": metrics,
-        "files": file_hashes(folder),
+        "files": file_hashes(folder, known=known_hashes),
     }
 
 
@@ -166,6 +177,7 @@ def build_card(
     source_weights_sha256: str | None = None,
     metrics: dict[str, Any] | None = None,
     base_model: str | None = None,
+    known_hashes: dict[str, str] | None = None,
 ):
     """Build the model card of an exported folder (a `huggingface_hub.ModelCard`).
 
@@ -177,15 +189,15 @@ def build_card(
         source_weights_sha256: combined sha256 of the source weights, when known.
         metrics: evaluation numbers (name -> number, or a nested dict), shown in a table and in the provenance.
         base_model: the Hub id of the source, when it cannot be inferred (a local copy, a GGUF file).
+        known_hashes: sha256 of files already hashed while they were written (relative path -> hex).
 
     Returns:
         The card; `card.save(folder / "README.md")` writes it.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    record = provenance(
-        folder, source, circuit, target=target, source_weights_sha256=source_weights_sha256, metrics=metrics
-    )
+    record = provenance(folder, source, circuit, target=target, source_weights_sha256=source_weights_sha256,
+                        metrics=metrics, known_hashes=known_hashes)  # fmt: skip
     inherited = source_metadata(source)
     base = base_model or inherited.pop("base_model", None)
     inherited.pop("base_model", None)

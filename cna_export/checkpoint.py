@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -341,6 +342,38 @@ def sha256_file(path: Path, progress: tqdm | None = None) -> str:
             if progress is not None:
                 progress.update(len(chunk))
     return h.hexdigest()
+
+
+class BackgroundHasher:
+    """sha256 of files as soon as they are complete, on worker threads (hashlib and file reads release the GIL),
+    so hashing an export overlaps with writing its next shard instead of re-reading everything at the end.
+
+    Example:
+        >>> with BackgroundHasher(folder) as hasher:
+        ...     hasher.submit(folder / "model.safetensors")
+        ...     digests = hasher.results()  # relative posix path -> hex
+    """
+
+    def __init__(self, root: Path, workers: int = 2) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.root = Path(root)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256")
+        self._jobs: dict[str, Any] = {}
+
+    def submit(self, path: Path) -> None:
+        self._jobs[Path(path).relative_to(self.root).as_posix()] = self._pool.submit(sha256_file, Path(path))
+
+    def results(self) -> dict[str, str]:
+        return {name: job.result() for name, job in self._jobs.items()}
+
+    def __enter__(self) -> BackgroundHasher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for job in self._jobs.values():
+            job.cancel()
+        self._pool.shutdown(wait=True)
 
 
 def sha256_files(paths: Iterable[Path], desc: str = "hashing") -> dict[str, str]:

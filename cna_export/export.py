@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,7 @@ from cna_export.arch import ArchSpec, ModelShape
 from cna_export.card import check_repo_id, copy_recipe, write_card
 from cna_export.checkpoint import (
     INDEX_NAME,
+    BackgroundHasher,
     CheckpointReader,
     OutTensor,
     check_output_path,
@@ -83,9 +85,11 @@ def preflight(source: Source, out: Path, spec: ArchSpec, shape: ModelShape, edit
 
 def write_folded(
     src: Path, dst: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, metadata: dict[str, str],
-    target: Target = "down",
+    target: Target = "down", on_written: Callable[[Path], None] | None = None,
 ) -> None:  # fmt: skip
-    """Write the folded weights of folder `src` into the existing folder `dst`, plus the side files."""
+    """Write the folded weights of folder `src` into the existing folder `dst`, plus the side files.
+
+    `on_written(path)` is called with each shard as soon as it is complete (the export hashes it meanwhile)."""
     reader = CheckpointReader(src)
     changes = check_targets(reader, spec, shape, edits, target)
     total = sum(e.nbytes for e in reader.entries.values())
@@ -101,6 +105,8 @@ def write_folded(
                 out.append(OutTensor(entry.name, entry.dtype, entry.shape, entry.nbytes, copy_from, edit=edit))
             meta = {**reader.file_metadata[file], "format": "pt", **metadata}
             write_safetensors(dst / file, out, meta, bar)
+            if on_written is not None:
+                on_written(dst / file)
     if (src / INDEX_NAME).is_file():
         shutil.copyfile(src / INDEX_NAME, dst / INDEX_NAME)
     for path in side_files(src):
@@ -179,17 +185,17 @@ def apply_circuit(
         "cna_export.behaviour": circuit.behaviour,
     }
     preflight(source, out, spec, shape, edits, target)
-    with staged_output(out, overwrite, marker=EXPORT_MARKER) as tmp:
+    with staged_output(out, overwrite, marker=EXPORT_MARKER) as tmp, BackgroundHasher(tmp) as hasher:
         if source.is_gguf:
             dense = temp_sibling(out, "gguf")  # named like every temporary, so a killed run's is cleaned later
             try:
                 dense.mkdir()
                 materialize_gguf(source, dense, gguf_dtype)
-                write_folded(dense, tmp, spec, shape, edits, metadata, target)
+                write_folded(dense, tmp, spec, shape, edits, metadata, target, hasher.submit)
             finally:
                 shutil.rmtree(dense, ignore_errors=True)
         else:
-            write_folded(source.folder, tmp, spec, shape, edits, metadata, target)
+            write_folded(source.folder, tmp, spec, shape, edits, metadata, target, hasher.submit)
         applied = circuit.model_copy(update={"multiplier": circuit.multiplier if multiplier is None else multiplier})
         if multiplier is not None:
             applied.neurons = [n.model_copy(update={"multiplier": None}) for n in circuit.neurons]
@@ -200,7 +206,7 @@ def apply_circuit(
             from cna_export.gguf_export import export_gguf
 
             export_gguf(tmp, tmp / f"{out.name}-{gguf}.gguf", outtype=gguf)
-        write_card(tmp, source, applied, target=target, source_weights_sha256=weights, metrics=metrics,
+        write_card(tmp, source, applied, known_hashes=hasher.results(), target=target, source_weights_sha256=weights, metrics=metrics,
                    base_model=base_model)  # fmt: skip
     log.info("wrote %s", out)
     return out
