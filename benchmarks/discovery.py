@@ -3,7 +3,8 @@
 The baseline does what NousResearch/neural-steering does: one prompt at a time, a full forward pass including
 the lm_head, per-layer hooks that copy each activation to the host, and a Python loop over every neuron to rank
 them. Both sides use the same selection rule (no universal filter, no skipped layers) so the selected neurons
-can be compared. Prints a table and writes JSON to benchmarks/results/discovery.json.
+can be compared; a second fp32 comparison uses the refusal recipes' rule (last 2 layers never selected), which
+cna-export turns into a shorter forward pass. Prints a table and writes JSON to benchmarks/results/discovery.json.
 
     python benchmarks/discovery.py                       # SmolLM2-135M-Instruct (real, from PyPI)
     python benchmarks/discovery.py --model path/to/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf
@@ -40,17 +41,21 @@ def computed_tokens(encoded, batch_size):
                         for i in range(0, len(suffixes), batch_size))  # fmt: skip
 
 
-def ours(model, spec, pos, neg, k, batch_size, pad_id):
+def ours(model, spec, pos, neg, k, batch_size, pad_id, skip_last=0):
     t0 = time.perf_counter()
-    a = collect(model, spec, pos, batch_size, pad_id)
-    b = collect(model, spec, neg, batch_size, pad_id)
-    chosen = select(a.mean - b.mean, k, torch.zeros_like(a.sums, dtype=torch.bool))
+    last = len(down_projs(model, spec)) - 1 - skip_last
+    a = collect(model, spec, pos, batch_size, pad_id, last_layer=last)
+    b = collect(model, spec, neg, batch_size, pad_id, last_layer=last)
+    excluded = torch.zeros_like(a.sums, dtype=torch.bool)
+    excluded[last + 1 :] = True
+    chosen = select(a.mean - b.mean, k, excluded)
     return time.perf_counter() - t0, chosen
 
 
 @torch.no_grad()
-def baseline(model, spec, pos, neg, k):
-    """One prompt at a time, full forward with lm_head, host copy per layer, Python ranking loop."""
+def baseline(model, spec, pos, neg, k, skip_last=0):
+    """One prompt at a time, full forward with lm_head, host copy per layer, Python ranking loop (over the
+    layers that may be selected)."""
     t0 = time.perf_counter()
     projs = down_projs(model, spec)
     means = []
@@ -67,7 +72,7 @@ def baseline(model, spec, pos, neg, k):
         n = len(rows)
         means.append([[sum(r[l][j] for r in rows) / n for j in range(len(rows[0][l]))] for l in range(len(projs))])
     scored = []
-    for l in range(len(projs)):
+    for l in range(len(projs) - skip_last):
         for j in range(len(means[0][l])):
             scored.append((abs(means[0][l][j] - means[1][l][j]), l, j))
     scored.sort(key=lambda t: -t[0])
@@ -137,6 +142,17 @@ def main() -> None:
             f"ours_{name}_gflops": round(flops / t_ours / 1e9, 1),
             f"roofline_fraction_{name}": round(flops / t_ours / peak, 3),
         }
+    # The refusal recipes' selection: the last 2 layers are never selected, so cna-export does not compute them
+    # (the reference-style baseline runs its full forward pass as always and ranks the same layers).
+    model.to(torch.float32)
+    t_base2, sel_base2 = baseline(model, spec, pos, neg, k, skip_last=2)
+    t_ours2, sel_ours2 = ours(model, spec, pos, neg, k, args.batch_size, pad, skip_last=2)
+    result |= {
+        "baseline_float32_skip_last2_s": round(t_base2, 3),
+        "ours_float32_skip_last2_s": round(t_ours2, 3),
+        "speedup_float32_skip_last2": round(t_base2 / t_ours2, 2),
+        "overlap_float32_skip_last2": round(len(set(sel_ours2) & set(sel_base2)) / k, 4),
+    }
     RESULTS.mkdir(exist_ok=True)
     stem = args.name or f"discovery-{Path(args.model).stem.split('.')[0]}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")

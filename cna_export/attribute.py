@@ -2,8 +2,9 @@
 
 For each prompt set the model runs in length-sorted, left-padded batches (so every prompt's last real token
 sits at position -1). A pre-hook on every layer's `down_proj` adds the last-token input, one value per neuron,
-to a float64 running sum on the device; nothing per-prompt is kept. The pass stops inside the last layer,
-before its `down_proj`, the final norm and the lm_head, which attribution never needs.
+to a float64 running sum on the device; nothing per-prompt is kept. The pass stops inside the last layer that
+can be selected, before its `down_proj`: later layers (`skip_last_layers`), the final norm and the lm_head are
+never computed.
 """
 
 from __future__ import annotations
@@ -116,8 +117,11 @@ def collect(
     top_n: int | None = None,
     desc: str = "forward",
     share_prefix: bool = True,
+    last_layer: int | None = None,
 ) -> SetStats:
     """Sum last-token `down_proj` inputs over prompts; with `top_n`, count per-layer top-|act| membership.
+
+    The forward pass ends at `last_layer` (default: the model's last); later layers' sums stay zero.
 
     Each layer's running sum lives on the device that layer runs on (layers may be spread over several GPUs,
     the CPU or disk offload), so nothing is copied to the host until the end. Under torch.distributed each
@@ -127,7 +131,7 @@ def collect(
     n_layers, width = len(projs), projs[0].in_features
     sums: dict[int, torch.Tensor] = {}
     tops: dict[int, torch.Tensor] = {}
-    last = n_layers - 1
+    last = n_layers - 1 if last_layer is None else last_layer
 
     recording = [True]
 
@@ -158,7 +162,7 @@ def collect(
         prefix = 0
     cache = None
     recording[0] = False
-    with pre_hooks(dict(enumerate(projs)), capture):
+    with pre_hooks(dict(enumerate(projs[: last + 1])), capture):
         if prefix:
             cache = DynamicCache(config=model.config)
             _forward(model, torch.tensor([mine[0][:prefix]]), torch.ones(1, prefix, dtype=torch.long), 0, cache, device)
@@ -340,8 +344,10 @@ def attribute(
     pad_id = 0 if pad_id is None else pad_id
     enc = {name: encode_prompts(tokenizer, p, settings.chat_template) for name, p in
            (("positive", positive), ("negative", negative))}  # fmt: skip
-    pos = collect(model, spec, enc["positive"], settings.batch_size, pad_id, desc="positive prompts")
-    neg = collect(model, spec, enc["negative"], settings.batch_size, pad_id, desc="negative prompts")
+    # Layers skipped at the end are never selected: the forward passes stop before them.
+    last = shape.num_layers - 1 - settings.skip_last_layers
+    pos = collect(model, spec, enc["positive"], settings.batch_size, pad_id, desc="positive prompts", last_layer=last)
+    neg = collect(model, spec, enc["negative"], settings.batch_size, pad_id, desc="negative prompts", last_layer=last)
     delta = pos.mean - neg.mean
 
     excluded = torch.zeros_like(delta, dtype=torch.bool)
@@ -354,7 +360,8 @@ def attribute(
     if settings.universal:
         top_n = settings.universal_top_n or max(1, math.ceil(0.01 * shape.intermediate_size))
         enc_neutral = encode_prompts(tokenizer, neutral, settings.chat_template)
-        stats = collect(model, spec, enc_neutral, settings.batch_size, pad_id, top_n=top_n, desc="neutral prompts")
+        stats = collect(model, spec, enc_neutral, settings.batch_size, pad_id, top_n=top_n, desc="neutral prompts",
+                        last_layer=last)  # fmt: skip
         universal = universal_mask(stats, settings.universal_threshold)
         universal_list = [(int(a), int(b)) for a, b in universal.nonzero().tolist()]
         excluded |= universal

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import struct
+import threading
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -271,9 +272,16 @@ class OutTensor:
 
 
 def write_safetensors(
-    path: Path, tensors: list[OutTensor], metadata: dict[str, str], progress: tqdm | None = None
+    path: Path,
+    tensors: list[OutTensor],
+    metadata: dict[str, str],
+    progress: tqdm | None = None,
+    hashing: StreamHash | None = None,
 ) -> None:
-    """Write one safetensors file, streaming tensor by tensor in the given order."""
+    """Write one safetensors file, streaming tensor by tensor in the given order.
+
+    Each tensor is final (copied and edited) before the next one is written, so `hashing` can follow the writer
+    and the file's sha256 is ready moments after its last byte."""
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for t in tensors:
@@ -281,10 +289,13 @@ def write_safetensors(
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header so tensor data starts 8-byte aligned
-    base = 8 + len(raw)
+    offset = 8 + len(raw)
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
+        out.flush()
+        if hashing is not None:
+            hashing.advance(offset)
         for t in tensors:
             if t.copy_from is not None:
                 _copy_range(t.copy_from[0], t.copy_from[1], t.nbytes, out)
@@ -293,17 +304,20 @@ def write_safetensors(
                 if TORCH_TO_ST[tensor.dtype] != t.dtype or tuple(tensor.shape) != t.shape:
                     raise AssertionError(f"edited tensor {t.name} changed dtype or shape")
                 out.write(tensor.view(torch.uint8).reshape(-1).numpy().data)
+                out.flush()
+            if t.edit is not None and t.nbytes:
+                mapped = np.memmap(path, dtype=np.uint8, mode="r+", offset=offset, shape=(t.nbytes,))
+                t.edit(torch.from_numpy(mapped).view(ST_TO_TORCH[t.dtype]).view(t.shape))
+                del mapped  # unmapping leaves the dirty pages to the kernel; msync would force a slow disk write
+            offset += t.nbytes
+            if hashing is not None:
+                hashing.advance(offset)
             if progress is not None:
                 progress.update(t.nbytes)
         # No fsync: a killed process cannot lose page-cache data, and the folder only appears, complete, by
         # rename. (cp does not fsync either; power-loss durability is the file system's job.)
-    offset = base
-    for t in tensors:
-        if t.edit is not None and t.nbytes:
-            mapped = np.memmap(path, dtype=np.uint8, mode="r+", offset=offset, shape=(t.nbytes,))
-            t.edit(torch.from_numpy(mapped).view(ST_TO_TORCH[t.dtype]).view(t.shape))
-            del mapped  # unmapping leaves the dirty pages to the kernel; msync would force a slow disk write
-        offset += t.nbytes
+    if hashing is not None:
+        hashing.close()
 
 
 def _copy_range(src: Path, offset: int, length: int, out) -> None:
@@ -344,13 +358,72 @@ def sha256_file(path: Path, progress: tqdm | None = None) -> str:
     return h.hexdigest()
 
 
-class BackgroundHasher:
-    """sha256 of files as soon as they are complete, on worker threads (hashlib and file reads release the GIL),
-    so hashing an export overlaps with writing its next shard instead of re-reading everything at the end.
+class StreamHash:
+    """sha256 of a file while it is being written: the writer says how many leading bytes are final
+    (`advance`), a worker thread hashes up to there, reading back from the page cache.
 
     Example:
         >>> with BackgroundHasher(folder) as hasher:
-        ...     hasher.submit(folder / "model.safetensors")
+        ...     write_safetensors(folder / "model.safetensors", tensors, meta, hashing=hasher.stream(path))
+    """
+
+    CHUNK = 16 * 1024 * 1024
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._final = 0
+        self._closed = False
+        self._aborted = False
+        self._cv = threading.Condition()
+
+    def advance(self, final: int) -> None:
+        with self._cv:
+            self._final = final
+            self._cv.notify()
+
+    def close(self) -> None:
+        """Every byte is written: the hash ends at the last `advance`."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+
+    def abort(self) -> None:
+        with self._cv:
+            self._aborted = True
+            self._cv.notify()
+
+    def run(self) -> str | None:
+        """Hash until closed (hex digest) or aborted (None)."""
+        h, pos, fd = hashlib.sha256(), 0, None
+        try:
+            while True:
+                with self._cv:
+                    self._cv.wait_for(lambda pos=pos: self._aborted or self._closed or self._final > pos)
+                    if self._aborted:
+                        return None
+                    final, closed = self._final, self._closed
+                if fd is None and final > pos:
+                    fd = os.open(self.path, os.O_RDONLY)
+                while pos < final:
+                    chunk = os.pread(fd, min(self.CHUNK, final - pos), pos)
+                    if not chunk:
+                        raise CheckpointError(f"{self.path} is shorter than written.", "check the disk.")
+                    h.update(chunk)
+                    pos += len(chunk)
+                if closed and pos >= final:
+                    return h.hexdigest()
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+
+class BackgroundHasher:
+    """sha256 of files on worker threads (hashlib and file reads release the GIL): whole files with `submit`,
+    files still being written with `stream`, so hashing an export overlaps with writing it.
+
+    Example:
+        >>> with BackgroundHasher(folder) as hasher:
+        ...     hasher.submit(folder / "config.json")
         ...     digests = hasher.results()  # relative posix path -> hex
     """
 
@@ -360,9 +433,20 @@ class BackgroundHasher:
         self.root = Path(root)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256")
         self._jobs: dict[str, Any] = {}
+        self._streams: list[StreamHash] = []
+
+    def _name(self, path: Path) -> str:
+        return Path(path).relative_to(self.root).as_posix()
 
     def submit(self, path: Path) -> None:
-        self._jobs[Path(path).relative_to(self.root).as_posix()] = self._pool.submit(sha256_file, Path(path))
+        self._jobs[self._name(path)] = self._pool.submit(sha256_file, Path(path))
+
+    def stream(self, path: Path) -> StreamHash:
+        """A hash that follows the writer of `path` (which must `close()` it when done)."""
+        stream = StreamHash(path)
+        self._streams.append(stream)
+        self._jobs[self._name(path)] = self._pool.submit(stream.run)
+        return stream
 
     def results(self) -> dict[str, str]:
         return {name: job.result() for name, job in self._jobs.items()}
@@ -371,6 +455,8 @@ class BackgroundHasher:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for stream in self._streams:
+            stream.abort()  # a no-op once closed and hashed; unblocks a worker whose writer failed
         for job in self._jobs.values():
             job.cancel()
         self._pool.shutdown(wait=True)

@@ -25,6 +25,7 @@ from cna_export.checkpoint import (
     BackgroundHasher,
     CheckpointReader,
     OutTensor,
+    StreamHash,
     check_output_path,
     side_files,
     staged_output,
@@ -85,11 +86,11 @@ def preflight(source: Source, out: Path, spec: ArchSpec, shape: ModelShape, edit
 
 def write_folded(
     src: Path, dst: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, metadata: dict[str, str],
-    target: Target = "down", on_written: Callable[[Path], None] | None = None,
+    target: Target = "down", hash_stream: Callable[[Path], StreamHash] | None = None,
 ) -> None:  # fmt: skip
     """Write the folded weights of folder `src` into the existing folder `dst`, plus the side files.
 
-    `on_written(path)` is called with each shard as soon as it is complete (the export hashes it meanwhile)."""
+    `hash_stream(path)`, if given, returns the hash that follows each shard's writer (the model card's sha256s)."""
     reader = CheckpointReader(src)
     changes = check_targets(reader, spec, shape, edits, target)
     total = sum(e.nbytes for e in reader.entries.values())
@@ -104,9 +105,7 @@ def write_folded(
                 copy_from = (src / entry.file, entry.start)
                 out.append(OutTensor(entry.name, entry.dtype, entry.shape, entry.nbytes, copy_from, edit=edit))
             meta = {**reader.file_metadata[file], "format": "pt", **metadata}
-            write_safetensors(dst / file, out, meta, bar)
-            if on_written is not None:
-                on_written(dst / file)
+            write_safetensors(dst / file, out, meta, bar, hash_stream(dst / file) if hash_stream else None)
     if (src / INDEX_NAME).is_file():
         shutil.copyfile(src / INDEX_NAME, dst / INDEX_NAME)
     for path in side_files(src):
@@ -191,11 +190,11 @@ def apply_circuit(
             try:
                 dense.mkdir()
                 materialize_gguf(source, dense, gguf_dtype)
-                write_folded(dense, tmp, spec, shape, edits, metadata, target, hasher.submit)
+                write_folded(dense, tmp, spec, shape, edits, metadata, target, hasher.stream)
             finally:
                 shutil.rmtree(dense, ignore_errors=True)
         else:
-            write_folded(source.folder, tmp, spec, shape, edits, metadata, target, hasher.submit)
+            write_folded(source.folder, tmp, spec, shape, edits, metadata, target, hasher.stream)
         applied = circuit.model_copy(update={"multiplier": circuit.multiplier if multiplier is None else multiplier})
         if multiplier is not None:
             applied.neurons = [n.model_copy(update={"multiplier": None}) for n in circuit.neurons]

@@ -181,3 +181,25 @@ def test_skip_last_layers_option(tiny_models):
     assert capped.selection.skip_last_layers == n_layers - 2 and {n.layer for n in capped.neurons} == {1}
     with pytest.raises(RecipeError, match="skips all"):
         discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Settings(top_k=5, skip_first_layers=n_layers))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
+def test_forward_stops_at_the_last_selectable_layer(tiny_models, arch):
+    """With the last layers skipped they are never computed; the earlier layers' sums are unchanged (with and
+    without the shared-prefix cache, whose later layers then stay empty)."""
+    model, tok, spec, _ = setup(tiny_models[arch])
+    layers = model.get_submodule(spec.layers_module)
+    last = len(layers) - 2
+    enc = encode_prompts(tok, [f"You are a helpful assistant. Please answer briefly. {p}" for p in POS[:6]])
+    full = collect(model, spec, enc, 4, tok.pad_token_id, top_n=3)
+    calls = []
+    handle = layers[last + 1].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for share in (True, False):
+            cut = collect(model, spec, enc, 4, tok.pad_token_id, top_n=3, share_prefix=share, last_layer=last)
+            torch.testing.assert_close(cut.sums[: last + 1], full.sums[: last + 1], rtol=1e-4, atol=1e-5)
+            assert torch.equal(cut.top_counts[: last + 1], full.top_counts[: last + 1])
+            assert not cut.sums[last + 1 :].any()
+    finally:
+        handle.remove()
+    assert calls == [], "a layer after the last selectable one ran"

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cna_export.checkpoint import OutTensor, read_header, sha256_files, write_safetensors
+from cna_export.checkpoint import (
+    BackgroundHasher,
+    OutTensor,
+    StreamHash,
+    read_header,
+    sha256_files,
+    write_safetensors,
+)
 
 
 def test_writer_round_trips_through_safetensors(tmp_path):
@@ -39,3 +48,45 @@ def test_hash_cache_notices_changes(tmp_path):
     path.write_bytes(b"two")
     os.utime(path, ns=(1, 1))
     assert sha256_files([path])["w.safetensors"] == hashlib.sha256(b"two").hexdigest()
+
+
+def test_stream_hash_follows_the_writer_edits_included(tmp_path, monkeypatch):
+    """The hash computed while writing (copies, made tensors and in-place edits) is the finished file's sha256."""
+    monkeypatch.setattr(StreamHash, "CHUNK", 4096)  # many reads per tensor, as in a real multi-GB shard
+    src = tmp_path / "src.bin"
+    big = torch.randn(300, 70)
+    src.write_bytes(big.numpy().tobytes() * 2)
+
+    def zero_column(t: torch.Tensor) -> None:
+        t[:, 5] = 0
+
+    tensors = [
+        OutTensor("a", "F32", (300, 70), big.numel() * 4, copy_from=(src, 0), edit=zero_column),
+        OutTensor("b", "F32", (4,), 16, make=lambda: torch.ones(4)),
+        OutTensor("c", "F32", (300, 70), big.numel() * 4, copy_from=(src, big.numel() * 4)),
+    ]
+    path = tmp_path / "out.safetensors"
+    with BackgroundHasher(tmp_path) as hasher:
+        write_safetensors(path, tensors, {"format": "pt"}, hashing=hasher.stream(path))
+        digest = hasher.results()["out.safetensors"]
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert load_file(path)["a"][:, 5].abs().sum() == 0
+
+
+def test_stream_hash_of_a_failed_write_does_not_hang(tmp_path):
+    path = tmp_path / "out.safetensors"
+
+    def boom() -> torch.Tensor:
+        raise OSError(28, "No space left on device")
+
+    done = threading.Event()
+
+    def run() -> None:
+        with pytest.raises(OSError), BackgroundHasher(tmp_path) as hasher:
+            write_safetensors(path, [OutTensor("a", "F32", (1,), 4, make=boom)], {}, hashing=hasher.stream(path))
+        done.set()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert done.is_set(), "the hashing thread of a failed write kept the export from finishing"
