@@ -41,10 +41,16 @@ _CACHE_DIR = re.compile(r"^models--([\w.-]+?)--([\w.-]+)$")
 RELATION = "finetune"
 
 
-def file_hashes(folder: Path, desc: str = "hashing export", known: dict[str, str] | None = None) -> dict[str, str]:
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+
+
+def file_hashes(
+    folder: Path, desc: str = "hashing export", known: dict[str, str] | None = None, weights: bool = True
+) -> dict[str, str | None]:
     """sha256 of every file in `folder` (relative posix path -> hex) except the card and hidden files.
 
     `known` digests (hashed while the files were written) are taken as they are; the rest are hashed on two threads.
+    With `weights=False` the weight files are listed with no hash (None): an export made with --no-file-hashes.
     """
     folder = Path(folder)
     files = sorted(
@@ -54,7 +60,8 @@ def file_hashes(folder: Path, desc: str = "hashing export", known: dict[str, str
     )
     files = [p for p in files if p.relative_to(folder).as_posix() != CARD_NAME]
     known = known or {}
-    todo = [p for p in files if p.relative_to(folder).as_posix() not in known]
+    unhashed = {p.relative_to(folder).as_posix() for p in files if not weights and p.suffix in WEIGHT_SUFFIXES}
+    todo = [p for p in files if p.relative_to(folder).as_posix() not in known.keys() | unhashed]
     with (
         tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc=desc, leave=False) as bar,
         BackgroundHasher(folder) as hasher,
@@ -64,7 +71,7 @@ def file_hashes(folder: Path, desc: str = "hashing export", known: dict[str, str
         computed = hasher.results()
         bar.update(bar.total)
     merged = {**known, **computed}
-    return {name: merged[name] for name in sorted(p.relative_to(folder).as_posix() for p in files)}
+    return {name: merged.get(name) for name in sorted(p.relative_to(folder).as_posix() for p in files)}
 
 
 def source_metadata(source: Source) -> dict[str, Any]:
@@ -134,6 +141,7 @@ def provenance(
     source_weights_sha256: str | None = None,
     metrics: dict[str, Any] | None = None,
     known_hashes: dict[str, str] | None = None,
+    hash_weights: bool = True,
 ) -> dict[str, Any]:
     """The machine-readable record of an export; `files` covers every file of `folder` but the card."""
     recipe_path = Path(folder) / RECIPE_NAME
@@ -164,7 +172,7 @@ def provenance(
             "neurons_per_layer": {str(k): v for k, v in circuit.layer_counts().items()},
         },
         "metrics": metrics,
-        "files": file_hashes(folder, known=known_hashes),
+        "files": file_hashes(folder, known=known_hashes, weights=hash_weights),
     }
 
 
@@ -178,6 +186,7 @@ def build_card(
     metrics: dict[str, Any] | None = None,
     base_model: str | None = None,
     known_hashes: dict[str, str] | None = None,
+    hash_weights: bool = True,
 ):
     """Build the model card of an exported folder (a `huggingface_hub.ModelCard`).
 
@@ -190,6 +199,7 @@ def build_card(
         metrics: evaluation numbers (name -> number, or a nested dict), shown in a table and in the provenance.
         base_model: the Hub id of the source, when it cannot be inferred (a local copy, a GGUF file).
         known_hashes: sha256 of files already hashed while they were written (relative path -> hex).
+        hash_weights: False lists the weight files without their sha256 (`push` adds them before uploading).
 
     Returns:
         The card; `card.save(folder / "README.md")` writes it.
@@ -197,7 +207,7 @@ def build_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     record = provenance(folder, source, circuit, target=target, source_weights_sha256=source_weights_sha256,
-                        metrics=metrics, known_hashes=known_hashes)  # fmt: skip
+                        metrics=metrics, known_hashes=known_hashes, hash_weights=hash_weights)  # fmt: skip
     inherited = source_metadata(source)
     base = base_model or inherited.pop("base_model", None)
     inherited.pop("base_model", None)
@@ -229,11 +239,14 @@ def write_card(folder: Path, source: Source, circuit: Circuit, **kwargs: Any) ->
     return path
 
 
-def update_card(folder: Path, *, metrics: dict[str, Any] | None = None, rehash: bool = False) -> Path:
+def update_card(
+    folder: Path, *, metrics: dict[str, Any] | None = None, rehash: bool = False, files: dict[str, str] | None = None
+) -> Path:
     """Rewrite the card of an exported folder: add evaluation numbers, and/or re-hash its files.
 
     Use `rehash=True` after adding a file to an export (a GGUF conversion, say), so that the card lists it and
-    `push` accepts the folder. The front-matter is kept (a GGUF added gets its tag).
+    `push` accepts the folder. `files` replaces the file list as it is (hashes checked by the caller). The
+    front-matter is kept (a GGUF added gets its tag).
 
     Example:
         >>> update_card(Path("qwen-no-refusal"), metrics=headline_from(Path("eval-report")))
@@ -246,6 +259,8 @@ def update_card(folder: Path, *, metrics: dict[str, Any] | None = None, rehash: 
         record["metrics"] = metrics
     if rehash:
         record["files"] = file_hashes(Path(folder))
+    if files is not None:
+        record["files"] = files
     card = ModelCard(path.read_text(encoding="utf-8"))
     has_gguf, card.data.library_name = _library(record["files"])
     if has_gguf:
@@ -354,6 +369,15 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
         "Source, circuit and recipe hashes, tool version and the sha256 of every file in this repository "
         "(except this card):",
         "",
+        *(
+            [
+                "Weight files listed with `null` were exported with `--no-file-hashes`; `cna-export push` records "
+                "their sha256 before uploading.",
+                "",
+            ]
+            if None in record["files"].values()
+            else []
+        ),  # fmt: skip
         _MARKER,
         "```json",
         json.dumps(record, indent=1),
@@ -388,23 +412,30 @@ def read_provenance(card_path: Path) -> dict[str, Any]:
 def check_card(folder: Path) -> dict[str, Any]:
     """Check that the files of `folder` are exactly those its card lists, with the same sha256.
 
+    A file the card lists without a hash (an export made with --no-file-hashes) gets the hash found now, and the
+    card is rewritten with it, so what is uploaded records every file.
+
     Returns:
         The provenance record. Raises `CheckpointError` naming the first file that is missing, extra or changed.
     """
     folder = Path(folder)
     record = read_provenance(folder / CARD_NAME)
-    listed: dict[str, str] = record["files"]
+    listed: dict[str, str | None] = record["files"]
     found = file_hashes(folder, desc="checking hashes")
     for name in sorted(set(listed) | set(found)):
         if name not in found:
             problem = f"{folder}/{name} is listed in the model card but missing"
         elif name not in listed:
             problem = f"{folder}/{name} is not listed in the model card"
-        elif found[name] != listed[name]:
+        elif listed[name] is not None and found[name] != listed[name]:
             problem = f"{folder}/{name} does not match the sha256 in the model card"
         else:
             continue
         raise CheckpointError(f"{problem}.", "re-export the folder (or pass --no-verify to push it as it is).")
+    if None in listed.values():
+        log.info("recording the sha256 of the weight files in the model card (exported with --no-file-hashes)")
+        update_card(folder, files=found)
+        record["files"] = found
     return record
 
 

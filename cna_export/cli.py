@@ -118,6 +118,8 @@ def _apply_opts() -> argparse.ArgumentParser:
     g.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private")
     g.add_argument("--gguf", metavar="OUTTYPE", choices=GGUF_OUTTYPES,
                    help="also convert the export to OUT/OUT-OUTTYPE.gguf (f32, f16, bf16, q8_0)")  # fmt: skip
+    g.add_argument("--no-file-hashes", action="store_true",
+                   help="skip the sha256 of the weight files in the model card (faster; push adds them)")  # fmt: skip
     return p
 
 
@@ -344,6 +346,7 @@ def _apply_kwargs(args: argparse.Namespace) -> dict:
         "target": args.target,
         "base_model": args.base_model,
         "gguf": args.gguf,
+        "hash_files": not args.no_file_hashes,
     }
 
 

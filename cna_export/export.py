@@ -144,6 +144,7 @@ def apply_circuit(
     metrics: dict | None = None,
     base_model: str | None = None,
     gguf: str | None = None,
+    hash_files: bool = True,
 ) -> Path:
     """Fold `circuit` into `source` and export it to the folder `out`. The source is never modified.
 
@@ -161,6 +162,8 @@ def apply_circuit(
         base_model: Hub id of the source for the card, when it cannot be inferred (local copy, GGUF file).
         gguf: also convert the export to `OUT/OUT-<gguf>.gguf` (outtype f32, f16, bf16 or q8_0), inside the staged
             folder, so the GGUF is listed in the card and a failure leaves no export behind.
+        hash_files: record the sha256 of every weight file in the card (computed while writing). False skips
+            it, which on a checkpoint in the page cache makes the export several times faster; `push` adds them.
 
     Returns:
         The output folder.
@@ -185,16 +188,17 @@ def apply_circuit(
     }
     preflight(source, out, spec, shape, edits, target)
     with staged_output(out, overwrite, marker=EXPORT_MARKER) as tmp, BackgroundHasher(tmp) as hasher:
+        stream = hasher.stream if hash_files else None
         if source.is_gguf:
             dense = temp_sibling(out, "gguf")  # named like every temporary, so a killed run's is cleaned later
             try:
                 dense.mkdir()
                 materialize_gguf(source, dense, gguf_dtype)
-                write_folded(dense, tmp, spec, shape, edits, metadata, target, hasher.stream)
+                write_folded(dense, tmp, spec, shape, edits, metadata, target, stream)
             finally:
                 shutil.rmtree(dense, ignore_errors=True)
         else:
-            write_folded(source.folder, tmp, spec, shape, edits, metadata, target, hasher.stream)
+            write_folded(source.folder, tmp, spec, shape, edits, metadata, target, stream)
         applied = circuit.model_copy(update={"multiplier": circuit.multiplier if multiplier is None else multiplier})
         if multiplier is not None:
             applied.neurons = [n.model_copy(update={"multiplier": None}) for n in circuit.neurons]
@@ -205,7 +209,7 @@ def apply_circuit(
             from cna_export.gguf_export import export_gguf
 
             export_gguf(tmp, tmp / f"{out.name}-{gguf}.gguf", outtype=gguf)
-        write_card(tmp, source, applied, known_hashes=hasher.results(), target=target, source_weights_sha256=weights, metrics=metrics,
+        write_card(tmp, source, applied, known_hashes=hasher.results(), hash_weights=hash_files, target=target, source_weights_sha256=weights, metrics=metrics,
                    base_model=base_model)  # fmt: skip
     log.info("wrote %s", out)
     return out

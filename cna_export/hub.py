@@ -129,7 +129,10 @@ def _check_before_push(path: Path, single: bool) -> dict[str, Any] | None:
     if record is None or path.name not in record["files"]:
         log.warning("%s has no cna-export card listing it; pushing the file without one", path)
         return None
-    if sha256_file(path) != record["files"][path.name]:
+    listed = record["files"][path.name]
+    if listed is None:
+        log.warning("%s lists %s without a sha256 (--no-file-hashes); pushing it unchecked", card, path.name)
+    elif sha256_file(path) != listed:
         raise CheckpointError(
             f"{path} does not match the sha256 in {card}.", "re-export it (or pass --no-verify to push it as it is)."
         )

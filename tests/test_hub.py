@@ -186,6 +186,39 @@ def test_push_folder_cli(hub_source, tmp_path, fake_api, capsys, caplog):
     assert SECRET not in printed.out + printed.err + caplog.text
 
 
+def test_no_file_hashes_export_is_completed_by_push(hub_source, tmp_path, fake_api):
+    """`apply --no-file-hashes` writes the same weights and a card listing them without sha256; `push` records
+    the hashes in the card before uploading, so the Hub gets a complete card; a lone GGUF push still works."""
+    circuit = make_circuit(hub_source, [(0, 5), (1, 9)], multiplier=0.0)
+    circuit.save(tmp_path / "c.json")
+    hashed, quick = tmp_path / "hashed", tmp_path / "quick"
+    for out, extra in ((hashed, []), (quick, ["--no-file-hashes"])):
+        assert (
+            cli.main(
+                ["apply", "--model", str(hub_source), "--circuit", str(tmp_path / "c.json"), "--out", str(out), *extra]
+            )
+            == 0
+        )
+    assert (quick / "model.safetensors").read_bytes() == (hashed / "model.safetensors").read_bytes()
+    files = card.read_provenance(quick / "README.md")["files"]
+    assert files["model.safetensors"] is None
+    assert files["config.json"] == _sha256(quick / "config.json")  # small files are always hashed
+    assert "--no-file-hashes" in (quick / "README.md").read_text()
+
+    assert cli.main(["push", str(quick), "me/quick"]) == 0
+    record = card.read_provenance(quick / "README.md")
+    assert record["files"]["model.safetensors"] == _sha256(quick / "model.safetensors")
+    assert None not in record["files"].values() and "--no-file-hashes" not in (quick / "README.md").read_text()
+    uploaded = fake_api.called("upload_folder")[0]["files"]
+    assert uploaded["README.md"] == (quick / "README.md").read_bytes()
+    # a changed weight file is still caught: the hash is only filled in where the card had none
+    data = bytearray((quick / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (quick / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
+        card.check_card(quick)
+
+
 def test_push_defaults_gguf_and_large_folder(hub_source, tmp_path, fake_api, monkeypatch):
     out, _ = _export(hub_source, tmp_path / "edited")
     hub.push(out, "me/tiny")
