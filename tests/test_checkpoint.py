@@ -90,3 +90,20 @@ def test_stream_hash_of_a_failed_write_does_not_hang(tmp_path):
     worker.start()
     worker.join(timeout=30)
     assert done.is_set(), "the hashing thread of a failed write kept the export from finishing"
+
+
+def test_copied_tensors_keep_their_offset_within_a_page(tmp_path):
+    """The header is padded so copied bytes sit at the source's offset modulo 4096 (whole-page kernel copies);
+    the file stays valid safetensors with 8-byte aligned data."""
+    src = tmp_path / "src.bin"
+    a, b = torch.randn(1000), torch.randn(300)
+    src.write_bytes(b"x" * 2824 + a.numpy().tobytes() + b.numpy().tobytes())
+    tensors = [
+        OutTensor("a", "F32", (1000,), 4000, copy_from=(src, 2824)),
+        OutTensor("b", "F32", (300,), 1200, copy_from=(src, 6824)),
+    ]
+    write_safetensors(tmp_path / "out.safetensors", tensors, {"format": "pt", "cna_export.version": "x" * 50})
+    entries, _ = read_header(tmp_path / "out.safetensors")
+    assert entries["a"].start % 4096 == 2824 and entries["b"].start % 4096 == 6824 % 4096
+    loaded = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(loaded["a"], a) and torch.equal(loaded["b"], b)
