@@ -353,6 +353,10 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
         lines += [f"| {name} | {_fmt(value)} |" for name, value in _flatten(metrics)]
     else:
         lines.append("Not evaluated yet (`cna-export eval --model SOURCE --edited THIS_FOLDER ...` measures it).")
+    unhashed = []
+    if None in record["files"].values():
+        unhashed = ["Weight files listed with `null` were exported with `--no-file-hashes`; `cna-export push` "
+                    "records their sha256 before uploading.", ""]  # fmt: skip
     lines += [
         "",
         "## Audit",
@@ -369,15 +373,7 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
         "Source, circuit and recipe hashes, tool version and the sha256 of every file in this repository "
         "(except this card):",
         "",
-        *(
-            [
-                "Weight files listed with `null` were exported with `--no-file-hashes`; `cna-export push` records "
-                "their sha256 before uploading.",
-                "",
-            ]
-            if None in record["files"].values()
-            else []
-        ),  # fmt: skip
+        *unhashed,
         _MARKER,
         "```json",
         json.dumps(record, indent=1),

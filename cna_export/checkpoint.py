@@ -340,17 +340,15 @@ def _edit_in_place(path: Path, offset: int, t: OutTensor) -> None:
         mapped = mmap.mmap(fd, offset - start + t.nbytes, offset=start)
     finally:
         os.close(fd)  # the map keeps its own reference to the file
-    try:
-        if _POPULATE_WRITE is not None:
-            try:
-                mapped.madvise(_POPULATE_WRITE)
-            except OSError:
-                pass  # only slower
-        view = memoryview(mapped)[offset - start :]
-        t.edit(torch.frombuffer(view, dtype=torch.uint8).view(ST_TO_TORCH[t.dtype]).view(t.shape))
-        view.release()
-    finally:
-        mapped.close()  # unmapping leaves the dirty pages to the kernel; msync would force a slow disk write
+    if _POPULATE_WRITE is not None:
+        try:
+            mapped.madvise(_POPULATE_WRITE)
+        except OSError:
+            pass  # only slower
+    t.edit(torch.frombuffer(memoryview(mapped)[offset - start :], dtype=torch.uint8).view(ST_TO_TORCH[t.dtype])
+           .view(t.shape))  # fmt: skip
+    # The map goes with its last view, when this returns. Its dirty pages are left to the kernel: msync would
+    # force a slow disk write.
 
 
 def _copy_range(src: Path, offset: int, length: int, out) -> None:
