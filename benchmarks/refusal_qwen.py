@@ -32,7 +32,7 @@ import yaml
 
 from cna_export.evaluate import EvalConfig, disjoint
 from cna_export.recipe import load_prompts, load_recipe
-from cna_export.report import headline, table, write_report
+from cna_export.report import headline, selection_scores, table, write_report
 from cna_export.source import describe, identity, load_model, resolve
 from cna_export.sweep import run_sweep, save_results
 
@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--recipe", default="refusal-ablate")
     ap.add_argument("--skip-last-layers", type=int, help="override the recipe's skip_last_layers")
+    ap.add_argument("--specificity", type=float, help="override the recipe's specificity (0: rank by |delta|)")
     ap.add_argument("--advbench", type=Path, help="pyrit-1.1.0 wheel or adv_bench.prompt (optional)")
     ap.add_argument("--advbench-n", type=int, default=40)
     ap.add_argument("--k", type=int, nargs="+", default=[467, 1167, 1600, 2400])
@@ -90,6 +91,8 @@ def main() -> None:
     recipe, base = load_recipe(args.recipe)
     if args.skip_last_layers is not None:
         recipe = recipe.model_copy(update={"skip_last_layers": args.skip_last_layers})
+    if args.specificity is not None:
+        recipe = recipe.model_copy(update={"specificity": args.specificity})
     discovery = load_prompts(recipe.positive, base) + load_prompts(recipe.negative, base)
     harmful = load_prompts(recipe.heldout_positive, base)
     if args.advbench:
@@ -123,7 +126,8 @@ def main() -> None:
     source_note = f"builtin:refusal_harmful_heldout + {args.advbench_n if args.advbench else 0} AdvBench (pyrit 1.1.0)"
     results["heldout_sources"] = {"positive": source_note, "negative": "builtin:refusal_benign_heldout"}
     results["selection"] = {"recipe": recipe.name, "skip_first_layers": recipe.skip_first_layers,
-                            "skip_last_layers": recipe.skip_last_layers, "universal": recipe.universal.enabled}  # fmt: skip
+                            "skip_last_layers": recipe.skip_last_layers, "universal": recipe.universal.enabled,
+                            "specificity": recipe.specificity}  # fmt: skip
     split_kl(results, records)
     write_outputs(
         args.out, args.name, f"Refusal edit on {args.model.name} (CPU, fp32 dequantized)", results, records, att,
@@ -171,11 +175,10 @@ def write_outputs(out: Path, name: str, title: str, results: dict, records: list
     results["timings"] = times
     results["circuit_layers"] = {str(k): c.layer_counts() for k, c in circuits.items()}
     save_results(folder, results, records)
-    candidates = att.delta.abs()[~att.excluded].numpy()
-    cuts = {f"k={k}": min(abs(n.delta) for n in c.neurons) for k, c in circuits.items()}
+    candidates, cuts = selection_scores(att, circuits)
     chosen = results["chosen"]
     shown = circuits[results["points"][chosen]["k"]] if chosen is not None else circuits[max(circuits)]
-    write_report(folder, results, shown, candidates, cuts)
+    write_report(folder, results, shown, candidates, cuts, specificity=att.settings.specificity)
     head = headline(results)
     (out / f"{name}.json").write_text(json.dumps({"headline": head, **results}, indent=1))
     timing = ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in times.items())

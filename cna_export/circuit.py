@@ -65,6 +65,9 @@ class Selection(_Strict):
         default=None, description="Share of neutral prompts that makes universal."
     )
     universal_excluded: list[tuple[int, int]] = Field(default_factory=list, description="(layer, index) excluded.")
+    specificity: float = Field(
+        default=0.0, ge=0, description="Ranked by max(0, |delta| - specificity * mean |activation| on neutral prompts)."
+    )
     batch_size: int = Field(default=1, ge=1, description="Forward-pass batch size.")
     dtype: str = Field(default="float32", description="Activation dtype during attribution.")
     chat_template: bool = Field(default=True, description="Whether prompts were chat-templated.")

@@ -98,6 +98,8 @@ def _select_opts() -> argparse.ArgumentParser:
     g.add_argument("--no-universal", action="store_true", help="do not exclude universal neurons")
     g.add_argument("--universal-top-n", type=int, help="per-layer top-|activation| size for universal neurons")
     g.add_argument("--universal-threshold", type=float, help="share of neutral prompts that makes a neuron universal")
+    g.add_argument("--specificity", type=float,
+                   help="rank by |delta| - S x mean |activation| on neutral prompts (0: by |delta|, the paper)")  # fmt: skip
     g.add_argument("--batch-size", type=int, help="prompts per forward pass")
     g.add_argument("--no-chat-template", action="store_true", help="feed raw prompts even if a chat template exists")
     return p
@@ -255,6 +257,7 @@ def _settings(args: argparse.Namespace, base):
         "skip_last_layers": args.skip_last_layers,
         "universal_top_n": args.universal_top_n,
         "universal_threshold": args.universal_threshold,
+        "specificity": args.specificity,
         "batch_size": args.batch_size,
     }
     settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -281,6 +284,8 @@ def _check_settings(s) -> None:
         raise CnaExportError("--skip-first-layers/--skip-last-layers must not be negative.", "pass 0 or more.")
     if not 0 < s.universal_threshold <= 1:
         raise CnaExportError(f"--universal-threshold {s.universal_threshold} must be in (0, 1].", "e.g. 0.8.")
+    if not 0 <= s.specificity < float("inf"):
+        raise CnaExportError(f"--specificity {s.specificity} must be a finite number >= 0.", "e.g. 1, or 0 for off.")
 
 
 def _discover_from(args: argparse.Namespace, recipe, base: Path | None):
@@ -469,7 +474,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _sweep(args: argparse.Namespace) -> None:
     from cna_export.checkpoint import check_output_path
     from cna_export.recipe import load_recipe
-    from cna_export.report import headline, write_report
+    from cna_export.report import headline, selection_scores, write_report
     from cna_export.source import resolve
     from cna_export.sweep import parse_k, sweep_source
 
@@ -485,9 +490,8 @@ def _sweep(args: argparse.Namespace) -> None:
     )  # fmt: skip
     chosen = results["points"][results["chosen"]] if results["chosen"] is not None else None
     shown = circuits[chosen["k"]] if chosen else circuits[max(circuits)]
-    candidates = att.delta.abs()[~att.excluded].numpy()
-    cuts = {f"k={k}": min(abs(n.delta) for n in c.neurons) for k, c in circuits.items()}
-    report = write_report(args.out, results, shown, candidates, cuts)
+    candidates, cuts = selection_scores(att, circuits)
+    report = write_report(args.out, results, shown, candidates, cuts, specificity=att.settings.specificity)
     print(_headline_text(headline(results)))
     print(f"wrote {report}")
     if args.export is not None:
@@ -568,7 +572,8 @@ def summary(circuit, top: int = 20) -> str:
         f"neurons: {len(circuit.neurons)} ({100 * len(circuit.neurons) / total:.3f}% of {total}), "
         f"default multiplier {circuit.multiplier:g}",
         f"excluded: first {s.skip_first_layers} and last {s.skip_last_layers} layers, "
-        f"{len(s.universal_excluded)} universal neurons",
+        f"{len(s.universal_excluded)} universal neurons"
+        + (f"; specificity {s.specificity:g}" if s.specificity else ""),
         "prompts: " + ", ".join(f"{k} {v.count}" for k, v in circuit.prompts.items()),
         "",
         "layer  neurons",

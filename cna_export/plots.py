@@ -44,12 +44,16 @@ def plot_layers(circuit: Circuit, path: Path) -> None:
     save_png(fig, path)
 
 
-def plot_delta_distribution(abs_delta, cuts: dict[str, float], path: Path, title: str = "") -> None:
-    """Histogram of |delta| over candidate neurons (log counts), with a vertical line at each k's cut-off.
+def plot_delta_distribution(
+    abs_delta, cuts: dict[str, float], path: Path, title: str = "", score: str = "|delta|"
+) -> None:
+    """Histogram of the selection score (|delta| by default) over candidate neurons (log counts), with a vertical
+    line at each k's cut-off.
 
     Args:
-        abs_delta: |delta| of every neuron that could be selected (1-D array-like).
-        cuts: label (e.g. "k=1600") -> the smallest |delta| that k selects.
+        abs_delta: the score of every neuron that could be selected (1-D array-like).
+        cuts: label (e.g. "k=1600") -> the smallest score that k selects.
+        score: what the values are, for the axis label.
     """
     import numpy as np
 
@@ -59,10 +63,10 @@ def plot_delta_distribution(abs_delta, cuts: dict[str, float], path: Path, title
     ax.hist(values, bins=100, color="#7a7a7a", log=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, cut) in enumerate(cuts.items()):
-        ax.axvline(cut, color=colors[i % len(colors)], linestyle="--", label=f"{label} (|delta| >= {cut:.3g})")
-    ax.set_xlabel("|delta| (mean positive - mean negative activation)")
+        ax.axvline(cut, color=colors[i % len(colors)], linestyle="--", label=f"{label} (>= {cut:.3g})")
+    ax.set_xlabel(score if score != "|delta|" else "|delta| (mean positive - mean negative activation)")
     ax.set_ylabel("neurons")
-    ax.set_title(title or f"|delta| of {len(values)} neurons")
+    ax.set_title(title or f"{score} of {len(values)} neurons")
     if cuts:
         ax.legend(fontsize=8)
     save_png(fig, path)

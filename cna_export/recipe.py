@@ -51,6 +51,11 @@ class Recipe(_Strict):
         default=0, ge=0, description="Never select neurons in the last n layers (not in the paper; see the recipes)."
     )
     universal: Universal = Field(default_factory=Universal, description="Universal-neuron exclusion.")
+    specificity: float = Field(
+        default=0.0, ge=0, allow_inf_nan=False,
+        description="Rank by max(0, |delta| - specificity x mean |activation| on the universal.prompts): prefers "
+        "neurons quiet on ordinary text (not in the paper; 0 ranks by |delta|).",
+    )  # fmt: skip
     chat_template: bool = Field(default=True, description="Apply the tokenizer's chat template if it has one.")
     batch_size: int = Field(default=16, ge=1, description="Prompts per forward pass.")
 
@@ -73,6 +78,7 @@ class Recipe(_Strict):
             universal=self.universal.enabled,
             universal_top_n=self.universal.top_n,
             universal_threshold=self.universal.threshold,
+            specificity=self.specificity,
             batch_size=self.batch_size,
             chat_template=self.chat_template,
         )

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from cna_export.circuit import Circuit
 from cna_export.plots import plot_delta_distribution, plot_layers, plot_metrics
 
@@ -126,15 +128,25 @@ def markdown(results: dict, figures: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def selection_scores(attribution, ks) -> tuple[np.ndarray, dict[str, float]]:
+    """Scores of the candidate neurons of an attribution and, per k, the smallest score k selects (histogram)."""
+    candidates = attribution.score[~attribution.excluded]
+    ranked = candidates.sort(descending=True).values
+    return candidates.numpy(), {f"k={k}": float(ranked[k - 1]) for k in ks}
+
+
 def write_report(
-    out: Path, results: dict, circuit: Circuit | None = None, abs_delta=None, cuts: dict[str, float] | None = None
-) -> Path:
+    out: Path, results: dict, circuit: Circuit | None = None, abs_delta=None, cuts: dict[str, float] | None = None,
+    specificity: float = 0.0,
+) -> Path:  # fmt: skip
     """Write report.md and its PNGs into `out`; returns the report path.
 
     Args:
         circuit: drawn as neurons per layer (for a sweep, the chosen or largest circuit).
-        abs_delta: |delta| of every candidate neuron (a sweep's attribution), else the circuit's neurons are used.
-        cuts: label -> smallest selected |delta|, drawn on the |delta| histogram.
+        abs_delta: the selection score (|delta|, or its specificity-adjusted form) of every candidate neuron (a
+            sweep's attribution), else the circuit's neurons' |delta| are used.
+        cuts: label -> smallest selected score, drawn on the histogram.
+        specificity: the attribution's specificity, which names the score in the histogram.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +158,9 @@ def write_report(
             abs_delta = [abs(n.delta) for n in circuit.neurons]
             cuts = cuts or {f"k={len(circuit.neurons)}": min(abs_delta)}
     if abs_delta is not None and len(abs_delta):
-        plot_delta_distribution(abs_delta, cuts or {}, out / "delta.png", f"|delta| on {results['model']}")
+        name = f"|delta| - {specificity:g} x mean |neutral activation|" if specificity else "|delta|"
+        plot_delta_distribution(abs_delta, cuts or {}, out / "delta.png", f"{name} on {results['model']}",
+                                score=name)  # fmt: skip
         figures.append("delta.png")
     points, base = results["points"], results["baseline"]
     title = f"{results['behaviour']} on {results['model']}"

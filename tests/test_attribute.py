@@ -27,8 +27,9 @@ def setup(model_dir):
     return model, AutoTokenizer.from_pretrained(model_dir), spec, identity(source, config, shape)
 
 
-def reference_activations(model, tokenizer, spec, prompts):
-    """Unbatched, full forward, one prompt at a time: the reference implementation's way."""
+def reference_activations(model, tokenizer, spec, prompts, magnitude=False):
+    """Unbatched, full forward, one prompt at a time: the reference implementation's way (mean of |act| with
+    `magnitude`)."""
     rows = []
     for ids in encode_prompts(tokenizer, prompts):
         acts = {}
@@ -39,7 +40,8 @@ def reference_activations(model, tokenizer, spec, prompts):
         for h in handles:
             h.remove()
         rows.append(torch.stack([acts[i] for i in sorted(acts)]))
-    return torch.stack(rows).mean(0)
+    rows = torch.stack(rows)
+    return (rows.abs() if magnitude else rows).mean(0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gemma3_text"])
@@ -86,6 +88,27 @@ def test_selection_is_top_abs_delta_with_exclusions(tiny_models):
     # recorded in the circuit
     assert circuit.selection.skip_first_layers == 1 and circuit.selection.universal_top_n == 8
     assert circuit.prompts["positive"].count == len(POS) and "neutral" in circuit.prompts
+
+
+def test_specificity_ranks_by_delta_minus_neutral_activity(tiny_models):
+    """specificity S ranks by max(0, |delta| - S mean |neutral activation|), as the unbatched reference says; the
+    neutral prompts run even with the universal filter off, and the setting is recorded in the circuit."""
+    model, tok, spec, ident = setup(tiny_models["llama"])
+    delta = reference_activations(model, tok, spec, POS) - reference_activations(model, tok, spec, NEG)
+    neutral = reference_activations(model, tok, spec, NEUTRAL, magnitude=True)
+    settings = Settings(top_k=12, universal=False, specificity=0.3)
+    circuit = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, settings)
+    score = (delta.abs() - 0.3 * neutral).clamp(min=0)
+    assert (score > 0).sum() > 12, "the top 12 must not be ties at zero"
+    expected = {(int(i) // score.shape[1], int(i) % score.shape[1]) for i in score.flatten().topk(12).indices}
+    assert {(n.layer, n.index) for n in circuit.neurons} == expected
+    plain = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Settings(top_k=12, universal=False))
+    assert {(n.layer, n.index) for n in plain.neurons} != expected, "the penalty should change the selection"
+    for n in circuit.neurons:  # neurons keep their true delta
+        assert n.delta == pytest.approx(float(delta[n.layer, n.index]), rel=1e-4, abs=1e-6)
+    assert circuit.selection.specificity == 0.3 and plain.selection.specificity == 0
+    assert "neutral" in circuit.prompts and circuit.selection.universal_excluded == []
+    assert circuit.selection.universal_top_n is None
 
 
 def test_universal_neurons_are_the_always_on_ones(tiny_models):
