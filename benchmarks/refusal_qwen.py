@@ -10,7 +10,9 @@ pyrit==1.1.0`), with anything that duplicates or nearly duplicates a discovery p
 Usage (about 25 minutes for 6 points on 2 busy CPU cores; run it in the background). The committed results came from
     PYTHONPATH=. nohup python benchmarks/refusal_qwen.py --advbench /tmp/pyrit_dl/pyrit-1.1.0-py3-none-any.whl \
         --skip-last-layers 2 --k 117 233 467 --m 0 2 --max-new-tokens 16 > /tmp/refusal_qwen.log 2>&1 &
-and, for smaller k, the same with `--k 47 80 --m 0 --name refusal_qwen_small_k`. `--skip-last-layers` overrides
+and, for smaller k, the same with `--k 47 80 --m 0 --name refusal_qwen_small_k`; the specificity selection with
+`--specificity 1 --k 233 467 700 --m 0 2 --name refusal_qwen_specificity` (the recipe now has specificity 1 and
+0.2%; pass `--specificity 0` for the |delta| ranking of the first two runs). `--skip-last-layers` overrides
 the recipe's value (the recipe now has 2; 0 is the paper's selection, see results/refusal_qwen_paper_selection/).
 
 Writes benchmarks/results/refusal_qwen.json and .md (headline and table) and refusal_qwen/ (report.md, PNGs,

@@ -273,7 +273,8 @@ def select(delta: torch.Tensor, k: int, excluded: torch.Tensor) -> list[tuple[in
     available = int(np.isfinite(score).sum())
     if k > available:
         raise RecipeError(
-            f"k={k} but only {available} neurons remain after exclusions.", "lower k or exclude fewer layers."
+            f"k={k} but only {available} neurons remain after exclusions.",
+            "lower k, exclude fewer layers or lower the specificity.",
         )
     flat = np.argsort(-score.reshape(-1), kind="stable")[:k]
     width = delta.shape[1]
@@ -389,6 +390,8 @@ def attribute(
             top_n = None
         if settings.specificity:
             score = (score - settings.specificity * stats.abs_sums / stats.count).clamp(min=0)
+            excluded |= score == 0  # no contrast left after the penalty: not a candidate, not a tie to break
+
     weight = next(model.parameters())
     return Attribution(
         delta=delta, score=score, excluded=excluded, universal=universal_list, top_n=top_n, prompts=prompts, settings=settings,

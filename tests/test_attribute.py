@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cna_export.arch import ModelShape, arch_for
-from cna_export.attribute import Settings, collect, discover, encode_prompts, resolve_k, select
+from cna_export.attribute import Settings, attribute, collect, discover, encode_prompts, resolve_k, select
 from cna_export.errors import RecipeError
 from cna_export.hooks import down_projs
 from cna_export.recipe import load_prompts
@@ -109,6 +109,11 @@ def test_specificity_ranks_by_delta_minus_neutral_activity(tiny_models):
     assert circuit.selection.specificity == 0.3 and plain.selection.specificity == 0
     assert "neutral" in circuit.prompts and circuit.selection.universal_excluded == []
     assert circuit.selection.universal_top_n is None
+    # neurons the penalty leaves at zero are not candidates (no arbitrary fill-up by position)
+    att = attribute(model, tok, spec, ident, POS, NEG, NEUTRAL, settings)
+    assert (att.score == 0).any() and att.excluded[att.score == 0].all()
+    with pytest.raises(RecipeError, match="lower the specificity"):
+        att.circuit(int((~att.excluded).sum()) + 1)
 
 
 def test_universal_neurons_are_the_always_on_ones(tiny_models):

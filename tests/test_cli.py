@@ -17,13 +17,16 @@ from cna_export.hooks import scaled_neurons
 def test_run_recipe_end_to_end(tiny_models, tmp_path):
     src = tiny_models["qwen2"]
     out = tmp_path / "edited"
+    # A random tiny model has almost no contrast beyond its neurons' neutral activity, so the recipe's
+    # specificity would leave too few candidates for 25 (an error; test_attribute checks it); switch it off.
     proc = run_cli("run", "refusal-ablate", "--model", str(src), "--out", str(out), "--top-k", "25",
-                   "--skip-first-layers", "1", "--skip-last-layers", "0")  # fmt: skip
+                   "--skip-first-layers", "1", "--skip-last-layers", "0", "--specificity", "0")  # fmt: skip
     assert "25 neurons scaled" in proc.stdout
     circuit = Circuit.load(out / "circuit.json")
     assert circuit.recipe == "refusal-ablate" and circuit.behaviour == "refusal"
     assert len(circuit.neurons) == 25 and all(n.layer >= 1 for n in circuit.neurons)
     assert circuit.selection.skip_last_layers == 0  # the recipe's 2, overridden on the command line
+    assert circuit.selection.specificity == 0  # the recipe's 1, overridden
     assert circuit.model.weights_sha256 and circuit.prompts["positive"].count == 48
     original = AutoModelForCausalLM.from_pretrained(src).eval()
     edited = AutoModelForCausalLM.from_pretrained(out).eval()
