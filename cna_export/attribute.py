@@ -274,7 +274,7 @@ def select(delta: torch.Tensor, k: int, excluded: torch.Tensor) -> list[tuple[in
     if k > available:
         raise RecipeError(
             f"k={k} but only {available} neurons remain after exclusions.",
-            "lower k, exclude fewer layers or lower the specificity.",
+            "lower k or exclude fewer layers.",
         )
     flat = np.argsort(-score.reshape(-1), kind="stable")[:k]
     width = delta.shape[1]
@@ -297,12 +297,23 @@ class Attribution:
     dtype: str
     chat_template: bool
 
+    def _ranking(self, k: int) -> torch.Tensor:
+        if not self.settings.specificity:
+            return self.score
+        left = int(((self.score > 0) & ~self.excluded).sum())
+        if k > left:
+            log.warning(
+                "only %d neurons keep contrast after the specificity penalty; the other %d of k=%d are the next "
+                "by |delta| (lower the specificity to rank more of them by it)", left, k - left, k,
+            )  # fmt: skip
+        return _ranking_key(self.score, self.delta)
+
     def circuit(
         self, k: int, *, fraction: float | None = None, behaviour: str = "custom", recipe: str | None = None,
         multiplier: float = 0.0,
     ) -> Circuit:  # fmt: skip
         """The circuit of the top-k neurons by score (`fraction` is only recorded, as requested)."""
-        chosen = select(self.score, k, self.excluded)
+        chosen = select(self._ranking(k), k, self.excluded)
         log.info("selected %d neurons; %d universal excluded", len(chosen), len(self.universal))
         s = self.settings
         return Circuit(
@@ -326,6 +337,12 @@ class Attribution:
             ),
             neurons=[Neuron(layer=l, index=i, delta=float(self.delta[l, i])) for l, i in chosen],
         )
+
+
+def _ranking_key(score: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Neurons with a positive score by score, then those the specificity penalty left at zero by |delta|."""
+    magnitude = delta.abs()
+    return torch.where(score > 0, score + magnitude.max(), magnitude)
 
 
 def _cap_skip_last(settings: Settings, num_layers: int) -> Settings:
@@ -390,7 +407,6 @@ def attribute(
             top_n = None
         if settings.specificity:
             score = (score - settings.specificity * stats.abs_sums / stats.count).clamp(min=0)
-            excluded |= score == 0  # no contrast left after the penalty: not a candidate, not a tie to break
 
     weight = next(model.parameters())
     return Attribution(

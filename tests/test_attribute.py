@@ -109,11 +109,15 @@ def test_specificity_ranks_by_delta_minus_neutral_activity(tiny_models):
     assert circuit.selection.specificity == 0.3 and plain.selection.specificity == 0
     assert "neutral" in circuit.prompts and circuit.selection.universal_excluded == []
     assert circuit.selection.universal_top_n is None
-    # neurons the penalty leaves at zero are not candidates (no arbitrary fill-up by position)
+    # past the neurons the penalty leaves positive, the rest come by |delta| (not by position)
     att = attribute(model, tok, spec, ident, POS, NEG, NEUTRAL, settings)
-    assert (att.score == 0).any() and att.excluded[att.score == 0].all()
-    with pytest.raises(RecipeError, match="lower the specificity"):
-        att.circuit(int((~att.excluded).sum()) + 1)
+    positive = att.score > 0
+    n = int(positive.sum())
+    assert 12 < n < positive.numel()
+    chosen = {(x.layer, x.index) for x in att.circuit(n + 5).neurons}
+    rest = att.delta.abs().masked_fill(positive, -1).flatten().topk(5).indices
+    expected_rest = {(int(i) // positive.shape[1], int(i) % positive.shape[1]) for i in rest}
+    assert chosen == {tuple(map(int, ij)) for ij in positive.nonzero().tolist()} | expected_rest
 
 
 def test_universal_neurons_are_the_always_on_ones(tiny_models):

@@ -17,8 +17,7 @@ from cna_export.hooks import scaled_neurons
 def test_run_recipe_end_to_end(tiny_models, tmp_path):
     src = tiny_models["qwen2"]
     out = tmp_path / "edited"
-    # A random tiny model has almost no contrast beyond its neurons' neutral activity, so the recipe's
-    # specificity would leave too few candidates for 25 (an error; test_attribute checks it); switch it off.
+    # --specificity overrides the recipe's (a random tiny model has little contrast beyond neutral activity)
     proc = run_cli("run", "refusal-ablate", "--model", str(src), "--out", str(out), "--top-k", "25",
                    "--skip-first-layers", "1", "--skip-last-layers", "0", "--specificity", "0")  # fmt: skip
     assert "25 neurons scaled" in proc.stdout
