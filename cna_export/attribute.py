@@ -56,7 +56,7 @@ class Settings:
     # input, so a neuron that is active on ordinary text shifts every answer. The score
     # max(0, |delta| - specificity * mean |activation| on the neutral prompts) prefers neurons that are quiet
     # on ordinary text: on Qwen2.5-Coder-0.5B it cut refusals by more at a fraction of the first-token KL on
-    # benign prompts (benchmarks/results/refusal_qwen.md).
+    # benign prompts (benchmarks/results/refusal_qwen_specificity.md).
     specificity: float = 0.0
     batch_size: int = 16
     chat_template: bool = True
