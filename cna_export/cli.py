@@ -92,7 +92,9 @@ def _select_opts() -> argparse.ArgumentParser:
     g = p.add_argument_group("selection (overrides the recipe)")
     k = g.add_mutually_exclusive_group()
     k.add_argument("--top-k", type=int, help="number of neurons to select")
-    k.add_argument("--fraction", type=float, help="share of all MLP neurons to select (default 0.001)")
+    k.add_argument(
+        "--fraction", type=float, help="share of all MLP neurons to select (default: the recipe's, else 0.001)"
+    )
     g.add_argument("--skip-first-layers", type=int, help="never select neurons in the first N layers")
     g.add_argument("--skip-last-layers", type=int, help="never select neurons in the last N layers")
     g.add_argument("--no-universal", action="store_true", help="do not exclude universal neurons")
