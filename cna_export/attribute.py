@@ -273,8 +273,7 @@ def select(delta: torch.Tensor, k: int, excluded: torch.Tensor) -> list[tuple[in
     available = int(np.isfinite(score).sum())
     if k > available:
         raise RecipeError(
-            f"k={k} but only {available} neurons remain after exclusions.",
-            "lower k or exclude fewer layers.",
+            f"k={k} but only {available} neurons remain after exclusions.", "lower k or exclude fewer layers."
         )
     flat = np.argsort(-score.reshape(-1), kind="stable")[:k]
     width = delta.shape[1]
@@ -298,6 +297,8 @@ class Attribution:
     chat_template: bool
 
     def _ranking(self, k: int) -> torch.Tensor:
+        """What the top-k is taken of: the score; with specificity, the neurons the penalty left at zero come
+        after all positive ones, by |delta|."""
         if not self.settings.specificity:
             return self.score
         left = int(((self.score > 0) & ~self.excluded).sum())
@@ -306,7 +307,8 @@ class Attribution:
                 "only %d neurons keep contrast after the specificity penalty; the other %d of k=%d are the next "
                 "by |delta| (lower the specificity to rank more of them by it)", left, k - left, k,
             )  # fmt: skip
-        return _ranking_key(self.score, self.delta)
+        magnitude = self.delta.abs()
+        return torch.where(self.score > 0, self.score + magnitude.max(), magnitude)
 
     def circuit(
         self, k: int, *, fraction: float | None = None, behaviour: str = "custom", recipe: str | None = None,
@@ -337,12 +339,6 @@ class Attribution:
             ),
             neurons=[Neuron(layer=l, index=i, delta=float(self.delta[l, i])) for l, i in chosen],
         )
-
-
-def _ranking_key(score: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Neurons with a positive score by score, then those the specificity penalty left at zero by |delta|."""
-    magnitude = delta.abs()
-    return torch.where(score > 0, score + magnitude.max(), magnitude)
 
 
 def _cap_skip_last(settings: Settings, num_layers: int) -> Settings:
