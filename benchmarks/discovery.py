@@ -1,10 +1,14 @@
 """Discovery speed: cna-export's attribution vs the reference implementation's way, same prompts, same k, one run.
 
-The baseline does what NousResearch/neural-steering does: one prompt at a time, a full forward pass including
-the lm_head, per-layer hooks that copy each activation to the host, and a Python loop over every neuron to rank
-them. Both sides use the same selection rule (no universal filter, no skipped layers) so the selected neurons
-can be compared; a second fp32 comparison uses the refusal recipes' rule (last 2 layers never selected), which
-cna-export turns into a shorter forward pass. Prints a table and writes JSON to benchmarks/results/discovery.json.
+The baseline does what NousResearch/neural-steering's `NeuronSteerer.discover_contrastive` does with its defaults
+(bfloat16 weights, eager attention): one prompt at a time, a full forward pass including the lm_head, per-layer
+hooks that copy each activation to the host, and a Python loop over every neuron to rank them. Both sides use the
+same selection rule (no universal filter, no skipped layers) so the selected neurons can be compared.
+
+Measured, in one run: cna-export in bfloat16 (the reference's dtype) and in float32 (cna-export's CPU default)
+against the baseline in the same dtype; how many neurons each picks in common with the float32 baseline (the
+most exact answer); and the refusal recipes' rule (last 2 layers never selected), which cna-export turns into a
+shorter forward pass. Prints a table and writes JSON to benchmarks/results/discovery-<model>.json.
 
     python benchmarks/discovery.py                       # SmolLM2-135M-Instruct (real, from PyPI)
     python benchmarks/discovery.py --model path/to/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf
@@ -54,8 +58,9 @@ def ours(model, spec, pos, neg, k, batch_size, pad_id, skip_last=0):
 
 @torch.no_grad()
 def baseline(model, spec, pos, neg, k, skip_last=0):
-    """One prompt at a time, full forward with lm_head, host copy per layer, Python ranking loop (over the
-    layers that may be selected)."""
+    """The reference's `discover_contrastive`: one prompt at a time through the whole model (lm_head included),
+    each layer's last-token activation copied to the host by a hook, means of the stacked activations, then a
+    Python loop over every neuron of the layers that may be selected and a sort by |difference|."""
     t0 = time.perf_counter()
     projs = down_projs(model, spec)
     means = []
@@ -63,20 +68,24 @@ def baseline(model, spec, pos, neg, k, skip_last=0):
         rows = []
         for ids in prompts:
             acts: dict[int, torch.Tensor] = {}
-            hooks = [p.register_forward_pre_hook(lambda m, a, i=i, acts=acts: acts.__setitem__(i, a[0][0, -1].cpu()))
+            hooks = [p.register_forward_pre_hook(lambda m, a, i=i, acts=acts: acts.__setitem__(i, a[0][0, -1].detach().cpu()))
                      for i, p in enumerate(projs)]  # fmt: skip
-            model(torch.tensor([ids]))
-            for h in hooks:
-                h.remove()
-            rows.append([acts[i].tolist() for i in range(len(projs))])
-        n = len(rows)
-        means.append([[sum(r[l][j] for r in rows) / n for j in range(len(rows[0][l]))] for l in range(len(projs))])
-    scored = []
+            try:
+                model(torch.tensor([ids]))
+            finally:
+                for h in hooks:
+                    h.remove()
+            rows.append(acts)
+        means.append({l: torch.stack([r[l] for r in rows]).mean(0) for l in range(len(projs))})
+    scored = {}
     for l in range(len(projs) - skip_last):
-        for j in range(len(means[0][l])):
-            scored.append((abs(means[0][l][j] - means[1][l][j]), l, j))
-    scored.sort(key=lambda t: -t[0])
-    return time.perf_counter() - t0, [(l, j) for _, l, j in scored[:k]]
+        diff = means[0][l] - means[1][l]
+        for j in range(diff.shape[0]):
+            d = diff[j].item()
+            if abs(d) > 1e-6:
+                scored[(l, j)] = d
+    ranked = sorted(scored.items(), key=lambda t: abs(t[1]), reverse=True)
+    return time.perf_counter() - t0, [lj for lj, _ in ranked[:k]]
 
 
 def matmul_peak(dtype=torch.float32, n=2048, reps=10) -> float:
@@ -105,53 +114,61 @@ def main() -> None:
     neg = encode_prompts(tok, load_prompts(recipe.negative, base))
     k = args.top_k or max(1, round(0.001 * shape.num_neurons))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    t_base, sel_base = baseline(model, spec, pos, neg, k)  # fp32: the reference's default on a CPU
     tokens = sum(map(len, pos)) + sum(map(len, neg))
     computed = computed_tokens(pos, args.batch_size) + computed_tokens(neg, args.batch_size)
     layer_params = sum(p.numel() for p in model.get_submodule(spec.layers_module).parameters())
     result = {
         "model": Path(args.model).name,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
+        f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}",
         "prompts": len(pos) + len(neg),
         "prompt_tokens": tokens,
         "computed_tokens": computed,
         "k": k,
-        "baseline_s": round(t_base, 3),
-        "baseline_tokens_per_s": round(tokens / t_base, 1),
     }
-    for dtype in (torch.float32, torch.bfloat16):
+    ours_attention = model.config._attn_implementation
+    chosen = {}
+    for dtype in (torch.float32, torch.bfloat16):  # fp32 first: its baseline is the reference answer
         name = str(dtype).removeprefix("torch.")
         m = model.to(dtype)
+        m.set_attn_implementation("eager")  # the reference loads its model with attn_implementation="eager"
+        t_base, sel_base = baseline(m, spec, pos, neg, k)
+        m.set_attn_implementation(ours_attention)
         ours(m, spec, pos[:2], neg[:2], k, args.batch_size, pad)  # warm-up (allocator, kernels)
         t_ours, sel_ours = ours(m, spec, pos, neg, k, args.batch_size, pad)
-        # the baseline in the same dtype too, so the ratio is not just the dtype's (fp32's is measured above)
-        t_same = t_base if dtype == torch.float32 else baseline(m, spec, pos, neg, k)[0]
+        chosen[name] = (sel_base, sel_ours)
         peak = matmul_peak(dtype)
         # matmul FLOPs of the decoder layers on the tokens computed (attention scores are negligible here)
         flops = 2 * layer_params * computed
         result |= {
+            f"baseline_{name}_s": round(t_base, 3),
+            f"baseline_{name}_prompt_tokens_per_s": round(tokens / t_base, 1),
             f"ours_{name}_s": round(t_ours, 3),
-            f"baseline_{name}_s": round(t_same, 3),
-            f"speedup_{name}": round(t_same / t_ours, 2),
-            f"speedup_{name}_vs_fp32_baseline": round(t_base / t_ours, 2),
+            f"speedup_{name}": round(t_base / t_ours, 2),
             f"overlap_{name}": round(len(set(sel_ours) & set(sel_base)) / k, 4),
             f"ours_{name}_prompt_tokens_per_s": round(tokens / t_ours, 1),
             f"matmul_peak_{name}_gflops": round(peak / 1e9, 1),
             f"ours_{name}_gflops": round(flops / t_ours / 1e9, 1),
             f"roofline_fraction_{name}": round(flops / t_ours / peak, 3),
         }
+    exact = set(chosen["float32"][0])  # the fp32 baseline's neurons
+    result |= {
+        "speedup_bfloat16_vs_fp32_baseline": round(result["baseline_float32_s"] / result["ours_bfloat16_s"], 2),
+        "overlap_bfloat16_with_fp32_baseline": round(len(set(chosen["bfloat16"][1]) & exact) / k, 4),
+        "overlap_baseline_bfloat16_with_fp32_baseline": round(len(set(chosen["bfloat16"][0]) & exact) / k, 4),
+    }
     # The refusal recipes' selection: the last 2 layers are never selected, so cna-export does not compute them
     # (the reference-style baseline runs its full forward pass as always and ranks the same layers).
-    model.to(torch.float32)
+    model.to(torch.bfloat16)
+    model.set_attn_implementation("eager")
     t_base2, sel_base2 = baseline(model, spec, pos, neg, k, skip_last=2)
+    model.set_attn_implementation(ours_attention)
     t_ours2, sel_ours2 = ours(model, spec, pos, neg, k, args.batch_size, pad, skip_last=2)
     result |= {
-        "baseline_float32_skip_last2_s": round(t_base2, 3),
-        "ours_float32_skip_last2_s": round(t_ours2, 3),
-        "speedup_float32_skip_last2": round(t_base2 / t_ours2, 2),
-        "overlap_float32_skip_last2": round(len(set(sel_ours2) & set(sel_base2)) / k, 4),
+        "baseline_bfloat16_skip_last2_s": round(t_base2, 3),
+        "ours_bfloat16_skip_last2_s": round(t_ours2, 3),
+        "speedup_bfloat16_skip_last2": round(t_base2 / t_ours2, 2),
+        "overlap_bfloat16_skip_last2": round(len(set(sel_ours2) & set(sel_base2)) / k, 4),
     }
     RESULTS.mkdir(exist_ok=True)
     stem = args.name or f"discovery-{Path(args.model).stem.split('.')[0]}"

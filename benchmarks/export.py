@@ -5,7 +5,8 @@ one run measures, each in its own process so peak RSS is its own:
   - `cp -r` of the folder (the floor for any tool that writes a full copy), and `cp -r` + `sha256sum` (the floor
     for one that also records every file's hash, as the model card of each export does),
   - `cna_export.export.apply_circuit` with a 0.1% circuit (time inside the process, and the whole command), as
-    by default (the card records every file's sha256, hashed while it is written) and with `--no-file-hashes`,
+    by default (the card lists the weight files, whose sha256 `push` records) and with `--file-hashes` (the card
+    records every file's sha256 now, hashed while it is written),
   - transformers `from_pretrained` + edit + `save_pretrained`.
 The page cache is warmed first so every contender reads from memory. Prints a table and writes JSON to
 benchmarks/results/export.json.
@@ -153,7 +154,7 @@ def timed_cp_sha256(src: Path, dst: Path) -> float:
 
 def settle(work: Path) -> None:
     """Remove earlier outputs and flush dirty pages to disk (untimed)."""
-    for name in ("cp", "cp-sha", "ours", "ours-nohash", "hf"):
+    for name in ("cp", "cp-sha", "ours", "ours-hash", "hf"):
         shutil.rmtree(work / f"out-{name}", ignore_errors=True)
     os.sync()
 
@@ -193,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/cna-bench"), help="scratch folder (needs ~12 GB)")
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -204,18 +205,18 @@ def main() -> None:
         make_circuit(src, circuit, layers)
         largest = max(math.prod(e.shape) * 2 for e in CheckpointReader(src).entries.values())
         warm(src)
-        # Each contender starts with no dirty pages, so none pays for another's write-back; median of 3 runs
+        # Each contender starts with no dirty pages, so none pays for another's write-back; median of the runs
         # (interleaved, so drift on this shared machine hits all alike).
-        runs: dict[str, list] = {"cp": [], "cp_sha": [], "ours": [], "nohash": [], "hf": []}
+        runs: dict[str, list] = {"cp": [], "cp_sha": [], "ours": [], "hashed": [], "hf": []}
         for _ in range(args.repeats):
             settle(args.work)
             runs["cp"].append(timed_cp(src, args.work / "out-cp"))
             settle(args.work)
             runs["cp_sha"].append(timed_cp_sha256(src, args.work / "out-cp-sha"))
             settle(args.work)
-            runs["ours"].append(run_py(OURS, str(src), str(circuit), str(args.work / "out-ours"), "hash"))
+            runs["ours"].append(run_py(OURS, str(src), str(circuit), str(args.work / "out-ours"), "-"))
             settle(args.work)
-            runs["nohash"].append(run_py(OURS, str(src), str(circuit), str(args.work / "out-ours-nohash"), "-"))
+            runs["hashed"].append(run_py(OURS, str(src), str(circuit), str(args.work / "out-ours-hash"), "hash"))
             settle(args.work)
             runs["hf"].append(run_py(HF, str(src), str(circuit), str(args.work / "out-hf")))
         settle(args.work)
@@ -223,13 +224,13 @@ def main() -> None:
         t_cp_sha = statistics.median(runs["cp_sha"])
         ours = {k: statistics.median(r[k] for r in runs["ours"]) for k in runs["ours"][0]}
         hf = {k: statistics.median(r[k] for r in runs["hf"]) for k in runs["hf"][0]}
-        nohash = statistics.median(r["export_s"] for r in runs["nohash"])
+        hashed = statistics.median(r["export_s"] for r in runs["hashed"])
         rows.append({
             "layers": layers, "size_gb": round(size / 1e9, 2), "largest_tensor_mb": round(largest / 1e6, 1),
             "cp_s": round(t_cp, 2), "ours_export_s": round(ours["export_s"], 2), "ours_wall_s": round(ours["wall_s"], 2),
             "ours_vs_cp": round(ours["export_s"] / t_cp, 2), "ours_wall_vs_cp": round(ours["wall_s"] / t_cp, 2),
-            "ours_no_file_hashes_s": round(nohash, 2), "ours_no_file_hashes_vs_cp": round(nohash / t_cp, 2),
-            "cp_sha256_s": round(t_cp_sha, 2), "ours_vs_cp_sha256": round(ours["export_s"] / t_cp_sha, 2),
+            "ours_file_hashes_s": round(hashed, 2), "ours_file_hashes_vs_cp": round(hashed / t_cp, 2),
+            "cp_sha256_s": round(t_cp_sha, 2), "ours_file_hashes_vs_cp_sha256": round(hashed / t_cp_sha, 2),
             "ours_peak_rss_mb": round(ours["rss_mb"]), "rss_budget_mb": round(2 * largest / 1e6 + 600),
             "hf_s": round(hf["export_s"], 2), "hf_peak_rss_mb": round(hf["rss_mb"]),
             "hf_vs_ours": round(hf["export_s"] / ours["export_s"], 2),

@@ -50,7 +50,7 @@ def file_hashes(
     """sha256 of every file in `folder` (relative posix path -> hex) except the card and hidden files.
 
     `known` digests (hashed while the files were written) are taken as they are; the rest are hashed on two threads.
-    With `weights=False` the weight files are listed with no hash (None): an export made with --no-file-hashes.
+    With `weights=False` the weight files are listed with no hash (None), as an export does without --file-hashes.
     """
     folder = Path(folder)
     files = sorted(
@@ -355,8 +355,8 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
         lines.append("Not evaluated yet (`cna-export eval --model SOURCE --edited THIS_FOLDER ...` measures it).")
     unhashed = []
     if None in record["files"].values():
-        unhashed = ["Weight files listed with `null` were exported with `--no-file-hashes`; `cna-export push` "
-                    "records their sha256 before uploading.", ""]  # fmt: skip
+        unhashed = ["Weight files listed with `null` were not hashed at export (`--file-hashes` does it); "
+                    "`cna-export push` records their sha256 before uploading.", ""]  # fmt: skip
     lines += [
         "",
         "## Audit",
@@ -408,7 +408,7 @@ def read_provenance(card_path: Path) -> dict[str, Any]:
 def check_card(folder: Path) -> dict[str, Any]:
     """Check that the files of `folder` are exactly those its card lists, with the same sha256.
 
-    A file the card lists without a hash (an export made with --no-file-hashes) gets the hash found now, and the
+    A file the card lists without a hash (weights exported without --file-hashes) gets the hash found now, and the
     card is rewritten with it, so what is uploaded records every file.
 
     Returns:
@@ -429,7 +429,7 @@ def check_card(folder: Path) -> dict[str, Any]:
             continue
         raise CheckpointError(f"{problem}.", "re-export the folder (or pass --no-verify to push it as it is).")
     if None in listed.values():
-        log.info("recording the sha256 of the weight files in the model card (exported with --no-file-hashes)")
+        log.info("recording the sha256 of the weight files in the model card")
         update_card(folder, files=found)
         record["files"] = found
     return record

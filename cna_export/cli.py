@@ -122,8 +122,9 @@ def _apply_opts() -> argparse.ArgumentParser:
     g.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private")
     g.add_argument("--gguf", metavar="OUTTYPE", choices=GGUF_OUTTYPES,
                    help="also convert the export to OUT/OUT-OUTTYPE.gguf (f32, f16, bf16, q8_0)")  # fmt: skip
-    g.add_argument("--no-file-hashes", action="store_true",
-                   help="skip the sha256 of the weight files in the model card (faster; push adds them)")  # fmt: skip
+    g.add_argument("--file-hashes", action=argparse.BooleanOptionalAction, default=False,
+                   help="record the weight files' sha256 in the model card now (default: push records them; "
+                        "hashing costs more than the copy itself)")  # fmt: skip
     return p
 
 
@@ -353,7 +354,7 @@ def _apply_kwargs(args: argparse.Namespace) -> dict:
         "target": args.target,
         "base_model": args.base_model,
         "gguf": args.gguf,
-        "hash_files": not args.no_file_hashes,
+        "hash_files": args.file_hashes,
     }
 
 

@@ -131,7 +131,7 @@ def _check_before_push(path: Path, single: bool) -> dict[str, Any] | None:
         return None
     listed = record["files"][path.name]
     if listed is None:
-        log.warning("%s lists %s without a sha256 (--no-file-hashes); pushing it unchecked", card, path.name)
+        log.warning("%s lists %s without a sha256; pushing it unchecked", card, path.name)
     elif sha256_file(path) != listed:
         raise CheckpointError(
             f"{path} does not match the sha256 in {card}.", "re-export it (or pass --no-verify to push it as it is)."

@@ -60,8 +60,25 @@ def _hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _apply_cmd(model: Path, circuit: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "cna_export", "apply", "--model", str(model), "--circuit", str(circuit),
+# The export copies ~100 MB in a few tens of milliseconds, faster than a signal can be aimed at it; the interrupt
+# tests run it with every kernel copy delayed by 10 ms (set up in the child before the CLI starts), so the write
+# phase lasts most of a second.
+SLOW_COPIES = (
+    "import os, runpy, sys, time; copy = os.copy_file_range; "
+    "os.copy_file_range = lambda *a: (time.sleep(0.01), copy(*a))[1]; "
+    "sys.argv[0] = 'cna-export'; runpy.run_module('cna_export', run_name='__main__')"
+)
+
+
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT as in a terminal. A test run started in the background (`cmd &`)
+    passes SIGINT on ignored, and Python keeps an inherited ignore, as it should."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _apply_cmd(model: Path, circuit: Path, out: Path, slow: bool = False) -> list[str]:
+    start = ["-c", SLOW_COPIES] if slow else ["-m", "cna_export"]
+    return [sys.executable, *start, "apply", "--model", str(model), "--circuit", str(circuit),
             "--out", str(out), "--overwrite"]  # fmt: skip
 
 
@@ -177,7 +194,12 @@ def test_interrupt_removes_temporaries(big_model, setup, sig, name):
     root, circuit, reference, _ = setup
     out = root / f"interrupted-{name}"
     proc = subprocess.Popen(
-        _apply_cmd(big_model, circuit, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _apply_cmd(big_model, circuit, out, slow=True),
+        env=_env(),
+        preexec_fn=_default_sigint,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert _wait_for_temp(out, proc), "the export finished before the temporary folder was seen"
     proc.send_signal(sig)
@@ -194,7 +216,12 @@ def test_interrupt_during_overwrite_keeps_previous_export(big_model, setup):
     out = root / "kept"
     subprocess.run(_apply_cmd(big_model, circuit, out), check=True, env=_env(), capture_output=True)
     proc = subprocess.Popen(
-        _apply_cmd(big_model, circuit, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _apply_cmd(big_model, circuit, out, slow=True),
+        env=_env(),
+        preexec_fn=_default_sigint,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert _wait_for_temp(out, proc)
     proc.send_signal(signal.SIGINT)

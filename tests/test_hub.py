@@ -109,7 +109,9 @@ def _sha256(path: Path) -> str:
 
 def test_card_front_matter_provenance_and_hashes(hub_source, tmp_path):
     metrics = {"rate_original": 0.85, "rate_edited": 0.05, "kl_first": 0.0123, "lm_eval_edited": {"mmlu": 0.41}}
-    out, circuit = _export(hub_source, tmp_path / "edited", recipe_file=find_recipe("refusal-ablate"), metrics=metrics)
+    out, circuit = _export(
+        hub_source, tmp_path / "edited", recipe_file=find_recipe("refusal-ablate"), metrics=metrics, hash_files=True
+    )
     text = (out / "README.md").read_text()
     meta = _front_matter(text)
     assert meta["base_model"] == "acme/tiny-qwen" and meta["base_model_relation"] == "finetune"
@@ -135,7 +137,9 @@ def test_card_front_matter_provenance_and_hashes(hub_source, tmp_path):
 
 
 def test_card_of_local_folder_and_up_target(tiny_models, tmp_path):
-    out, _ = _export(tiny_models["llama"], tmp_path / "edited", target="up", base_model="acme/tiny-llama")
+    out, _ = _export(
+        tiny_models["llama"], tmp_path / "edited", target="up", base_model="acme/tiny-llama", hash_files=True
+    )
     text = (out / "README.md").read_text()
     meta = _front_matter(text)
     assert meta["base_model"] == "acme/tiny-llama" and "license" not in meta
@@ -186,13 +190,13 @@ def test_push_folder_cli(hub_source, tmp_path, fake_api, capsys, caplog):
     assert SECRET not in printed.out + printed.err + caplog.text
 
 
-def test_no_file_hashes_export_is_completed_by_push(hub_source, tmp_path, fake_api):
-    """`apply --no-file-hashes` writes the same weights and a card listing them without sha256; `push` records
-    the hashes in the card before uploading, so the Hub gets a complete card; a lone GGUF push still works."""
+def test_unhashed_export_is_completed_by_push(hub_source, tmp_path, fake_api):
+    """`apply` (without --file-hashes) writes the same weights as `apply --file-hashes` and a card listing them
+    without sha256; `push` records the hashes in the card before uploading, so the Hub gets a complete card."""
     circuit = make_circuit(hub_source, [(0, 5), (1, 9)], multiplier=0.0)
     circuit.save(tmp_path / "c.json")
     hashed, quick = tmp_path / "hashed", tmp_path / "quick"
-    for out, extra in ((hashed, []), (quick, ["--no-file-hashes"])):
+    for out, extra in ((hashed, ["--file-hashes"]), (quick, [])):
         assert (
             cli.main(
                 ["apply", "--model", str(hub_source), "--circuit", str(tmp_path / "c.json"), "--out", str(out), *extra]
@@ -203,12 +207,14 @@ def test_no_file_hashes_export_is_completed_by_push(hub_source, tmp_path, fake_a
     files = card.read_provenance(quick / "README.md")["files"]
     assert files["model.safetensors"] is None
     assert files["config.json"] == _sha256(quick / "config.json")  # small files are always hashed
-    assert "--no-file-hashes" in (quick / "README.md").read_text()
+    assert "not hashed at export" in (quick / "README.md").read_text()
+    hashed_files = card.read_provenance(hashed / "README.md")["files"]
+    assert hashed_files["model.safetensors"] == _sha256(hashed / "model.safetensors")
 
     assert cli.main(["push", str(quick), "me/quick"]) == 0
     record = card.read_provenance(quick / "README.md")
     assert record["files"]["model.safetensors"] == _sha256(quick / "model.safetensors")
-    assert None not in record["files"].values() and "--no-file-hashes" not in (quick / "README.md").read_text()
+    assert None not in record["files"].values() and "not hashed" not in (quick / "README.md").read_text()
     uploaded = fake_api.called("upload_folder")[0]["files"]
     assert uploaded["README.md"] == (quick / "README.md").read_bytes()
     # a changed weight file is still caught: the hash is only filled in where the card had none
@@ -243,7 +249,12 @@ def test_push_defaults_gguf_and_large_folder(hub_source, tmp_path, fake_api, mon
 
 
 def test_push_refuses_changed_files(hub_source, tmp_path, fake_api):
-    out, _ = _export(hub_source, tmp_path / "edited")
+    # Without --file-hashes only the weights go unhashed: a changed config is caught all the same.
+    plain, _ = _export(hub_source, tmp_path / "plain")
+    (plain / "config.json").write_text((plain / "config.json").read_text().replace("{", "{ ", 1))
+    with pytest.raises(CheckpointError, match="config.json does not match"):
+        hub.push(plain, "me/tiny")
+    out, _ = _export(hub_source, tmp_path / "edited", hash_files=True)
     weights = out / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
