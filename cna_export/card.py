@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import shutil
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,14 @@ RELATION = "finetune"
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+
+
+def preload() -> None:
+    """Import huggingface_hub's card module on a worker thread (~0.1 s), so that an export, which writes the card
+    last, finds it loaded: the import runs while the kernel copies the weights."""
+    from importlib import import_module
+
+    threading.Thread(target=import_module, args=("huggingface_hub.repocard",), daemon=True).start()
 
 
 def file_hashes(

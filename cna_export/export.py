@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from cna_export import __version__
 from cna_export.arch import ArchSpec, ModelShape
-from cna_export.card import check_repo_id, copy_recipe, write_card
+from cna_export.card import check_repo_id, copy_recipe, preload, write_card
 from cna_export.checkpoint import (
     INDEX_NAME,
     BackgroundHasher,
@@ -188,6 +188,7 @@ def apply_circuit(
         "cna_export.behaviour": circuit.behaviour,
     }
     preflight(source, out, spec, shape, edits, target)
+    preload()
     with staged_output(out, overwrite, marker=EXPORT_MARKER) as tmp, BackgroundHasher(tmp) as hasher:
         stream = hasher.stream if hash_files else None
         if source.is_gguf:
