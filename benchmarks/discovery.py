@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cna_export.attribute import collect, common_prefix, encode_prompts, select  # noqa: E402
+from cna_export.attribute import collect_sets, common_prefix, encode_prompts, select  # noqa: E402
 from cna_export.hooks import down_projs  # noqa: E402
 from cna_export.recipe import load_prompts, load_recipe  # noqa: E402
 from cna_export.source import describe, load_model, resolve  # noqa: E402
@@ -37,8 +37,10 @@ REAL = Path(os.environ.get("CNA_REAL_MODELS", Path.home() / ".cache" / "cna-real
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def computed_tokens(encoded, batch_size):
-    """Tokens the forward passes actually process: the shared prefix once, then padded suffix batches."""
+def computed_tokens(sets, batch_size):
+    """Tokens the forward passes actually process: the prefix all prompts share once, then the padded batches of
+    the sets' prompts, sorted by length together."""
+    encoded = [ids for prompts in sets for ids in prompts]
     prefix = common_prefix(encoded)
     suffixes = sorted(len(ids) - prefix for ids in encoded)
     return prefix + sum(max(suffixes[i : i + batch_size]) * len(suffixes[i : i + batch_size])
@@ -48,8 +50,7 @@ def computed_tokens(encoded, batch_size):
 def ours(model, spec, pos, neg, k, batch_size, pad_id, skip_last=0):
     t0 = time.perf_counter()
     last = len(down_projs(model, spec)) - 1 - skip_last
-    a = collect(model, spec, pos, batch_size, pad_id, last_layer=last)
-    b = collect(model, spec, neg, batch_size, pad_id, last_layer=last)
+    a, b = collect_sets(model, spec, [pos, neg], batch_size, pad_id, last_layer=last)
     excluded = torch.zeros_like(a.sums, dtype=torch.bool)
     excluded[last + 1 :] = True
     chosen = select(a.mean - b.mean, k, excluded)
@@ -115,8 +116,14 @@ def main() -> None:
     k = args.top_k or max(1, round(0.001 * shape.num_neurons))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     tokens = sum(map(len, pos)) + sum(map(len, neg))
-    computed = computed_tokens(pos, args.batch_size) + computed_tokens(neg, args.batch_size)
-    layer_params = sum(p.numel() for p in model.get_submodule(spec.layers_module).parameters())
+    computed = computed_tokens([pos, neg], args.batch_size)
+    # matmul FLOPs of the tokens computed: every layer but the last in full; in the last, attention for every
+    # token, gate/up for the final tokens only, no down_proj (the pass stops at its input)
+    layers = model.get_submodule(spec.layers_module)
+    per_layer = sum(p.numel() for p in layers[-1].parameters())
+    matrix = down_projs(model, spec)[-1].weight.numel()  # gate, up and down have as many weights each
+    flops = 2 * ((len(layers) - 1) * per_layer * computed + (per_layer - 3 * matrix) * computed
+                 + 2 * matrix * (len(pos) + len(neg)))  # fmt: skip
     result = {
         "model": Path(args.model).name,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -138,8 +145,6 @@ def main() -> None:
         t_ours, sel_ours = ours(m, spec, pos, neg, k, args.batch_size, pad)
         chosen[name] = (sel_base, sel_ours)
         peak = matmul_peak(dtype)
-        # matmul FLOPs of the decoder layers on the tokens computed (attention scores are negligible here)
-        flops = 2 * layer_params * computed
         result |= {
             f"baseline_{name}_s": round(t_base, 3),
             f"baseline_{name}_prompt_tokens_per_s": round(tokens / t_base, 1),

@@ -1,8 +1,8 @@
 """Contrastive Neuron Attribution: forward passes only, last-token MLP activations, mean differences.
 
-For each prompt set the model runs in length-sorted, left-padded batches (so every prompt's last real token
-sits at position -1). A pre-hook on every layer's `down_proj` adds the last-token input, one value per neuron,
-to a float64 running sum on the device; nothing per-prompt is kept. The pass stops inside the last layer that
+The prompt sets (positive, negative, neutral) run together in length-sorted, left-padded batches (so every
+prompt's last real token sits at position -1). A pre-hook on every layer's `down_proj` adds the last-token input,
+one value per neuron, to its set's float64 running sum on the device; nothing per-prompt is kept. The pass stops inside the last layer that
 can be selected, before its `down_proj`: later layers (`skip_last_layers`), the final norm and the lm_head are
 never computed.
 """
@@ -98,23 +98,25 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True
     return encoded
 
 
-def batches(encoded: list[list[int]], batch_size: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Left-padded (input_ids, attention_mask) batches of length-sorted prompts."""
+def batches(
+    encoded: list[list[int]], batch_size: int, pad_id: int
+) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """Left-padded (input_ids, attention_mask, original indices) batches of length-sorted prompts."""
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     out = []
     for start in range(0, len(order), batch_size):
-        group = [encoded[i] for i in order[start : start + batch_size]]
+        rows = order[start : start + batch_size]
+        group = [encoded[i] for i in rows]
         width = max(len(ids) for ids in group)
         ids = torch.full((len(group), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
         for row, seq in enumerate(group):
             ids[row, width - len(seq) :] = torch.tensor(seq)
             mask[row, width - len(seq) :] = 1
-        out.append((ids, mask))
+        out.append((ids, mask, rows))
     return out
 
 
-@torch.inference_mode()
 def collect(
     model: nn.Module,
     spec: ArchSpec,
@@ -126,22 +128,42 @@ def collect(
     share_prefix: bool = True,
     last_layer: int | None = None,
 ) -> SetStats:
-    """Sum last-token `down_proj` inputs over prompts; with `top_n`, count per-layer top-|act| membership.
+    """`collect_sets` for one prompt set."""
+    return collect_sets(model, spec, [encoded], batch_size, pad_id, top_n, desc, share_prefix, last_layer)[0]
 
-    The forward pass ends at `last_layer` (default: the model's last); later layers' sums stay zero.
 
-    Each layer's running sum lives on the device that layer runs on (layers may be spread over several GPUs,
+@torch.inference_mode()
+def collect_sets(
+    model: nn.Module,
+    spec: ArchSpec,
+    sets: Sequence[list[list[int]]],
+    batch_size: int,
+    pad_id: int,
+    top_n: int | None = None,
+    desc: str = "forward",
+    share_prefix: bool = True,
+    last_layer: int | None = None,
+) -> list[SetStats]:
+    """Per prompt set, sum last-token `down_proj` inputs; with `top_n`, also count per-layer top-|act| membership
+    and sum |act|.
+
+    The sets run together: one shared prefix, one length-sorted batch order over all their prompts (less
+    padding), each row's activations added to its own set's sums. The forward pass ends at `last_layer`
+    (default: the model's last); later layers' sums stay zero.
+
+    Each layer's running sums live on the device that layer runs on (layers may be spread over several GPUs,
     the CPU or disk offload), so nothing is copied to the host until the end. Under torch.distributed each
     rank runs a strided slice of the prompts and the partial sums are all-reduced.
     """
     projs = down_projs(model, spec)
-    n_layers, width = len(projs), projs[0].in_features
+    n_layers, width, n_sets = len(projs), projs[0].in_features, len(sets)
     sums: dict[int, torch.Tensor] = {}
     tops: dict[int, torch.Tensor] = {}
     abs_sums: dict[int, torch.Tensor] = {}
     last = n_layers - 1 if last_layer is None else last_layer
 
     recording = [True]
+    labels: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)]  # set of each row of the batch in flight
 
     def capture(layer: int, x: torch.Tensor) -> None:
         if not recording[0]:
@@ -150,22 +172,25 @@ def collect(
             return
         act = x[:, -1, :]
         acc = torch.float32 if act.device.type == "mps" else torch.float64
+        rows = labels[0].to(act.device)
         if layer not in sums:
-            sums[layer] = torch.zeros(width, dtype=acc, device=act.device)
-        sums[layer] += act.to(acc).sum(0)
+            sums[layer] = torch.zeros(n_sets, width, dtype=acc, device=act.device)
+        sums[layer].index_add_(0, rows, act.to(acc))
         if top_n:
             if layer not in tops:
-                tops[layer] = torch.zeros(width, dtype=torch.int32, device=act.device)
-                abs_sums[layer] = torch.zeros(width, dtype=acc, device=act.device)
+                tops[layer] = torch.zeros(n_sets, width, dtype=torch.int32, device=act.device)
+                abs_sums[layer] = torch.zeros(n_sets, width, dtype=acc, device=act.device)
             magnitude = act.abs()
-            idx = magnitude.topk(top_n, dim=-1).indices.reshape(-1)
-            tops[layer].index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
-            abs_sums[layer] += magnitude.to(acc).sum(0)
+            idx = magnitude.topk(top_n, dim=-1).indices
+            tops[layer].index_put_((rows[:, None].expand_as(idx), idx), torch.ones_like(idx, dtype=torch.int32),
+                                   accumulate=True)  # fmt: skip
+            abs_sums[layer].index_add_(0, rows, magnitude.to(acc))
         if layer == last:
             raise _StopForward
 
     device = input_device(model)
-    mine = distributed.shard(encoded)
+    tagged = distributed.shard([(k, ids) for k, prompts in enumerate(sets) for ids in prompts])
+    mine = [ids for _, ids in tagged]
     # Chat templates give every prompt the same opening (often a default system prompt): run it once and
     # reuse its key/value cache, so each batch computes only the tokens that differ.
     prefix = common_prefix(mine) if share_prefix else 0
@@ -173,13 +198,16 @@ def collect(
         prefix = 0
     cache = None
     recording[0] = False
-    with pre_hooks(dict(enumerate(projs[: last + 1])), capture):
+    # The pass ends at the last layer's down_proj, where only the final token is read: its MLP runs on that one.
+    mlp = model.get_submodule(spec.layers_module)[last].get_submodule(spec.down_proj_module.rpartition(".")[0])
+    with pre_hooks(dict(enumerate(projs[: last + 1])), capture), pre_hooks({last: mlp}, lambda _, x: x[:, -1:]):
         if prefix:
             cache = DynamicCache(config=model.config)
             _forward(model, torch.tensor([mine[0][:prefix]]), torch.ones(1, prefix, dtype=torch.long), 0, cache, device)
         recording[0] = True
         todo = batches([ids[prefix:] for ids in mine], batch_size, pad_id)
-        for ids, mask in tqdm(todo, desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
+        for ids, mask, rows in tqdm(todo, desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
+            labels[0] = torch.tensor([tagged[i][0] for i in rows])
             past = None
             if cache is not None:
                 past = copy.deepcopy(cache)
@@ -187,16 +215,16 @@ def collect(
             _forward(model, ids, mask, prefix, past, device)
 
     def gather(parts: dict[int, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        out = torch.zeros((n_layers, width), dtype=dtype)
+        out = torch.zeros((n_sets, n_layers, width), dtype=dtype)
         for layer, part in parts.items():
-            out[layer] = part.to("cpu", dtype)
+            out[:, layer] = part.to("cpu", dtype)
         return distributed.all_reduce_sum(out)
 
+    total = gather(sums, torch.float64)
     if not top_n:
-        return SetStats(gather(sums, torch.float64), len(encoded))
-    return SetStats(
-        gather(sums, torch.float64), len(encoded), gather(tops, torch.int32), gather(abs_sums, torch.float64)
-    )
+        return [SetStats(total[k], len(prompts)) for k, prompts in enumerate(sets)]
+    counts, magnitudes = gather(tops, torch.int32), gather(abs_sums, torch.float64)
+    return [SetStats(total[k], len(p), counts[k], magnitudes[k]) for k, p in enumerate(sets)]
 
 
 def common_prefix(encoded: list[list[int]], minimum: int = 4) -> int:
@@ -373,36 +401,36 @@ def attribute(
     settings = _cap_skip_last(settings, shape.num_layers)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad_id = 0 if pad_id is None else pad_id
-    enc = {name: encode_prompts(tokenizer, p, settings.chat_template) for name, p in
-           (("positive", positive), ("negative", negative))}  # fmt: skip
+    sets = [encode_prompts(tokenizer, p, settings.chat_template) for p in (positive, negative)]
+    prompts = {"positive": prompt_set(list(positive)), "negative": prompt_set(list(negative))}
+    # The neutral prompts (universal neurons, specificity) run in the same passes as the contrast sets.
+    top_n = None
+    if settings.universal or settings.specificity:
+        top_n = settings.universal_top_n or max(1, math.ceil(0.01 * shape.intermediate_size))
+        sets.append(encode_prompts(tokenizer, neutral, settings.chat_template))
+        prompts["neutral"] = prompt_set(list(neutral))
     # Layers skipped at the end are never selected: the forward passes stop before them.
     last = shape.num_layers - 1 - settings.skip_last_layers
-    pos = collect(model, spec, enc["positive"], settings.batch_size, pad_id, desc="positive prompts", last_layer=last)
-    neg = collect(model, spec, enc["negative"], settings.batch_size, pad_id, desc="negative prompts", last_layer=last)
-    delta = pos.mean - neg.mean
+    stats = collect_sets(model, spec, sets, settings.batch_size, pad_id, top_n=top_n, desc="forward passes",
+                         last_layer=last)  # fmt: skip
+    delta = stats[0].mean - stats[1].mean
 
     excluded = torch.zeros_like(delta, dtype=torch.bool)
     excluded[: settings.skip_first_layers] = True
     if settings.skip_last_layers:
         excluded[shape.num_layers - settings.skip_last_layers :] = True
-    top_n = None
     universal_list: list[tuple[int, int]] = []
     score = delta.abs()
-    prompts = {"positive": prompt_set(list(positive)), "negative": prompt_set(list(negative))}
-    if settings.universal or settings.specificity:
-        top_n = settings.universal_top_n or max(1, math.ceil(0.01 * shape.intermediate_size))
-        enc_neutral = encode_prompts(tokenizer, neutral, settings.chat_template)
-        stats = collect(model, spec, enc_neutral, settings.batch_size, pad_id, top_n=top_n, desc="neutral prompts",
-                        last_layer=last)  # fmt: skip
-        prompts["neutral"] = prompt_set(list(neutral))
+    if top_n:
+        neutral_stats = stats[2]
         if settings.universal:
-            universal = universal_mask(stats, settings.universal_threshold)
+            universal = universal_mask(neutral_stats, settings.universal_threshold)
             universal_list = [(int(a), int(b)) for a, b in universal.nonzero().tolist()]
             excluded |= universal
         else:
             top_n = None
         if settings.specificity:
-            score = (score - settings.specificity * stats.abs_sums / stats.count).clamp(min=0)
+            score = (score - settings.specificity * neutral_stats.abs_sums / neutral_stats.count).clamp(min=0)
 
     weight = next(model.parameters())
     return Attribution(

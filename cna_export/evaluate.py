@@ -126,7 +126,7 @@ def _ordered_batches(encoded: list[list[int]], batch_size: int, pad_id: int):
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         # `batches` sorts stably by length; the chunk is already sorted, so its row order is kept.
-        ids, mask = batches([encoded[i] for i in chunk], len(chunk), pad_id)[0]
+        ids, mask, _ = batches([encoded[i] for i in chunk], len(chunk), pad_id)[0]
         yield chunk, ids, mask
 
 

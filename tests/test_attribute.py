@@ -178,6 +178,27 @@ def test_stops_before_lm_head(tiny_models):
     assert arch_for("gemma").activation == "gelu_tanh"
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
+def test_sets_run_together_give_each_its_own_sums(tiny_models, arch):
+    """collect_sets over several sets == one collect per set: sums, top-n counts and |act| sums, whatever the
+    batch mix; a set without the chat template shares no prefix with the others and still comes out right."""
+    from cna_export.attribute import collect_sets
+
+    model, tok, spec, _ = setup(tiny_models[arch])
+    sets = [encode_prompts(tok, POS[:7]), encode_prompts(tok, NEG[:5]), encode_prompts(tok, NEUTRAL[:6])]
+    for plain in (False, True):
+        if plain:
+            sets[2] = encode_prompts(tok, NEUTRAL[:6], chat_template=False)
+        together = collect_sets(model, spec, sets, 4, tok.pad_token_id, top_n=3)
+        for enc, got in zip(sets, together):
+            alone = collect(model, spec, enc, 4, tok.pad_token_id, top_n=3)
+            assert got.count == alone.count == len(enc)
+            torch.testing.assert_close(got.sums, alone.sums, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got.abs_sums, alone.abs_sums, rtol=1e-4, atol=1e-5)
+            assert torch.equal(got.top_counts, alone.top_counts)
+            assert int(got.top_counts[0].sum()) == 3 * len(enc)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
 def test_shared_prefix_cache_gives_same_sums(tiny_models, arch):
     from cna_export.attribute import common_prefix

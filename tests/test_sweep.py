@@ -77,8 +77,8 @@ def test_sweep_reuses_one_attribution_and_one_baseline(tiny_models, tmp_path, mo
     spec, shape, config = describe(source)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(src)
-    calls = {"collect": 0, "generate": 0}
-    real_collect, real_generate = attribute_mod.collect, evaluate_mod.generate
+    calls = {"collect_sets": 0, "generate": 0}
+    real_collect, real_generate = attribute_mod.collect_sets, evaluate_mod.generate
 
     def counting(name, fn):
         def wrapped(*args, **kwargs):
@@ -87,14 +87,14 @@ def test_sweep_reuses_one_attribution_and_one_baseline(tiny_models, tmp_path, mo
 
         return wrapped
 
-    monkeypatch.setattr(attribute_mod, "collect", counting("collect", real_collect))
+    monkeypatch.setattr(attribute_mod, "collect_sets", counting("collect_sets", real_collect))
     monkeypatch.setattr(evaluate_mod, "generate", counting("generate", real_generate))
     settings = Settings(top_k=None, fraction=None, skip_first_layers=1)
     att = attribute(model, tok, spec, identity(source, config, shape), POS, NEG, NEG, settings)
-    assert calls["collect"] == 3  # positive, negative, neutral: once for every k
+    assert calls["collect_sets"] == 1  # positive, negative and neutral in one set of passes, once for every k
     results, records, circuits = run_sweep(model, tok, spec, att, [5, 20], [0.0, 1.0, 2.0], POS, NEG, "refusal", CFG,
                                            model_name="tiny", out=tmp_path / "s")  # fmt: skip
-    assert calls["collect"] == 3
+    assert calls["collect_sets"] == 1
     assert calls["generate"] == 2 + 4 * 2  # baseline once (2 sets), then 4 points (m = 1 is the original)
     assert [(p["k"], p["multiplier"]) for p in results["points"]] == [(5, 0.0), (5, 2.0), (20, 0.0), (20, 2.0)]
     assert results["goal"] == "decrease" and set(results["pareto"]) <= set(range(4))
