@@ -117,19 +117,9 @@ def batches(
     return out
 
 
-def collect(
-    model: nn.Module,
-    spec: ArchSpec,
-    encoded: list[list[int]],
-    batch_size: int,
-    pad_id: int,
-    top_n: int | None = None,
-    desc: str = "forward",
-    share_prefix: bool = True,
-    last_layer: int | None = None,
-) -> SetStats:
+def collect(model: nn.Module, spec: ArchSpec, encoded: list[list[int]], *args, **kwargs) -> SetStats:
     """`collect_sets` for one prompt set."""
-    return collect_sets(model, spec, [encoded], batch_size, pad_id, top_n, desc, share_prefix, last_layer)[0]
+    return collect_sets(model, spec, [encoded], *args, **kwargs)[0]
 
 
 @torch.inference_mode()

@@ -76,6 +76,13 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _start_slow_export(model: Path, circuit: Path, out: Path) -> subprocess.Popen:
+    """An export whose copies are slowed down, to be interrupted; stdout and stderr piped as text."""
+    cmd = _apply_cmd(model, circuit, out, slow=True)
+    return subprocess.Popen(cmd, env=_env(), preexec_fn=_default_sigint, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
 def _apply_cmd(model: Path, circuit: Path, out: Path, slow: bool = False) -> list[str]:
     start = ["-c", SLOW_COPIES] if slow else ["-m", "cna_export"]
     return [sys.executable, *start, "apply", "--model", str(model), "--circuit", str(circuit),
@@ -193,14 +200,7 @@ def test_sigkill_leaves_nothing_or_a_complete_export(big_model, setup):
 def test_interrupt_removes_temporaries(big_model, setup, sig, name):
     root, circuit, reference, _ = setup
     out = root / f"interrupted-{name}"
-    proc = subprocess.Popen(
-        _apply_cmd(big_model, circuit, out, slow=True),
-        env=_env(),
-        preexec_fn=_default_sigint,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_slow_export(big_model, circuit, out)
     assert _wait_for_temp(out, proc), "the export finished before the temporary folder was seen"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
@@ -215,14 +215,7 @@ def test_interrupt_during_overwrite_keeps_previous_export(big_model, setup):
     root, circuit, reference, _ = setup
     out = root / "kept"
     subprocess.run(_apply_cmd(big_model, circuit, out), check=True, env=_env(), capture_output=True)
-    proc = subprocess.Popen(
-        _apply_cmd(big_model, circuit, out, slow=True),
-        env=_env(),
-        preexec_fn=_default_sigint,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_slow_export(big_model, circuit, out)
     assert _wait_for_temp(out, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
