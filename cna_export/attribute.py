@@ -172,8 +172,8 @@ def collect_sets(
                 abs_sums[layer] = torch.zeros(n_sets, width, dtype=acc, device=act.device)
             magnitude = act.abs()
             idx = magnitude.topk(top_n, dim=-1).indices
-            tops[layer].index_put_((rows[:, None].expand_as(idx), idx), torch.ones_like(idx, dtype=torch.int32),
-                                   accumulate=True)  # fmt: skip
+            flat = (rows[:, None] * width + idx).reshape(-1)  # (set, neuron) as one index into the flat counts
+            tops[layer].view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
             abs_sums[layer].index_add_(0, rows, magnitude.to(acc))
         if layer == last:
             raise _StopForward
