@@ -2,9 +2,9 @@
 
 The prompt sets (positive, negative, neutral) run together in length-sorted, left-padded batches (so every
 prompt's last real token sits at position -1). A pre-hook on every layer's `down_proj` adds the last-token input,
-one value per neuron, to its set's float64 running sum on the device; nothing per-prompt is kept. The pass stops inside the last layer that
-can be selected, before its `down_proj`: later layers (`skip_last_layers`), the final norm and the lm_head are
-never computed.
+one value per neuron, to its set's float64 running sum on the device; nothing per-prompt is kept. The pass stops
+inside the last layer that can be selected, before its `down_proj`: later layers (`skip_last_layers`), the final
+norm and the lm_head are never computed.
 """
 
 from __future__ import annotations

@@ -120,16 +120,6 @@ def eos_ids_of(model: nn.Module, tokenizer) -> list[int]:
     return sorted(set(int(i) for i in ids))
 
 
-def _ordered_batches(encoded: list[list[int]], batch_size: int, pad_id: int):
-    """(original indices, input_ids, attention_mask) per left-padded batch, prompts sorted by length."""
-    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        # `batches` sorts stably by length; the chunk is already sorted, so its row order is kept.
-        ids, mask, _ = batches([encoded[i] for i in chunk], len(chunk), pad_id)[0]
-        yield chunk, ids, mask
-
-
 @torch.inference_mode()
 def generate(
     model: nn.Module, tokenizer, encoded: list[list[int]], cfg: EvalConfig, desc: str = "generate"
@@ -143,8 +133,7 @@ def generate(
     )
     device = input_device(model)
     answers: list[list[int]] = [[] for _ in encoded]
-    todo = list(_ordered_batches(encoded, cfg.batch_size, pad_id))
-    for chunk, ids, mask in tqdm(todo, desc=desc, unit="batch", leave=False):
+    for ids, mask, chunk in tqdm(batches(encoded, cfg.batch_size, pad_id), desc=desc, unit="batch", leave=False):
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
         for row, i in enumerate(chunk):
             answer = []
@@ -173,8 +162,7 @@ def score(
     seqs = [p + a for p, a in zip(encoded, answers)]
     device = input_device(model)
     out: list[Scored | None] = [None] * len(seqs)
-    todo = list(_ordered_batches(seqs, cfg.batch_size, pad_id))
-    for chunk, ids, mask in tqdm(todo, desc=desc, unit="batch", leave=False):
+    for ids, mask, chunk in tqdm(batches(seqs, cfg.batch_size, pad_id), desc=desc, unit="batch", leave=False):
         # Left padding puts every answer at the end, so only the last max(len)+1 positions need logits.
         keep = max(len(answers[i]) for i in chunk) + 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
