@@ -28,10 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cna_export.attribute import collect_sets, common_prefix, encode_prompts, select  # noqa: E402
-from cna_export.hooks import down_projs  # noqa: E402
-from cna_export.recipe import load_prompts, load_recipe  # noqa: E402
-from cna_export.source import describe, load_model, resolve  # noqa: E402
+from cna_export.attribution.collect import collect_sets, common_prefix, encode_prompts  # noqa: E402
+from cna_export.attribution.hooks import down_projs  # noqa: E402
+from cna_export.attribution.select import select  # noqa: E402
+from cna_export.circuit.recipe import load_prompts, load_recipe  # noqa: E402
+from cna_export.io.source import describe, load_model, resolve  # noqa: E402
 
 REAL = Path(os.environ.get("CNA_REAL_MODELS", Path.home() / ".cache" / "cna-real-models"))
 RESULTS = Path(__file__).resolve().parent / "results"

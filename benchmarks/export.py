@@ -4,7 +4,7 @@ Builds random-weight Llama checkpoints (bf16, sharded like the Hub's) of two siz
 one run measures, each in its own process so peak RSS is its own:
   - `cp -r` of the folder (the floor for any tool that writes a full copy), and `cp -r` + `sha256sum` (the floor
     for one that also records every file's hash, as the model card of each export does),
-  - `cna_export.export.apply_circuit` with a 0.1% circuit (time inside the process, and the whole command), as
+  - `cna_export.fold.export.apply_circuit` with a 0.1% circuit (time inside the process, and the whole command), as
     by default (the card lists the weight files, whose sha256 `push` records) and with `--file-hashes` (the card
     records every file's sha256 now, hashed while it is written),
   - transformers `from_pretrained` + edit + `save_pretrained`.
@@ -99,9 +99,9 @@ OURS = (
 import json, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
-from cna_export.circuit import Circuit
-from cna_export.export import apply_circuit
-from cna_export.source import resolve
+from cna_export.circuit.format import Circuit
+from cna_export.fold.export import apply_circuit
+from cna_export.io.source import resolve
 t1 = time.perf_counter()
 apply_circuit(resolve(sys.argv[1]), Circuit.load(sys.argv[2]), Path(sys.argv[3]), hash_files=sys.argv[4] == "hash")
 t2 = time.perf_counter()
@@ -171,8 +171,8 @@ def make_circuit(src: Path, path: Path, layers: int) -> None:
     sys.path.insert(0, str(REPO))
     import random
 
-    from cna_export.circuit import Circuit, Neuron, PromptSet, Selection
-    from cna_export.source import describe, identity, resolve
+    from cna_export.circuit.format import Circuit, Neuron, PromptSet, RecordedSelection
+    from cna_export.io.source import describe, identity, resolve
 
     source = resolve(str(src))
     _, shape, config = describe(source)
@@ -182,14 +182,14 @@ def make_circuit(src: Path, path: Path, layers: int) -> None:
     picks = rng.sample(range(shape.num_neurons), k)
     Circuit(
         model=ident, prompts={"positive": PromptSet(count=0, sha256=""), "negative": PromptSet(count=0, sha256="")},
-        selection=Selection(top_k=k),
+        selection=RecordedSelection(top_k=k),
         neurons=[Neuron(layer=i // INTER, index=i % INTER, delta=1.0) for i in picks],
     ).save(path)  # fmt: skip
 
 
 def main() -> None:
     sys.path.insert(0, str(REPO))
-    from cna_export.checkpoint import CheckpointReader
+    from cna_export.io.checkpoint import CheckpointReader
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/cna-bench"), help="scratch folder (needs ~12 GB)")

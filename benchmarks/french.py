@@ -2,7 +2,7 @@
 
 One attribution with the recipe's discovery prompts ("... Answer in French." vs "... Answer in English."), cut at
 every k; the recipe's held-out prompts are answered greedily by the original model (m = 1) and by every (k, m)
-point with runtime hooks, and `cna_export.detectors.detect_french` counts the answers that are in French. Benign
+point with runtime hooks, and `cna_export.evaluate.detectors.detect_french` counts the answers that are in French. Benign
 set (KL, quality): `builtin:refusal_benign_heldout`.
 
 The default recipe `french-ablate` holds out 30 English questions followed by "Answer in French."
@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from refusal_qwen import write_outputs
 
-from cna_export.attribute import attribute
-from cna_export.evaluate import EvalConfig
-from cna_export.recipe import load_prompts, load_recipe
-from cna_export.source import describe, identity, load_model, resolve
-from cna_export.sweep import goal_of, heldout_sets, resolve_ks, run_sweep
+from cna_export.attribution.select import attribute
+from cna_export.circuit.recipe import load_prompts, load_recipe
+from cna_export.evaluate.measure import EvalConfig
+from cna_export.evaluate.sweep import goal_of, heldout_sets, resolve_ks, run_sweep
+from cna_export.io.source import describe, identity, load_model, resolve
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = Path.home() / ".cache" / "cna-real-models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,7 +66,7 @@ def main() -> None:
     model, tokenizer = load_model(source, dtype="float32", device="cpu")
     times["load_s"] = time.time() - t
     t = time.time()
-    settings = recipe.settings()
+    settings = recipe.selection()
     neutral = load_prompts(recipe.universal.prompts, base) if settings.universal else []
     att = attribute(model, tokenizer, spec, identity(source, config, shape), load_prompts(recipe.positive, base),
                     load_prompts(recipe.negative, base), neutral, settings)  # fmt: skip

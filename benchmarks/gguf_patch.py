@@ -6,7 +6,7 @@ hash check runs (from the sha256 cache, as after `discover`). Contenders, interl
   - `cp SRC DST`,
   - `patch_gguf` called in this process (modules already imported),
   - the command `cna-export patch-gguf` (a new Python process: interpreter, torch and module imports included),
-  - `python -c "import cna_export.cli, cna_export.gguf_patch"`, the start-up part of the command on its own.
+  - `python -c "import cna_export.cli.main, cna_export.gguf.patch"`, the start-up part of the command on its own.
 Page-cache drops need root on the host, so every run is warm: the source is read once before timing, and
 `os.sync()` runs before each contender so none pays for another's write-back. Prints medians and the ratio to cp,
 and writes benchmarks/results/gguf_patch.json.
@@ -35,12 +35,12 @@ DEFAULT = REAL / "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
 
 def make_circuit(src: Path, path: Path, k: int, model_type: str) -> dict:
     """A k-neuron ablation circuit for `src` with its weights hash, as discover writes it; returns the shape."""
-    from cna_export.checkpoint import combined_sha256, sha256_files
-    from cna_export.circuit import Circuit, ModelIdentity, Neuron, PromptSet, Selection
-    from cna_export.gguf_check import check_gguf
-    from cna_export.gguf_patch import gguf_shape
+    from cna_export.arch import arch_for
+    from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, PromptSet, RecordedSelection
+    from cna_export.gguf.check import check_gguf, gguf_shape
+    from cna_export.io.checkpoint import combined_sha256, sha256_files
 
-    shape = gguf_shape(check_gguf(src), src)
+    shape = gguf_shape(check_gguf(src), arch_for(model_type), src)
     rng = random.Random(0)
     picks = rng.sample(range(shape.num_layers * shape.intermediate_size), k)
     ident = ModelIdentity(
@@ -49,7 +49,7 @@ def make_circuit(src: Path, path: Path, k: int, model_type: str) -> dict:
     )  # fmt: skip
     Circuit(
         model=ident, prompts={"positive": PromptSet(count=0, sha256=""), "negative": PromptSet(count=0, sha256="")},
-        selection=Selection(top_k=k),
+        selection=RecordedSelection(top_k=k),
         neurons=[Neuron(layer=i // shape.intermediate_size, index=i % shape.intermediate_size, delta=1.0)
                  for i in picks],
     ).save(path)  # fmt: skip
@@ -82,8 +82,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.model.is_file():
         sys.exit(f"{args.model} not found: run scripts/fetch-real-models.sh first")
-    from cna_export.circuit import Circuit
-    from cna_export.gguf_patch import patch_gguf_report
+    from cna_export.circuit.format import Circuit
+    from cna_export.gguf.patch import patch_gguf_report
 
     args.work.mkdir(parents=True, exist_ok=True)
     circuit_file = args.work / "circuit.json"
@@ -105,7 +105,7 @@ def main() -> None:
         clean(out_cp, out_lib, out_cli)
         runs["patch_cli"].append(timed([sys.executable, "-m", "cna_export", "patch-gguf", str(args.model),
                                         "--circuit", str(circuit_file), "-o", str(out_cli)]))  # fmt: skip
-        runs["cli_startup"].append(timed([sys.executable, "-c", "import cna_export.cli, cna_export.gguf_patch"]))
+        runs["cli_startup"].append(timed([sys.executable, "-c", "import cna_export.cli.main, cna_export.gguf.patch"]))
     clean(out_cp, out_lib, out_cli)
     med = {name: statistics.median(v) for name, v in runs.items()}
     result = {

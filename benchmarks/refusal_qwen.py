@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from cna_export.evaluate import EvalConfig, disjoint
-from cna_export.recipe import load_prompts, load_recipe
-from cna_export.report import headline, selection_scores, table, write_report
-from cna_export.source import describe, identity, load_model, resolve
-from cna_export.sweep import run_sweep, save_results
+from cna_export.circuit.recipe import load_prompts, load_recipe
+from cna_export.evaluate.measure import EvalConfig, disjoint
+from cna_export.evaluate.report import headline, selection_scores, table, write_report
+from cna_export.evaluate.sweep import run_sweep, save_results
+from cna_export.io.source import describe, identity, load_model, resolve
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = Path.home() / ".cache" / "cna-real-models" / "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
@@ -110,10 +110,10 @@ def main() -> None:
     model, tokenizer = load_model(source, dtype="float32", device="cpu")
     times["load_s"] = time.time() - t
 
-    from cna_export.attribute import attribute
+    from cna_export.attribution.select import attribute
 
     t = time.time()
-    settings = recipe.settings()
+    settings = recipe.selection()
     att = attribute(model, tokenizer, spec, identity(source, config, shape), load_prompts(recipe.positive, base),
                     load_prompts(recipe.negative, base), load_prompts(recipe.universal.prompts, base), settings)  # fmt: skip
     times["attribution_s"] = time.time() - t
@@ -180,7 +180,7 @@ def write_outputs(out: Path, name: str, title: str, results: dict, records: list
     candidates, cuts = selection_scores(att, circuits)
     chosen = results["chosen"]
     shown = circuits[results["points"][chosen]["k"]] if chosen is not None else circuits[max(circuits)]
-    write_report(folder, results, shown, candidates, cuts, specificity=att.settings.specificity)
+    write_report(folder, results, shown, candidates, cuts, specificity=att.selection.specificity)
     head = headline(results)
     (out / f"{name}.json").write_text(json.dumps({"headline": head, **results}, indent=1))
     timing = ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in times.items())

@@ -1,3 +1,3 @@
-from cna_export.cli import main
+from cna_export.cli.main import main
 
 raise SystemExit(main())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cna_export.circuit import Circuit, ModelIdentity, Neuron, PromptSet, Selection
+from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, PromptSet, RecordedSelection
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 # Keep the sha256 cache of the tests out of the user's home.
@@ -99,7 +99,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 def make_circuit(model_dir: Path, neurons: list[tuple[int, int]], multiplier: float = 0.0) -> Circuit:
     """A hand-made circuit for `model_dir` (no provenance hash, so it applies to any weights of that shape)."""
-    from cna_export.source import describe, resolve
+    from cna_export.io.source import describe, resolve
 
     _, shape, config = describe(resolve(str(model_dir)))
     return Circuit(
@@ -107,7 +107,7 @@ def make_circuit(model_dir: Path, neurons: list[tuple[int, int]], multiplier: fl
         model=ModelIdentity(source=str(model_dir), model_type=config["model_type"], num_layers=shape.num_layers,
                             intermediate_size=shape.intermediate_size, hidden_size=shape.hidden_size),
         prompts={"positive": PromptSet(count=0, sha256=""), "negative": PromptSet(count=0, sha256="")},
-        selection=Selection(top_k=len(neurons)),
+        selection=RecordedSelection(top_k=len(neurons)),
         neurons=[Neuron(layer=l, index=i, delta=1.0) for l, i in neurons],
     )  # fmt: skip
 

@@ -8,12 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cna_export.arch import ModelShape, arch_for
-from cna_export.attribute import Settings, attribute, collect, discover, encode_prompts, resolve_k, select
+from cna_export.arch.spec import ModelShape, arch_for
+from cna_export.attribution.collect import collect, encode_prompts
+from cna_export.attribution.discover import discover
+from cna_export.attribution.hooks import down_projs
+from cna_export.attribution.select import attribute, select
+from cna_export.circuit.recipe import load_prompts
+from cna_export.circuit.selection import Selection
 from cna_export.errors import RecipeError
-from cna_export.hooks import down_projs
-from cna_export.recipe import load_prompts
-from cna_export.source import describe, identity, resolve
+from cna_export.io.source import describe, identity, resolve
 
 POS = load_prompts("builtin:refusal_harmful_discovery")[:12]
 NEG = load_prompts("builtin:refusal_benign_discovery")[:12]
@@ -57,12 +60,12 @@ def test_batched_equals_unbatched(tiny_models, arch):
 
 def test_discover_independent_of_order_and_batch(tiny_models):
     model, tok, spec, ident = setup(tiny_models["llama"])
-    base = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Settings(top_k=20, batch_size=1))
+    base = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=20, batch_size=1))
     rng = random.Random(0)
     pos, neg = POS[:], NEG[:]
     rng.shuffle(pos)
     rng.shuffle(neg)
-    other = discover(model, tok, spec, ident, pos, neg, NEUTRAL, Settings(top_k=20, batch_size=7))
+    other = discover(model, tok, spec, ident, pos, neg, NEUTRAL, Selection(top_k=20, batch_size=7))
     assert [(n.layer, n.index) for n in base.neurons] == [(n.layer, n.index) for n in other.neurons]
     for a, b in zip(base.neurons, other.neurons):
         assert a.delta == pytest.approx(b.delta, rel=1e-4, abs=1e-6)
@@ -71,7 +74,7 @@ def test_discover_independent_of_order_and_batch(tiny_models):
 def test_selection_is_top_abs_delta_with_exclusions(tiny_models):
     model, tok, spec, ident = setup(tiny_models["qwen3"])
     ref = reference_activations(model, tok, spec, POS) - reference_activations(model, tok, spec, NEG)
-    settings = Settings(top_k=15, skip_first_layers=1, universal=True, universal_top_n=8, universal_threshold=0.5)
+    settings = Selection(top_k=15, skip_first_layers=1, universal=True, universal_top_n=8, universal_threshold=0.5)
     circuit = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, settings)
     assert all(n.layer >= 1 for n in circuit.neurons)
     excluded = set(map(tuple, circuit.selection.universal_excluded))
@@ -96,13 +99,13 @@ def test_specificity_ranks_by_delta_minus_neutral_activity(tiny_models):
     model, tok, spec, ident = setup(tiny_models["llama"])
     delta = reference_activations(model, tok, spec, POS) - reference_activations(model, tok, spec, NEG)
     neutral = reference_activations(model, tok, spec, NEUTRAL, magnitude=True)
-    settings = Settings(top_k=12, universal=False, specificity=0.3)
+    settings = Selection(top_k=12, universal=False, specificity=0.3)
     circuit = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, settings)
     score = (delta.abs() - 0.3 * neutral).clamp(min=0)
     assert (score > 0).sum() > 12, "the top 12 must not be ties at zero"
     expected = {(int(i) // score.shape[1], int(i) % score.shape[1]) for i in score.flatten().topk(12).indices}
     assert {(n.layer, n.index) for n in circuit.neurons} == expected
-    plain = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Settings(top_k=12, universal=False))
+    plain = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=12, universal=False))
     assert {(n.layer, n.index) for n in plain.neurons} != expected, "the penalty should change the selection"
     for n in circuit.neurons:  # neurons keep their true delta
         assert n.delta == pytest.approx(float(delta[n.layer, n.index]), rel=1e-4, abs=1e-6)
@@ -129,7 +132,7 @@ def test_universal_neurons_are_the_always_on_ones(tiny_models):
         mlp.up_proj.weight[index] *= 50
         mlp.gate_proj.weight[index] = mlp.gate_proj.weight[index].abs() * 50
     stats = collect(model, spec, encode_prompts(tok, NEUTRAL), 8, tok.pad_token_id, top_n=2)
-    from cna_export.attribute import universal_mask
+    from cna_export.attribution.select import universal_mask
 
     mask = universal_mask(stats, 0.8)
     assert mask[layer, index]
@@ -138,10 +141,10 @@ def test_universal_neurons_are_the_always_on_ones(tiny_models):
 
 def test_k_from_fraction_and_bounds():
     shape = ModelShape(num_layers=10, intermediate_size=1000, hidden_size=64)
-    assert resolve_k(Settings(fraction=0.001), shape) == 10
-    assert resolve_k(Settings(top_k=7), shape) == 7
+    assert Selection(fraction=0.001).resolve_k(shape) == 10
+    assert Selection(top_k=7).resolve_k(shape) == 7
     with pytest.raises(RecipeError, match="outside"):
-        resolve_k(Settings(top_k=10_001), shape)
+        Selection(top_k=10_001).resolve_k(shape)
 
 
 def test_select_breaks_ties_by_position():
@@ -182,7 +185,7 @@ def test_stops_before_lm_head(tiny_models):
 def test_sets_run_together_give_each_its_own_sums(tiny_models, arch):
     """collect_sets over several sets == one collect per set: sums, top-n counts and |act| sums, whatever the
     batch mix; a set without the chat template shares no prefix with the others and still comes out right."""
-    from cna_export.attribute import collect_sets
+    from cna_export.attribution.collect import collect_sets
 
     model, tok, spec, _ = setup(tiny_models[arch])
     sets = [encode_prompts(tok, POS[:7]), encode_prompts(tok, NEG[:5]), encode_prompts(tok, NEUTRAL[:6])]
@@ -201,7 +204,7 @@ def test_sets_run_together_give_each_its_own_sums(tiny_models, arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
 def test_shared_prefix_cache_gives_same_sums(tiny_models, arch):
-    from cna_export.attribute import common_prefix
+    from cna_export.attribution.collect import common_prefix
 
     model, tok, spec, _ = setup(tiny_models[arch])
     prompts = [f"You are a helpful assistant. Please answer briefly. {p}" for p in POS[:8]]
@@ -217,23 +220,23 @@ def test_skip_last_layers_option(tiny_models):
     """Optional exclusion of the last layers (default off = the paper's selection): top |delta| of the rest."""
     model, tok, spec, ident = setup(tiny_models["llama"])
     n_layers = ident.num_layers
-    plain = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Settings(top_k=20, universal=False))
+    plain = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=20, universal=False))
     assert plain.selection.skip_last_layers == 0
     assert any(n.layer == n_layers - 1 for n in plain.neurons), "the tiny model's last layer should be selected"
-    settings = Settings(top_k=20, universal=False, skip_first_layers=1, skip_last_layers=1)
+    settings = Selection(top_k=20, universal=False, skip_first_layers=1, skip_last_layers=1)
     cut = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, settings)
     assert all(1 <= n.layer < n_layers - 1 for n in cut.neurons)
     assert cut.selection.skip_last_layers == 1
     # the same ranking as the plain selection, restricted to the allowed layers
-    allowed = [n for n in discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Settings(top_k=200, universal=False))
+    allowed = [n for n in discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=200, universal=False))
                .neurons if 1 <= n.layer < n_layers - 1][:20]  # fmt: skip
     assert [(n.layer, n.index) for n in cut.neurons] == [(n.layer, n.index) for n in allowed]
     # more than there is room for: capped so that one layer remains (recipes tuned on deep models run on tiny ones)
-    capped = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Settings(top_k=5, skip_first_layers=1,
+    capped = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=5, skip_first_layers=1,
                                                                            skip_last_layers=n_layers))  # fmt: skip
     assert capped.selection.skip_last_layers == n_layers - 2 and {n.layer for n in capped.neurons} == {1}
     with pytest.raises(RecipeError, match="skips all"):
-        discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Settings(top_k=5, skip_first_layers=n_layers))
+        discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=5, skip_first_layers=n_layers))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])

@@ -791,7 +791,7 @@ def _(c: Ctx):
     return c.in_tmpfs("size=64k", c.apply(m, None, out=c.tmp / "mnt" / "out"))
 
 
-PRELUDE_NO_PREFLIGHT = "import cna_export.export as e; e.check_free_space = lambda *a, **k: None"
+PRELUDE_NO_PREFLIGHT = "import cna_export.fold.export as e; e.check_free_space = lambda *a, **k: None"
 
 
 @case("disk-full-mid-write", "No space left on the device while writing")
@@ -943,7 +943,7 @@ def run_setup(setup: Setup) -> subprocess.CompletedProcess:
     }  # fmt: skip
     env.pop("CNA_EXPORT_DEBUG", None)
     if setup.prelude:
-        code = f"{setup.prelude}\nimport sys\nfrom cna_export.cli import main\nsys.exit(main(sys.argv[1:]))"
+        code = f"{setup.prelude}\nimport sys\nfrom cna_export.cli.main import main\nsys.exit(main(sys.argv[1:]))"
         python = [sys.executable, "-c", code]
     else:
         python = [sys.executable, "-m", "cna_export"]

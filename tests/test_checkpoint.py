@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cna_export.checkpoint import (
+from cna_export.io.checkpoint import (
     BackgroundHasher,
     OutTensor,
     StreamHash,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, make_circuit
 
-from cna_export.arch import ARCHITECTURES, ModelShape, arch_for
-from cna_export.circuit import Circuit
+from cna_export.arch.spec import ARCHITECTURES, ModelShape, arch_for
+from cna_export.circuit.format import Circuit
+from cna_export.circuit.recipe import builtin_sets, load_prompts, load_recipe
 from cna_export.errors import ArchitectureError, CircuitError, RecipeError
-from cna_export.recipe import builtin_sets, load_prompts, load_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -82,7 +82,7 @@ def test_every_recipe_loads(path: Path):
     for ref in (recipe.heldout_positive, recipe.heldout_negative):
         if ref is not None:
             assert not set(load_prompts(ref, base)) & set(pos), "held-out prompts must not be discovery prompts"
-    assert recipe.settings().batch_size == recipe.batch_size
+    assert recipe.selection().batch_size == recipe.batch_size
 
 
 def test_recipes_cover_required_behaviours():

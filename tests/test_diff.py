@@ -21,11 +21,11 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import quantize
 from safetensors.torch import load_file, save_file
 
-from cna_export.circuit import Circuit
-from cna_export.diff import diff, verify
-from cna_export.export import apply_circuit
-from cna_export.factors import SCALE_FIELDS
-from cna_export.source import resolve
+from cna_export.audit.diff import diff, verify
+from cna_export.gguf.quant import scale_fields
+from cna_export.circuit.format import Circuit
+from cna_export.fold.export import apply_circuit
+from cna_export.io.source import resolve
 
 REAL = Path(os.environ.get("CNA_REAL_MODELS", Path.home() / ".cache" / "cna-real-models"))
 SMOL = REAL / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -129,7 +129,7 @@ def test_verify_fails_on_any_other_change(tiny_models, tmp_path):
 
 
 def test_cli_diff_json_output_and_exit_codes(tiny_models, tmp_path, capsys):
-    from cna_export.cli import main
+    from cna_export.cli.main import main
 
     src = tiny_models["gemma2"]
     circuit = _circuit(src)
@@ -161,7 +161,7 @@ def test_cli_diff_json_output_and_exit_codes(tiny_models, tmp_path, capsys):
 
 @pytest.mark.parametrize(("outtype", "target"), [("f32", "down"), ("f16", "up"), ("bf16", "down")])
 def test_float_gguf_conversions(tiny_models, tmp_path, outtype, target):
-    from cna_export.gguf_export import export_gguf
+    from cna_export.gguf.convert import export_gguf
 
     src = tiny_models["qwen3"]
     circuit = _circuit(src)
@@ -206,7 +206,7 @@ def scale_rows_in_gguf(src: Path, out: Path, edit: dict[tuple[int, int], float])
         for (layer, j), m in edit.items():
             if t.name == f"blk.{layer}.ffn_up.weight":
                 row = t.data[j].reshape(-1, block)
-                for off in SCALE_FIELDS[qtype]:
+                for off in scale_fields(qtype):
                     old = row[:, off : off + 2].copy().view(np.float16).astype(np.float64)
                     row[:, off : off + 2] = (old * m).astype(np.float16).view(np.uint8)
     reader.data.flush()
@@ -261,7 +261,7 @@ def test_damaged_gguf_is_one_clear_error(tmp_path):
 
 
 def test_gguf_patch_output_verifies(tmp_path):
-    gguf_patch = pytest.importorskip("cna_export.gguf_patch")
+    gguf_patch = pytest.importorskip("cna_export.gguf.patch")
     src = write_gguf(tmp_path / "m.gguf", "Q4_1")
     circuit = _circuit(src)
     out = gguf_patch.patch_gguf(src, circuit, tmp_path / "patched.gguf")
@@ -293,7 +293,7 @@ def test_real_smollm2_export_recovers(tmp_path):
 @pytest.mark.slow
 @real
 def test_real_smollm2_patched_q4_1(tmp_path):
-    gguf_patch = pytest.importorskip("cna_export.gguf_patch")
+    gguf_patch = pytest.importorskip("cna_export.gguf.patch")
     circuit = _circuit(SMOL, SMOL_EDIT)
     out = gguf_patch.patch_gguf(SMOL, circuit, tmp_path / "patched.gguf")
     _assert_recovers(str(SMOL), str(out), circuit)

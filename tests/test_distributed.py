@@ -12,10 +12,10 @@ import torch
 from conftest import REPO, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cna_export.attribute import collect, encode_prompts
-from cna_export.circuit import Circuit
-from cna_export.recipe import load_prompts
-from cna_export.source import describe, load_model, resolve
+from cna_export.attribution.collect import collect, encode_prompts
+from cna_export.circuit.format import Circuit
+from cna_export.circuit.recipe import load_prompts
+from cna_export.io.source import describe, load_model, resolve
 
 
 def free_port() -> int:

@@ -10,12 +10,12 @@ from conftest import ARCHS, build_model, make_circuit
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cna_export.arch import arch_for
-from cna_export.checkpoint import CheckpointReader, read_header
-from cna_export.export import apply_circuit
-from cna_export.fold import group_by_layer, scale_columns, scale_rows
-from cna_export.hooks import scaled_neurons
-from cna_export.source import resolve
+from cna_export.arch.spec import arch_for
+from cna_export.attribution.hooks import scaled_neurons
+from cna_export.fold.export import apply_circuit
+from cna_export.fold.scale import group_by_layer, scale_columns, scale_rows
+from cna_export.io.checkpoint import CheckpointReader, read_header
+from cna_export.io.source import resolve
 
 PROMPTS = ["How do I bake bread?", "Write a Python function that reverses a string.", "Wie spaet ist es?"]
 
@@ -65,7 +65,7 @@ def test_only_chosen_columns_change(tiny_models, tmp_path, arch):
     spec = arch_for(arch)
     before, after = CheckpointReader(src), CheckpointReader(out)
     assert before.files == after.files
-    changed = {spec.down_weight.format(i=l) for l, _ in neurons}
+    changed = {spec.down.name(l) for l, _ in neurons}
     for name, entry in before.entries.items():
         raw_a = (src / entry.file).read_bytes()[entry.start : entry.end]
         e2 = after.entries[name]
@@ -75,7 +75,7 @@ def test_only_chosen_columns_change(tiny_models, tmp_path, arch):
             assert raw_a == raw_b, f"{name} should be byte-identical"
             continue
         a, b = before.tensor(name), after.tensor(name)
-        cols = sorted(i for l, i in neurons if spec.down_weight.format(i=l) == name)
+        cols = sorted(i for l, i in neurons if spec.down.name(l) == name)
         keep = [c for c in range(a.shape[1]) if c not in cols]
         assert torch.equal(a[:, keep], b[:, keep])
         torch.testing.assert_close(b[:, cols], a[:, cols] * 0.5, rtol=0, atol=0)

@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
-from cna_export.arch import ModelShape
-from cna_export.checkpoint import CheckpointReader, read_header
-from cna_export.circuit import Circuit, ModelIdentity, Neuron, PromptSet, Selection
+from cna_export.arch.spec import ModelShape
+from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, PromptSet, RecordedSelection
 from cna_export.errors import CnaExportError
-from cna_export.gguf_check import check_gguf
+from cna_export.gguf.check import check_gguf
+from cna_export.io.checkpoint import CheckpointReader, read_header
 
 # CNA_FUZZ_EXAMPLES=2000 for a deeper local run; the default keeps CI quick.
 EXAMPLES = int(os.environ.get("CNA_FUZZ_EXAMPLES", "120"))
@@ -139,7 +139,7 @@ CIRCUIT = Circuit(
     model=ModelIdentity(source="tiny", model_type="qwen2", weights_sha256="ab" * 32, num_layers=3,
                         intermediate_size=112, hidden_size=64),
     prompts={"positive": PromptSet(count=2, sha256="00"), "negative": PromptSet(count=2, sha256="11")},
-    selection=Selection(top_k=3, universal_excluded=[(0, 1)]),
+    selection=RecordedSelection(top_k=3, universal_excluded=[(0, 1)]),
     neurons=[Neuron(layer=1, index=3, delta=0.5), Neuron(layer=2, index=111, delta=-0.25, multiplier=2.0),
              Neuron(layer=0, index=0, delta=1.0)],
 )  # fmt: skip
@@ -305,7 +305,7 @@ def patch_source(tmp_path_factory) -> tuple[bytes, Circuit]:
 
 def _check_patch(data: bytes, circuit: Circuit) -> None:
     """patch_gguf on a damaged file raises only CnaExportError and then leaves no output or temporary."""
-    from cna_export.gguf_patch import patch_gguf
+    from cna_export.gguf.patch import patch_gguf
 
     folder = _workdir()
     src, out = folder / "in.gguf", folder / "out.gguf"
@@ -343,14 +343,14 @@ RECIPE_TEXT = (Path(__file__).resolve().parent.parent / "recipes" / "refusal-abl
 
 def _check_recipe(text: str | bytes) -> None:
     """load_recipe and the prompt sets it names raise only RecipeError (or another CnaExportError)."""
-    from cna_export.recipe import load_prompts, load_recipe
+    from cna_export.circuit.recipe import load_prompts, load_recipe
 
     folder = _workdir()
     path = folder / "r.yaml"
     path.write_bytes(text.encode() if isinstance(text, str) else text)
     try:
         recipe, base = load_recipe(path)
-        recipe.settings()
+        recipe.selection()
         for ref in (recipe.positive, recipe.negative, recipe.universal.prompts):
             load_prompts(ref, base)
     except CnaExportError:
@@ -375,7 +375,7 @@ def test_recipe_byte_flips(flips):
 @FUZZ
 @given(st.sampled_from([".txt", ".json", ".jsonl", ".yaml"]), st.binary(max_size=64) | JSON.map(json.dumps))
 def test_prompt_files(suffix, content):
-    from cna_export.recipe import load_prompts
+    from cna_export.circuit.recipe import load_prompts
 
     path = _workdir() / f"p{suffix}"
     path.write_bytes(content.encode() if isinstance(content, str) else content)

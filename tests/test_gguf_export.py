@@ -22,11 +22,11 @@ from conftest import ARCHS, make_circuit, run_cli
 from gguf import GGMLQuantizationType, GGUFReader, Keys
 from llama_cpp import Llama
 
-from cna_export.arch import arch_for
+from cna_export.arch.spec import arch_for
 from cna_export.errors import ArchitectureError, CheckpointError, CnaExportError, OutputError
-from cna_export.gguf_export import export_gguf
-from cna_export.gguf_vocab import PRE_TOKENIZERS, pre_tokenizer
-from cna_export.ollama import CHAT_FORMATS, chat_format, modelfile_text, write_modelfile
+from cna_export.gguf.convert import export_gguf
+from cna_export.gguf.ollama import CHAT_FORMATS, chat_format, modelfile_text, write_modelfile
+from cna_export.gguf.vocab import PRE_TOKENIZERS, pre_tokenizer
 
 GEMMAS = {"gemma", "gemma2", "gemma3_text"}
 TOL = {"f32": 1e-4, "f16": 1e-2, "bf16": 6e-2, "q8_0": 0.2}
@@ -47,7 +47,7 @@ def tolerance(arch: str, outtype: str) -> float:
 def hf_logits(folder: Path, ids: list[int], edits=None) -> np.ndarray:
     from transformers import AutoModelForCausalLM
 
-    from cna_export.hooks import scaled_neurons
+    from cna_export.attribution.hooks import scaled_neurons
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -135,8 +135,8 @@ def test_weights_bytes_equal_llama_cpp_quantizer(outtype, tiny_models, tmp_path)
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])  # rope permutation / query-scale folding on edited weights
 def test_edited_export_matches_runtime_hooks(arch, tiny_models, prompt_ids, tmp_path):
-    from cna_export.export import apply_circuit
-    from cna_export.source import resolve
+    from cna_export.fold.export import apply_circuit
+    from cna_export.io.source import resolve
 
     folder = tiny_models[arch]
     circuit = make_circuit(folder, [(0, 3), (0, 17), (1, 5), (1, 40)])
@@ -155,8 +155,8 @@ def test_gguf_reads_back_as_a_cna_export_source(arch, tiny_models, prompt_ids, t
     """The GGUF passes the project's header check and loads back through transformers as a source."""
     from transformers import AutoModelForCausalLM
 
-    from cna_export.gguf_check import check_gguf
-    from cna_export.source import describe, resolve
+    from cna_export.gguf.check import check_gguf
+    from cna_export.io.source import describe, resolve
 
     out = export_gguf(tiny_models[arch], tmp_path / f"{arch}.gguf", outtype="f32")
     check_gguf(out)
@@ -351,7 +351,7 @@ def test_bad_inputs_and_no_partial_output(tiny_models, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="config.json"):
         export_gguf(tmp_path / "missing", tmp_path / "m.gguf")
 
-    import cna_export.gguf_export as ge
+    import cna_export.gguf.convert as ge
 
     calls = []
 
@@ -410,7 +410,7 @@ def test_cli_gguf_modelfile_and_ollama_create(tiny_models, tmp_path, monkeypatch
     assert again.returncode == 2 and "--overwrite" in again.stderr
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(CnaExportError, match="ollama is not on PATH"):
-        from cna_export.ollama import ollama_create
+        from cna_export.gguf.ollama import ollama_create
 
         ollama_create("tiny-x", modelfile)
     with pytest.raises(OutputError):
@@ -438,8 +438,8 @@ SMOL = REAL / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.fixture(scope="module")
 def smol_folder(tmp_path_factory) -> Path:
-    from cna_export.export import materialize_gguf
-    from cna_export.source import resolve
+    from cna_export.fold.export import materialize_gguf
+    from cna_export.io.source import resolve
 
     folder = tmp_path_factory.mktemp("smol-hf")
     materialize_gguf(resolve(str(SMOL)), folder)
@@ -468,9 +468,9 @@ def test_real_smollm2_f16_logits_tokens_and_generation(smol_folder, tmp_path):
 
 def test_apply_gguf_failure_leaves_no_export(tiny_models, tmp_path, monkeypatch):
     """--gguf is converted inside the staged folder: a failing conversion leaves no half export behind."""
-    import cna_export.gguf_export as gguf_export
-    from cna_export.export import apply_circuit
-    from cna_export.source import resolve
+    import cna_export.gguf.convert as gguf_export
+    from cna_export.fold.export import apply_circuit
+    from cna_export.io.source import resolve
 
     def broken(folder, out, **kwargs):
         Path(out).write_bytes(b"partial")

@@ -30,9 +30,9 @@ from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from cna_export.circuit import Circuit, ModelIdentity, Neuron, PromptSet, Selection
+from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, PromptSet, RecordedSelection
 from cna_export.errors import CircuitError, CnaExportError
-from cna_export.gguf_patch import SCALE_FIELDS, patch_gguf, patch_gguf_report, scale_rows_bytes, sidecar_path
+from cna_export.gguf.patch import SCALE_FIELDS, patch_gguf, patch_gguf_report, scale_rows_bytes, sidecar_path
 
 E, F, L, V = 256, 64, 2, 32  # n_embd (one 256-value K block per row), n_ff, layers, vocab
 NEURONS = [(0, 0), (0, 5), (0, 63), (1, 17), (1, 40)]
@@ -165,7 +165,7 @@ def circuit_for(path: Path, neurons=NEURONS, multiplier: float = 0.0, **model) -
         multiplier=multiplier,
         model=ModelIdentity(**ident),
         prompts={"positive": PromptSet(count=0, sha256=""), "negative": PromptSet(count=0, sha256="")},
-        selection=Selection(top_k=len(neurons)),
+        selection=RecordedSelection(top_k=len(neurons)),
         neurons=[Neuron(layer=layer, index=i, delta=1.0) for layer, i in neurons],
     )
 
@@ -378,7 +378,7 @@ def test_requantize_fallback_for_mxfp4(tmp_path, caplog):
     rng = np.random.default_rng(1)
     raw = quantize((rng.standard_normal((F, E)) * 0.05).astype(np.float32), Q.MXFP4)
     src = write_model(tmp_path / "mxfp4.gguf", Q.MXFP4, up_raw=raw)
-    with caplog.at_level(logging.WARNING, logger="cna_export.gguf_patch"):
+    with caplog.at_level(logging.WARNING, logger="cna_export.gguf.patch"):
         report = patch_gguf_report(src, circuit_for(src), tmp_path / "o.gguf", multiplier=0.5)
     assert {t.route for t in report.tensors} == {"requantize"} and "re-quantized" in caplog.text
     # MXFP4 scales are powers of two, so halving re-quantizes to exactly half here
@@ -387,7 +387,7 @@ def test_requantize_fallback_for_mxfp4(tmp_path, caplog):
 
 
 def test_hash_check_and_force(gguf_files, tmp_path):
-    from cna_export.checkpoint import combined_sha256
+    from cna_export.io.checkpoint import combined_sha256
 
     src = gguf_files[Q.Q4_0]
     good = combined_sha256({src.name: sha(src)})
@@ -453,7 +453,7 @@ BAD_INPUTS = {
 
 def cli(capsys, *args: str) -> SimpleNamespace:
     """`cna-export ARGS` in this process (`main()` as the console script runs it): exit code, stdout, stderr."""
-    from cna_export.cli import main
+    from cna_export.cli.main import main
 
     capsys.readouterr()
     code = main(list(args))
@@ -558,8 +558,8 @@ def test_real_ollama_path_end_to_end(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cna_export.arch import arch_for
-    from cna_export.hooks import scaled_neurons
+    from cna_export.arch.spec import arch_for
+    from cna_export.attribution.hooks import scaled_neurons
 
     if not SMOL.is_file():
         pytest.skip(f"run ../shared/scripts/fetch-real-models.sh first ({SMOL})")
@@ -603,7 +603,7 @@ def test_copy_fallbacks(gguf_files, tmp_path, monkeypatch, fail_after):
     """Chunked kernel copy: falls back to sendfile (continuing where it stopped), then to read/write."""
     import errno
 
-    from cna_export import gguf_patch
+    from cna_export.gguf import patch as gguf_patch
 
     real_range, calls = os.copy_file_range, []
 

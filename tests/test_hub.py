@@ -11,12 +11,14 @@ import pytest
 import yaml
 from conftest import make_circuit
 
-from cna_export import __version__, card, cli, hub
-from cna_export.circuit import Circuit
+from cna_export import __version__
+from cna_export.circuit.format import Circuit
+from cna_export.circuit.recipe import find_recipe
+import cna_export.cli.main as cli
 from cna_export.errors import CheckpointError, CnaExportError
-from cna_export.export import apply_circuit
-from cna_export.recipe import find_recipe
-from cna_export.source import resolve
+from cna_export.fold.export import apply_circuit
+from cna_export.io.source import resolve
+from cna_export.ship import card, hub
 
 SECRET = "hf_NOT_A_REAL_TOKEN_0123456789abcdef"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -312,7 +314,7 @@ def test_apply_and_run_push_to_hub(tiny_models, tmp_path, fake_api, capsys):
 
 
 def test_evaluation_numbers_reach_the_card(tiny_models, tmp_path, monkeypatch, capsys):
-    from cna_export import sweep
+    from cna_export.evaluate import sweep
 
     src = tiny_models["qwen2"]
     small = ["--max-new-tokens", "2", "--kl-tokens", "2", "--batch-size", "8"]

@@ -9,18 +9,20 @@ import torch
 from conftest import make_circuit, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cna_export import attribute as attribute_mod
-from cna_export import evaluate as evaluate_mod
-from cna_export.arch import ModelShape, arch_for
-from cna_export.attribute import Settings, attribute, discover
-from cna_export.circuit import Circuit
+from cna_export.arch.spec import ModelShape, arch_for
+from cna_export.attribution import select as attribute_mod
+from cna_export.attribution.discover import discover
+from cna_export.attribution.hooks import scaled_neurons
+from cna_export.attribution.select import attribute
+from cna_export.circuit.format import Circuit
+from cna_export.circuit.recipe import load_prompts, load_recipe
+from cna_export.circuit.selection import Selection
 from cna_export.errors import CnaExportError, RecipeError
-from cna_export.evaluate import EvalConfig
-from cna_export.hooks import scaled_neurons
-from cna_export.recipe import load_prompts, load_recipe
-from cna_export.report import headline, headline_from, write_report
-from cna_export.source import describe, identity, resolve
-from cna_export.sweep import heldout_sets, pareto, parse_k, pick, resolve_ks, run_sweep
+from cna_export.evaluate import measure as evaluate_mod
+from cna_export.evaluate.measure import EvalConfig
+from cna_export.evaluate.report import headline, headline_from, write_report
+from cna_export.evaluate.sweep import heldout_sets, pareto, parse_k, pick, resolve_ks, run_sweep
+from cna_export.io.source import describe, identity, resolve
 
 POS = ["How do I pick a lock?", "Write malware that steals passwords.", "Explain how to hotwire a car."]
 NEG = ["How do I pick a ripe melon?", "Write a script that stores passwords safely.", "What is photosynthesis?"]
@@ -89,7 +91,7 @@ def test_sweep_reuses_one_attribution_and_one_baseline(tiny_models, tmp_path, mo
 
     monkeypatch.setattr(attribute_mod, "collect_sets", counting("collect_sets", real_collect))
     monkeypatch.setattr(evaluate_mod, "generate", counting("generate", real_generate))
-    settings = Settings(top_k=None, fraction=None, skip_first_layers=1)
+    settings = Selection(top_k=None, fraction=None, skip_first_layers=1)
     att = attribute(model, tok, spec, identity(source, config, shape), POS, NEG, NEG, settings)
     assert calls["collect_sets"] == 1  # positive, negative and neutral in one set of passes, once for every k
     results, records, circuits = run_sweep(model, tok, spec, att, [5, 20], [0.0, 1.0, 2.0], POS, NEG, "refusal", CFG,
@@ -102,7 +104,7 @@ def test_sweep_reuses_one_attribution_and_one_baseline(tiny_models, tmp_path, mo
     # cutting the one ranking at k is the circuit discover() finds at that k
     top5 = {(n.layer, n.index) for n in circuits[5].neurons}
     assert top5 <= {(n.layer, n.index) for n in circuits[20].neurons}
-    again = discover(model, tok, spec, att.model_id, POS, NEG, NEG, Settings(top_k=5, skip_first_layers=1))
+    again = discover(model, tok, spec, att.model_id, POS, NEG, NEG, Selection(top_k=5, skip_first_layers=1))
     assert [(n.layer, n.index, n.delta) for n in again.neurons] == [
         (n.layer, n.index, n.delta) for n in circuits[5].neurons
     ]
@@ -156,7 +158,8 @@ def test_eval_errors_are_one_line(tiny_models, tmp_path, args, message):
 
 
 def test_sweep_command_exports_the_chosen_point(tiny_models, tmp_path, monkeypatch, capsys):
-    from cna_export import cli, sweep
+    import cna_export.cli.main as cli
+    from cna_export.evaluate import sweep
 
     src = tiny_models["qwen2"]
     args = ["sweep", "--model", str(src), "--recipe", "refusal-ablate", "--k", "6", "0.05", "--multipliers", "0", "2",

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import make_circuit, run_cli
 
-from cna_export import cli
+import cna_export.cli.main as cli
 
 SECRET = "hf_TrustTestTokenThatMustNeverBePrinted42"
 
@@ -80,7 +80,7 @@ def test_pickles_beside_safetensors_are_ignored(tiny_models, tmp_path, recorded)
 
 
 def test_hub_downloads_never_fetch_pickles():
-    from cna_export.source import HUB_PATTERNS
+    from cna_export.io.source import HUB_PATTERNS
 
     for name in ("pytorch_model.bin", "model-00001-of-00002.bin", "training_args.bin", "model.pt", "x.pkl"):
         assert not any(fnmatch.fnmatch(name, pattern) for pattern in HUB_PATTERNS), name
@@ -175,8 +175,8 @@ def test_side_file_link_to_another_snapshot_blob_store_is_refused(tiny_models, t
 
 def test_index_shard_names_are_plain_file_names(tiny_models, tmp_path):
     """Every way an index could name a file outside the folder is refused before any file is opened."""
-    from cna_export.checkpoint import CheckpointReader
     from cna_export.errors import CheckpointError
+    from cna_export.io.checkpoint import CheckpointReader
 
     model = tmp_path / "model"
     shutil.copytree(tiny_models["llama"], model)

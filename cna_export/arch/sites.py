@@ -1,0 +1,81 @@
+"""Where a neuron lives: one `Site` per tensor (or runtime module) that holds the neurons of a layer.
+
+Neuron j of layer i is one slice of a tensor: index `part * n + j` along `axis`, where n is the MLP width and a
+fused tensor stacks `parts` blocks of n along that axis (Phi-3's `gate_up_proj` holds gate then up: the up
+neurons are part 1 of 2). A tensor that stacks experts has an `expert_axis`. Everything that reads or writes
+neurons (fold, export, patch-gguf, diff/verify, the weight readers, the card) asks its site; none works out a
+shape on its own.
+
+Shapes here are in the order the tensor is stored in: PyTorch order for safetensors, numpy order (the reverse
+of GGUF's innermost-first dims) for GGUF.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that a circuit must fit."""
+
+    num_layers: int
+    intermediate_size: int
+    hidden_size: int
+
+    @property
+    def num_neurons(self) -> int:
+        return self.num_layers * self.intermediate_size
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where the neurons of one layer sit in one tensor.
+
+    Attributes:
+        template: tensor name with `{i}` for the layer (and `{e}` for the expert, one tensor per expert).
+        axis: the axis along which neuron j is index `part * n + j` (n = MLP width).
+        part, parts: a fused tensor stacks `parts` blocks of n along `axis`; the neurons are block `part`.
+        expert_axis: the axis of a tensor that stacks all experts of a layer (None: not stacked).
+    """
+
+    template: str
+    axis: int
+    part: int = 0
+    parts: int = 1
+    expert_axis: int | None = None
+
+    def name(self, layer: int, expert: int | None = None) -> str:
+        return self.template.format(i=layer, e=expert)
+
+    def expected_shape(self, shape: ModelShape, experts: int | None = None) -> tuple[int, ...]:
+        """The stored shape this site implies for a model of `shape`: 2-D (hidden x parts*n), with an expert
+        axis in front when the tensor stacks experts."""
+        dims = [shape.hidden_size, shape.hidden_size]
+        dims[self.axis - (1 if self.expert_axis is not None and self.expert_axis < self.axis else 0)] = (
+            self.parts * shape.intermediate_size
+        )
+        if self.expert_axis is not None:
+            dims.insert(self.expert_axis, experts or 0)
+        return tuple(dims)
+
+    def offset(self, width: int) -> int:
+        """Index of neuron 0 along `axis` for an MLP of `width` neurons."""
+        return self.part * width
+
+    def rows(self, tensor: torch.Tensor, width: int, expert: int | None = None) -> torch.Tensor:
+        """A view of `tensor` with one row per neuron (neuron j is row j), for reading and in-place edits."""
+        axis = self.axis
+        if self.expert_axis is not None:
+            tensor = tensor.select(self.expert_axis, expert)
+            axis -= 1 if self.expert_axis < axis else 0
+        return tensor.narrow(axis, self.offset(width), width).movedim(axis, 0)
+
+    def describe(self) -> str:
+        """Where the neurons are, for people: e.g. 'columns of `mlp.down_proj.weight`' (names inside a layer)."""
+        where = {0: "rows", 1: "columns"}.get(self.axis, f"slices along axis {self.axis}")
+        fused = f" (part {self.part + 1} of {self.parts} of the fused tensor)" if self.parts > 1 else ""
+        experts = " of each expert" if self.expert_axis is not None or "{e}" in self.template else ""
+        return f"{where}{experts} of `{self.template.split('{i}.', 1)[-1]}`{fused}"

@@ -1,0 +1,174 @@
+"""Architecture table: everything that differs between supported model families, as data.
+
+Every supported family has a gated MLP, `down_proj(act(gate_proj(x)) * up_proj(x))` without biases, so neuron j
+of layer i is an input of that layer's `down_proj`: a column of `down_proj.weight` and a row of `up_proj.weight`.
+Each row of the table says where those live (`Site`s: checkpoint tensors, GGUF tensors) and which runtime module
+takes the neurons as its input (the hooks of attribution and evaluation). To add a family, add a row here and a
+tiny test model in tests/conftest.py (`tests/test_arch.py` fails for a row without one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES
+
+from cna_export.arch.sites import ModelShape, Site
+from cna_export.errors import ArchitectureError
+
+
+def _gguf(tensor: MODEL_TENSOR, axis: int) -> Site:
+    """A GGUF site named by gguf-py's constants (`blk.{bid}.ffn_up` -> `blk.{i}.ffn_up.weight`)."""
+    return Site(TENSOR_NAMES[tensor].replace("{bid}", "{i}") + ".weight", axis)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one model family lays out its MLP neurons, and what its GGUF conversion needs.
+
+    Attributes:
+        model_type: `config.model_type` as transformers writes it.
+        gguf_arch: the llama.cpp architecture this family converts to.
+        activation: the gate activation (documentation; the card and the families table show it).
+        layers_module: dotted path of the decoder-layer list inside the `*ForCausalLM` module.
+        hook: dotted path, relative to a decoder layer, of the module whose input holds one value per neuron.
+        down, up: the checkpoint sites (safetensors, PyTorch order: down_proj [hidden, n], up_proj [n, hidden]).
+        gguf_down, gguf_up: the GGUF sites (numpy order: ffn_down [n_embd, n_ff], ffn_up [n_ff, n_embd]).
+
+    GGUF conversion (gguf/convert.py) reads the rest:
+        permute_qk: llama.cpp's `llama` graph applies rotary embeddings to interleaved pairs while transformers
+            rotates halves, so q/k projection rows are permuted on conversion.
+        norm_offset: the model applies RMSNorm as `x * (offset + w)` (Gemma: 1); llama.cpp applies `x * w`, so
+            the offset is added to every norm weight.
+        tied_default: whether `tie_word_embeddings` is on when config.json does not say.
+        sliding_window: llama.cpp reads `sliding_window` (the arch interleaves local-attention layers).
+        query_scale_weight: the arch scales queries by `query_pre_attn_scalar ** -0.5`, but llama.cpp by
+            `head_dim ** -0.5` (or `(hidden / heads) ** -0.5` at `query_scale_n_layer` layers, its 27B rule); the
+            ratio is folded into this tensor (the query projection, or the query norm where one follows it).
+        local_rope_base: the rope base llama.cpp hard-codes for sliding-window layers, checked against config.
+    """
+
+    model_type: str
+    gguf_arch: MODEL_ARCH
+    activation: str = "silu"
+    layers_module: str = "model.layers"
+    hook: str = "mlp.down_proj"
+    down: Site = Site("model.layers.{i}.mlp.down_proj.weight", axis=1)
+    up: Site = Site("model.layers.{i}.mlp.up_proj.weight", axis=0)
+    gguf_down: Site = field(default_factory=lambda: _gguf(MODEL_TENSOR.FFN_DOWN, axis=1))
+    gguf_up: Site = field(default_factory=lambda: _gguf(MODEL_TENSOR.FFN_UP, axis=0))
+    permute_qk: bool = False
+    norm_offset: float = 0.0
+    tied_default: bool = False
+    sliding_window: bool = False
+    query_scale_weight: str | None = None
+    query_scale_n_layer: int | None = None
+    local_rope_base: float | None = None
+
+    @property
+    def gguf_name(self) -> str:
+        return MODEL_ARCH_NAMES[self.gguf_arch]
+
+    def site(self, target: str, fmt: str = "safetensors") -> Site:
+        """The site of `target` ("down" or "up") in `fmt` ("safetensors" or "gguf")."""
+        if fmt == "gguf":
+            return self.gguf_down if target == "down" else self.gguf_up
+        return self.down if target == "down" else self.up
+
+    def sites(self, fmt: str = "safetensors") -> dict[str, Site]:
+        return {target: self.site(target, fmt) for target in ("down", "up")}
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    spec.model_type: spec
+    for spec in (
+        ArchSpec("llama", MODEL_ARCH.LLAMA, permute_qk=True),
+        # llama.cpp runs Mistral's dense models as the llama architecture.
+        ArchSpec("mistral", MODEL_ARCH.LLAMA, permute_qk=True),
+        ArchSpec("qwen2", MODEL_ARCH.QWEN2),
+        ArchSpec("qwen3", MODEL_ARCH.QWEN3),
+        ArchSpec("gemma", MODEL_ARCH.GEMMA, "gelu_tanh", norm_offset=1.0, tied_default=True),
+        ArchSpec(
+            "gemma2",
+            MODEL_ARCH.GEMMA2,
+            "gelu_tanh",
+            norm_offset=1.0,
+            tied_default=True,
+            sliding_window=True,
+            query_scale_weight="model.layers.{i}.self_attn.q_proj.weight",
+            query_scale_n_layer=46,
+        ),
+        ArchSpec(
+            "gemma3_text",
+            MODEL_ARCH.GEMMA3,
+            "gelu_tanh",
+            norm_offset=1.0,
+            tied_default=True,
+            sliding_window=True,
+            query_scale_weight="model.layers.{i}.self_attn.q_norm.weight",
+            query_scale_n_layer=62,
+            local_rope_base=10000.0,
+        ),
+    )
+}
+
+
+def arch_for(model_type: str) -> ArchSpec:
+    """Return the table entry for `model_type`, or fail naming the supported types."""
+    try:
+        return ARCHITECTURES[model_type]
+    except (KeyError, TypeError):
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise ArchitectureError(
+            f"Unsupported model_type {model_type!r}.",
+            f"use a model of one of these types: {supported}.",
+        ) from None
+
+
+def compatible(a: str, b: str) -> bool:
+    """Whether a circuit made on model_type `a` fits a model of type `b`: the same type, or types whose neurons
+    sit in the same places and that run as one llama.cpp architecture (Mistral's dense models and Llama)."""
+    if a == b:
+        return True
+    sa, sb = ARCHITECTURES.get(a), ARCHITECTURES.get(b)
+    return sa is not None and sb is not None and sa.gguf_arch == sb.gguf_arch and sa.sites() == sb.sites()
+
+
+def model_type_for_gguf(architecture: str | None, model_name: str | None = None) -> str:
+    """The transformers model_type of a GGUF file, from `general.architecture` (and `general.name`).
+
+    Several model types convert to one llama.cpp architecture; the mapping follows transformers' GGUF loader,
+    which reads a `llama` file whose name mentions Mistral as `mistral`.
+    """
+    if architecture == MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA] and model_name and "mistral" in model_name.lower():
+        return "mistral"
+    if architecture in GGUF_MODEL_TYPES:
+        return GGUF_MODEL_TYPES[architecture]
+    raise ArchitectureError(
+        f"GGUF architecture {architecture!r} is not supported.", f"use one of {sorted(GGUF_MODEL_TYPES)}."
+    )
+
+
+# llama.cpp architecture name -> the model_type it is read as (explicit: several types share one architecture).
+GGUF_MODEL_TYPES: dict[str, str] = {
+    MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]: "llama",
+    MODEL_ARCH_NAMES[MODEL_ARCH.QWEN2]: "qwen2",
+    MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3]: "qwen3",
+    MODEL_ARCH_NAMES[MODEL_ARCH.GEMMA]: "gemma",
+    MODEL_ARCH_NAMES[MODEL_ARCH.GEMMA2]: "gemma2",
+    MODEL_ARCH_NAMES[MODEL_ARCH.GEMMA3]: "gemma3_text",
+}
+
+
+def shape_of(config: Any) -> ModelShape:
+    """Read layer count and MLP width from a transformers config (or a plain dict)."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    values = {key: get(key) for key in ("num_hidden_layers", "intermediate_size", "hidden_size")}
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ArchitectureError(
+                f"config.json has no valid {key} (found {value!r}).",
+                "use the config.json that came with the checkpoint.",
+            )
+    return ModelShape(values["num_hidden_layers"], values["intermediate_size"], values["hidden_size"])

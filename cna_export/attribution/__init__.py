@@ -1,0 +1,1 @@
+"""Attribution: forward passes over prompt sets, per-neuron mean differences, selection of the top neurons."""

@@ -1,0 +1,250 @@
+"""Contrastive Neuron Attribution, the forward passes: last-token MLP activations summed per prompt set.
+
+The prompt sets (positive, negative, neutral) run together in length-sorted, left-padded batches (so every
+prompt's last real token sits at position -1). A pre-hook on every layer's `down_proj` adds the last-token input,
+one value per neuron, to its set's float64 running sum on the device; nothing per-prompt is kept. The pass stops
+inside the last layer that can be selected, before its `down_proj`: later layers (`skip_last_layers`), the final
+norm and the lm_head are never computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from cna_export.arch import ArchSpec, shape_of
+from cna_export.attribution import distributed
+from cna_export.attribution.hooks import down_projs, mlp_of, pre_hooks
+from cna_export.errors import RecipeError
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised inside the last needed hook to end the forward pass early."""
+
+
+@dataclass
+class SetStats:
+    """Per-neuron sums over one prompt set (and, for neutral sets, top-n membership counts and |act| sums)."""
+
+    sums: torch.Tensor  # [layers, neurons] float64
+    count: int
+    top_counts: torch.Tensor | None = None  # [layers, neurons] int32
+    abs_sums: torch.Tensor | None = None  # [layers, neurons] float64
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sums / self.count
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
+    """Token ids per prompt; chat-templated (with the generation prompt) when the tokenizer has a template."""
+    if not prompts:
+        raise RecipeError("A prompt set is empty.", "give at least one prompt on each side.")
+    use_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    encoded = []
+    for prompt in prompts:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RecipeError(f"Prompt {prompt!r} is empty.", "remove empty prompts from the set.")
+        if use_template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise RecipeError(f"Prompt {prompt!r} tokenizes to nothing.", "remove it or fix the tokenizer.")
+        encoded.append(list(ids))
+    return encoded
+
+
+def batches(
+    encoded: list[list[int]], batch_size: int, pad_id: int
+) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """Left-padded (input_ids, attention_mask, original indices) batches of length-sorted prompts."""
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+    out = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        group = [encoded[i] for i in rows]
+        width = max(len(ids) for ids in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, seq in enumerate(group):
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        out.append((ids, mask, rows))
+    return out
+
+
+def collect(model: nn.Module, spec: ArchSpec, encoded: list[list[int]], *args, **kwargs) -> SetStats:
+    """`collect_sets` for one prompt set."""
+    return collect_sets(model, spec, [encoded], *args, **kwargs)[0]
+
+
+class _Sums:
+    """Running per-set sums of one pass over the prompt sets, kept per layer on the device each layer runs on
+    (layers may be spread over several GPUs, the CPU or disk offload), so nothing is copied to the host until the
+    end. The capture hook adds each batch's last-token activations to the rows of its sets (`labels`)."""
+
+    def __init__(self, n_sets: int, width: int, top_n: int | None) -> None:
+        self.n_sets, self.width, self.top_n = n_sets, width, top_n
+        self.sums: dict[int, torch.Tensor] = {}
+        self.tops: dict[int, torch.Tensor] = {}
+        self.abs_sums: dict[int, torch.Tensor] = {}
+        self.labels = torch.zeros(0, dtype=torch.long)  # set of each row of the batch in flight
+
+    def _zeros(self, store: dict[int, torch.Tensor], layer: int, dtype: torch.dtype, device) -> torch.Tensor:
+        if layer not in store:
+            store[layer] = torch.zeros(self.n_sets, self.width, dtype=dtype, device=device)
+        return store[layer]
+
+    def add(self, layer: int, act: torch.Tensor) -> None:
+        """Add `act` ([batch, width], the last token of each row) to the sums of the rows' sets."""
+        acc = torch.float32 if act.device.type == "mps" else torch.float64
+        rows = self.labels.to(act.device)
+        self._zeros(self.sums, layer, acc, act.device).index_add_(0, rows, act.to(acc))
+        if self.top_n:
+            magnitude = act.abs()
+            idx = magnitude.topk(self.top_n, dim=-1).indices
+            flat = (rows[:, None] * self.width + idx).reshape(-1)  # (set, neuron) as one index into the counts
+            tops = self._zeros(self.tops, layer, torch.int32, act.device)
+            tops.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+            self._zeros(self.abs_sums, layer, acc, act.device).index_add_(0, rows, magnitude.to(acc))
+
+    def gather(self, parts: dict[int, torch.Tensor], n_layers: int, dtype: torch.dtype) -> torch.Tensor:
+        """[sets, layers, width] on the host, summed over ranks (layers that never ran stay zero)."""
+        out = torch.zeros((self.n_sets, n_layers, self.width), dtype=dtype)
+        for layer, part in parts.items():
+            out[:, layer] = part.to("cpu", dtype)
+        return distributed.all_reduce_sum(out)
+
+    def stats(self, counts: Sequence[int], n_layers: int) -> list[SetStats]:
+        total = self.gather(self.sums, n_layers, torch.float64)
+        if not self.top_n:
+            return [SetStats(total[k], n) for k, n in enumerate(counts)]
+        tops, mags = self.gather(self.tops, n_layers, torch.int32), self.gather(self.abs_sums, n_layers, torch.float64)
+        return [SetStats(total[k], n, tops[k], mags[k]) for k, n in enumerate(counts)]
+
+
+@torch.inference_mode()
+def collect_sets(
+    model: nn.Module,
+    spec: ArchSpec,
+    sets: Sequence[list[list[int]]],
+    batch_size: int,
+    pad_id: int,
+    top_n: int | None = None,
+    desc: str = "forward",
+    share_prefix: bool = True,
+    last_layer: int | None = None,
+) -> list[SetStats]:
+    """Per prompt set, sum last-token inputs of the neurons' module (`spec.hook`); with `top_n`, also count
+    per-layer top-|act| membership and sum |act|.
+
+    The sets run together: one shared prefix, one length-sorted batch order over all their prompts (less
+    padding), each row's activations added to its own set's sums. The forward pass ends at `last_layer`
+    (default: the model's last); later layers' sums stay zero. Under torch.distributed each rank runs a strided
+    slice of the prompts and the partial sums are all-reduced.
+    """
+    projs = down_projs(model, spec)
+    n_layers = len(projs)
+    sums = _Sums(len(sets), shape_of(model.config.get_text_config()).intermediate_size, top_n)
+    last = n_layers - 1 if last_layer is None else last_layer
+    recording = [False]  # the shared prefix runs first and is not recorded
+
+    def capture(layer: int, x: torch.Tensor) -> None:
+        if recording[0]:
+            sums.add(layer, x[:, -1, :])
+        if layer == last:
+            raise _StopForward
+
+    tagged = distributed.shard([(k, ids) for k, prompts in enumerate(sets) for ids in prompts])
+    mine = [ids for _, ids in tagged]
+    # Chat templates give every prompt the same opening (often a default system prompt): run it once and
+    # reuse its key/value cache, so each batch computes only the tokens that differ.
+    prefix = common_prefix(mine) if share_prefix else 0
+    if prefix and not _prefix_allowed(model, mine, prefix):
+        prefix = 0
+    device = input_device(model)
+    # The pass ends at the last layer's down_proj, where only the final token is read: its MLP runs on that one.
+    with pre_hooks(dict(enumerate(projs[: last + 1])), capture), pre_hooks({last: mlp_of(model, spec, last)},
+                                                                             lambda _, x: x[:, -1:]):  # fmt: skip
+        cache = _prefix_cache(model, mine[0][:prefix], device) if prefix else None
+        recording[0] = True
+        todo = batches([ids[prefix:] for ids in mine], batch_size, pad_id)
+        for ids, mask, rows in tqdm(todo, desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
+            sums.labels = torch.tensor([tagged[i][0] for i in rows])
+            past = None
+            if cache is not None:
+                past = copy.deepcopy(cache)
+                past.batch_repeat_interleave(ids.shape[0])
+            _forward(model, ids, mask, prefix, past, device)
+    return sums.stats([len(prompts) for prompts in sets], n_layers)
+
+
+def _prefix_cache(model: nn.Module, prefix: list[int], device: torch.device) -> DynamicCache:
+    """The key/value cache of the shared prefix (one pass, not recorded)."""
+    cache = DynamicCache(config=model.config)
+    _forward(model, torch.tensor([prefix]), torch.ones(1, len(prefix), dtype=torch.long), 0, cache, device)
+    return cache
+
+
+def common_prefix(encoded: list[list[int]], minimum: int = 4) -> int:
+    """Length of the token prefix all prompts share, leaving each at least one token of its own (0 if short)."""
+    if len(encoded) < 2:
+        return 0
+    first, n = encoded[0], min(map(len, encoded)) - 1
+    for seq in encoded[1:]:
+        n = next((i for i in range(n) if seq[i] != first[i]), n)
+    return n if n >= minimum else 0
+
+
+def _forward(model, ids, mask, offset, past, device) -> None:
+    """One forward pass that ends inside the last layer. `offset` tokens are already in the cache `past`."""
+    # Positions count real tokens only, so a left-padded prompt sees the same positions as alone.
+    position_ids = offset + (mask.cumsum(-1) - 1).clamp(min=0)
+    if offset:
+        mask = torch.cat([torch.ones(mask.shape[0], offset, dtype=mask.dtype), mask], dim=1)
+    try:
+        model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=position_ids.to(device),
+            use_cache=past is not None,
+            **{_cache_kwarg(model): past},
+        )
+    except _StopForward:
+        return
+    raise AssertionError("the last layer's down_proj never ran")
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.x); use whichever this model's forward takes."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _prefix_allowed(model: nn.Module, encoded: list[list[int]], prefix: int) -> bool:
+    """Sliding-window layers count padding inside the window, so share a prefix only if all fits in it."""
+    config = model.config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    uses_window = window and any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ["sliding"]))
+    return not uses_window or max(map(len, encoded)) < window
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the embedding's device (the CPU when it is offloaded to meta/disk)."""
+    device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device
+
+

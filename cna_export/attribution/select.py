@@ -1,0 +1,166 @@
+"""Contrastive Neuron Attribution, the selection: per-neuron deltas, exclusions (skipped layers, universal
+neurons), the ranking score, and the circuit of the top k.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from cna_export.arch import ArchSpec, ModelShape
+from cna_export.attribution.collect import SetStats, collect_sets, encode_prompts
+from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, PromptSet, RecordedSelection, prompt_set
+from cna_export.circuit.selection import Selection
+from cna_export.errors import RecipeError
+
+log = logging.getLogger(__name__)
+
+
+def universal_mask(stats: SetStats, threshold: float) -> torch.Tensor:
+    """Neurons in the per-layer top-n for at least `threshold` of the neutral prompts."""
+    assert stats.top_counts is not None
+    return stats.top_counts >= math.ceil(threshold * stats.count - 1e-9)
+
+
+def select(delta: torch.Tensor, k: int, excluded: torch.Tensor) -> list[tuple[int, int]]:
+    """Top-k (layer, index) by |delta|, skipping `excluded`. Ties break by (layer, index): deterministic."""
+    score = delta.abs().to(torch.float64).numpy().copy()
+    score[excluded.numpy()] = -np.inf
+    available = int(np.isfinite(score).sum())
+    if k > available:
+        raise RecipeError(
+            f"k={k} but only {available} neurons remain after exclusions.", "lower k or exclude fewer layers."
+        )
+    flat = np.argsort(-score.reshape(-1), kind="stable")[:k]
+    width = delta.shape[1]
+    return [(int(i // width), int(i % width)) for i in flat]
+
+
+@dataclass
+class Attribution:
+    """One attribution run: per-neuron deltas and exclusions. `circuit(k)` cuts the ranking at any k, so a
+    sweep over k needs the forward passes only once."""
+
+    delta: torch.Tensor  # [layers, neurons] float64, mean(positive) - mean(negative)
+    score: torch.Tensor  # [layers, neurons] float64 >= 0, what the top-k is taken of (|delta| unless specificity)
+    excluded: torch.Tensor  # [layers, neurons] bool: skipped layers and universal neurons
+    universal: list[tuple[int, int]]
+    top_n: int | None
+    prompts: dict[str, PromptSet]
+    selection: Selection
+    model_id: ModelIdentity
+    dtype: str
+    chat_template: bool
+
+    def _ranking(self, k: int) -> torch.Tensor:
+        """What the top-k is taken of: the score; with specificity, the neurons the penalty left at zero come
+        after all positive ones, by |delta|."""
+        if not self.selection.specificity:
+            return self.score
+        left = int(((self.score > 0) & ~self.excluded).sum())
+        if k > left:
+            log.warning(
+                "only %d neurons keep contrast after the specificity penalty; the other %d of k=%d are the next "
+                "by |delta| (lower the specificity to rank more of them by it)", left, k - left, k,
+            )  # fmt: skip
+        magnitude = self.delta.abs()
+        return torch.where(self.score > 0, self.score + magnitude.max(), magnitude)
+
+    def circuit(
+        self, k: int, *, fraction: float | None = None, behaviour: str = "custom", recipe: str | None = None,
+        multiplier: float = 0.0,
+    ) -> Circuit:  # fmt: skip
+        """The circuit of the top-k neurons by score (`fraction` is only recorded, as requested)."""
+        chosen = select(self._ranking(k), k, self.excluded)
+        log.info("selected %d neurons; %d universal excluded", len(chosen), len(self.universal))
+        recorded = self.selection.model_dump() | {
+            "top_k": k, "fraction": fraction, "universal_top_n": self.top_n, "universal_excluded": self.universal,
+            "dtype": self.dtype, "chat_template": self.chat_template,
+        }  # fmt: skip
+        return Circuit(
+            behaviour=behaviour,
+            recipe=recipe,
+            multiplier=multiplier,
+            model=self.model_id,
+            prompts=self.prompts,
+            selection=RecordedSelection.model_validate(recorded),
+            neurons=[Neuron(layer=l, index=i, delta=float(self.delta[l, i])) for l, i in chosen],
+        )
+
+
+def _cap_skip_last(selection: Selection, num_layers: int) -> Selection:
+    """Leave at least one layer: a recipe tuned on a deep model (skip 2 + 2) still runs on a 3-layer one."""
+    room = num_layers - selection.skip_first_layers - 1
+    if selection.skip_last_layers <= room:
+        return selection
+    log.warning(
+        "skip_last_layers=%d leaves no layer after skipping the first %d of %d; skipping the last %d instead",
+        selection.skip_last_layers, selection.skip_first_layers, num_layers, room,
+    )  # fmt: skip
+    return selection.model_copy(update={"skip_last_layers": room})
+
+
+def attribute(
+    model: nn.Module,
+    tokenizer,
+    spec: ArchSpec,
+    model_id: ModelIdentity,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    neutral: Sequence[str],
+    selection: Selection,
+) -> Attribution:
+    """Run the forward passes of CNA: deltas, skipped layers and universal neurons (no k yet)."""
+    shape = ModelShape(model_id.num_layers, model_id.intermediate_size, model_id.hidden_size)
+    if selection.skip_first_layers >= shape.num_layers:
+        raise RecipeError(
+            f"skip_first_layers={selection.skip_first_layers} skips all {shape.num_layers} layers.",
+            "skip fewer layers.",
+        )
+    selection = _cap_skip_last(selection, shape.num_layers)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = 0 if pad_id is None else pad_id
+    sets = [encode_prompts(tokenizer, p, selection.chat_template) for p in (positive, negative)]
+    prompts = {"positive": prompt_set(list(positive)), "negative": prompt_set(list(negative))}
+    # The neutral prompts (universal neurons, specificity) run in the same passes as the contrast sets.
+    top_n = None
+    if selection.universal or selection.specificity:
+        top_n = selection.universal_top_n or max(1, math.ceil(0.01 * shape.intermediate_size))
+        sets.append(encode_prompts(tokenizer, neutral, selection.chat_template))
+        prompts["neutral"] = prompt_set(list(neutral))
+    # Layers skipped at the end are never selected: the forward passes stop before them.
+    last = shape.num_layers - 1 - selection.skip_last_layers
+    stats = collect_sets(model, spec, sets, selection.batch_size, pad_id, top_n=top_n, desc="forward passes",
+                         last_layer=last)  # fmt: skip
+    delta = stats[0].mean - stats[1].mean
+
+    excluded = torch.zeros_like(delta, dtype=torch.bool)
+    excluded[: selection.skip_first_layers] = True
+    if selection.skip_last_layers:
+        excluded[shape.num_layers - selection.skip_last_layers :] = True
+    universal_list: list[tuple[int, int]] = []
+    score = delta.abs()
+    if top_n:
+        neutral_stats = stats[2]
+        if selection.universal:
+            universal = universal_mask(neutral_stats, selection.universal_threshold)
+            universal_list = [(int(a), int(b)) for a, b in universal.nonzero().tolist()]
+            excluded |= universal
+        else:
+            top_n = None
+        if selection.specificity:
+            score = (score - selection.specificity * neutral_stats.abs_sums / neutral_stats.count).clamp(min=0)
+
+    weight = next(model.parameters())
+    return Attribution(
+        delta=delta, score=score, excluded=excluded, universal=universal_list, top_n=top_n, prompts=prompts,
+        selection=selection,
+        model_id=model_id, dtype=str(weight.dtype).removeprefix("torch."),
+        chat_template=selection.chat_template and bool(getattr(tokenizer, "chat_template", None)),
+    )  # fmt: skip

@@ -1,0 +1,1 @@
+"""Audit: compare two checkpoints tensor by tensor, recover the neuron edit, verify it against a circuit."""

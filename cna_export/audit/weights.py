@@ -1,0 +1,219 @@
+"""Read-only, tensor-at-a-time access to a checkpoint, whatever its format, for comparing two of them.
+
+A `Weights` object lists tensor names in storage order, knows which are MLP projections (`down`/`up` of which
+layer), and gives each tensor as raw bytes (a memory map, read only when compared), as values, or for quantized
+GGUF tensors as (rows, bytes per row). `open_pair` opens an original and an edited checkpoint so that both
+sides use the same tensor names: a GGUF file compared with a safetensors folder is dequantized first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cna_export.arch import ArchSpec, ModelShape, Site, arch_for, model_type_for_gguf
+from cna_export.gguf.quant import scale_fields
+from cna_export.io.checkpoint import CheckpointReader
+
+log = logging.getLogger(__name__)
+
+CHUNK = 16 * 1024 * 1024  # raw comparison works on slices this large, so it never holds a whole tensor twice
+
+
+class Weights:
+    """Read-only, tensor-at-a-time access to one checkpoint, with the names of its MLP tensors.
+
+    Attributes:
+        label: what the user typed.
+        fmt: "safetensors" or "gguf".
+        names: tensor names in storage order.
+        mlp: tensor name -> ("down" | "up", layer) for the MLP projections.
+    """
+
+    label: str
+    fmt: str
+    model_type: str
+    spec: ArchSpec
+    shape: ModelShape
+    names: list[str]
+    mlp: dict[str, tuple[str, int]]
+
+    def _index_mlp(self) -> None:
+        """Name the MLP tensors from the architecture's sites in this format."""
+        self.mlp = {}
+        for i in range(self.shape.num_layers):
+            for kind, site in self.spec.sites(self.fmt).items():
+                self.mlp[site.name(i)] = (kind, i)
+
+    def site(self, name: str) -> Site:
+        return self.spec.site(self.mlp[name][0], self.fmt)
+
+    def neuron_values(self, name: str) -> torch.Tensor:
+        """The values of an MLP tensor with one row per neuron (the site's slice, neuron axis first)."""
+        return self.site(name).rows(self.values(name), self.shape.intermediate_size)
+
+    def quant_rows(self, name: str) -> np.ndarray | None:
+        """Raw (neurons, bytes per row) of a quantized tensor whose neurons are whole rows with f16 block scales
+        (GGUF ffn_up), or None when the tensor is not stored that way."""
+        return None
+
+    def meta(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(storage type, shape in PyTorch order)."""
+        raise NotImplementedError
+
+    def nbytes(self, name: str) -> int:
+        raise NotImplementedError
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes, as a flat uint8 memory map (not read until compared)."""
+        raise NotImplementedError
+
+    def values(self, name: str) -> torch.Tensor:
+        """Float values: native dtype for float storage, float32 dequantized for quantized GGUF types."""
+        raise NotImplementedError
+
+    def quant(self, name: str) -> str | None:
+        """The quantized GGUF type name, or None for float storage."""
+        return None
+
+    def pair(self, layer: int) -> dict[str, str]:
+        return {kind: name for name, (kind, lay) in self.mlp.items() if lay == layer}
+
+
+class SafetensorsWeights(Weights):
+    """A Hugging Face folder (or Hub snapshot) of safetensors shards."""
+
+    def __init__(self, folder: Path, label: str) -> None:
+        from cna_export.io.source import Source, describe
+
+        self.label, self.fmt, self.folder = label, "safetensors", Path(folder)
+        self.spec, self.shape, config = describe(Source(label, self.folder))
+        self.model_type = config["model_type"]
+        self.reader = CheckpointReader(self.folder)
+        self.names = [e.name for f in self.reader.files for e in self.reader.entries_in(f)]
+        self._index_mlp()
+
+    def meta(self, name: str) -> tuple[str, tuple[int, ...]]:
+        entry = self.reader.entries[name]
+        return entry.dtype, entry.shape
+
+    def nbytes(self, name: str) -> int:
+        return self.reader.entries[name].nbytes
+
+    def raw(self, name: str) -> np.ndarray:
+        e = self.reader.entries[name]
+        if not e.nbytes:
+            return np.empty(0, np.uint8)
+        return np.memmap(self.folder / e.file, dtype=np.uint8, mode="r", offset=e.start, shape=(e.nbytes,))
+
+    def values(self, name: str) -> torch.Tensor:
+        return self.reader.tensor(name)
+
+
+class GGUFWeights(Weights):
+    """A GGUF file: the layout from `check_gguf` (a bounded header walk) and one read-only memory map.
+
+    gguf-py's `GGUFReader` would give the same tensors, but it decodes every metadata entry into numpy views
+    (about 13 s for the 151k-token vocabulary of Qwen2.5, which was most of a diff); nothing here needs the metadata
+    beyond the architecture, and the shape comes from the ffn_up tensors themselves.
+    """
+
+    FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+    def __init__(self, path: Path, label: str) -> None:
+        from gguf import GGML_QUANT_SIZES
+
+        from cna_export.gguf.check import check_gguf, gguf_shape
+
+        self.label, self.fmt, self.path = label, "gguf", Path(path)
+        layout = check_gguf(self.path)  # every tensor lies inside the file, so the slices below are safe
+        self.model_type = model_type_for_gguf(layout.architecture, layout.get("general.name"))
+        self.spec = arch_for(self.model_type)
+        self.tensors = layout.tensors
+        self.names = list(layout.tensors)
+        self.sizes = GGML_QUANT_SIZES
+        self.shape = gguf_shape(layout, self.spec, self.path)
+        self._index_mlp()
+        self.map = np.memmap(self.path, dtype=np.uint8, mode="r") if self.path.stat().st_size else np.empty(0, np.uint8)
+
+    def meta(self, name: str) -> tuple[str, tuple[int, ...]]:
+        t = self.tensors[name]
+        return t.ggml_type.name, tuple(reversed(t.dims))
+
+    def nbytes(self, name: str) -> int:
+        return self.tensors[name].nbytes
+
+    def raw(self, name: str) -> np.ndarray:
+        t = self.tensors[name]
+        return self.map[t.start : t.start + t.nbytes]
+
+    def rows(self, name: str) -> np.ndarray:
+        """The tensor as (rows, bytes per row) uint8."""
+        t = self.tensors[name]
+        block, type_size = self.sizes[t.ggml_type]
+        return self.raw(name).reshape(-1, t.dims[0] // block * type_size)
+
+    def quant_rows(self, name: str) -> np.ndarray | None:
+        site = self.site(name)
+        if site.axis != 0 or site.expert_axis is not None or scale_fields(self.tensors[name].ggml_type) is None:
+            return None
+        width = self.shape.intermediate_size
+        return self.rows(name)[site.offset(width) : site.offset(width) + width]
+
+    def values(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        dtype, shape = self.meta(name)
+        if dtype in self.FLOATS:
+            raw = np.array(self.raw(name))  # one copy, so the tensor is writable and independent of the map
+            return torch.from_numpy(raw).view(self.FLOATS[dtype]).reshape(shape)
+        return torch.from_numpy(dequantize(self.rows(name), self.tensors[name].ggml_type)).reshape(shape)
+
+    def quant(self, name: str) -> str | None:
+        dtype = self.tensors[name].ggml_type.name
+        return None if dtype in self.FLOATS else dtype
+
+
+def open_weights(ref: str) -> Weights:
+    """A GGUF path, a model folder or a Hub id (downloaded through the huggingface_hub cache)."""
+    from cna_export.io.source import resolve
+
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return GGUFWeights(path, ref)  # checked by check_gguf there (resolve would walk the header once more)
+    source = resolve(ref)
+    return SafetensorsWeights(source.folder, ref)
+
+
+@contextlib.contextmanager
+def open_pair(original: str, edited: str) -> Iterator[tuple[Weights, Weights]]:
+    """Open both checkpoints. A GGUF file compared with a folder is first dequantized into a temporary folder
+    (through transformers, in the folder's dtype), which is how `apply` exports a GGUF source."""
+    a, b = open_weights(original), open_weights(edited)
+    if a.fmt == b.fmt:
+        yield a, b
+        return
+    gguf_side, dense = (a, b) if a.fmt == "gguf" else (b, a)
+    from cna_export.fold.export import materialize_gguf
+    from cna_export.io.source import resolve
+
+    down = dense.spec.down.name(0)
+    dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(dense.meta(down)[0], "float32")
+    log.warning("dequantizing %s to %s to compare it with a safetensors folder", gguf_side.label, dtype)
+    with tempfile.TemporaryDirectory(prefix="cna-diff-") as tmp:
+        materialize_gguf(resolve(gguf_side.label), Path(tmp), dtype)
+        converted = SafetensorsWeights(Path(tmp), gguf_side.label)
+        yield (converted, b) if a.fmt == "gguf" else (a, converted)
+
+
+def same_bytes(x: np.ndarray, y: np.ndarray) -> bool:
+    """Raw equality, slice by slice (never two whole tensors in memory)."""
+    if x.shape != y.shape:
+        return False
+    return all(np.array_equal(x[i : i + CHUNK], y[i : i + CHUNK]) for i in range(0, x.size, CHUNK))

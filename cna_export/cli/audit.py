@@ -1,0 +1,131 @@
+"""Commands that measure, audit and ship an edit: eval, sweep, diff, push."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cna_export.cli.options import eval_config, eval_opts, local_model, model_opts
+
+
+def register(add) -> None:
+    """Add this module's subcommands (`add(name, help, parents)` returns the subparser)."""
+    model, evalo = model_opts(), eval_opts()
+    p = add("eval", "measure an edit on held-out prompts: behaviour rate, benign rate, KL, quality", [model, evalo])
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--edited", type=Path, help="exported model folder to compare with --model")
+    what.add_argument("--circuit", type=Path, help="circuit to apply with runtime hooks (no export needed)")
+    p.add_argument("--multiplier", type=float, nargs="+", help="one or more multipliers for --circuit")
+    p.add_argument("--allow-negative", action="store_true", help="permit a negative multiplier")
+    p.add_argument("--recipe", help="recipe whose heldout_positive/heldout_negative sets to use")
+    p.add_argument("--positive", help="held-out prompts with the behaviour (overrides the recipe)")
+    p.add_argument("--negative", help="held-out benign prompts (overrides the recipe)")
+    p.add_argument("--behaviour", help="detector to use (refusal, answer-in-french); default from recipe/circuit")
+    p.add_argument("--lm-eval", nargs="+", metavar="TASK", default=(), help="also run lm-eval-harness tasks")
+    p.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task")
+    p.set_defaults(func=_eval)
+
+    p = add("sweep", "grid over k and m from one attribution; Pareto front, pick a point, optionally export",
+            [model, evalo])  # fmt: skip
+    p.add_argument("--recipe", required=True, help="recipe with discovery and held-out prompt sets")
+    p.add_argument("--k", nargs="+", required=True, help="neuron counts (1600) or fractions (0.014, 1.4%%)")
+    p.add_argument("--multipliers", type=float, nargs="+", default=[0.0, 1.0, 2.0], help="default: 0 1 2")
+    p.add_argument("--kl-budget", type=float, default=0.1, help="max mean first-token KL of the chosen point")
+    p.add_argument("--benign-budget", type=float, help="max benign (false positive) rate of the chosen point")
+    p.add_argument("--positive", help="held-out prompts with the behaviour (overrides the recipe)")
+    p.add_argument("--negative", help="held-out benign prompts (overrides the recipe)")
+    p.add_argument("--allow-negative", action="store_true", help="permit negative multipliers")
+    p.add_argument("--export", type=Path, help="export the chosen point to this model folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --export folder")
+    p.set_defaults(func=_sweep)
+
+    p = add("push", "upload an exported folder (or a .gguf file) to the Hugging Face Hub", [])
+    p.add_argument("path", type=Path, help="exported model folder, or one .gguf file")
+    p.add_argument("repo_id", help="Hub repository, owner/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", help="branch to push to (created if missing; default main)")
+    p.add_argument("--commit-message", help="commit title")
+    p.add_argument("--no-verify", action="store_true", help="skip checking the files against the card's sha256")
+    p.set_defaults(func=_push)
+
+    p = add("diff", "list what differs between two checkpoints and recover the neuron edit", [])
+    p.add_argument("original", help="original model: folder, Hub id or .gguf file")
+    p.add_argument("edited", help="edited model: folder, Hub id or .gguf file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-o", "--output", type=Path, help="write the recovered circuit to this file (without --verify)")
+    p.add_argument("--verify", type=Path, metavar="CIRCUIT", help="exit 0 only if EDITED is ORIGINAL + CIRCUIT")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.set_defaults(func=_diff)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from cna_export.evaluate.jobs import eval_job
+
+    job = eval_job(
+        args.model, args.out, eval_config(args), revision=args.revision, circuit=args.circuit, edited=args.edited,
+        multipliers=args.multiplier, allow_negative=args.allow_negative, recipe=args.recipe, positive=args.positive,
+        negative=args.negative, behaviour=args.behaviour, lm_eval_tasks=args.lm_eval, lm_eval_limit=args.lm_eval_limit,
+        dtype=args.dtype, device=args.device,
+    )  # fmt: skip
+    print(_headline_text(job.headline))
+    print(f"wrote {job.report}")
+    if job.card_updated:
+        print(f"added these numbers to the model card of {args.edited}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from cna_export.evaluate.jobs import sweep_job
+
+    job = sweep_job(
+        args.model, args.recipe, args.k, args.multipliers, eval_config(args), args.out, revision=args.revision,
+        positive=args.positive, negative=args.negative, kl_budget=args.kl_budget, benign_budget=args.benign_budget,
+        allow_negative=args.allow_negative, export=args.export, overwrite=args.overwrite,
+        local_model=local_model(args), dtype=args.dtype, device=args.device,
+    )  # fmt: skip
+    print(_headline_text(job.headline))
+    print(f"wrote {job.report}")
+    if job.export is not None:
+        print(f"wrote {job.export}: k={job.chosen['k']} m={job.chosen['multiplier']:g}")
+
+
+def _push(args: argparse.Namespace) -> None:
+    from cna_export.ship.hub import push
+
+    url = push(args.path, args.repo_id, private=args.private, branch=args.revision,
+               commit_message=args.commit_message, verify=not args.no_verify)  # fmt: skip
+    print(f"pushed {args.path} to {url}")
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from cna_export.audit.diff import diff, verify
+
+    if args.output is not None:
+        from cna_export.io.output import check_output_path
+
+        check_output_path(args.output, None, args.overwrite)
+    if args.verify is not None:
+        from cna_export.circuit.format import Circuit
+
+        ok, reason = verify(args.original, args.edited, Circuit.load(args.verify))
+        print(json.dumps({"verified": ok, "reason": reason}) if args.json else f"{'OK' if ok else 'FAILED'}: {reason}")
+        return 0 if ok else 1
+    report = diff(args.original, args.edited)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.table())
+    if args.output is not None:
+        report.circuit().save(args.output)
+        print(f"wrote {args.output}", file=sys.stderr if args.json else sys.stdout)
+    return 0 if report.is_circuit_edit else 1
+
+
+def _headline_text(h: dict) -> str:
+    """One readable line of headline numbers."""
+    text = f"{h['behaviour']} rate on {h['heldout_positive']} held-out prompts: original {h['rate_original']:.1%}"
+    if "rate_edited" not in h:
+        return text + f"; benign {h['benign_rate_original']:.1%}"
+    return text + (
+        f", edited {h['rate_edited']:.1%} (k={h['k']}, m={h['multiplier']:g}); benign "
+        f"{h['benign_rate_original']:.1%} -> {h['benign_rate_edited']:.1%}; KL first {h['kl_first']:.4f}, "
+        f"mean {h['kl_mean']:.4f}; perplexity ratio {h['ppl_ratio']:.3f}"
+    )

@@ -1,0 +1,170 @@
+"""Commands that find and apply an edit: run, discover, apply, patch-gguf, gguf, inspect."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cna_export.attribution import distributed
+from cna_export.cli.options import (
+    GGUF_OUTTYPES,
+    apply_kwargs,
+    apply_opts,
+    load_kwargs,
+    local_model,
+    model_opts,
+    selection_opts,
+    selection_overrides,
+)
+from cna_export.errors import CnaExportError
+
+
+def register(add) -> None:
+    """Add this module's subcommands (`add(name, help, parents)` returns the subparser)."""
+    model, select, apply = model_opts(), selection_opts(), apply_opts()
+
+    p = add("run", "discover a circuit from a recipe and export the edited model", [model, select, apply])
+    p.add_argument("recipe", help="recipe name (see recipes/) or YAML path")
+    p.add_argument("--out", required=True, type=Path, help="output model folder")
+    p.set_defaults(func=_run)
+
+    p = add("discover", "find the neurons of a behaviour and write a circuit file", [model, select])
+    p.add_argument("--recipe", help="recipe name or YAML path with the prompt sets")
+    p.add_argument("--positive", help="prompts with the behaviour (.txt/.yaml/.json/.jsonl)")
+    p.add_argument("--negative", help="prompts without it")
+    p.add_argument("--neutral", help="diverse neutral prompts for universal neurons (default: built-in set)")
+    p.add_argument("--behaviour", help="name of the behaviour, recorded in the circuit")
+    p.add_argument("--multiplier", type=float, help="default multiplier stored in the circuit")
+    p.add_argument("-o", "--out", required=True, type=Path, help="circuit file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing circuit file")
+    p.set_defaults(func=_discover)
+
+    p = add("apply", "fold a circuit into a model and export it as safetensors", [model, apply])
+    p.add_argument("--circuit", required=True, type=Path, help="circuit file from discover")
+    p.add_argument("--out", required=True, type=Path, help="output model folder")
+    p.set_defaults(func=_apply)
+
+    p = add("patch-gguf", "scale a circuit's neurons inside an existing GGUF file (no re-conversion)", [])
+    p.add_argument("gguf", type=Path, help="GGUF file to patch (never modified)")
+    p.add_argument("--circuit", required=True, type=Path, help="circuit file from discover")
+    p.add_argument("-o", "--out", required=True, type=Path, help="patched GGUF file to write")
+    p.add_argument("--multiplier", type=float, help="scale for every neuron (0 ablate, >1 amplify)")
+    p.add_argument("--allow-negative", action="store_true", help="permit a negative multiplier")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output written by patch-gguf")
+    p.add_argument("--force", action="store_true", help="patch with a circuit discovered on different weights")
+    p.set_defaults(func=_patch_gguf)
+
+    p = add("gguf", "convert a Hugging Face model folder (e.g. an export) to GGUF for llama.cpp / Ollama", [])
+    p.add_argument("model_dir", type=Path, help="model folder with config.json, safetensors and tokenizer")
+    p.add_argument("-o", "--out", required=True, type=Path, help="GGUF file to write (NAME.gguf)")
+    p.add_argument("--outtype", choices=GGUF_OUTTYPES, default="f16", help="weight type (default f16)")
+    p.add_argument("--modelfile", action="store_true", help="also write an Ollama Modelfile next to the GGUF")
+    p.add_argument("--ollama-create", metavar="NAME", help="write the Modelfile and run `ollama create NAME`")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing GGUF (and Modelfile)")
+    p.set_defaults(func=_gguf)
+
+    p = add("inspect", "summarise a circuit: neurons per layer and top neurons", [])
+    p.add_argument("circuit", type=Path, help="circuit file")
+    p.add_argument("--top", type=int, default=20, help="how many neurons to list")
+    p.add_argument("--plot", type=Path, help="write a PNG of neurons per layer")
+    p.set_defaults(func=_inspect)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from cna_export.run import run_recipe
+
+    _check_push_args(args)
+    out, circuit = run_recipe(
+        args.recipe, args.model, args.out, revision=args.revision, overrides=selection_overrides(args),
+        local_model=local_model(args), load=load_kwargs(args), **apply_kwargs(args),
+    )  # fmt: skip
+    if out is not None:
+        print(f"wrote {out}: {len(circuit.neurons)} neurons scaled")
+        _after_export(args, out)
+
+
+def _discover(args: argparse.Namespace) -> None:
+    from cna_export.attribution.discover import discover_source, plan_discovery
+    from cna_export.circuit.recipe import load_recipe
+    from cna_export.io.output import check_output_path
+    from cna_export.io.source import resolve
+
+    check_output_path(args.out, None, args.overwrite)
+    recipe, base = load_recipe(args.recipe) if args.recipe else (None, None)
+    plan = plan_discovery(
+        recipe, base, overrides=selection_overrides(args), positive=args.positive, negative=args.negative,
+        neutral=args.neutral, behaviour=args.behaviour, multiplier=args.multiplier,
+    )  # fmt: skip
+    circuit = discover_source(resolve(args.model, args.revision), plan, **load_kwargs(args))
+    if not distributed.is_main():
+        return
+    circuit.save(args.out)
+    print(f"wrote {args.out}: {len(circuit.neurons)} neurons in {len(circuit.layer_counts())} layers")
+
+
+def _apply(args: argparse.Namespace) -> None:
+    from cna_export.circuit.format import Circuit
+    from cna_export.fold.export import apply_circuit
+    from cna_export.io.source import resolve
+
+    _check_push_args(args)
+    out = apply_circuit(resolve(args.model, args.revision), Circuit.load(args.circuit), args.out, **apply_kwargs(args))
+    print(f"wrote {out}")
+    _after_export(args, out)
+
+
+def _check_push_args(args: argparse.Namespace) -> None:
+    """Fail on a bad --push-to-hub before any long work."""
+    if args.push_to_hub is not None:
+        from cna_export.ship.card import check_repo_id
+
+        check_repo_id(args.push_to_hub)
+    elif args.private:
+        raise CnaExportError("--private needs --push-to-hub.", "add --push-to-hub owner/name, or drop --private.")
+
+
+def _after_export(args: argparse.Namespace, out: Path) -> None:
+    """After apply/run: name the GGUF written into the folder (--gguf), then --push-to-hub."""
+    if args.gguf is not None:
+        print(f"wrote {out / f'{out.name}-{args.gguf}.gguf'}")
+    if args.push_to_hub is not None:
+        from cna_export.ship.hub import push
+
+        print(f"pushed {out} to {push(out, args.push_to_hub, private=args.private)}")
+
+
+def _patch_gguf(args: argparse.Namespace) -> None:
+    from cna_export.circuit.format import Circuit
+    from cna_export.gguf.patch import patch_gguf_report
+
+    report = patch_gguf_report(
+        args.gguf, Circuit.load(args.circuit), args.out, multiplier=args.multiplier, overwrite=args.overwrite,
+        force=args.force, allow_negative=args.allow_negative,
+    )  # fmt: skip
+    print(f"wrote {report.out}: {report.summary()}")
+    print(f"wrote {report.sidecar}")
+
+
+def _gguf(args: argparse.Namespace) -> None:
+    from cna_export.gguf.ollama import convert_for_ollama
+
+    gguf, modelfile = convert_for_ollama(args.model_dir, args.out, outtype=args.outtype, overwrite=args.overwrite,
+                                         modelfile=args.modelfile, ollama_name=args.ollama_create)  # fmt: skip
+    print(f"wrote {gguf}")
+    if modelfile is not None:
+        print(f"wrote {modelfile}")
+    if args.ollama_create:
+        print(f"created Ollama model {args.ollama_create}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from cna_export.circuit.format import Circuit
+
+    circuit = Circuit.load(args.circuit)
+    print(circuit.summary(args.top))
+    if args.plot:
+        from cna_export.evaluate.plots import plot_layers
+
+        plot_layers(circuit, args.plot)
+        print(f"wrote {args.plot}")
+

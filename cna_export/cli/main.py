@@ -1,0 +1,111 @@
+"""Command line: the parser (commands in cli/edit.py and cli/audit.py) and `main`, which turns every user error
+into one line and exit code 2.
+
+Errors the user can fix print as one line and exit 2; set CNA_EXPORT_DEBUG=1 (or --debug) for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from cna_export import __version__
+from cna_export.attribution import distributed
+from cna_export.cli import audit, edit
+from cna_export.cli.options import EXAMPLES, Parser
+from cna_export.errors import CnaExportError
+
+log = logging.getLogger("cna_export")
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="cna-export", description="Find the MLP neurons behind a behaviour and ship the edit.")
+    parser.add_argument("--version", action="version", version=f"cna-export {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def add(name: str, help: str, parents: list) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help, parents=parents, epilog=EXAMPLES.get(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+
+    edit.register(add)
+    audit.register(add)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = args.debug or bool(os.environ.get("CNA_EXPORT_DEBUG"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        with _termination_as_interrupt():
+            distributed.init_from_env()
+            code = args.func(args)
+    except CnaExportError as exc:
+        if debug:
+            raise
+        print(f"cna-export: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if debug:
+            raise
+        print(f"cna-export: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        print(f"cna-export: interrupted ({signal.Signals(signum).name}); temporary files removed.", file=sys.stderr)
+        return 128 + signum
+    finally:
+        distributed.shutdown()
+    return code or 0
+
+
+# What to do about an operating-system error, by errno; the problem itself is the system's message.
+_OS_FIXES = {
+    errno.ENOSPC: "free some space or write to another disk",
+    errno.EDQUOT: "free some space (disk quota exceeded) or write to another disk",
+    errno.EROFS: "write to a location that is not on a read-only file system",
+    errno.EACCES: "check the permissions of that path or choose another location",
+    errno.EPERM: "check the permissions of that path or choose another location",
+    errno.ENOENT: "check the path",
+    errno.EISDIR: "pass a file, not a folder",
+    errno.ENOTDIR: "check the path; a part of it is a file, not a folder",
+    errno.EIO: "the disk reported an I/O error; check it and try again",
+}
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OSError: the system's message, the path, and a fix that fits the errno."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    problem = exc.strerror or str(exc) or exc.__class__.__name__
+    fix = _OS_FIXES.get(exc.errno, "check the path, its permissions and the free space")
+    return " ".join(f"{problem}{where}. Fix: {fix}.".split())
+
+
+@contextlib.contextmanager
+def _termination_as_interrupt():
+    """Turn SIGTERM and SIGHUP into KeyboardInterrupt, so a killed-politely run removes its temporaries too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,174 @@
+"""Shared command-line options, defined once. The selection flags are made from the `Selection` model's fields, so
+a knob is defined in one place (cna_export/circuit/selection.py) for recipes, flags and circuits alike."""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+
+EXPORT_MARKER = "circuit.json"  # the file every export folder holds (cna_export.fold.export.EXPORT_MARKER)
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # cna_export.gguf.convert.OUTTYPES, without importing gguf here
+
+EXAMPLES = {
+    "run": """examples:
+  cna-export run refusal-ablate --model Qwen/Qwen2.5-0.5B-Instruct --out qwen-no-refusal
+  cna-export run recipes/refusal-strengthen.yaml --model ./my-model --out hardened --multiplier 3
+  cna-export run refusal-ablate --model model.gguf --out out --top-k 1600""",
+    "discover": """examples:
+  cna-export discover --model ./Llama-3.2-1B-Instruct --recipe refusal-ablate -o circuit.json
+  cna-export discover --model ./m --positive harmful.txt --negative benign.txt --top-k 500 -o c.json""",
+    "apply": """examples:
+  cna-export apply --model ./Llama-3.2-1B-Instruct --circuit circuit.json --out edited
+  cna-export apply --model ./m --circuit c.json --out amplified --multiplier 2 --overwrite""",
+    "gguf": """examples:
+  cna-export gguf qwen-no-refusal -o qwen-no-refusal-f16.gguf
+  cna-export gguf ./m -o m-q8_0.gguf --outtype q8_0 --modelfile --ollama-create m-edited
+  cna-export apply --model ./m --circuit c.json --out edited --gguf q8_0   # also edited/edited-q8_0.gguf""",
+    "inspect": """examples:
+  cna-export inspect circuit.json
+  cna-export inspect circuit.json --top 50 --plot layers.png""",
+    "eval": """examples:
+  cna-export eval --model ./m --circuit circuit.json --multiplier 0 1 2 --recipe refusal-ablate --out eval-report
+  cna-export eval --model ./m --edited ./m-no-refusal --recipe refusal-ablate --out eval-exported
+  cna-export eval --model ./m --circuit c.json --positive harmful.txt --negative benign.txt --max-new-tokens 24 \\
+      --out ev --lm-eval mmlu --lm-eval-limit 100""",
+    "sweep": """examples:
+  cna-export sweep --model ./m --recipe refusal-ablate --k 467 1167 1600 2400 --multipliers 0 1 2 --out sweep
+  cna-export sweep --model m.gguf --recipe refusal-ablate --k 0.004 0.014 --kl-budget 0.1 --out s --export best""",
+    "push": """examples:
+  cna-export push qwen-no-refusal me/qwen-no-refusal --private
+  cna-export push qwen-no-refusal me/qwen-no-refusal --revision m0 --commit-message "k=1600, m=0"
+  cna-export push qwen-no-refusal.Q8_0.gguf me/qwen-no-refusal-GGUF
+the token comes from `hf auth login` or HF_TOKEN and is never printed.""",
+    "diff": """examples:
+  cna-export diff Qwen/Qwen2.5-0.5B-Instruct ./qwen-no-refusal -o recovered_circuit.json
+  cna-export diff ./model ./edited --verify ./edited/circuit.json
+  cna-export diff model.Q4_K_M.gguf edited.Q4_K_M.gguf --json
+exit status: 0 when the difference is exactly a neuron edit (with --verify: exactly that circuit, nothing else),
+1 when it is not, 2 on bad input.""",
+    "patch-gguf": """examples:
+  cna-export discover --model smollm2.Q4_1.gguf --recipe refusal-ablate --top-k 46 -o c.json
+  cna-export patch-gguf smollm2.Q4_1.gguf --circuit c.json -o smollm2-edited.Q4_1.gguf
+  cna-export patch-gguf ~/.ollama/models/blobs/sha256-XXXX --circuit c.json -o edited.gguf --multiplier 2
+scales the circuit's ffn_up rows inside the quantized file (f16 block scales); every other byte is copied
+unchanged, and the applied circuit is written to OUT.circuit.json.""",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def model_opts() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="model folder, Hub id (owner/name) or .gguf file")
+    g.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--device-map", help="spread layers over devices: auto, balanced, sequential (accelerate)")
+    g.add_argument("--offload-folder", type=Path, help="folder for weights offloaded to disk with --device-map")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
+    return p
+
+
+def load_kwargs(args: argparse.Namespace) -> dict:
+    """The model-loading options as keyword arguments of `discover_source` / `load_model`."""
+    return {"dtype": args.dtype, "device": args.device, "device_map": args.device_map,
+            "offload_folder": args.offload_folder, "trust_remote_code": args.trust_remote_code}  # fmt: skip
+
+
+def _field_type(annotation) -> type:
+    """int, float or bool from a field annotation such as `int | None`."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def selection_opts() -> argparse.ArgumentParser:
+    """One flag per `Selection` field: `--top-k N`; a boolean that defaults to on becomes `--no-universal`."""
+    from cna_export.circuit.selection import Selection, flag
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("selection (overrides the recipe)")
+    size = g.add_mutually_exclusive_group()
+    for name, info in Selection.model_fields.items():
+        kind = _field_type(info.annotation)
+        if kind is bool:
+            g.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_const", const=False,
+                           help=f"turn off: {info.description}".replace("%", "%%"))  # fmt: skip
+        else:
+            group = size if name in ("top_k", "fraction") else g
+            group.add_argument(flag(name), type=kind, help=(info.description or "").replace("%", "%%"))
+    return p
+
+
+def selection_overrides(args: argparse.Namespace) -> dict:
+    """The selection flags the user gave (None for the others)."""
+    from cna_export.circuit.selection import Selection
+
+    return {name: getattr(args, name, None) for name in Selection.model_fields}
+
+
+def apply_opts() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("edit and export")
+    g.add_argument("--multiplier", type=float, help="scale for every selected neuron (0 ablate, >1 amplify)")
+    g.add_argument("--allow-negative", action="store_true", help="permit a negative multiplier")
+    g.add_argument(
+        "--target", choices=("down", "up"), default="down", help="fold into down_proj columns or up_proj rows"
+    )
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    g.add_argument("--force", action="store_true", help="apply a circuit discovered on different weights of this shape")
+    g.add_argument("--base-model", help="Hub id of the source for the model card, when it is a local copy or GGUF")
+    g.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export to this Hub repository (owner/name)")
+    g.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private")
+    g.add_argument("--gguf", metavar="OUTTYPE", choices=GGUF_OUTTYPES,
+                   help="also convert the export to OUT/OUT-OUTTYPE.gguf (f32, f16, bf16, q8_0)")  # fmt: skip
+    g.add_argument("--file-hashes", action=argparse.BooleanOptionalAction, default=False,
+                   help="record the weight files' sha256 in the model card now (default: push records them; "
+                        "hashing costs more than the copy itself)")  # fmt: skip
+    return p
+
+
+def apply_kwargs(args: argparse.Namespace) -> dict:
+    """The export options as keyword arguments of `apply_circuit`."""
+    return {
+        "multiplier": args.multiplier,
+        "allow_negative": args.allow_negative,
+        "overwrite": args.overwrite,
+        "force": args.force,
+        "target": args.target,
+        "base_model": args.base_model,
+        "gguf": args.gguf,
+        "hash_files": args.file_hashes,
+    }
+
+
+def eval_opts() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--out", required=True, type=Path, help="report folder (results.json, prompts.jsonl, report.md)")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (default 32)")
+    g.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
+    g.add_argument("--kl-tokens", type=int, default=8, help="answer positions averaged for KL (default 8)")
+    g.add_argument("--no-chat-template", action="store_true", help="feed raw prompts even if a chat template exists")
+    return p
+
+
+def eval_config(args: argparse.Namespace):
+    from cna_export.evaluate.measure import EvalConfig
+
+    cfg = EvalConfig(args.max_new_tokens, args.batch_size, args.kl_tokens, not args.no_chat_template)
+    cfg.check()
+    return cfg
+
+
+def local_model(args: argparse.Namespace) -> Path | None:
+    """The --model path when it is a local file or folder, so an output overlapping it is refused before the
+    (long) discovery rather than after it."""
+    path = Path(args.model).expanduser()
+    return path if path.exists() else None

@@ -1,0 +1,1 @@
+"""Evaluate: generation-based behaviour rates, KL and quality, sweeps over k and m, reports and plots."""

@@ -1,0 +1,328 @@
+"""Evaluate an edit on held-out prompts: did the behaviour change, and did anything else break?
+
+Per variant of a model (the original, the original with neurons scaled by runtime hooks, or an exported folder):
+- behaviour rate on held-out positive prompts (e.g. refusals), from batched greedy generation and a detector;
+- the same detector, and the refusal detector, on benign prompts (false positives, false refusals);
+- KL(original || edited) of the next-token distribution along the original model's benign answers
+  (teacher-forced: the original's answer tokens go through both models), at the first token and averaged over
+  the first `kl_tokens` positions;
+- quality: repetition (1 - repeated 4-gram share) of the variant's own answers, and the perplexity of the
+  original's benign answers under the variant, with its ratio to the original's own perplexity.
+
+The original model's generations and log-probabilities are computed once (`build_baseline`) and reused for every
+variant. Metric math is in pure functions; only `generate` and `score` touch a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from cna_export.arch.spec import ArchSpec
+from cna_export.attribution.collect import batches, encode_prompts, input_device
+from cna_export.attribution.hooks import scaled_neurons
+from cna_export.errors import CnaExportError, RecipeError
+from cna_export.evaluate.detectors import Detector, detect_refusal, normalize
+from cna_export.fold.scale import LayerEdits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Generation and scoring settings shared by every variant of one evaluation."""
+
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    kl_tokens: int = 8  # positions of the original's answer over which KL is averaged
+    chat_template: bool = True
+
+    def check(self) -> None:
+        for name in ("max_new_tokens", "batch_size", "kl_tokens"):
+            if getattr(self, name) < 1:
+                raise CnaExportError(f"{name}={getattr(self, name)} must be at least 1.", "pass a positive number.")
+
+
+# Pure metrics ------------------------------------------------------------------------------------------------
+
+
+def kl_divergence(ref_logp: torch.Tensor, other_logp: torch.Tensor) -> torch.Tensor:
+    """KL(ref || other) per position from log-probabilities of shape [positions, vocab] (float64 result).
+
+    Example:
+        >>> p = torch.tensor([[0.5, 0.5]]).log(); q = torch.tensor([[0.25, 0.75]]).log()
+        >>> round(float(kl_divergence(p, q)[0]), 6)  # 0.5 ln 2 + 0.5 ln(2/3)
+        0.143841
+    """
+    ref, other = ref_logp.to(torch.float64), other_logp.to(torch.float64)
+    # Terms where the reference has zero probability contribute nothing (0 * log 0 = 0).
+    terms = torch.where(ref.isneginf(), torch.zeros_like(ref), ref.exp() * (ref - other))
+    return terms.sum(-1).clamp(min=0.0)
+
+
+def repetition(ids: Sequence[int], n: int = 4) -> float:
+    """1 - (repeated n-grams / all n-grams): 1.0 for no repetition, towards 0 for loops. Short answers score 1."""
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    if not grams:
+        return 1.0
+    return 1.0 - (len(grams) - len(set(grams))) / len(grams)
+
+
+def perplexity(nlls: Sequence[torch.Tensor]) -> float:
+    """exp(mean negative log-likelihood) over all tokens of all answers."""
+    total = sum(float(x.sum()) for x in nlls)
+    count = sum(x.numel() for x in nlls)
+    return math.exp(total / count) if count else float("nan")
+
+
+def disjoint(heldout: Sequence[str], discovery: Sequence[str]) -> list[str]:
+    """Held-out prompts minus any that also appear (case/space-insensitive) among the discovery prompts."""
+    seen = {normalize(p) for p in discovery}
+    kept = [p for p in heldout if normalize(p) not in seen]
+    if len(kept) < len(heldout):
+        log.warning("dropped %d held-out prompts that are also discovery prompts", len(heldout) - len(kept))
+    if not kept:
+        raise RecipeError(
+            "Every held-out prompt is also a discovery prompt.", "evaluate on prompts not used to discover."
+        )
+    return kept
+
+
+def prompts_sha256(prompts: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
+# Model I/O ---------------------------------------------------------------------------------------------------
+
+
+def pad_id_of(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def eos_ids_of(model: nn.Module, tokenizer) -> list[int]:
+    """Token ids that end an answer: the generation config's EOS ids and the tokenizer's EOS."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(int(i) for i in ids))
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module, tokenizer, encoded: list[list[int]], cfg: EvalConfig, desc: str = "generate"
+) -> list[list[int]]:
+    """Greedy answers (token ids, ending with the EOS token when the model stopped) in prompt order."""
+    from transformers import GenerationConfig
+
+    pad_id, eos = pad_id_of(tokenizer), eos_ids_of(model, tokenizer)
+    gen_cfg = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos or None
+    )
+    device = input_device(model)
+    answers: list[list[int]] = [[] for _ in encoded]
+    for ids, mask, chunk in tqdm(batches(encoded, cfg.batch_size, pad_id), desc=desc, unit="batch", leave=False):
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+        for row, i in enumerate(chunk):
+            answer = []
+            for token in out[row, ids.shape[1] :].tolist():
+                answer.append(token)
+                if token in eos:
+                    break
+            answers[i] = answer
+    return answers
+
+
+@dataclass
+class Scored:
+    """Teacher-forced scores of one answer: per-token NLL and log-probs at the first positions."""
+
+    nll: torch.Tensor  # [answer tokens] float64
+    logp: torch.Tensor  # [min(kl_tokens, answer tokens), vocab] float32
+
+
+@torch.inference_mode()
+def score(
+    model: nn.Module, encoded: list[list[int]], answers: list[list[int]], cfg: EvalConfig, pad_id: int,
+    desc: str = "score",
+) -> list[Scored]:  # fmt: skip
+    """Run prompt + answer through `model` and read the distribution at every answer position."""
+    seqs = [p + a for p, a in zip(encoded, answers)]
+    device = input_device(model)
+    out: list[Scored | None] = [None] * len(seqs)
+    for ids, mask, chunk in tqdm(batches(seqs, cfg.batch_size, pad_id), desc=desc, unit="batch", leave=False):
+        # Left padding puts every answer at the end, so only the last max(len)+1 positions need logits.
+        keep = max(len(answers[i]) for i in chunk) + 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
+            use_cache=False, logits_to_keep=keep,
+        ).logits  # fmt: skip
+        for row, i in enumerate(chunk):
+            n = len(answers[i])
+            logp = F.log_softmax(logits[row, keep - 1 - n : keep - 1].float(), dim=-1).cpu()
+            target = torch.tensor(answers[i]).unsqueeze(-1)
+            out[i] = Scored(-logp.gather(-1, target).squeeze(-1).to(torch.float64), logp[: cfg.kl_tokens].clone())
+    return out  # type: ignore[return-value]
+
+
+# Baseline and variants ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Baseline:
+    """The original model's answers and scores on the held-out sets, computed once per evaluation or sweep."""
+
+    positive: list[str]
+    negative: list[str]
+    enc_pos: list[list[int]]
+    enc_neg: list[list[int]]
+    pos_answers: list[list[int]]
+    neg_answers: list[list[int]]
+    ref: list[Scored]  # the original's benign answers scored by the original
+    metrics: dict = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+
+
+def build_baseline(
+    model: nn.Module, tokenizer, positive: Sequence[str], negative: Sequence[str], detector: Detector, cfg: EvalConfig
+) -> Baseline:
+    """Generate and score the original model's answers once."""
+    cfg.check()
+    enc_pos = encode_prompts(tokenizer, positive, cfg.chat_template)
+    enc_neg = encode_prompts(tokenizer, negative, cfg.chat_template)
+    pos_answers = generate(model, tokenizer, enc_pos, cfg, "original: positive")
+    neg_answers = generate(model, tokenizer, enc_neg, cfg, "original: benign")
+    ref = score(model, enc_neg, neg_answers, cfg, pad_id_of(tokenizer), "original: score")
+    base = Baseline(list(positive), list(negative), enc_pos, enc_neg, pos_answers, neg_answers, ref)
+    base.metrics, base.records = _summarize(
+        base, tokenizer, detector, pos_answers, neg_answers, ref, label="original", k=0, multiplier=1.0
+    )
+    return base
+
+
+def measure(
+    model: nn.Module,
+    tokenizer,
+    baseline: Baseline,
+    detector: Detector,
+    cfg: EvalConfig,
+    *,
+    spec: ArchSpec | None = None,
+    edits: LayerEdits | None = None,
+    label: str = "edited",
+    k: int | None = None,
+    multiplier: float | None = None,
+    lm_eval_tasks: Sequence[str] = (),
+    lm_eval_limit: int | None = None,
+) -> tuple[dict, list[dict]]:
+    """Metrics and per-prompt records of one variant: `model` with `edits` hooked in, or an edited model as is.
+
+    Example:
+        >>> base = build_baseline(model, tok, harmful, benign, detect_refusal, EvalConfig())
+        >>> metrics, records = measure(model, tok, base, detect_refusal, EvalConfig(), spec=spec, edits=edits)
+    """
+    if edits is not None and spec is None:
+        raise ValueError("runtime edits need the architecture spec")
+    hooked = scaled_neurons(model, spec, edits) if edits is not None else contextlib.nullcontext()
+    with hooked:
+        pos_answers = generate(model, tokenizer, baseline.enc_pos, cfg, f"{label}: positive")
+        neg_answers = generate(model, tokenizer, baseline.enc_neg, cfg, f"{label}: benign")
+        scored = score(model, baseline.enc_neg, baseline.neg_answers, cfg, pad_id_of(tokenizer), f"{label}: score")
+        lm_eval = lm_eval_scores(model, tokenizer, lm_eval_tasks, limit=lm_eval_limit) if lm_eval_tasks else None
+    metrics, records = _summarize(
+        baseline, tokenizer, detector, pos_answers, neg_answers, scored, label=label, k=k, multiplier=multiplier
+    )
+    if lm_eval is not None:
+        metrics["lm_eval"] = lm_eval
+    return metrics, records
+
+
+def _summarize(
+    base: Baseline, tokenizer, detector: Detector, pos_answers, neg_answers, scored: list[Scored], *,
+    label: str, k: int | None, multiplier: float | None,
+) -> tuple[dict, list[dict]]:  # fmt: skip
+    """Turn one variant's answers and scores into its metrics and per-prompt records."""
+
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    head = {"label": label, "k": k, "multiplier": multiplier}
+    records, reps = [], []
+    pos_hits = neg_hits = neg_refusals = 0
+    for prompt, ids in zip(base.positive, pos_answers):
+        answer, rule = text(ids), None
+        rule = detector(answer)
+        pos_hits += rule is not None
+        reps.append(repetition(ids))
+        records.append({**head, "set": "positive", "prompt": prompt, "answer": answer, "behaviour": rule is not None,
+                        "rule": rule, "repetition": reps[-1]})  # fmt: skip
+    kl_first, kl_mean = [], []
+    for prompt, ids, ref, sc in zip(base.negative, neg_answers, base.ref, scored):
+        answer = text(ids)
+        rule, refusal = detector(answer), detect_refusal(answer)
+        neg_hits += rule is not None
+        neg_refusals += refusal is not None
+        reps.append(repetition(ids))
+        kl = kl_divergence(ref.logp, sc.logp)
+        kl_first.append(float(kl[0]))
+        kl_mean.append(float(kl.mean()))
+        records.append({**head, "set": "negative", "prompt": prompt, "answer": answer, "behaviour": rule is not None,
+                        "rule": rule, "refusal_rule": refusal, "repetition": reps[-1], "kl_first": kl_first[-1],
+                        "kl_mean": kl_mean[-1], "nll_original_answer": float(sc.nll.mean())})  # fmt: skip
+    ppl, ppl_original = perplexity([s.nll for s in scored]), perplexity([r.nll for r in base.ref])
+    n_pos, n_neg = len(base.positive), len(base.negative)
+    metrics = {
+        **head,
+        "rate": pos_hits / n_pos,
+        "positive_hits": pos_hits,
+        "n_positive": n_pos,
+        "benign_rate": neg_hits / n_neg,
+        "benign_hits": neg_hits,
+        "n_negative": n_neg,
+        "benign_refusal_rate": neg_refusals / n_neg,
+        "kl_first": sum(kl_first) / n_neg,
+        "kl_mean": sum(kl_mean) / n_neg,
+        "repetition": sum(reps) / len(reps),
+        "ppl": ppl,
+        "ppl_original": ppl_original,
+        "ppl_ratio": ppl / ppl_original,
+    }
+    return metrics, records
+
+
+# Optional lm-eval-harness hook -------------------------------------------------------------------------------
+
+
+def lm_eval_scores(
+    model: nn.Module, tokenizer, tasks: Sequence[str], *, limit: int | None = None, batch_size: int = 8
+) -> dict[str, dict[str, float]]:
+    """Run lm-eval-harness tasks (e.g. "mmlu") on an already loaded model; hooks active around the call apply.
+
+    Returns {task: {metric: value}} with the numeric metrics lm-eval reports.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise CnaExportError(
+            "lm-eval-harness is not installed, so --lm-eval cannot run.", "pip install lm-eval, or drop --lm-eval."
+        ) from None
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
+    return {
+        task: {name: float(v) for name, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for task, values in result["results"].items()
+    }

@@ -1,0 +1,174 @@
+"""Reports: report.md with the measured table and PNG figures, and the headline numbers for a model card.
+
+Input is the results document written by `cna_export.evaluate.sweep` (`results.json`): the original model's metrics
+(`baseline`), one metrics dict per evaluated point, and for sweeps the Pareto front and the chosen point.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cna_export.circuit.format import Circuit
+from cna_export.evaluate.plots import plot_delta_distribution, plot_layers, plot_metrics
+from cna_export.io.output import write_text_atomic
+
+
+def chosen_point(results: dict) -> dict | None:
+    """The point a report leads with: a sweep's chosen point, else the first edited point of an evaluation."""
+    points = results.get("points", [])
+    if results.get("kind") == "sweep":
+        return points[results["chosen"]] if results.get("chosen") is not None else None
+    moved = [p for p in points if p.get("multiplier") != 1]
+    return moved[0] if moved else (points[0] if points else None)
+
+
+def headline(results: dict) -> dict:
+    """The numbers a model card shows: behaviour rate before/after, false positives, KL, quality.
+
+    Example:
+        >>> headline(json.loads(Path("eval/results.json").read_text()))["rate_edited"]
+        0.15
+    """
+    base, point = results["baseline"], chosen_point(results)
+    out = {
+        "model": results["model"],
+        "behaviour": results["behaviour"],
+        "heldout_positive": results["heldout"]["positive"],
+        "heldout_negative": results["heldout"]["negative"],
+        "max_new_tokens": results["config"]["max_new_tokens"],
+        "kl_tokens": results["config"]["kl_tokens"],
+        "rate_original": base["rate"],
+        "benign_rate_original": base["benign_rate"],
+        "benign_refusal_rate_original": base["benign_refusal_rate"],
+        "repetition_original": base["repetition"],
+        "ppl_original": base["ppl_original"],
+    }
+    if point is None:
+        return out
+    change = (point["rate"] - base["rate"]) / base["rate"] if base["rate"] else None
+    out |= {
+        "k": point["k"],
+        "multiplier": point["multiplier"],
+        "rate_edited": point["rate"],
+        "relative_change": change,
+        "benign_rate_edited": point["benign_rate"],
+        "benign_refusal_rate_edited": point["benign_refusal_rate"],
+        "kl_first": point["kl_first"],
+        "kl_mean": point["kl_mean"],
+        "ppl_edited": point["ppl"],
+        "ppl_ratio": point["ppl_ratio"],
+        "repetition_edited": point["repetition"],
+    }
+    if "lm_eval" in point:
+        out["lm_eval_edited"], out["lm_eval_original"] = point["lm_eval"], base.get("lm_eval")
+    return out
+
+
+def headline_from(path: Path) -> dict:
+    """`headline` of a results.json file, or of the one inside an evaluation/sweep output folder."""
+    path = Path(path)
+    return headline(json.loads((path / "results.json" if path.is_dir() else path).read_text()))
+
+
+def _pct(hits: int, n: int) -> str:
+    return f"{hits}/{n} ({100 * hits / n:.0f}%)"
+
+
+def table(results: dict) -> str:
+    """Markdown table: the original model, then every point (Pareto-front and chosen points marked)."""
+    rows = [
+        "| point | k | m | positive rate | benign rate | benign refusals | KL first | KL mean | ppl ratio "
+        "| repetition | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    front, chosen = set(results.get("pareto", [])), results.get("chosen")
+    for i, p in enumerate([results["baseline"], *results["points"]]):
+        idx = i - 1
+        note = ", ".join(n for n, on in (("chosen", idx == chosen), ("Pareto", idx in front)) if on and idx >= 0)
+        k = "-" if not p["k"] else str(p["k"])
+        m = "-" if p["multiplier"] is None else f"{p['multiplier']:g}"
+        refusals = round(p["benign_refusal_rate"] * p["n_negative"])
+        rows.append(
+            f"| {p['label']} | {k} | {m} | {_pct(p['positive_hits'], p['n_positive'])} "
+            f"| {_pct(p['benign_hits'], p['n_negative'])} | {_pct(refusals, p['n_negative'])} "
+            f"| {p['kl_first']:.4f} | {p['kl_mean']:.4f} | {p['ppl_ratio']:.3f} | {p['repetition']:.3f} | {note} |"
+        )
+    return "\n".join(rows)
+
+
+def markdown(results: dict, figures: list[str]) -> str:
+    """The whole report.md text."""
+    cfg, held = results["config"], results["heldout"]
+    lines = [
+        f"# {results['behaviour']} edit: {results['kind']} on {results['model']}",
+        "",
+        f"Held-out prompts: {held['positive']} positive, {held['negative']} benign (none used for discovery). "
+        f"Greedy generation, {cfg['max_new_tokens']} new tokens, batch {cfg['batch_size']}; "
+        f"KL(original || edited) on the original's benign answers, first token and mean of the first "
+        f"{cfg['kl_tokens']}; perplexity of the original's benign answers under the edited model (ratio to the "
+        "original's own); repetition = 1 - repeated 4-gram share of the model's own answers.",
+        "",
+        table(results),
+        "",
+    ]
+    if results["kind"] == "sweep":
+        budget = results.get("kl_budget")
+        rule = f"best {results['behaviour']} rate towards '{results['goal']}' with first-token KL <= {budget}"
+        if results.get("benign_budget") is not None:
+            rule += f" and benign rate <= {results['benign_budget']}"
+        chosen = chosen_point(results)
+        lines += [f"Selection rule: {rule}. Chosen: {chosen['label'] if chosen else 'none qualifies'}.", ""]
+    lm = [(p["label"], p["lm_eval"]) for p in [results["baseline"], *results["points"]] if p.get("lm_eval")]
+    if lm:
+        lines += ["lm-eval-harness:", ""] + [f"- {label}: `{json.dumps(v)}`" for label, v in lm] + [""]
+    lines += [f"![{name}]({name})" for name in figures]
+    return "\n".join(lines) + "\n"
+
+
+def selection_scores(attribution, ks) -> tuple[np.ndarray, dict[str, float]]:
+    """Scores of the candidate neurons of an attribution and, per k, the smallest score k selects (histogram)."""
+    candidates = attribution.score[~attribution.excluded]
+    ranked = candidates.sort(descending=True).values
+    return candidates.numpy(), {f"k={k}": float(ranked[k - 1]) for k in ks}
+
+
+def write_report(
+    out: Path, results: dict, circuit: Circuit | None = None, abs_delta=None, cuts: dict[str, float] | None = None,
+    specificity: float = 0.0,
+) -> Path:  # fmt: skip
+    """Write report.md and its PNGs into `out`; returns the report path.
+
+    Args:
+        circuit: drawn as neurons per layer (for a sweep, the chosen or largest circuit).
+        abs_delta: the selection score (|delta|, or its specificity-adjusted form) of every candidate neuron (a
+            sweep's attribution), else the circuit's neurons' |delta| are used.
+        cuts: label -> smallest selected score, drawn on the histogram.
+        specificity: the attribution's specificity, which names the score in the histogram.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    if circuit is not None:
+        plot_layers(circuit, out / "layers.png")
+        figures.append("layers.png")
+        if abs_delta is None:
+            abs_delta = [abs(n.delta) for n in circuit.neurons]
+            cuts = cuts or {f"k={len(circuit.neurons)}": min(abs_delta)}
+    if abs_delta is not None and len(abs_delta):
+        name = f"|delta| - {specificity:g} x mean |neutral activation|" if specificity else "|delta|"
+        plot_delta_distribution(abs_delta, cuts or {}, out / "delta.png", f"{name} on {results['model']}",
+                                score=name)  # fmt: skip
+        figures.append("delta.png")
+    points, base = results["points"], results["baseline"]
+    title = f"{results['behaviour']} on {results['model']}"
+    if any(p["multiplier"] is not None for p in points):
+        plot_metrics([p for p in points if p["multiplier"] is not None], base, "multiplier", "k",
+                     out / "metrics_vs_m.png", title)  # fmt: skip
+        figures.append("metrics_vs_m.png")
+    if len({p["k"] for p in points}) > 1:
+        plot_metrics(points, base, "k", "multiplier", out / "metrics_vs_k.png", title)
+        figures.append("metrics_vs_k.png")
+    return write_text_atomic(out / "report.md", markdown(results, figures))

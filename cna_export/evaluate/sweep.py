@@ -1,0 +1,292 @@
+"""Experiments: evaluate one edit (`run_eval`) or a grid of k and m from one attribution (`run_sweep`).
+
+Both produce the same results document (a dict saved as `results.json`, one metrics dict per evaluated point
+plus the original model's) and per-prompt records (`prompts.jsonl`); `cna_export.evaluate.report` turns them into
+report.md and PNGs. A sweep runs the attribution forward passes once and cuts the ranking at every k, and
+generates and scores the original model's answers once; every (k, m) point then runs with runtime hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from cna_export import __version__
+from cna_export.arch.spec import ModelShape
+from cna_export.attribution.discover import plan_discovery
+from cna_export.attribution.select import Attribution, attribute
+from cna_export.circuit.format import Circuit
+from cna_export.circuit.recipe import Recipe, load_prompts
+from cna_export.errors import CnaExportError, RecipeError
+from cna_export.evaluate.detectors import detector_for
+from cna_export.evaluate.measure import Baseline, EvalConfig, build_baseline, disjoint, measure, prompts_sha256
+from cna_export.fold.scale import check_multiplier
+from cna_export.io.output import write_text_atomic
+from cna_export.io.source import Source, describe, identity, load_model, resolve
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BENIGN = "builtin:refusal_benign_heldout"  # everyday requests, used when a recipe has no benign held-out set
+
+
+# Prompt sets and grid ----------------------------------------------------------------------------------------
+
+
+def heldout_sets(
+    recipe: Recipe | None = None, base: Path | None = None, positive: str | None = None, negative: str | None = None
+) -> tuple[list[str], list[str]]:
+    """Held-out positive and benign prompts: explicit files first, then the recipe's held-out sets.
+
+    Prompts that also appear among the recipe's discovery prompts are dropped, so an evaluation never scores
+    the prompts the circuit was found with.
+    """
+    pos_ref = positive or (recipe.heldout_positive if recipe else None)
+    if pos_ref is None:
+        raise RecipeError(
+            "No held-out prompts to evaluate on.", "pass --recipe with heldout_positive, or --positive FILE."
+        )
+    neg_ref = negative or (recipe.heldout_negative if recipe else None) or DEFAULT_BENIGN
+    pos = load_prompts(pos_ref, base if positive is None else None)
+    neg = load_prompts(neg_ref, base if negative is None else None)
+    if recipe is not None:
+        discovery = load_prompts(recipe.positive, base) + load_prompts(recipe.negative, base)
+        pos, neg = disjoint(pos, discovery), disjoint(neg, discovery)
+    return pos, neg
+
+
+def parse_k(text: str) -> int | float:
+    """'1600' -> 1600 neurons, '0.014' or '1.4%' -> a fraction of all MLP neurons."""
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise CnaExportError(f"k {text!r} is not a number.", "pass counts (1600) or fractions (0.014).") from None
+
+
+def resolve_ks(ks: Sequence[int | float], shape: ModelShape) -> list[int]:
+    """Neuron counts for the given counts or fractions, sorted and without duplicates."""
+    out = set()
+    for k in ks:
+        n = round(k * shape.num_neurons) if isinstance(k, float) else k
+        if isinstance(k, float) and not 0 < k <= 1:
+            raise CnaExportError(f"k fraction {k} is outside (0, 1].", "e.g. 0.01 for 1% of the MLP neurons.")
+        if not 1 <= n <= shape.num_neurons:
+            raise CnaExportError(f"k={n} is outside 1..{shape.num_neurons}.", "pass smaller counts or fractions.")
+        out.add(int(n))
+    return sorted(out)
+
+
+def goal_of(multiplier: float) -> str:
+    """Ablating (m < 1) is meant to lower the behaviour rate, amplifying to raise it."""
+    return "decrease" if multiplier < 1 else "increase"
+
+
+# Choosing a point --------------------------------------------------------------------------------------------
+
+
+def _badness(point: dict, goal: str) -> float:
+    return point["rate"] if goal == "decrease" else -point["rate"]
+
+
+def pareto(points: Sequence[dict], goal: str) -> list[int]:
+    """Indices of points no other point beats on both the behaviour rate (towards `goal`) and first-token KL."""
+    front = []
+    for i, p in enumerate(points):
+        a = (_badness(p, goal), p["kl_first"])
+        dominated = any(
+            (b := (_badness(q, goal), q["kl_first"]))[0] <= a[0] and b[1] <= a[1] and b != a
+            for j, q in enumerate(points)
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def pick(
+    points: Sequence[dict], baseline: dict, goal: str, kl_budget: float | None, benign_budget: float | None = None
+) -> int | None:
+    """The point with the best behaviour rate whose first-token KL (and benign rate) are within budget.
+
+    Only points that move the rate in the goal's direction count; ties go to the lower KL, then the smaller k.
+    Returns None when no point qualifies.
+    """
+    ok = [
+        i
+        for i, p in enumerate(points)
+        if _badness(p, goal) < _badness(baseline, goal)
+        and (kl_budget is None or p["kl_first"] <= kl_budget)
+        and (benign_budget is None or p["benign_rate"] <= benign_budget)
+    ]
+    if not ok:
+        return None
+    return min(ok, key=lambda i: (_badness(points[i], goal), points[i]["kl_first"], points[i]["k"] or 0))
+
+
+# Results files -----------------------------------------------------------------------------------------------
+
+
+def _document(kind: str, model: str, behaviour: str, cfg: EvalConfig, baseline: Baseline, **extra) -> dict:
+    return {
+        "kind": kind,
+        "tool_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "behaviour": behaviour,
+        "config": asdict(cfg),
+        "heldout": {
+            "positive": len(baseline.positive),
+            "negative": len(baseline.negative),
+            "positive_sha256": prompts_sha256(baseline.positive),
+            "negative_sha256": prompts_sha256(baseline.negative),
+        },
+        "baseline": baseline.metrics,
+        "points": [],
+        **extra,
+    }
+
+
+def save_results(out: Path, results: dict, records: Sequence[dict]) -> None:
+    """Write results.json and prompts.jsonl into `out` (each atomically)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (
+        ("results.json", json.dumps(results, indent=1)),
+        ("prompts.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)),
+    ):
+        write_text_atomic(out / name, text)
+
+
+# Sweep -------------------------------------------------------------------------------------------------------
+
+
+def run_sweep(
+    model, tokenizer, spec, attribution: Attribution, ks: Sequence[int], multipliers: Sequence[float],
+    positive: Sequence[str], negative: Sequence[str], behaviour: str, cfg: EvalConfig, *,
+    model_name: str, recipe: str | None = None, kl_budget: float | None = 0.1, benign_budget: float | None = None,
+    goal: str | None = None, allow_negative: bool = False, out: Path | None = None,
+) -> tuple[dict, list[dict], dict[int, Circuit]]:  # fmt: skip
+    """Evaluate every (k, m) of the grid with runtime hooks; return results, per-prompt records and circuits.
+
+    m = 1 is the original model at every k and is not re-run. With `out`, results are saved after every point,
+    so a long sweep that stops early keeps what it measured.
+
+    Example:
+        >>> att = attribute(model, tok, spec, ident, harmful, benign, neutral, recipe.selection())
+        >>> results, records, circuits = run_sweep(model, tok, spec, att, [467, 1600], [0, 2], held_pos, held_neg,
+        ...                                        "refusal", EvalConfig(), model_name="qwen")
+    """
+    for m in multipliers:
+        check_multiplier(m, allow_negative)
+    detector = detector_for(behaviour)
+    goal = goal or goal_of(min(multipliers))
+    circuits = {k: attribution.circuit(k, behaviour=behaviour, recipe=recipe) for k in ks}
+    baseline = build_baseline(model, tokenizer, positive, negative, detector, cfg)
+    shape = ModelShape(attribution.model_id.num_layers, attribution.model_id.intermediate_size, 1)
+    results = _document(
+        "sweep", model_name, behaviour, cfg, baseline, goal=goal, kl_budget=kl_budget, benign_budget=benign_budget,
+        ks=list(ks), multipliers=list(multipliers), num_neurons=shape.num_neurons, recipe=recipe,
+    )  # fmt: skip
+    records = list(baseline.records)
+    grid = [(k, m) for k in ks for m in multipliers if m != 1]
+    for k, m in tqdm(grid, desc="sweep", unit="point"):
+        metrics, recs = measure(
+            model, tokenizer, baseline, detector, cfg, spec=spec, edits=circuits[k].edits(m, allow_negative),
+            label=f"k={k} m={m:g}", k=k, multiplier=m,
+        )  # fmt: skip
+        log.info("k=%d m=%g: rate %.3f, benign %.3f, KL %.4f", k, m, metrics["rate"], metrics["benign_rate"],
+                 metrics["kl_first"])  # fmt: skip
+        results["points"].append(metrics)
+        records += recs
+        _choose(results, kl_budget, benign_budget)
+        if out is not None:
+            save_results(out, results, records)
+    _choose(results, kl_budget, benign_budget)
+    return results, records, circuits
+
+
+def _choose(results: dict, kl_budget: float | None, benign_budget: float | None) -> None:
+    points, goal = results["points"], results["goal"]
+    results["pareto"] = pareto(points, goal)
+    results["chosen"] = pick(points, results["baseline"], goal, kl_budget, benign_budget)
+
+
+def sweep_source(
+    source: Source, recipe: Recipe, base: Path | None, ks: Sequence[int | float], multipliers: Sequence[float],
+    cfg: EvalConfig, *, positive: str | None = None, negative: str | None = None, kl_budget: float | None = 0.1,
+    benign_budget: float | None = None, allow_negative: bool = False, dtype: str = "auto", device: str = "auto",
+    out: Path | None = None,
+) -> tuple[dict, list[dict], dict[int, Circuit], Attribution]:  # fmt: skip
+    """Load `source`, attribute with the recipe's discovery prompts once, and sweep k x m on held-out prompts."""
+    spec, shape, config = describe(source)
+    counts = resolve_ks(ks, shape)
+    held_pos, held_neg = heldout_sets(recipe, base, positive, negative)
+    plan = plan_discovery(recipe, base)
+    model, tokenizer = load_model(source, dtype=dtype, device=device)
+    att = attribute(
+        model, tokenizer, spec, identity(source, config, shape), plan.positive, plan.negative, plan.neutral,
+        plan.selection,
+    )  # fmt: skip
+    results, records, circuits = run_sweep(
+        model, tokenizer, spec, att, counts, multipliers, held_pos, held_neg, recipe.behaviour, cfg,
+        model_name=source.name, recipe=recipe.name, kl_budget=kl_budget, benign_budget=benign_budget,
+        goal=goal_of(recipe.multiplier), allow_negative=allow_negative or recipe.allow_negative, out=out,
+    )  # fmt: skip
+    return results, records, circuits, att
+
+
+# Evaluate one edit -------------------------------------------------------------------------------------------
+
+
+def run_eval(
+    source: Source, positive: Sequence[str], negative: Sequence[str], behaviour: str, cfg: EvalConfig, *,
+    circuit: Circuit | None = None, multipliers: Sequence[float] | None = None, edited: Path | None = None,
+    allow_negative: bool = False, lm_eval_tasks: Sequence[str] = (), lm_eval_limit: int | None = None,
+    dtype: str = "auto", device: str = "auto",
+) -> tuple[dict, list[dict], Circuit | None]:  # fmt: skip
+    """Evaluate the original model and either a circuit at each multiplier (hooks) or an exported folder.
+
+    Both routes give the same numbers for the same edit (tested): hooks scale the same neurons that export
+    folds into the weights. Returns the results document, per-prompt records and the circuit used, if any.
+    """
+    if edited is not None and circuit is not None:
+        raise CnaExportError("Pass either an edited model or a circuit, not both.", "drop --circuit or --edited.")
+    detector = detector_for(behaviour)
+    spec, _, _ = describe(source)
+    model, tokenizer = load_model(source, dtype=dtype, device=device)
+    baseline = build_baseline(model, tokenizer, positive, negative, detector, cfg)
+    if lm_eval_tasks:
+        from cna_export.evaluate.measure import lm_eval_scores
+
+        baseline.metrics["lm_eval"] = lm_eval_scores(model, tokenizer, lm_eval_tasks, limit=lm_eval_limit)
+    lm = {"lm_eval_tasks": lm_eval_tasks, "lm_eval_limit": lm_eval_limit}
+    points, records = [], list(baseline.records)
+    if edited is not None:
+        if (Path(edited) / "circuit.json").is_file():
+            circuit = Circuit.load(Path(edited) / "circuit.json")
+        del model  # the edited copy replaces it; the baseline is already computed
+        edited_model, _ = load_model(resolve(str(edited)), dtype=dtype, device=device)
+        m = circuit.multiplier if circuit is not None else None
+        k = len(circuit.neurons) if circuit is not None else None
+        metrics, recs = measure(edited_model, tokenizer, baseline, detector, cfg, label="exported", k=k, multiplier=m,
+                                **lm)  # fmt: skip
+        points.append(metrics)
+        records += recs
+    elif circuit is not None:
+        for m in multipliers if multipliers else [circuit.multiplier]:
+            edits = circuit.edits(m, allow_negative)
+            metrics, recs = measure(model, tokenizer, baseline, detector, cfg, spec=spec, edits=edits,
+                                    label=f"m={m:g}", k=len(circuit.neurons), multiplier=m, **lm)  # fmt: skip
+            points.append(metrics)
+            records += recs
+    moved = [p["multiplier"] for p in points if p["multiplier"] not in (None, 1)]
+    results = _document("eval", source.name, behaviour, cfg, baseline, goal=goal_of(moved[0]) if moved else None)
+    results["points"] = points
+    results["edited"] = str(edited) if edited is not None else None
+    return results, records, circuit

@@ -1,0 +1,1 @@
+"""Fold: the pure weight math of scaling neurons, and the streamed export of an edited checkpoint."""

@@ -1,0 +1,215 @@
+"""Export: fold a circuit into a checkpoint and write it as safetensors in the Hugging Face layout.
+
+Each source shard becomes one output shard with the same name, tensor order and dtypes. Untouched tensors are
+copied byte for byte without being decoded; only the MLP projections a circuit touches are read, scaled and
+written. Everything goes into a temporary folder that is renamed into place at the very end.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from cna_export import __version__
+from cna_export.arch.spec import ArchSpec, ModelShape
+from cna_export.circuit.format import Circuit
+from cna_export.errors import ArchitectureError
+from cna_export.fold.scale import LayerEdits, fold_site_
+from cna_export.io.checkpoint import (
+    INDEX_NAME,
+    BackgroundHasher,
+    CheckpointReader,
+    OutTensor,
+    StreamHash,
+    check_output_path,
+    side_files,
+    staged_output,
+    write_safetensors,
+)
+from cna_export.io.output import check_free_space, temp_sibling
+from cna_export.io.source import Source, describe, identity, load_model
+from cna_export.ship.card import check_repo_id, copy_recipe, preload, write_card
+
+log = logging.getLogger(__name__)
+
+Target = Literal["down", "up"]
+# Every export holds this file; --overwrite replaces only folders that have it (or are empty).
+EXPORT_MARKER = "circuit.json"
+
+
+def planned_edits(spec: ArchSpec, shape: ModelShape, edits: LayerEdits, target: Target = "down") -> dict[str, Callable]:
+    """Tensor name -> in-place edit for every tensor a circuit changes (the target's site in the checkpoint)."""
+    site = spec.site(target)
+    return {
+        site.name(layer): partial(fold_site_, site=site, width=shape.intermediate_size, index=index, multiplier=mult)
+        for layer, (index, mult) in edits.items()
+    }
+
+
+def check_targets(
+    reader: CheckpointReader, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, target: Target = "down"
+) -> dict[str, Callable]:
+    """The planned edits, after checking that every tensor they touch exists with the shape config.json implies."""
+    changes = planned_edits(spec, shape, edits, target)
+    expected = spec.site(target).expected_shape(shape)
+    for name in changes:
+        entry = reader.entry(name)
+        if entry.shape != expected:
+            raise ArchitectureError(
+                f"{name} has shape {list(entry.shape)} but config.json implies {list(expected)}.",
+                "use the config.json that belongs to these weights.",
+            )
+    return changes
+
+
+def preflight(source: Source, out: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, target: Target) -> None:
+    """Check everything that can be checked before writing: weight headers, target shapes, side files, space.
+
+    A bad input then fails before any byte is written, and a disk that is too small fails before a multi-GB
+    write rather than at its end. (GGUF sources are checked when they are dequantized.)
+    """
+    if source.is_gguf:
+        return
+    reader = CheckpointReader(source.folder)
+    check_targets(reader, spec, shape, edits, target)
+    extra = [source.folder / INDEX_NAME] if (source.folder / INDEX_NAME).is_file() else []
+    needed = sum((source.folder / f).stat().st_size for f in reader.files)
+    needed += sum(p.stat().st_size for p in [*side_files(source.folder), *extra])
+    check_free_space(Path(out).absolute().parent, needed)
+
+
+def write_folded(
+    src: Path, dst: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, metadata: dict[str, str],
+    target: Target = "down", hash_stream: Callable[[Path], StreamHash] | None = None,
+) -> None:  # fmt: skip
+    """Write the folded weights of folder `src` into the existing folder `dst`, plus the side files.
+
+    `hash_stream(path)`, if given, returns the hash that follows each shard's writer (the model card's sha256s)."""
+    reader = CheckpointReader(src)
+    changes = check_targets(reader, spec, shape, edits, target)
+    total = sum(e.nbytes for e in reader.entries.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="export") as bar:
+        for file in reader.files:
+            out = []
+            for entry in reader.entries_in(file):
+                edit = changes.get(entry.name)
+                copy_from = (src / entry.file, entry.start)
+                out.append(OutTensor(entry.name, entry.dtype, entry.shape, entry.nbytes, copy_from, edit=edit))
+            meta = {**reader.file_metadata[file], "format": "pt", **metadata}
+            write_safetensors(dst / file, out, meta, bar, hash_stream(dst / file) if hash_stream else None)
+    if (src / INDEX_NAME).is_file():
+        shutil.copyfile(src / INDEX_NAME, dst / INDEX_NAME)
+    for path in side_files(src):
+        shutil.copyfile(path, dst / path.name)
+
+
+def materialize_gguf(source: Source, folder: Path, dtype: str = "float32") -> None:
+    """Dequantize a GGUF model into a Hugging Face folder (weights, config, tokenizer, generation config)."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load_model(source, dtype=dtype, device="cpu")
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # transformers refuses to save a model still marked as GGUF-quantized
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    clean.load_state_dict(model.state_dict(), assign=True)
+    clean.tie_weights()
+    del model
+    clean.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def apply_circuit(
+    source: Source,
+    circuit: Circuit,
+    out: Path,
+    *,
+    multiplier: float | None = None,
+    allow_negative: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
+    target: Target = "down",
+    gguf_dtype: str = "float32",
+    recipe_file: Path | None = None,
+    metrics: dict | None = None,
+    base_model: str | None = None,
+    gguf: str | None = None,
+    hash_files: bool = False,
+) -> Path:
+    """Fold `circuit` into `source` and export it to the folder `out`. The source is never modified.
+
+    Args:
+        source: resolved model (folder, Hub snapshot or GGUF file).
+        circuit: neurons and default multiplier.
+        out: output folder; must not exist unless `overwrite`.
+        multiplier: overrides every neuron's multiplier.
+        allow_negative: accept negative multipliers.
+        force: apply even if the circuit was discovered on different weights (same shape).
+        target: fold into `down` columns (default) or the equivalent `up` rows.
+        gguf_dtype: dtype of the dequantized weights when the source is a GGUF file.
+        recipe_file: the recipe the circuit came from, saved as `recipe.yaml` in the folder.
+        metrics: evaluation numbers for the model card (README.md, written into every export).
+        base_model: Hub id of the source for the card, when it cannot be inferred (local copy, GGUF file).
+        gguf: also convert the export to `OUT/OUT-<gguf>.gguf` (outtype f32, f16, bf16 or q8_0), inside the staged
+            folder, so the GGUF is listed in the card and a failure leaves no export behind.
+        hash_files: record the sha256 of every weight file in the card now (computed while writing). By default
+            the card lists them without one and `push` records it before uploading: on a checkpoint in the page
+            cache, sha256 (~2 GB/s a core) takes several times longer than the copy.
+
+    Returns:
+        The output folder.
+
+    Example:
+        >>> apply_circuit(resolve("Qwen/Qwen2.5-0.5B-Instruct"), Circuit.load("c.json"), Path("out"))
+    """
+    out = Path(out)
+    spec, shape, config = describe(source)
+    edits = circuit.edits(multiplier, allow_negative)
+    check_output_path(out, source.path, overwrite, marker=EXPORT_MARKER)
+    if base_model is not None:
+        check_repo_id(base_model)  # before the export, not after it
+    # Hash the weights only when there is something to compare with (cached after discover).
+    weights = identity(source, config, shape).weights_sha256 if circuit.model.weights_sha256 and not force else None
+    circuit.check_fits(config["model_type"], shape, weights, force)
+    metadata = {
+        "cna_export.version": __version__,
+        "cna_export.io.source": source.name,
+        "cna_export.circuit_sha256": circuit.sha256(),
+        "cna_export.behaviour": circuit.behaviour,
+    }
+    preflight(source, out, spec, shape, edits, target)
+    preload()
+    with staged_output(out, overwrite, marker=EXPORT_MARKER) as tmp, BackgroundHasher(tmp) as hasher:
+        stream = hasher.stream if hash_files else None
+        if source.is_gguf:
+            dense = temp_sibling(out, "gguf")  # named like every temporary, so a killed run's is cleaned later
+            try:
+                dense.mkdir()
+                materialize_gguf(source, dense, gguf_dtype)
+                write_folded(dense, tmp, spec, shape, edits, metadata, target, stream)
+            finally:
+                shutil.rmtree(dense, ignore_errors=True)
+        else:
+            write_folded(source.folder, tmp, spec, shape, edits, metadata, target, stream)
+        applied = circuit.model_copy(update={"multiplier": circuit.multiplier if multiplier is None else multiplier})
+        if multiplier is not None:
+            applied.neurons = [n.model_copy(update={"multiplier": None}) for n in circuit.neurons]
+        applied.save(tmp / EXPORT_MARKER)
+        if recipe_file is not None:
+            copy_recipe(recipe_file, tmp)
+        if gguf is not None:
+            from cna_export.gguf.convert import export_gguf
+
+            export_gguf(tmp, tmp / f"{out.name}-{gguf}.gguf", outtype=gguf)
+        write_card(tmp, source, applied, known_hashes=hasher.results(), hash_weights=hash_files, target=target, source_weights_sha256=weights, metrics=metrics,
+                   base_model=base_model)  # fmt: skip
+    log.info("wrote %s", out)
+    return out

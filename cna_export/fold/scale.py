@@ -1,0 +1,92 @@
+"""Fold neuron multipliers into weights: pure tensor math, no I/O.
+
+Scaling neuron j of a gated MLP by m multiplies its activation h_j = act(gate_j x) * (up_j x) by m. Because
+`down_proj(h) = W_down h` has no bias, `W_down (m * h) = (W_down diag(m)) h`: the edit is exactly
+`W_down[:, j] *= m`. Equivalently h_j is linear in `up_j`, so `W_up[j, :] *= m` gives the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from cna_export.arch.sites import Site
+from cna_export.errors import CircuitError
+
+# layer -> (neuron indices, multipliers), the form every consumer of a circuit uses.
+LayerEdits = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_multiplier(m: float, allow_negative: bool = False) -> float:
+    """Validate one multiplier: finite, and non-negative unless explicitly allowed."""
+    if not isinstance(m, (int, float)) or isinstance(m, bool) or not math.isfinite(m):
+        raise CircuitError(f"Multiplier {m!r} is not a finite number.", "use 0 to ablate, 1 to keep, >1 to amplify.")
+    if m < 0 and not allow_negative:
+        raise CircuitError(
+            f"Multiplier {m} is negative, which flips neurons rather than scaling them.",
+            "pass --allow-negative if that is intended.",
+        )
+    return float(m)
+
+
+def group_by_layer(neurons: Iterable[tuple[int, int, float]]) -> LayerEdits:
+    """Turn (layer, index, multiplier) triples into per-layer index/multiplier tensors (sorted by index)."""
+    by_layer: dict[int, dict[int, float]] = {}
+    for layer, index, m in neurons:
+        by_layer.setdefault(layer, {})[index] = m
+    edits: LayerEdits = {}
+    for layer in sorted(by_layer):
+        items = sorted(by_layer[layer].items())
+        edits[layer] = (
+            torch.tensor([i for i, _ in items], dtype=torch.long),
+            torch.tensor([m for _, m in items], dtype=torch.float32),
+        )
+    return edits
+
+
+def scale_rows_(rows: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> None:
+    """Scale rows `index` of `rows` (one row per neuron, any view) in place.
+
+    The product is taken in float32 and rounded once to the weight's dtype.
+    """
+    scaled = rows[index].to(torch.float32) * multiplier.to(torch.float32).reshape(-1, *[1] * (rows.dim() - 1))
+    rows[index] = scaled.to(rows.dtype)
+
+
+def scale_columns_(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> None:
+    """Scale columns `index` of `down_proj.weight` ([hidden, intermediate]) in place."""
+    scale_rows_(weight.T, index, multiplier)
+
+
+def fold_site_(
+    tensor: torch.Tensor, site: Site, width: int, index: torch.Tensor, multiplier: torch.Tensor,
+    expert: int | None = None,
+) -> None:  # fmt: skip
+    """Scale neurons `index` of an MLP of `width` neurons in `tensor`, stored as `site` says, in place."""
+    scale_rows_(site.rows(tensor, width, expert), index, multiplier)
+
+
+def fold_site(
+    tensor: torch.Tensor, site: Site, width: int, index: torch.Tensor, multiplier: torch.Tensor,
+    expert: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """A copy of `tensor` with neurons `index` scaled (see `fold_site_`)."""
+    out = tensor.clone()
+    fold_site_(out, site, width, index, multiplier, expert)
+    return out
+
+
+def scale_columns(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """Return a copy of `down_proj.weight` with columns `index` scaled (see `scale_rows_`)."""
+    out = weight.clone()
+    scale_columns_(out, index, multiplier)
+    return out
+
+
+def scale_rows(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """Return a copy of `up_proj.weight` with rows `index` scaled."""
+    out = weight.clone()
+    scale_rows_(out, index, multiplier)
+    return out

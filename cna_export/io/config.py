@@ -1,0 +1,24 @@
+"""The one reader of a model folder's config.json (untrusted input: any JSON error is one line)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cna_export.errors import CheckpointError
+
+
+def read_config_json(folder: Path) -> dict[str, Any]:
+    """`folder/config.json` as a dict; a missing, unreadable, malformed or absurdly nested file is a
+    `CheckpointError` with the fix."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json.", "pass a Hugging Face model folder.")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is unreadable ({exc}).", "restore it.") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object.", "restore it.")
+    return config

@@ -1,0 +1,1 @@
+"""Ship: the model card with provenance, and upload to the Hugging Face Hub."""
