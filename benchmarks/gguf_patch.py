@@ -38,7 +38,7 @@ def make_circuit(src: Path, path: Path, k: int, model_type: str) -> dict:
     from cna_export.arch import arch_for
     from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, PromptSet, RecordedSelection
     from cna_export.gguf.check import check_gguf, gguf_shape
-    from cna_export.io.checkpoint import combined_sha256, sha256_files
+    from cna_export.io.hashing import combined_sha256, sha256_files
 
     shape = gguf_shape(check_gguf(src), arch_for(model_type), src)
     rng = random.Random(0)

@@ -11,14 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cna_export.io.checkpoint import (
-    BackgroundHasher,
-    OutTensor,
-    StreamHash,
-    read_header,
-    sha256_files,
-    write_safetensors,
-)
+from cna_export.io.checkpoint import read_header
+from cna_export.io.hashing import BackgroundHasher, StreamHash, sha256_files
+from cna_export.io.writer import OutTensor, write_safetensors
 
 
 def test_writer_round_trips_through_safetensors(tmp_path):

@@ -22,9 +22,9 @@ from gguf.quants import quantize
 from safetensors.torch import load_file, save_file
 
 from cna_export.audit.diff import diff, verify
-from cna_export.gguf.quant import scale_fields
 from cna_export.circuit.format import Circuit
 from cna_export.fold.export import apply_circuit
+from cna_export.gguf.quant import scale_fields
 from cna_export.io.source import resolve
 
 REAL = Path(os.environ.get("CNA_REAL_MODELS", Path.home() / ".cache" / "cna-real-models"))

@@ -387,7 +387,7 @@ def test_requantize_fallback_for_mxfp4(tmp_path, caplog):
 
 
 def test_hash_check_and_force(gguf_files, tmp_path):
-    from cna_export.io.checkpoint import combined_sha256
+    from cna_export.io.hashing import combined_sha256
 
     src = gguf_files[Q.Q4_0]
     good = combined_sha256({src.name: sha(src)})
@@ -603,7 +603,7 @@ def test_copy_fallbacks(gguf_files, tmp_path, monkeypatch, fail_after):
     """Chunked kernel copy: falls back to sendfile (continuing where it stopped), then to read/write."""
     import errno
 
-    from cna_export.gguf import patch as gguf_patch
+    from cna_export.io.copy import BackgroundCopy
 
     real_range, calls = os.copy_file_range, []
 
@@ -616,7 +616,7 @@ def test_copy_fallbacks(gguf_files, tmp_path, monkeypatch, fail_after):
     def no_sendfile(*args):
         raise OSError(errno.ENOSYS, "no sendfile")
 
-    monkeypatch.setattr(gguf_patch._BackgroundCopy, "CHUNK", 4096)
+    monkeypatch.setattr(BackgroundCopy, "CHUNK", 4096)
     monkeypatch.setattr(os, "copy_file_range", flaky_range if fail_after is not None else no_sendfile)
     if fail_after is None:
         monkeypatch.setattr(os, "sendfile", no_sendfile)

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from conftest import make_circuit
 
+import cna_export.cli.main as cli
 from cna_export import __version__
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import find_recipe
-import cna_export.cli.main as cli
 from cna_export.errors import CheckpointError, CnaExportError
 from cna_export.fold.export import apply_circuit
 from cna_export.io.source import resolve

@@ -22,19 +22,11 @@ from cna_export.arch.spec import ArchSpec, ModelShape
 from cna_export.circuit.format import Circuit
 from cna_export.errors import ArchitectureError
 from cna_export.fold.scale import LayerEdits, fold_site_
-from cna_export.io.checkpoint import (
-    INDEX_NAME,
-    BackgroundHasher,
-    CheckpointReader,
-    OutTensor,
-    StreamHash,
-    check_output_path,
-    side_files,
-    staged_output,
-    write_safetensors,
-)
-from cna_export.io.output import check_free_space, temp_sibling
+from cna_export.io.checkpoint import INDEX_NAME, CheckpointReader, side_files
+from cna_export.io.hashing import BackgroundHasher, StreamHash
+from cna_export.io.output import check_free_space, check_output_path, staged_output, temp_sibling
 from cna_export.io.source import Source, describe, identity, load_model
+from cna_export.io.writer import OutTensor, write_safetensors
 from cna_export.ship.card import check_repo_id, copy_recipe, preload, write_card
 
 log = logging.getLogger(__name__)

@@ -30,10 +30,8 @@ gguf-py supplies the type table (`GGML_QUANT_SIZES`), the tensor names and the (
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +46,8 @@ from cna_export.errors import ArchitectureError, CheckpointError, CircuitError, 
 from cna_export.fold.scale import scale_rows_
 from cna_export.gguf.check import GGUFLayout, GGUFTensorInfo, check_gguf, gguf_shape
 from cna_export.gguf.quant import FLOAT_TYPES, SCALE_FIELDS
-from cna_export.io.checkpoint import combined_sha256, sha256_files
+from cna_export.io.copy import BackgroundCopy
+from cna_export.io.hashing import combined_sha256, sha256_files
 from cna_export.io.output import check_free_space, check_output_path, staged_output
 
 log = logging.getLogger(__name__)
@@ -56,8 +55,6 @@ log = logging.getLogger(__name__)
 Q = GGMLQuantizationType
 SIDECAR_SUFFIX = ".circuit.json"
 F16_MAX = float(np.finfo(np.float16).max)
-# errnos meaning "this in-kernel copy does not work between these files" (another file system, old kernel).
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
 @dataclass
@@ -219,71 +216,6 @@ def _rel_error(got: np.ndarray, exact: np.ndarray) -> float:
 # Patching --------------------------------------------------------------------------------------------------------
 
 
-class _BackgroundCopy:
-    """Copy `src` to `dst` in the kernel on a worker thread, in chunks, so the caller validates meanwhile.
-
-    `os.copy_file_range` (a reflink on btrfs/xfs, an in-kernel copy elsewhere) releases the GIL, so on two cores
-    the header walk and the row math run while the bytes move. Falls back to `os.sendfile`, then to read/write.
-    A cancelled copy stops after the chunk in flight.
-    """
-
-    CHUNK = 256 << 20
-
-    def __init__(self, src: Path, dst: Path) -> None:
-        self.src, self.dst = src, dst
-        self.error: BaseException | None = None
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="cna-gguf-copy", daemon=True)
-
-    def __enter__(self) -> _BackgroundCopy:
-        self.thread.start()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.stop.set()
-        self.thread.join()
-
-    def wait(self) -> None:
-        """Block until the copy is complete; re-raise its error."""
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def _run(self) -> None:
-        try:
-            with open(self.src, "rb") as fin, open(self.dst, "wb") as fout:
-                self._copy(fin.fileno(), fout.fileno(), os.fstat(fin.fileno()).st_size)
-        except BaseException as exc:  # handed to the caller by wait()
-            self.error = exc
-
-    def _copy(self, fin: int, fout: int, size: int) -> None:
-        def by_range(n: int, at: int) -> int:
-            return os.copy_file_range(fin, fout, n, at, at)
-
-        def by_sendfile(n: int, at: int) -> int:
-            os.lseek(fout, at, os.SEEK_SET)  # sendfile writes at the output's file position
-            return os.sendfile(fout, fin, at, n)
-
-        def by_read(n: int, at: int) -> int:
-            return os.pwrite(fout, os.pread(fin, min(n, 16 << 20), at), at)
-
-        methods = [by_range, by_sendfile, by_read] if hasattr(os, "copy_file_range") else [by_sendfile, by_read]
-        done = 0
-        while done < size and not self.stop.is_set():
-            try:
-                got = methods[0](min(self.CHUNK, size - done), done)
-            except OSError as exc:
-                if len(methods) > 1 and exc.errno in _NO_KERNEL_COPY:
-                    log.debug("in-kernel copy unavailable here (%s); trying the next method", exc)
-                    methods.pop(0)
-                    continue
-                raise
-            if got == 0:
-                raise OSError(errno.EIO, f"{self.src} ended early while being copied", str(self.src))
-            done += got
-
-
 def _plan(layout: GGUFLayout, circuit: Circuit, shape: ModelShape, multiplier: float | None,
           allow_negative: bool) -> list[tuple[GGUFTensorInfo, np.ndarray, np.ndarray]]:  # fmt: skip
     """(tensor, row indices, float32 multipliers) per layer, after checking every tensor can be patched.
@@ -331,7 +263,7 @@ def patch_gguf_report(
     patches = []
     # The copy runs while the header is validated and the new rows are computed; any failure cancels it and
     # staged_output removes the temporary, so a bad input leaves nothing behind.
-    with staged_output(out, overwrite, is_dir=False) as tmp, _BackgroundCopy(src, tmp) as copy:
+    with staged_output(out, overwrite, is_dir=False) as tmp, BackgroundCopy(src, tmp) as copy:
         layout = check_gguf(src)  # bad magic, damaged header, truncated tensor data: one clear error
         shape = check_circuit_fits(src, layout, circuit, force)
         source_data = np.memmap(src, dtype=np.uint8, mode="r")

@@ -20,8 +20,9 @@ from cna_export.arch.spec import ArchSpec, ModelShape, arch_for, shape_of
 from cna_export.circuit.format import ModelIdentity
 from cna_export.errors import ArchitectureError, CheckpointError, CnaExportError
 from cna_export.gguf.check import check_gguf
-from cna_export.io.checkpoint import CheckpointReader, combined_sha256, sha256_files
+from cna_export.io.checkpoint import CheckpointReader
 from cna_export.io.config import read_config_json
+from cna_export.io.hashing import combined_sha256, sha256_files
 
 log = logging.getLogger(__name__)
 

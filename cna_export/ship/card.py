@@ -14,36 +14,32 @@ import logging
 import re
 import shutil
 import threading
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from cna_export import __version__
 from cna_export.arch import arch_for
 from cna_export.circuit.format import Circuit
 from cna_export.errors import CheckpointError, CnaExportError
-from cna_export.io.checkpoint import BackgroundHasher, sha256_file
 from cna_export.io.source import Source
+from cna_export.ship.provenance import (
+    CARD_NAME,
+    HUB_ID,
+    PROVENANCE_FORMAT,
+    RECIPE_NAME,
+    file_hashes,
+    provenance,
+    source_metadata,
+)
 
 log = logging.getLogger(__name__)
 
-CARD_NAME = "README.md"
-RECIPE_NAME = "recipe.yaml"
-PROVENANCE_FORMAT = "cna-export-provenance"
 _MARKER = f"<!-- {PROVENANCE_FORMAT} -->"
 _BLOCK = re.compile(re.escape(_MARKER) + r"\s*```json\n(.*?)\n```", re.S)
-_HUB_URL = re.compile(r"^https?://huggingface\.co/([\w.-]+/[\w.-]+?)/?$")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-# A folder inside the huggingface_hub cache: .../models--owner--name/snapshots/<commit>
-_CACHE_DIR = re.compile(r"^models--([\w.-]+?)--([\w.-]+)$")
 # The Hub's model tree knows these relations (hub docs, "Specifying a base model"): adapter, merge, quantized,
 # finetune. A folded neuron edit changes full weights of the base model, which is what "finetune" means there.
 RELATION = "finetune"
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 
 
 def preload() -> None:
@@ -52,140 +48,6 @@ def preload() -> None:
     from importlib import import_module
 
     threading.Thread(target=import_module, args=("huggingface_hub.repocard",), daemon=True).start()
-
-
-def file_hashes(
-    folder: Path, desc: str = "hashing export", known: dict[str, str] | None = None, weights: bool = True
-) -> dict[str, str | None]:
-    """sha256 of every file in `folder` (relative posix path -> hex) except the card and hidden files.
-
-    `known` digests (hashed while the files were written) are taken as they are; the rest are hashed on two threads.
-    With `weights=False` the weight files are listed with no hash (None), as an export does without --file-hashes.
-    """
-    folder = Path(folder)
-    files = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-    files = [p for p in files if p.relative_to(folder).as_posix() != CARD_NAME]
-    known = known or {}
-    unhashed = {p.relative_to(folder).as_posix() for p in files if not weights and p.suffix in WEIGHT_SUFFIXES}
-    todo = [p for p in files if p.relative_to(folder).as_posix() not in known.keys() | unhashed]
-    with (
-        tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc=desc, leave=False) as bar,
-        BackgroundHasher(folder) as hasher,
-    ):
-        for p in todo:
-            hasher.submit(p)
-        computed = hasher.results()
-        bar.update(bar.total)
-    merged = {**known, **computed}
-    return {name: merged.get(name) for name in sorted(p.relative_to(folder).as_posix() for p in files)}
-
-
-def source_metadata(source: Source) -> dict[str, Any]:
-    """Card fields inherited from the source model: license (and its name/link), language, Hub base model id.
-
-    Read from the source's README front-matter (folders and Hub snapshots) or the `general.*` keys of a GGUF file.
-    """
-    meta: dict[str, Any] = {}
-    if source.is_gguf:
-        from gguf import Keys
-
-        from cna_export.gguf.check import check_gguf
-
-        layout = check_gguf(source.path)
-        keys = {
-            "license": (Keys.General.LICENSE, str),
-            "license_name": (Keys.General.LICENSE_NAME, str),
-            "license_link": (Keys.General.LICENSE_LINK, str),
-            "language": (Keys.General.LANGUAGES, list),
-        }
-        for name, (key, kind) in keys.items():
-            if (value := layout.get(key, kind)) is not None:
-                meta[name] = value
-        url = layout.get(Keys.General.SOURCE_REPO_URL) or ""
-        match = _HUB_URL.match(url)
-        if match:
-            meta["base_model"] = match.group(1)
-    else:
-        readme = source.folder / CARD_NAME
-        if readme.is_file():
-            from huggingface_hub import ModelCard
-
-            try:
-                data = ModelCard(readme.read_text(encoding="utf-8"), ignore_metadata_errors=True).data.to_dict()
-            except (ValueError, UnicodeDecodeError) as exc:  # a broken source card must not stop an export
-                log.warning("ignoring the front-matter of %s (%s)", readme, exc)
-                data = {}
-            meta.update({k: data[k] for k in ("license", "license_name", "license_link", "language") if data.get(k)})
-        hub = hub_origin(source)
-        if hub is not None:
-            meta["base_model"] = hub[0]
-    return meta
-
-
-def hub_origin(source: Source) -> tuple[str, str] | None:
-    """(Hub id, commit) of a source that came from the Hub: resolved from an id, or a folder of the HF cache."""
-    if source.is_gguf:
-        return None
-    if source.revision is not None and _HUB_ID.match(source.name):
-        return source.name, source.revision
-    folder = Path(source.folder)
-    match = _CACHE_DIR.match(folder.parent.parent.name) if folder.parent.name == "snapshots" else None
-    return (f"{match.group(1)}/{match.group(2)}", folder.name) if match else None
-
-
-def _public_name(source: Source) -> str:
-    """The source as the card names it: a Hub id as is, a local path by its last component only (a card is
-    published; the layout of the author's disk is not its business)."""
-    hub = hub_origin(source)
-    return hub[0] if hub else Path(source.name).name
-
-
-def provenance(
-    folder: Path,
-    source: Source,
-    circuit: Circuit,
-    *,
-    target: str = "down",
-    source_weights_sha256: str | None = None,
-    metrics: dict[str, Any] | None = None,
-    known_hashes: dict[str, str] | None = None,
-    hash_weights: bool = True,
-) -> dict[str, Any]:
-    """The machine-readable record of an export; `files` covers every file of `folder` but the card."""
-    recipe_path = Path(folder) / RECIPE_NAME
-    hub = hub_origin(source)
-    return {
-        "format": PROVENANCE_FORMAT,
-        "format_version": 1,
-        "tool": "cna-export",
-        "tool_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {
-            "model": _public_name(source),
-            "revision": hub[1] if hub else source.revision,
-            "gguf_file": source.gguf_file,
-            "weights_sha256": source_weights_sha256,
-        },
-        "circuit": {"file": "circuit.json", "sha256": circuit.sha256()},
-        "recipe": {
-            "name": circuit.recipe,
-            "file": RECIPE_NAME if recipe_path.is_file() else None,
-            "sha256": sha256_file(recipe_path) if recipe_path.is_file() else None,
-        },
-        "edit": {
-            "behaviour": circuit.behaviour,
-            "target": target,
-            "multiplier": circuit.multiplier,
-            "neurons": len(circuit.neurons),
-            "neurons_per_layer": {str(k): v for k, v in circuit.layer_counts().items()},
-        },
-        "metrics": metrics,
-        "files": file_hashes(folder, known=known_hashes, weights=hash_weights),
-    }
 
 
 def build_card(
@@ -448,5 +310,5 @@ def check_card(folder: Path) -> dict[str, Any]:
 
 def check_repo_id(repo_id: str) -> None:
     """Raise `CnaExportError` unless `repo_id` looks like `owner/name`."""
-    if not _HUB_ID.match(repo_id) or ".." in repo_id or repo_id.endswith((".", "-")):
+    if not HUB_ID.match(repo_id) or ".." in repo_id or repo_id.endswith((".", "-")):
         raise CnaExportError(f"{repo_id!r} is not a Hub repository id.", "use owner/name, e.g. me/qwen-no-refusal.")

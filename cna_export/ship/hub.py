@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cna_export.errors import CheckpointError, CnaExportError
-from cna_export.io.checkpoint import sha256_file
+from cna_export.io.hashing import sha256_file
 from cna_export.ship.card import CARD_NAME, check_card, check_repo_id, read_provenance
 
 log = logging.getLogger(__name__)
