@@ -183,27 +183,37 @@ def _walk(cur: _Cursor, size: int) -> GGUFLayout:
             _read_value(cur, vtype, key, metadata)
     architecture = metadata.get("general.architecture")
     architecture = architecture if isinstance(architecture, str) else None
-    infos = []
-    for _ in range(n_tensors):
-        name = cur.string("tensor name")
-        n_dims = cur.u32()
-        if not 1 <= n_dims <= MAX_DIMS:  # gguf-py cannot read a 0-dimensional tensor (IndexError)
-            raise _bad(path, f"gives tensor {name!r} {n_dims} dimensions (1 to {MAX_DIMS})")
-        dims = tuple(cur.u64() for _ in range(n_dims))
-        # An empty dimension makes the byte count 0 whatever the others say, so huge dims would pass the bounds
-        # checks below and then overflow in gguf-py's reshape (ValueError); ggml dims are int64 besides.
-        if not all(1 <= d < 2**63 for d in dims):
-            raise _bad(path, f"gives tensor {name!r} dimensions {list(dims)} (each must be 1 to 2**63 - 1)")
-        raw_type, offset = cur.u32(), cur.u64()
-        try:
-            ggml_type = GGMLQuantizationType(raw_type)
-            block, type_size = GGML_QUANT_SIZES[ggml_type]
-        except (ValueError, KeyError):
-            raise _bad(path, f"stores tensor {name!r} with unknown type {raw_type}") from None
-        if dims and dims[0] % block:
-            raise _bad(path, f"gives tensor {name!r} a row of {dims[0]} values, not whole {block}-value blocks")
-        infos.append((name, ggml_type, dims, offset, math.prod(dims) // block * type_size))
+    infos = [_tensor_info(cur) for _ in range(n_tensors)]
     data_start = cur.pos + (-cur.pos % alignment)
+    tensors = _place(infos, data_start, alignment, size, path)
+    return GGUFLayout(version, architecture, alignment, data_start, tensors, metadata)
+
+
+def _tensor_info(cur: _Cursor) -> tuple[str, GGMLQuantizationType, tuple[int, ...], int, int]:
+    """(name, type, dims, offset, bytes) of the next tensor info, checked."""
+    path = cur.path
+    name = cur.string("tensor name")
+    n_dims = cur.u32()
+    if not 1 <= n_dims <= MAX_DIMS:  # gguf-py cannot read a 0-dimensional tensor (IndexError)
+        raise _bad(path, f"gives tensor {name!r} {n_dims} dimensions (1 to {MAX_DIMS})")
+    dims = tuple(cur.u64() for _ in range(n_dims))
+    # An empty dimension makes the byte count 0 whatever the others say, so huge dims would pass the bounds
+    # checks below and then overflow in gguf-py's reshape (ValueError); ggml dims are int64 besides.
+    if not all(1 <= d < 2**63 for d in dims):
+        raise _bad(path, f"gives tensor {name!r} dimensions {list(dims)} (each must be 1 to 2**63 - 1)")
+    raw_type, offset = cur.u32(), cur.u64()
+    try:
+        ggml_type = GGMLQuantizationType(raw_type)
+        block, type_size = GGML_QUANT_SIZES[ggml_type]
+    except (ValueError, KeyError):
+        raise _bad(path, f"stores tensor {name!r} with unknown type {raw_type}") from None
+    if dims and dims[0] % block:
+        raise _bad(path, f"gives tensor {name!r} a row of {dims[0]} values, not whole {block}-value blocks")
+    return name, ggml_type, dims, offset, math.prod(dims) // block * type_size
+
+
+def _place(infos: list, data_start: int, alignment: int, size: int, path: Path) -> dict[str, GGUFTensorInfo]:
+    """Absolute byte ranges of the tensors, checked: aligned, inside the file, listed once, not overlapping."""
     tensors: dict[str, GGUFTensorInfo] = {}
     for name, ggml_type, dims, offset, nbytes in infos:
         if name in tensors:
@@ -218,7 +228,7 @@ def _walk(cur: _Cursor, size: int) -> GGUFLayout:
     for prev, cur_t in zip(ordered, ordered[1:]):
         if cur_t.start < prev.start + prev.nbytes:
             raise _bad(path, f"has overlapping tensors {prev.name!r} and {cur_t.name!r}")
-    return GGUFLayout(version, architecture, alignment, data_start, tensors, metadata)
+    return tensors
 
 
 def _read_value(cur: _Cursor, vtype: GGUFValueType, key: str, metadata: dict[str, Any]) -> None:

@@ -52,59 +52,77 @@ def push(
     Example:
         >>> push(Path("qwen-no-refusal"), "me/qwen-no-refusal", private=True)
     """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
     path = Path(path)
     check_repo_id(repo_id)
     single = path.is_file() and path.suffix == ".gguf"
     if not single and not path.is_dir():
         raise CheckpointError(f"{path} is neither an exported folder nor a .gguf file.", "check the path.")
     record = _check_before_push(path, single) if verify else None
-    if not single and (path / CARD_NAME).is_file():
-        from huggingface_hub import ModelCard
-
-        if not ModelCard.load(path / CARD_NAME, ignore_metadata_errors=True).data.base_model:
-            log.warning("the model card has no base_model, so the Hub will not link this model to its source")
+    if not single:
+        _warn_without_base_model(path)
     behaviour = record["edit"]["behaviour"] if record and "edit" in record else None
     message = commit_message or f"Upload {'GGUF' if single else 'model'} edited with cna-export" + (
         f" ({behaviour})" if behaviour else ""
     )
-    api = HfApi(token=token)
     try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if branch:
-            api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
-        if single:
-            info = api.upload_file(
-                path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id, repo_type="model",
-                revision=branch, commit_message=message,
-            )  # fmt: skip
-            return info.commit_url
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        if size > LARGE_BYTES and hasattr(api, "upload_large_folder"):
-            api.upload_large_folder(
-                repo_id=repo_id, folder_path=str(path), repo_type="model", revision=branch, private=private,
-                ignore_patterns=[".*", "**/.*"],
-            )  # fmt: skip
-            return str(url)
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=str(path), repo_type="model", revision=branch, commit_message=message,
-            ignore_patterns=[".*", "**/.*"],
+        return _upload(path, repo_id, single, private, branch, message, token)
+    except Exception as exc:
+        raise _push_error(exc, repo_id) from None
+
+
+def _warn_without_base_model(folder: Path) -> None:
+    if (folder / CARD_NAME).is_file():
+        from huggingface_hub import ModelCard
+
+        if not ModelCard.load(folder / CARD_NAME, ignore_metadata_errors=True).data.base_model:
+            log.warning("the model card has no base_model, so the Hub will not link this model to its source")
+
+
+def _upload(path: Path, repo_id: str, single: bool, private: bool, branch: str | None, message: str,
+            token: str | None) -> str:  # fmt: skip
+    """Create the repository (and branch) if needed and upload the file or folder; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if branch:
+        api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
+    if single:
+        info = api.upload_file(
+            path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id, repo_type="model",
+            revision=branch, commit_message=message,
         )  # fmt: skip
         return info.commit_url
-    except Exception as exc:
-        # Only the status code or the error's class goes into the message: an HTTP error's text can quote
-        # request headers, and the Authorization header holds the token.
-        if not isinstance(exc, (HfHubHTTPError, OSError)) and _TRANSPORT.isdisjoint(_top_modules(exc)):
-            raise
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        fix = (
-            "log in with `hf auth login` or set HF_TOKEN to a token with write access."
-            if status in (401, 403)
-            else "check the repository id, your network and your token's permissions."
-        )
-        raise CnaExportError(f"Could not push to {repo_id} ({status or exc.__class__.__name__}).", fix) from None
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    if size > LARGE_BYTES and hasattr(api, "upload_large_folder"):
+        api.upload_large_folder(
+            repo_id=repo_id, folder_path=str(path), repo_type="model", revision=branch, private=private,
+            ignore_patterns=[".*", "**/.*"],
+        )  # fmt: skip
+        return str(url)
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=str(path), repo_type="model", revision=branch, commit_message=message,
+        ignore_patterns=[".*", "**/.*"],
+    )  # fmt: skip
+    return info.commit_url
+
+
+def _push_error(exc: Exception, repo_id: str) -> Exception:
+    """A one-line error for a failed upload, or `exc` itself when it is not a network or server failure.
+
+    Only the status code or the error's class goes into the message: an HTTP error's text can quote request
+    headers, and the Authorization header holds the token."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not isinstance(exc, (HfHubHTTPError, OSError)) and _TRANSPORT.isdisjoint(_top_modules(exc)):
+        return exc
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    fix = (
+        "log in with `hf auth login` or set HF_TOKEN to a token with write access."
+        if status in (401, 403)
+        else "check the repository id, your network and your token's permissions."
+    )
+    return CnaExportError(f"Could not push to {repo_id} ({status or exc.__class__.__name__}).", fix)
 
 
 # Packages whose exceptions mean "the network or the server failed" (huggingface_hub's HTTP clients).
