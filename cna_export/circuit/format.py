@@ -75,6 +75,17 @@ class RecordedSelection(Selection):
         return data
 
 
+class StackedSource(Strict):
+    """One circuit of a stack (`cna_export.circuit.stack`): what it contributed, for the card and for audits."""
+
+    file: str = Field(description="File name of the circuit (no folder: the record is published).")
+    sha256: str = Field(description="sha256 of the circuit as loaded (`Circuit.sha256`).")
+    behaviour: str = Field(description="The circuit's behaviour.")
+    recipe: str | None = Field(default=None, description="Its recipe, when made from one.")
+    multiplier: float = Field(description="Its default multiplier.")
+    neurons: int = Field(ge=0, description="Number of neurons it lists.")
+
+
 class Circuit(Strict):
     format: Literal["cna-circuit"] = FORMAT
     format_version: Literal[1] = FORMAT_VERSION
@@ -87,6 +98,9 @@ class Circuit(Strict):
     prompts: dict[str, PromptSet] = Field(description="positive, negative and neutral prompt sets.")
     selection: RecordedSelection
     neurons: list[Neuron]
+    sources: list[StackedSource] | None = Field(
+        default=None, description="The circuits this one stacks (a neuron in several gets the product)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Circuit:
@@ -167,7 +181,8 @@ class Circuit(Strict):
     # Files -------------------------------------------------------------------------------------------------
 
     def to_json(self) -> str:
-        return self.model_dump_json(indent=1)
+        # A circuit that stacks nothing is written as before (same bytes, same sha256).
+        return self.model_dump_json(indent=1, exclude=None if self.sources is not None else {"sources"})
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()

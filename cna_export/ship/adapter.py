@@ -1,0 +1,262 @@
+"""A circuit as a LoRA adapter: the edit in megabytes, loaded on top of an unchanged base model.
+
+Scaling the neurons S of a layer by m changes `down_proj.weight` W by `W[:, S] (diag(m) - I)` on the columns S,
+a matrix of rank |S|. As LoRA factors (`delta W = B @ A`, PEFT's `lora_B` [out, r] and `lora_A` [r, in]):
+B holds the scaled columns `W[:, S] * (m - 1)` and A the one-hot rows that select S, so `B @ A` is the edit,
+exact in float32 (each entry of `B @ A` is one product by 1). For the `up` target the roles swap: A holds the
+scaled rows `W[S, :] * (m - 1)` and B the one-hot columns. Each module gets the rank of its layer (PEFT's
+`rank_pattern`) and alpha equal to that rank (`alpha_pattern`), so PEFT's scaling alpha / r is 1 everywhere.
+
+The same factors make a GGUF LoRA for llama.cpp and Ollama. llama.cpp scales every adapter tensor by
+`s * alpha / rank` with one alpha per file, or by `s` alone when alpha is 0; the file says alpha 0, so scale s
+(`--lora-scaled FILE s`) gives every neuron the multiplier 1 + s (m - 1): s = 0 is the base model, s = 1 the edit.
+
+This module is the math (`lora_factors`) and the writers; `write_adapter` is the command's library function.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cna_export.arch.sites import Site
+from cna_export.arch.spec import ArchSpec, ModelShape
+from cna_export.circuit.format import Circuit
+from cna_export.errors import ArchitectureError, CheckpointError
+from cna_export.fold.scale import LayerEdits
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PEFT's names for the factors of module M in an adapter file (PeftModel.save_pretrained writes these keys).
+PEFT_PREFIX = "base_model.model."
+GGUF_ALPHA = 0.0  # llama.cpp: alpha 0 means "scale by the user's s only", whatever each tensor's rank
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """The LoRA factors of one module: `delta W = b @ a` (PEFT's lora_B, lora_A), float32."""
+
+    module: str  # dotted module path, e.g. model.layers.3.mlp.down_proj
+    gguf_tensor: str | None  # the base tensor's GGUF name, e.g. blk.3.ffn_down.weight
+    a: torch.Tensor  # [rank, in_features]
+    b: torch.Tensor  # [out_features, rank]
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+# Math ------------------------------------------------------------------------------------------------------------
+
+
+def lora_factors(
+    weight: torch.Tensor, site: Site, width: int, index: torch.Tensor, multiplier: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors (A [k, in], B [out, k], float32) with `weight + B @ A` = `weight` with neurons `index` scaled.
+
+    Args:
+        weight: the 2-D weight of a linear layer ([out, in], PyTorch order) that holds the neurons as `site` says.
+        site: where neuron j is in `weight` (axis 1: a column, down_proj; axis 0: a row, up_proj; fused part).
+        width: the MLP width n.
+        index: the neurons (k of them).
+        multiplier: their multipliers.
+
+    Example:
+        >>> a, b = lora_factors(w_down, spec.down, 11008, torch.tensor([5, 9]), torch.tensor([0.0, 2.0]))
+        >>> torch.equal(w_down + b @ a, scale_columns(w_down, ...))  # up to one rounding of w + w (m - 1)
+    """
+    if weight.dim() != 2 or site.expert_axis is not None:
+        raise ArchitectureError(
+            f"Neurons stored in a {weight.dim()}-D tensor ({site.template}) cannot be a LoRA of one linear layer.",
+            "export this model with `cna-export apply` instead of as an adapter.",
+        )
+    index = index.to(torch.long)
+    scaled = site.rows(weight, width)[index].to(torch.float32) * (multiplier.to(torch.float32) - 1).reshape(-1, 1)
+    selector = torch.zeros(len(index), weight.shape[site.axis], dtype=torch.float32)
+    selector[torch.arange(len(index)), index + site.offset(width)] = 1.0
+    if site.axis == 1:  # neurons are inputs (columns): B = the scaled columns, A = the selector rows
+        return selector, scaled.T.contiguous()
+    return scaled.contiguous(), selector.T.contiguous()  # neurons are outputs (rows): A = scaled rows, B = selector
+
+
+def module_name(site: Site, layer: int) -> str:
+    """The module that owns a site's weight: `model.layers.3.mlp.down_proj` for `...down_proj.weight`."""
+    name = site.name(layer)
+    if "{e}" in site.template or not name.endswith(".weight"):
+        raise ArchitectureError(
+            f"{site.template} is not the weight of one linear module, which a LoRA adapter needs.",
+            "export this model with `cna-export apply` instead of as an adapter.",
+        )
+    return name.removesuffix(".weight")
+
+
+def peft_tensors(pairs: list[LoraPair]) -> dict[str, torch.Tensor]:
+    """The adapter file's tensors under the keys PEFT writes and reads."""
+    out = {}
+    for p in pairs:
+        out[f"{PEFT_PREFIX}{p.module}.lora_A.weight"] = p.a
+        out[f"{PEFT_PREFIX}{p.module}.lora_B.weight"] = p.b
+    return out
+
+
+def peft_config(pairs: list[LoraPair], base_model: str | None, revision: str | None = None):
+    """A `peft.LoraConfig` for `pairs`: exactly their modules, each with its rank and alpha = rank (scaling 1).
+
+    `r` and `lora_alpha` are the largest rank, so a server that reads only those (one scaling alpha / r for all
+    modules, a `--max-lora-rank`) also gets scaling 1 and the rank it must allow."""
+    from peft import LoraConfig
+
+    top = max(p.rank for p in pairs)
+    return LoraConfig(
+        r=top, lora_alpha=top, target_modules=[p.module for p in pairs], lora_dropout=0.0, bias="none",
+        task_type="CAUSAL_LM", base_model_name_or_path=base_model, revision=revision, inference_mode=True,
+        rank_pattern={p.module: p.rank for p in pairs if p.rank != top},
+        alpha_pattern={p.module: p.rank for p in pairs if p.rank != top},
+    )  # fmt: skip
+
+
+# Reading the factors ---------------------------------------------------------------------------------------------
+
+
+def adapter_pairs(folder: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, target: str) -> list[LoraPair]:
+    """The LoRA factors of every layer a circuit edits, read from the safetensors checkpoint in `folder`.
+
+    Only the target tensor of each edited layer is read (memory-mapped), one at a time."""
+    from cna_export.fold.export import check_targets
+    from cna_export.io.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(folder)
+    check_targets(reader, spec, shape, edits, target)  # every tensor exists with the shape config.json implies
+    site, gguf_site = spec.site(target), spec.site(target, "gguf")
+    # The GGUF tensor must hold the neurons as the checkpoint does, so the same factors serve both files.
+    same = (gguf_site.axis, gguf_site.part, gguf_site.parts) == (site.axis, site.part, site.parts)
+    pairs = []
+    for layer, (index, mult) in edits.items():
+        a, b = lora_factors(reader.tensor(site.name(layer)), site, shape.intermediate_size, index, mult)
+        pairs.append(LoraPair(module_name(site, layer), gguf_site.name(layer) if same else None, a, b))
+    return pairs
+
+
+# Writers ---------------------------------------------------------------------------------------------------------
+
+
+def write_peft(folder: Path, pairs: list[LoraPair], base_model: str | None, revision: str | None) -> None:
+    """adapter_model.safetensors and adapter_config.json (written by PEFT's own config class) into `folder`."""
+    from safetensors.torch import save_file
+
+    save_file(peft_tensors(pairs), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    peft_config(pairs, base_model, revision).save_pretrained(str(folder))
+
+
+def write_gguf_lora(path: Path, spec: ArchSpec, pairs: list[LoraPair], name: str, base_model: str | None) -> None:
+    """A GGUF LoRA adapter for llama.cpp / Ollama: `blk.N.ffn_down.weight.lora_a` / `.lora_b`, float32.
+
+    gguf-py writes numpy order, the reverse of ggml's dims, so A [r, in] is stored with ne = [in, r] and
+    B [out, r] with ne = [r, out]: what llama.cpp checks against the base tensor (ne[0] = in, ne[1] = out)."""
+    from gguf import GGUFType, GGUFWriter, Keys
+
+    missing = [p.module for p in pairs if p.gguf_tensor is None]
+    if missing:
+        raise ArchitectureError(
+            f"{missing[0]} is laid out differently in GGUF, so its factors cannot be a GGUF LoRA.",
+            "drop --gguf (the PEFT adapter is still written), or export with `cna-export apply --gguf`.",
+        )
+    writer = GGUFWriter(str(path), spec.gguf_name)
+    writer.add_type(GGUFType.ADAPTER)
+    writer.add_string(Keys.Adapter.TYPE, "lora")
+    writer.add_float32(Keys.Adapter.LORA_ALPHA, GGUF_ALPHA)
+    writer.add_name(name)
+    if base_model:
+        writer.add_base_model_count(1)
+        writer.add_base_model_repo_url(0, f"https://huggingface.co/{base_model}")
+    for p in pairs:
+        writer.add_tensor(f"{p.gguf_tensor}.lora_a", p.a.numpy())
+        writer.add_tensor(f"{p.gguf_tensor}.lora_b", p.b.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def gguf_name(out: Path) -> str:
+    """The GGUF LoRA's file name inside the adapter folder."""
+    return f"{Path(out).name}-lora-f32.gguf"
+
+
+def write_adapter(
+    source_ref: Any, circuit: Circuit, out: Path, *, multiplier: float | None = None, allow_negative: bool = False,
+    overwrite: bool = False, force: bool = False, target: str = "down", gguf: bool = False,
+    base_model: str | None = None, recipe_file: Path | None = None,
+) -> Path:  # fmt: skip
+    """Write `circuit` as a LoRA adapter of `source` into the folder `out` (nothing is written on failure).
+
+    The folder holds adapter_model.safetensors and adapter_config.json (PEFT), the applied circuit.json, a card
+    (README.md: `library_name: peft`, `base_model`) and, with `gguf`, `OUT-lora-f32.gguf` for llama.cpp / Ollama.
+
+    Args:
+        source_ref: the base model (a resolved `Source`), safetensors: the factors are columns of its weights.
+        circuit: the (possibly stacked) circuit.
+        multiplier, allow_negative, force, target, base_model, recipe_file: as for `apply_circuit`.
+        gguf: also write the GGUF LoRA.
+
+    Returns:
+        The output folder.
+
+    Example:
+        >>> write_adapter(resolve("Qwen/Qwen2.5-0.5B-Instruct"), Circuit.load("c.json"), Path("no-refusal-lora"))
+    """
+    from cna_export.fold.export import EXPORT_MARKER
+    from cna_export.io.output import check_output_path, staged_output
+    from cna_export.io.source import describe, identity
+    from cna_export.ship.adapter_card import write_adapter_card
+    from cna_export.ship.card import check_repo_id, copy_recipe
+
+    source, out = source_ref, Path(out)
+    if source.is_gguf:
+        raise CheckpointError(
+            f"{source.path} is a GGUF file; an adapter's factors are columns of the base model's own weights.",
+            "pass the safetensors model the GGUF was made from (the GGUF LoRA then loads on top of that GGUF).",
+        )
+    spec, shape, config = describe(source)
+    edits = circuit.edits(multiplier, allow_negative)
+    check_output_path(out, source.path, overwrite, marker=EXPORT_MARKER)
+    if base_model is not None:
+        check_repo_id(base_model)
+    weights = identity(source, config, shape).weights_sha256 if circuit.model.weights_sha256 and not force else None
+    circuit.check_fits(config["model_type"], shape, weights, force)
+    if not edits:
+        raise CheckpointError("The circuit lists no neurons, so there is no adapter to write.", "pass a circuit.")
+    start = time.perf_counter()
+    pairs = adapter_pairs(source.folder, spec, shape, edits, target)
+    applied = circuit.model_copy(update={"multiplier": circuit.multiplier if multiplier is None else multiplier})
+    if multiplier is not None:
+        applied.neurons = [n.model_copy(update={"multiplier": None}) for n in circuit.neurons]
+    with staged_output(out, overwrite, marker=EXPORT_MARKER) as tmp:
+        from cna_export.ship.provenance import hub_origin
+
+        hub = hub_origin(source)
+        base = base_model or (hub[0] if hub else None)
+        # A local path is not written into the config (it is published); --base-model names the Hub id.
+        write_peft(tmp, pairs, base, hub[1] if hub else source.revision)
+        if gguf:
+            write_gguf_lora(tmp / gguf_name(out), spec, pairs, out.name, base)
+        applied.save(tmp / EXPORT_MARKER)
+        if recipe_file is not None:
+            copy_recipe(recipe_file, tmp)
+        write_adapter_card(tmp, source, applied, pairs, target=target, source_weights_sha256=weights,
+                           base_model=base_model, name=out.name)  # fmt: skip
+    log.info("wrote %s in %.2f s", out, time.perf_counter() - start)
+    return out
+
+
+__all__ = [
+    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LoraPair", "adapter_pairs", "gguf_name", "lora_factors", "module_name",
+    "peft_config", "peft_tensors", "write_adapter", "write_gguf_lora", "write_peft",
+]  # fmt: skip

@@ -1,0 +1,126 @@
+"""The card (README.md) of an adapter folder: a PEFT LoRA of a circuit, with how to load, serve and dial it.
+
+Front-matter the Hub understands (`library_name: peft`, `base_model`, `base_model_relation: adapter`), the edit
+(behaviour, neurons, multipliers, stacked sources), the command lines for PEFT, vLLM and llama.cpp, and the same
+provenance block as an export's card (`cna_export.ship.provenance`), with every file hashed, so `push` checks an
+adapter folder as it checks an export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cna_export.circuit.format import Circuit
+from cna_export.io.source import Source
+from cna_export.ship.provenance import CARD_NAME, PROVENANCE_FORMAT, provenance, source_metadata
+
+_MARKER = f"<!-- {PROVENANCE_FORMAT} -->"  # the marker cna_export.ship.card.read_provenance looks for
+
+
+def write_adapter_card(
+    folder: Path, source: Source, circuit: Circuit, pairs: list, *, target: str = "down",
+    source_weights_sha256: str | None = None, base_model: str | None = None, name: str | None = None,
+) -> Path:  # fmt: skip
+    """Write `folder/README.md` for an adapter folder holding the factors `pairs` (`LoraPair`s) of `circuit`;
+    `name` is the folder's final name (`folder` may be its staging sibling)."""
+    name = name or Path(folder).name
+    from huggingface_hub import ModelCard, ModelCardData
+
+    record = provenance(folder, source, circuit, target=target, source_weights_sha256=source_weights_sha256)
+    inherited = source_metadata(source)
+    base = base_model or inherited.pop("base_model", None)
+    inherited.pop("base_model", None)
+    record["source"]["base_model"] = base
+    gguf = next((name for name in record["files"] if name.endswith(".gguf")), None)
+    record["adapter"] = {
+        "format": "peft-lora",
+        "target": target,
+        "rank": max(p.rank for p in pairs),
+        "ranks": {p.module: p.rank for p in pairs},
+        "gguf": gguf,
+    }
+    if circuit.sources:
+        record["circuit"]["sources"] = [s.model_dump() for s in circuit.sources]
+    tags = ["cna-export", "neuron-editing", "lora"] + (["gguf"] if gguf else [])
+    data = ModelCardData(
+        base_model=base, library_name="peft", pipeline_tag="text-generation", tags=tags, **inherited,
+        **({"base_model_relation": "adapter"} if base else {}),
+    )  # fmt: skip
+    path = Path(folder) / CARD_NAME
+    ModelCard(f"---\n{data.to_yaml()}\n---\n{_body(record, circuit, base, name)}").save(path)
+    return path
+
+
+def sources_lines(circuit: Circuit) -> list[str]:
+    """Markdown lines naming each circuit of a stack (empty for a single circuit)."""
+    if not circuit.sources:
+        return []
+    lines = ["- Stacked from (a neuron in several circuits gets the product of their multipliers):"]
+    for s in circuit.sources:
+        recipe = f", recipe `{s.recipe}`" if s.recipe else ""
+        lines.append(f"  - `{s.file}`: {s.behaviour}{recipe}, {s.neurons} neurons, m = {s.multiplier:g}, "
+                     f"sha256 `{s.sha256[:12]}`")  # fmt: skip
+    return lines
+
+
+def _body(record: dict[str, Any], circuit: Circuit, base: str | None, name: str) -> str:
+    edit, adapter = record["edit"], record["adapter"]
+    total = circuit.model.num_layers * circuit.model.intermediate_size
+    base_ref = base or "BASE_MODEL"
+    overrides = sorted({n.multiplier for n in circuit.neurons if n.multiplier is not None})
+    module = "down_proj (B = the scaled columns, A = one-hot rows)" if edit["target"] == "down" else (
+        "up_proj (A = the scaled rows, B = one-hot columns)")  # fmt: skip
+    lines = [
+        "",
+        f"# {base or record['source']['model']}: {circuit.behaviour} as a LoRA adapter (cna-export)",
+        "",
+        f"A LoRA adapter that scales the MLP neurons carrying **{circuit.behaviour}** (found by contrastive neuron "
+        "attribution). Merged, it equals the model with the circuit folded into its weights; unmerged, it is an "
+        "edit a server can switch per request and a dial in llama.cpp (scale s gives each neuron 1 + s (m - 1)).",
+        "",
+        "## What it changes",
+        "",
+        f"- Neurons: {edit['neurons']} of {total} ({100 * edit['neurons'] / total:.3f}%) in "
+        f"{len(edit['neurons_per_layer'])} layers; rank per module = neurons in that layer (max {adapter['rank']})",
+        f"- Multiplier: m = {edit['multiplier']:g}"
+        + (f"; per-neuron: {', '.join(f'{m:g}' for m in overrides)}" if overrides else ""),
+        f"- Module: {module}; exact in float32, lora_alpha = rank (scaling 1)",
+        *sources_lines(circuit),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base_ref}"), "{name}")',
+        "merged = model.merge_and_unload()  # the folded model",
+        "```",
+        "",
+        "```bash",
+        f"vllm serve {base_ref} --enable-lora --max-lora-rank {_vllm_rank(adapter['rank'])} "
+        f"--lora-modules {name}={name}",
+    ]
+    if adapter["gguf"]:
+        lines += [
+            f"llama-server -m BASE.gguf --lora-scaled {name}/{adapter['gguf']} 1.0   # 0.5: half the edit",
+            f"# Ollama Modelfile: FROM BASE.gguf / ADAPTER ./{adapter['gguf']}",
+        ]
+    lines += [
+        "```",
+        "",
+        "## Provenance",
+        "",
+        _MARKER,
+        "```json",
+        json.dumps(record, indent=1),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _vllm_rank(rank: int) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts that holds `rank` (it takes a fixed set of values)."""
+    return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
