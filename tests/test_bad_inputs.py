@@ -574,6 +574,41 @@ def _(c: Ctx):
     return c.apply(m, path)
 
 
+@case("circuit-index-bool", "is invalid at neurons.0.index: Input should be a valid integer")
+def _(c: Ctx):
+    """A neuron's index is `true` (JSON bool): strict types, it is not neuron 1."""
+    m = c.model()
+    return c.apply(m, c.circuit(m, lambda d: d["neurons"][0].update(index=True)))
+
+
+@case("circuit-multiplier-string", "is invalid at multiplier: Input should be a valid number")
+def _(c: Ctx):
+    """The circuit's multiplier is the string "0": strict types, no string-to-number coercion."""
+    m = c.model()
+    return c.apply(m, c.circuit(m, lambda d: d.update(multiplier="0")))
+
+
+@case("recipe-multiplier-string", "is invalid at multiplier: Input should be a valid number")
+def _(c: Ctx):
+    """A recipe's multiplier is the string "0"."""
+    text = RECIPE.replace("multiplier: 0", 'multiplier: "0"')
+    return ["run", str(c.recipe(text)), "--model", str(c.model()), "--out", str(c.out)]
+
+
+@case("recipe-skip-bool", "is invalid at skip_first_layers: Input should be a valid integer")
+def _(c: Ctx):
+    """A recipe's skip_first_layers is `true`: a bool is not a layer count."""
+    return ["run", str(c.recipe(RECIPE + "skip_first_layers: true\n")), "--model", str(c.model()), "--out", str(c.out)]
+
+
+@case("gguf-config-deep-nesting", "config.json is unreadable (maximum recursion depth exceeded")
+def _(c: Ctx):
+    """`cna-export gguf` on a folder whose config.json is 100000 nested JSON arrays."""
+    m = c.model()
+    (m / "config.json").write_text("[" * 100000)
+    return ["gguf", str(m), "-o", str(c.tmp / "m.gguf")]
+
+
 # Multipliers -----------------------------------------------------------------------------------------------------
 
 
