@@ -169,5 +169,5 @@ def detector_for(behaviour: str) -> Detector:
     except KeyError:
         raise CnaExportError(
             f"No detector for behaviour {behaviour!r}.",
-            f"pass --detector with one of: {', '.join(sorted(DETECTORS))}.",
+            f"pass --behaviour with one of: {', '.join(sorted(DETECTORS))}.",
         ) from None
