@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cna_export.arch.spec import arch_for
 from cna_export.attribution.hooks import scaled_neurons
 from cna_export.fold.export import apply_circuit
-from cna_export.fold.scale import group_by_layer, scale_columns, scale_rows
+from cna_export.fold.scale import fold_site, group_by_layer
 from cna_export.io.checkpoint import CheckpointReader, read_header
 from cna_export.io.source import resolve
 
@@ -123,7 +123,8 @@ def test_fold_math_pure():
     edits = group_by_layer([(0, 2, 0.0), (0, 0, 3.0)])
     index, mult = edits[0]
     assert index.tolist() == [0, 2] and mult.tolist() == [3.0, 0.0]
-    out = scale_columns(w, index, mult)
+    down, up = arch_for("llama").down, arch_for("llama").up
+    out = fold_site(w, down, 4, index, mult)
     assert out[:, 0].tolist() == [0.0, 12.0, 24.0] and out[:, 2].tolist() == [0.0, 0.0, 0.0]
     assert torch.equal(out[:, [1, 3]], w[:, [1, 3]]) and w[0, 2] == 2.0  # input not modified
-    torch.testing.assert_close(scale_rows(w.T, index, mult), out.T)
+    torch.testing.assert_close(fold_site(w.T, up, 4, index, mult), out.T)
