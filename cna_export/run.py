@@ -8,6 +8,8 @@ from cna_export.attribution import distributed
 from cna_export.attribution.discover import discover_source, plan_discovery
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import find_recipe, load_recipe
+from cna_export.circuit.stack import load_stack, stack
+from cna_export.errors import CnaExportError
 from cna_export.fold.export import EXPORT_MARKER, apply_circuit
 from cna_export.fold.scale import check_multiplier
 from cna_export.io.output import check_output_path
@@ -16,7 +18,8 @@ from cna_export.io.source import resolve
 
 def run_recipe(
     recipe_ref: str, model: str, out: Path, *, revision: str | None = None, overrides: dict | None = None,
-    local_model: Path | None = None, load: dict | None = None, **export: object,
+    local_model: Path | None = None, load: dict | None = None, stack_with: list[Path] | None = None,
+    adapter: bool = False, **export: object,
 ) -> tuple[Path | None, Circuit]:  # fmt: skip
     """Discover a recipe's circuit on `model` and export the edited checkpoint to `out`.
 
@@ -27,6 +30,9 @@ def run_recipe(
         overrides: selection fields to change (CLI flags).
         local_model: the model's local path, so an output that overlaps it is refused before discovery.
         load: model-loading options (dtype, device, device_map, offload_folder, trust_remote_code).
+        stack_with: circuit files to stack on the discovered circuit (a neuron in several gets the product).
+        adapter: write a LoRA adapter folder (`cna_export.ship.adapter.write_adapter`) instead of the edited model;
+            `gguf` must then be None or "f32" (the GGUF LoRA is float32).
         export: `apply_circuit` options (multiplier, allow_negative, overwrite, target, gguf, ...).
 
     Returns:
@@ -40,11 +46,27 @@ def run_recipe(
     if export.get("multiplier") is not None:
         check_multiplier(export["multiplier"], allow_negative)
     check_output_path(Path(out), local_model, bool(export.get("overwrite")), marker=EXPORT_MARKER)
+    if adapter and export.get("gguf") not in (None, "f32"):
+        raise CnaExportError(f"A GGUF LoRA adapter is written in f32, not {export['gguf']}.", "pass --gguf f32.")
+    # The circuits to stack are read before the (long) discovery, so a bad file fails at once.
+    extra = [] if not stack_with else [load_stack([p], export.get("multiplier"), allow_negative) for p in stack_with]
+    if extra and export.get("multiplier") is not None:
+        load_stack([Path("discovered"), *stack_with], export["multiplier"])  # raises: one override, several circuits
     plan = plan_discovery(recipe, base, overrides=overrides)
     source = resolve(model, revision)
     circuit = discover_source(source, plan, **(load or {}))
     if not distributed.is_main():
         return None, circuit
+    if extra:
+        names = [f"{recipe_ref} (discovered)", *(Path(p).name for p in stack_with)]
+        circuit = stack([circuit, *extra], names, allow_negative)
+    if adapter:
+        from cna_export.ship.adapter import write_adapter
+
+        gguf, _ = export.pop("gguf", None), export.pop("hash_files", None)
+        path = write_adapter(source, circuit, out, recipe_file=find_recipe(recipe_ref), allow_negative=allow_negative,
+                             gguf=gguf is not None, **export)  # fmt: skip
+        return path, circuit
     path = apply_circuit(source, circuit, out, recipe_file=find_recipe(recipe_ref), allow_negative=allow_negative,
                          **export)  # fmt: skip
     return path, circuit

@@ -26,6 +26,9 @@ def register(add) -> None:
     p = add("run", "discover a circuit from a recipe and export the edited model", [model, select, apply])
     p.add_argument("recipe", help="recipe name (see recipes/) or YAML path")
     p.add_argument("--out", required=True, type=Path, help="output model folder")
+    p.add_argument("--circuit", type=Path, nargs="+", help="circuit file(s) to stack on the discovered one")
+    p.add_argument("--adapter", action="store_true",
+                   help="write a LoRA adapter folder instead of the edited model (--gguf f32: also a GGUF LoRA)")  # fmt: skip
     p.set_defaults(func=_run)
 
     p = add("discover", "find the neurons of a behaviour and write a circuit file", [model, select])
@@ -40,7 +43,8 @@ def register(add) -> None:
     p.set_defaults(func=_discover)
 
     p = add("apply", "fold a circuit into a model and export it as safetensors", [model, apply])
-    p.add_argument("--circuit", required=True, type=Path, help="circuit file from discover")
+    p.add_argument("--circuit", required=True, type=Path, nargs="+",
+                   help="circuit file(s) from discover; several are stacked (a neuron in several: the product)")  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="output model folder")
     p.set_defaults(func=_apply)
 
@@ -76,10 +80,16 @@ def _run(args: argparse.Namespace) -> None:
     _check_push_args(args)
     out, circuit = run_recipe(
         args.recipe, args.model, args.out, revision=args.revision, overrides=selection_overrides(args),
-        local_model=local_model(args), load=load_kwargs(args), **apply_kwargs(args),
+        local_model=local_model(args), load=load_kwargs(args), stack_with=args.circuit, adapter=args.adapter,
+        **apply_kwargs(args),
     )  # fmt: skip
     if out is not None:
-        print(f"wrote {out}: {len(circuit.neurons)} neurons scaled")
+        print(f"wrote {out}: {len(circuit.neurons)} neurons scaled" + (" (LoRA adapter)" if args.adapter else ""))
+        if args.adapter and args.gguf is not None:
+            from cna_export.ship.adapter import gguf_name
+
+            args.gguf = None  # the GGUF LoRA is named by the adapter, not OUT-OUTTYPE.gguf
+            print(f"wrote {out / gguf_name(out)}")
         _after_export(args, out)
 
 
@@ -103,12 +113,13 @@ def _discover(args: argparse.Namespace) -> None:
 
 
 def _apply(args: argparse.Namespace) -> None:
-    from cna_export.circuit.format import Circuit
+    from cna_export.circuit.stack import load_stack
     from cna_export.fold.export import apply_circuit
     from cna_export.io.source import resolve
 
     _check_push_args(args)
-    out = apply_circuit(resolve(args.model, args.revision), Circuit.load(args.circuit), args.out, **apply_kwargs(args))
+    circuit = load_stack(args.circuit, args.multiplier, args.allow_negative)
+    out = apply_circuit(resolve(args.model, args.revision), circuit, args.out, **apply_kwargs(args))
     print(f"wrote {out}")
     _after_export(args, out)
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from cna_export import __version__
 from cna_export.attribution import distributed
-from cna_export.cli import audit, edit
+from cna_export.cli import adapter, audit, edit
 from cna_export.cli.options import EXAMPLES, Parser
 from cna_export.errors import CnaExportError
 
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         )  # fmt: skip
 
     edit.register(add)
+    adapter.register(add)
     audit.register(add)
     return parser
 

@@ -86,15 +86,17 @@ def lora_factors(
     return scaled.contiguous(), selector.T.contiguous()  # neurons are outputs (rows): A = scaled rows, B = selector
 
 
-def module_name(site: Site, layer: int) -> str:
-    """The module that owns a site's weight: `model.layers.3.mlp.down_proj` for `...down_proj.weight`."""
-    name = site.name(layer)
-    if "{e}" in site.template or not name.endswith(".weight"):
+def module_name(spec: ArchSpec, site: Site, layer: int) -> str:
+    """The runtime module that owns a site's weight, as PEFT names it on the model transformers loads:
+    `model.layers.3.mlp.down_proj`. The name inside the layer comes from the site and the layer list from the
+    spec, because a checkpoint may store the weights under an older prefix (`language_model.model.layers...`)."""
+    inside = site.template.split("{i}.", 1)[-1]
+    if "{e}" in site.template or "{i}." not in site.template or not inside.endswith(".weight"):
         raise ArchitectureError(
             f"{site.template} is not the weight of one linear module, which a LoRA adapter needs.",
             "export this model with `cna-export apply` instead of as an adapter.",
         )
-    return name.removesuffix(".weight")
+    return f"{spec.layers_module}.{layer}.{inside.removesuffix('.weight')}"
 
 
 def peft_tensors(pairs: list[LoraPair]) -> dict[str, torch.Tensor]:
@@ -140,7 +142,7 @@ def adapter_pairs(folder: Path, spec: ArchSpec, shape: ModelShape, edits: LayerE
     pairs = []
     for layer, (index, mult) in edits.items():
         a, b = lora_factors(reader.tensor(site.name(layer)), site, shape.intermediate_size, index, mult)
-        pairs.append(LoraPair(module_name(site, layer), gguf_site.name(layer) if same else None, a, b))
+        pairs.append(LoraPair(module_name(spec, site, layer), gguf_site.name(layer) if same else None, a, b))
     return pairs
 
 

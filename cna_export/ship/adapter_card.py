@@ -41,8 +41,6 @@ def write_adapter_card(
         "ranks": {p.module: p.rank for p in pairs},
         "gguf": gguf,
     }
-    if circuit.sources:
-        record["circuit"]["sources"] = [s.model_dump() for s in circuit.sources]
     tags = ["cna-export", "neuron-editing", "lora"] + (["gguf"] if gguf else [])
     data = ModelCardData(
         base_model=base, library_name="peft", pipeline_tag="text-generation", tags=tags, **inherited,

@@ -21,6 +21,7 @@ from cna_export.arch import arch_for
 from cna_export.circuit.format import Circuit
 from cna_export.errors import CheckpointError, CnaExportError
 from cna_export.io.source import Source
+from cna_export.ship.adapter_card import sources_lines
 from cna_export.ship.provenance import (
     CARD_NAME,
     HUB_ID,
@@ -212,6 +213,7 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
         f"- Multiplier: m = {edit['multiplier']:g} (0 removes a neuron, 1 keeps it, >1 amplifies it)"
         + (f"; per-neuron overrides: {', '.join(f'{m:g}' for m in overrides)}" if overrides else ""),
         f"- Folded into: {where}; exact, no approximation",
+        *sources_lines(circuit),
         "- Every other tensor is byte-identical to the source"
         + (" (as dequantized from its GGUF file)." if src.get("gguf_file") else "."),
         "",

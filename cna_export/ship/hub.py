@@ -61,7 +61,9 @@ def push(
     if not single:
         _warn_without_base_model(path)
     behaviour = record["edit"]["behaviour"] if record and "edit" in record else None
-    message = commit_message or f"Upload {'GGUF' if single else 'model'} edited with cna-export" + (
+    # An adapter folder (cna_export.ship.adapter) is a model repository too, with the adapter's card.
+    kind = "GGUF" if single else "adapter" if (path / "adapter_config.json").is_file() else "model"
+    message = commit_message or f"Upload {kind} edited with cna-export" + (
         f" ({behaviour})" if behaviour else ""
     )
     try:

@@ -115,7 +115,12 @@ def provenance(
             "gguf_file": source.gguf_file,
             "weights_sha256": source_weights_sha256,
         },
-        "circuit": {"file": "circuit.json", "sha256": circuit.sha256()},
+        "circuit": {
+            "file": "circuit.json",
+            "sha256": circuit.sha256(),
+            # A stack names each circuit it was made of (cna_export.circuit.stack).
+            **({"sources": [s.model_dump() for s in circuit.sources]} if circuit.sources else {}),
+        },
         "recipe": {
             "name": circuit.recipe,
             "file": RECIPE_NAME if recipe_path.is_file() else None,
