@@ -121,3 +121,87 @@ def run_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedPro
     if check and proc.returncode != 0:
         raise AssertionError(f"cna-export {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+# Dense and multimodal families (issue 14) ------------------------------------------------------------------------
+# Each keeps its config quirks at tiny size: Phi-3's longrope and fused gate_up, SmolLM3's no-RoPE layer, OLMo's
+# post-norms (their default), Granite's multipliers, GLM-4's fused MLP and partial rotary, the sliding-window layer
+# patterns of OLMo 3, Command R7B (cohere2) and EXAONE 4, Apertus' ungated xIELU MLP, Qwen3.5's linear-attention
+# layer. The wrappers get a one-layer vision tower; image and video token ids sit above the tokenizer's 400 tokens.
+_DENSE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_SLIDING = dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+_QWEN_VIT = dict(hidden_size=32, intermediate_size=64, depth=1, num_heads=2, out_hidden_size=64, patch_size=14)
+_QWEN_IDS = dict(image_token_id=500, video_token_id=501, vision_start_token_id=502)
+_MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+FAMILY_TINY = {
+    "phi3": dict(_DENSE, original_max_position_embeddings=128, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [1.5] * 8}),
+    "smollm3": dict(_DENSE, num_hidden_layers=3, no_rope_layers=[1, 1, 0]),
+    "olmo2": dict(_DENSE),
+    "olmo3": dict(_DENSE, **_SLIDING),
+    "granite": dict(_DENSE, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1,
+                    logits_scaling=4.0),
+    "glm4": dict(_DENSE, head_dim=16, partial_rotary_factor=0.5),
+    "cohere2": dict(_DENSE, **_SLIDING, logit_scale=0.5),
+    "exaone4": dict(_DENSE, **_SLIDING),
+    "apertus": dict(_DENSE),
+    "qwen3_5": dict(text_config=dict(_DENSE, head_dim=16, layer_types=["linear_attention", "full_attention"],
+                                     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                                     linear_value_head_dim=8),
+                    vision_config=dict(_QWEN_VIT, num_position_embeddings=16), **_QWEN_IDS),
+    "gemma3": dict(text_config=dict(_DENSE, head_dim=16, sliding_window=16),
+                   vision_config=dict(_VIT, image_size=28, patch_size=14), mm_tokens_per_image=4,
+                   image_token_index=500, boi_token_index=501, eoi_token_index=502),
+    "gemma4": dict(text_config=dict(_DENSE, head_dim=16, global_head_dim=16, **_SLIDING,
+                                    hidden_size_per_layer_input=0, num_kv_shared_layers=0),
+                   vision_config=dict(_VIT, head_dim=16), audio_config=None),
+    "mistral3": dict(text_config=dict(_DENSE, model_type="mistral", head_dim=16, sliding_window=None),
+                     vision_config=dict(_VIT, model_type="pixtral", image_size=28, patch_size=14, head_dim=16),
+                     image_token_index=500, spatial_merge_size=2),
+    "qwen2_5_vl": dict(text_config=dict(_DENSE, rope_parameters=_MROPE),
+                       vision_config=dict(_QWEN_VIT, fullatt_block_indexes=[0], window_size=56), **_QWEN_IDS),
+    "qwen3_vl": dict(text_config=dict(_DENSE, head_dim=16, rope_parameters=_MROPE),
+                     vision_config=dict(_QWEN_VIT, deepstack_visual_indexes=[0], num_position_embeddings=16),
+                     **_QWEN_IDS),
+}  # fmt: skip
+FAMILIES = sorted(FAMILY_TINY)
+# Files a multimodal export must carry over byte for byte (their content is what a processor would read).
+PROCESSOR_FILES = {"preprocessor_config.json": {"do_resize": True, "size": {"height": 28, "width": 28}},
+                   "processor_config.json": {"image_seq_length": 4}}  # fmt: skip
+
+
+def build_family_model(folder: Path, arch: str) -> Path:
+    """A random model of a family of issue 14 (text-only, or a wrapper with a vision tower and processor files)."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(folder)
+    ids = dict(vocab_size=512, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, bos_token_id=None)  # fmt: skip
+    kwargs = dict(FAMILY_TINY[arch])
+    wrapper = "text_config" in kwargs
+    if wrapper:
+        kwargs["text_config"] = {**kwargs["text_config"], **ids}
+    config = AutoConfig.for_model(arch, **(kwargs if wrapper else {**ids, **kwargs}))
+    torch.manual_seed(sum(map(ord, arch)))
+    loader = AutoModelForImageTextToText if wrapper else AutoModelForCausalLM
+    model = loader.from_config(config).eval()
+    with torch.no_grad():  # wider weights than the default init, so neurons differ clearly between prompts
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder)
+    if wrapper:
+        for name, content in PROCESSOR_FILES.items():
+            (folder / name).write_text(json.dumps(content, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random model folder per family of issue 14."""
+    root = tmp_path_factory.mktemp("tiny-families")
+    return {arch: build_family_model(root / arch, arch) for arch in FAMILIES}

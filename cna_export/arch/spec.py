@@ -9,7 +9,8 @@ tiny test model in tests/conftest.py (`tests/test_arch.py` fails for a row witho
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Container
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES
@@ -35,6 +36,17 @@ class ArchSpec:
         hook: dotted path, relative to a decoder layer, of the module whose input holds one value per neuron.
         down, up: the checkpoint sites (safetensors, PyTorch order: down_proj [hidden, n], up_proj [n, hidden]).
         gguf_down, gguf_up: the GGUF sites (numpy order: ffn_down [n_embd, n_ff], ffn_up [n_ff, n_embd]).
+        text_config: the config.json key that holds the language model's config in a multimodal wrapper
+            (attribution, shapes and GGUF read the language model; the vision tower is copied untouched).
+        loader: the transformers auto class that loads the family (`AutoModelForImageTextToText` for wrappers).
+        legacy_prefixes: what older checkpoints of the family name `model.language_model.` (the layout
+            transformers 5 saves): the Hub files of Gemma 3 and Mistral 3 say `language_model.model.`, those
+            of Qwen2.5-VL `model.`. `for_checkpoint` picks the one a checkpoint uses.
+        gated: the MLP is `down(act(gate x) * up x)`. Without a gate (Apertus: `down(act(up x))`) a neuron is
+            still an input of `down_proj`, but scaling its `up_proj` row is not exact, so only `down` folds.
+        own_gguf: cna-export's own GGUF converter (gguf/convert.py) handles the family; the others convert
+            with llama.cpp's converter (see README, "GGUF for every family") and patch with `patch-gguf`.
+
 
     GGUF conversion (gguf/convert.py) reads the rest:
         permute_qk: llama.cpp's `llama` graph applies rotary embeddings to interleaved pairs while transformers
@@ -58,6 +70,11 @@ class ArchSpec:
     up: Site = Site("model.layers.{i}.mlp.up_proj.weight", axis=0)
     gguf_down: Site = field(default_factory=lambda: _gguf(MODEL_TENSOR.FFN_DOWN, axis=1))
     gguf_up: Site = field(default_factory=lambda: _gguf(MODEL_TENSOR.FFN_UP, axis=0))
+    text_config: str | None = None
+    loader: str = "AutoModelForCausalLM"
+    legacy_prefixes: tuple[str, ...] = ()
+    gated: bool = True
+    own_gguf: bool = True
     permute_qk: bool = False
     norm_offset: float = 0.0
     tied_default: bool = False
@@ -72,12 +89,50 @@ class ArchSpec:
 
     def site(self, target: str, fmt: str = "safetensors") -> Site:
         """The site of `target` ("down" or "up") in `fmt` ("safetensors" or "gguf")."""
+        self.check_target(target)
         if fmt == "gguf":
             return self.gguf_down if target == "down" else self.gguf_up
         return self.down if target == "down" else self.up
 
     def sites(self, fmt: str = "safetensors") -> dict[str, Site]:
-        return {target: self.site(target, fmt) for target in ("down", "up")}
+        """The sites that a circuit may be folded into (an ungated MLP's `up_proj` is not one)."""
+        return {target: self.site(target, fmt) for target in self.targets}
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return ("down", "up") if self.gated else ("down",)
+
+    def check_target(self, target: str) -> None:
+        """Refuse `up` for an ungated MLP, where scaling the row of `up_proj` does not scale the neuron."""
+        if target not in self.targets:
+            raise ArchitectureError(
+                f"{self.model_type} has no gate in its MLP, so scaling up_proj rows does not scale neurons.",
+                "fold into down_proj (--target down, the default).",
+            )
+
+    def text_of(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The language model's part of a config.json dict (the whole dict for a text-only family)."""
+        if self.text_config is None:
+            return config
+        text = config.get(self.text_config)
+        if not isinstance(text, dict):
+            raise ArchitectureError(
+                f"config.json of this {self.model_type} model has no {self.text_config!r} object.",
+                "use the config.json that came with the checkpoint.",
+            )
+        return text
+
+    def for_checkpoint(self, names: Container[str]) -> ArchSpec:
+        """This spec with its checkpoint sites renamed to the layout that a checkpoint with tensors `names`
+        uses (one of `legacy_prefixes`); unchanged when the current layout is present or nothing matches."""
+        if self.down.name(0) in names:
+            return self
+        current = self.layers_module.rpartition(".")[0] + "."
+        for prefix in self.legacy_prefixes:
+            down, up = (replace(s, template=s.template.replace(current, prefix, 1)) for s in (self.down, self.up))
+            if down.name(0) in names:
+                return replace(self, down=down, up=up)
+        return self
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -172,3 +227,56 @@ def shape_of(config: Any) -> ModelShape:
                 "use the config.json that came with the checkpoint.",
             )
     return ModelShape(values["num_hidden_layers"], values["intermediate_size"], values["hidden_size"])
+
+
+# Dense and multimodal families (issue 14) ------------------------------------------------------------------------
+# Their neurons sit where the seven's do (Phi-3 and GLM-4 fuse gate and up: the up neurons are the second half, in
+# the checkpoint and in llama.cpp's ffn_up). The wrappers hold their language model under `model.language_model`
+# (transformers 5's layout); they convert to GGUF through llama.cpp's converter, not gguf/convert.py.
+LANGUAGE_MODEL = "model.language_model"
+_FUSED_UP = Site("model.layers.{i}.mlp.gate_up_proj.weight", axis=0, part=1, parts=2)
+_FUSED_GGUF_UP = replace(_gguf(MODEL_TENSOR.FFN_UP, axis=0), part=1, parts=2)
+
+
+def _wrapper(
+    model_type: str, gguf_arch: MODEL_ARCH, activation: str = "silu", legacy: tuple[str, ...] = ()
+) -> ArchSpec:
+    """A multimodal wrapper: text config under `text_config`, language model under `model.language_model`."""
+    mlp = f"{LANGUAGE_MODEL}.layers.{{i}}.mlp."
+    return ArchSpec(
+        model_type, gguf_arch, activation, layers_module=f"{LANGUAGE_MODEL}.layers",
+        down=Site(mlp + "down_proj.weight", axis=1), up=Site(mlp + "up_proj.weight", axis=0),
+        text_config="text_config", loader="AutoModelForImageTextToText", legacy_prefixes=legacy, own_gguf=False,
+    )  # fmt: skip
+
+
+ARCHITECTURES.update(
+    {
+        spec.model_type: spec
+        for spec in (
+            ArchSpec("phi3", MODEL_ARCH.PHI3, up=_FUSED_UP, gguf_up=_FUSED_GGUF_UP, own_gguf=False),
+            ArchSpec("smollm3", MODEL_ARCH.SMOLLM3, own_gguf=False),
+            ArchSpec("olmo2", MODEL_ARCH.OLMO2, own_gguf=False),
+            ArchSpec("olmo3", MODEL_ARCH.OLMO2, own_gguf=False),  # llama.cpp runs OLMo 3 as its olmo2 graph
+            ArchSpec("granite", MODEL_ARCH.GRANITE, own_gguf=False),
+            ArchSpec("glm4", MODEL_ARCH.GLM4, up=_FUSED_UP, gguf_up=_FUSED_GGUF_UP, own_gguf=False),
+            ArchSpec("cohere2", MODEL_ARCH.COHERE2, own_gguf=False),
+            ArchSpec("exaone4", MODEL_ARCH.EXAONE4, own_gguf=False),
+            ArchSpec("apertus", MODEL_ARCH.APERTUS, "xielu", gated=False, own_gguf=False),
+            _wrapper("qwen3_5", MODEL_ARCH.QWEN35),
+            _wrapper("gemma3", MODEL_ARCH.GEMMA3, "gelu_tanh", legacy=("language_model.model.",)),
+            _wrapper("gemma4", MODEL_ARCH.GEMMA4, "gelu_tanh"),
+            _wrapper("mistral3", MODEL_ARCH.MISTRAL3, legacy=("language_model.model.",)),
+            _wrapper("qwen2_5_vl", MODEL_ARCH.QWEN2VL, legacy=("model.",)),
+            _wrapper("qwen3_vl", MODEL_ARCH.QWEN3VL),
+        )
+    }
+)
+# A GGUF holds the language model only; a wrapper's file is read as the wrapper type (its circuits then fit).
+_GGUF_READ_AS = {
+    MODEL_ARCH.PHI3: "phi3", MODEL_ARCH.SMOLLM3: "smollm3", MODEL_ARCH.OLMO2: "olmo2", MODEL_ARCH.GRANITE: "granite",
+    MODEL_ARCH.GLM4: "glm4", MODEL_ARCH.COHERE2: "cohere2", MODEL_ARCH.EXAONE4: "exaone4",
+    MODEL_ARCH.APERTUS: "apertus", MODEL_ARCH.QWEN35: "qwen3_5", MODEL_ARCH.GEMMA4: "gemma4",
+    MODEL_ARCH.MISTRAL3: "mistral3", MODEL_ARCH.QWEN2VL: "qwen2_5_vl", MODEL_ARCH.QWEN3VL: "qwen3_vl",
+}  # fmt: skip
+GGUF_MODEL_TYPES.update({MODEL_ARCH_NAMES[arch]: model_type for arch, model_type in _GGUF_READ_AS.items()})

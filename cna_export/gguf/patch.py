@@ -222,7 +222,13 @@ def _plan(layout: GGUFLayout, circuit: Circuit, shape: ModelShape, multiplier: f
 
     The rows are those of the architecture's `gguf_up` site (whole rows of ffn_up; for a fused gate/up tensor,
     the up part), so the indices are already offset into the stored tensor."""
-    site = ARCHITECTURES[circuit.model.model_type].gguf_up
+    spec = ARCHITECTURES[circuit.model.model_type]
+    if not spec.gated:  # ffn_up rows are the only per-neuron rows of a GGUF, and without a gate they are not exact
+        raise ArchitectureError(
+            f"{spec.model_type} has no gate in its MLP: scaling ffn_up rows would not scale its neurons.",
+            "export safetensors with cna-export apply (it folds into down_proj) and convert those to GGUF.",
+        )
+    site = spec.gguf_up
     expected = tuple(reversed(site.expected_shape(shape)))  # GGUF dims, innermost first
     plan = []
     for layer, (index, mult) in circuit.edits(multiplier, allow_negative).items():

@@ -101,7 +101,10 @@ def describe(source: Source) -> tuple[ArchSpec, ModelShape, dict[str, Any]]:
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         raise ArchitectureError("config.json has no model_type.", "use the config that came with the checkpoint.")
-    return arch_for(model_type), shape_of(config), config
+    spec = arch_for(model_type)
+    if spec.legacy_prefixes and not source.is_gguf:
+        spec = spec.for_checkpoint(CheckpointReader(source.folder).entries)
+    return spec, shape_of(spec.text_of(config)), config
 
 
 def identity(source: Source, config: dict[str, Any], shape: ModelShape) -> ModelIdentity:
@@ -175,9 +178,9 @@ def load_model(
         device_map: accelerate's big-model placement ("auto", "balanced", or {module: device}), spreading
             layers over GPUs, the CPU and disk (`offload_folder`) for models larger than one device.
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
 
-    describe(source)  # fail early, with our message, on unsupported architectures
+    spec, _, _ = describe(source)  # fail early, with our message, on unsupported architectures
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     placement = {}
@@ -185,7 +188,7 @@ def load_model(
         placement = {"device_map": device_map, "offload_folder": str(offload_folder) if offload_folder else None}
     log.info("loading %s (%s on %s)", source.name, torch_dtype, device_map or dev)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = getattr(transformers, spec.loader).from_pretrained(
             source.folder,
             gguf_file=source.gguf_file,
             dtype=torch_dtype,

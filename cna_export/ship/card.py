@@ -189,6 +189,13 @@ def _flatten(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]
     return rows
 
 
+# A multimodal wrapper's export: what the card adds to "What was changed".
+WRAPPER_NOTE = (
+    "- Only MLP neurons of the language model changed: the vision tower, the projector and the processor files "
+    "are the source's, byte for byte."
+)
+
+
 def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> str:
     edit, src = record["edit"], record["source"]
     total = circuit.model.num_layers * circuit.model.intermediate_size
@@ -216,6 +223,7 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
         *sources_lines(circuit),
         "- Every other tensor is byte-identical to the source"
         + (" (as dequantized from its GGUF file)." if src.get("gguf_file") else "."),
+        *([WRAPPER_NOTE] if arch_for(circuit.model.model_type).text_config else []),
         "",
         "| layer | neurons |",
         "|---:|---:|",

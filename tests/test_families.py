@@ -1,0 +1,154 @@
+"""The dense and multimodal families of issue 14, each as a tiny random model: the table's sites match the
+checkpoint and the runtime modules, exports equal the hooked source (both targets), only the chosen neurons
+change (the gate half of a fused gate_up and a wrapper's vision tower and processor files stay byte-identical),
+and `diff --verify` holds the export to its circuit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import FAMILIES, PROCESSOR_FILES, make_circuit, run_cli
+from transformers import AutoTokenizer
+
+from cna_export.arch import ARCHITECTURES, arch_for
+from cna_export.attribution.hooks import down_projs, scaled_neurons
+from cna_export.audit.diff import verify
+from cna_export.circuit.format import Circuit
+from cna_export.errors import ArchitectureError, CnaExportError
+from cna_export.fold.export import apply_circuit
+from cna_export.io.checkpoint import CheckpointReader
+from cna_export.io.source import describe, resolve
+
+PROMPTS = ["How do I bake bread?", "Write a Python function that reverses a string."]
+WRAPPERS = sorted(a for a in FAMILIES if arch_for(a).text_config)
+
+
+def load(folder, arch):
+    """The family's own class (AutoModelForImageTextToText for the wrappers), fp32, eval mode."""
+    return getattr(transformers, arch_for(arch).loader).from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def pick(folder, n=10, seed=0) -> list[tuple[int, int]]:
+    _, shape, _ = describe(resolve(str(folder)))
+    flat = torch.randperm(shape.num_neurons, generator=torch.Generator().manual_seed(seed))[:n]
+    return [(int(i) // shape.intermediate_size, int(i) % shape.intermediate_size) for i in flat]
+
+
+def text_logits(model, tokenizer) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(input_ids=tokenizer(p, return_tensors="pt")["input_ids"]).logits for p in PROMPTS]
+
+
+def raw(folder, reader: CheckpointReader, name: str) -> bytes:
+    entry = reader.entries[name]
+    with open(folder / entry.file, "rb") as f:
+        f.seek(entry.start)
+        return f.read(entry.nbytes)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_sites_match_checkpoint_and_modules(family_models, arch):
+    spec, shape, _ = describe(resolve(str(family_models[arch])))
+    reader = CheckpointReader(family_models[arch])
+    for layer in range(shape.num_layers):
+        for site in spec.sites().values():
+            assert reader.entry(site.name(layer)).shape == site.expected_shape(shape)
+    projs = down_projs(load(family_models[arch], arch), spec)
+    assert len(projs) == shape.num_layers and all(p.in_features == shape.intermediate_size for p in projs)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_export_equals_hooks(family_models, tmp_path, arch):
+    """m in {0, 0.5, 2}, both targets (only down for Apertus, which has no gate), text logits of the family's
+    own class. One test per family, so the source loads once."""
+    src = family_models[arch]
+    spec = arch_for(arch)
+    tok = AutoTokenizer.from_pretrained(src)
+    original = load(src, arch)
+    plain = text_logits(original, tok)
+    for m in (0.0, 0.5, 2.0):
+        circuit = make_circuit(src, pick(src), multiplier=m)
+        with scaled_neurons(original, spec, circuit.edits()):
+            hooked = text_logits(original, tok)
+        for target in spec.targets:
+            out = apply_circuit(resolve(str(src)), circuit, tmp_path / f"{target}-{m}", target=target)
+            for h, e, p in zip(hooked, text_logits(load(out, arch), tok), plain):
+                torch.testing.assert_close(e, h, rtol=1e-5, atol=1e-5)
+                assert not torch.allclose(e, p), "the edit should change the logits"
+
+
+@pytest.mark.parametrize("arch", ["phi3", "glm4", *WRAPPERS])
+def test_only_chosen_neurons_change(family_models, tmp_path, arch):
+    """Every tensor but the target's is byte-identical (the vision tower and projector too); inside a fused
+    gate_up only the up rows of the chosen neurons change; processor files are copied as they are."""
+    src = family_models[arch]
+    spec, shape, _ = describe(resolve(str(src)))
+    neurons = pick(src, n=12, seed=1)
+    out = apply_circuit(resolve(str(src)), make_circuit(src, neurons, 0.5), tmp_path / "out", target="up")
+    before, after = CheckpointReader(src), CheckpointReader(out)
+    changed = {spec.up.name(layer) for layer, _ in neurons}
+    assert set(before.entries) == set(after.entries)
+    for name in before.entries:
+        if name not in changed:
+            assert raw(src, before, name) == raw(out, after, name), f"{name} should be byte-identical"
+    n = shape.intermediate_size
+    for layer in {layer for layer, _ in neurons}:
+        a, b = (r.tensor(spec.up.name(layer)) for r in (before, after))
+        rows = sorted(spec.up.offset(n) + i for lay, i in neurons if lay == layer)
+        keep = [r for r in range(a.shape[0]) if r not in rows]
+        assert torch.equal(a[keep], b[keep])  # with a fused tensor: the whole gate half, bit for bit
+        torch.testing.assert_close(b[rows], a[rows] * 0.5, rtol=0, atol=0)
+    side = [*PROCESSOR_FILES, "config.json", "tokenizer.json"] if spec.text_config else ["config.json"]
+    assert all((out / f).read_bytes() == (src / f).read_bytes() for f in side)
+    if spec.text_config:
+        assert "vision tower" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gemma3", "apertus"])
+def test_diff_verify(family_models, tmp_path, arch):
+    """verify passes on the export and fails against a circuit with another multiplier (once through the CLI:
+    exit 0, then 1)."""
+    src = family_models[arch]
+    target = "up" if arch_for(arch).gated else "down"
+    out = apply_circuit(resolve(str(src)), make_circuit(src, pick(src, 6, 2), 0.5), tmp_path / "out", target=target)
+    circuit = Circuit.load(out / "circuit.json")
+    wrong = circuit.model_copy(update={"multiplier": 2.0})
+    assert verify(str(src), str(out), circuit)[0] and not verify(str(src), str(out), wrong)[0]
+    if arch == "phi3":
+        run_cli("diff", str(src), str(out), "--verify", str(out / "circuit.json"))
+        wrong.save(tmp_path / "wrong.json")
+        failed = run_cli("diff", str(src), str(out), "--verify", str(tmp_path / "wrong.json"), check=False)
+        assert failed.returncode == 1
+
+
+def test_legacy_wrapper_layout():
+    """Hub checkpoints of Gemma 3 and Mistral 3 name the language model `language_model.model.`, those of
+    Qwen2.5-VL `model.`; the sites follow the checkpoint, the runtime module stays transformers 5's."""
+    old = arch_for("gemma3").for_checkpoint({"language_model.model.layers.0.mlp.down_proj.weight"})
+    assert old.up.name(3) == "language_model.model.layers.3.mlp.up_proj.weight"
+    assert old.layers_module == "model.language_model.layers"
+    qwen = arch_for("qwen2_5_vl").for_checkpoint({"model.layers.0.mlp.down_proj.weight"})
+    assert qwen.down.name(1) == "model.layers.1.mlp.down_proj.weight"
+    assert arch_for("qwen3_vl").for_checkpoint(set()) is arch_for("qwen3_vl")
+
+
+def test_ungated_mlp_folds_only_down(family_models, tmp_path):
+    src = family_models["apertus"]
+    with pytest.raises(ArchitectureError, match="no gate"):
+        apply_circuit(resolve(str(src)), make_circuit(src, [(0, 1)]), tmp_path / "out", target="up")
+    assert not (tmp_path / "out").exists()
+
+
+def test_own_converter_points_to_llama_cpp(family_models, tmp_path):
+    from cna_export.gguf.convert import export_gguf
+
+    with pytest.raises(CnaExportError, match="convert-hf-to-gguf"):
+        export_gguf(family_models["olmo2"], tmp_path / "x.gguf")
+
+
+def test_unknown_family_lists_the_new_ones():
+    with pytest.raises(ArchitectureError) as err:
+        arch_for("not-a-model")
+    assert all(f in str(err.value) for f in ("phi3", "gemma3", "qwen3_vl")) and "\n" not in str(err.value)
+    assert set(FAMILIES) <= set(ARCHITECTURES)
