@@ -33,7 +33,9 @@ def run_recipe(
         stack_with: circuit files to stack on the discovered circuit (a neuron in several gets the product).
         adapter: write a LoRA adapter folder (`cna_export.ship.adapter.write_adapter`) instead of the edited model;
             `gguf` must then be None or "f32" (the GGUF LoRA is float32).
-        export: `apply_circuit` options (multiplier, allow_negative, overwrite, target, gguf, ...).
+        export: `apply_circuit` options (multiplier, allow_negative, overwrite, target, gguf, ...). A GGUF source
+            gives a folder with the patched GGUF of the same quantization (`modelfile`: and an Ollama Modelfile),
+            unless `safetensors` (or `gguf`, a conversion of the dequantized export) is set.
 
     Returns:
         (the export folder, or None on a non-main rank under torch.distributed; the circuit).
@@ -55,6 +57,7 @@ def run_recipe(
     plan = plan_discovery(recipe, base, overrides=overrides)
     source = resolve(model, revision)
     circuit = discover_source(source, plan, **(load or {}))
+    safetensors, modelfile = bool(export.pop("safetensors", False)), bool(export.pop("modelfile", False))
     if not distributed.is_main():
         return None, circuit
     if extra:
@@ -66,6 +69,15 @@ def run_recipe(
         gguf, _ = export.pop("gguf", None), export.pop("hash_files", None)
         path = write_adapter(source, circuit, out, recipe_file=find_recipe(recipe_ref), allow_negative=allow_negative,
                              gguf=gguf is not None, **export)  # fmt: skip
+        return path, circuit
+    if source.is_gguf and not safetensors and export.get("gguf") is None:
+        # GGUF in, GGUF out: the same quantized file with the circuit patched in (nothing dequantized).
+        from cna_export.gguf.native_export import export_patched_gguf
+
+        for unused in ("target", "gguf"):
+            export.pop(unused, None)
+        path = export_patched_gguf(source, circuit, out, recipe_file=find_recipe(recipe_ref),
+                                   allow_negative=allow_negative, modelfile=modelfile, **export)  # fmt: skip
         return path, circuit
     path = apply_circuit(source, circuit, out, recipe_file=find_recipe(recipe_ref), allow_negative=allow_negative,
                          **export)  # fmt: skip

@@ -59,8 +59,12 @@ def discover_circuit(
     behaviour: str = "custom",
     recipe: str | None = None,
     multiplier: float = 0.0,
+    backend: str = "auto",
 ) -> Circuit:
-    """Load `source`, fingerprint it, and run `discover` on it."""
+    """Load `source`, fingerprint it, and run `discover` on it (a GGUF file through llama.cpp unless `backend` is
+    "torch", which dequantizes it in transformers)."""
+    if use_llama_cpp(source, backend):
+        return _discover_gguf(source, positive, negative, neutral, selection, behaviour, recipe, multiplier)
     spec, shape, config = describe(source)
     model_id = identity(source, config, shape)
     model, tokenizer = load_model(
@@ -71,6 +75,34 @@ def discover_circuit(
         model, tokenizer, spec, model_id, positive, negative, neutral, selection,
         behaviour=behaviour, recipe=recipe, multiplier=multiplier,
     )  # fmt: skip
+
+
+BACKENDS = ("auto", "llama.cpp", "torch")
+
+
+def use_llama_cpp(source: Source, backend: str) -> bool:
+    """Whether `source` runs through llama.cpp: a GGUF file, unless the torch route is asked for."""
+    if backend not in BACKENDS:
+        raise RecipeError(f"Unknown backend {backend!r}.", f"use one of {', '.join(BACKENDS)}.")
+    if backend == "llama.cpp" and not source.is_gguf:
+        raise RecipeError(f"--backend llama.cpp needs a .gguf model; {source.name} is not one.",
+                          "pass a GGUF file, or --backend torch.")  # fmt: skip
+    return source.is_gguf and backend != "torch"
+
+
+def _discover_gguf(
+    source: Source, positive: Sequence[str], negative: Sequence[str], neutral: Sequence[str], selection: Selection,
+    behaviour: str, recipe: str | None, multiplier: float,
+) -> Circuit:  # fmt: skip
+    """`discover` inside llama.cpp: the quantized file as it is, mmapped, never dequantized in Python."""
+    from cna_export.attribution.native import attribute_gguf, describe_gguf, gguf_identity
+
+    spec, shape, metadata = describe_gguf(source.path)
+    k = selection.resolve_k(shape)  # before the forward passes, so a bad k fails fast
+    model_id = gguf_identity(source.name, source.path, spec, shape, metadata)
+    result = attribute_gguf(source.path, spec, model_id, positive, negative, neutral, selection)
+    fraction = None if selection.top_k is not None else selection.fraction or DEFAULT_FRACTION
+    return result.circuit(k, fraction=fraction, behaviour=behaviour, recipe=recipe, multiplier=multiplier)
 
 
 NEUTRAL_DEFAULT = "builtin:neutral_diverse"
@@ -121,7 +153,7 @@ def plan_discovery(
 
 def discover_source(source: Source, plan: DiscoveryPlan, **load: object) -> Circuit:
     """Run a discovery plan on a model source (`load`: dtype, device, device_map, offload_folder,
-    trust_remote_code)."""
+    trust_remote_code, backend)."""
     return discover_circuit(
         source, plan.positive, plan.negative, plan.neutral, plan.selection, behaviour=plan.behaviour,
         recipe=plan.recipe, multiplier=plan.multiplier, **load,

@@ -29,6 +29,9 @@ def register(add) -> None:
     p.add_argument("--circuit", type=Path, nargs="+", help="circuit file(s) to stack on the discovered one")
     p.add_argument("--adapter", action="store_true",
                    help="write a LoRA adapter folder instead of the edited model (--gguf f32: also a GGUF LoRA)")  # fmt: skip
+    p.add_argument("--safetensors", action="store_true",
+                   help="with a .gguf model: export a dequantized safetensors folder instead of the patched GGUF")
+    p.add_argument("--modelfile", action="store_true", help="with a .gguf model: also write an Ollama Modelfile")
     p.set_defaults(func=_run)
 
     p = add("discover", "find the neurons of a behaviour and write a circuit file", [model, select])
@@ -81,7 +84,7 @@ def _run(args: argparse.Namespace) -> None:
     out, circuit = run_recipe(
         args.recipe, args.model, args.out, revision=args.revision, overrides=selection_overrides(args),
         local_model=local_model(args), load=load_kwargs(args), stack_with=args.circuit, adapter=args.adapter,
-        **apply_kwargs(args),
+        safetensors=args.safetensors, modelfile=args.modelfile, **apply_kwargs(args),
     )  # fmt: skip
     if out is not None:
         print(f"wrote {out}: {len(circuit.neurons)} neurons scaled" + (" (LoRA adapter)" if args.adapter else ""))

@@ -72,13 +72,17 @@ def model_opts() -> argparse.ArgumentParser:
     g.add_argument("--device-map", help="spread layers over devices: auto, balanced, sequential (accelerate)")
     g.add_argument("--offload-folder", type=Path, help="folder for weights offloaded to disk with --device-map")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
+    g.add_argument("--backend", choices=("auto", "llama.cpp", "torch"), default="auto",
+                   help="where the forward passes run: auto (a .gguf file in llama.cpp, quantized as it is; "
+                        "anything else in torch), llama.cpp, or torch (dequantizes a GGUF in transformers)")  # fmt: skip
     return p
 
 
 def load_kwargs(args: argparse.Namespace) -> dict:
     """The model-loading options as keyword arguments of `discover_source` / `load_model`."""
     return {"dtype": args.dtype, "device": args.device, "device_map": args.device_map,
-            "offload_folder": args.offload_folder, "trust_remote_code": args.trust_remote_code}  # fmt: skip
+            "offload_folder": args.offload_folder, "trust_remote_code": args.trust_remote_code,
+            "backend": args.backend}  # fmt: skip
 
 
 def _field_type(annotation) -> type:
