@@ -48,6 +48,20 @@ TINY = {
 }  # fmt: skip
 ARCHS = sorted(TINY)
 
+# Tiny mixtures of experts (issue 15): 4 experts, 2 per token; Qwen3-MoE keeps layer 0 dense (`mlp_only_layers`)
+# and Qwen2-MoE has a shared expert, so every kind of neuron (dense, routed, shared) has a model.
+_MOE = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            num_experts_per_tok=2, tie_word_embeddings=False)
+MOE_TINY = {
+    "qwen3_moe": dict(_MOE, intermediate_size=48, moe_intermediate_size=16, num_experts=4, head_dim=8,
+                      mlp_only_layers=[0], norm_topk_prob=True),
+    "qwen2_moe": dict(_MOE, intermediate_size=48, moe_intermediate_size=16, num_experts=4,
+                      shared_expert_intermediate_size=24),
+    "olmoe": dict(_MOE, intermediate_size=16, num_experts=4),
+    "mixtral": dict(_MOE, intermediate_size=24, num_local_experts=4, sliding_window=None),
+}  # fmt: skip
+MOE_ARCHS = sorted(MOE_TINY)
+
 
 def build_tokenizer(folder: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -76,18 +90,25 @@ def build_model(folder: Path, arch: str, dtype: torch.dtype = torch.float32, sha
     tokenizer = build_tokenizer(folder)
     config = AutoConfig.for_model(
         arch, vocab_size=512, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **TINY[arch],
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **{**TINY, **MOE_TINY}[arch],
     )  # fmt: skip
     torch.manual_seed(sum(map(ord, arch)))
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     with torch.no_grad():  # wider weights than the default init, so neurons differ clearly between prompts
         for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.08)
+            if p.ndim in (2, 3):  # 3-D: fused experts
+                p.normal_(0, 0.08 if p.ndim == 2 else 0.2)
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(folder, **kwargs)
     GenerationConfig(eos_token_id=tokenizer.eos_token_id, max_new_tokens=8).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def moe_models(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random mixture-of-experts folder per MoE family (per-expert 2-D tensors on disk)."""
+    root = tmp_path_factory.mktemp("tiny-moe")
+    return {arch: build_model(root / arch, arch) for arch in MOE_ARCHS}
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,12 @@ of GGUF's innermost-first dims) for GGUF.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from cna_export.arch.experts import ExpertShape
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class ModelShape:
     num_layers: int
     intermediate_size: int
     hidden_size: int
+    moe: ExpertShape | None = None  # the experts of an MoE model (arch/experts.py); None for a dense model
 
     @property
     def num_neurons(self) -> int:

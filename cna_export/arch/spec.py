@@ -15,6 +15,7 @@ from typing import Any
 
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES
 
+from cna_export.arch.experts import ExpertSpec, expert_shape
 from cna_export.arch.sites import ModelShape, Site
 from cna_export.errors import ArchitectureError
 
@@ -59,6 +60,8 @@ class ArchSpec:
             `head_dim ** -0.5` (or `(hidden / heads) ** -0.5` at `query_scale_n_layer` layers, its 27B rule); the
             ratio is folded into this tensor (the query projection, or the query norm where one follows it).
         local_rope_base: the rope base llama.cpp hard-codes for sliding-window layers, checked against config.
+        experts: for a mixture of experts, the expert sites and config keys (`down`/`up` are then the sites of
+            the dense layers, if the model has any).
     """
 
     model_type: str
@@ -82,6 +85,7 @@ class ArchSpec:
     query_scale_weight: str | None = None
     query_scale_n_layer: int | None = None
     local_rope_base: float | None = None
+    experts: ExpertSpec | None = None  # MoE families: where routed and shared experts live (arch/experts.py)
 
     @property
     def gguf_name(self) -> str:
@@ -168,6 +172,50 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     )
 }
 
+# Mixtures of experts (issue 15). One 2-D tensor per expert on disk; fused 3-D parameters in transformers 5.
+_QWEN_EXPERTS = ExpertSpec(
+    Site("model.layers.{i}.mlp.experts.{e}.down_proj.weight", axis=1),
+    Site("model.layers.{i}.mlp.experts.{e}.up_proj.weight", axis=0),
+)
+ARCHITECTURES.update(
+    {
+        spec.model_type: spec
+        for spec in (
+            ArchSpec("qwen3_moe", MODEL_ARCH.QWEN3MOE, experts=_QWEN_EXPERTS),
+            ArchSpec(
+                "qwen2_moe",
+                MODEL_ARCH.QWEN2MOE,
+                experts=ExpertSpec(
+                    _QWEN_EXPERTS.down,
+                    _QWEN_EXPERTS.up,
+                    shared_down=Site("model.layers.{i}.mlp.shared_expert.down_proj.weight", axis=1),
+                    shared_up=Site("model.layers.{i}.mlp.shared_expert.up_proj.weight", axis=0),
+                    shared_hook="mlp.shared_expert.down_proj",
+                    shared_gate="mlp.shared_expert_gate",
+                    shared_width_key="shared_expert_intermediate_size",
+                ),
+            ),
+            ArchSpec(
+                "olmoe",
+                MODEL_ARCH.OLMOE,
+                experts=ExpertSpec(_QWEN_EXPERTS.down, _QWEN_EXPERTS.up, width_key="intermediate_size"),
+            ),
+            # llama.cpp runs Mixtral as the llama architecture with experts.
+            ArchSpec(
+                "mixtral",
+                MODEL_ARCH.LLAMA,
+                permute_qk=True,
+                experts=ExpertSpec(
+                    Site("model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", axis=1),
+                    Site("model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", axis=0),
+                    width_key="intermediate_size",
+                ),
+            ),
+        )
+    }
+)
+
+
 
 def arch_for(model_type: str) -> ArchSpec:
     """Return the table entry for `model_type`, or fail naming the supported types."""
@@ -187,7 +235,10 @@ def compatible(a: str, b: str) -> bool:
     if a == b:
         return True
     sa, sb = ARCHITECTURES.get(a), ARCHITECTURES.get(b)
-    return sa is not None and sb is not None and sa.gguf_arch == sb.gguf_arch and sa.sites() == sb.sites()
+    return (
+        sa is not None and sb is not None and sa.gguf_arch == sb.gguf_arch and sa.sites() == sb.sites()
+        and sa.experts == sb.experts
+    )  # fmt: skip
 
 
 def model_type_for_gguf(architecture: str | None, model_name: str | None = None) -> str:
@@ -226,7 +277,10 @@ def shape_of(config: Any) -> ModelShape:
                 f"config.json has no valid {key} (found {value!r}).",
                 "use the config.json that came with the checkpoint.",
             )
-    return ModelShape(values["num_hidden_layers"], values["intermediate_size"], values["hidden_size"])
+    layers = values["num_hidden_layers"]
+    spec = ARCHITECTURES.get(get("model_type"))
+    moe = expert_shape(spec.experts, config, layers) if spec is not None and spec.experts is not None else None
+    return ModelShape(layers, values["intermediate_size"], values["hidden_size"], moe)
 
 
 # Dense and multimodal families (issue 14) ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ norm and the lm_head are never computed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -22,7 +23,8 @@ from transformers import DynamicCache
 
 from cna_export.arch import ArchSpec, shape_of
 from cna_export.attribution import distributed
-from cna_export.attribution.hooks import down_projs, mlp_of, pre_hooks
+from cna_export.attribution.experts import capture_units
+from cna_export.attribution.hooks import decoder_layers, down_projs, mlp_of, pre_hooks
 from cna_export.errors import RecipeError
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class SetStats:
     count: int
     top_counts: torch.Tensor | None = None  # [layers, neurons] int32
     abs_sums: torch.Tensor | None = None  # [layers, neurons] float64
+    routed: torch.Tensor | None = None  # MoE: [layers, experts] int64, prompts whose last token was routed there
 
     @property
     def mean(self) -> torch.Tensor:
@@ -102,6 +105,7 @@ class _Sums:
         self.sums: dict[int, torch.Tensor] = {}
         self.tops: dict[int, torch.Tensor] = {}
         self.abs_sums: dict[int, torch.Tensor] = {}
+        self.routed: dict[int, torch.Tensor] = {}  # MoE: per layer [sets, experts] routing counts
         self.labels = torch.zeros(0, dtype=torch.long)  # set of each row of the batch in flight
 
     def _zeros(self, store: dict[int, torch.Tensor], layer: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -109,18 +113,33 @@ class _Sums:
             store[layer] = torch.zeros(self.n_sets, self.width, dtype=dtype, device=device)
         return store[layer]
 
-    def add(self, layer: int, act: torch.Tensor) -> None:
-        """Add `act` ([batch, width], the last token of each row) to the sums of the rows' sets."""
+    def add(
+        self, layer: int, act: torch.Tensor, offset: int = 0, groups: int = 1, routed: torch.Tensor | None = None
+    ) -> None:
+        """Add `act` ([batch, w], the last token of each row) to columns offset..offset+w of the rows' sets.
+
+        MoE: `act` holds `groups` experts of w / groups neurons each; top-n membership is counted per expert,
+        and only where the token was routed to it (`routed` [batch, groups] bool; an unrouted expert's zeros are
+        no one's top-n). The routing counts of the layer are kept for the coverage report."""
         acc = torch.float32 if act.device.type == "mps" else torch.float64
         rows = self.labels.to(act.device)
-        self._zeros(self.sums, layer, acc, act.device).index_add_(0, rows, act.to(acc))
+        cols = slice(offset, offset + act.shape[1])
+        self._zeros(self.sums, layer, acc, act.device)[:, cols].index_add_(0, rows, act.to(acc))
+        if routed is not None:
+            counts = self.routed.setdefault(layer, torch.zeros(self.n_sets, groups, dtype=torch.int64, device=act.device))
+            counts.index_add_(0, rows, routed.to(torch.int64))
         if self.top_n:
             magnitude = act.abs()
-            idx = magnitude.topk(self.top_n, dim=-1).indices
-            flat = (rows[:, None] * self.width + idx).reshape(-1)  # (set, neuron) as one index into the counts
+            per = magnitude.reshape(act.shape[0], groups, -1)
+            idx = per.topk(min(self.top_n, per.shape[-1]), dim=-1).indices  # [batch, groups, n]
+            idx = idx + offset + per.shape[-1] * torch.arange(groups, device=act.device)[:, None]
+            hit = torch.ones_like(idx, dtype=torch.int32)
+            if routed is not None:
+                hit = hit * routed[..., None].to(torch.int32)
+            flat = (rows[:, None, None] * self.width + idx).reshape(-1)  # (set, neuron) as one index
             tops = self._zeros(self.tops, layer, torch.int32, act.device)
-            tops.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-            self._zeros(self.abs_sums, layer, acc, act.device).index_add_(0, rows, magnitude.to(acc))
+            tops.view(-1).index_add_(0, flat, hit.reshape(-1))
+            self._zeros(self.abs_sums, layer, acc, act.device)[:, cols].index_add_(0, rows, magnitude.to(acc))
 
     def gather(self, parts: dict[int, torch.Tensor], n_layers: int, dtype: torch.dtype) -> torch.Tensor:
         """[sets, layers, width] on the host, summed over ranks (layers that never ran stay zero)."""
@@ -131,10 +150,23 @@ class _Sums:
 
     def stats(self, counts: Sequence[int], n_layers: int) -> list[SetStats]:
         total = self.gather(self.sums, n_layers, torch.float64)
+        routed = self._routed(n_layers)
         if not self.top_n:
-            return [SetStats(total[k], n) for k, n in enumerate(counts)]
+            return [SetStats(total[k], n, routed=routed[k] if routed is not None else None)
+                    for k, n in enumerate(counts)]  # fmt: skip
         tops, mags = self.gather(self.tops, n_layers, torch.int32), self.gather(self.abs_sums, n_layers, torch.float64)
-        return [SetStats(total[k], n, tops[k], mags[k]) for k, n in enumerate(counts)]
+        return [SetStats(total[k], n, tops[k], mags[k], routed[k] if routed is not None else None)
+                for k, n in enumerate(counts)]  # fmt: skip
+
+    def _routed(self, n_layers: int) -> torch.Tensor | None:
+        """[sets, layers, experts] routing counts summed over ranks (None for a dense model)."""
+        if not self.routed:
+            return None
+        experts = max(part.shape[1] for part in self.routed.values())
+        out = torch.zeros((self.n_sets, n_layers, experts), dtype=torch.int64)
+        for layer, part in self.routed.items():
+            out[:, layer, : part.shape[1]] = part.cpu()
+        return distributed.all_reduce_sum(out)
 
 
 @torch.inference_mode()
@@ -157,9 +189,11 @@ def collect_sets(
     (default: the model's last); later layers' sums stay zero. Under torch.distributed each rank runs a strided
     slice of the prompts and the partial sums are all-reduced.
     """
-    projs = down_projs(model, spec)
-    n_layers = len(projs)
-    sums = _Sums(len(sets), shape_of(model.config.get_text_config()).intermediate_size, top_n)
+    layers = decoder_layers(model, spec)
+    n_layers = len(layers)
+    shape = shape_of(model.config.get_text_config())
+    width = shape.moe.layer_width(shape.intermediate_size) if shape.moe else shape.intermediate_size
+    sums = _Sums(len(sets), width, top_n)
     last = n_layers - 1 if last_layer is None else last_layer
     recording = [False]  # the shared prefix runs first and is not recorded
 
@@ -178,8 +212,9 @@ def collect_sets(
         prefix = 0
     device = input_device(model)
     # The pass ends at the last layer's down_proj, where only the final token is read: its MLP runs on that one.
-    with pre_hooks(dict(enumerate(projs[: last + 1])), capture), pre_hooks({last: mlp_of(model, spec, last)},
-                                                                             lambda _, x: x[:, -1:]):  # fmt: skip
+    with _capture(model, spec, shape, last, sums, recording, capture), pre_hooks(
+        {last: mlp_of(model, spec, last)}, lambda _, x: x[:, -1:]
+    ):
         cache = _prefix_cache(model, mine[0][:prefix], device) if prefix else None
         recording[0] = True
         todo = batches([ids[prefix:] for ids in mine], batch_size, pad_id)
@@ -191,6 +226,25 @@ def collect_sets(
                 past.batch_repeat_interleave(ids.shape[0])
             _forward(model, ids, mask, prefix, past, device)
     return sums.stats([len(prompts) for prompts in sets], n_layers)
+
+
+def _capture(model: nn.Module, spec: ArchSpec, shape, last: int, sums: _Sums, recording: list, capture):
+    """The capture hooks: `down_proj` pre-hooks of a dense model; for an MoE model, every unit of every layer
+    (attribution/experts.py) and a forward hook that ends the pass after the last layer's MLP block."""
+    if shape.moe is None:
+        return pre_hooks(dict(enumerate(down_projs(model, spec)[: last + 1])), capture)
+
+    def add(layer: int, act: torch.Tensor, **kwargs) -> None:
+        if recording[0]:
+            sums.add(layer, act, **kwargs)
+
+    def stop(_module: nn.Module, _args: tuple, _out: torch.Tensor) -> None:
+        raise _StopForward
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(capture_units(decoder_layers(model, spec), spec, shape, last, add, lambda: len(sums.labels) if recording[0] else 0))
+    stack.callback(mlp_of(model, spec, last).register_forward_hook(stop).remove)
+    return stack
 
 
 def _prefix_cache(model: nn.Module, prefix: list[int], device: torch.device) -> DynamicCache:

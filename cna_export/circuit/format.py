@@ -20,11 +20,13 @@ from cna_export import __version__
 from cna_export.arch import ModelShape, compatible
 from cna_export.circuit.selection import Selection, Strict
 from cna_export.errors import CircuitError
-from cna_export.fold.scale import LayerEdits, check_multiplier, group_by_layer
+from cna_export.fold.scale import LayerEdits, UnitEdits, check_multiplier, group_by_unit
 from cna_export.io.output import write_text_atomic
 
 FORMAT = "cna-circuit"
-FORMAT_VERSION = 1
+# Version 2 (issue 15) adds neurons inside experts: `Neuron.expert`, the model's expert sizes and `routing`. A
+# circuit with none of them is still written as version 1, byte for byte as before; both versions load.
+FORMAT_VERSION = 2
 # Sizes and indices beyond this are damage, not models; without a bound they would overflow int64 tensors.
 MAX_SIZE = 2**31
 
@@ -32,6 +34,10 @@ MAX_SIZE = 2**31
 
 class Neuron(Strict):
     layer: int = Field(ge=0, lt=MAX_SIZE, description="Decoder layer index.")
+    expert: int | Literal["shared"] | None = Field(
+        default=None,
+        description="None: a dense MLP; an int: that routed expert of the layer; 'shared': the shared expert.",
+    )
     index: int = Field(ge=0, lt=MAX_SIZE, description="Neuron index inside the layer's MLP (column of down_proj).")
     delta: float = Field(description="mean(positive) - mean(negative) of the neuron's activation at the last token.")
     multiplier: float | None = Field(default=None, description="Per-neuron multiplier; None uses the circuit's.")
@@ -51,6 +57,42 @@ class ModelIdentity(Strict):
     num_layers: int = Field(gt=0, lt=MAX_SIZE, description="Decoder layers.")
     intermediate_size: int = Field(gt=0, lt=MAX_SIZE, description="MLP neurons per layer.")
     hidden_size: int = Field(gt=0, lt=MAX_SIZE, description="Residual width.")
+    # Mixtures of experts (format version 2).
+    num_experts: int | None = Field(default=None, gt=0, lt=MAX_SIZE, description="Routed experts per MoE layer.")
+    expert_size: int | None = Field(default=None, gt=0, lt=MAX_SIZE, description="Neurons per routed expert.")
+    shared_expert_size: int | None = Field(default=None, ge=0, lt=MAX_SIZE, description="Shared expert neurons.")
+    dense_layers: list[int] | None = Field(default=None, description="Layers of an MoE model with a dense MLP.")
+
+
+_MOE_IDENTITY = ("num_experts", "expert_size", "shared_expert_size", "dense_layers")
+
+
+def moe_fields(shape: ModelShape) -> dict[str, Any]:
+    """The `ModelIdentity` fields of an MoE model's experts (none for a dense model)."""
+    moe = shape.moe
+    if moe is None:
+        return {}
+    return {"num_experts": moe.num_experts, "expert_size": moe.width, "shared_expert_size": moe.shared,
+            "dense_layers": sorted(moe.dense_layers)}  # fmt: skip
+
+
+class ExpertRouting(Strict):
+    """How often the last token of each prompt set was routed to one expert of the circuit (format version 2)."""
+
+    layer: int = Field(ge=0, lt=MAX_SIZE, description="Decoder layer.")
+    expert: int | Literal["shared"] = Field(description="Routed expert (or 'shared', which sees every token).")
+    routed: dict[str, int] = Field(description="Prompt set -> prompts whose last token was routed to the expert.")
+
+
+class Routing(Strict):
+    """What a neuron's activation means inside an expert, and the routing coverage of the selected experts."""
+
+    activation: Literal["router_weight_x_down_input"] = Field(
+        default="router_weight_x_down_input",
+        description="At the last token: the expert's router weight times the neuron's input to the expert's "
+        "down projection (0 when the token is not routed there); the shared expert's weight is its sigmoid gate.",
+    )
+    coverage: list[ExpertRouting] = Field(default_factory=list, description="Per selected expert.")
 
 
 class RecordedSelection(Selection):
@@ -72,6 +114,11 @@ class RecordedSelection(Selection):
             data = {**data, "universal": data.get("universal_threshold") is not None}
             if data.get("universal_threshold") is None:
                 data.pop("universal_threshold", None)
+        # A "before" validator turns JSON input into Python objects, where strict mode takes no list for a tuple:
+        # without this a circuit with universal exclusions could not be loaded.
+        if isinstance(data, dict) and isinstance(data.get("universal_excluded"), list):
+            data = {**data, "universal_excluded": [tuple(x) if isinstance(x, list) else x
+                                                   for x in data["universal_excluded"]]}  # fmt: skip
         return data
 
 
@@ -88,7 +135,7 @@ class StackedSource(Strict):
 
 class Circuit(Strict):
     format: Literal["cna-circuit"] = FORMAT
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1, 2] = 1  # raised to FORMAT_VERSION (2) by validation when the circuit has experts
     tool_version: str = Field(default=__version__, description="cna-export version that wrote the file.")
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     behaviour: str = Field(default="custom", description="What the positive prompts elicit, e.g. 'refusal'.")
@@ -98,38 +145,69 @@ class Circuit(Strict):
     prompts: dict[str, PromptSet] = Field(description="positive, negative and neutral prompt sets.")
     selection: RecordedSelection
     neurons: list[Neuron]
+    routing: Routing | None = Field(default=None, description="MoE attribution: activation and routing coverage.")
     sources: list[StackedSource] | None = Field(
         default=None, description="The circuits this one stacks (a neuron in several gets the product)."
     )
 
     @model_validator(mode="after")
     def _check(self) -> Circuit:
-        seen = Counter((n.layer, n.index) for n in self.neurons)
+        seen = Counter((n.layer, n.expert, n.index) if n.expert is not None else (n.layer, n.index)
+                       for n in self.neurons)  # fmt: skip
         dup = [key for key, count in seen.items() if count > 1]
         if dup:
-            raise ValueError(f"neuron (layer, index) {dup[0]} is listed twice")
+            raise ValueError(f"neuron {'(layer, expert, index)' if len(dup[0]) == 3 else '(layer, index)'} "
+                             f"{dup[0]} is listed twice")  # fmt: skip
         for n in self.neurons:
-            if n.layer >= self.model.num_layers or n.index >= self.model.intermediate_size:
-                raise ValueError(f"neuron ({n.layer}, {n.index}) lies outside the model it claims")
+            if n.layer >= self.model.num_layers or n.index >= self._width(n.expert):
+                raise ValueError(f"neuron {self._key(n)} lies outside the model it claims")
             if not math.isfinite(n.delta) or (n.multiplier is not None and not math.isfinite(n.multiplier)):
                 raise ValueError(f"neuron ({n.layer}, {n.index}) has a non-finite value")
         if not math.isfinite(self.multiplier):
             raise ValueError("multiplier is not finite")
+        if self.is_moe:
+            object.__setattr__(self, "format_version", 2)
         return self
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the circuit needs format version 2 (experts in the model or among its neurons)."""
+        return bool(self.model.num_experts or self.routing or any(n.expert is not None for n in self.neurons))
+
+    def _width(self, expert: int | str | None) -> int:
+        """Neurons of the unit `expert` of a layer (0 when the model has no such expert)."""
+        me = self.model
+        if expert is None:
+            return me.intermediate_size
+        if expert == "shared":
+            return me.shared_expert_size or 0
+        return me.expert_size or 0 if me.num_experts and expert < me.num_experts else 0
+
+    @staticmethod
+    def _key(n: Neuron) -> tuple:
+        return (n.layer, n.index) if n.expert is None else (n.layer, n.expert, n.index)
 
     # Use ---------------------------------------------------------------------------------------------------
 
     def edits(self, multiplier: float | None = None, allow_negative: bool = False) -> LayerEdits:
-        """Per-layer (indices, multipliers). `multiplier` overrides every neuron's multiplier."""
-        triples = []
-        for n in self.neurons:
-            m = (
-                multiplier
-                if multiplier is not None
-                else (n.multiplier if n.multiplier is not None else self.multiplier)
+        """Per-layer (indices, multipliers). `multiplier` overrides every neuron's multiplier.
+
+        Only for circuits of dense MLPs: a circuit with expert neurons refuses (use `unit_edits`), so that no
+        consumer skips experts silently."""
+        if any(n.expert is not None for n in self.neurons):
+            raise CircuitError(
+                "This circuit has neurons inside experts, which this operation does not handle.",
+                "use export (safetensors) for mixture-of-experts circuits.",
             )
-            triples.append((n.layer, n.index, check_multiplier(m, allow_negative)))
-        return group_by_layer(triples)
+        return {layer: edit for (layer, _), edit in self.unit_edits(multiplier, allow_negative).items()}
+
+    def unit_edits(self, multiplier: float | None = None, allow_negative: bool = False) -> UnitEdits:
+        """(layer, expert) -> (indices, multipliers); expert None for dense MLPs. `multiplier` overrides all."""
+        quads = []
+        for n in self.neurons:
+            m = multiplier if multiplier is not None else (n.multiplier if n.multiplier is not None else self.multiplier)
+            quads.append((n.layer, n.expert, n.index, check_multiplier(m, allow_negative)))
+        return group_by_unit(quads)
 
     def check_fits(
         self, model_type: str, shape: ModelShape, weights_sha256: str | None = None, force: bool = False
@@ -145,6 +223,14 @@ class Circuit(Strict):
             raise CircuitError(
                 f"Circuit was made for {me.num_layers} layers x {me.intermediate_size} neurons, "
                 f"this model has {shape.num_layers} x {shape.intermediate_size}.",
+                "discover a circuit on this model.",
+            )
+        moe = shape.moe
+        mine = (me.num_experts, me.expert_size, me.shared_expert_size or 0, sorted(me.dense_layers or []))
+        theirs = (moe.num_experts, moe.width, moe.shared, sorted(moe.dense_layers)) if moe else (None, None, 0, [])
+        if self.is_moe and mine != theirs:
+            raise CircuitError(
+                f"Circuit was made for experts (count, width, shared, dense layers) {mine}, this model has {theirs}.",
                 "discover a circuit on this model.",
             )
         if weights_sha256 and me.weights_sha256 and weights_sha256 != me.weights_sha256 and not force:
@@ -173,16 +259,39 @@ class Circuit(Strict):
             "layer  neurons",
         ]
         lines += [f"{layer:5d}  {count:7d}" for layer, count in circuit.layer_counts().items()]
+        if self.is_moe:
+            lines += ["", *self._expert_table()]
         lines += ["", f"top {min(top, len(circuit.neurons))} by |delta|:", "layer  index        delta"]
         ranked = sorted(circuit.neurons, key=lambda n: -abs(n.delta))[:top]
-        lines += [f"{n.layer:5d}  {n.index:5d}  {n.delta:+11.5f}" for n in ranked]
+        lines += [f"{n.layer:5d}  {n.index:5d}  {n.delta:+11.5f}" + ("" if n.expert is None else f"  expert {n.expert}")
+                  for n in ranked]  # fmt: skip
         return "\n".join(lines)
+
+    def expert_counts(self) -> dict[tuple[int, int | str | None], int]:
+        """(layer, expert) -> neurons of the circuit there (expert None: a dense MLP)."""
+        counts = Counter((n.layer, n.expert) for n in self.neurons)
+        return {k: counts[k] for k in group_by_unit((l, e, 0, 1.0) for l, e in counts)}
+
+    def _expert_table(self) -> list[str]:
+        """Neurons per (layer, expert), with how many prompts of each set were routed there."""
+        routed = {(r.layer, r.expert): r.routed for r in (self.routing.coverage if self.routing else [])}
+        sets = sorted({k for r in routed.values() for k in r})
+        lines = ["layer  expert  neurons" + "".join(f"  routed {k}" for k in sets)]
+        for (layer, expert), count in self.expert_counts().items():
+            cover = routed.get((layer, expert), {})
+            where = "dense" if expert is None else str(expert)
+            lines.append(f"{layer:5d}  {where:>6}  {count:7d}" + "".join(
+                f"  {cover.get(k, '-'):>{7 + len(k)}}" for k in sets))  # fmt: skip
+        return lines
 
     # Files -------------------------------------------------------------------------------------------------
 
     def to_json(self) -> str:
         # A circuit that stacks nothing is written as before (same bytes, same sha256).
-        return self.model_dump_json(indent=1, exclude=None if self.sources is not None else {"sources"})
+        exclude: dict = {} if self.sources is not None else {"sources": True}
+        if not self.is_moe:  # a dense circuit stays version 1, byte for byte
+            exclude |= {"routing": True, "model": set(_MOE_IDENTITY), "neurons": {"__all__": {"expert"}}}
+        return self.model_dump_json(indent=1, exclude=exclude or None)
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -18,10 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from cna_export import __version__
+from cna_export.arch.experts import SHARED, ExpertKey
+from cna_export.arch.sites import Site
 from cna_export.arch.spec import ArchSpec, ModelShape
 from cna_export.circuit.format import Circuit
 from cna_export.errors import ArchitectureError
-from cna_export.fold.scale import LayerEdits, fold_site_
+from cna_export.fold.scale import LayerEdits, UnitEdits, fold_site_
 from cna_export.io.checkpoint import INDEX_NAME, CheckpointReader, side_files
 from cna_export.io.hashing import BackgroundHasher, StreamHash
 from cna_export.io.output import check_free_space, check_output_path, staged_output, temp_sibling
@@ -36,23 +39,69 @@ Target = Literal["down", "up"]
 EXPORT_MARKER = "circuit.json"
 
 
-def planned_edits(spec: ArchSpec, shape: ModelShape, edits: LayerEdits, target: Target = "down") -> dict[str, Callable]:
-    """Tensor name -> in-place edit for every tensor a circuit changes (the target's site in the checkpoint)."""
-    site = spec.site(target)
-    return {
-        site.name(layer): partial(fold_site_, site=site, width=shape.intermediate_size, index=index, multiplier=mult)
-        for layer, (index, mult) in edits.items()
-    }
+def unit_site(spec: ArchSpec, shape: ModelShape, layer: int, expert: ExpertKey, target: Target) -> tuple[Site, int]:
+    """(checkpoint site, width) of one unit: a dense MLP (expert None), a routed expert, or the shared expert."""
+    if expert is None:
+        return spec.site(target), shape.intermediate_size
+    if spec.experts is None or shape.moe is None or layer in shape.moe.dense_layers:
+        raise ArchitectureError(
+            f"Layer {layer} of this {spec.model_type} model has no experts, but the circuit names expert {expert}.",
+            "use a circuit discovered on this model.",
+        )
+    moe = shape.moe
+    if expert != SHARED and not 0 <= expert < moe.num_experts or expert == SHARED and not moe.shared:
+        raise ArchitectureError(f"This model has no expert {expert!r} in layer {layer}.", "use a circuit of this model.")
+    return spec.experts.site(target, expert), moe.shared if expert == SHARED else moe.width
+
+
+def _compose(edits: list[Callable]) -> Callable:
+    """One in-place edit that applies several (the experts of one layer stacked in one 3-D tensor)."""
+
+    def edit(tensor):
+        for fn in edits:
+            fn(tensor)
+
+    return edit
+
+
+def planned_edits(
+    spec: ArchSpec, shape: ModelShape, edits: LayerEdits | UnitEdits, target: Target = "down"
+) -> dict[str, Callable]:
+    """Tensor name -> in-place edit for every tensor a circuit changes (the target's site in the checkpoint).
+
+    `edits` is keyed by layer (dense) or by (layer, expert); each unit's neurons are folded where its site says
+    (a per-expert 2-D tensor, a slice of a 3-D tensor that stacks experts, or the dense MLP)."""
+    by_name: dict[str, list[Callable]] = {}
+    for key, (index, mult) in edits.items():
+        layer, expert = key if isinstance(key, tuple) else (key, None)
+        site, width = unit_site(spec, shape, layer, expert, target)
+        fn = partial(fold_site_, site=site, width=width, index=index, multiplier=mult)
+        if site.expert_axis is not None:
+            fn = partial(fn, expert=expert)
+        by_name.setdefault(site.name(layer, expert), []).append(fn)
+    return {name: fns[0] if len(fns) == 1 else _compose(fns) for name, fns in by_name.items()}
+
+
+def _expected_shapes(spec: ArchSpec, shape: ModelShape, edits: LayerEdits | UnitEdits, target: Target) -> dict:
+    """Tensor name -> the shape config.json implies for it."""
+    out = {}
+    for key in edits:
+        layer, expert = key if isinstance(key, tuple) else (key, None)
+        site, width = unit_site(spec, shape, layer, expert, target)
+        experts = shape.moe.num_experts if shape.moe else None
+        out[site.name(layer, expert)] = site.expected_shape(replace(shape, intermediate_size=width), experts)
+    return out
 
 
 def check_targets(
-    reader: CheckpointReader, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, target: Target = "down"
-) -> dict[str, Callable]:
+    reader: CheckpointReader, spec: ArchSpec, shape: ModelShape, edits: LayerEdits | UnitEdits,
+    target: Target = "down",
+) -> dict[str, Callable]:  # fmt: skip
     """The planned edits, after checking that every tensor they touch exists with the shape config.json implies."""
     changes = planned_edits(spec, shape, edits, target)
-    expected = spec.site(target).expected_shape(shape)
+    shapes = _expected_shapes(spec, shape, edits, target)
     for name in changes:
-        entry = reader.entry(name)
+        entry, expected = reader.entry(name), shapes[name]
         if entry.shape != expected:
             raise ArchitectureError(
                 f"{name} has shape {list(entry.shape)} but config.json implies {list(expected)}.",
@@ -61,7 +110,9 @@ def check_targets(
     return changes
 
 
-def preflight(source: Source, out: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, target: Target) -> None:
+def preflight(
+    source: Source, out: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits | UnitEdits, target: Target
+) -> None:
     """Check everything that can be checked before writing: weight headers, target shapes, side files, space.
 
     A bad input then fails before any byte is written, and a disk that is too small fails before a multi-GB
@@ -78,7 +129,7 @@ def preflight(source: Source, out: Path, spec: ArchSpec, shape: ModelShape, edit
 
 
 def write_folded(
-    src: Path, dst: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, metadata: dict[str, str],
+    src: Path, dst: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits | UnitEdits, metadata: dict[str, str],
     target: Target = "down", hash_stream: Callable[[Path], StreamHash] | None = None,
 ) -> None:  # fmt: skip
     """Write the folded weights of folder `src` into the existing folder `dst`, plus the side files.
@@ -164,7 +215,7 @@ def apply_circuit(
     """
     out = Path(out)
     spec, shape, config = describe(source)
-    edits = circuit.edits(multiplier, allow_negative)
+    edits = circuit.unit_edits(multiplier, allow_negative)
     check_output_path(out, source.path, overwrite, marker=EXPORT_MARKER)
     if base_model is not None:
         check_repo_id(base_model)  # before the export, not after it

@@ -15,8 +15,10 @@ import torch
 from cna_export.arch.sites import Site
 from cna_export.errors import CircuitError
 
-# layer -> (neuron indices, multipliers), the form every consumer of a circuit uses.
+# layer -> (neuron indices, multipliers), the form every consumer of a dense circuit uses.
 LayerEdits = dict[int, tuple[torch.Tensor, torch.Tensor]]
+# (layer, expert) -> (neuron indices, multipliers): expert None (dense MLP), an int (routed) or "shared".
+UnitEdits = dict[tuple[int, int | str | None], tuple[torch.Tensor, torch.Tensor]]
 
 
 def check_multiplier(m: float, allow_negative: bool = False) -> float:
@@ -44,6 +46,16 @@ def group_by_layer(neurons: Iterable[tuple[int, int, float]]) -> LayerEdits:
             torch.tensor([m for _, m in items], dtype=torch.float32),
         )
     return edits
+
+
+def group_by_unit(neurons: Iterable[tuple[int, int | str | None, int, float]]) -> UnitEdits:
+    """Turn (layer, expert, index, multiplier) into per-(layer, expert) index/multiplier tensors; dense units
+    (expert None) sort first in each layer, then routed experts, then the shared one."""
+    by_unit: dict[tuple[int, int | str | None], list[tuple[int, int, float]]] = {}
+    for layer, expert, index, m in neurons:
+        by_unit.setdefault((layer, expert), []).append((layer, index, m))
+    order = sorted(by_unit, key=lambda k: (k[0], -1 if k[1] is None else (k[1] if isinstance(k[1], int) else 2**40)))
+    return {unit: group_by_layer(by_unit[unit])[unit[0]] for unit in order}
 
 
 def scale_rows_(rows: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> None:

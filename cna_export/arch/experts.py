@@ -1,0 +1,131 @@
+"""Mixture-of-experts layers as data: where the neurons of routed and shared experts live, and how many there are.
+
+A neuron of an MoE model is identified by (layer, expert, index):
+
+* `expert = None`: a dense MLP (every layer of a dense model; the dense layers of an MoE model, e.g. Qwen MoE's
+  `mlp_only_layers` or DeepSeek's first layers). `index` is a column of `mlp.down_proj.weight`.
+* `expert = e` (0 <= e < num_experts): routed expert e. `index` is a column of that expert's down projection.
+* `expert = "shared"`: the shared expert that every token passes through (Qwen2-MoE `shared_expert`).
+
+On disk (safetensors) the families here keep one 2-D tensor per expert (`...experts.{e}.down_proj.weight`,
+Mixtral's `...experts.{e}.w2.weight`); transformers 5 fuses them on load into 3-D parameters
+(`mlp.experts.gate_up_proj` [E, 2n, hidden], `mlp.experts.down_proj` [E, hidden, n]) and has no per-expert Linear.
+Folding edits the on-disk tensors; attribution and runtime scaling read the fused parameters.
+
+For attribution every MoE layer is one row of `layer_width` columns: routed expert e's neuron j is column
+`e * width + j`, the shared expert's neuron j is `num_experts * width + j`; a dense layer uses the first
+`intermediate_size` columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cna_export.arch.sites import Site
+
+SHARED = "shared"
+# None: a dense MLP; an int: a routed expert; "shared": the shared expert.
+ExpertKey = int | Literal["shared"] | None
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """Where the experts of one MoE family live.
+
+    Attributes:
+        down, up: checkpoint sites of a routed expert (templates with `{i}` and `{e}`).
+        module: runtime module (relative to a decoder layer) holding the fused `gate_up_proj` [E, 2n, hidden]
+            (gate rows first) and `down_proj` [E, hidden, n]; its forward takes (hidden, top_k_index,
+            top_k_weights), which is where attribution reads the routing.
+        count_keys: config keys of the number of routed experts, first found wins (transformers 5 writes Qwen3-MoE's
+            `num_experts` as `num_local_experts`).
+        width_key: config key of each routed expert's width.
+        shared_down, shared_up: checkpoint sites of the shared expert (None: the family has none).
+        shared_hook: runtime module whose input is the shared expert's neurons.
+        shared_gate: runtime module whose sigmoid scales the shared expert's output (its "router weight").
+        shared_width_key: config key of the shared expert's width.
+    """
+
+    down: Site
+    up: Site
+    module: str = "mlp.experts"
+    count_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
+    width_key: str = "moe_intermediate_size"
+    shared_down: Site | None = None
+    shared_up: Site | None = None
+    shared_hook: str | None = None
+    shared_gate: str | None = None
+    shared_width_key: str | None = None
+
+    def site(self, target: str, expert: ExpertKey) -> Site:
+        """The checkpoint site of `target` ("down" or "up") of a routed or the shared expert."""
+        if expert == SHARED:
+            assert self.shared_down is not None and self.shared_up is not None
+            return self.shared_down if target == "down" else self.shared_up
+        return self.down if target == "down" else self.up
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """The sizes of an MoE model's experts (read from config.json)."""
+
+    num_experts: int
+    width: int
+    shared: int = 0
+    dense_layers: frozenset[int] = frozenset()
+
+    def units(self, layer: int, dense_width: int) -> list[tuple[ExpertKey, int]]:
+        """(expert key, width) of every neuron group of `layer`, in column order."""
+        if layer in self.dense_layers:
+            return [(None, dense_width)]
+        units: list[tuple[ExpertKey, int]] = [(e, self.width) for e in range(self.num_experts)]
+        return units + ([(SHARED, self.shared)] if self.shared else [])
+
+    def layer_width(self, dense_width: int) -> int:
+        """Columns of one attribution row: the widest layer (a dense layer may be wider than its experts)."""
+        moe = self.num_experts * self.width + self.shared
+        return max(moe, dense_width) if self.dense_layers else moe
+
+    def column(self, layer: int, expert: ExpertKey, index: int) -> int:
+        """The attribution column of neuron (layer, expert, index)."""
+        if expert is None or layer in self.dense_layers:
+            return index
+        return (self.num_experts if expert == SHARED else expert) * self.width + index
+
+    def neuron(self, layer: int, column: int) -> tuple[ExpertKey, int]:
+        """(expert, index) of attribution column `column` of `layer` (inverse of `column`)."""
+        if layer in self.dense_layers:
+            return None, column
+        e, j = divmod(column, self.width)
+        if e >= self.num_experts:
+            return SHARED, column - self.num_experts * self.width
+        return e, j
+
+    def valid(self, layer: int, column: int, dense_width: int) -> bool:
+        """Whether a column of the (padded) attribution row of `layer` is a neuron."""
+        if layer in self.dense_layers:
+            return column < dense_width
+        return column < self.num_experts * self.width + self.shared
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+
+def dense_layers(config: Any, num_layers: int) -> frozenset[int]:
+    """Layers of an MoE model that keep a dense MLP, from the config keys transformers uses for them."""
+    only = set(_get(config, "mlp_only_layers", None) or [])
+    step = _get(config, "decoder_sparse_step", 1) or 1
+    first = _get(config, "first_k_dense_replace", 0) or 0
+    return frozenset(i for i in range(num_layers) if i in only or (i + 1) % step != 0 or i < first)
+
+
+def expert_shape(spec: ExpertSpec, config: Any, num_layers: int) -> ExpertShape | None:
+    """The expert sizes of a model of this family, or None when the config has no experts."""
+    count = next((c for c in (_get(config, k) for k in spec.count_keys) if c is not None), None)
+    width = _get(config, spec.width_key)
+    if not isinstance(count, int) or not isinstance(width, int) or count <= 0 or width <= 0:
+        return None
+    shared = _get(config, spec.shared_width_key, 0) if spec.shared_width_key else 0
+    return ExpertShape(count, width, int(shared or 0), dense_layers(config, num_layers))

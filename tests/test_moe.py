@@ -1,0 +1,232 @@
+"""Mixtures of experts (issue 15): neurons (layer, expert, index), routed attribution, exact folds, audits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import MOE_ARCHS, run_cli
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cna_export.arch import arch_for
+from cna_export.arch.experts import SHARED
+from cna_export.attribution.collect import collect, encode_prompts
+from cna_export.attribution.experts import scaled_units
+from cna_export.attribution.hooks import decoder_layers
+from cna_export.attribution.select import attribute
+from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, PromptSet, RecordedSelection, moe_fields
+from cna_export.circuit.selection import Selection
+from cna_export.errors import CircuitError
+from cna_export.fold.export import apply_circuit
+from cna_export.io.checkpoint import CheckpointReader
+from cna_export.io.source import describe, identity, resolve
+
+PROMPTS = ["How do I bake bread?", "def add(a, b): return a + b", "Qu'est-ce que la photosynthese?"]
+POS = ["How do I bake bread?", "Explain how to make a paper airplane.", "Write a Python function", "Sure, first"]
+NEG = ["The quick brown fox jumps", "Wie spaet ist es?", "I cannot help with that request.", "0123456789 {}"]
+
+
+def moe_circuit(model_dir, neurons, multiplier: float = 0.0) -> Circuit:
+    """A hand-made circuit of (layer, expert, index) neurons for `model_dir`."""
+    _, shape, config = describe(resolve(str(model_dir)))
+    return Circuit(
+        multiplier=multiplier,
+        model=ModelIdentity(source=str(model_dir), model_type=config["model_type"], num_layers=shape.num_layers,
+                            intermediate_size=shape.intermediate_size, hidden_size=shape.hidden_size,
+                            **moe_fields(shape)),
+        prompts={"positive": PromptSet(count=0, sha256=""), "negative": PromptSet(count=0, sha256="")},
+        selection=RecordedSelection(top_k=len(neurons)),
+        neurons=[Neuron(layer=l, expert=e, index=i, delta=1.0) for l, e, i in neurons],
+    )  # fmt: skip
+
+
+def some_neurons(model_dir) -> list[tuple]:
+    """Neurons of every kind the model has: routed experts in two layers, the shared expert, a dense layer."""
+    shape = describe(resolve(str(model_dir)))[1]
+    moe = shape.moe
+    layers = [i for i in range(shape.num_layers) if i not in moe.dense_layers]
+    picked = [(layers[0], 0, 1), (layers[0], 0, moe.width - 1), (layers[0], 3, 2), (layers[-1], 1, 5)]
+    if moe.shared:
+        picked.append((layers[-1], SHARED, 3))
+    picked += [(i, None, 7) for i in sorted(moe.dense_layers)]
+    return picked
+
+
+def logits(model, tokenizer, prompts):
+    with torch.no_grad():
+        return [model(tokenizer(p, return_tensors="pt")["input_ids"]).logits for p in prompts]
+
+
+def manual_edit(model, spec, neurons, m: float) -> None:
+    """An independent weight edit on the in-memory (fused) parameters: column j of the unit's down projection."""
+    layers = decoder_layers(model, spec)
+    with torch.no_grad():
+        for layer, expert, j in neurons:
+            mlp = layers[layer].mlp
+            if expert is None:
+                mlp.down_proj.weight[:, j] *= m
+            elif expert == SHARED:
+                mlp.shared_expert.down_proj.weight[:, j] *= m
+            else:
+                mlp.experts.down_proj[expert, :, j] *= m
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_sites_match_checkpoint(moe_models, arch):
+    spec, shape, _ = describe(resolve(str(moe_models[arch])))
+    reader = CheckpointReader(moe_models[arch])
+    moe = shape.moe
+    assert moe is not None and moe.num_experts == 4
+    for layer in range(shape.num_layers):
+        for target in ("down", "up"):
+            if layer in moe.dense_layers:
+                site, width, units = spec.site(target), shape.intermediate_size, [None]
+            else:
+                site, width, units = spec.experts.site(target, 0), moe.width, range(moe.num_experts)
+            for e in units:
+                sub = type(shape)(shape.num_layers, width, shape.hidden_size)
+                assert reader.entry(site.name(layer, e)).shape == site.expected_shape(sub)
+            if moe.shared and layer not in moe.dense_layers:
+                site = spec.experts.site(target, SHARED)
+                sub = type(shape)(shape.num_layers, moe.shared, shape.hidden_size)
+                assert reader.entry(site.name(layer)).shape == site.expected_shape(sub)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+@pytest.mark.parametrize("m", [0.0, 0.5, 2.0])
+def test_export_equals_manual_edit(moe_models, tmp_path, arch, m):
+    """Exported logits == the source with the same expert columns scaled in memory; runtime scaling agrees;
+    every tensor outside the circuit's units is byte-identical."""
+    src = moe_models[arch]
+    neurons = some_neurons(src)
+    circuit = moe_circuit(src, neurons, m)
+    out = apply_circuit(resolve(str(src)), circuit, tmp_path / "out")
+    spec = arch_for(arch)
+    tok = AutoTokenizer.from_pretrained(src)
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    plain = logits(original, tok, PROMPTS)
+    with scaled_units(decoder_layers(original, spec), spec, circuit.unit_edits()):
+        hooked = logits(original, tok, PROMPTS)
+    assert all(torch.equal(a, b) for a, b in zip(plain, logits(original, tok, PROMPTS))), "restored after"
+    manual_edit(original, spec, neurons, m)
+    manual = logits(original, tok, PROMPTS)
+    edited = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    for e, h, ref, p in zip(logits(edited, tok, PROMPTS), hooked, manual, plain):
+        torch.testing.assert_close(e, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(e, p), "the edit should change the logits"
+    _, shape, _ = describe(resolve(str(src)))
+    touched = {(spec.experts.site("down", e) if e is not None else spec.site("down")).name(l, e)
+               for l, e, _ in neurons}  # fmt: skip
+    before, after = CheckpointReader(src), CheckpointReader(out)
+    for name, entry in before.entries.items():
+        raw_a = (src / entry.file).read_bytes()[entry.start : entry.end]
+        e2 = after.entries[name]
+        raw_b = (out / e2.file).read_bytes()[e2.start : e2.end]
+        assert (raw_a == raw_b) == (name not in touched), name
+
+
+def unfused_reference(model_dir, spec, prompts) -> torch.Tensor:
+    """Mean of w_e * act(gate_e x) * (up_e x) at the last token, from the on-disk per-expert 2-D tensors, one prompt
+    at a time: routing recomputed from the router weights, one loop over experts (no fused parameter)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    config = model.config
+    shape = describe(resolve(str(model_dir)))[1]
+    moe, ex = shape.moe, spec.experts
+    f = safe_open(str(model_dir / "model.safetensors"), "pt")
+    gate_name = ex.down.template.split(".experts.")[0] + ".gate.weight"
+    w1_name = ex.up.template.replace("up_proj", "gate_proj").replace("w3", "w1")
+    rows = []
+    for ids in encode_prompts(tok, prompts):
+        xs = {}
+        hooks = [layer.mlp.register_forward_pre_hook(lambda _m, a, i=i, xs=xs: xs.__setitem__(i, a[0][0, -1]))
+                 for i, layer in enumerate(decoder_layers(model, spec))]  # fmt: skip
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+        for h in hooks:
+            h.remove()
+        row = torch.zeros(shape.num_layers, moe.layer_width(shape.intermediate_size), dtype=torch.float64)
+        for i, x in xs.items():
+            if i in moe.dense_layers:
+                continue
+            probs = torch.softmax(x @ f.get_tensor(gate_name.format(i=i)).T, -1)
+            top = probs.topk(config.num_experts_per_tok)
+            weights = top.values / top.values.sum() if getattr(config, "norm_topk_prob", True) else top.values
+            for w, e in zip(weights.tolist(), top.indices.tolist()):
+                gate = f.get_tensor(w1_name.format(i=i, e=e)) @ x
+                up = f.get_tensor(ex.up.name(i, e)) @ x
+                row[i, e * moe.width : (e + 1) * moe.width] = (w * torch.nn.functional.silu(gate) * up).double()
+        rows.append(row)
+    return torch.stack(rows).mean(0), model, tok
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_capture_equals_unfused_loop_and_batching(moe_models, arch):
+    """The capture on the fused experts equals an unfused per-expert loop over the checkpoint tensors, and is the
+    same for every batch size (left padding)."""
+    spec = arch_for(arch)
+    ref, model, tok = unfused_reference(moe_models[arch], spec, POS)
+    moe = describe(resolve(str(moe_models[arch])))[1].moe
+    enc = encode_prompts(tok, POS)
+    assert len({len(e) for e in enc}) > 2, "prompts should differ in length so padding is exercised"
+    for batch in (1, 3, 4):
+        stats = collect(model, spec, enc, batch, tok.pad_token_id)
+        mean = stats.mean.clone()
+        for i in moe.dense_layers:
+            mean[i] = 0
+        torch.testing.assert_close(mean, ref, rtol=1e-4, atol=1e-5)
+        assert stats.routed is not None and int(stats.routed.sum(-1).max()) == len(POS) * 2  # top-2 per prompt
+
+
+def test_attribute_is_batch_invariant_and_records_routing(moe_models):
+    src = moe_models["qwen2_moe"]
+    source = resolve(str(src))
+    spec, shape, config = describe(source)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(src)
+    model_id = identity(source, config, shape)
+    runs = [attribute(model, tok, spec, model_id, POS, NEG, NEG, Selection(batch_size=b, universal=True))
+            for b in (1, 4)]  # fmt: skip
+    torch.testing.assert_close(runs[0].delta, runs[1].delta, rtol=1e-5, atol=1e-7)
+    assert torch.equal(runs[0].excluded, runs[1].excluded)
+    circuit = runs[1].circuit(12)
+    assert circuit.format_version == 2 and any(n.expert is not None for n in circuit.neurons)
+    assert circuit.routing.activation == "router_weight_x_down_input"
+    routed = {(r.layer, r.expert) for r in circuit.routing.coverage}
+    assert routed == {(n.layer, n.expert) for n in circuit.neurons if n.expert is not None}
+    for r in circuit.routing.coverage:
+        assert 0 <= r.routed["positive"] <= len(POS)
+    assert "expert" in circuit.summary()
+    again = Circuit.model_validate_json(circuit.to_json())
+    assert again.neurons == circuit.neurons and again.routing == circuit.routing
+
+
+def test_circuit_versions(moe_models, tiny_models, tmp_path):
+    """A dense circuit is still written as version 1 (no `expert` keys); version 1 loads; MoE circuits are version 2
+    and refuse the dense-only `edits()`; an expert outside the model is refused on load."""
+    from conftest import make_circuit
+
+    dense = make_circuit(tiny_models["llama"], [(0, 1)])
+    data = json.loads(dense.to_json())
+    assert data["format_version"] == 1 and "expert" not in data["neurons"][0] and "routing" not in data
+    dense.save(tmp_path / "v1.json")
+    assert Circuit.load(tmp_path / "v1.json").neurons[0].expert is None
+    moe = moe_circuit(moe_models["qwen2_moe"], [(1, 2, 3), (1, SHARED, 4)])
+    data = json.loads(moe.to_json())
+    assert data["format_version"] == 2 and data["neurons"][1]["expert"] == "shared"
+    with pytest.raises(CircuitError, match="experts"):
+        moe.edits()
+    data["neurons"][0]["expert"] = 9
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(CircuitError, match="outside"):
+        Circuit.load(tmp_path / "bad.json")
+
+
+def test_cli_inspect_shows_experts(moe_models, tmp_path):
+    path = tmp_path / "c.json"
+    moe_circuit(moe_models["qwen3_moe"], some_neurons(moe_models["qwen3_moe"])).save(path)
+    out = run_cli("inspect", str(path)).stdout
+    assert "expert" in out and "dense" in out
