@@ -139,6 +139,24 @@ def _cap_skip_last(selection: Selection, num_layers: int) -> Selection:
     return selection.model_copy(update={"skip_last_layers": room})
 
 
+def prepare(shape: ModelShape, selection: Selection) -> tuple[Selection, int | None, int]:
+    """Check the skipped layers and cap `skip_last_layers`; returns (selection, top_n for the neutral set or None
+    when it is not needed, the last layer the forward passes must reach)."""
+    if selection.skip_first_layers >= shape.num_layers:
+        raise RecipeError(
+            f"skip_first_layers={selection.skip_first_layers} skips all {shape.num_layers} layers.",
+            "skip fewer layers.",
+        )
+    selection = _cap_skip_last(selection, shape.num_layers)
+    top_n = None
+    if selection.universal or selection.specificity:
+        # The top-n of an MoE layer is taken per expert, among the prompts routed to it (collect.py).
+        unit = shape.moe.width if shape.moe is not None else shape.intermediate_size
+        top_n = selection.universal_top_n or max(1, math.ceil(0.01 * unit))
+    # Layers skipped at the end are never selected: the forward passes stop before them.
+    return selection, top_n, shape.num_layers - 1 - selection.skip_last_layers
+
+
 def attribute(
     model: nn.Module,
     tokenizer,
@@ -150,40 +168,41 @@ def attribute(
     selection: Selection,
 ) -> Attribution:
     """Run the forward passes of CNA: deltas, skipped layers and universal neurons (no k yet)."""
-    shape = ModelShape(model_id.num_layers, model_id.intermediate_size, model_id.hidden_size)
-    if selection.skip_first_layers >= shape.num_layers:
-        raise RecipeError(
-            f"skip_first_layers={selection.skip_first_layers} skips all {shape.num_layers} layers.",
-            "skip fewer layers.",
-        )
-    selection = _cap_skip_last(selection, shape.num_layers)
+    shape = shape_of(model.config.get_text_config())  # with the experts of an MoE model
+    selection, top_n, last = prepare(shape, selection)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad_id = 0 if pad_id is None else pad_id
     sets = [encode_prompts(tokenizer, p, selection.chat_template) for p in (positive, negative)]
     prompts = {"positive": prompt_set(list(positive)), "negative": prompt_set(list(negative))}
     # The neutral prompts (universal neurons, specificity) run in the same passes as the contrast sets.
-    top_n = None
-    moe = shape_of(model.config.get_text_config()).moe
-    if selection.universal or selection.specificity:
-        # The top-n of an MoE layer is taken per expert, among the prompts routed to it (collect.py).
-        unit = moe.width if moe is not None else shape.intermediate_size
-        top_n = selection.universal_top_n or max(1, math.ceil(0.01 * unit))
+    if top_n:
         sets.append(encode_prompts(tokenizer, neutral, selection.chat_template))
         prompts["neutral"] = prompt_set(list(neutral))
-    # Layers skipped at the end are never selected: the forward passes stop before them.
-    last = shape.num_layers - 1 - selection.skip_last_layers
     stats = collect_sets(model, spec, sets, selection.batch_size, pad_id, top_n=top_n, desc="forward passes",
                          last_layer=last)  # fmt: skip
-    delta = stats[0].mean - stats[1].mean
+    weight = next(model.parameters())
+    return from_stats(
+        stats, selection, top_n, prompts, model_id, dtype=str(weight.dtype).removeprefix("torch."),
+        chat_template=selection.chat_template and bool(getattr(tokenizer, "chat_template", None)), moe=shape.moe,
+    )  # fmt: skip
 
+
+def from_stats(
+    stats: Sequence[SetStats], selection: Selection, top_n: int | None, prompts: dict[str, PromptSet],
+    model_id: ModelIdentity, *, dtype: str, chat_template: bool, moe: ExpertShape | None = None,
+) -> Attribution:  # fmt: skip
+    """The selection step of CNA on precomputed sums (positive, negative and, with `top_n`, neutral `SetStats`),
+    whichever backend ran the forward passes: deltas, skipped layers, universal neurons, the ranking score."""
+    num_layers = model_id.num_layers
+    delta = stats[0].mean - stats[1].mean
     excluded = torch.zeros_like(delta, dtype=torch.bool)
     if moe is not None:  # the padding columns of layers narrower than the attribution row (dense layers)
-        for layer in range(shape.num_layers):
-            excluded[layer] = torch.tensor([not moe.valid(layer, c, shape.intermediate_size)
+        for layer in range(num_layers):
+            excluded[layer] = torch.tensor([not moe.valid(layer, c, model_id.intermediate_size)
                                             for c in range(delta.shape[1])])  # fmt: skip
     excluded[: selection.skip_first_layers] = True
     if selection.skip_last_layers:
-        excluded[shape.num_layers - selection.skip_last_layers :] = True
+        excluded[num_layers - selection.skip_last_layers :] = True
     universal_list: list[tuple[int, int]] = []
     score = delta.abs()
     if top_n:
@@ -196,12 +215,10 @@ def attribute(
             top_n = None
         if selection.specificity:
             score = (score - selection.specificity * neutral_stats.abs_sums / neutral_stats.count).clamp(min=0)
-
-    weight = next(model.parameters())
+    routed = None
+    if moe is not None and all(s.routed is not None for s in stats):
+        routed = {name: s.routed for name, s in zip(prompts, stats)}
     return Attribution(
         delta=delta, score=score, excluded=excluded, universal=universal_list, top_n=top_n, prompts=prompts,
-        selection=selection,
-        model_id=model_id, dtype=str(weight.dtype).removeprefix("torch."),
-        chat_template=selection.chat_template and bool(getattr(tokenizer, "chat_template", None)),
-        moe=moe, routed=None if moe is None else {k: stats[n].routed for n, k in enumerate(prompts)},
+        selection=selection, model_id=model_id, dtype=dtype, chat_template=chat_template, moe=moe, routed=routed,
     )  # fmt: skip
