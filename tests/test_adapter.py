@@ -71,8 +71,9 @@ def _check_peft(model_dir: Path, circuit: Circuit, tmp_path: Path, target: str =
     written = load_file(ad / ADAPTER_WEIGHTS)
     held = get_peft_model_state_dict(peft)
     assert set(held) == set(written)  # every factor was loaded into a module, none ignored
-    for key, value in written.items():
-        assert torch.equal(held[key], value), key
+    for key, value in written.items():  # the one-hot factor is stored in bfloat16, exactly
+        assert torch.equal(held[key], value.to(held[key].dtype)), key
+    assert {v.dtype for v in written.values()} == {torch.float32, torch.bfloat16}
     torch.testing.assert_close(_logits(peft), ref, rtol=1e-5, atol=1e-5)
     merged = peft.merge_and_unload()
     torch.testing.assert_close(_logits(merged), ref, rtol=1e-5, atol=1e-5)
@@ -298,3 +299,27 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tiny_models, tmp_path, mo
     with pytest.raises(CnaExportError, match="No space left"):
         write_adapter(resolve(str(model_dir)), _circuit(model_dir), out, gguf=True)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "cna-tmp" in p.name]
+
+
+def test_cli_run_adapter_stacks_on_the_discovered_circuit(tiny_models, tmp_path):
+    """`run --adapter --circuit extra.json --gguf f32`: discovery, a stack of the two, an adapter folder."""
+    from peft import PeftModel
+
+    model_dir = tiny_models["qwen2"]
+    extra = make_circuit(model_dir, [(0, 1)], 3.0)
+    extra.behaviour = "french"
+    extra.save(tmp_path / "french.json")
+    out = tmp_path / "ad"
+    proc = run_cli("run", "refusal-ablate", "--model", str(model_dir), "--out", str(out), "--top-k", "6",
+                   "--skip-first-layers", "1", "--skip-last-layers", "0", "--specificity", "0", "--adapter",
+                   "--gguf", "f32", "--circuit", str(tmp_path / "french.json"))  # fmt: skip
+    assert "(LoRA adapter)" in proc.stdout and (out / gguf_name(out)).is_file()
+    written = Circuit.load(out / "circuit.json")
+    assert [s.file for s in written.sources] == ["refusal-ablate (discovered)", "french.json"]
+    assert len(written.neurons) == 7 and (out / "recipe.yaml").is_file()
+    peft = PeftModel.from_pretrained(_hf(model_dir), str(out)).eval()
+    folded = apply_circuit(resolve(str(model_dir)), written, tmp_path / "folded")
+    torch.testing.assert_close(_logits(peft), _logits(_hf(folded)), rtol=1e-5, atol=1e-5)
+    proc = run_cli("run", "refusal-ablate", "--model", str(model_dir), "--out", str(tmp_path / "x"), "--adapter",
+                   "--gguf", "q8_0", check=False)  # fmt: skip
+    assert proc.returncode == 2 and "written in f32" in proc.stderr and not (tmp_path / "x").exists()

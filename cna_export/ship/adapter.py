@@ -6,6 +6,7 @@ B holds the scaled columns `W[:, S] * (m - 1)` and A the one-hot rows that selec
 exact in float32 (each entry of `B @ A` is one product by 1). For the `up` target the roles swap: A holds the
 scaled rows `W[S, :] * (m - 1)` and B the one-hot columns. Each module gets the rank of its layer (PEFT's
 `rank_pattern`) and alpha equal to that rank (`alpha_pattern`), so PEFT's scaling alpha / r is 1 everywhere.
+The PEFT file stores the one-hot factor in bfloat16 (0 and 1 are exact there) and the scaled one in float32.
 
 The same factors make a GGUF LoRA for llama.cpp and Ollama. llama.cpp scales every adapter tensor by
 `s * alpha / rank` with one alpha per file, or by `s` alone when alpha is 0; the file says alpha 0, so scale s
@@ -20,15 +21,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from cna_export.arch.sites import Site
 from cna_export.arch.spec import ArchSpec, ModelShape
 from cna_export.circuit.format import Circuit
-from cna_export.errors import ArchitectureError, CheckpointError
+from cna_export.errors import ArchitectureError, CheckpointError, CircuitError
 from cna_export.fold.scale import LayerEdits
+from cna_export.io.source import Source
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,13 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # PEFT's names for the factors of module M in an adapter file (PeftModel.save_pretrained writes these keys).
 PEFT_PREFIX = "base_model.model."
+SELECTOR_DTYPE = torch.bfloat16  # the one-hot factor's dtype in the PEFT file (exact: its values are 0 and 1)
 GGUF_ALPHA = 0.0  # llama.cpp: alpha 0 means "scale by the user's s only", whatever each tensor's rank
 
 
 @dataclass(frozen=True)
 class LoraPair:
-    """The LoRA factors of one module: `delta W = b @ a` (PEFT's lora_B, lora_A), float32."""
+    """The LoRA factors of one module: `delta W = b @ a` (PEFT's lora_B, lora_A); the scaled factor float32."""
 
     module: str  # dotted module path, e.g. model.layers.3.mlp.down_proj
     gguf_tensor: str | None  # the base tensor's GGUF name, e.g. blk.3.ffn_down.weight
@@ -57,9 +59,12 @@ class LoraPair:
 
 
 def lora_factors(
-    weight: torch.Tensor, site: Site, width: int, index: torch.Tensor, multiplier: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA factors (A [k, in], B [out, k], float32) with `weight + B @ A` = `weight` with neurons `index` scaled.
+    weight: torch.Tensor, site: Site, width: int, index: torch.Tensor, multiplier: torch.Tensor,
+    selector_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """LoRA factors (A [k, in], B [out, k]) with `weight + B @ A` = `weight` with neurons `index` scaled.
+
+    The scaled factor is float32; the one-hot factor is `selector_dtype` (exact in any float type).
 
     Args:
         weight: the 2-D weight of a linear layer ([out, in], PyTorch order) that holds the neurons as `site` says.
@@ -67,6 +72,7 @@ def lora_factors(
         width: the MLP width n.
         index: the neurons (k of them).
         multiplier: their multipliers.
+        selector_dtype: dtype of the one-hot factor.
 
     Example:
         >>> a, b = lora_factors(w_down, spec.down, 11008, torch.tensor([5, 9]), torch.tensor([0.0, 2.0]))
@@ -79,7 +85,7 @@ def lora_factors(
         )
     index = index.to(torch.long)
     scaled = site.rows(weight, width)[index].to(torch.float32) * (multiplier.to(torch.float32) - 1).reshape(-1, 1)
-    selector = torch.zeros(len(index), weight.shape[site.axis], dtype=torch.float32)
+    selector = torch.zeros(len(index), weight.shape[site.axis], dtype=selector_dtype)
     selector[torch.arange(len(index)), index + site.offset(width)] = 1.0
     if site.axis == 1:  # neurons are inputs (columns): B = the scaled columns, A = the selector rows
         return selector, scaled.T.contiguous()
@@ -100,7 +106,11 @@ def module_name(spec: ArchSpec, site: Site, layer: int) -> str:
 
 
 def peft_tensors(pairs: list[LoraPair]) -> dict[str, torch.Tensor]:
-    """The adapter file's tensors under the keys PEFT writes and reads."""
+    """The adapter file's tensors under the keys PEFT writes and reads.
+
+    The pairs of `adapter_pairs` hold the one-hot factor in bfloat16, where 0 and 1 are exact, and the scaled one
+    in float32: the file is about half as large (the one-hot factor spans the MLP width) and loads into float32
+    modules unchanged."""
     out = {}
     for p in pairs:
         out[f"{PEFT_PREFIX}{p.module}.lora_A.weight"] = p.a
@@ -141,7 +151,8 @@ def adapter_pairs(folder: Path, spec: ArchSpec, shape: ModelShape, edits: LayerE
     same = (gguf_site.axis, gguf_site.part, gguf_site.parts) == (site.axis, site.part, site.parts)
     pairs = []
     for layer, (index, mult) in edits.items():
-        a, b = lora_factors(reader.tensor(site.name(layer)), site, shape.intermediate_size, index, mult)
+        weight = reader.tensor(site.name(layer))
+        a, b = lora_factors(weight, site, shape.intermediate_size, index, mult, SELECTOR_DTYPE)
         pairs.append(LoraPair(module_name(spec, site, layer), gguf_site.name(layer) if same else None, a, b))
     return pairs
 
@@ -179,8 +190,9 @@ def write_gguf_lora(path: Path, spec: ArchSpec, pairs: list[LoraPair], name: str
         writer.add_base_model_count(1)
         writer.add_base_model_repo_url(0, f"https://huggingface.co/{base_model}")
     for p in pairs:
-        writer.add_tensor(f"{p.gguf_tensor}.lora_a", p.a.numpy())
-        writer.add_tensor(f"{p.gguf_tensor}.lora_b", p.b.numpy())
+        # float32 both: ggml multiplies an f16/bf16 weight by activations rounded to that type, not exactly.
+        writer.add_tensor(f"{p.gguf_tensor}.lora_a", p.a.to(torch.float32).numpy())
+        writer.add_tensor(f"{p.gguf_tensor}.lora_b", p.b.to(torch.float32).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -192,8 +204,34 @@ def gguf_name(out: Path) -> str:
     return f"{Path(out).name}-lora-f32.gguf"
 
 
+def _checked(source: Source, circuit: Circuit, out: Path, multiplier: float | None, allow_negative: bool,
+             overwrite: bool, force: bool, base_model: str | None) -> tuple[ArchSpec, ModelShape, LayerEdits, str | None]:  # fmt: skip
+    """Every check before anything is read or written: (spec, shape, edits, the source weights' hash if taken)."""
+    from cna_export.fold.export import EXPORT_MARKER
+    from cna_export.io.output import check_output_path
+    from cna_export.io.source import describe, identity
+    from cna_export.ship.card import check_repo_id
+
+    if source.is_gguf:
+        raise CheckpointError(
+            f"{source.path} is a GGUF file; an adapter's factors are columns of the base model's own weights.",
+            "pass the safetensors model the GGUF was made from (the GGUF LoRA then loads on top of that GGUF).",
+        )
+    spec, shape, config = describe(source)
+    edits = circuit.edits(multiplier, allow_negative)
+    if not edits:
+        raise CircuitError("The circuit lists no neurons, so there is no adapter to write.", "pass another circuit.")
+    check_output_path(out, source.path, overwrite, marker=EXPORT_MARKER)
+    if base_model is not None:
+        check_repo_id(base_model)
+    # Hash the weights only when there is something to compare with (cached after discover), as apply does.
+    weights = identity(source, config, shape).weights_sha256 if circuit.model.weights_sha256 and not force else None
+    circuit.check_fits(config["model_type"], shape, weights, force)
+    return spec, shape, edits, weights
+
+
 def write_adapter(
-    source_ref: Any, circuit: Circuit, out: Path, *, multiplier: float | None = None, allow_negative: bool = False,
+    source: Source, circuit: Circuit, out: Path, *, multiplier: float | None = None, allow_negative: bool = False,
     overwrite: bool = False, force: bool = False, target: str = "down", gguf: bool = False,
     base_model: str | None = None, recipe_file: Path | None = None,
 ) -> Path:  # fmt: skip
@@ -203,7 +241,7 @@ def write_adapter(
     (README.md: `library_name: peft`, `base_model`) and, with `gguf`, `OUT-lora-f32.gguf` for llama.cpp / Ollama.
 
     Args:
-        source_ref: the base model (a resolved `Source`), safetensors: the factors are columns of its weights.
+        source: the base model (resolved), safetensors: the factors are columns of its weights.
         circuit: the (possibly stacked) circuit.
         multiplier, allow_negative, force, target, base_model, recipe_file: as for `apply_circuit`.
         gguf: also write the GGUF LoRA.
@@ -215,36 +253,22 @@ def write_adapter(
         >>> write_adapter(resolve("Qwen/Qwen2.5-0.5B-Instruct"), Circuit.load("c.json"), Path("no-refusal-lora"))
     """
     from cna_export.fold.export import EXPORT_MARKER
-    from cna_export.io.output import check_output_path, staged_output
-    from cna_export.io.source import describe, identity
+    from cna_export.io.output import staged_output
     from cna_export.ship.adapter_card import write_adapter_card
-    from cna_export.ship.card import check_repo_id, copy_recipe
+    from cna_export.ship.card import copy_recipe
+    from cna_export.ship.provenance import hub_origin
 
-    source, out = source_ref, Path(out)
-    if source.is_gguf:
-        raise CheckpointError(
-            f"{source.path} is a GGUF file; an adapter's factors are columns of the base model's own weights.",
-            "pass the safetensors model the GGUF was made from (the GGUF LoRA then loads on top of that GGUF).",
-        )
-    spec, shape, config = describe(source)
-    edits = circuit.edits(multiplier, allow_negative)
-    check_output_path(out, source.path, overwrite, marker=EXPORT_MARKER)
-    if base_model is not None:
-        check_repo_id(base_model)
-    weights = identity(source, config, shape).weights_sha256 if circuit.model.weights_sha256 and not force else None
-    circuit.check_fits(config["model_type"], shape, weights, force)
-    if not edits:
-        raise CheckpointError("The circuit lists no neurons, so there is no adapter to write.", "pass a circuit.")
+    out = Path(out)
+    spec, shape, edits, weights = _checked(source, circuit, out, multiplier, allow_negative, overwrite, force,
+                                           base_model)  # fmt: skip
     start = time.perf_counter()
     pairs = adapter_pairs(source.folder, spec, shape, edits, target)
     applied = circuit.model_copy(update={"multiplier": circuit.multiplier if multiplier is None else multiplier})
     if multiplier is not None:
         applied.neurons = [n.model_copy(update={"multiplier": None}) for n in circuit.neurons]
+    hub = hub_origin(source)
+    base = base_model or (hub[0] if hub else None)
     with staged_output(out, overwrite, marker=EXPORT_MARKER) as tmp:
-        from cna_export.ship.provenance import hub_origin
-
-        hub = hub_origin(source)
-        base = base_model or (hub[0] if hub else None)
         # A local path is not written into the config (it is published); --base-model names the Hub id.
         write_peft(tmp, pairs, base, hub[1] if hub else source.revision)
         if gguf:
