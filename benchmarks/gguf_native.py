@@ -36,13 +36,17 @@ def timed_cli(args: list[str]) -> dict:
     """Run `cna-export ARGS` in a fresh process; wall seconds and peak RSS (GNU time's maximum resident set)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "cna_export", *args]
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-2000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return {"wall_s": round(wall, 1), "peak_rss_gb": round(rss_kb / 1e6, 2)}
+    # CPU seconds too: on a shared 2-core machine the wall time depends on what else runs.
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", proc.stderr).group(1)) for kind in ("User", "System"))
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_gb": round(rss_kb / 1e6, 2),
+            "load_avg_before": round(load, 1)}
 
 
 def agreement(path: Path) -> dict:
@@ -71,12 +75,30 @@ def agreement(path: Path) -> dict:
     return {"k": k, "same_neurons_pct": round(100 * len(picked & wanted) / k, 1), "delta_correlation": round(float(corr), 4)}
 
 
-def bench(name: str, old: bool, agree: bool, work: Path) -> dict:
+def refusal_change(original: Path, edited: Path, n: int = 40) -> dict:
+    """Refusal rates of the original and the patched GGUF through llama.cpp on the recipe's held-out test prompts
+    (first `n` of each set, 24 greedy tokens), and the first-answer-token KL on the benign ones."""
+    from cna_export.circuit.recipe import load_recipe
+    from cna_export.evaluate.native import evaluate_gguf
+    from cna_export.evaluate.sweep import heldout_sets
+
+    recipe, base = load_recipe("refusal-ablate")
+    pos, neg = heldout_sets(recipe, base)
+    start = time.perf_counter()
+    result = evaluate_gguf(original, edited, pos[:n], neg[:n], "refusal", max_new_tokens=24, batch_size=8)
+    result.pop("answers")
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def bench(name: str, old: bool, agree: bool, work: Path, evaluate: bool = False) -> dict:
     path = MODELS[name]
     row: dict = {"model": path.name, "file_gb": round(path.stat().st_size / 1e9, 2)}
     out = work / f"{name}-new"
     row["gguf_native"] = timed_cli(["run", "refusal-ablate", "--model", str(path), "--out", str(out)])
     row["gguf_native"]["out_gb"] = round(sum(f.stat().st_size for f in out.iterdir()) / 1e9, 2)
+    if evaluate:
+        row["llama_cpp_eval"] = refusal_change(path, out / path.name)
     shutil.rmtree(out)
     if old:
         out = work / f"{name}-old"
@@ -85,6 +107,7 @@ def bench(name: str, old: bool, agree: bool, work: Path) -> dict:
         row["old_path"]["out_gb"] = round(sum(f.stat().st_size for f in out.iterdir()) / 1e9, 2)
         shutil.rmtree(out)
         row["speedup"] = round(row["old_path"]["wall_s"] / row["gguf_native"]["wall_s"], 2)
+        row["speedup_cpu"] = round(row["old_path"]["cpu_s"] / row["gguf_native"]["cpu_s"], 2)
     row["rss_minus_file_gb"] = round(row["gguf_native"]["peak_rss_gb"] - row["file_gb"], 2)
     if agree:
         row["agreement"] = agreement(path)
@@ -97,11 +120,13 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--no-old", nargs="*", default=[], help="models whose old-path run is skipped (too long)")
     p.add_argument("--no-agreement", nargs="*", default=[], help="models whose agreement check is skipped")
+    p.add_argument("--evaluate", nargs="*", default=[], help="models whose patched GGUF is evaluated in llama.cpp")
     args = p.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     with tempfile.TemporaryDirectory(prefix="gguf-native-") as tmp:
         for name in args.models:
-            results[name] = bench(name, name not in args.no_old, name not in args.no_agreement, Path(tmp))
+            results[name] = bench(name, name not in args.no_old, name not in args.no_agreement, Path(tmp),
+                                  name in args.evaluate)
             results[name]["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")
 
