@@ -230,3 +230,34 @@ def test_cli_inspect_shows_experts(moe_models, tmp_path):
     moe_circuit(moe_models["qwen3_moe"], some_neurons(moe_models["qwen3_moe"])).save(path)
     out = run_cli("inspect", str(path)).stdout
     assert "expert" in out and "dense" in out
+
+
+def test_diff_and_verify_recover_experts(moe_models, tmp_path):
+    """diff recovers (layer, expert, index) and the factor of every kind of neuron; verify is exact, and names the
+    expert when the edit does not match the circuit."""
+    from cna_export.audit.diff import diff, verify
+
+    src = moe_models["qwen3_moe"]
+    neurons = some_neurons(src)
+    circuit = moe_circuit(src, neurons, 0.5)
+    circuit.neurons[2] = circuit.neurons[2].model_copy(update={"multiplier": 2.0})
+    out = apply_circuit(resolve(str(src)), circuit, tmp_path / "out")
+    report = diff(str(src), str(out))
+    assert report.is_circuit_edit
+    recovered = report.circuit()
+    assert recovered.format_version == 2
+    got = {(n.layer, n.expert, n.index): n.multiplier or recovered.multiplier for n in recovered.neurons}
+    want = {(n.layer, n.expert, n.index): n.multiplier or 0.5 for n in circuit.neurons}
+    assert got == want
+    ok, why = verify(str(src), str(out), circuit)
+    assert ok, why
+    ok, why = verify(str(src), str(out), recovered)
+    assert ok, why
+    wrong = circuit.model_copy(update={"multiplier": 0.25})
+    ok, why = verify(str(src), str(out), wrong)
+    assert not ok and "scales it by 0.25" in why and "but it was scaled by 0.5" in why
+    fewer = circuit.model_copy(update={"neurons": [n for n in circuit.neurons if n.expert != 3]})
+    ok, why = verify(str(src), str(out), fewer)
+    assert not ok and "expert 3" in why, why
+    proc = run_cli("diff", str(src), str(out), "--verify", str(out / "circuit.json"))
+    assert proc.returncode == 0

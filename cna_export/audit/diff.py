@@ -29,7 +29,7 @@ from cna_export.arch import Site
 from cna_export.arch.spec import ModelShape
 from cna_export.audit.factors import as_bits, float_factors, quant_factors, scale_intervals
 from cna_export.audit.weights import CHUNK, Weights, open_pair, same_bytes
-from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, RecordedSelection
+from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, RecordedSelection, moe_fields
 from cna_export.errors import CircuitError
 from cna_export.fold.scale import fold_site
 
@@ -46,6 +46,7 @@ class NeuronChange:
     factor: float | None
     constant: bool  # one factor explains the whole column/row up to the rounding of the storage type
     exact: bool  # the fold of that factor reproduces the edited values exactly (quantized: up to f16 scale rounding)
+    expert: int | str | None = None  # MoE: the routed expert (or "shared"); None for a dense MLP
 
 
 # Diff ------------------------------------------------------------------------------------------------------------
@@ -83,12 +84,13 @@ class DiffReport:
         """True when every difference is a neuron scaled by one constant factor."""
         return all(c.kind in ("down", "up") for c in self.changes) and all(n.constant for n in self.neurons())
 
-    def multipliers(self) -> dict[tuple[int, int], float]:
-        """(layer, index) -> factor of the neuron; a neuron scaled in both down and up gets the product."""
-        out: dict[tuple[int, int], float] = {}
+    def multipliers(self) -> dict[tuple, float]:
+        """(layer, index), or (layer, expert, index) inside an expert, -> factor of the neuron; a neuron scaled in
+        both down and up gets the product."""
+        out: dict[tuple, float] = {}
         for n in self.neurons():
             if n.constant and n.factor is not None:
-                key = (n.layer, n.index)
+                key = (n.layer, n.index) if n.expert is None else (n.layer, n.expert, n.index)
                 out[key] = out.get(key, 1.0) * n.factor
         return out
 
@@ -103,10 +105,11 @@ class DiffReport:
         return Circuit(
             behaviour=behaviour, multiplier=default,
             model=ModelIdentity(source=self.original, model_type=self.model_type, num_layers=s.num_layers,
-                                intermediate_size=s.intermediate_size, hidden_size=s.hidden_size),
+                                intermediate_size=s.intermediate_size, hidden_size=s.hidden_size, **moe_fields(s)),
             prompts={}, selection=RecordedSelection(top_k=len(mults)),
-            neurons=[Neuron(layer=l, index=i, delta=0.0, multiplier=None if m == default else m)
-                     for (l, i), m in sorted(mults.items())],
+            neurons=[Neuron(layer=k[0], expert=k[1] if len(k) == 3 else None, index=k[-1], delta=0.0,
+                            multiplier=None if m == default else m)
+                     for k, m in sorted(mults.items(), key=lambda km: _order(km[0]))],
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,7 +143,7 @@ class DiffReport:
             layer = "" if c.layer is None else c.layer
             lines.append(f"{c.name:<{width}}  {c.kind:<{kw}}  {layer:>5}  {len(c.neurons):>7}  {factors or c.detail}")
         mults = self.multipliers()
-        layers = {l for l, _ in mults}
+        layers = {key[0] for key in mults}
         verdict = "a circuit edit" if self.is_circuit_edit else "NOT only a circuit edit"
         lines += ["", f"recovered: {len(mults)} neurons in {len(layers)} layers; the difference is {verdict}"]
         return "\n".join(lines)
@@ -169,7 +172,7 @@ def _tensor_change(a: Weights, b: Weights, name: str, role: tuple[str, int] | No
         return TensorChange(name, "other", detail=f"max |diff| {worst:.3g}")
     kind, layer = role
     site = a.site(name)
-    if site.parts > 1 and not _outside_equal(a.values(name), b.values(name), site, a.shape.intermediate_size):
+    if site.parts > 1 and not _outside_equal(a.values(name), b.values(name), site, a.width(name)):
         return TensorChange(name, "other", layer, detail="changed outside its neurons (another part of a fused tensor)")
     neurons = _neuron_changes(a, b, name, kind, layer)
     detail = "" if neurons else "bytes differ, values do not"
@@ -191,7 +194,8 @@ def _neuron_changes(a: Weights, b: Weights, name: str, kind: str, layer: int) ->
             changed = (o != e).any(1)
         idx = torch.nonzero(changed).flatten().tolist()
         facts = float_factors(o[idx], e[idx], quantized=qtype is not None) if idx else []
-    return [NeuronChange(layer, j, kind, f, c, x) for j, (f, c, x) in zip(idx, facts)]
+    expert = a.expert_of.get(name)
+    return [NeuronChange(layer, j, kind, f, c, x, expert) for j, (f, c, x) in zip(idx, facts)]
 
 
 def diff(original: str, edited: str) -> DiffReport:
@@ -240,7 +244,7 @@ def verify(original: str, edited: str, circuit: Circuit) -> tuple[bool, str]:
     Example:
         >>> ok, why = verify("./model", "./edited", Circuit.load("./edited/circuit.json"))
     """
-    edits = circuit.edits(allow_negative=True)
+    edits = circuit.unit_edits(allow_negative=True)  # (layer, expert) -> (indices, multipliers)
     with open_pair(original, edited) as (a, b):
         s, me = a.shape, circuit.model
         if (me.num_layers, me.intermediate_size) != (s.num_layers, s.intermediate_size):
@@ -253,32 +257,48 @@ def verify(original: str, edited: str, circuit: Circuit) -> tuple[bool, str]:
         with tqdm(total=sum(a.nbytes(n) for n in a.names), unit="B", unit_scale=True, desc="verify") as bar:
             for name in a.names:
                 role = a.mlp.get(name)
+                unit = None if role is None else (role[1], a.expert_of.get(name))
                 if a.meta(name) != b.meta(name):
                     return False, f"{name} changed type or shape ({a.meta(name)} -> {b.meta(name)})"
-                if (role is None or role[1] not in edits) and not same_bytes(a.raw(name), b.raw(name)):
-                    where = "" if role is None else f" (layer {role[1]} has no neurons in the circuit)"
+                if (unit not in edits) and not same_bytes(a.raw(name), b.raw(name)):
+                    where = "" if role is None else f" ({_unit_label(*unit)} has no neurons in the circuit)"
                     return False, f"{name} changed but the circuit does not touch it{where}"
-                if role is None or role[1] not in edits:
+                if unit not in edits:
                     bar.update(a.nbytes(name))
-            for layer, (index, mult) in edits.items():
-                pair = a.pair(layer)
+            for (layer, expert), (index, mult) in edits.items():
+                pair = a.pair(layer, expert)
+                if not pair:
+                    return False, f"the original has no tensors for {_unit_label(layer, expert)} of the circuit"
                 changed = {k: not same_bytes(a.raw(n), b.raw(n)) for k, n in pair.items()}
                 if len(changed) > 1 and all(changed.values()):  # an ungated MLP has only its down site
-                    return False, f"layer {layer}: both down_proj and up_proj changed; a fold changes one of them"
+                    return False, (f"{_unit_label(layer, expert)}: both down_proj and up_proj changed; a fold "
+                                   "changes one of them")  # fmt: skip
                 kind = "up" if changed.get("up") else "down"
-                reason = _check_layer(a, b, pair[kind], kind, layer, index, mult)
+                reason = _check_layer(a, b, pair[kind], kind, _unit_label(layer, expert), index, mult)
                 if reason:
                     return False, reason
                 bar.update(sum(a.nbytes(n) for n in pair.values()))
-    layers = len(edits)
+    layers = len({layer for layer, _ in edits})
     return True, (f"the edited model is the original with the circuit folded in ({len(circuit.neurons)} neurons in "
                   f"{layers} layers); every other tensor is byte-identical")  # fmt: skip
 
 
+def _unit_label(layer: int, expert: int | str | None = None) -> str:
+    """How messages name a unit: 'layer 3', or 'layer 3 expert 5' / 'layer 3 expert shared'."""
+    return f"layer {layer}" if expert is None else f"layer {layer} expert {expert}"
+
+
+def _order(key: tuple) -> tuple:
+    """Sort key of (layer, index) and (layer, expert, index): dense first in a layer, then experts, then shared."""
+    expert = key[1] if len(key) == 3 else None
+    return key[0], -1 if expert is None else (expert if isinstance(expert, int) else 2**40), key[-1]
+
+
 def _check_layer(
-    a: Weights, b: Weights, name: str, kind: str, layer: int, index: torch.Tensor, mult: torch.Tensor
+    a: Weights, b: Weights, name: str, kind: str, layer: str, index: torch.Tensor, mult: torch.Tensor
 ) -> str | None:
-    """Why tensor `name` of `layer` is not the original with (index, mult) folded in, or None if it is."""
+    """Why tensor `name` of unit `layer` (a label: 'layer 3', 'layer 3 expert 5') is not the original with
+    (index, mult) folded in, or None if it is."""
     wanted = dict(zip(index.tolist(), mult.tolist()))
     qtype = a.quant(name)
     o_rows = a.quant_rows(name)
@@ -286,7 +306,7 @@ def _check_layer(
         e_rows = b.quant_rows(name)
         for j in np.nonzero((o_rows != e_rows).any(1))[0].tolist():
             if j not in wanted:
-                return f"layer {layer} neuron {j}: {name} changed but the neuron is not in the circuit"
+                return f"{layer} neuron {j}: {name} changed but the neuron is not in the circuit"
         idx = sorted(wanted)
         lo, hi, untouched = scale_intervals(o_rows[idx], e_rows[idx], qtype)
         facts = None
@@ -300,12 +320,12 @@ def _check_layer(
             return _wrong_factor(layer, j, name, m, facts[i], untouched=bool(untouched[i]))
         return None
     o, e = a.values(name), b.values(name)
-    site, width = a.site(name), a.shape.intermediate_size
+    site, width = a.site(name), a.width(name)
     if qtype is not None:  # quantized columns (ffn_down) or a type without f16 block scales: dequantized values
         on, en = site.rows(o, width), site.rows(e, width)
         for j in torch.nonzero((on != en).any(1)).flatten().tolist():
             if j not in wanted:
-                return f"layer {layer} neuron {j}: {name} changed but the neuron is not in the circuit"
+                return f"{layer} neuron {j}: {name} changed but the neuron is not in the circuit"
         idx = sorted(wanted)
         facts = float_factors(on[idx], en[idx], quantized=True)
         for i, j in enumerate(idx):
@@ -319,7 +339,7 @@ def _check_layer(
         return None
     xn, en, on = (site.rows(t, width) for t in (expected, e, o))
     if not _outside_equal(expected, e, site, width):
-        return f"{name} changed outside the neurons of layer {layer} (e.g. the gate half of a fused tensor)"
+        return f"{name} changed outside the neurons of {layer} (e.g. the gate half of a fused tensor)"
     bad = torch.nonzero((as_bits(xn) != as_bits(en)).any(1)).flatten().tolist()
     if a.fmt == "gguf":
         # Float tensors inside a GGUF may have been scaled by another implementation: allow one unit of rounding.
@@ -334,11 +354,11 @@ def _check_layer(
             return None
     j = bad[0]
     if j not in wanted:
-        return f"layer {layer} neuron {j}: {name} changed but the neuron is not in the circuit"
+        return f"{layer} neuron {j}: {name} changed but the neuron is not in the circuit"
     return _wrong_factor(layer, j, name, wanted[j], float_factors(on[j : j + 1], en[j : j + 1])[0])
 
 
-def _wrong_factor(layer: int, j: int, name: str, m: float, fact: tuple, untouched: bool = True) -> str:
+def _wrong_factor(layer: str, j: int, name: str, m: float, fact: tuple, untouched: bool = True) -> str:
     factor, constant, _ = fact
     if not untouched:
         found = "its quantized values changed, not only its block scales"
@@ -348,7 +368,7 @@ def _wrong_factor(layer: int, j: int, name: str, m: float, fact: tuple, untouche
         found = "it was not scaled by one constant factor"
     else:
         found = f"it was scaled by {factor:g}"
-    return f"layer {layer} neuron {j}: the circuit scales it by {m:g} in {name}, but {found}"
+    return f"{layer} neuron {j}: the circuit scales it by {m:g} in {name}, but {found}"
 
 
 def _outside_equal(x: torch.Tensor, y: torch.Tensor, site: Site, width: int) -> bool:

@@ -34,6 +34,7 @@ class Weights:
         fmt: "safetensors" or "gguf".
         names: tensor names in storage order.
         mlp: tensor name -> ("down" | "up", layer) for the MLP projections.
+        expert_of: MoE: tensor name -> its expert (an int or "shared"); dense MLP tensors are not in it.
     """
 
     label: str
@@ -43,20 +44,39 @@ class Weights:
     shape: ModelShape
     names: list[str]
     mlp: dict[str, tuple[str, int]]
+    expert_of: dict[str, int | str]
 
     def _index_mlp(self) -> None:
-        """Name the MLP tensors from the architecture's sites in this format."""
-        self.mlp = {}
+        """Name the MLP tensors from the architecture's sites in this format (an MoE model's experts too: then
+        `expert_of` maps each expert tensor to its expert, see arch/experts.py)."""
+        self.mlp, self.expert_of = {}, {}
+        moe = self.shape.moe if self.fmt == "safetensors" else None
         for i in range(self.shape.num_layers):
-            for kind, site in self.spec.sites(self.fmt).items():
-                self.mlp[site.name(i)] = (kind, i)
+            if moe is None or i in moe.dense_layers:
+                for kind, site in self.spec.sites(self.fmt).items():
+                    self.mlp[site.name(i)] = (kind, i)
+                continue
+            for expert, _ in moe.units(i, self.shape.intermediate_size):
+                for kind in ("down", "up"):
+                    name = self.spec.experts.site(kind, expert).name(i, expert)
+                    self.mlp[name], self.expert_of[name] = (kind, i), expert
 
     def site(self, name: str) -> Site:
-        return self.spec.site(self.mlp[name][0], self.fmt)
+        kind = self.mlp[name][0]
+        if name in self.expert_of:
+            return self.spec.experts.site(kind, self.expert_of[name])
+        return self.spec.site(kind, self.fmt)
+
+    def width(self, name: str) -> int:
+        """Neurons of the MLP or expert that tensor `name` belongs to."""
+        expert, moe = self.expert_of.get(name), self.shape.moe
+        if expert is None or moe is None:
+            return self.shape.intermediate_size
+        return moe.shared if expert == "shared" else moe.width
 
     def neuron_values(self, name: str) -> torch.Tensor:
         """The values of an MLP tensor with one row per neuron (the site's slice, neuron axis first)."""
-        return self.site(name).rows(self.values(name), self.shape.intermediate_size)
+        return self.site(name).rows(self.values(name), self.width(name))
 
     def quant_rows(self, name: str) -> np.ndarray | None:
         """Raw (neurons, bytes per row) of a quantized tensor whose neurons are whole rows with f16 block scales
@@ -82,8 +102,10 @@ class Weights:
         """The quantized GGUF type name, or None for float storage."""
         return None
 
-    def pair(self, layer: int) -> dict[str, str]:
-        return {kind: name for name, (kind, lay) in self.mlp.items() if lay == layer}
+    def pair(self, layer: int, expert: int | str | None = None) -> dict[str, str]:
+        """kind -> tensor name of the down and up sites of one unit (a dense MLP, or an expert of `layer`)."""
+        return {kind: name for name, (kind, lay) in self.mlp.items()
+                if lay == layer and self.expert_of.get(name) == expert}  # fmt: skip
 
 
 class SafetensorsWeights(Weights):
