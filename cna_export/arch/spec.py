@@ -48,7 +48,6 @@ class ArchSpec:
         own_gguf: cna-export's own GGUF converter (gguf/convert.py) handles the family; the others convert
             with llama.cpp's converter (see README, "GGUF for every family") and patch with `patch-gguf`.
 
-
     GGUF conversion (gguf/convert.py) reads the rest:
         permute_qk: llama.cpp's `llama` graph applies rotary embeddings to interleaved pairs while transformers
             rotates halves, so q/k projection rows are permuted on conversion.
@@ -214,7 +213,6 @@ ARCHITECTURES.update(
         )
     }
 )
-
 
 
 def arch_for(model_type: str) -> ArchSpec:

