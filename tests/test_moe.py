@@ -225,11 +225,21 @@ def test_circuit_versions(moe_models, tiny_models, tmp_path):
         Circuit.load(tmp_path / "bad.json")
 
 
-def test_cli_inspect_shows_experts(moe_models, tmp_path):
+def test_inspect_and_card_show_experts(moe_models, tmp_path):
+    """inspect prints neurons per (layer, expert) and writes the layer x expert heatmap; the card has the table."""
+    from cna_export.evaluate.plots import expert_grid
+
+    src = moe_models["qwen2_moe"]
+    circuit = moe_circuit(src, some_neurons(src))
+    columns, grid = expert_grid(circuit)
+    assert columns == ["0", "1", "2", "3", "shared"] and grid[0][0] == 2 and grid[2][4] == 1
     path = tmp_path / "c.json"
-    moe_circuit(moe_models["qwen3_moe"], some_neurons(moe_models["qwen3_moe"])).save(path)
-    out = run_cli("inspect", str(path)).stdout
-    assert "expert" in out and "dense" in out
+    circuit.save(path)
+    out = run_cli("inspect", str(path), "--plot", str(tmp_path / "layers.png")).stdout
+    assert "expert" in out and "shared" in out
+    assert (tmp_path / "layers-experts.png").read_bytes()[:4] == b"\x89PNG"
+    card = (apply_circuit(resolve(str(src)), circuit, tmp_path / "out") / "README.md").read_text()
+    assert "| layer | expert | neurons |" in card and "| 2 | shared | 1 |" in card
 
 
 def test_diff_and_verify_recover_experts(moe_models, tmp_path):

@@ -174,6 +174,16 @@ class Circuit(Strict):
         """Whether the circuit needs format version 2 (experts in the model or among its neurons)."""
         return bool(self.model.num_experts or self.routing or any(n.expert is not None for n in self.neurons))
 
+    @property
+    def num_neurons(self) -> int:
+        """Neurons of the model the circuit was made on (an MoE layer: all its experts' and the shared one's)."""
+        me = self.model
+        if not me.num_experts:
+            return me.num_layers * me.intermediate_size
+        dense = set(me.dense_layers or [])
+        moe = me.num_experts * (me.expert_size or 0) + (me.shared_expert_size or 0)
+        return sum(me.intermediate_size if i in dense else moe for i in range(me.num_layers))
+
     def _width(self, expert: int | str | None) -> int:
         """Neurons of the unit `expert` of a layer (0 when the model has no such expert)."""
         me = self.model
@@ -246,7 +256,7 @@ class Circuit(Strict):
         """A readable summary: what it was made on, exclusions, neurons per layer, the top neurons by |delta|."""
         circuit = self
         m, s = circuit.model, circuit.selection
-        total = m.num_layers * m.intermediate_size
+        total = circuit.num_neurons
         lines = [
             f"circuit: {circuit.behaviour} on {m.source} ({m.model_type}, {m.num_layers} layers x {m.intermediate_size})",
             f"neurons: {len(circuit.neurons)} ({100 * len(circuit.neurons) / total:.3f}% of {total}), "

@@ -181,4 +181,10 @@ def _inspect(args: argparse.Namespace) -> None:
 
         plot_layers(circuit, args.plot)
         print(f"wrote {args.plot}")
+        if circuit.is_moe:  # a mixture of experts: also where the neurons sit among the experts
+            from cna_export.evaluate.plots import plot_experts
+
+            experts = Path(args.plot).with_name(Path(args.plot).stem + "-experts.png")
+            plot_experts(circuit, experts)
+            print(f"wrote {experts}")
 

@@ -41,6 +41,36 @@ def plot_layers(circuit: Circuit, path: Path) -> None:
     save_png(fig, path)
 
 
+def expert_grid(circuit: Circuit) -> tuple[list[str], list[list[int]]]:
+    """Neurons per (layer, unit) as a layers x columns grid: one column per routed expert, then "shared" and
+    "dense" where the model has them (a dense layer's neurons sit in the "dense" column)."""
+    m = circuit.model
+    columns = [str(e) for e in range(m.num_experts or 0)]
+    columns += ["shared"] * bool(m.shared_expert_size) + ["dense"] * bool(m.dense_layers or not m.num_experts)
+    grid = [[0] * len(columns) for _ in range(m.num_layers)]
+    for (layer, expert), count in circuit.expert_counts().items():
+        grid[layer][columns.index("dense" if expert is None else str(expert))] += count
+    return columns, grid
+
+
+def plot_experts(circuit: Circuit, path: Path) -> None:
+    """Heatmap layer x expert of a mixture-of-experts circuit: how many selected neurons sit in each expert."""
+    import numpy as np
+
+    plt = _figure()
+    columns, grid = expert_grid(circuit)
+    values = np.asarray(grid, dtype=float)
+    fig, ax = plt.subplots(figsize=(min(16, 3 + 0.25 * len(columns)), min(12, 2 + 0.3 * len(grid))))
+    image = ax.imshow(np.ma.masked_equal(values, 0), aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="selected neurons")
+    step = max(1, len(columns) // 32)
+    ax.set_xticks(range(0, len(columns), step), [columns[i] for i in range(0, len(columns), step)], fontsize=7)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{circuit.behaviour} circuit: {len(circuit.neurons)} neurons by layer and expert")
+    save_png(fig, path)
+
+
 def plot_delta_distribution(
     abs_delta, cuts: dict[str, float], path: Path, title: str = "", score: str = "|delta|"
 ) -> None:

@@ -196,9 +196,33 @@ WRAPPER_NOTE = (
 )
 
 
+def _expert_lines(circuit: Circuit) -> list[str]:
+    """A mixture of experts: where the neurons sit among the experts, and how often each was routed to."""
+    if not circuit.is_moe:
+        return []
+    spec = arch_for(circuit.model.model_type)
+    routed = {(r.layer, r.expert): r.routed for r in (circuit.routing.coverage if circuit.routing else [])}
+    lines = [
+        "",
+        f"Neurons inside experts are (layer, expert, index): {spec.experts.down.describe()} for a routed expert"
+        + (", the shared expert's own down projection for `shared`" if spec.experts.shared_down else "")
+        + "; a dense layer's are its MLP's. Their activation is the router weight times the input of the expert's "
+        "down projection at the last token (0 when the token is not routed there).",
+        "",
+        "| layer | expert | neurons | prompts routed there (positive / negative) |",
+        "|---:|---:|---:|---:|",
+    ]
+    for (layer, expert), count in circuit.expert_counts().items():
+        cover = routed.get((layer, expert))
+        where = "dense" if expert is None else expert
+        share = f"{cover.get('positive', '-')} / {cover.get('negative', '-')}" if cover else "-"
+        lines.append(f"| {layer} | {where} | {count} | {share} |")
+    return lines
+
+
 def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> str:
     edit, src = record["edit"], record["source"]
-    total = circuit.model.num_layers * circuit.model.intermediate_size
+    total = circuit.num_neurons
     n = edit["neurons"]
     origin = f"[{base}](https://huggingface.co/{base})" if base else f"`{src['model']}`"
     site = arch_for(circuit.model.model_type).site(edit["target"])
@@ -229,6 +253,7 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
         "|---:|---:|",
     ]
     lines += [f"| {layer} | {count} |" for layer, count in edit["neurons_per_layer"].items()]
+    lines += _expert_lines(circuit)
     lines += ["", "## Evaluation", ""]
     metrics = record.get("metrics")
     if metrics:
