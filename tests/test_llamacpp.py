@@ -185,3 +185,19 @@ def test_generation_matches_transformers_and_patched_gguf_differs(tiny_models, f
     assert (out / path.name).stat().st_size == path.stat().st_size
     result = evaluate_gguf(path, out / path.name, PROMPTS[0], PROMPTS[1], "refusal", max_new_tokens=4, batch_size=3)
     assert result["first_token_kl"] > 0 and set(result["original"]) == {"positive_rate", "negative_rate"}
+
+
+def test_no_ffn_down_in_graph_is_one_clear_error(f32_ggufs):
+    """An architecture row whose ffn_down tensor name is not in llama.cpp's graph fails with a CheckpointError."""
+    import dataclasses
+
+    from cna_export.arch import Site
+    from cna_export.errors import CheckpointError
+
+    path = f32_ggufs["llama"]
+    spec, shape, _ = describe_gguf(path)
+    wrong = dataclasses.replace(spec, gguf_down=Site("blk.{i}.ffn_nothing.weight", axis=1))
+    with LlamaCppModel(path, n_threads=1) as model:
+        sets = encode_sets(model, PROMPTS[:2], None)
+        with pytest.raises(CheckpointError, match="ffn_down input cannot be read"):
+            collect_sets_gguf(model, wrong, shape, sets, batch_size=2)
