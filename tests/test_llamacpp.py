@@ -142,6 +142,7 @@ def test_missing_llama_cpp_is_one_line(tmp_path):
     assert out.startswith("CnaExportError") and "cna-export[gguf]" in out
 
 
+@pytest.mark.slow  # transformers dequantizes the file for the reference (~20 s idle, minutes on a busy machine)
 @pytest.mark.skipif(not SMOL.is_file(), reason="real SmolLM2 GGUF not fetched (../shared/scripts/fetch-real-models.sh)")
 def test_real_smollm2_q4_1_matches_dequantized_torch_route():
     """On the real quantized file: every layer's deltas correlate with the torch route on the dequantized model
