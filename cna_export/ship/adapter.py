@@ -217,7 +217,22 @@ def _checked(source: Source, circuit: Circuit, out: Path, multiplier: float | No
             f"{source.path} is a GGUF file; an adapter's factors are columns of the base model's own weights.",
             "pass the safetensors model the GGUF was made from (the GGUF LoRA then loads on top of that GGUF).",
         )
+    if any(getattr(n, "expert", None) is not None for n in circuit.neurons):
+        raise CircuitError(
+            "An adapter of neurons inside experts is not supported yet (PEFT would have to target the experts' "
+            "fused parameters, and llama.cpp's expert tensors are 3-D).",
+            "export this circuit with `cna-export apply`, or write an adapter of its dense layers only.",
+        )
     spec, shape, config = describe(source)
+    if getattr(shape, "moe", None) is not None:
+        # PEFT (0.21) rewrites the targets of a mixture-of-experts model for transformers 5's fused experts: a
+        # `...mlp.down_proj` target becomes the experts' `down_proj` parameter, so even a dense layer's factors
+        # would not load where they were written.
+        raise CircuitError(
+            f"Adapters of {config['model_type']} (a mixture of experts) are not supported: PEFT retargets its "
+            "down_proj modules to the fused experts.",
+            "export the circuit with `cna-export apply` instead.",
+        )
     edits = circuit.edits(multiplier, allow_negative)
     if not edits:
         raise CircuitError("The circuit lists no neurons, so there is no adapter to write.", "pass another circuit.")
