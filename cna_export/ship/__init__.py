@@ -1,1 +1,1 @@
-"""Ship: the model card with provenance, and upload to the Hugging Face Hub."""
+"""Ship: the model card with provenance, upload to the Hugging Face Hub, and circuits as LoRA adapters."""
