@@ -1,5 +1,10 @@
 """Recipes: a behaviour's discovery prompts, held-out prompts and edit settings in one YAML file.
 
+Held-out prompts come in two splits. The validation split (`validation_positive` / `validation_negative`) is
+what `sweep` and every automatic choice of k, m, specificity or layer exclusions looks at; the test split
+(`heldout_positive` / `heldout_negative`, the names older recipes already use) only gives reported numbers, so no
+setting is ever chosen on the prompts it is reported on.
+
 YAML -> `yaml.safe_load` -> pydantic (`extra="forbid"`). Prompt sets are inline lists, `builtin:NAME` (a set
 shipped in `cna_export/data/prompts/`), or a path relative to the recipe (.yaml with a `prompts` list, .txt with
 one prompt a line, .json list, or .jsonl with a `prompt` field).
@@ -45,8 +50,23 @@ class Recipe(Knobs):
     description: str = Field(default="", description="One or two sentences for humans.")
     positive: PromptRef = Field(description="Prompts that elicit the behaviour.")
     negative: PromptRef = Field(description="Similar prompts that do not.")
-    heldout_positive: PromptRef | None = Field(default=None, description="Evaluation prompts with the behaviour.")
-    heldout_negative: PromptRef | None = Field(default=None, description="Evaluation prompts without it.")
+    heldout_positive: PromptRef | None = Field(
+        default=None, description="Test split: evaluation prompts with the behaviour, only for reported numbers."
+    )
+    heldout_negative: PromptRef | None = Field(
+        default=None, description="Test split: evaluation prompts without it, only for reported numbers."
+    )
+    validation_positive: PromptRef | None = Field(
+        default=None, description="Validation split with the behaviour: what sweeps choose k, m and settings on."
+    )
+    validation_negative: PromptRef | None = Field(
+        default=None, description="Validation split without the behaviour (benign look-alikes and everyday requests)."
+    )
+    settings_chosen_on: Literal["validation", "test", "unknown"] = Field(
+        default="unknown",
+        description="Which split the recipe's own k, m and selection settings were chosen on; reports and cards "
+        "warn when it is the test split.",
+    )
     multiplier: float = Field(allow_inf_nan=False, description="0 ablates, 1 keeps, >1 amplifies.")
     allow_negative: bool = Field(default=False, description="Permit a negative multiplier.")
     universal: Universal = Field(default_factory=Universal, description="Universal-neuron exclusion.")

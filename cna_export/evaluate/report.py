@@ -36,6 +36,9 @@ def headline(results: dict) -> dict:
     out = {
         "model": results["model"],
         "behaviour": results["behaviour"],
+        # Which prompts these numbers come from: "test" (never used for choosing), "validation" (what settings
+        # were chosen on), "custom" (user files) or "unspecified" (results written before splits existed).
+        "split": results.get("split", "unspecified"),
         "heldout_positive": results["heldout"]["positive"],
         "heldout_negative": results["heldout"]["negative"],
         "max_new_tokens": results["config"]["max_new_tokens"],
@@ -44,6 +47,7 @@ def headline(results: dict) -> dict:
         "benign_rate_original": base["benign_rate"],
         "benign_refusal_rate_original": base["benign_refusal_rate"],
         "repetition_original": base["repetition"],
+        "quality_original": base.get("quality", base["repetition"]),
         "ppl_original": base["ppl_original"],
     }
     if point is None:
@@ -61,7 +65,14 @@ def headline(results: dict) -> dict:
         "ppl_edited": point["ppl"],
         "ppl_ratio": point["ppl_ratio"],
         "repetition_edited": point["repetition"],
+        "quality_edited": point.get("quality", point["repetition"]),
     }
+    if "mmlu_delta" in point:
+        out["mmlu"] = {k: v for k, v in point["mmlu_delta"].items()}
+    if results.get("judge"):
+        j = results["judge"]
+        out["judge"] = {"judge": j["judge"], "agreement": j["agreement"].get("agreement"),
+                        "kappa": j["agreement"].get("kappa")}  # fmt: skip
     if "lm_eval" in point:
         out["lm_eval_edited"], out["lm_eval_original"] = point["lm_eval"], base.get("lm_eval")
     return out
@@ -102,8 +113,11 @@ def table(results: dict) -> str:
 def markdown(results: dict, figures: list[str]) -> str:
     """The whole report.md text."""
     cfg, held = results["config"], results["heldout"]
+    split = results.get("split", "unspecified")
     lines = [
         f"# {results['behaviour']} edit: {results['kind']} on {results['model']}",
+        "",
+        f"**Split: {split}.** {SPLIT_NOTES.get(split, '')}",
         "",
         f"Held-out prompts: {held['positive']} positive, {held['negative']} benign (none used for discovery). "
         f"Greedy generation, {cfg['max_new_tokens']} new tokens, batch {cfg['batch_size']}; "
@@ -121,11 +135,46 @@ def markdown(results: dict, figures: list[str]) -> str:
             rule += f" and benign rate <= {results['benign_budget']}"
         chosen = chosen_point(results)
         lines += [f"Selection rule: {rule}. Chosen: {chosen['label'] if chosen else 'none qualifies'}.", ""]
+    lines += _mmlu_lines(results) + _judge_lines(results)
     lm = [(p["label"], p["lm_eval"]) for p in [results["baseline"], *results["points"]] if p.get("lm_eval")]
     if lm:
         lines += ["lm-eval-harness:", ""] + [f"- {label}: `{json.dumps(v)}`" for label, v in lm] + [""]
     lines += [f"![{name}]({name})" for name in figures]
     return "\n".join(lines) + "\n"
+
+
+SPLIT_NOTES = {
+    "test": "Every number here is from the test split, which no setting was chosen on.",
+    "validation": "These numbers are from the validation split, the one settings are chosen on: report test-split "
+    "numbers (`cna-export eval --recipe R`), not these.",
+    "custom": "Prompts from the user's files.",
+    "unspecified": "Written before recipes had splits: the prompts may be the ones settings were chosen on.",
+}
+
+
+def _mmlu_lines(results: dict) -> list[str]:
+    rows = [(p["label"], p["mmlu_delta"]) for p in results["points"] if p.get("mmlu_delta")]
+    if not rows:
+        return []
+    out = ["MMLU (offline, zero-shot answer-letter log-likelihood, topic-stratified subset; paired bootstrap CI):", ""]
+    for label, d in rows:
+        out.append(f"- {label}: {100 * d['original']:.1f}% -> {100 * d['edited']:.1f}% ({100 * d['delta']:+.1f} "
+                   f"points, {100 * d['level']:.0f}% CI [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}], "
+                   f"n={d['n']})")  # fmt: skip
+    return out + [""]
+
+
+def _judge_lines(results: dict) -> list[str]:
+    j = results.get("judge")
+    if not j:
+        return []
+    a = j["agreement"]
+    out = [f"LLM judge `{j['judge']}` (rubric v{j['rubric_version']}): agreement with the regex on refused/not "
+           f"{a.get('agreement', 0):.2f}, Cohen's kappa {a.get('kappa', 0):.2f} over {a['n']} answers "
+           f"(regex only {a.get('regex_only', 0)}, judge only {a.get('judge_only', 0)}).", ""]  # fmt: skip
+    for label, v in j["per_label"].items():
+        out.append(f"- {label}: {json.dumps(v['verdicts'])}")
+    return out + [""]
 
 
 def selection_scores(attribution, ks) -> tuple[np.ndarray, dict[str, float]]:

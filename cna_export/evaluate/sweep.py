@@ -39,25 +39,57 @@ DEFAULT_BENIGN = "builtin:refusal_benign_heldout"  # everyday requests, used whe
 
 
 def heldout_sets(
-    recipe: Recipe | None = None, base: Path | None = None, positive: str | None = None, negative: str | None = None
+    recipe: Recipe | None = None, base: Path | None = None, positive: str | None = None, negative: str | None = None,
+    split: str = "test",
 ) -> tuple[list[str], list[str]]:
-    """Held-out positive and benign prompts: explicit files first, then the recipe's held-out sets.
+    """Held-out positive and benign prompts of one split: explicit files first, then the recipe's sets.
 
-    Prompts that also appear among the recipe's discovery prompts are dropped, so an evaluation never scores
-    the prompts the circuit was found with.
+    `split="validation"` reads `validation_positive/negative` (what sweeps choose settings on), `"test"` reads
+    `heldout_positive/negative` (reported numbers only). Prompts that also appear among the recipe's discovery
+    prompts are dropped, so an evaluation never scores the prompts the circuit was found with, and test prompts
+    that are also validation prompts are dropped too. Use `split_of` to learn which split a call really used.
     """
-    pos_ref = positive or (recipe.heldout_positive if recipe else None)
+    if split not in ("validation", "test"):
+        raise ValueError(f"split must be 'validation' or 'test', not {split!r}")
+    pos_ref, neg_ref = _split_refs(recipe, split)
+    pos_ref, neg_ref = positive or pos_ref, negative or neg_ref
     if pos_ref is None:
         raise RecipeError(
-            "No held-out prompts to evaluate on.", "pass --recipe with heldout_positive, or --positive FILE."
+            f"No held-out ({split}) prompts to evaluate on.",
+            "pass --recipe with heldout_positive (test) or validation_positive, or --positive FILE.",
         )
-    neg_ref = negative or (recipe.heldout_negative if recipe else None) or DEFAULT_BENIGN
     pos = load_prompts(pos_ref, base if positive is None else None)
-    neg = load_prompts(neg_ref, base if negative is None else None)
+    neg = load_prompts(neg_ref or DEFAULT_BENIGN, base if negative is None else None)
     if recipe is not None:
         discovery = load_prompts(recipe.positive, base) + load_prompts(recipe.negative, base)
+        if split == "test" and recipe.validation_positive is not None:
+            discovery += load_prompts(recipe.validation_positive, base)
+            if recipe.validation_negative is not None:
+                discovery += load_prompts(recipe.validation_negative, base)
         pos, neg = disjoint(pos, discovery), disjoint(neg, discovery)
     return pos, neg
+
+
+def _split_refs(recipe: Recipe | None, split: str) -> tuple:
+    """The recipe's prompt references of a split. A recipe without a validation split falls back to its test
+    sets (with a warning): `split_of` then says "test", and reports flag the choice as made on the test split."""
+    if recipe is None:
+        return None, None
+    if split == "validation" and recipe.validation_positive is not None:
+        return recipe.validation_positive, recipe.validation_negative
+    if split == "validation":
+        log.warning("recipe %s has no validation split: choosing on its test split", recipe.name)
+    return recipe.heldout_positive, recipe.heldout_negative
+
+
+def split_of(recipe: Recipe | None, split: str, positive: str | None = None) -> str:
+    """What a `heldout_sets(recipe, split=...)` call really evaluates on: "validation", "test", or "custom" for
+    prompt files given by the user."""
+    if positive is not None:
+        return "custom"
+    if split == "validation" and (recipe is None or recipe.validation_positive is None):
+        return "test"
+    return split
 
 
 def parse_k(text: str) -> int | float:
@@ -170,7 +202,7 @@ def run_sweep(
     model, tokenizer, spec, attribution: Attribution, ks: Sequence[int], multipliers: Sequence[float],
     positive: Sequence[str], negative: Sequence[str], behaviour: str, cfg: EvalConfig, *,
     model_name: str, recipe: str | None = None, kl_budget: float | None = 0.1, benign_budget: float | None = None,
-    goal: str | None = None, allow_negative: bool = False, out: Path | None = None,
+    goal: str | None = None, allow_negative: bool = False, out: Path | None = None, split: str = "validation",
 ) -> tuple[dict, list[dict], dict[int, Circuit]]:  # fmt: skip
     """Evaluate every (k, m) of the grid with runtime hooks; return results, per-prompt records and circuits.
 
@@ -191,7 +223,7 @@ def run_sweep(
     shape = ModelShape(attribution.model_id.num_layers, attribution.model_id.intermediate_size, 1)
     results = _document(
         "sweep", model_name, behaviour, cfg, baseline, goal=goal, kl_budget=kl_budget, benign_budget=benign_budget,
-        ks=list(ks), multipliers=list(multipliers), num_neurons=shape.num_neurons, recipe=recipe,
+        ks=list(ks), multipliers=list(multipliers), num_neurons=shape.num_neurons, recipe=recipe, split=split,
     )  # fmt: skip
     records = list(baseline.records)
     grid = [(k, m) for k in ks for m in multipliers if m != 1]
@@ -223,10 +255,11 @@ def sweep_source(
     benign_budget: float | None = None, allow_negative: bool = False, dtype: str = "auto", device: str = "auto",
     out: Path | None = None,
 ) -> tuple[dict, list[dict], dict[int, Circuit], Attribution]:  # fmt: skip
-    """Load `source`, attribute with the recipe's discovery prompts once, and sweep k x m on held-out prompts."""
+    """Load `source`, attribute with the recipe's discovery prompts once, and sweep k x m on the recipe's
+    validation split (its test split stays unseen; a recipe without one falls back, flagged in the results)."""
     spec, shape, config = describe(source)
     counts = resolve_ks(ks, shape)
-    held_pos, held_neg = heldout_sets(recipe, base, positive, negative)
+    held_pos, held_neg = heldout_sets(recipe, base, positive, negative, split="validation")
     plan = plan_discovery(recipe, base)
     model, tokenizer = load_model(source, dtype=dtype, device=device)
     att = attribute(
@@ -237,6 +270,7 @@ def sweep_source(
         model, tokenizer, spec, att, counts, multipliers, held_pos, held_neg, recipe.behaviour, cfg,
         model_name=source.name, recipe=recipe.name, kl_budget=kl_budget, benign_budget=benign_budget,
         goal=goal_of(recipe.multiplier), allow_negative=allow_negative or recipe.allow_negative, out=out,
+        split=split_of(recipe, "validation", positive),
     )  # fmt: skip
     return results, records, circuits, att
 
@@ -248,7 +282,7 @@ def run_eval(
     source: Source, positive: Sequence[str], negative: Sequence[str], behaviour: str, cfg: EvalConfig, *,
     circuit: Circuit | None = None, multipliers: Sequence[float] | None = None, edited: Path | None = None,
     allow_negative: bool = False, lm_eval_tasks: Sequence[str] = (), lm_eval_limit: int | None = None,
-    dtype: str = "auto", device: str = "auto",
+    dtype: str = "auto", device: str = "auto", split: str = "test", extra=None, lm_eval_include: Path | None = None,
 ) -> tuple[dict, list[dict], Circuit | None]:  # fmt: skip
     """Evaluate the original model and either a circuit at each multiplier (hooks) or an exported folder.
 
@@ -264,8 +298,12 @@ def run_eval(
     if lm_eval_tasks:
         from cna_export.evaluate.measure import lm_eval_scores
 
-        baseline.metrics["lm_eval"] = lm_eval_scores(model, tokenizer, lm_eval_tasks, limit=lm_eval_limit)
-    lm = {"lm_eval_tasks": lm_eval_tasks, "lm_eval_limit": lm_eval_limit}
+        baseline.metrics["lm_eval"] = lm_eval_scores(model, tokenizer, lm_eval_tasks, limit=lm_eval_limit,
+                                                     include_path=lm_eval_include)  # fmt: skip
+    if extra is not None:  # e.g. MMLU: `extra(model, tokenizer) -> metrics`, run on every variant
+        baseline.metrics.update(extra(model, tokenizer))
+    lm = {"lm_eval_tasks": lm_eval_tasks, "lm_eval_limit": lm_eval_limit, "lm_eval_include": lm_eval_include,
+          "extra": extra}  # fmt: skip
     points, records = [], list(baseline.records)
     if edited is not None:
         if (Path(edited) / "circuit.json").is_file():
@@ -286,7 +324,8 @@ def run_eval(
             points.append(metrics)
             records += recs
     moved = [p["multiplier"] for p in points if p["multiplier"] not in (None, 1)]
-    results = _document("eval", source.name, behaviour, cfg, baseline, goal=goal_of(moved[0]) if moved else None)
+    results = _document("eval", source.name, behaviour, cfg, baseline, goal=goal_of(moved[0]) if moved else None,
+                        split=split)  # fmt: skip
     results["points"] = points
     results["edited"] = str(edited) if edited is not None else None
     return results, records, circuit

@@ -169,6 +169,16 @@ def _library(files: dict[str, str]) -> tuple[bool, str]:
     return has_gguf, "gguf" if has_gguf and not dense else "transformers"
 
 
+def _split_sentence(split: str | None) -> str:
+    """Which prompts the evaluation numbers come from (`split` of the headline), in words."""
+    return {
+        "test": "These numbers come from the recipe's test split: prompts no setting was chosen on.",
+        "validation": "These numbers come from the validation split, the prompts the settings were chosen on; "
+        "they overstate what to expect on new prompts.",
+        "custom": "These numbers come from prompt files given to `cna-export eval`.",
+    }.get(split or "", "Which prompt split these numbers come from was not recorded.")
+
+
 def _tag(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "custom"
 
@@ -259,6 +269,7 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
     if metrics:
         lines += ["| metric | value |", "|---|---:|"]
         lines += [f"| {name} | {_fmt(value)} |" for name, value in _flatten(metrics)]
+        lines += ["", _split_sentence(metrics.get("split"))]
     else:
         lines.append("Not evaluated yet (`cna-export eval --model SOURCE --edited THIS_FOLDER ...` measures it).")
     unhashed = []
