@@ -96,13 +96,14 @@ def test_sites_match_checkpoint(moe_models, arch):
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 @pytest.mark.parametrize("m", [0.0, 0.5, 2.0])
-def test_export_equals_manual_edit(moe_models, tmp_path, arch, m):
-    """Exported logits == the source with the same expert columns scaled in memory; runtime scaling agrees;
-    every tensor outside the circuit's units is byte-identical."""
+@pytest.mark.parametrize("target", ["down", "up"])
+def test_export_equals_manual_edit(moe_models, tmp_path, arch, m, target):
+    """Exported logits (down columns or up rows of each expert) == the source with the same expert columns scaled
+    in memory; runtime scaling agrees; every tensor outside the circuit's units is byte-identical."""
     src = moe_models[arch]
     neurons = some_neurons(src)
     circuit = moe_circuit(src, neurons, m)
-    out = apply_circuit(resolve(str(src)), circuit, tmp_path / "out")
+    out = apply_circuit(resolve(str(src)), circuit, tmp_path / "out", target=target)
     spec = arch_for(arch)
     tok = AutoTokenizer.from_pretrained(src)
     original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -118,7 +119,7 @@ def test_export_equals_manual_edit(moe_models, tmp_path, arch, m):
         torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(e, p), "the edit should change the logits"
     _, shape, _ = describe(resolve(str(src)))
-    touched = {(spec.experts.site("down", e) if e is not None else spec.site("down")).name(l, e)
+    touched = {(spec.experts.site(target, e) if e is not None else spec.site(target)).name(l, e)
                for l, e, _ in neurons}  # fmt: skip
     before, after = CheckpointReader(src), CheckpointReader(out)
     for name, entry in before.entries.items():
@@ -271,3 +272,55 @@ def test_diff_and_verify_recover_experts(moe_models, tmp_path):
     assert not ok and "expert 3" in why, why
     proc = run_cli("diff", str(src), str(out), "--verify", str(out / "circuit.json"))
     assert proc.returncode == 0
+
+
+def test_gpt_oss_fold_is_exact_with_biases_and_clamped_activation():
+    """gpt-oss experts: h = (clamp(up) + 1) * glu(clamp(gate)) with biases on gate/up and on down. Scaling row j
+    of expert e's down_proj [E, n, hidden] (the fused 3-D layout, an expert-axis site) equals scaling h_j by m in
+    an unfused reference loop, clamps hit and biases included: the down bias is added once, after the sum over
+    neurons, so it is not a neuron's. Scaling the up row instead is not exact here (clamp and +1), which is why only
+    the down site is a fold target for this family."""
+    from transformers import AutoConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from cna_export.arch.sites import Site
+    from cna_export.fold.scale import fold_site_
+
+    config = AutoConfig.for_model("gpt_oss", hidden_size=32, intermediate_size=16, num_local_experts=4,
+                                  swiglu_limit=0.7)  # fmt: skip
+    torch.manual_seed(0)
+    experts = GptOssExperts(config)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(6, 32)
+    index = torch.tensor([[0, 2], [1, 2], [2, 3], [0, 1], [2, 0], [3, 2]])
+    weights = torch.rand(6, 2)
+    site = Site("model.layers.{i}.mlp.experts.down_proj", axis=1, expert_axis=0)
+    e, j = 2, torch.tensor([3, 11])
+
+    def reference(m: float) -> torch.Tensor:
+        out = torch.zeros(6, 32)
+        for t in range(6):
+            for k in range(2):
+                ex = int(index[t, k])
+                gate_up = x[t] @ experts.gate_up_proj[ex] + experts.gate_up_proj_bias[ex]
+                h = experts._apply_gate(gate_up)
+                if ex == e:
+                    h = h.clone()
+                    h[j] *= m
+                out[t] += weights[t, k] * (h @ original[ex] + experts.down_proj_bias[ex])
+        return out
+
+    with torch.no_grad():
+        gate_up = x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
+        assert bool((gate_up[:, 1::2].abs() > 0.7).any()), "the clamp should be active in this test"
+        original = experts.down_proj.detach().clone()
+        for m in (0.0, 0.5, 2.0):
+            experts.down_proj.copy_(original)
+            fold_site_(experts.down_proj.data, site, 16, j, torch.full((2,), m), expert=e)
+            torch.testing.assert_close(experts(x, index, weights), reference(m), rtol=1e-5, atol=1e-5)
+        experts.down_proj.copy_(original)
+        up = experts.gate_up_proj.data[e][:, 1::2]  # the up columns of the interleaved [hidden, 2n] slice
+        up[:, j] *= 2.0
+        assert not torch.allclose(experts(x, index, weights), reference(2.0), atol=1e-4)

@@ -180,10 +180,11 @@ ARCHITECTURES.update(
     {
         spec.model_type: spec
         for spec in (
-            ArchSpec("qwen3_moe", MODEL_ARCH.QWEN3MOE, experts=_QWEN_EXPERTS),
+            ArchSpec("qwen3_moe", MODEL_ARCH.QWEN3MOE, own_gguf=False, experts=_QWEN_EXPERTS),
             ArchSpec(
                 "qwen2_moe",
                 MODEL_ARCH.QWEN2MOE,
+                own_gguf=False,
                 experts=ExpertSpec(
                     _QWEN_EXPERTS.down,
                     _QWEN_EXPERTS.up,
@@ -197,6 +198,7 @@ ARCHITECTURES.update(
             ArchSpec(
                 "olmoe",
                 MODEL_ARCH.OLMOE,
+                own_gguf=False,
                 experts=ExpertSpec(_QWEN_EXPERTS.down, _QWEN_EXPERTS.up, width_key="intermediate_size"),
             ),
             # llama.cpp runs Mixtral as the llama architecture with experts.
@@ -204,6 +206,7 @@ ARCHITECTURES.update(
                 "mixtral",
                 MODEL_ARCH.LLAMA,
                 permute_qk=True,
+                own_gguf=False,
                 experts=ExpertSpec(
                     Site("model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", axis=1),
                     Site("model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", axis=0),
