@@ -91,11 +91,20 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     val_pos, val_neg = val_pos[: args.val_positive], val_neg[: args.val_negative]
     ks = resolve_ks(args.k, shape)
     cfg_val = EvalConfig(args.val_tokens, args.batch_size, args.kl_tokens)
-    val, _, circuits = run_sweep(
-        model, tok, spec, att, ks, [0.0, 2.0], val_pos, val_neg, "refusal", cfg_val, model_name=name,
-        recipe=recipe.name, kl_budget=args.kl_budget, goal="decrease", out=out / "validation", split="validation",
-    )  # fmt: skip
-    write_report(out / "validation", val, circuits[max(circuits)])
+    saved = out / "validation" / "results.json"
+    if args.resume and saved.is_file() and len(json.loads(saved.read_text())["points"]) == 2 * len(ks):
+        # A run stopped after its validation sweep: the same attribution gives the same circuits, so only the
+        # (deterministic) cut at each k is redone, not the generation.
+        val = json.loads(saved.read_text())
+        circuits = {k: att.circuit(k, behaviour="refusal", recipe=recipe.name) for k in ks}
+        logging.info("validation results reused from %s", saved)
+    else:
+        val, _, circuits = run_sweep(
+            model, tok, spec, att, ks, [0.0, 2.0], val_pos, val_neg, "refusal", cfg_val, model_name=name,
+            recipe=recipe.name, kl_budget=args.kl_budget, goal="decrease", out=out / "validation",
+            split="validation",
+        )  # fmt: skip
+        write_report(out / "validation", val, circuits[max(circuits)])
     times["validation_s"] = time.time() - t
     default_k = round(recipe.fraction * shape.num_neurons)
     picked = {m: choose(val["points"], val["baseline"], m, args.kl_budget) for m in (0.0, 2.0)}
@@ -274,6 +283,7 @@ def main() -> None:
     ap.add_argument("--judge-models", nargs="+", default=["Qwen2.5-Coder-0.5B-Instruct"])
     ap.add_argument("--judge-n", type=int, default=16)
     ap.add_argument("--judge-tokens", type=int, default=64)
+    ap.add_argument("--resume", action="store_true", help="reuse a finished validation sweep in the output folder")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="paper_table")
     ap.add_argument("--out", type=Path, default=ROOT / "results")

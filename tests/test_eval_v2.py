@@ -20,7 +20,7 @@ from cna_export.evaluate import judge as J
 from cna_export.evaluate import mmlu
 from cna_export.evaluate.chat import render, side_by_side
 from cna_export.evaluate.measure import EvalConfig
-from cna_export.evaluate.report import headline_from
+from cna_export.evaluate.report import _tuned_on_test, headline_from
 from cna_export.evaluate.sweep import heldout_sets, split_of
 from cna_export.ship.card import _split_sentence
 
@@ -85,6 +85,8 @@ def test_split_is_reported_and_in_the_card_sentence(tiny_models, tmp_path):
         assert head["split"] == split and head["quality_edited"] == head["repetition_edited"]
         assert f"**Split: {split}.**" in (out / "report.md").read_text()
     assert "test split" in _split_sentence("test") and "overstate" in _split_sentence("validation")
+    assert _tuned_on_test({"split": "test", "settings_chosen_on": "test"}) and not _tuned_on_test({"split": "test"})
+    assert load_recipe("french-ablate")[0].settings_chosen_on == "test"  # tuned on its only held-out set, and says so
 
 
 # MMLU --------------------------------------------------------------------------------------------------------

@@ -78,6 +78,8 @@ def eval_job(
         from cna_export.evaluate.mmlu import add_deltas
 
         add_deltas(results)
+    if rec is not None:  # a report on the test split means little if the recipe was tuned on that split
+        results["settings_chosen_on"] = rec.settings_chosen_on
     if judge:
         results["judge"] = judge_results(judge, judge_model, records, Path(out) / "judge_cache.jsonl")
     save_results(out, results, records)

@@ -119,6 +119,7 @@ def markdown(results: dict, figures: list[str]) -> str:
         "",
         f"**Split: {split}.** {SPLIT_NOTES.get(split, '')}",
         "",
+        *_tuned_on_test(results),
         f"Held-out prompts: {held['positive']} positive, {held['negative']} benign (none used for discovery). "
         f"Greedy generation, {cfg['max_new_tokens']} new tokens, batch {cfg['batch_size']}; "
         f"KL(original || edited) on the original's benign answers, first token and mean of the first "
@@ -150,6 +151,13 @@ SPLIT_NOTES = {
     "custom": "Prompts from the user's files.",
     "unspecified": "Written before recipes had splits: the prompts may be the ones settings were chosen on.",
 }
+
+
+def _tuned_on_test(results: dict) -> list[str]:
+    if results.get("settings_chosen_on") == "test" and results.get("split") == "test":
+        return ["Warning: the recipe says its settings were chosen on this same test split, so these numbers are "
+                "optimistic.", ""]  # fmt: skip
+    return []
 
 
 def _mmlu_lines(results: dict) -> list[str]:
