@@ -324,3 +324,39 @@ def test_gpt_oss_fold_is_exact_with_biases_and_clamped_activation():
         up = experts.gate_up_proj.data[e][:, 1::2]  # the up columns of the interleaved [hidden, 2n] slice
         up[:, j] *= 2.0
         assert not torch.allclose(experts(x, index, weights), reference(2.0), atol=1e-4)
+
+
+def test_mxfp4_fold_exact_or_refused():
+    """gpt-oss MXFP4 down_proj blocks: m = 0 and representable powers of two fold exactly into the 4-bit codes (the
+    dequantized tensor, by transformers' own decoder, is the original with those columns scaled; the other 31
+    neurons of each block and the scales are untouched); other factors are refused before any write."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from cna_export.fold.mxfp4 import fold_mxfp4_neurons_
+
+    torch.manual_seed(0)
+    experts, rows, n = 2, 8, 64
+    blocks = torch.randint(0, 256, (experts, rows, n // 32, 16), dtype=torch.uint8)
+    scales = torch.randint(120, 130, (experts, rows, n // 32), dtype=torch.uint8)
+    dense = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, n, rows]
+    # Neuron 5 of expert 1 holds only codes that m = 2 and m = 0.5 keep exact: values 1 and 2 (codes 2, 4).
+    j = 5
+    byte, high = divmod(j % 32, 2)
+    keep = blocks[1, :, 0, byte] & (0x0F if high else 0xF0)
+    blocks[1, :, 0, byte] = keep | ((torch.arange(rows) % 2 * 2 + 2).to(torch.uint8) << (4 if high else 0))
+    dense = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    for m in (0.0, 2.0, 0.5):
+        b = blocks.clone()
+        fold_mxfp4_neurons_(b, 1, torch.tensor([j]), torch.tensor([m]))
+        want = dense.clone()
+        want[1, j] *= m
+        assert torch.equal(convert_moe_packed_tensors(b, scales, dtype=torch.float32), want)
+    b = blocks.clone()
+    fold_mxfp4_neurons_(b, 0, torch.tensor([3, 40]), torch.tensor([0.0, 0.0]))
+    want = dense.clone()
+    want[0, [3, 40]] = 0
+    assert torch.equal(convert_moe_packed_tensors(b, scales, dtype=torch.float32), want)
+    for m in (0.3, 4.0):  # not a power of two; a power of two that overflows (2 * 4 = 8 is no e2m1 value)
+        with pytest.raises(CircuitError, match="MXFP4"):
+            fold_mxfp4_neurons_(b2 := blocks.clone(), 1, torch.tensor([j]), torch.tensor([m]))
+        assert torch.equal(b2, blocks)
