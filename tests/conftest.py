@@ -158,7 +158,7 @@ _MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000
 FAMILY_TINY = {
     "phi3": dict(_DENSE, original_max_position_embeddings=128, rope_parameters={
         "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [1.5] * 8}),
-    "smollm3": dict(_DENSE, num_hidden_layers=3, no_rope_layers=[1, 1, 0]),
+    "smollm3": dict(_DENSE, num_hidden_layers=4, no_rope_layer_interval=4),  # layer 3 has no RoPE, as in SmolLM3
     "olmo2": dict(_DENSE),
     "olmo3": dict(_DENSE, **_SLIDING),
     "granite": dict(_DENSE, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1,
