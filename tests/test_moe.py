@@ -360,3 +360,13 @@ def test_mxfp4_fold_exact_or_refused():
         with pytest.raises(CircuitError, match="MXFP4"):
             fold_mxfp4_neurons_(b2 := blocks.clone(), 1, torch.tensor([j]), torch.tensor([m]))
         assert torch.equal(b2, blocks)
+
+
+def test_fraction_counts_every_expert(moe_models):
+    """A fraction of 'all MLP neurons' counts the neurons of every expert (and of the dense layers), as the circuit
+    summary and the card do."""
+    shape = describe(resolve(str(moe_models["qwen3_moe"])))[1]
+    assert shape.num_neurons == 48 + 2 * 4 * 16  # layer 0 dense (48), layers 1-2: 4 experts of 16
+    circuit = moe_circuit(moe_models["qwen3_moe"], [(1, 0, 1)])
+    assert circuit.num_neurons == shape.num_neurons
+    assert Selection(fraction=0.05).resolve_k(shape) == round(0.05 * 176)

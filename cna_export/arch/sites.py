@@ -32,7 +32,10 @@ class ModelShape:
 
     @property
     def num_neurons(self) -> int:
-        return self.num_layers * self.intermediate_size
+        """All MLP neurons (an MoE layer: every routed expert's and the shared expert's; the k of a fraction)."""
+        if self.moe is None:
+            return self.num_layers * self.intermediate_size
+        return sum(width for i in range(self.num_layers) for _, width in self.moe.units(i, self.intermediate_size))
 
 
 @dataclass(frozen=True)

@@ -270,6 +270,8 @@ class Circuit(Strict):
         ]
         lines += [f"{layer:5d}  {count:7d}" for layer, count in circuit.layer_counts().items()]
         if self.is_moe:
+            lines[0] += (f"; {m.num_experts} experts x {m.expert_size}, shared expert {m.shared_expert_size or 0}, "
+                         f"dense layers {m.dense_layers or []}")  # fmt: skip
             lines += ["", *self._expert_table()]
         lines += ["", f"top {min(top, len(circuit.neurons))} by |delta|:", "layer  index        delta"]
         ranked = sorted(circuit.neurons, key=lambda n: -abs(n.delta))[:top]
