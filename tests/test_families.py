@@ -160,3 +160,38 @@ def test_unknown_family_lists_the_new_ones():
         arch_for("not-a-model")
     assert all(f in str(err.value) for f in ("phi3", "gemma3", "qwen3_vl")) and "\n" not in str(err.value)
     assert set(FAMILIES) <= set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gemma3", "qwen2_5_vl"])
+def test_discovery_through_the_language_model(family_models, arch):
+    """Chat-templated text prompts through the family's own class: a circuit of the language model's neurons,
+    the same as the reference (one prompt at a time, a hook on every layer's down_proj input)."""
+    from cna_export.attribution.collect import encode_prompts
+    from cna_export.attribution.discover import discover
+    from cna_export.circuit.selection import Selection
+    from cna_export.io.source import identity
+
+    src = family_models[arch]
+    source = resolve(str(src))
+    spec, shape, config = describe(source)
+    model, tok = load(src, arch), AutoTokenizer.from_pretrained(src)
+    pos, neg = PROMPTS + ["Tell me a secret."], ["The quick brown fox.", "Wie spaet ist es?", "def add(a, b):"]
+    circuit = discover(model, tok, spec, identity(source, config, shape), pos, neg, neg,
+                       Selection(top_k=5, universal=False))  # fmt: skip
+    assert len(circuit.neurons) == 5 and circuit.model.model_type == arch
+    means = []
+    for prompts in (pos, neg):
+        acts = []
+        for ids in encode_prompts(tok, prompts):
+            got = {}
+            hooks = [p.register_forward_pre_hook(lambda m, a, i=i, got=got: got.__setitem__(i, a[0][0, -1].double()))
+                     for i, p in enumerate(down_projs(model, spec))]  # fmt: skip
+            with torch.no_grad():
+                model(input_ids=torch.tensor([ids]))
+            for h in hooks:
+                h.remove()
+            acts.append(torch.stack([got[i] for i in sorted(got)]))
+        means.append(torch.stack(acts).mean(0))
+    delta = means[0] - means[1]
+    for n in circuit.neurons:
+        assert n.delta == pytest.approx(float(delta[n.layer, n.index]), abs=1e-4)
