@@ -195,3 +195,44 @@ def test_discovery_through_the_language_model(family_models, arch):
     delta = means[0] - means[1]
     for n in circuit.neurons:
         assert n.delta == pytest.approx(float(delta[n.layer, n.index]), abs=1e-4)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_patch_gguf_fused_up_half(tmp_path, qtype):
+    """A Phi-3 GGUF stores gate and up in one ffn_up [2n, hidden], gate first: patch-gguf scales rows n + j only;
+    the gate half and every other byte stay as they were, and diff --verify accepts the file."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import dequantize, quantize
+
+    from cna_export.circuit.format import ModelIdentity, Neuron, PromptSet, RecordedSelection
+    from cna_export.gguf.patch import patch_gguf_report
+
+    n, hidden, layers, q = 64, 64, 2, GGMLQuantizationType[qtype]
+    src, out = tmp_path / "phi3.gguf", tmp_path / "patched.gguf"
+    rng = np.random.default_rng(0)
+    ups = [rng.normal(size=(2 * n, hidden)).astype(np.float32) for _ in range(layers)]
+    writer = GGUFWriter(src, "phi3")
+    for i, up in enumerate(ups):
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", up if qtype == "F32" else quantize(up, q), raw_dtype=q)
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", rng.normal(size=(hidden, n)).astype(np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    neurons = [(0, 3), (1, 0), (1, 63)]
+    circuit = Circuit(
+        multiplier=0.5, prompts={"positive": PromptSet(count=0, sha256=""), "negative": PromptSet(count=0, sha256="")},
+        model=ModelIdentity(source=str(src), model_type="phi3", num_layers=layers, intermediate_size=n,
+                            hidden_size=hidden),
+        selection=RecordedSelection(top_k=3), neurons=[Neuron(layer=l, index=i, delta=1.0) for l, i in neurons],
+    )  # fmt: skip
+    patch_gguf_report(src, circuit, out)
+    from gguf import GGUFReader
+
+    before, after = ({t.name: t for t in GGUFReader(p).tensors} for p in (src, out))
+    for i in range(layers):
+        a, b = (np.array(t[f"blk.{i}.ffn_up.weight"].data) for t in (before, after))
+        rows = [n + j for lay, j in neurons if lay == i]
+        keep = [r for r in range(2 * n) if r not in rows]
+        assert np.array_equal(a[keep], b[keep])  # the gate half (rows < n) included, byte for byte
+        da, db = (x if qtype == "F32" else dequantize(x, q).reshape(2 * n, hidden) for x in (a, b))
+        np.testing.assert_allclose(db[rows], 0.5 * da[rows], rtol=1e-3, atol=0)
+    assert verify(str(src), str(out), circuit)[0]
