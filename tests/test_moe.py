@@ -14,7 +14,7 @@ from cna_export.arch import arch_for
 from cna_export.arch.experts import SHARED
 from cna_export.attribution.collect import collect, encode_prompts
 from cna_export.attribution.experts import scaled_units
-from cna_export.attribution.hooks import decoder_layers
+from cna_export.attribution.hooks import decoder_layers, scaled_neurons
 from cna_export.attribution.select import attribute
 from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, PromptSet, RecordedSelection, moe_fields
 from cna_export.circuit.selection import Selection
@@ -111,6 +111,8 @@ def test_export_equals_manual_edit(moe_models, tmp_path, arch, m, target):
     with scaled_units(decoder_layers(original, spec), spec, circuit.unit_edits()):
         hooked = logits(original, tok, PROMPTS)
     assert all(torch.equal(a, b) for a, b in zip(plain, logits(original, tok, PROMPTS))), "restored after"
+    with scaled_neurons(original, spec, circuit.unit_edits()):  # the evaluation hooks take (layer, expert) keys
+        assert all(torch.equal(a, b) for a, b in zip(hooked, logits(original, tok, PROMPTS)))
     manual_edit(original, spec, neurons, m)
     manual = logits(original, tok, PROMPTS)
     edited = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

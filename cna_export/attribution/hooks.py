@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cna_export.arch.spec import ArchSpec
-from cna_export.fold.scale import LayerEdits
+from cna_export.fold.scale import LayerEdits, UnitEdits
 
 
 def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
@@ -51,8 +51,17 @@ def pre_hooks(modules: dict[int, nn.Module], fn: Callable[[int, torch.Tensor], t
 
 
 @contextlib.contextmanager
-def scaled_neurons(model: nn.Module, spec: ArchSpec, edits: LayerEdits) -> Iterator[None]:
-    """Scale neurons at run time: multiply the chosen inputs of `down_proj` while the context is open."""
+def scaled_neurons(model: nn.Module, spec: ArchSpec, edits: LayerEdits | UnitEdits) -> Iterator[None]:
+    """Scale neurons at run time: multiply the chosen inputs of `down_proj` while the context is open.
+
+    `edits` keyed by (layer, expert) (`Circuit.unit_edits`, a mixture of experts) scale the experts' fused
+    parameters instead (`attribution.experts.scaled_units`)."""
+    if any(isinstance(key, tuple) for key in edits):
+        from cna_export.attribution.experts import scaled_units
+
+        with scaled_units(decoder_layers(model, spec), spec, edits):
+            yield
+        return
     projs = down_projs(model, spec)
 
     def scale(layer: int, x: torch.Tensor) -> torch.Tensor:
