@@ -145,6 +145,22 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     return row
 
 
+def judge_only(name: str, row: dict, args: argparse.Namespace) -> dict:
+    """Add the judge comparison to an existing row: same attribution, the row's m=0 k, the test prompts."""
+    gguf, _ = MODELS[name]
+    source = resolve(str(float_folder(CACHE / gguf)))
+    spec, shape, config = describe(source)
+    model, tok = load_model(source, dtype="float32", device="cpu")
+    recipe, base = load_recipe(args.recipe)
+    plan = plan_discovery(recipe, base)
+    att = attribute(model, tok, spec, identity(source, config, shape), plan.positive, plan.negative, plan.neutral,
+                    plan.selection)  # fmt: skip
+    circuit = att.circuit(row["k_m0"], behaviour="refusal", recipe=recipe.name)
+    test_pos, _ = heldout_sets(recipe, base, split="test")
+    out = args.out / "paper_table" / name.split(" ")[0]
+    return judge_run(model, tok, spec, circuit, test_pos[: args.judge_n], args, out)
+
+
 def table_row(name, kind, num_neurons, base: dict, points: list[dict], picked: dict, default_k: int) -> dict:
     m0, m2 = points
     rel = lambda p: (p["rate"] - base["rate"]) / base["rate"] if base["rate"] else None  # noqa: E731
@@ -251,6 +267,14 @@ def markdown(rows: list[dict], notes: list[str]) -> str:
         lines.append(f"- {r['model']}: test {r['n_harmful']} + {r['n_benign']} prompts, {st.get('test_tokens')} "
                      f"tokens; validation {st.get('val')} (harmful, benign, tokens); k grid {st.get('ks')}; "
                      f"MMLU {st.get('mmlu_per_topic')} per topic")  # fmt: skip
+    lines += ["", "## Base vs instruct", "", "| model | kind | refusal orig -> m=0 -> m=2 (harmful) | benign refusal "
+              "orig -> m=0 -> m=2 | KL m=0 |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['kind']} | {pct(r['refusal_original'])} -> {pct(r['refusal_m0'])} -> "
+                     f"{pct(r['refusal_m2'])} | {pct(r['benign_refusal_original'])} -> {pct(r['benign_refusal_m0'])} "
+                     f"-> {pct(r['benign_refusal_m2'])} | {r['kl_mean_m0']:.3f} |")  # fmt: skip
+    lines += ["", "A base model has no refusal behaviour to remove or amplify (the paper: ablation changes its "
+              "content, not its behaviour); the KL column shows how much its content moves."]  # fmt: skip
     judged = [r for r in rows if r.get("judge")]
     if judged:
         lines += [
@@ -274,6 +298,18 @@ def markdown(rows: list[dict], notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_markdown(rows: list[dict], args: argparse.Namespace) -> None:
+    """paper_table.md: the table and a note per row on where its k came from and how long it took."""
+    notes = []
+    for r in rows:
+        picked = r["k_from_validation"]
+        how = ", ".join(f"m={float(m):g}: " + ("chosen on validation" if ok else f"no validation point met the rule, "
+                        f"the recipe's {r['default_k']}") for m, ok in picked.items())  # fmt: skip
+        timing = ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in r["timings"].items())
+        notes.append(f"{r['model']}: k {how}; timings {timing}")
+    (args.out / f"{args.name}.md").write_text(markdown(rows, notes))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
@@ -295,6 +331,8 @@ def main() -> None:
     ap.add_argument("--judge-models", nargs="+", default=["Qwen2.5-Coder-0.5B-Instruct"])
     ap.add_argument("--judge-n", type=int, default=16)
     ap.add_argument("--judge-tokens", type=int, default=64)
+    ap.add_argument("--render-only", action="store_true", help="only rewrite the .md from the .json")
+    ap.add_argument("--judge-only", action="store_true", help="only add the --judge comparison to existing rows")
     ap.add_argument("--append", action="store_true", help="keep the other models' rows of an earlier run")
     ap.add_argument("--resume", action="store_true", help="reuse a finished validation sweep in the output folder")
     ap.add_argument("--threads", type=int, default=2)
@@ -307,15 +345,19 @@ def main() -> None:
     rows, doc_path = [], args.out / f"{args.name}.json"
     if args.append and doc_path.is_file():  # add rows to an earlier run's table (each row keeps its own settings)
         rows = [r for r in json.loads(doc_path.read_text())["rows"] if r["model"] not in names]
+    if args.render_only:  # rewrite paper_table.md from paper_table.json (e.g. after a change of layout)
+        names, rows = [], json.loads(doc_path.read_text())["rows"]
+        write_markdown(rows, args)
     for name in names:
         logging.info("=== %s", name)
-        rows.append(run_model(name, args))
+        if args.judge_only:
+            rows = json.loads(doc_path.read_text())["rows"]
+            row = next(r for r in rows if r["model"] == name)
+            row["judge"] = judge_only(name, row, args)
+        else:
+            rows.append(run_model(name, args))
         doc_path.write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
-        notes = [f"{r['model']}: k={r['k_m0']} (m=0) and {r['k_m2']} (m=2) "
-                 + ("chosen on validation" if all(r["k_from_validation"].values()) else
-                    f"(no validation point met the rule for some m; the recipe's {r['default_k']} was used there)")
-                 + f"; timings {', '.join(f'{k} {v:.0f}s' for k, v in r['timings'].items())}" for r in rows]  # fmt: skip
-        (args.out / f"{args.name}.md").write_text(markdown(rows, notes))
+        write_markdown(rows, args)
 
 
 if __name__ == "__main__":
