@@ -9,7 +9,7 @@ that it is one constant factor up to the rounding of the storage type. From that
 `verify` answers a yes/no question: is the edited model exactly the original with a given circuit folded in,
 and nothing else changed? For float weights it recomputes the folded tensor with `cna_export.fold.scale` and compares
 bytes; for a quantized GGUF row it requires the quantized values to be untouched and every f16 block scale to be
-`f16(m * scale)`, which is what scaling a row by m inside a quantized file means (see GGUF_NOTES).
+`f16(m * scale)`, which is what scaling a row by m inside a quantized file means (cna_export/gguf/quant.py).
 
 Reading both checkpoints is `cna_export.audit.weights`; recovering a factor from a pair of rows is `cna_export.audit.factors`.
 """

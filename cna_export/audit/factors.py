@@ -2,7 +2,7 @@
 
 Float storage: a factor is accepted when folding it the way `cna_export.fold.scale` does (float32 product rounded to the
 storage dtype) reproduces the edited row bit for bit. Quantized GGUF rows (edited through their f16 block scales,
-see GGUF_NOTES.md) are checked on the bytes: the quantized values must be untouched, and every scale field must be
+see cna_export/gguf/quant.py) are checked on the bytes: the quantized values must be untouched, and every scale field must be
 `f16(m * old scale)`, which pins m to an interval. In both cases the reported factor is the shortest decimal
 that explains the edit, so a multiplier of 0.3 comes back as 0.3, not 0.30000001192.
 """

@@ -121,8 +121,9 @@ def _apply(args: argparse.Namespace) -> None:
     from cna_export.io.source import resolve
 
     _check_push_args(args)
+    source = resolve(args.model, args.revision)  # a bad model fails first, as it always has
     circuit = load_stack(args.circuit, args.multiplier, args.allow_negative)
-    out = apply_circuit(resolve(args.model, args.revision), circuit, args.out, **apply_kwargs(args))
+    out = apply_circuit(source, circuit, args.out, **apply_kwargs(args))
     print(f"wrote {out}")
     _after_export(args, out)
 

@@ -88,17 +88,3 @@ def fold_site(
     out = tensor.clone()
     fold_site_(out, site, width, index, multiplier, expert)
     return out
-
-
-def scale_columns(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-    """Return a copy of `down_proj.weight` with columns `index` scaled (see `scale_rows_`)."""
-    out = weight.clone()
-    scale_columns_(out, index, multiplier)
-    return out
-
-
-def scale_rows(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-    """Return a copy of `up_proj.weight` with rows `index` scaled."""
-    out = weight.clone()
-    scale_rows_(out, index, multiplier)
-    return out

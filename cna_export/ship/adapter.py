@@ -76,7 +76,7 @@ def lora_factors(
 
     Example:
         >>> a, b = lora_factors(w_down, spec.down, 11008, torch.tensor([5, 9]), torch.tensor([0.0, 2.0]))
-        >>> torch.equal(w_down + b @ a, scale_columns(w_down, ...))  # up to one rounding of w + w (m - 1)
+        >>> torch.equal(w_down + b @ a, fold_site(w_down, spec.down, n, ...))  # up to one rounding of w + w (m - 1)
     """
     if weight.dim() != 2 or site.expert_axis is not None:
         raise ArchitectureError(
