@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -19,20 +20,10 @@ from cna_export.io.source import Source, describe, identity, load_model
 
 
 def discover(
-    model: nn.Module,
-    tokenizer,
-    spec: ArchSpec,
-    model_id: ModelIdentity,
-    positive: Sequence[str],
-    negative: Sequence[str],
-    neutral: Sequence[str],
-    selection: Selection,
-    *,
-    behaviour: str = "custom",
-    recipe: str | None = None,
-    multiplier: float = 0.0,
-) -> Circuit:
-    """Run CNA and return the circuit (not yet saved).
+    model: nn.Module, tokenizer, spec: ArchSpec, model_id: ModelIdentity, positive: Sequence[str],
+    negative: Sequence[str], neutral: Sequence[str], selection: Selection, **labels: Any,
+) -> Circuit:  # fmt: skip
+    """Run CNA and return the circuit (not yet saved); `labels` (behaviour, recipe, multiplier) are recorded in it.
 
     Example:
         >>> circuit = discover(model, tok, arch_for("llama"), ident, harmful, benign, neutral, Selection(top_k=100))
@@ -41,7 +32,7 @@ def discover(
     k = selection.resolve_k(shape)  # before the forward passes, so a bad k fails fast
     result = attribute(model, tokenizer, spec, model_id, positive, negative, neutral, selection)
     fraction = None if selection.top_k is not None else selection.fraction or DEFAULT_FRACTION
-    return result.circuit(k, fraction=fraction, behaviour=behaviour, recipe=recipe, multiplier=multiplier)
+    return result.circuit(k, fraction=fraction, **labels)
 
 
 def discover_circuit(
@@ -64,7 +55,8 @@ def discover_circuit(
     """Load `source`, fingerprint it, and run `discover` on it (a GGUF file through llama.cpp unless `backend` is
     "torch", which dequantizes it in transformers)."""
     if use_llama_cpp(source, backend):
-        return _discover_gguf(source, positive, negative, neutral, selection, behaviour, recipe, multiplier)
+        return _discover_gguf(source, positive, negative, neutral, selection, behaviour=behaviour, recipe=recipe,
+                              multiplier=multiplier)
     spec, shape, config = describe(source)
     model_id = identity(source, config, shape)
     model, tokenizer = load_model(
@@ -92,7 +84,7 @@ def use_llama_cpp(source: Source, backend: str) -> bool:
 
 def _discover_gguf(
     source: Source, positive: Sequence[str], negative: Sequence[str], neutral: Sequence[str], selection: Selection,
-    behaviour: str, recipe: str | None, multiplier: float,
+    **labels: Any,
 ) -> Circuit:  # fmt: skip
     """`discover` inside llama.cpp: the quantized file as it is, mmapped, never dequantized in Python."""
     from cna_export.attribution.native import attribute_gguf, describe_gguf, gguf_identity
@@ -102,7 +94,7 @@ def _discover_gguf(
     model_id = gguf_identity(source.name, source.path, spec, shape, metadata)
     result = attribute_gguf(source.path, spec, model_id, positive, negative, neutral, selection)
     fraction = None if selection.top_k is not None else selection.fraction or DEFAULT_FRACTION
-    return result.circuit(k, fraction=fraction, behaviour=behaviour, recipe=recipe, multiplier=multiplier)
+    return result.circuit(k, fraction=fraction, **labels)
 
 
 NEUTRAL_DEFAULT = "builtin:neutral_diverse"

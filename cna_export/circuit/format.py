@@ -252,6 +252,13 @@ class Circuit(Strict):
     def layer_counts(self) -> dict[int, int]:
         return dict(sorted(Counter(n.layer for n in self.neurons).items()))
 
+    def applied(self, multiplier: float | None = None) -> Circuit:
+        """The circuit as folded in: `multiplier`, when given, replaces the default and every per-neuron one."""
+        if multiplier is None:
+            return self.model_copy()
+        neurons = [n.model_copy(update={"multiplier": None}) for n in self.neurons]
+        return self.model_copy(update={"multiplier": multiplier, "neurons": neurons})
+
     def summary(self, top: int = 20) -> str:
         """A readable summary: what it was made on, exclusions, neurons per layer, the top neurons by |delta|."""
         circuit = self

@@ -242,9 +242,7 @@ def apply_circuit(
                 shutil.rmtree(dense, ignore_errors=True)
         else:
             write_folded(source.folder, tmp, spec, shape, edits, metadata, target, stream)
-        applied = circuit.model_copy(update={"multiplier": circuit.multiplier if multiplier is None else multiplier})
-        if multiplier is not None:
-            applied.neurons = [n.model_copy(update={"multiplier": None}) for n in circuit.neurons]
+        applied = circuit.applied(multiplier)
         applied.save(tmp / EXPORT_MARKER)
         if recipe_file is not None:
             copy_recipe(recipe_file, tmp)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from cna_export.circuit.format import Circuit
 from cna_export.io.output import check_output_path, staged_output
@@ -17,26 +18,16 @@ EXPORT_MARKER = "circuit.json"  # as in every export folder (cna_export.fold.exp
 
 
 def export_patched_gguf(
-    source: Source,
-    circuit: Circuit,
-    out: Path,
-    *,
-    multiplier: float | None = None,
-    allow_negative: bool = False,
-    overwrite: bool = False,
-    force: bool = False,
-    recipe_file: Path | None = None,
-    base_model: str | None = None,
-    hash_files: bool = False,
-    modelfile: bool = False,
-) -> Path:
+    source: Source, circuit: Circuit, out: Path, *, overwrite: bool = False, recipe_file: Path | None = None,
+    base_model: str | None = None, hash_files: bool = False, modelfile: bool = False, **patch: Any,
+) -> Path:  # fmt: skip
     """Write `out/` with the source GGUF patched by `circuit` (same file name, same quantization).
 
     Args:
         source: a GGUF source (`source.is_gguf`).
         circuit: the neurons and default multiplier.
         out: the export folder; must not exist unless `overwrite` (and then only one written by cna-export).
-        multiplier, allow_negative, force: as for `patch_gguf`.
+        patch: `patch_gguf_report`'s options (multiplier, allow_negative, force).
         recipe_file: saved as `recipe.yaml` beside the GGUF.
         base_model: the Hub id of the source for the model card.
         hash_files: record the GGUF's sha256 in the card now (by default `push` records it).
@@ -55,8 +46,7 @@ def export_patched_gguf(
     check_output_path(out, source.path, overwrite, marker=EXPORT_MARKER)
     with staged_output(out, overwrite, marker=EXPORT_MARKER) as tmp:
         gguf = tmp / source.path.name
-        report = patch_gguf_report(source.path, circuit, gguf, multiplier=multiplier, force=force,
-                                   allow_negative=allow_negative)  # fmt: skip
+        report = patch_gguf_report(source.path, circuit, gguf, **patch)
         # The folder's circuit.json is the record of what was applied (patch-gguf's sidecar, renamed).
         applied = Circuit.load(report.sidecar)
         report.sidecar.replace(tmp / EXPORT_MARKER)

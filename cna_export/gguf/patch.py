@@ -34,6 +34,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -295,9 +296,7 @@ def patch_gguf_report(
             os.close(fd)
         # The sidecar goes first: a kill before the GGUF's rename leaves a harmless sidecar, never a patched GGUF
         # without its record (which --overwrite would then refuse to replace).
-        applied = circuit.model_copy(update={"multiplier": circuit.multiplier if multiplier is None else multiplier})
-        if multiplier is not None:
-            applied.neurons = [n.model_copy(update={"multiplier": None}) for n in circuit.neurons]
+        applied = circuit.applied(multiplier)
         applied.save(sidecar)
     del source_data
     report = PatchReport(out, sidecar, patches)
@@ -305,26 +304,18 @@ def patch_gguf_report(
     return report
 
 
-def patch_gguf(
-    src: Path,
-    circuit: Circuit,
-    out: Path,
-    *,
-    multiplier: float | None = None,
-    overwrite: bool = False,
-    force: bool = False,
-    allow_negative: bool = False,
-) -> Path:
+def patch_gguf(src: Path, circuit: Circuit, out: Path, **options: Any) -> Path:
     """Scale a circuit's neurons inside an existing GGUF file, writing a new file; `src` is never modified.
 
     Args:
         src: the GGUF file (e.g. an Ollama model blob or a llama.cpp quantization).
         circuit: neurons and multipliers (usually from `cna-export discover --model src`).
         out: the patched GGUF to write; the applied circuit goes to `out` + `.circuit.json`.
-        multiplier: overrides every neuron's multiplier (0 ablates, 2 doubles).
-        overwrite: replace an existing `out` (only one written by patch-gguf, i.e. with its sidecar).
-        force: patch even if the circuit was discovered on different weights of the same shape.
-        allow_negative: accept negative multipliers.
+        options: keyword options of `patch_gguf_report`:
+            multiplier: overrides every neuron's multiplier (0 ablates, 2 doubles).
+            overwrite: replace an existing `out` (only one written by patch-gguf, i.e. with its sidecar).
+            force: patch even if the circuit was discovered on different weights of the same shape.
+            allow_negative: accept negative multipliers.
 
     Returns:
         `out`.
@@ -336,7 +327,4 @@ def patch_gguf(
     Example:
         >>> patch_gguf(Path("smollm2.Q4_1.gguf"), Circuit.load("c.json"), Path("smollm2-edited.gguf"))
     """
-    report = patch_gguf_report(
-        src, circuit, out, multiplier=multiplier, overwrite=overwrite, force=force, allow_negative=allow_negative
-    )
-    return report.out
+    return patch_gguf_report(src, circuit, out, **options).out

@@ -278,9 +278,7 @@ def write_adapter(
                                            base_model)  # fmt: skip
     start = time.perf_counter()
     pairs = adapter_pairs(source.folder, spec, shape, edits, target)
-    applied = circuit.model_copy(update={"multiplier": circuit.multiplier if multiplier is None else multiplier})
-    if multiplier is not None:
-        applied.neurons = [n.model_copy(update={"multiplier": None}) for n in circuit.neurons]
+    applied = circuit.applied(multiplier)
     hub = hub_origin(source)
     base = base_model or (hub[0] if hub else None)
     with staged_output(out, overwrite, marker=EXPORT_MARKER) as tmp:

@@ -8,15 +8,12 @@ adapter folder as it checks an export.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from cna_export.circuit.format import Circuit
 from cna_export.io.source import Source
-from cna_export.ship.provenance import CARD_NAME, PROVENANCE_FORMAT, provenance, source_metadata
-
-_MARKER = f"<!-- {PROVENANCE_FORMAT} -->"  # the marker cna_export.ship.card.read_provenance looks for
+from cna_export.ship.provenance import CARD_NAME, provenance, provenance_block, source_metadata
 
 
 def write_adapter_card(
@@ -110,11 +107,7 @@ def _body(record: dict[str, Any], circuit: Circuit, base: str | None, name: str)
         "",
         "## Provenance",
         "",
-        _MARKER,
-        "```json",
-        json.dumps(record, indent=1),
-        "```",
-        "",
+        *provenance_block(record),
     ]
     return "\n".join(lines)
 

@@ -25,17 +25,18 @@ from cna_export.ship.adapter_card import sources_lines
 from cna_export.ship.provenance import (
     CARD_NAME,
     HUB_ID,
+    MARKER,
     PROVENANCE_FORMAT,
     RECIPE_NAME,
     file_hashes,
     provenance,
+    provenance_block,
     source_metadata,
 )
 
 log = logging.getLogger(__name__)
 
-_MARKER = f"<!-- {PROVENANCE_FORMAT} -->"
-_BLOCK = re.compile(re.escape(_MARKER) + r"\s*```json\n(.*?)\n```", re.S)
+_BLOCK = re.compile(re.escape(MARKER) + r"\s*```json\n(.*?)\n```", re.S)
 # The Hub's model tree knows these relations (hub docs, "Specifying a base model"): adapter, merge, quantized,
 # finetune. A folded neuron edit changes full weights of the base model, which is what "finetune" means there.
 RELATION = "finetune"
@@ -51,38 +52,23 @@ def preload() -> None:
     threading.Thread(target=import_module, args=("huggingface_hub.repocard",), daemon=True).start()
 
 
-def build_card(
-    folder: Path,
-    source: Source,
-    circuit: Circuit,
-    *,
-    target: str = "down",
-    source_weights_sha256: str | None = None,
-    metrics: dict[str, Any] | None = None,
-    base_model: str | None = None,
-    known_hashes: dict[str, str] | None = None,
-    hash_weights: bool = True,
-):
+def build_card(folder: Path, source: Source, circuit: Circuit, *, base_model: str | None = None, **record: Any):
     """Build the model card of an exported folder (a `huggingface_hub.ModelCard`).
 
     Args:
         folder: the exported folder (weights, config, circuit.json, optional recipe.yaml).
         source: the model the export was made from.
         circuit: the circuit as applied (its multipliers are the ones folded in).
-        target: `down` (down_proj columns) or `up` (up_proj rows).
-        source_weights_sha256: combined sha256 of the source weights, when known.
-        metrics: evaluation numbers (name -> number, or a nested dict), shown in a table and in the provenance.
         base_model: the Hub id of the source, when it cannot be inferred (a local copy, a GGUF file).
-        known_hashes: sha256 of files already hashed while they were written (relative path -> hex).
-        hash_weights: False lists the weight files without their sha256 (`push` adds them before uploading).
+        record: the provenance options (`cna_export.ship.provenance.provenance`): target, source_weights_sha256,
+            metrics (also shown in a table), known_hashes, hash_weights.
 
     Returns:
         The card; `card.save(folder / "README.md")` writes it.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    record = provenance(folder, source, circuit, target=target, source_weights_sha256=source_weights_sha256,
-                        metrics=metrics, known_hashes=known_hashes, hash_weights=hash_weights)  # fmt: skip
+    record = provenance(folder, source, circuit, **record)
     inherited = source_metadata(source)
     base = base_model or inherited.pop("base_model", None)
     inherited.pop("base_model", None)
@@ -293,11 +279,7 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
         "(except this card):",
         "",
         *unhashed,
-        _MARKER,
-        "```json",
-        json.dumps(record, indent=1),
-        "```",
-        "",
+        *provenance_block(record),
     ]
     return "\n".join(lines)
 

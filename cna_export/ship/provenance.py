@@ -4,6 +4,7 @@ machine-readable record the card carries (source, circuit hash, recipe, tool ver
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ from cna_export.io.source import Source
 log = logging.getLogger(__name__)
 
 PROVENANCE_FORMAT = "cna-export-provenance"
+MARKER = f"<!-- {PROVENANCE_FORMAT} -->"  # what read_provenance looks for in a card
 CARD_NAME = "README.md"
 RECIPE_NAME = "recipe.yaml"
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
@@ -166,3 +168,8 @@ def file_hashes(
         bar.update(bar.total)
     merged = {**known, **computed}
     return {name: merged.get(name) for name in sorted(p.relative_to(folder).as_posix() for p in files)}
+
+
+def provenance_block(record: dict[str, Any]) -> list[str]:
+    """The card lines that carry the record: the marker, then the record as fenced JSON."""
+    return [MARKER, "```json", json.dumps(record, indent=1), "```", ""]
