@@ -22,7 +22,8 @@ def test_run_end_to_end_and_generate(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "smol-edited"
-    proc = run_cli("run", "refusal-ablate", "--model", str(SMOL), "--out", str(out), "--top-k", "46")
+    # A GGUF source exports a patched GGUF by default (GGUF in, GGUF out); this is the safetensors route.
+    proc = run_cli("run", "refusal-ablate", "--model", str(SMOL), "--out", str(out), "--top-k", "46", "--safetensors")
     assert "46 neurons scaled" in proc.stdout
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "circuit.json", "tokenizer.json", "generation_config.json"} <= names
