@@ -13,6 +13,13 @@ from cna_export.cli.options import eval_config, eval_opts, local_model, model_op
 def register(add) -> None:
     """Add this module's subcommands (`add(name, help, parents)` returns the subparser)."""
     model, evalo = model_opts(), eval_opts()
+    _add_eval(add, model, evalo)
+    _add_chat(add, model)
+    _add_sweep(add, model, evalo)
+    _add_push_and_diff(add)
+
+
+def _add_eval(add, model: argparse.ArgumentParser, evalo: argparse.ArgumentParser) -> None:
     p = add("eval", "measure an edit on held-out prompts: behaviour rate, benign rate, KL, quality", [model, evalo])
     what = p.add_mutually_exclusive_group()
     what.add_argument("--edited", type=Path, help="exported model folder to compare with --model")
@@ -35,6 +42,8 @@ def register(add) -> None:
     p.add_argument("--judge-model", help="model name for an endpoint --judge")
     p.set_defaults(func=_eval)
 
+
+def _add_chat(add, model: argparse.ArgumentParser) -> None:
     p = add("chat", "answer the same prompts with the original and the edited model, side by side", [model])
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--circuit", type=Path, help="circuit applied with runtime hooks (nothing exported)")
@@ -48,6 +57,8 @@ def register(add) -> None:
     p.add_argument("--width", type=int, default=100, help="output width in characters")
     p.set_defaults(func=_chat)
 
+
+def _add_sweep(add, model: argparse.ArgumentParser, evalo: argparse.ArgumentParser) -> None:
     p = add("sweep", "grid over k and m from one attribution; Pareto front, pick a point, optionally export",
             [model, evalo])  # fmt: skip
     p.add_argument("--recipe", required=True, help="recipe with discovery and held-out prompt sets")
@@ -62,6 +73,8 @@ def register(add) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --export folder")
     p.set_defaults(func=_sweep)
 
+
+def _add_push_and_diff(add) -> None:
     p = add("push", "upload an exported folder (or a .gguf file) to the Hugging Face Hub", [])
     p.add_argument("path", type=Path, help="exported model folder, or one .gguf file")
     p.add_argument("repo_id", help="Hub repository, owner/name (created if missing)")
