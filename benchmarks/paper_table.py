@@ -72,11 +72,8 @@ def choose(points: list[dict], baseline: dict, m: float, kl_budget: float) -> di
     return cands[i] if i is not None else None
 
 
-def run_model(name: str, args: argparse.Namespace) -> dict:
-    """Validation choice of k, then test numbers, for one model; returns its table row."""
-    gguf, kind = MODELS[name]
-    out = args.out / "paper_table" / name.split(" ")[0]
-    times, t = {}, time.time()
+def _attribute(gguf: str, args: argparse.Namespace):
+    """Load the float copy of a real GGUF and attribute with the recipe's discovery prompts (once per model)."""
     source = resolve(str(float_folder(CACHE / gguf)))
     spec, shape, config = describe(source)
     model, tok = load_model(source, dtype="float32", device="cpu")
@@ -84,6 +81,15 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     plan = plan_discovery(recipe, base)
     att = attribute(model, tok, spec, identity(source, config, shape), plan.positive, plan.negative, plan.neutral,
                     plan.selection)  # fmt: skip
+    return model, tok, spec, shape, att, recipe, base
+
+
+def run_model(name: str, args: argparse.Namespace) -> dict:
+    """Validation choice of k, then test numbers, for one model; returns its table row."""
+    gguf, kind = MODELS[name]
+    out = args.out / "paper_table" / name.split(" ")[0]
+    times, t = {}, time.time()
+    model, tok, spec, shape, att, recipe, base = _attribute(gguf, args)
     times["load_attribute_s"] = time.time() - t
 
     t = time.time()
@@ -148,13 +154,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
 def judge_only(name: str, row: dict, args: argparse.Namespace) -> dict:
     """Add the judge comparison to an existing row: same attribution, the row's m=0 k, the test prompts."""
     gguf, _ = MODELS[name]
-    source = resolve(str(float_folder(CACHE / gguf)))
-    spec, shape, config = describe(source)
-    model, tok = load_model(source, dtype="float32", device="cpu")
-    recipe, base = load_recipe(args.recipe)
-    plan = plan_discovery(recipe, base)
-    att = attribute(model, tok, spec, identity(source, config, shape), plan.positive, plan.negative, plan.neutral,
-                    plan.selection)  # fmt: skip
+    model, tok, spec, shape, att, recipe, base = _attribute(gguf, args)
     circuit = att.circuit(row["k_m0"], behaviour="refusal", recipe=recipe.name)
     test_pos, _ = heldout_sets(recipe, base, split="test")
     out = args.out / "paper_table" / name.split(" ")[0]
