@@ -229,3 +229,15 @@ def family_models(tmp_path_factory) -> dict[str, Path]:
     """One tiny random model folder per family of issue 14."""
     root = tmp_path_factory.mktemp("tiny-families")
     return {arch: build_family_model(root / arch, arch) for arch in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def hf_to_gguf() -> str:
+    """llama.cpp's converter, installed apart (`CNA_EXPORT_HF_TO_GGUF`, see gguf/external.py); .ci/run installs it,
+    so in CI a missing converter fails instead of skipping."""
+    where = os.environ.get("CNA_EXPORT_HF_TO_GGUF")
+    if not where:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs with llama.cpp's converter: .ci/run sets CNA_EXPORT_HF_TO_GGUF")
+        pytest.skip("llama.cpp's converter not installed (set CNA_EXPORT_HF_TO_GGUF, see gguf/external.py)")
+    return where
