@@ -16,6 +16,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -65,10 +66,10 @@ def collect_sets_gguf(
     sums = _Sums(len(sets), shape.intermediate_size, top_n)
     names = {spec.gguf_down.name(i).encode(): i for i in range(last + 1)}
 
-    def add(layer: int, rows) -> None:
-        sums.add(layer, torch.from_numpy(rows))
-
-    tap = FfnDownTap(names, shape.intermediate_size, last, add)
+    # The tap only copies rows out; they are added after each decode. Torch work inside the callback would wake its
+    # thread pool while llama.cpp's threads wait for the main thread, and the two pools fight for the cores.
+    pending: list[tuple[int, np.ndarray]] = []
+    tap = FfnDownTap(names, shape.intermediate_size, last, lambda layer, rows: pending.append((layer, rows)))
     tagged = [(k, ids) for k, prompts in enumerate(sets) for ids in prompts]
     prefix = common_prefix([ids for _, ids in tagged]) if share_prefix else 0
     groups = _groups(tagged, batch_size)
@@ -87,6 +88,9 @@ def collect_sets_gguf(
                 if prefix:
                     ctx.share(0, sid, prefix)
             ctx.decode([Seq(tagged[i][1][prefix:], prefix) for i in group])
+            for layer, rows in pending:
+                sums.add(layer, torch.from_numpy(rows))
+            pending.clear()
             for sid in range(len(group)):
                 ctx.forget(sid, prefix)
     return sums.stats([len(prompts) for prompts in sets], shape.num_layers)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import functools
 import json
 import logging
 import os
@@ -328,10 +329,25 @@ def render_chat(template: str, prompt: str, bos: str, eos: str) -> str:
     trim_blocks and lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson` that keeps
     non-ASCII text)."""
     from jinja2.exceptions import TemplateError
+
+    try:
+        return _compiled(template).render(
+            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True, bos_token=bos, eos_token=eos
+        )
+    except TemplateError as exc:
+        raise RecipeError(f"The GGUF's chat template failed: {exc}".splitlines()[0],
+                          "pass --no-chat-template, or fix tokenizer.chat_template in the file.") from None  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(template: str):
+    """The jinja2 template, compiled once per template text (compiling costs more than rendering a prompt)."""
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
+        from jinja2.exceptions import TemplateError
+
         raise TemplateError(message)
 
     def tojson(x: object, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
@@ -341,10 +357,4 @@ def render_chat(template: str, prompt: str, bos: str, eos: str) -> str:
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    try:
-        return env.from_string(template).render(
-            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True, bos_token=bos, eos_token=eos
-        )
-    except TemplateError as exc:
-        raise RecipeError(f"The GGUF's chat template failed: {exc}".splitlines()[0],
-                          "pass --no-chat-template, or fix tokenizer.chat_template in the file.") from None  # fmt: skip
+    return env.from_string(template)
