@@ -102,7 +102,7 @@ def _eval(args: argparse.Namespace) -> None:
         multipliers=args.multiplier, allow_negative=args.allow_negative, recipe=args.recipe, positive=args.positive,
         negative=args.negative, behaviour=args.behaviour, lm_eval_tasks=args.lm_eval, lm_eval_limit=args.lm_eval_limit,
         dtype=args.dtype, device=args.device, split=args.split, mmlu_per_topic=args.mmlu, mmlu_file=args.mmlu_file,
-        judge=args.judge, judge_model=args.judge_model, lm_eval_include=args.lm_eval_include,
+        judge=args.judge, judge_model=args.judge_model, lm_eval_include=args.lm_eval_include, backend=args.backend,
     )  # fmt: skip
     print(_headline_text(job.headline))
     print(f"wrote {job.report}")
@@ -117,7 +117,7 @@ def _sweep(args: argparse.Namespace) -> None:
         args.model, args.recipe, args.k, args.multipliers, eval_config(args), args.out, revision=args.revision,
         positive=args.positive, negative=args.negative, kl_budget=args.kl_budget, benign_budget=args.benign_budget,
         allow_negative=args.allow_negative, export=args.export, overwrite=args.overwrite,
-        local_model=local_model(args), dtype=args.dtype, device=args.device,
+        local_model=local_model(args), dtype=args.dtype, device=args.device, backend=args.backend,
     )  # fmt: skip
     print(_headline_text(job.headline))
     print(f"wrote {job.report}")

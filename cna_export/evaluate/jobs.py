@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from cna_export.attribution.discover import use_llama_cpp
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import find_recipe, load_recipe
 from cna_export.errors import CnaExportError
@@ -39,7 +40,7 @@ def eval_job(
     behaviour: str | None = None, lm_eval_tasks: Sequence[str] = (), lm_eval_limit: int | None = None,
     dtype: str = "auto", device: str = "auto", split: str = "test", mmlu_per_topic: int | None = None,
     mmlu_file: Path | None = None, judge: str | None = None, judge_model: str | None = None,
-    lm_eval_include: Path | None = None,
+    lm_eval_include: Path | None = None, backend: str = "auto",
 ) -> JobResult:  # fmt: skip
     """Evaluate a circuit (hooks, at each multiplier) or an exported folder against the original on held-out
     prompts; write the report into `out`, and the headline numbers into the export's card when it has one.
@@ -50,6 +51,8 @@ def eval_job(
         lm_eval_include: a folder of local lm-eval task files (offline tasks, e.g. `mmlu.lm_eval_local_task`).
         judge, judge_model: also grade every answer with an LLM judge (`cna_export.evaluate.judge`); answers are
             then at least `JUDGE_MIN_TOKENS` long and verdicts are cached in `out/judge_cache.jsonl`.
+        backend: a GGUF model runs in llama.cpp (`cna_export.evaluate.native`: the circuit is patched into
+            temporary copies of the file, `edited` is a patched GGUF) unless this is "torch".
     """
     loaded = Circuit.load(circuit) if circuit else None
     if multipliers and loaded is None:
@@ -57,11 +60,11 @@ def eval_job(
     recipe_name = recipe or (loaded.recipe if loaded is not None and not positive else None)
     rec, base = load_recipe(recipe_name) if recipe_name else (None, None)
     pos, neg = heldout_sets(rec, base, positive, negative, split=split)
-    extra = None
+    questions = None
     if mmlu_per_topic:
         from cna_export.evaluate import mmlu
 
-        extra = mmlu.capability_check(mmlu.stratified(mmlu.load_questions(mmlu_file), mmlu_per_topic), cfg.batch_size)
+        questions = mmlu.stratified(mmlu.load_questions(mmlu_file), mmlu_per_topic)
     if judge and cfg.max_new_tokens < JUDGE_MIN_TOKENS:
         log.warning("judged answers need %d tokens: generating %d instead of %d", JUDGE_MIN_TOKENS,
                     JUDGE_MIN_TOKENS, cfg.max_new_tokens)  # fmt: skip
@@ -69,12 +72,26 @@ def eval_job(
     behaviour = behaviour or (rec.behaviour if rec else None) or (loaded.behaviour if loaded else None)
     if behaviour is None:
         raise CnaExportError("Unknown behaviour to detect.", "pass --behaviour refusal (or a --recipe).")
-    results, records, used = run_eval(
-        resolve(model, revision), pos, neg, behaviour, cfg, circuit=loaded, multipliers=multipliers, edited=edited,
-        allow_negative=allow_negative, lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit, dtype=dtype,
-        device=device, split=split_of(rec, split, positive), extra=extra, lm_eval_include=lm_eval_include,
-    )  # fmt: skip
-    if extra is not None:
+    source, used_split = resolve(model, revision), split_of(rec, split, positive)
+    if use_llama_cpp(source, backend):
+        if lm_eval_tasks:
+            raise CnaExportError("--lm-eval runs lm-evaluation-harness in torch.", "add --backend torch.")
+        from cna_export.evaluate.native import run_eval_gguf
+
+        results, records, used = run_eval_gguf(
+            source.path, pos, neg, behaviour, cfg, model_name=source.name, split=used_split, circuit=loaded,
+            multipliers=multipliers, edited=edited, allow_negative=allow_negative, questions=questions,
+        )  # fmt: skip
+    else:
+        from cna_export.evaluate.mmlu import capability_check
+
+        results, records, used = run_eval(
+            source, pos, neg, behaviour, cfg, circuit=loaded, multipliers=multipliers, edited=edited,
+            allow_negative=allow_negative, lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit, dtype=dtype,
+            device=device, split=used_split, lm_eval_include=lm_eval_include,
+            extra=capability_check(questions, cfg.batch_size) if questions else None,
+        )  # fmt: skip
+    if questions:
         from cna_export.evaluate.mmlu import add_deltas
 
         add_deltas(results)
@@ -112,19 +129,28 @@ def sweep_job(
     revision: str | None = None, positive: str | None = None, negative: str | None = None,
     kl_budget: float | None = 0.1, benign_budget: float | None = None, allow_negative: bool = False,
     export: Path | None = None, overwrite: bool = False, local_model: Path | None = None, dtype: str = "auto",
-    device: str = "auto",
+    device: str = "auto", backend: str = "auto",
 ) -> JobResult:  # fmt: skip
     """Attribute once with the recipe, sweep k x m on held-out prompts, write the report, and with `export`
-    export the point the selection rule chose (a one-line error, after the report, when none qualifies)."""
+    export the point the selection rule chose (a one-line error, after the report, when none qualifies).
+    A GGUF model runs in llama.cpp unless `backend` is "torch"; its export is then the patched GGUF."""
     if export is not None:
         check_output_path(export, local_model, overwrite, marker="circuit.json")
     rec, base = load_recipe(recipe)
     source = resolve(model, revision)
-    results, records, circuits, att = sweep_source(
-        source, rec, base, [parse_k(k) for k in ks], multipliers, cfg, positive=positive, negative=negative,
-        kl_budget=kl_budget, benign_budget=benign_budget, allow_negative=allow_negative, dtype=dtype, device=device,
-        out=out,
-    )  # fmt: skip
+    native = use_llama_cpp(source, backend)
+    options = dict(positive=positive, negative=negative, kl_budget=kl_budget, benign_budget=benign_budget,
+                   allow_negative=allow_negative, out=out)  # fmt: skip
+    if native:
+        from cna_export.evaluate.native import sweep_source_gguf
+
+        results, records, circuits, att = sweep_source_gguf(
+            source.path, source.name, rec, base, [parse_k(k) for k in ks], multipliers, cfg, **options
+        )
+    else:
+        results, records, circuits, att = sweep_source(
+            source, rec, base, [parse_k(k) for k in ks], multipliers, cfg, dtype=dtype, device=device, **options
+        )
     chosen = results["points"][results["chosen"]] if results["chosen"] is not None else None
     shown = circuits[chosen["k"]] if chosen else circuits[max(circuits)]
     candidates, cuts = selection_scores(att, circuits)
@@ -135,9 +161,16 @@ def sweep_job(
     if chosen is None:
         raise CnaExportError("No sweep point meets the selection rule, so nothing was exported.",
                              "raise --kl-budget or try other --k/--multipliers; see the report.")  # fmt: skip
+    circuit = circuits[chosen["k"]].model_copy(update={"multiplier": chosen["multiplier"]})
+    negative_ok = allow_negative or rec.allow_negative
+    if native:
+        from cna_export.gguf.native_export import export_patched_gguf
+
+        job.export = export_patched_gguf(source, circuit, export, overwrite=overwrite, recipe_file=find_recipe(recipe),
+                                         allow_negative=negative_ok)  # fmt: skip
+        return job
     from cna_export.fold.export import apply_circuit
 
-    circuit = circuits[chosen["k"]].model_copy(update={"multiplier": chosen["multiplier"]})
-    job.export = apply_circuit(source, circuit, export, allow_negative=allow_negative or rec.allow_negative,
-                               overwrite=overwrite, recipe_file=find_recipe(recipe), metrics=job.headline)  # fmt: skip
+    job.export = apply_circuit(source, circuit, export, allow_negative=negative_ok, overwrite=overwrite,
+                               recipe_file=find_recipe(recipe), metrics=job.headline)  # fmt: skip
     return job

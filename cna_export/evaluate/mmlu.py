@@ -110,7 +110,12 @@ def letter_logprobs(model: nn.Module, tokenizer, questions: Sequence[Question], 
 
 def accuracy_record(model: nn.Module, tokenizer, questions: Sequence[Question], batch_size: int = 8) -> dict:
     """{"accuracy", "n", "correct": [0/1 per question]} of one model (hooks active around the call apply)."""
-    pred = letter_logprobs(model, tokenizer, questions, batch_size).argmax(-1).tolist()
+    return record_of(letter_logprobs(model, tokenizer, questions, batch_size), questions)
+
+
+def record_of(logp: torch.Tensor, questions: Sequence[Question]) -> dict:
+    """`accuracy_record` from [questions, 4] letter log-probabilities (from torch or llama.cpp)."""
+    pred = logp.argmax(-1).tolist()
     correct = [int(p == q.answer) for p, q in zip(pred, questions)]
     return {"accuracy": sum(correct) / len(correct), "n": len(correct), "correct": correct}
 

@@ -154,11 +154,13 @@ class FfnDownTap:
 
 @dataclass
 class Seq:
-    """One sequence of a batch: its tokens, the position of the first, and whether its last token is read."""
+    """One sequence of a batch: its tokens, the position of the first, whether its last token is read, and
+    (teacher forcing) the index of the first token whose logits are kept as well."""
 
     tokens: Sequence[int]
     start: int = 0
     output: bool = True
+    logits_from: int | None = None
 
 
 class LlamaCppModel:
@@ -296,7 +298,7 @@ class LlamaCppContext:
                     raise CnaExportError(f"A batch needs more than {self.capacity} tokens.", "lower --batch-size.")
                 b.token[n], b.pos[n], b.n_seq_id[n] = tok, s.start + i, 1
                 b.seq_id[n][0] = sid
-                b.logits[n] = s.output and i == len(s.tokens) - 1
+                b.logits[n] = s.output and (i == len(s.tokens) - 1 or (s.logits_from is not None and i >= s.logits_from))
                 n += 1
             last.append(n - 1)
         b.n_tokens = n
