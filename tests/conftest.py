@@ -59,6 +59,34 @@ MOE_TINY = {
                       shared_expert_intermediate_size=24),
     "olmoe": dict(_MOE, intermediate_size=16, num_experts=4),
     "mixtral": dict(_MOE, intermediate_size=24, num_local_experts=4, sliding_window=None),
+    # DeepSeek-V3 and GLM-4.5: layer 0 dense, sigmoid routing in 2 groups (1 kept), an ungated shared expert.
+    # (Multi-head latent attention: as many key/value heads as query heads.)
+    "deepseek_v3": dict(_MOE, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16,
+                        n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                        kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
+    "glm4_moe": dict(_MOE, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
+                     first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=8, partial_rotary_factor=0.5),
+    "granitemoe": dict(_MOE, intermediate_size=16, num_local_experts=4, embedding_multiplier=2.0,
+                       residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0),
+    # A low swiglu_limit, so the clamps of gpt-oss's activation are hit at this size.
+    "gpt_oss": dict(_MOE, intermediate_size=16, num_local_experts=4, head_dim=8, sliding_window=16,
+                    swiglu_limit=1.0),
+    # Wrappers (text config inside, a one-layer vision tower): Qwen3.5-MoE with a linear-attention layer and a
+    # gated shared expert; Llama 4 with a dense layer 0 (`moe_layers`) and an ungated shared expert.
+    "qwen3_5_moe": dict(text_config=dict(_MOE, moe_intermediate_size=16, num_experts=4,
+                                         shared_expert_intermediate_size=24, head_dim=8,
+                                         layer_types=["linear_attention", "full_attention", "full_attention"],
+                                         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                                         linear_value_head_dim=8),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, depth=1, num_heads=2,
+                                           out_hidden_size=32, patch_size=14, num_position_embeddings=16),
+                        image_token_id=500, video_token_id=501, vision_start_token_id=502),
+    "llama4": dict(text_config=dict(_MOE, intermediate_size=16, intermediate_size_mlp=48, head_dim=8,
+                                    num_local_experts=4, moe_layers=[1, 2]),
+                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=32,
+                                      projector_input_dim=32, projector_output_dim=32),
+                   image_token_index=500),
 }  # fmt: skip
 MOE_ARCHS = sorted(MOE_TINY)
 
@@ -83,21 +111,31 @@ def build_tokenizer(folder: Path):
 
 
 def build_model(folder: Path, arch: str, dtype: torch.dtype = torch.float32, shard: str | None = None) -> Path:
-    """A random model of `arch` saved as a Hugging Face folder (optionally sharded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    """A random model of `arch` saved as a Hugging Face folder (optionally sharded; an MoE wrapper's token ids
+    go into its text config)."""
+    import transformers
+    from transformers import AutoConfig, GenerationConfig
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(folder)
-    config = AutoConfig.for_model(
-        arch, vocab_size=512, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **{**TINY, **MOE_TINY}[arch],
-    )  # fmt: skip
+    ids = dict(vocab_size=512, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, bos_token_id=None)  # fmt: skip
+    kwargs = {**TINY, **MOE_TINY}[arch]
+    wrapper = "text_config" in kwargs
+    config = AutoConfig.for_model(arch, **({**kwargs, "text_config": {**kwargs["text_config"], **ids}} if wrapper
+                                           else {**ids, **kwargs}))  # fmt: skip
     torch.manual_seed(sum(map(ord, arch)))
-    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    loader = "AutoModelForImageTextToText" if wrapper else "AutoModelForCausalLM"
+    model = getattr(transformers, loader).from_config(config).to(dtype).eval()
     with torch.no_grad():  # wider weights than the default init, so neurons differ clearly between prompts
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.ndim in (2, 3):  # 3-D: fused experts
                 p.normal_(0, 0.08 if p.ndim == 2 else 0.2)
+            elif name.endswith("_proj_bias"):  # gpt-oss experts' biases
+                p.normal_(0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's routing correction: let it change the top-k
+                b.normal_(0, 0.5)
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(folder, **kwargs)
     GenerationConfig(eos_token_id=tokenizer.eos_token_id, max_new_tokens=8).save_pretrained(folder)
@@ -106,7 +144,7 @@ def build_model(folder: Path, arch: str, dtype: torch.dtype = torch.float32, sha
 
 @pytest.fixture(scope="session")
 def moe_models(tmp_path_factory) -> dict[str, Path]:
-    """One tiny random mixture-of-experts folder per MoE family (per-expert 2-D tensors on disk)."""
+    """One tiny random mixture-of-experts folder per MoE family (per-expert 2-D or stacked 3-D tensors on disk)."""
     root = tmp_path_factory.mktemp("tiny-moe")
     return {arch: build_model(root / arch, arch) for arch in MOE_ARCHS}
 

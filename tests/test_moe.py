@@ -18,7 +18,7 @@ from cna_export.attribution.hooks import decoder_layers, scaled_neurons
 from cna_export.attribution.select import attribute
 from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, PromptSet, RecordedSelection, moe_fields
 from cna_export.circuit.selection import Selection
-from cna_export.errors import CircuitError
+from cna_export.errors import ArchitectureError, CircuitError
 from cna_export.fold.export import apply_circuit
 from cna_export.io.checkpoint import CheckpointReader
 from cna_export.io.source import describe, identity, resolve
@@ -54,23 +54,37 @@ def some_neurons(model_dir) -> list[tuple]:
     return picked
 
 
+def load(model_dir):
+    """The source model in fp32 through its family's transformers class (a wrapper's for Qwen3.5-MoE, Llama 4)."""
+    import transformers
+
+    spec = describe(resolve(str(model_dir)))[0]
+    return getattr(transformers, spec.loader).from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
 def logits(model, tokenizer, prompts):
+    # Llama 4's wrapper in transformers 5.24 fails to build its output without an image (`image_outputs`): its
+    # text-only logits come from the Llama4ForCausalLM inside it (the same layers and lm_head).
+    run = model.language_model if type(model).__name__ == "Llama4ForConditionalGeneration" else model
     with torch.no_grad():
-        return [model(tokenizer(p, return_tensors="pt")["input_ids"]).logits for p in prompts]
+        return [run(tokenizer(p, return_tensors="pt")["input_ids"]).logits for p in prompts]
 
 
 def manual_edit(model, spec, neurons, m: float) -> None:
-    """An independent weight edit on the in-memory (fused) parameters: column j of the unit's down projection."""
+    """An independent weight edit on the in-memory (fused) parameters: column j of the unit's down projection
+    (row j of the fused `down_proj` [E, n, hidden] of gpt-oss and Llama 4, column j of [E, hidden, n] elsewhere)."""
     layers = decoder_layers(model, spec)
+    ex = spec.experts
     with torch.no_grad():
         for layer, expert, j in neurons:
-            mlp = layers[layer].mlp
             if expert is None:
-                mlp.down_proj.weight[:, j] *= m
+                layers[layer].get_submodule(spec.hook).weight[:, j] *= m
             elif expert == SHARED:
-                mlp.shared_expert.down_proj.weight[:, j] *= m
+                layers[layer].get_submodule(ex.shared_hook).weight[:, j] *= m
+            elif ex.fused in ("gpt_oss", "llama4"):
+                layers[layer].get_submodule(ex.module).down_proj[expert, j, :] *= m
             else:
-                mlp.experts.down_proj[expert, :, j] *= m
+                layers[layer].get_submodule(ex.module).down_proj[expert, :, j] *= m
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
@@ -80,14 +94,14 @@ def test_sites_match_checkpoint(moe_models, arch):
     moe = shape.moe
     assert moe is not None and moe.num_experts == 4
     for layer in range(shape.num_layers):
-        for target in ("down", "up"):
+        for target in spec.targets:
             if layer in moe.dense_layers:
                 site, width, units = spec.site(target), shape.intermediate_size, [None]
             else:
                 site, width, units = spec.experts.site(target, 0), moe.width, range(moe.num_experts)
-            for e in units:
+            for e in units:  # one 2-D tensor per expert, or the same stacked 3-D tensor for each
                 sub = type(shape)(shape.num_layers, width, shape.hidden_size)
-                assert reader.entry(site.name(layer, e)).shape == site.expected_shape(sub)
+                assert reader.entry(site.name(layer, e)).shape == site.expected_shape(sub, moe.num_experts)
             if moe.shared and layer not in moe.dense_layers:
                 site = spec.experts.site(target, SHARED)
                 sub = type(shape)(shape.num_layers, moe.shared, shape.hidden_size)
@@ -102,10 +116,15 @@ def test_export_equals_manual_edit(moe_models, tmp_path, arch, m, target):
     src = moe_models[arch]
     neurons = some_neurons(src)
     circuit = moe_circuit(src, neurons, m)
-    out = apply_circuit(resolve(str(src)), circuit, tmp_path / "out", target=target)
     spec = arch_for(arch)
+    if target not in spec.targets:  # gpt-oss: its clamped `up + 1` is not linear in the up rows
+        with pytest.raises(ArchitectureError, match="clamps"):
+            apply_circuit(resolve(str(src)), circuit, tmp_path / "out", target=target)
+        assert not (tmp_path / "out").exists()
+        return
+    out = apply_circuit(resolve(str(src)), circuit, tmp_path / "out", target=target)
     tok = AutoTokenizer.from_pretrained(src)
-    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    original = load(src)
     plain = logits(original, tok, PROMPTS)
     with scaled_units(decoder_layers(original, spec), spec, circuit.unit_edits()):
         hooked = logits(original, tok, PROMPTS)
@@ -114,7 +133,7 @@ def test_export_equals_manual_edit(moe_models, tmp_path, arch, m, target):
         assert all(torch.equal(a, b) for a, b in zip(hooked, logits(original, tok, PROMPTS)))
     manual_edit(original, spec, neurons, m)
     manual = logits(original, tok, PROMPTS)
-    edited = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    edited = load(out)
     for e, h, ref, p in zip(logits(edited, tok, PROMPTS), hooked, manual, plain):
         torch.testing.assert_close(e, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-5)
@@ -181,6 +200,124 @@ def test_capture_equals_unfused_loop_and_batching(moe_models, arch):
             mean[i] = 0
         torch.testing.assert_close(mean, ref, rtol=1e-4, atol=1e-5)
         assert stats.routed is not None and int(stats.routed.sum(-1).max()) == len(POS) * 2  # top-2 per prompt
+
+
+# The router of each family (relative to a decoder layer), and how its output holds the routing of the tokens.
+ROUTERS = {"deepseek_v3": "mlp.gate", "glm4_moe": "mlp.gate", "granitemoe": "block_sparse_moe.router",
+           "gpt_oss": "mlp.router", "qwen3_5_moe": "mlp.gate", "llama4": "feed_forward.router"}  # fmt: skip
+
+
+def _dense_weights(arch: str, out: tuple, experts: int) -> torch.Tensor:
+    """[E] router weights of the last token from a router's output: (logits, top-k weights, top-k indices), or
+    Llama 4's (scores [tokens, E] with 0 where not routed, logits)."""
+    if arch == "llama4":
+        return out[0][-1]
+    return torch.zeros(experts).index_add_(0, out[2][-1], out[1][-1].float())
+
+
+def _expert_neurons(f, arch: str, config, i: int, e: int, x: torch.Tensor, w: float) -> torch.Tensor:
+    """Coefficient of each column of expert e's down projection at x, from the tensors on disk, written out per
+    family: w * act(gate x) * (up x); gpt-oss's biased, interleaved, clamped SwiGLU; Llama 4's router weight on
+    the input."""
+    silu = torch.nn.functional.silu
+    if arch == "granitemoe":  # input_linear [E, 2n, hidden]: gate rows, then up
+        gate, up = (f.get_tensor(f"model.layers.{i}.block_sparse_moe.input_linear.weight")[e] @ x).chunk(2)
+        return w * silu(gate) * up
+    if arch == "gpt_oss":  # gate_up_proj [E, hidden, 2n]: gate at even columns, up at odd ones
+        name = f"model.layers.{i}.mlp.experts.gate_up_proj"
+        gate_up = x @ f.get_tensor(name)[e] + f.get_tensor(name + "_bias")[e]
+        gate, up = (
+            gate_up[::2].clamp(max=config.swiglu_limit),
+            gate_up[1::2].clamp(-config.swiglu_limit, config.swiglu_limit),
+        )
+        return w * (up + 1) * gate * torch.sigmoid(config.swiglu_alpha * gate)
+    if arch == "llama4":  # gate_up_proj [E, hidden, 2n]: gate columns, then up; the input is scaled by w
+        gate, up = (
+            (w * x) @ f.get_tensor(f"language_model.model.layers.{i}.feed_forward.experts.gate_up_proj")[e]
+        ).chunk(2)
+        return silu(gate) * up
+    mlp = f"model.language_model.layers.{i}.mlp" if arch == "qwen3_5_moe" else f"model.layers.{i}.mlp"
+    gate = f.get_tensor(f"{mlp}.experts.{e}.gate_proj.weight") @ x
+    return w * silu(gate) * (f.get_tensor(f"{mlp}.experts.{e}.up_proj.weight") @ x)
+
+
+def _shared_neurons(f, arch: str, i: int, x: torch.Tensor) -> torch.Tensor:
+    """The shared expert's coefficients at x: ungated (DeepSeek, GLM-4.5, Llama 4) or times Qwen's sigmoid gate."""
+    mlp = {"deepseek_v3": f"model.layers.{i}.mlp.shared_experts", "glm4_moe": f"model.layers.{i}.mlp.shared_experts",
+           "llama4": f"language_model.model.layers.{i}.feed_forward.shared_expert",
+           "qwen3_5_moe": f"model.language_model.layers.{i}.mlp.shared_expert"}[arch]  # fmt: skip
+    h = torch.nn.functional.silu(f.get_tensor(f"{mlp}.gate_proj.weight") @ x) * (
+        f.get_tensor(f"{mlp}.up_proj.weight") @ x
+    )
+    if arch == "qwen3_5_moe":
+        h = h * torch.sigmoid(f.get_tensor(f"{mlp}_gate.weight") @ x)
+    return h
+
+
+def routed_reference(model_dir, arch: str, prompts) -> torch.Tensor:
+    """Mean at the last token of every expert neuron's coefficient, one prompt at a time: the routing from the
+    family's own router (sigmoid and grouped top-k with the correction bias for DeepSeek/GLM, Llama 4's sigmoid
+    scores), the neurons from the checkpoint's tensors in an unfused loop over experts (`_expert_neurons`)."""
+    spec = arch_for(arch)
+    model, tok = load(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    config = model.config.get_text_config()
+    shape = describe(resolve(str(model_dir)))[1]
+    moe = shape.moe
+    f = safe_open(str(model_dir / "model.safetensors"), "pt")
+    block = spec.experts.module.rpartition(".")[0]
+    rows = []
+    for ids in encode_prompts(tok, prompts):
+        xs, routes, hooks = {}, {}, []
+        for i, layer in enumerate(decoder_layers(model, spec)):
+            if i in moe.dense_layers:
+                continue
+            hooks.append(
+                layer.get_submodule(block).register_forward_pre_hook(
+                    lambda _m, a, i=i, xs=xs: xs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])[-1])
+                )
+            )
+            hooks.append(
+                layer.get_submodule(ROUTERS[arch]).register_forward_hook(
+                    lambda _m, _a, out, i=i, routes=routes: routes.__setitem__(
+                        i, _dense_weights(arch, out, moe.num_experts)
+                    )
+                )
+            )
+        run = model.language_model if arch == "llama4" else model  # see `logits`
+        with torch.no_grad():
+            run(torch.tensor([ids]))
+        for h in hooks:
+            h.remove()
+        row = torch.zeros(shape.num_layers, moe.layer_width(shape.intermediate_size), dtype=torch.float64)
+        for i, x in xs.items():
+            with torch.no_grad():
+                for e in torch.nonzero(routes[i]).flatten().tolist():
+                    row[i, e * moe.width : (e + 1) * moe.width] = _expert_neurons(
+                        f, arch, config, i, e, x, float(routes[i][e])
+                    ).double()
+                if moe.shared:
+                    row[i, moe.num_experts * moe.width :] = _shared_neurons(f, arch, i, x).double()
+        rows.append(row)
+    return torch.stack(rows).mean(0), model, tok
+
+
+@pytest.mark.parametrize("arch", sorted(ROUTERS))
+def test_capture_equals_unfused_loop_every_layout(moe_models, arch):
+    """The capture on the real transformers class equals the unfused reference written out per family (grouped
+    sigmoid routing with a correction bias, an ungated shared expert, stacked 3-D tensors on disk, gpt-oss's
+    interleaved biased clamped SwiGLU, Llama 4's router weight on the expert input), for batch sizes 1 and 4."""
+    spec = arch_for(arch)
+    ref, model, tok = routed_reference(moe_models[arch], arch, POS)
+    moe = describe(resolve(str(moe_models[arch])))[1].moe
+    enc = encode_prompts(tok, POS)
+    for batch in (1, 4):
+        stats = collect(model, spec, enc, batch, tok.pad_token_id)
+        mean = stats.mean.clone()
+        for i in moe.dense_layers:
+            mean[i] = 0
+        torch.testing.assert_close(mean, ref, rtol=1e-4, atol=1e-5)
+        routed = stats.routed.sum(-1)
+        assert int(routed.max()) == len(POS) * 2 and int(routed[sorted(moe.dense_layers)].sum()) == 0  # top-2
 
 
 def test_attribute_is_batch_invariant_and_records_routing(moe_models):

@@ -34,24 +34,36 @@ class ExpertSpec:
     """Where the experts of one MoE family live.
 
     Attributes:
-        down, up: checkpoint sites of a routed expert (templates with `{i}` and `{e}`).
-        module: runtime module (relative to a decoder layer) holding the fused `gate_up_proj` [E, 2n, hidden]
-            (gate rows first) and `down_proj` [E, hidden, n]; its forward takes (hidden, top_k_index,
-            top_k_weights), which is where attribution reads the routing.
+        down, up: checkpoint sites of a routed expert: templates with `{i}` and `{e}` (one 2-D tensor per expert),
+            or sites with an `expert_axis` (one tensor stacks a layer's experts: Granite MoE, gpt-oss, Llama 4).
+            `up` is None where scaling an up row does not scale the neuron (gpt-oss: clamped `up + 1`).
+        module: runtime module (relative to a decoder layer) holding the fused `gate_up_proj` and `down_proj`;
+            its forward takes (hidden, top_k_index, top_k_weights), which is where attribution reads the routing
+            (Llama 4's takes the routed inputs only: its router is `router`, see `fused`).
+        fused: how that module lays out and runs its experts, a key of `FUSED_DOWN` (attribution/experts.py
+            holds the matching activation math).
+        router: runtime module whose output holds the router weights, where the experts module is not called
+            with them (Llama 4's `feed_forward.router`: scores [tokens, E], 0 where a token is not routed).
         count_keys: config keys of the number of routed experts, first found wins (transformers 5 writes Qwen3-MoE's
-            `num_experts` as `num_local_experts`).
+            `num_experts` as `num_local_experts`; DeepSeek's config.json says `n_routed_experts`).
         width_key: config key of each routed expert's width.
+        shared_unit_width: the shared expert's width counts in routed-expert widths (DeepSeek's
+            `n_shared_experts` x `moe_intermediate_size`) rather than in neurons.
         shared_down, shared_up: checkpoint sites of the shared expert (None: the family has none).
         shared_hook: runtime module whose input is the shared expert's neurons.
-        shared_gate: runtime module whose sigmoid scales the shared expert's output (its "router weight").
+        shared_gate: runtime module whose sigmoid scales the shared expert's output (its "router weight"); None:
+            the shared expert's output is added as it is (DeepSeek, GLM-4.5, Llama 4), its weight is 1.
         shared_width_key: config key of the shared expert's width.
     """
 
     down: Site
-    up: Site
+    up: Site | None
     module: str = "mlp.experts"
-    count_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
+    fused: str = "gate_up"
+    router: str | None = None
+    count_keys: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
     width_key: str = "moe_intermediate_size"
+    shared_unit_width: bool = False
     shared_down: Site | None = None
     shared_up: Site | None = None
     shared_hook: str | None = None
@@ -109,6 +121,19 @@ class ExpertShape:
         return column < self.num_experts * self.width + self.shared
 
 
+# The in-memory layouts of transformers 5's fused experts: where neuron j of expert e sits in `down_proj`.
+#   gate_up: gate_up_proj [E, 2n, hidden] (gate rows, then up), down_proj [E, hidden, n], no biases;
+#   gpt_oss: gate_up_proj [E, hidden, 2n] (gate and up interleaved: even and odd columns) and its bias,
+#            `(clamp(up) + 1) * glu(clamp(gate))`, down_proj [E, n, hidden] and a bias added after the sum;
+#   llama4:  gate_up_proj [E, hidden, 2n] (gate columns, then up), down_proj [E, n, hidden]; the router weight
+#            scales the expert's input, not its output.
+FUSED_DOWN: dict[str, Site] = {
+    "gate_up": Site("down_proj", axis=2, expert_axis=0),
+    "gpt_oss": Site("down_proj", axis=1, expert_axis=0),
+    "llama4": Site("down_proj", axis=1, expert_axis=0),
+}
+
+
 def _get(config: Any, key: str, default: Any = None) -> Any:
     return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
 
@@ -118,7 +143,11 @@ def dense_layers(config: Any, num_layers: int) -> frozenset[int]:
     only = set(_get(config, "mlp_only_layers", None) or [])
     step = _get(config, "decoder_sparse_step", 1) or 1
     first = _get(config, "first_k_dense_replace", 0) or 0
-    return frozenset(i for i in range(num_layers) if i in only or (i + 1) % step != 0 or i < first)
+    sparse = _get(config, "moe_layers", None)  # Llama 4 lists its MoE layers
+    return frozenset(
+        i for i in range(num_layers)
+        if i in only or (i + 1) % step != 0 or i < first or (sparse is not None and i not in sparse)
+    )  # fmt: skip
 
 
 def expert_shape(spec: ExpertSpec, config: Any, num_layers: int) -> ExpertShape | None:
@@ -127,5 +156,6 @@ def expert_shape(spec: ExpertSpec, config: Any, num_layers: int) -> ExpertShape 
     width = _get(config, spec.width_key)
     if not isinstance(count, int) or not isinstance(width, int) or count <= 0 or width <= 0:
         return None
-    shared = _get(config, spec.shared_width_key, 0) if spec.shared_width_key else 0
-    return ExpertShape(count, width, int(shared or 0), dense_layers(config, num_layers))
+    shared = int(_get(config, spec.shared_width_key, 0) or 0) if spec.shared_width_key else 0
+    shared *= width if spec.shared_unit_width else 1
+    return ExpertShape(count, width, shared, dense_layers(config, num_layers))

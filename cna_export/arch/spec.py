@@ -61,6 +61,11 @@ class ArchSpec:
         local_rope_base: the rope base llama.cpp hard-codes for sliding-window layers, checked against config.
         experts: for a mixture of experts, the expert sites and config keys (`down`/`up` are then the sites of
             the dense layers, if the model has any).
+        width_key: config key of the dense MLP width (`ModelShape.intermediate_size`): Llama 4 keeps it in
+            `intermediate_size_mlp` (its `intermediate_size` is an expert's), Qwen3.5-MoE has no dense MLP and no
+            `intermediate_size`, so its expert width stands in.
+        text_model_type: the `model_type` of a wrapper's text config (`qwen3_5_moe_text`), which a loaded
+            model's `config.get_text_config()` reports; `shape_of` finds the row by it.
     """
 
     model_type: str
@@ -85,6 +90,8 @@ class ArchSpec:
     query_scale_n_layer: int | None = None
     local_rope_base: float | None = None
     experts: ExpertSpec | None = None  # MoE families: where routed and shared experts live (arch/experts.py)
+    width_key: str = "intermediate_size"
+    text_model_type: str | None = None
 
     @property
     def gguf_name(self) -> str:
@@ -103,13 +110,16 @@ class ArchSpec:
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return ("down", "up") if self.gated else ("down",)
+        up = self.gated and (self.experts is None or self.experts.up is not None)
+        return ("down", "up") if up else ("down",)
 
     def check_target(self, target: str) -> None:
-        """Refuse `up` for an ungated MLP, where scaling the row of `up_proj` does not scale the neuron."""
+        """Refuse `up` where scaling the row of `up_proj` does not scale the neuron: an ungated MLP, or experts
+        whose activation is not linear in `up` (gpt-oss clamps it and adds 1)."""
         if target not in self.targets:
+            why = "has no gate in its MLP" if not self.gated else "clamps its experts' up projection and adds 1"
             raise ArchitectureError(
-                f"{self.model_type} has no gate in its MLP, so scaling up_proj rows does not scale neurons.",
+                f"{self.model_type} {why}, so scaling up_proj rows does not scale neurons.",
                 "fold into down_proj (--target down, the default).",
             )
 
@@ -268,10 +278,19 @@ GGUF_MODEL_TYPES: dict[str, str] = {
 }
 
 
+def spec_of_config(model_type: Any) -> ArchSpec | None:
+    """The row of a config's `model_type`: a family's own, or a wrapper's text config (`text_model_type`)."""
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    return next((s for s in ARCHITECTURES.values() if s.text_model_type and s.text_model_type == model_type), None)
+
+
 def shape_of(config: Any) -> ModelShape:
     """Read layer count and MLP width from a transformers config (or a plain dict)."""
     get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-    values = {key: get(key) for key in ("num_hidden_layers", "intermediate_size", "hidden_size")}
+    spec = spec_of_config(get("model_type"))
+    width_key = spec.width_key if spec is not None else "intermediate_size"
+    values = {key: get(key) for key in ("num_hidden_layers", width_key, "hidden_size")}
     for key, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ArchitectureError(
@@ -279,9 +298,8 @@ def shape_of(config: Any) -> ModelShape:
                 "use the config.json that came with the checkpoint.",
             )
     layers = values["num_hidden_layers"]
-    spec = ARCHITECTURES.get(get("model_type"))
     moe = expert_shape(spec.experts, config, layers) if spec is not None and spec.experts is not None else None
-    return ModelShape(layers, values["intermediate_size"], values["hidden_size"], moe)
+    return ModelShape(layers, values[width_key], values["hidden_size"], moe)
 
 
 # Dense and multimodal families (issue 14) ------------------------------------------------------------------------
@@ -335,3 +353,64 @@ _GGUF_READ_AS = {
     MODEL_ARCH.MISTRAL3: "mistral3", MODEL_ARCH.QWEN2VL: "qwen2_5_vl", MODEL_ARCH.QWEN3VL: "qwen3_vl",
 }  # fmt: skip
 GGUF_MODEL_TYPES.update({MODEL_ARCH_NAMES[arch]: model_type for arch, model_type in _GGUF_READ_AS.items()})
+
+
+# Mixtures of experts, the other families (issue 15) -------------------------------------------------------------
+# DeepSeek-V3 and GLM-4.5 keep one 2-D tensor per expert, their first `first_k_dense_replace` layers dense, and an
+# ungated `shared_experts` MLP as wide as `n_shared_experts` routed experts; their sigmoid, grouped, bias-corrected
+# routing happens in the router, and the experts module is called with its result. Granite MoE, gpt-oss and
+# Llama 4 store each layer's experts stacked in 3-D tensors on disk (sites with an `expert_axis`).
+_SHARED_EXPERTS = dict(
+    shared_down=Site("model.layers.{i}.mlp.shared_experts.down_proj.weight", axis=1),
+    shared_up=Site("model.layers.{i}.mlp.shared_experts.up_proj.weight", axis=0),
+    shared_hook="mlp.shared_experts.down_proj", shared_width_key="n_shared_experts", shared_unit_width=True,
+)  # fmt: skip
+_LM_MLP = f"{LANGUAGE_MODEL}.layers.{{i}}.mlp."
+_L4 = "language_model.model.layers.{i}.feed_forward."  # Llama 4 keeps transformers 4's wrapper layout
+ARCHITECTURES.update(
+    {
+        spec.model_type: spec
+        for spec in (
+            ArchSpec("deepseek_v3", MODEL_ARCH.DEEPSEEK2, own_gguf=False,
+                     experts=ExpertSpec(_QWEN_EXPERTS.down, _QWEN_EXPERTS.up, **_SHARED_EXPERTS)),
+            ArchSpec("glm4_moe", MODEL_ARCH.GLM4_MOE, own_gguf=False,
+                     experts=ExpertSpec(_QWEN_EXPERTS.down, _QWEN_EXPERTS.up, **_SHARED_EXPERTS)),
+            # No dense layer: `hook` only names the MoE block (its parent), where a forward pass may end.
+            ArchSpec("granitemoe", MODEL_ARCH.GRANITE_MOE, hook="block_sparse_moe.down_proj", own_gguf=False,
+                     experts=ExpertSpec(
+                         Site("model.layers.{i}.block_sparse_moe.output_linear.weight", axis=2, expert_axis=0),
+                         Site("model.layers.{i}.block_sparse_moe.input_linear.weight", axis=1, part=1, parts=2,
+                              expert_axis=0),
+                         module="block_sparse_moe.experts", width_key="intermediate_size")),
+            replace(
+                _wrapper("qwen3_5_moe", MODEL_ARCH.QWEN35MOE), width_key="moe_intermediate_size",
+                text_model_type="qwen3_5_moe_text",
+                experts=ExpertSpec(
+                    Site(_LM_MLP + "experts.{e}.down_proj.weight", axis=1),
+                    Site(_LM_MLP + "experts.{e}.up_proj.weight", axis=0),
+                    shared_down=Site(_LM_MLP + "shared_expert.down_proj.weight", axis=1),
+                    shared_up=Site(_LM_MLP + "shared_expert.up_proj.weight", axis=0),
+                    shared_hook="mlp.shared_expert.down_proj", shared_gate="mlp.shared_expert_gate",
+                    shared_width_key="shared_expert_intermediate_size"),
+            ),
+            # bf16 experts on disk as transformers 5 saves them (an MXFP4 checkpoint's `down_proj_blocks` are
+            # folded by fold/mxfp4.py); the up rows are no fold target (clamp and +1).
+            ArchSpec("gpt_oss", MODEL_ARCH.GPT_OSS, own_gguf=False,
+                     experts=ExpertSpec(Site("model.layers.{i}.mlp.experts.down_proj", axis=1, expert_axis=0), None,
+                                        fused="gpt_oss", width_key="intermediate_size")),
+            ArchSpec("llama4", MODEL_ARCH.LLAMA4, layers_module="language_model.model.layers",
+                     hook="feed_forward.down_proj", down=Site(_L4 + "down_proj.weight", axis=1),
+                     up=Site(_L4 + "up_proj.weight", axis=0), text_config="text_config",
+                     loader="AutoModelForImageTextToText", own_gguf=False, width_key="intermediate_size_mlp",
+                     text_model_type="llama4_text",
+                     experts=ExpertSpec(
+                         Site(_L4 + "experts.down_proj", axis=1, expert_axis=0),
+                         Site(_L4 + "experts.gate_up_proj", axis=2, part=1, parts=2, expert_axis=0),
+                         module="feed_forward.experts", fused="llama4", router="feed_forward.router",
+                         width_key="intermediate_size",
+                         shared_down=Site(_L4 + "shared_expert.down_proj.weight", axis=1),
+                         shared_up=Site(_L4 + "shared_expert.up_proj.weight", axis=0),
+                         shared_hook="feed_forward.shared_expert.down_proj", shared_width_key="intermediate_size")),
+        )
+    }
+)  # fmt: skip

@@ -289,8 +289,11 @@ def _cache_kwarg(model: nn.Module) -> str:
 
 
 def _prefix_allowed(model: nn.Module, encoded: list[list[int]], prefix: int) -> bool:
-    """Sliding-window layers count padding inside the window, so share a prefix only if all fits in it."""
+    """Sliding-window layers count padding inside the window, so share a prefix only if all fits in it; never with
+    linear-attention layers (Qwen3.5), whose recurrent state the cache cannot repeat for each row of a batch."""
     config = model.config.get_text_config()
+    if "linear_attention" in (getattr(config, "layer_types", None) or []):
+        return False
     window = getattr(config, "sliding_window", None)
     uses_window = window and any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ["sliding"]))
     return not uses_window or max(map(len, encoded)) < window

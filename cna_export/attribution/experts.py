@@ -7,7 +7,9 @@ routed to e). CNA's per-neuron activation for neuron j of expert e at the last t
 positive - negative is then the neuron's expected contribution to the output, routing included: a neuron of an
 expert that the positive prompts never reach has delta 0 however large its unrouted value would be, and zeroing
 it (m = 0) removes exactly `a_ej * down_e[:, j]` from every token. The shared expert sees every token; its weight
-is its sigmoid gate (Qwen2-MoE `shared_expert_gate`), and a dense MLP's weight is 1.
+is its sigmoid gate (Qwen2-MoE `shared_expert_gate`; 1 for an ungated one, DeepSeek's `shared_experts`), and a
+dense MLP's weight is 1. Llama 4 scales the expert's input instead (`down_e h_e(w_e x)`): the coefficient of
+column j is then `h_ej(w_e x)`, which is 0 for an unrouted expert too, and is what is measured there.
 
 **Where it is captured.** transformers 5 keeps the experts of a layer as fused 3-D parameters
 (`gate_up_proj` [E, 2n, hidden], `down_proj` [E, hidden, n]) inside one module that may dispatch to grouped or
@@ -15,7 +17,8 @@ batched kernels; there is no per-expert Linear to hook. The capture is a forward
 inputs are the layer's hidden states and the routing (top-k indices and weights), and the hook recomputes
 `w_e * h_e` for the last token of each row only, for every expert at once (an einsum over the fused weights),
 which is cheap next to the forward pass. Tests check it against an unfused loop over the on-disk per-expert
-tensors.
+tensors. The layouts differ by family (`ExpertSpec.fused`, `EXPERT_NEURONS`): gpt-oss interleaves gate and up,
+adds biases and clamps; Llama 4's module takes every expert's router-scaled input, its weights come from the router.
 
 **Runtime scaling** (the reference of the fold, and what evaluation uses) multiplies the columns of the fused
 `down_proj` parameter in place while the context is open and restores the saved columns after: scaling column j
@@ -30,9 +33,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from cna_export.arch.experts import SHARED
+from cna_export.arch.experts import FUSED_DOWN, SHARED, ExpertKey
 from cna_export.arch.spec import ArchSpec, ModelShape
-from cna_export.fold.scale import UnitEdits
+from cna_export.fold.scale import UnitEdits, scale_rows_
 
 
 def router_weights(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -44,18 +47,43 @@ def router_weights(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_e
     return dense[:, :num_experts]
 
 
-def routed_activations(experts: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`w_e * act(gate_e x) * (up_e x)` for every expert: [tokens, E, n] from x [tokens, hidden], weights [tokens, E].
+def _gate_up(experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`act(gate_e x) * (up_e x)` from `gate_up_proj` [E, 2n, hidden] (gate rows first, as the forward chunks it)."""
+    gate, up = torch.einsum("th,eoh->teo", x, experts.gate_up_proj.to(x.dtype)).chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
 
-    Reads the fused `gate_up_proj` [E, 2n, hidden] (gate rows first, as transformers' experts forward chunks it)."""
-    gate_up = torch.einsum("th,eoh->teo", x, experts.gate_up_proj.to(x.dtype))
-    gate, up = gate_up.chunk(2, dim=-1)
-    return experts.act_fn(gate) * up * weights.to(x.dtype)[..., None]
+
+def _gpt_oss(experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """gpt-oss: `gate_up_proj` [E, hidden, 2n] interleaved, plus its bias, through the module's own clamped SwiGLU."""
+    gate_up = torch.einsum("th,eho->teo", x, experts.gate_up_proj.to(x.dtype)) + experts.gate_up_proj_bias.to(x.dtype)
+    return experts._apply_gate(gate_up)
+
+
+def _llama4(experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Llama 4: x [tokens, E, hidden] is each expert's own input (already scaled by its router weight);
+    `gate_up_proj` [E, hidden, 2n] holds the gate columns, then the up columns."""
+    gate, up = torch.einsum("teh,eho->teo", x, experts.gate_up_proj.to(x.dtype)).chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
+# ExpertSpec.fused -> the neurons h_e of every expert from the fused parameters ([tokens, E, n]).
+EXPERT_NEURONS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    "gate_up": _gate_up, "gpt_oss": _gpt_oss, "llama4": _llama4,
+}  # fmt: skip
+
+
+def routed_activations(
+    experts: nn.Module, x: torch.Tensor, weights: torch.Tensor, fused: str = "gate_up"
+) -> torch.Tensor:
+    """`w_e * h_e(x)` for every expert: [tokens, E, n] from x [tokens, hidden], weights [tokens, E] (the router
+    weight scales the expert's output; `fused` names the layout, see `EXPERT_NEURONS`)."""
+    return EXPERT_NEURONS[fused](experts, x) * weights.to(x.dtype)[..., None]
 
 
 def _last_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """The rows of the last token of each sequence from flattened [batch * seq, ...] hidden states."""
-    return x.reshape(batch, x.shape[0] // batch, *x.shape[1:])[:, -1]
+    """The rows of the last token of each sequence from [batch * seq, d] or [batch, seq, d] hidden states (the
+    experts see flattened tokens; DeepSeek's shared experts the unflattened ones)."""
+    return x.reshape(batch, -1, x.shape[-1])[:, -1]
 
 
 @contextlib.contextmanager
@@ -69,23 +97,39 @@ def capture_units(
     while nothing is recorded (the shared-prefix pass)."""
     assert spec.experts is not None and shape.moe is not None
     moe, ex = shape.moe, spec.experts
-    handles, pending = [], {}
+    handles, pending, scores = [], {}, {}
 
     def on_experts(layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden, index, weight = (list(args) + [kwargs.get(k) for k in ("top_k_index", "top_k_weights")])[:3]
             b = batch()
             if not b:
                 return
-            w = router_weights(_last_rows(index, b), _last_rows(weight, b), moe.num_experts)
-            act = routed_activations(module, _last_rows(hidden, b), w)
+            if ex.fused == "llama4":  # the inputs of all experts stacked: [E * tokens, hidden], router-scaled
+                w = _last_rows(scores.pop(layer), b)
+                x = args[0].reshape(moe.num_experts, b, -1, args[0].shape[-1])[:, :, -1].transpose(0, 1)
+                act = EXPERT_NEURONS[ex.fused](module, x)
+            else:
+                hidden, index, weight = (list(args) + [kwargs.get(k) for k in ("top_k_index", "top_k_weights")])[:3]
+                w = router_weights(_last_rows(index, b), _last_rows(weight, b), moe.num_experts)
+                act = routed_activations(module, _last_rows(hidden, b), w, ex.fused)
             add(layer, act.reshape(b, -1), groups=moe.num_experts, routed=w > 0)
+
+        return hook
+
+    def on_router(layer: int):
+        def hook(_module: nn.Module, _args: tuple, out: tuple) -> None:
+            if batch():
+                scores[layer] = out[0]  # Llama 4's router: (scores [tokens, E], 0 where not routed; logits)
 
         return hook
 
     def on_shared_input(layer: int):
         def hook(_module: nn.Module, args: tuple) -> None:
-            if batch():
+            if not batch():
+                return
+            if ex.shared_gate is None:  # an ungated shared expert: its weight is 1
+                add(layer, _last_rows(args[0], batch()), offset=moe.num_experts * moe.width)
+            else:
                 pending[layer] = _last_rows(args[0], batch())
 
         return hook
@@ -107,8 +151,11 @@ def capture_units(
                     lambda _m, args, i=i: add(i, args[0][:, -1, :])))  # fmt: skip
                 continue
             handles.append(layer.get_submodule(ex.module).register_forward_pre_hook(on_experts(i), with_kwargs=True))
-            if moe.shared and ex.shared_hook and ex.shared_gate:
+            if ex.router:
+                handles.append(layer.get_submodule(ex.router).register_forward_hook(on_router(i)))
+            if moe.shared and ex.shared_hook:
                 handles.append(layer.get_submodule(ex.shared_hook).register_forward_pre_hook(on_shared_input(i)))
+            if moe.shared and ex.shared_gate:
                 handles.append(layer.get_submodule(ex.shared_gate).register_forward_hook(on_shared_gate(i)))
         yield
     finally:
@@ -118,29 +165,29 @@ def capture_units(
 
 @contextlib.contextmanager
 def scaled_units(layers: nn.ModuleList, spec: ArchSpec, edits: UnitEdits) -> Iterator[None]:
-    """Scale neurons of dense MLPs, routed and shared experts at run time (exact: columns of the in-memory down
-    projections are scaled in place and restored when the context closes)."""
-    saved: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
+    """Scale neurons of dense MLPs, routed and shared experts at run time (exact: the neurons' slices of the
+    in-memory down projections are scaled in place and restored when the context closes)."""
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     try:
         with torch.no_grad():
             for (layer, expert), (index, mult) in edits.items():
-                weight, where = _down_columns(layers[layer], spec, expert)
-                idx = index.to(weight.device)
-                cols = (*where, slice(None), idx)
-                saved.append((weight, cols, weight[cols].clone()))
-                weight[cols] = (weight[cols].float() * mult.to(weight.device)).to(weight.dtype)
+                rows = down_rows(layers[layer], spec, expert)
+                idx = index.to(rows.device)
+                saved.append((rows, idx, rows[idx].clone()))
+                scale_rows_(rows, idx, mult.to(rows.device))
         yield
     finally:
         with torch.no_grad():
-            for weight, cols, original in reversed(saved):
-                weight[cols] = original
+            for rows, idx, original in reversed(saved):
+                rows[idx] = original
 
 
-def _down_columns(layer: nn.Module, spec: ArchSpec, expert) -> tuple[torch.Tensor, tuple]:
-    """The in-memory down-projection weight of a unit, and the leading index that selects it ([hidden, n] rest)."""
-    if expert is None:
-        return layer.get_submodule(spec.hook).weight, ()
+def down_rows(layer: nn.Module, spec: ArchSpec, expert: ExpertKey) -> torch.Tensor:
+    """A view of a unit's in-memory down projection with one row per neuron (a dense MLP, the shared expert, or a
+    routed expert's slice of the fused `down_proj`, laid out as `FUSED_DOWN` says)."""
+    if expert is None or expert == SHARED:
+        assert expert is None or spec.experts is not None and spec.experts.shared_hook is not None
+        return layer.get_submodule(spec.hook if expert is None else spec.experts.shared_hook).weight.T
     assert spec.experts is not None
-    if expert == SHARED:
-        return layer.get_submodule(spec.experts.shared_hook).weight, ()
-    return layer.get_submodule(spec.experts.module).down_proj, (expert,)
+    site, fused = FUSED_DOWN[spec.experts.fused], layer.get_submodule(spec.experts.module).down_proj
+    return site.rows(fused, fused.shape[site.axis], expert)

@@ -41,6 +41,7 @@ EXPORT_MARKER = "circuit.json"
 
 def unit_site(spec: ArchSpec, shape: ModelShape, layer: int, expert: ExpertKey, target: Target) -> tuple[Site, int]:
     """(checkpoint site, width) of one unit: a dense MLP (expert None), a routed expert, or the shared expert."""
+    spec.check_target(target)  # gpt-oss's experts have no up site
     if expert is None:
         return spec.site(target), shape.intermediate_size
     if spec.experts is None or shape.moe is None or layer in shape.moe.dense_layers:
