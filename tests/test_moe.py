@@ -343,6 +343,45 @@ def test_attribute_is_batch_invariant_and_records_routing(moe_models):
     assert again.neurons == circuit.neurons and again.routing == circuit.routing
 
 
+def test_universal_neurons_are_per_expert_among_routed_prompts(moe_models):
+    """Universal neurons of an MoE layer: the top-n by |activation| is taken inside each routed expert (and the
+    shared one), counted only over the neutral prompts whose last token was routed there; the excluded
+    (layer, column) pairs are exactly those of a one-prompt-at-a-time count, and none of them is selected."""
+    import math
+
+    from cna_export.attribution.select import prepare
+
+    src = moe_models["qwen2_moe"]
+    source = resolve(str(src))
+    spec, shape, config = describe(source)
+    moe = shape.moe
+    model, tok = load(src), AutoTokenizer.from_pretrained(src)
+    neutral = PROMPTS + NEG
+    selection = Selection(universal=True, universal_top_n=1, universal_threshold=0.25, batch_size=3)
+    run = attribute(model, tok, spec, identity(source, config, shape), POS, NEG, neutral, selection)
+    last = prepare(shape, selection)[2]
+    counts: dict[tuple[int, int], int] = {}
+    for ids in encode_prompts(tok, neutral):
+        stats = collect(model, spec, [ids], 1, tok.pad_token_id, last_layer=last)
+        for layer in range(last + 1):
+            for expert, width in moe.units(layer, shape.intermediate_size):
+                if expert != SHARED and not stats.routed[layer, expert]:
+                    continue  # an unrouted expert's zeros are no one's top-1
+                start = moe.column(layer, expert, 0)
+                column = start + int(stats.sums[layer, start : start + width].abs().argmax())
+                counts[(layer, column)] = counts.get((layer, column), 0) + 1
+    want = {key for key, c in counts.items() if c >= math.ceil(0.25 * len(neutral))}
+    assert set(run.universal) == want
+    kinds = {moe.neuron(layer, column)[0] == SHARED for layer, column in want}
+    assert kinds == {True, False}, "both routed and shared experts should have universal neurons here"
+    assert all(bool(run.excluded[layer, column]) for layer, column in want)
+    available = int((~run.excluded).sum())
+    circuit = run.circuit(available)
+    chosen = {(n.layer, moe.column(n.layer, n.expert, n.index)) for n in circuit.neurons}
+    assert len(chosen) == available and not chosen & want
+    assert set(circuit.selection.universal_excluded) == want
+
+
 def test_circuit_versions(moe_models, tiny_models, tmp_path):
     """A dense circuit is still written as version 1 (no `expert` keys); version 1 loads; MoE circuits are version 2
     and refuse the dense-only `edits()`; an expert outside the model is refused on load."""
