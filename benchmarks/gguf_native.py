@@ -6,7 +6,13 @@ the agreement of the two routes on the same prompts and settings: % of the llama
 torch route also selects, and the Pearson correlation of all selectable neurons' deltas (llama.cpp route on the
 quantized file vs torch on the dequantized model).
 
-    nice -n 10 python benchmarks/gguf_native.py --models smollm2 qwen0.5b [--old-too qwen1.5b] [--no-agreement qwen1.5b]
+    python benchmarks/gguf_native.py [--models smollm2 qwen0.5b qwen1.5b] [--no-old M..] [--no-agreement M..]
+        [--evaluate M..]
+
+`--evaluate`: the refusal change of the patched GGUF measured through llama.cpp (original vs patched file) and
+the same circuit's change measured in torch on the dequantized float model, same test prompts and detector.
+Run it on an otherwise idle machine: llama.cpp's threads wait for each other at every graph node, so a busy core
+slows it far more than it slows torch.
 """
 
 from __future__ import annotations
@@ -49,6 +55,15 @@ def timed_cli(args: list[str]) -> dict:
             "load_avg_before": round(load, 1)}
 
 
+def torch_source(path: Path):
+    """The torch route's model of a GGUF: benchmarks/paper_table.py's dequantized float folder when it exists
+    (the same weights, loaded in seconds), else the GGUF dequantized by transformers."""
+    from cna_export.io.source import resolve
+
+    float_dir = REAL / "float" / path.stem
+    return resolve(str(float_dir) if (float_dir / "config.json").is_file() else str(path))
+
+
 def agreement(path: Path) -> dict:
     """Both routes' full deltas and circuits on the same plan (the recipe's prompts and selection)."""
     import torch
@@ -57,7 +72,7 @@ def agreement(path: Path) -> dict:
     from cna_export.attribution.native import attribute_gguf, describe_gguf, gguf_identity
     from cna_export.attribution.select import attribute
     from cna_export.circuit.recipe import load_recipe
-    from cna_export.io.source import load_model, resolve
+    from cna_export.io.source import load_model
 
     recipe, base = load_recipe("refusal-ablate")
     plan = plan_discovery(recipe, base)
@@ -65,7 +80,7 @@ def agreement(path: Path) -> dict:
     ident = gguf_identity(str(path), path, spec, shape, meta)
     k = plan.selection.resolve_k(shape)
     native = attribute_gguf(path, spec, ident, plan.positive, plan.negative, plan.neutral, plan.selection)
-    model, tok = load_model(resolve(str(path)), dtype="float32", device="cpu")
+    model, tok = load_model(torch_source(path), dtype="float32", device="cpu")
     ref = attribute(model, tok, spec, ident, plan.positive, plan.negative, plan.neutral, plan.selection)
     del model
     picked = {(n.layer, n.index) for n in native.circuit(k).neurons}
@@ -75,59 +90,92 @@ def agreement(path: Path) -> dict:
     return {"k": k, "same_neurons_pct": round(100 * len(picked & wanted) / k, 1), "delta_correlation": round(float(corr), 4)}
 
 
-def refusal_change(original: Path, edited: Path, n: int = 40) -> dict:
-    """Refusal rates of the original and the patched GGUF through llama.cpp on the recipe's held-out test prompts
-    (first `n` of each set, 24 greedy tokens), and the first-answer-token KL on the benign ones."""
+def _rates(results: dict) -> dict:
+    base, edit = results["baseline"], results["points"][0]
+    return {
+        "refusal": [base["positive_hits"], edit["positive_hits"], base["n_positive"]],
+        "refusal_change_pts": round(100 * (edit["rate"] - base["rate"]), 1),
+        "benign_refusal": [base["benign_hits"], edit["benign_hits"], base["n_negative"]],
+        "kl_first": round(edit["kl_first"], 4), "kl_mean": round(edit["kl_mean"], 4),
+    }  # fmt: skip
+
+
+def refusal_change(original: Path, export: Path, n: int = 40, tokens: int = 24) -> dict:
+    """The refusal change of the patched GGUF measured through llama.cpp (`eval --edited`: original file vs the
+    patched file), and of the same circuit measured in torch on the dequantized float model (hooks, which equal
+    the folded export), on the recipe's test prompts (first `n` of each set), greedy, same detector."""
+    from cna_export.circuit.format import Circuit
     from cna_export.circuit.recipe import load_recipe
-    from cna_export.evaluate.native import evaluate_gguf
-    from cna_export.evaluate.sweep import heldout_sets
+    from cna_export.evaluate.measure import EvalConfig
+    from cna_export.evaluate.native import run_eval_gguf
+    from cna_export.evaluate.sweep import heldout_sets, run_eval
 
     recipe, base = load_recipe("refusal-ablate")
-    pos, neg = heldout_sets(recipe, base)
+    pos, neg = (s[:n] for s in heldout_sets(recipe, base))
+    cfg = EvalConfig(max_new_tokens=tokens, batch_size=8)
+    circuit = Circuit.load(export / "circuit.json")
+    out: dict = {"prompts": [len(pos), len(neg)], "max_new_tokens": tokens, "split": "test"}
     start = time.perf_counter()
-    result = evaluate_gguf(original, edited, pos[:n], neg[:n], "refusal", max_new_tokens=24, batch_size=8)
-    result.pop("answers")
-    result["wall_s"] = round(time.perf_counter() - start, 1)
-    return result
+    native, _, _ = run_eval_gguf(original, pos, neg, "refusal", cfg, model_name=original.name, edited=export)
+    out["llama_cpp"] = {**_rates(native), "wall_s": round(time.perf_counter() - start, 1)}
+    start = time.perf_counter()
+    ref, _, _ = run_eval(torch_source(original), pos, neg, "refusal", cfg, circuit=circuit, dtype="float32", device="cpu")
+    out["torch"] = {**_rates(ref), "wall_s": round(time.perf_counter() - start, 1)}
+    out["difference_pts"] = round(out["llama_cpp"]["refusal_change_pts"] - out["torch"]["refusal_change_pts"], 1)
+    return out
 
 
-def bench(name: str, old: bool, agree: bool, work: Path, evaluate: bool = False) -> dict:
+def timing(name: str, work: Path, old: bool = True) -> dict:
+    """Both CLI runs of `run refusal-ablate` (the GGUF-native default, and the old path), timed in this run."""
     path = MODELS[name]
-    row: dict = {"model": path.name, "file_gb": round(path.stat().st_size / 1e9, 2)}
-    out = work / f"{name}-new"
-    row["gguf_native"] = timed_cli(["run", "refusal-ablate", "--model", str(path), "--out", str(out)])
-    row["gguf_native"]["out_gb"] = round(sum(f.stat().st_size for f in out.iterdir()) / 1e9, 2)
-    if evaluate:
-        row["llama_cpp_eval"] = refusal_change(path, out / path.name)
-    shutil.rmtree(out)
-    if old:
-        out = work / f"{name}-old"
-        row["old_path"] = timed_cli(["run", "refusal-ablate", "--model", str(path), "--backend", "torch",
-                                     "--safetensors", "--out", str(out)])  # fmt: skip
-        row["old_path"]["out_gb"] = round(sum(f.stat().st_size for f in out.iterdir()) / 1e9, 2)
+    row: dict = {"file_gb": round(path.stat().st_size / 1e9, 2)}
+    routes = {"gguf_native": [], "old_path": ["--backend", "torch", "--safetensors"]}
+    for route, flags in routes.items():
+        if route == "old_path" and not old:
+            continue
+        out = work / f"{name}-{route}"
+        row[route] = timed_cli(["run", "refusal-ablate", "--model", str(path), "--out", str(out), *flags])
+        row[route]["out_gb"] = round(sum(f.stat().st_size for f in out.iterdir()) / 1e9, 2)
         shutil.rmtree(out)
+    if old:
         row["speedup"] = round(row["old_path"]["wall_s"] / row["gguf_native"]["wall_s"], 2)
         row["speedup_cpu"] = round(row["old_path"]["cpu_s"] / row["gguf_native"]["cpu_s"], 2)
     row["rss_minus_file_gb"] = round(row["gguf_native"]["peak_rss_gb"] - row["file_gb"], 2)
-    if agree:
-        row["agreement"] = agreement(path)
-    print(json.dumps(row), flush=True)
     return row
+
+
+def evaluation(name: str, work: Path) -> dict:
+    """`refusal_change` on the export of the GGUF-native run (made here, untimed)."""
+    from cna_export.run import run_recipe
+
+    out = work / f"{name}-eval"
+    run_recipe("refusal-ablate", str(MODELS[name]), out)
+    try:
+        return refusal_change(MODELS[name], out)
+    finally:
+        shutil.rmtree(out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--parts", nargs="+", default=["timing", "agreement"], choices=["timing", "agreement", "evaluate"],
+                   help="what to measure (each part keeps its own date; parts not run keep their earlier result)")
     p.add_argument("--no-old", nargs="*", default=[], help="models whose old-path run is skipped (too long)")
-    p.add_argument("--no-agreement", nargs="*", default=[], help="models whose agreement check is skipped")
-    p.add_argument("--evaluate", nargs="*", default=[], help="models whose patched GGUF is evaluated in llama.cpp")
     args = p.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    stamp = lambda: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="gguf-native-") as tmp:
         for name in args.models:
-            results[name] = bench(name, name not in args.no_old, name not in args.no_agreement, Path(tmp),
-                                  name in args.evaluate)
-            results[name]["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            row = results.setdefault(name, {})
+            row["model"] = MODELS[name].name
+            if "timing" in args.parts:
+                row["timing"] = {**timing(name, Path(tmp), name not in args.no_old), "date": stamp()}
+            if "agreement" in args.parts:
+                row["agreement"] = {**agreement(MODELS[name]), "date": stamp()}
+            if "evaluate" in args.parts:
+                row["refusal_change"] = {**evaluation(name, Path(tmp)), "date": stamp()}
+            print(json.dumps({name: row}), flush=True)
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")
 
 

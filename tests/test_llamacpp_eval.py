@@ -102,3 +102,13 @@ def test_sweep_on_gguf_chooses_and_exports_a_patched_gguf(gguf_case, tmp_path):
     applied = json.loads((export / "circuit.json").read_text())
     assert len(applied["neurons"]) == chosen["k"] and applied["multiplier"] == chosen["multiplier"]
     assert (export / path.name).stat().st_size == path.stat().st_size
+
+
+def test_bad_thread_count_is_one_line(gguf_case, tmp_path, monkeypatch):
+    """CNA_EXPORT_LLAMA_THREADS (llama.cpp's threads) must be a positive number: else one line, exit 2."""
+    path, pos, neg, circuit, _ = gguf_case
+    monkeypatch.setenv("CNA_EXPORT_LLAMA_THREADS", "two")
+    proc = run_cli("eval", "--model", str(path), "--circuit", str(circuit), "--positive", str(pos), "--negative",
+                   str(neg), "--behaviour", "refusal", "--out", str(tmp_path / "r"), check=False)  # fmt: skip
+    assert proc.returncode == 2 and "CNA_EXPORT_LLAMA_THREADS='two'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

@@ -163,6 +163,21 @@ class Seq:
     logits_from: int | None = None
 
 
+THREADS_ENV = "CNA_EXPORT_LLAMA_THREADS"
+
+
+def threads_default() -> int:
+    """llama.cpp's threads: `CNA_EXPORT_LLAMA_THREADS`, else every core this process may use. Its threads wait for
+    each other at every graph node by spinning, so on cores other programs keep busy fewer threads run faster."""
+    value = os.environ.get(THREADS_ENV, "")
+    if value.strip():
+        if not value.strip().isdigit() or int(value) < 1:
+            raise CnaExportError(f"{THREADS_ENV}={value!r} is not a positive number of threads.",
+                                 f"set {THREADS_ENV} to e.g. 2, or unset it.")  # fmt: skip
+        return int(value)
+    return len(os.sched_getaffinity(0))
+
+
 class LlamaCppModel:
     """A GGUF model loaded by llama.cpp (mmapped): vocabulary, chat template, contexts.
 
@@ -174,7 +189,7 @@ class LlamaCppModel:
     def __init__(self, path: Path, n_threads: int | None = None) -> None:
         self.lc = require_llama_cpp()
         self.path = Path(path)
-        self.n_threads = n_threads or len(os.sched_getaffinity(0))
+        self.n_threads = n_threads or threads_default()
         self.lc.llama_backend_init()
         params = self.lc.llama_model_default_params()
         params.use_mmap = True
