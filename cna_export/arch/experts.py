@@ -19,10 +19,12 @@ For attribution every MoE layer is one row of `layer_width` columns: routed expe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cna_export.arch.sites import Site
+from gguf import MODEL_TENSOR
+
+from cna_export.arch.sites import Site, gguf_site
 
 SHARED = "shared"
 # None: a dense MLP; an int: a routed expert; "shared": the shared expert.
@@ -54,6 +56,10 @@ class ExpertSpec:
         shared_gate: runtime module whose sigmoid scales the shared expert's output (its "router weight"); None:
             the shared expert's output is added as it is (DeepSeek, GLM-4.5, Llama 4), its weight is 1.
         shared_width_key: config key of the shared expert's width.
+        gguf_down, gguf_up: GGUF sites of the routed experts: llama.cpp stacks a layer's experts into one 3-D
+            tensor, `ffn_down_exps` [E, n_embd, n] and `ffn_up_exps` [E, n, n_embd] in numpy order (expert e's
+            up matrix is rows e*n .. e*n + n - 1 of the tensor read as rows of n_embd values).
+        gguf_shared_down, gguf_shared_up: GGUF sites of the shared expert (2-D, like a dense MLP's).
     """
 
     down: Site
@@ -69,13 +75,23 @@ class ExpertSpec:
     shared_hook: str | None = None
     shared_gate: str | None = None
     shared_width_key: str | None = None
+    gguf_down: Site = field(default_factory=lambda: gguf_site(MODEL_TENSOR.FFN_DOWN_EXP, axis=2, expert_axis=0))
+    gguf_up: Site = field(default_factory=lambda: gguf_site(MODEL_TENSOR.FFN_UP_EXP, axis=1, expert_axis=0))
+    gguf_shared_down: Site = field(default_factory=lambda: gguf_site(MODEL_TENSOR.FFN_DOWN_SHEXP, axis=1))
+    gguf_shared_up: Site = field(default_factory=lambda: gguf_site(MODEL_TENSOR.FFN_UP_SHEXP, axis=0))
 
-    def site(self, target: str, expert: ExpertKey) -> Site:
-        """The checkpoint site of `target` ("down" or "up") of a routed or the shared expert."""
+    def site(self, target: str, expert: ExpertKey, fmt: str = "safetensors") -> Site:
+        """The site of `target` ("down" or "up") of a routed or the shared expert in `fmt` ("safetensors" or
+        "gguf")."""
+        gguf = fmt == "gguf"
         if expert == SHARED:
             assert self.shared_down is not None and self.shared_up is not None
-            return self.shared_down if target == "down" else self.shared_up
-        return self.down if target == "down" else self.up
+            if target == "down":
+                return self.gguf_shared_down if gguf else self.shared_down
+            return self.gguf_shared_up if gguf else self.shared_up
+        if target == "down":
+            return self.gguf_down if gguf else self.down
+        return self.gguf_up if gguf else self.up
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,14 @@ of GGUF's innermost-first dims) for GGUF.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
+from gguf import MODEL_TENSOR, TENSOR_NAMES
 
 if TYPE_CHECKING:
-    from cna_export.arch.experts import ExpertShape
+    from cna_export.arch.experts import ExpertKey, ExpertShape
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ class ModelShape:
         if self.moe is None:
             return self.num_layers * self.intermediate_size
         return sum(width for i in range(self.num_layers) for _, width in self.moe.units(i, self.intermediate_size))
+
+    def width_of(self, expert: ExpertKey) -> int:
+        """Neurons of one unit of a layer: a dense MLP (None), a routed expert (an int) or the shared expert."""
+        if expert is None or self.moe is None:
+            return self.intermediate_size
+        return self.moe.shared if expert == "shared" else self.moe.width
 
 
 @dataclass(frozen=True)
@@ -73,13 +80,24 @@ class Site:
         """Index of neuron 0 along `axis` for an MLP of `width` neurons."""
         return self.part * width
 
+    def of_expert(self) -> Site:
+        """The site inside one expert's slice of a tensor that stacks experts (itself when it stacks none)."""
+        if self.expert_axis is None:
+            return self
+        return replace(self, axis=self.axis - (1 if self.expert_axis < self.axis else 0), expert_axis=None)
+
     def rows(self, tensor: torch.Tensor, width: int, expert: int | None = None) -> torch.Tensor:
         """A view of `tensor` with one row per neuron (neuron j is row j), for reading and in-place edits."""
-        axis = self.axis
         if self.expert_axis is not None:
-            tensor = tensor.select(self.expert_axis, expert)
-            axis -= 1 if self.expert_axis < axis else 0
-        return tensor.narrow(axis, self.offset(width), width).movedim(axis, 0)
+            return self.of_expert().rows(tensor.select(self.expert_axis, expert), width)
+        return tensor.narrow(self.axis, self.offset(width), width).movedim(self.axis, 0)
+
+    def first_row(self, width: int, expert: int | None = None) -> int:
+        """The row of neuron 0 when the tensor is read as rows of its innermost dimension (a GGUF tensor as
+        (rows, bytes per row)): for a site whose neurons are those rows (`of_expert().axis` is the second to last
+        axis), neuron j is row `first_row + j`, expert after expert in a tensor that stacks them."""
+        stacked = expert * self.parts * width if self.expert_axis is not None else 0
+        return stacked + self.offset(width)
 
     def describe(self) -> str:
         """Where the neurons are, for people: e.g. 'columns of `mlp.down_proj.weight`' (names inside a layer)."""
@@ -87,3 +105,8 @@ class Site:
         fused = f" (part {self.part + 1} of {self.parts} of the fused tensor)" if self.parts > 1 else ""
         experts = " of each expert" if self.expert_axis is not None or "{e}" in self.template else ""
         return f"{where}{experts} of `{self.template.split('{i}.', 1)[-1]}`{fused}"
+
+
+def gguf_site(tensor: MODEL_TENSOR, axis: int, expert_axis: int | None = None) -> Site:
+    """A GGUF site named by gguf-py's constants (`blk.{bid}.ffn_up` -> `blk.{i}.ffn_up.weight`); numpy order."""
+    return Site(TENSOR_NAMES[tensor].replace("{bid}", "{i}") + ".weight", axis, expert_axis=expert_axis)

@@ -13,16 +13,12 @@ from collections.abc import Container
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR
 
 from cna_export.arch.experts import ExpertSpec, expert_shape
 from cna_export.arch.sites import ModelShape, Site
+from cna_export.arch.sites import gguf_site as _gguf
 from cna_export.errors import ArchitectureError
-
-
-def _gguf(tensor: MODEL_TENSOR, axis: int) -> Site:
-    """A GGUF site named by gguf-py's constants (`blk.{bid}.ffn_up` -> `blk.{i}.ffn_up.weight`)."""
-    return Site(TENSOR_NAMES[tensor].replace("{bid}", "{i}") + ".weight", axis)
 
 
 @dataclass(frozen=True)
@@ -252,12 +248,15 @@ def compatible(a: str, b: str) -> bool:
     )  # fmt: skip
 
 
-def model_type_for_gguf(architecture: str | None, model_name: str | None = None) -> str:
-    """The transformers model_type of a GGUF file, from `general.architecture` (and `general.name`).
+def model_type_for_gguf(architecture: str | None, model_name: str | None = None, experts: int | None = None) -> str:
+    """The transformers model_type of a GGUF file, from `general.architecture` (and `general.name`, and
+    `{arch}.expert_count`).
 
     Several model types convert to one llama.cpp architecture; the mapping follows transformers' GGUF loader,
-    which reads a `llama` file whose name mentions Mistral as `mistral`.
+    which reads a `llama` file whose name mentions Mistral as `mistral`; a `llama` file with experts is Mixtral.
     """
+    if experts and architecture in GGUF_MOE_MODEL_TYPES:
+        return GGUF_MOE_MODEL_TYPES[architecture]
     if architecture == MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA] and model_name and "mistral" in model_name.lower():
         return "mistral"
     if architecture in GGUF_MODEL_TYPES:
@@ -275,7 +274,12 @@ GGUF_MODEL_TYPES: dict[str, str] = {
     MODEL_ARCH_NAMES[MODEL_ARCH.GEMMA]: "gemma",
     MODEL_ARCH_NAMES[MODEL_ARCH.GEMMA2]: "gemma2",
     MODEL_ARCH_NAMES[MODEL_ARCH.GEMMA3]: "gemma3_text",
+    MODEL_ARCH_NAMES[MODEL_ARCH.QWEN2MOE]: "qwen2_moe",
+    MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3MOE]: "qwen3_moe",
+    MODEL_ARCH_NAMES[MODEL_ARCH.OLMOE]: "olmoe",
 }
+# Architectures that llama.cpp runs with or without experts: the model_type of a file that has experts.
+GGUF_MOE_MODEL_TYPES: dict[str, str] = {MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]: "mixtral"}
 
 
 def spec_of_config(model_type: Any) -> ArchSpec | None:

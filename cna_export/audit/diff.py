@@ -171,30 +171,34 @@ def _tensor_change(a: Weights, b: Weights, name: str, role: tuple[str, int] | No
         )
         return TensorChange(name, "other", detail=f"max |diff| {worst:.3g}")
     kind, layer = role
-    site = a.site(name)
-    if site.parts > 1 and not _outside_equal(a.values(name), b.values(name), site, a.width(name)):
-        return TensorChange(name, "other", layer, detail="changed outside its neurons (another part of a fused tensor)")
-    neurons = _neuron_changes(a, b, name, kind, layer)
+    site, units, neurons = a.unit_site(name), a.experts_in[name], []
+    for expert in units:  # one unit, or each expert of a tensor that stacks them (only those whose bytes differ)
+        if len(units) > 1 and same_bytes(a.unit_raw(name, expert), b.unit_raw(name, expert)):
+            continue
+        if site.parts > 1 and not _outside_equal(a.unit_values(name, expert), b.unit_values(name, expert), site,
+                                                 a.width(name)):  # fmt: skip
+            return TensorChange(name, "other", layer,
+                                detail="changed outside its neurons (another part of a fused tensor)")  # fmt: skip
+        neurons += _neuron_changes(a, b, name, kind, layer, expert)
     detail = "" if neurons else "bytes differ, values do not"
     return TensorChange(name, kind, layer, neurons, detail)
 
 
-def _neuron_changes(a: Weights, b: Weights, name: str, kind: str, layer: int) -> list[NeuronChange]:
+def _neuron_changes(a: Weights, b: Weights, name: str, kind: str, layer: int, expert) -> list[NeuronChange]:
     qtype = a.quant(name)
-    o_rows = a.quant_rows(name)
+    o_rows = a.quant_rows(name, expert)
     if o_rows is not None:
-        e_rows = b.quant_rows(name)
+        e_rows = b.quant_rows(name, expert)
         idx = np.nonzero((o_rows != e_rows).any(1))[0].tolist()
         facts = quant_factors(o_rows[idx], e_rows[idx], qtype) if idx else []
     else:
-        o, e = a.neuron_values(name), b.neuron_values(name)
+        o, e = a.neuron_values(name, expert), b.neuron_values(name, expert)
         if qtype is None:
             changed = (as_bits(o) != as_bits(e)).any(1)
         else:
             changed = (o != e).any(1)
         idx = torch.nonzero(changed).flatten().tolist()
         facts = float_factors(o[idx], e[idx], quantized=qtype is not None) if idx else []
-    expert = a.expert_of.get(name)
     return [NeuronChange(layer, j, kind, f, c, x, expert) for j, (f, c, x) in zip(idx, facts)]
 
 
@@ -257,24 +261,28 @@ def verify(original: str, edited: str, circuit: Circuit) -> tuple[bool, str]:
         with tqdm(total=sum(a.nbytes(n) for n in a.names), unit="B", unit_scale=True, desc="verify") as bar:
             for name in a.names:
                 role = a.mlp.get(name)
-                unit = None if role is None else (role[1], a.expert_of.get(name))
+                units = [] if role is None else [(role[1], e) for e in a.experts_in[name]]
                 if a.meta(name) != b.meta(name):
                     return False, f"{name} changed type or shape ({a.meta(name)} -> {b.meta(name)})"
-                if (unit not in edits) and not same_bytes(a.raw(name), b.raw(name)):
-                    where = "" if role is None else f" ({_unit_label(*unit)} has no neurons in the circuit)"
+                touched = any(u in edits for u in units)
+                if not touched and not same_bytes(a.raw(name), b.raw(name)):
+                    where = "" if role is None else f" ({_unit_label(*units[0])} has no neurons in the circuit)"
                     return False, f"{name} changed but the circuit does not touch it{where}"
-                if unit not in edits:
+                for u in units if touched and len(units) > 1 else []:  # the untouched experts of a stacked tensor
+                    if u not in edits and not same_bytes(a.unit_raw(name, u[1]), b.unit_raw(name, u[1])):
+                        return False, f"{name} changed in {_unit_label(*u)}, which has no neurons in the circuit"
+                if not touched:
                     bar.update(a.nbytes(name))
             for (layer, expert), (index, mult) in edits.items():
                 pair = a.pair(layer, expert)
                 if not pair:
                     return False, f"the original has no tensors for {_unit_label(layer, expert)} of the circuit"
-                changed = {k: not same_bytes(a.raw(n), b.raw(n)) for k, n in pair.items()}
+                changed = {k: not same_bytes(a.unit_raw(n, expert), b.unit_raw(n, expert)) for k, n in pair.items()}
                 if len(changed) > 1 and all(changed.values()):  # an ungated MLP has only its down site
                     return False, (f"{_unit_label(layer, expert)}: both down_proj and up_proj changed; a fold "
                                    "changes one of them")  # fmt: skip
                 kind = "up" if changed.get("up") else "down"
-                reason = _check_layer(a, b, pair[kind], kind, _unit_label(layer, expert), index, mult)
+                reason = _check_layer(a, b, pair[kind], expert, _unit_label(layer, expert), index, mult)
                 if reason:
                     return False, reason
                 bar.update(sum(a.nbytes(n) for n in pair.values()))
@@ -295,15 +303,15 @@ def _order(key: tuple) -> tuple:
 
 
 def _check_layer(
-    a: Weights, b: Weights, name: str, kind: str, layer: str, index: torch.Tensor, mult: torch.Tensor
+    a: Weights, b: Weights, name: str, expert, layer: str, index: torch.Tensor, mult: torch.Tensor
 ) -> str | None:
-    """Why tensor `name` of unit `layer` (a label: 'layer 3', 'layer 3 expert 5') is not the original with
-    (index, mult) folded in, or None if it is."""
+    """Why `expert`'s part of tensor `name` (unit `layer`, a label: 'layer 3', 'layer 3 expert 5') is not the
+    original with (index, mult) folded in, or None if it is."""
     wanted = dict(zip(index.tolist(), mult.tolist()))
     qtype = a.quant(name)
-    o_rows = a.quant_rows(name)
+    o_rows = a.quant_rows(name, expert)
     if o_rows is not None:
-        e_rows = b.quant_rows(name)
+        e_rows = b.quant_rows(name, expert)
         for j in np.nonzero((o_rows != e_rows).any(1))[0].tolist():
             if j not in wanted:
                 return f"{layer} neuron {j}: {name} changed but the neuron is not in the circuit"
@@ -319,8 +327,8 @@ def _check_layer(
                 continue
             return _wrong_factor(layer, j, name, m, facts[i], untouched=bool(untouched[i]))
         return None
-    o, e = a.values(name), b.values(name)
-    site, width = a.site(name), a.width(name)
+    o, e = a.unit_values(name, expert), b.unit_values(name, expert)
+    site, width = a.unit_site(name), a.width(name)
     if qtype is not None:  # quantized columns (ffn_down) or a type without f16 block scales: dequantized values
         on, en = site.rows(o, width), site.rows(e, width)
         for j in torch.nonzero((on != en).any(1)).flatten().tolist():

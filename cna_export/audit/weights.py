@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cna_export.arch import ArchSpec, ModelShape, Site, arch_for, model_type_for_gguf
+from cna_export.arch import ArchSpec, ModelShape, Site, arch_for
+from cna_export.arch.experts import ExpertKey
 from cna_export.gguf.quant import scale_fields
 from cna_export.io.checkpoint import CheckpointReader
 
@@ -34,7 +35,11 @@ class Weights:
         fmt: "safetensors" or "gguf".
         names: tensor names in storage order.
         mlp: tensor name -> ("down" | "up", layer) for the MLP projections.
-        expert_of: MoE: tensor name -> its expert (an int or "shared"); dense MLP tensors are not in it.
+        experts_in: MLP tensor name -> the units it holds: (None,) for a dense MLP, (e,) or ("shared",) for one
+            expert's tensor, (0, ..., E-1) for a tensor that stacks a layer's routed experts (GGUF `ffn_up_exps`).
+
+    A unit's part of a tensor (`unit_raw`, `unit_values`, `neuron_values`, `quant_rows` with `expert`) is the whole
+    tensor, except in a stacked one: there it is the expert's slice along the outermost axis, read alone.
     """
 
     label: str
@@ -44,43 +49,59 @@ class Weights:
     shape: ModelShape
     names: list[str]
     mlp: dict[str, tuple[str, int]]
-    expert_of: dict[str, int | str]
+    experts_in: dict[str, tuple[ExpertKey, ...]]
 
     def _index_mlp(self) -> None:
-        """Name the MLP tensors from the architecture's sites in this format (an MoE model's experts too: then
-        `expert_of` maps each expert tensor to its expert, see arch/experts.py)."""
-        self.mlp, self.expert_of = {}, {}
-        moe = self.shape.moe if self.fmt == "safetensors" else None
+        """Name the MLP tensors from the architecture's sites in this format (an MoE model's experts too, see
+        arch/experts.py)."""
+        self.mlp, self.experts_in = {}, {}
+        moe = self.shape.moe
         for i in range(self.shape.num_layers):
-            if moe is None or i in moe.dense_layers:
-                for kind, site in self.spec.sites(self.fmt).items():
-                    self.mlp[site.name(i)] = (kind, i)
-                continue
-            for expert, _ in moe.units(i, self.shape.intermediate_size):
-                for kind in ("down", "up"):
-                    name = self.spec.experts.site(kind, expert).name(i, expert)
-                    self.mlp[name], self.expert_of[name] = (kind, i), expert
+            for expert, _ in moe.units(i, self.shape.intermediate_size) if moe is not None else [(None, 0)]:
+                for kind, site in self._unit_sites(expert).items():
+                    name = site.name(i, expert)
+                    self.mlp[name] = (kind, i)
+                    self.experts_in[name] = self.experts_in.get(name, ()) + (expert,)
+
+    def _unit_sites(self, expert: ExpertKey) -> dict[str, Site]:
+        if expert is None:
+            return self.spec.sites(self.fmt)
+        return {kind: self.spec.experts.site(kind, expert, self.fmt) for kind in self.spec.targets}
 
     def site(self, name: str) -> Site:
-        kind = self.mlp[name][0]
-        if name in self.expert_of:
-            return self.spec.experts.site(kind, self.expert_of[name])
-        return self.spec.site(kind, self.fmt)
+        return self._unit_sites(self.experts_in[name][0])[self.mlp[name][0]]
+
+    def unit_site(self, name: str) -> Site:
+        """The site inside one unit's part of tensor `name` (`Site.of_expert` of a stacked tensor's site)."""
+        return self.site(name).of_expert()
 
     def width(self, name: str) -> int:
         """Neurons of the MLP or expert that tensor `name` belongs to."""
-        expert, moe = self.expert_of.get(name), self.shape.moe
-        if expert is None or moe is None:
-            return self.shape.intermediate_size
-        return moe.shared if expert == "shared" else moe.width
+        return self.shape.width_of(self.experts_in[name][0])
 
-    def neuron_values(self, name: str) -> torch.Tensor:
-        """The values of an MLP tensor with one row per neuron (the site's slice, neuron axis first)."""
-        return self.site(name).rows(self.values(name), self.width(name))
+    def stacked(self, name: str) -> bool:
+        """Whether tensor `name` stacks a layer's routed experts (along its outermost axis)."""
+        return name in self.experts_in and self.site(name).expert_axis is not None
 
-    def quant_rows(self, name: str) -> np.ndarray | None:
-        """Raw (neurons, bytes per row) of a quantized tensor whose neurons are whole rows with f16 block scales
-        (GGUF ffn_up), or None when the tensor is not stored that way."""
+    def unit_raw(self, name: str, expert: ExpertKey = None) -> np.ndarray:
+        """The stored bytes of `expert`'s part of tensor `name` (experts are stacked along the outermost axis)."""
+        raw = self.raw(name)
+        if not self.stacked(name):
+            return raw
+        step = raw.size // len(self.experts_in[name])
+        return raw[expert * step : (expert + 1) * step]
+
+    def unit_values(self, name: str, expert: ExpertKey = None) -> torch.Tensor:
+        """The values of `expert`'s part of tensor `name`."""
+        return self.values(name).select(self.site(name).expert_axis, expert) if self.stacked(name) else self.values(name)
+
+    def neuron_values(self, name: str, expert: ExpertKey = None) -> torch.Tensor:
+        """The values of an MLP tensor (one unit's part) with one row per neuron (neuron axis first)."""
+        return self.unit_site(name).rows(self.unit_values(name, expert), self.width(name))
+
+    def quant_rows(self, name: str, expert: ExpertKey = None) -> np.ndarray | None:
+        """Raw (neurons, bytes per row) of a quantized tensor (one unit's part) whose neurons are whole rows with
+        f16 block scales (GGUF ffn_up, ffn_up_exps), or None when the tensor is not stored that way."""
         return None
 
     def meta(self, name: str) -> tuple[str, tuple[int, ...]]:
@@ -102,10 +123,10 @@ class Weights:
         """The quantized GGUF type name, or None for float storage."""
         return None
 
-    def pair(self, layer: int, expert: int | str | None = None) -> dict[str, str]:
+    def pair(self, layer: int, expert: ExpertKey = None) -> dict[str, str]:
         """kind -> tensor name of the down and up sites of one unit (a dense MLP, or an expert of `layer`)."""
         return {kind: name for name, (kind, lay) in self.mlp.items()
-                if lay == layer and self.expert_of.get(name) == expert}  # fmt: skip
+                if lay == layer and expert in self.experts_in[name]}  # fmt: skip
 
 
 class SafetensorsWeights(Weights):
@@ -151,11 +172,11 @@ class GGUFWeights(Weights):
     def __init__(self, path: Path, label: str) -> None:
         from gguf import GGML_QUANT_SIZES
 
-        from cna_export.gguf.check import check_gguf, gguf_shape
+        from cna_export.gguf.check import check_gguf, gguf_model_type, gguf_shape
 
         self.label, self.fmt, self.path = label, "gguf", Path(path)
         layout = check_gguf(self.path)  # every tensor lies inside the file, so the slices below are safe
-        self.model_type = model_type_for_gguf(layout.architecture, layout.get("general.name"))
+        self.model_type = gguf_model_type(layout)
         self.spec = arch_for(self.model_type)
         self.tensors = layout.tensors
         self.names = list(layout.tensors)
@@ -175,27 +196,34 @@ class GGUFWeights(Weights):
         t = self.tensors[name]
         return self.map[t.start : t.start + t.nbytes]
 
-    def rows(self, name: str) -> np.ndarray:
-        """The tensor as (rows, bytes per row) uint8."""
+    def rows(self, name: str, expert: ExpertKey = None) -> np.ndarray:
+        """The tensor (one unit's part) as (rows, bytes per row) uint8."""
         t = self.tensors[name]
         block, type_size = self.sizes[t.ggml_type]
-        return self.raw(name).reshape(-1, t.dims[0] // block * type_size)
+        return self.unit_raw(name, expert).reshape(-1, t.dims[0] // block * type_size)
 
-    def quant_rows(self, name: str) -> np.ndarray | None:
-        site = self.site(name)
-        if site.axis != 0 or site.expert_axis is not None or scale_fields(self.tensors[name].ggml_type) is None:
+    def quant_rows(self, name: str, expert: ExpertKey = None) -> np.ndarray | None:
+        site, width = self.unit_site(name), self.width(name)
+        if site.axis != 0 or scale_fields(self.tensors[name].ggml_type) is None:
             return None
-        width = self.shape.intermediate_size
-        return self.rows(name)[site.offset(width) : site.offset(width) + width]
+        return self.rows(name, expert)[site.offset(width) : site.offset(width) + width]
 
     def values(self, name: str) -> torch.Tensor:
+        return self._decode(name, None, self.meta(name)[1])
+
+    def unit_values(self, name: str, expert: ExpertKey = None) -> torch.Tensor:
+        if not self.stacked(name):
+            return self.values(name)
+        return self._decode(name, expert, self.meta(name)[1][1:])  # only that expert's bytes are decoded
+
+    def _decode(self, name: str, expert: ExpertKey, shape: tuple[int, ...]) -> torch.Tensor:
         from gguf.quants import dequantize
 
-        dtype, shape = self.meta(name)
+        dtype = self.meta(name)[0]
         if dtype in self.FLOATS:
-            raw = np.array(self.raw(name))  # one copy, so the tensor is writable and independent of the map
+            raw = np.array(self.unit_raw(name, expert))  # one copy: writable and independent of the map
             return torch.from_numpy(raw).view(self.FLOATS[dtype]).reshape(shape)
-        return torch.from_numpy(dequantize(self.rows(name), self.tensors[name].ggml_type)).reshape(shape)
+        return torch.from_numpy(dequantize(self.rows(name, expert), self.tensors[name].ggml_type)).reshape(shape)
 
     def quant(self, name: str) -> str | None:
         dtype = self.tensors[name].ggml_type.name

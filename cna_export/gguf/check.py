@@ -13,14 +13,16 @@ from __future__ import annotations
 import math
 import mmap
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 from gguf.constants import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC
 
-from cna_export.arch import ArchSpec, ModelShape
+from cna_export.arch import ArchSpec, ModelShape, Site, model_type_for_gguf
+from cna_export.arch.experts import ExpertShape, ExpertSpec
 from cna_export.errors import CheckpointError
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -283,19 +285,55 @@ def _skip_value(cur: _Cursor, vtype: GGUFValueType, key: str, depth: int) -> Non
 
 
 def gguf_shape(layout: GGUFLayout, spec: ArchSpec, path: Path) -> ModelShape:
-    """Layers, MLP width and hidden size of a GGUF model, from the tensors at its `gguf_up` site."""
-    site = spec.gguf_up
+    """Layers, MLP width and hidden size of a GGUF model, from the tensors at its `gguf_up` sites (a mixture of
+    experts: the stacked `ffn_up_exps` of its MoE layers and `ffn_up` of its dense ones, if any)."""
+    ex = spec.experts
+    ups = [spec.gguf_up] + ([ex.gguf_up] if ex is not None else [])
     layers = 0
-    while site.name(layers) in layout.tensors:
+    while any(site.name(layers) in layout.tensors for site in ups):
         layers += 1
     if layers == 0:
         raise CheckpointError(
-            f"GGUF file {path} has no {site.name(0)} tensor.",
+            f"GGUF file {path} has no {ups[-1].name(0)} tensor.",
             "pass a GGUF of a decoder model with separate gate and up projections (llama, qwen2, gemma, ...).",
         )
-    dims = {layout.tensors[site.name(i)].dims for i in range(layers)}
-    if len(dims) != 1 or len(next(iter(dims))) != 2:
+    site = spec.gguf_up
+    dense = [i for i in range(layers) if site.name(i) in layout.tensors]
+    moe = _expert_shape(layout, ex, layers, dense, path) if ex is not None else None
+    if not dense:  # every layer is MoE: the dense width (config.intermediate_size) is only in the metadata
+        key = Keys.LLM.FEED_FORWARD_LENGTH.format(arch=layout.architecture)
+        width, hidden = layout.get(key, int), _dims(layout, ex.gguf_up, range(layers), 3, path)[2]
+        if width is None:
+            raise CheckpointError(f"GGUF file {path} has no {key}.", "re-convert the model.")
+        return ModelShape(layers, width, hidden, moe)
+    stored = _dims(layout, site, dense, 2, path)
+    return ModelShape(layers, int(stored[site.axis]) // site.parts, int(stored[1 - site.axis]), moe)
+
+
+def _dims(layout: GGUFLayout, site: Site, layers: Iterable[int], ndim: int, path: Path) -> tuple[int, ...]:
+    """The one shape (numpy order) of the tensors of `site` in `layers`; a file where they differ is refused."""
+    dims = {layout.tensors[site.name(i)].dims for i in layers}
+    if len(dims) != 1 or len(next(iter(dims))) != ndim:
         raise CheckpointError(f"GGUF file {path} has {site.name(0).replace('.0.', '.N.')} tensors of differing or "
-                              f"non-2-D shapes {sorted(dims)}.", "re-convert the model; the file is inconsistent.")  # fmt: skip
-    stored = tuple(reversed(next(iter(dims))))  # numpy order
-    return ModelShape(layers, int(stored[site.axis]) // site.parts, int(stored[1 - site.axis]))
+                              f"non-{ndim}-D shapes {sorted(dims)}.", "re-convert the model; the file is inconsistent.")  # fmt: skip
+    return tuple(int(d) for d in reversed(next(iter(dims))))
+
+
+def _expert_shape(layout: GGUFLayout, ex: ExpertSpec, layers: int, dense: list[int], path: Path) -> ExpertShape:
+    """Experts per MoE layer, their width and the shared expert's, from `ffn_up_exps` [E, n, n_embd] and
+    `ffn_up_shexp` [n_shared, n_embd] (numpy order)."""
+    moe_layers = [i for i in range(layers) if i not in dense]
+    if not moe_layers:
+        raise CheckpointError(f"GGUF file {path} has no {ex.gguf_up.name(0)} tensor.", "re-convert the model.")
+    count, width, _ = _dims(layout, ex.gguf_up, moe_layers, 3, path)
+    shared = 0
+    if ex.shared_up is not None and ex.gguf_shared_up.name(moe_layers[0]) in layout.tensors:
+        shared = _dims(layout, ex.gguf_shared_up, moe_layers, 2, path)[ex.gguf_shared_up.axis]
+    return ExpertShape(count, width, shared, frozenset(dense))
+
+
+def gguf_model_type(layout: GGUFLayout) -> str:
+    """The transformers model_type of a checked GGUF file (`general.architecture`, `general.name` and whether it
+    has experts: llama.cpp runs Mixtral as `llama` with `llama.expert_count`)."""
+    experts = layout.get(Keys.LLM.EXPERT_COUNT.format(arch=layout.architecture), int)
+    return model_type_for_gguf(layout.architecture, layout.get("general.name"), experts)

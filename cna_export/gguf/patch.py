@@ -2,7 +2,11 @@
 
 Neuron j of layer l is row j of `blk.{l}.ffn_up.weight` (GGUF stores ffn_up as n_ff rows of n_embd contiguous
 values, and a row is a whole number of quantization blocks). Scaling that row by m scales the neuron by m, exactly
-as `cna_export.fold.scale` does for `up_proj`. How a row is scaled depends on its storage type:
+as `cna_export.fold.scale` does for `up_proj`. A mixture of experts has the same rows per expert: llama.cpp stacks
+a layer's routed experts into one `blk.{l}.ffn_up_exps.weight` (n_expert x n_ff rows of n_embd values; neuron j of
+expert e is row e * n_ff + j) and keeps the shared expert in `blk.{l}.ffn_up_shexp.weight`; the sites come from the
+architecture table (`ExpertSpec.gguf_up`). Scaling the row is exact for a gated expert whatever the router does,
+as for the fold. How a row is scaled depends on its storage type:
 
 * `values`: F32, F16 and BF16 rows are decoded, multiplied in float32 and rounded once to the storage type,
   which is what `cna_export.fold.scale.scale_rows_` does for safetensors exports.
@@ -31,8 +35,9 @@ gguf-py supplies the type table (`GGML_QUANT_SIZES`), the tensor names and the (
 from __future__ import annotations
 
 import logging
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +65,7 @@ F16_MAX = float(np.finfo(np.float16).max)
 
 @dataclass
 class TensorPatch:
-    """What was done to one ffn_up tensor."""
+    """What was done to one ffn_up tensor (to one expert's rows, in a tensor that stacks experts)."""
 
     name: str
     ggml_type: str
@@ -86,7 +91,8 @@ class PatchReport:
         routes = ", ".join(f"{k}: {n} rows" for k, n in sorted(kinds.items()))
         worst = max((t.max_rel_error for t in self.tensors), default=0.0)
         return (
-            f"{sum(t.rows for t in self.tensors)} rows in {len(self.tensors)} ffn_up tensors ({routes}); "
+            f"{sum(t.rows for t in self.tensors)} rows in {len({t.name for t in self.tensors})} ffn_up tensors "
+            f"({routes}); "
             f"largest relative rounding error {worst:.2g}"
         )
 
@@ -219,26 +225,32 @@ def _rel_error(got: np.ndarray, exact: np.ndarray) -> float:
 
 def _plan(layout: GGUFLayout, circuit: Circuit, shape: ModelShape, multiplier: float | None,
           allow_negative: bool) -> list[tuple[GGUFTensorInfo, np.ndarray, np.ndarray]]:  # fmt: skip
-    """(tensor, row indices, float32 multipliers) per layer, after checking every tensor can be patched.
+    """(tensor, row indices, float32 multipliers) per unit (a layer's dense MLP, or one of its experts), after
+    checking every tensor can be patched.
 
-    The rows are those of the architecture's `gguf_up` site (whole rows of ffn_up; for a fused gate/up tensor,
-    the up part), so the indices are already offset into the stored tensor."""
+    The rows are those of the unit's up site in GGUF: whole rows of ffn_up (for a fused gate/up tensor, the up
+    part), of the shared expert's ffn_up_shexp, or expert e's block of rows of the stacked ffn_up_exps; the
+    indices are already offset into the stored tensor read as rows."""
     spec = ARCHITECTURES[circuit.model.model_type]
-    if not spec.gated:  # ffn_up rows are the only per-neuron rows of a GGUF, and without a gate they are not exact
+    if "up" not in spec.targets:  # ffn_up rows are the only per-neuron rows of a GGUF; without a gate (or with
+        # gpt-oss' clamped `up + 1`) scaling them does not scale the neurons
         raise ArchitectureError(
-            f"{spec.model_type} has no gate in its MLP: scaling ffn_up rows would not scale its neurons.",
+            f"{spec.model_type}: scaling ffn_up rows would not scale its neurons (see cna-export's families table).",
             "export safetensors with cna-export apply (it folds into down_proj) and convert those to GGUF.",
         )
-    site = spec.gguf_up
-    expected = tuple(reversed(site.expected_shape(shape)))  # GGUF dims, innermost first
     plan = []
-    for layer, (index, mult) in circuit.edits(multiplier, allow_negative).items():
-        info = layout.tensors[site.name(layer)]
-        if info.dims != expected:
-            raise ArchitectureError(f"{info.name} has dims {list(info.dims)}, expected {list(expected)}.",
+    for (layer, expert), (index, mult) in circuit.unit_edits(multiplier, allow_negative).items():
+        site = spec.site("up", "gguf") if expert is None else spec.experts.site("up", expert, "gguf")
+        width = shape.width_of(expert)
+        unit = replace(shape, intermediate_size=width)
+        expected = tuple(reversed(site.expected_shape(unit, shape.moe.num_experts if shape.moe else None)))
+        info = layout.tensors.get(site.name(layer, expert))
+        if info is None or info.dims != expected:
+            found = "is missing" if info is None else f"has dims {list(info.dims)}"
+            raise ArchitectureError(f"{site.name(layer, expert)} {found}, expected dims {list(expected)}.",
                                     "re-convert the model.")  # fmt: skip
         _route(info.ggml_type)  # an unsupported type fails before anything is written
-        plan.append((info, index.numpy() + site.offset(shape.intermediate_size), mult.numpy()))
+        plan.append((info, index.numpy() + site.first_row(width, expert), mult.numpy()))
     return plan
 
 
@@ -256,7 +268,7 @@ def patch_gguf_report(
     src, out = Path(src), Path(out)
     if not src.is_file():
         raise CheckpointError(f"GGUF file {src} does not exist.", "check the path.")
-    circuit.edits(multiplier, allow_negative)  # a bad multiplier fails before anything is read or written
+    circuit.unit_edits(multiplier, allow_negative)  # a bad multiplier fails before anything is read or written
     sidecar = sidecar_path(out)
     check_output_path(out, src, overwrite)
     check_output_path(sidecar, src, overwrite=True)
@@ -276,7 +288,7 @@ def patch_gguf_report(
         source_data = np.memmap(src, dtype=np.uint8, mode="r")
         writes: list[tuple[int, bytes]] = []
         for info, index, mult in _plan(layout, circuit, shape, multiplier, allow_negative):
-            row_bytes = info.nbytes // info.dims[1]
+            row_bytes = info.nbytes // math.prod(info.dims[1:])
             rows = source_data[info.start : info.start + info.nbytes].reshape(-1, row_bytes)[index]
             new, worst = scale_rows_bytes(rows, info.ggml_type, mult)
             starts = [info.start + j * row_bytes for j in index.tolist()]
