@@ -219,6 +219,14 @@ class Circuit(Strict):
             quads.append((n.layer, n.expert, n.index, check_multiplier(m, allow_negative)))
         return group_by_unit(quads)
 
+    def hook_edits(self, multiplier: float | None = None, allow_negative: bool = False) -> LayerEdits | UnitEdits:
+        """The edits that runtime hooks take (`attribution.hooks.scaled_neurons`, what eval, sweep and chat use):
+        per layer for a dense circuit (its down_proj inputs are scaled), per (layer, expert) once a neuron is inside
+        an expert (the experts' fused down projections are scaled: the same edit as the exported fold)."""
+        if any(n.expert is not None for n in self.neurons):
+            return self.unit_edits(multiplier, allow_negative)
+        return self.edits(multiplier, allow_negative)
+
     def check_fits(
         self, model_type: str, shape: ModelShape, weights_sha256: str | None = None, force: bool = False
     ) -> None:

@@ -50,7 +50,7 @@ def side_by_side(
     original = [decode(a) for a in generate(base, tokenizer, encoded, cfg, "original")]
     if circuit is not None:
         spec, _, _ = describe(source)
-        edits = Circuit.load(circuit).edits(multiplier, allow_negative)
+        edits = Circuit.load(circuit).hook_edits(multiplier, allow_negative)
         with scaled_neurons(base, spec, edits):
             changed = [decode(a) for a in generate(base, tokenizer, encoded, cfg, "edited")]
     else:

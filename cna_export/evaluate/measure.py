@@ -34,7 +34,7 @@ from cna_export.attribution.collect import batches, encode_prompts, input_device
 from cna_export.attribution.hooks import scaled_neurons
 from cna_export.errors import CnaExportError, RecipeError
 from cna_export.evaluate.detectors import Detector, detect_refusal, normalize
-from cna_export.fold.scale import LayerEdits
+from cna_export.fold.scale import LayerEdits, UnitEdits
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def measure(
     cfg: EvalConfig,
     *,
     spec: ArchSpec | None = None,
-    edits: LayerEdits | None = None,
+    edits: LayerEdits | UnitEdits | None = None,
     label: str = "edited",
     k: int | None = None,
     multiplier: float | None = None,

@@ -220,16 +220,16 @@ def run_sweep(
     goal = goal or goal_of(min(multipliers))
     circuits = {k: attribution.circuit(k, behaviour=behaviour, recipe=recipe) for k in ks}
     baseline = build_baseline(model, tokenizer, positive, negative, detector, cfg)
-    shape = ModelShape(attribution.model_id.num_layers, attribution.model_id.intermediate_size, 1)
     results = _document(
         "sweep", model_name, behaviour, cfg, baseline, goal=goal, kl_budget=kl_budget, benign_budget=benign_budget,
-        ks=list(ks), multipliers=list(multipliers), num_neurons=shape.num_neurons, recipe=recipe, split=split,
+        ks=list(ks), multipliers=list(multipliers), num_neurons=circuits[ks[0]].num_neurons, recipe=recipe,
+        split=split,
     )  # fmt: skip
     records = list(baseline.records)
     grid = [(k, m) for k in ks for m in multipliers if m != 1]
     for k, m in tqdm(grid, desc="sweep", unit="point"):
         metrics, recs = measure(
-            model, tokenizer, baseline, detector, cfg, spec=spec, edits=circuits[k].edits(m, allow_negative),
+            model, tokenizer, baseline, detector, cfg, spec=spec, edits=circuits[k].hook_edits(m, allow_negative),
             label=f"k={k} m={m:g}", k=k, multiplier=m,
         )  # fmt: skip
         log.info("k=%d m=%g: rate %.3f, benign %.3f, KL %.4f", k, m, metrics["rate"], metrics["benign_rate"],
@@ -318,7 +318,7 @@ def run_eval(
         records += recs
     elif circuit is not None:
         for m in multipliers if multipliers else [circuit.multiplier]:
-            edits = circuit.edits(m, allow_negative)
+            edits = circuit.hook_edits(m, allow_negative)
             metrics, recs = measure(model, tokenizer, baseline, detector, cfg, spec=spec, edits=edits,
                                     label=f"m={m:g}", k=len(circuit.neurons), multiplier=m, **lm)  # fmt: skip
             points.append(metrics)
