@@ -146,7 +146,7 @@ def test_quantized_patch_moves_like_transformers(converted, tmp_path):
     layout = {t.name: t.tensor_type.name for t in GGUFReader(c["q8_0"]).tensors}
     assert layout["blk.1.ffn_up_exps.weight"] == layout["blk.1.ffn_up_shexp.weight"] == "Q8_0"
     plain, hooked = hf_logits(c["src"]), hf_logits(c["src"], c["circuit"].unit_edits())
-    # m = 2 doubles 25 neurons: the larger change of the residual flips near-tied routing choices of the Q8_0 model
+    # m = 2 doubles 23 neurons: the larger change of the residual flips near-tied routing choices of the Q8_0 model
     # (llama.cpp quantizes every matrix, the reference does not), so it is held to a looser correlation.
     for m, min_corr in ((0.0, 0.99), (0.5, 0.99), (2.0, 0.9)):
         report = patch_gguf_report(c["q8_0"], c["circuit"], tmp_path / f"m{m}.gguf", multiplier=m)
