@@ -160,3 +160,50 @@ def test_quantized_patch_moves_like_transformers(converted, tmp_path):
               f"{np.abs(got - want).max():.3g}, correlation {corr:.4f}")  # fmt: skip
         assert corr > min_corr
     assert np.abs(hooked - plain).max() > 0.1
+
+
+def test_patch_dense_and_expert_layers_of_one_file(moe_models, tmp_path):
+    """A Qwen3-MoE GGUF with a dense layer (`mlp_only_layers`, which llama.cpp's converter does not write, so the
+    file is written here with gguf-py): its shape is read from ffn_up and ffn_up_exps alike, and patch-gguf scales
+    the dense row and the Q8_0 expert rows (block scales) that the circuit names; diff --verify holds it."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import dequantize, quantize
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "qwen3moe.gguf"
+    w = GGUFWriter(src, "qwen3moe")
+    w.add_feed_forward_length(48)
+    for name, shape in [("blk.0.ffn_up.weight", (48, 32)), ("blk.0.ffn_down.weight", (32, 48))]:
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float16))
+    for i in (1, 2):
+        up = quantize(rng.standard_normal((4, 16, 32)).astype(np.float32), GGMLQuantizationType.Q8_0)
+        w.add_tensor(f"blk.{i}.ffn_up_exps.weight", up, raw_dtype=GGMLQuantizationType.Q8_0)
+        w.add_tensor(f"blk.{i}.ffn_down_exps.weight", rng.standard_normal((4, 32, 16)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    neurons = [(0, None, 7), (1, 2, 5), (1, 0, 0), (2, 3, 15)]
+    circuit = moe_circuit(moe_models["qwen3_moe"], neurons, 0.5)  # the tiny qwen3_moe: 3 layers, layer 0 dense
+    report = patch_gguf_report(src, circuit, tmp_path / "out.gguf")
+    assert {(t.name, t.route) for t in report.tensors} == {
+        ("blk.0.ffn_up.weight", "values"), ("blk.1.ffn_up_exps.weight", "scales"),
+        ("blk.2.ffn_up_exps.weight", "scales")}  # fmt: skip
+    before, after = ({t.name: t for t in GGUFReader(p).tensors} for p in (src, report.out))
+    expected = {
+        "blk.0.ffn_up.weight": {7},
+        "blk.1.ffn_up_exps.weight": {2 * 16 + 5, 0},
+        "blk.2.ffn_up_exps.weight": {63},
+    }
+    for name, a in before.items():
+        rows_a, rows_b = (np.asarray(t.data).reshape(-1, t.data.shape[-1]) for t in (a, after[name]))
+        changed = set(np.nonzero((rows_a != rows_b).any(1))[0].tolist())
+        assert changed == expected.get(name, set()), name
+        for r in changed:
+            da, db = (dequantize(x[r : r + 1], a.tensor_type).astype(np.float64) for x in (rows_a, rows_b))
+            np.testing.assert_allclose(db, 0.5 * da, rtol=2**-10, atol=0)
+    recovered = diff(str(src), str(report.out)).circuit()
+    assert {(n.layer, n.expert, n.index) for n in recovered.neurons} == set(neurons)
+    assert recovered.model.dense_layers == [0] and recovered.model.expert_size == 16
+    ok, why = verify(str(src), str(report.out), circuit)
+    assert ok, why
