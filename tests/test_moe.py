@@ -451,6 +451,50 @@ def test_diff_and_verify_recover_experts(moe_models, tmp_path):
     assert proc.returncode == 0
 
 
+@pytest.mark.parametrize("arch", sorted(ROUTERS))
+def test_diff_and_verify_every_layout(moe_models, tmp_path, arch):
+    """On every layout (per-expert 2-D tensors beside an ungated shared expert, 3-D tensors that stack a layer's
+    experts, a wrapper's language model) diff recovers each (layer, expert, index) and its factor, `diff --verify`
+    accepts the export, and a wrong factor or a missing expert is named."""
+    from cna_export.audit.diff import diff, verify
+
+    src = moe_models[arch]
+    circuit = moe_circuit(src, some_neurons(src), 0.5)
+    circuit.neurons[2] = circuit.neurons[2].model_copy(update={"multiplier": 2.0})
+    out = apply_circuit(resolve(str(src)), circuit, tmp_path / "out")
+    recovered = diff(str(src), str(out)).circuit()
+    got = {(n.layer, n.expert, n.index): n.multiplier or recovered.multiplier for n in recovered.neurons}
+    assert got == {(n.layer, n.expert, n.index): n.multiplier or 0.5 for n in circuit.neurons}
+    assert verify(str(src), str(out), circuit)[0] and verify(str(src), str(out), recovered)[0]
+    ok, why = verify(str(src), str(out), circuit.model_copy(update={"multiplier": 0.25}))
+    assert not ok and "scales it by 0.25" in why, why
+    fewer = circuit.model_copy(update={"neurons": [n for n in circuit.neurons if n.expert != 3]})
+    ok, why = verify(str(src), str(out), fewer)
+    assert not ok and "expert 3" in why, why
+    assert run_cli("diff", str(src), str(out), "--verify", str(out / "circuit.json")).returncode == 0
+
+
+@pytest.mark.parametrize("arch", sorted(ROUTERS))
+def test_attribute_then_export_verifies_every_layout(moe_models, tmp_path, arch):
+    """discover -> apply on each layout, through the real transformers class: the circuit holds expert neurons with
+    their routing coverage, and its export verifies exactly."""
+    from cna_export.audit.diff import verify
+
+    src = moe_models[arch]
+    source = resolve(str(src))
+    spec, shape, config = describe(source)
+    model, tok = load(src), AutoTokenizer.from_pretrained(src)
+    run = attribute(model, tok, spec, identity(source, config, shape), POS, NEG, NEG, Selection(batch_size=4))
+    circuit = run.circuit(12)
+    assert circuit.format_version == 2 and any(isinstance(n.expert, int) for n in circuit.neurons)
+    routed = {(r.layer, r.expert): r.routed for r in circuit.routing.coverage}
+    assert set(routed) == {(n.layer, n.expert) for n in circuit.neurons if n.expert is not None}
+    assert all(0 < max(r["positive"], r["negative"]) <= len(POS) for r in routed.values())
+    out = apply_circuit(source, circuit, tmp_path / "out")
+    ok, why = verify(str(src), str(out), Circuit.load(out / "circuit.json"))
+    assert ok, why
+
+
 def test_gpt_oss_fold_is_exact_with_biases_and_clamped_activation():
     """gpt-oss experts: h = (clamp(up) + 1) * glu(clamp(gate)) with biases on gate/up and on down. Scaling row j
     of expert e's down_proj [E, n, hidden] (the fused 3-D layout, an expert-axis site) equals scaling h_j by m in
