@@ -169,6 +169,11 @@ def convert_external(folder: Path, out: Path, outtype: str, extra: tuple[str, ..
     log.info("converting with llama.cpp's converter: %s", " ".join(args[3:]))
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not out.is_file():
+        log.info("llama.cpp's converter:\n%s", proc.stderr)
         last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
-        raise CnaExportError(f"llama.cpp's converter failed on {folder}: {last[0]}", "see its message above.")
+        raise CnaExportError(
+            f"llama.cpp's converter failed on {folder}: {last[0]}",
+            "--verbose shows its output; where it cannot convert the model, patch a GGUF of the model that you have "
+            "(a community quantization) with patch-gguf.",
+        )
     return out
