@@ -236,3 +236,26 @@ def test_patch_gguf_fused_up_half(tmp_path, qtype):
         da, db = (x if qtype == "F32" else dequantize(x, q).reshape(2 * n, hidden) for x in (a, b))
         np.testing.assert_allclose(db[rows], 0.5 * da[rows], rtol=1e-3, atol=0)
     assert verify(str(src), str(out), circuit)[0]
+
+
+def test_double_wide_gemma4_mlp_is_refused_in_one_line(family_models, tmp_path, monkeypatch):
+    """Gemma 4 with `use_double_wide_mlp`: its KV-shared layers have MLPs twice as wide (the tiny one: layer 2,
+    256 neurons instead of 128). One width per model is all a circuit holds, so reading the model's shape refuses
+    it in one line naming the flag (apply: exit 2, nothing written) instead of failing on a tensor shape."""
+    from conftest import FAMILY_TINY, build_family_model
+
+    text = dict(FAMILY_TINY["gemma4"]["text_config"], num_hidden_layers=3, num_kv_shared_layers=1,
+                layer_types=["sliding_attention", "full_attention", "full_attention"], use_double_wide_mlp=True)  # fmt: skip
+    monkeypatch.setitem(FAMILY_TINY, "gemma4", dict(FAMILY_TINY["gemma4"], text_config=text))
+    src = build_family_model(tmp_path / "gemma4-wide", "gemma4")
+    reader = CheckpointReader(src)
+    widths = [reader.entry(f"model.language_model.layers.{i}.mlp.down_proj.weight").shape[1] for i in range(3)]
+    assert widths == [128, 128, 256]
+    with pytest.raises(ArchitectureError, match="use_double_wide_mlp") as err:
+        describe(resolve(str(src)))
+    assert "\n" not in str(err.value)
+    make_circuit(family_models["gemma4"], [(0, 1)]).save(tmp_path / "c.json")
+    proc = run_cli("apply", "--model", str(src), "--circuit", str(tmp_path / "c.json"), "--out", str(tmp_path / "out"),
+                   check=False)  # fmt: skip
+    assert proc.returncode == 2 and "use_double_wide_mlp" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ tiny test model in tests/conftest.py (`tests/test_arch.py` fails for a row witho
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -302,6 +302,7 @@ def shape_of(config: Any) -> ModelShape:
                 "use the config.json that came with the checkpoint.",
             )
     layers = values["num_hidden_layers"]
+    check_even_widths(get)
     moe = expert_shape(spec.experts, config, layers) if spec is not None and spec.experts is not None else None
     return ModelShape(layers, values[width_key], values["hidden_size"], moe)
 
@@ -310,6 +311,23 @@ def shape_of(config: Any) -> ModelShape:
 # Their neurons sit where the seven's do (Phi-3 and GLM-4 fuse gate and up: the up neurons are the second half, in
 # the checkpoint and in llama.cpp's ffn_up). The wrappers hold their language model under `model.language_model`
 # (transformers 5's layout); they convert to GGUF through llama.cpp's converter, not gguf/convert.py.
+# Config flags under which the MLP width differs by layer, with the key that says how many layers: Gemma 4's
+# KV-shared layers are twice as wide under `use_double_wide_mlp`. A circuit and `ModelShape` hold one width per
+# model, so shape_of refuses these checkpoints (one line) instead of failing later on a tensor shape.
+UNEVEN_WIDTHS = {"use_double_wide_mlp": "num_kv_shared_layers"}
+
+
+def check_even_widths(get: Callable[[str], Any]) -> None:
+    """Refuse a config (`get` reads its keys) whose MLP width differs by layer (`UNEVEN_WIDTHS`)."""
+    for flag, layers_key in UNEVEN_WIDTHS.items():
+        if get(flag) and get(layers_key):
+            raise ArchitectureError(
+                f"this model's last {get(layers_key)} layers have MLPs twice as wide as the others ({flag}), and "
+                "cna-export handles one MLP width per model.",
+                f"use a checkpoint of the family whose config.json has {flag} false.",
+            )
+
+
 LANGUAGE_MODEL = "model.language_model"
 _FUSED_UP = Site("model.layers.{i}.mlp.gate_up_proj.weight", axis=0, part=1, parts=2)
 _FUSED_GGUF_UP = replace(_gguf(MODEL_TENSOR.FFN_UP, axis=0), part=1, parts=2)
