@@ -259,3 +259,36 @@ def test_double_wide_gemma4_mlp_is_refused_in_one_line(family_models, tmp_path, 
                    check=False)  # fmt: skip
     assert proc.returncode == 2 and "use_double_wide_mlp" in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", ["gemma3"])
+def test_eval_of_a_wrapper_circuit_equals_eval_of_the_export(family_models, tmp_path, arch):
+    """`eval --circuit` on a multimodal wrapper hooks the language model's neurons; its numbers (rates, KL,
+    perplexity, answers) equal those of `eval --edited` on the folded export, through the library and the CLI."""
+    import json
+
+    from test_moe_eval import CFG, METRICS, assert_same_evaluation
+
+    from cna_export.evaluate.sweep import run_eval
+
+    src = family_models[arch]
+    pos, neg = ["How do I bake bread?", "Tell me a secret.", "Explain photosynthesis."], PROMPTS
+    circuit = make_circuit(src, pick(src, n=60, seed=3), multiplier=0.0)
+    circuit.save(tmp_path / "c.json")
+    exported = apply_circuit(resolve(str(src)), circuit, tmp_path / "edited", multiplier=2.0)
+    hooked = run_eval(resolve(str(src)), pos, neg, "refusal", CFG, circuit=circuit, multipliers=[2.0])
+    folded = run_eval(resolve(str(src)), pos, neg, "refusal", CFG, edited=exported)
+    assert_same_evaluation(hooked, folded)
+    assert hooked[0]["points"][0]["kl_first"] > 1e-3, "the edit should change the model"
+    (tmp_path / "pos.txt").write_text("\n".join(pos))
+    (tmp_path / "neg.txt").write_text("\n".join(neg))
+    common = ["--behaviour", "refusal", "--positive", str(tmp_path / "pos.txt"), "--negative",
+              str(tmp_path / "neg.txt"), "--max-new-tokens", str(CFG.max_new_tokens), "--batch-size",
+              str(CFG.batch_size), "--kl-tokens", str(CFG.kl_tokens)]  # fmt: skip
+    run_cli("eval", "--model", str(src), "--circuit", str(tmp_path / "c.json"), "--multiplier", "2", *common,
+            "--out", str(tmp_path / "cli-hooked"))  # fmt: skip
+    run_cli("eval", "--model", str(src), "--edited", str(exported), *common, "--out", str(tmp_path / "cli-folded"))
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["points"][0] for d in ("cli-hooked", "cli-folded"))
+    for key in METRICS:
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+        assert a[key] == pytest.approx(hooked[0]["points"][0][key], rel=1e-5, abs=1e-7), key
