@@ -127,9 +127,11 @@ def build_tokenizer(folder: Path, specials: tuple[str, ...] = (), sentencepiece:
     return fast
 
 
-def build_model(folder: Path, arch: str, dtype: torch.dtype = torch.float32, shard: str | None = None) -> Path:
+def build_model(
+    folder: Path, arch: str, dtype: torch.dtype = torch.float32, shard: str | None = None, **overrides
+) -> Path:
     """A random model of `arch` saved as a Hugging Face folder (optionally sharded; an MoE wrapper's token ids
-    go into its text config)."""
+    go into its text config; `overrides` change config keys of the tiny config)."""
     import transformers
     from transformers import AutoConfig, GenerationConfig
 
@@ -137,7 +139,7 @@ def build_model(folder: Path, arch: str, dtype: torch.dtype = torch.float32, sha
     tokenizer = build_tokenizer(folder)
     ids = dict(vocab_size=512, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id, bos_token_id=None)  # fmt: skip
-    kwargs = {**TINY, **MOE_TINY}[arch]
+    kwargs = {**{**TINY, **MOE_TINY}[arch], **overrides}
     wrapper = "text_config" in kwargs
     config = AutoConfig.for_model(arch, **({**kwargs, "text_config": {**kwargs["text_config"], **ids}} if wrapper
                                            else {**ids, **kwargs}))  # fmt: skip

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import MOE_ARCHS, run_cli
+from conftest import MOE_ARCHS, build_model, run_cli
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -581,6 +581,100 @@ def test_mxfp4_fold_exact_or_refused():
         with pytest.raises(CircuitError, match="MXFP4"):
             fold_mxfp4_neurons_(b2 := blocks.clone(), 1, torch.tensor([j]), torch.tensor([m]))
         assert torch.equal(b2, blocks)
+
+
+# Neurons of the MXFP4 gpt-oss below whose 4-bit codes are all +-1 or +-2, so that m = 0.5 and m = 2 are exact.
+MXFP4_SAFE = [(0, 0, 3), (1, 1, 5), (1, 1, 40)]
+
+
+@pytest.fixture(scope="module")
+def mxfp4_gpt_oss(tmp_path_factory):
+    """A tiny gpt-oss with its experts in MXFP4 as on the Hub: `*_proj_blocks` [E, rows, n/32, 16] and
+    `*_proj_scales` [E, rows, n/32] instead of the float tensors (random codes and scales, n = 64), and a
+    quantization_config that says mxfp4. transformers dequantizes it on load."""
+    from safetensors.torch import load_file, save_file
+
+    folder = build_model(tmp_path_factory.mktemp("mxfp4") / "gpt_oss", "gpt_oss", intermediate_size=64)
+    weights = load_file(folder / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for name in [n for n in weights if n.endswith(("experts.down_proj", "experts.gate_up_proj"))]:
+        experts, inner, outer = weights.pop(name).shape  # [E, n, hidden] and [E, hidden, 2n]: blocks over dim 1
+        weights[name + "_blocks"] = torch.randint(0, 256, (experts, outer, inner // 32, 16), dtype=torch.uint8,
+                                                  generator=g)  # fmt: skip
+        weights[name + "_scales"] = torch.randint(122, 127, (experts, outer, inner // 32), dtype=torch.uint8,
+                                                  generator=g)  # fmt: skip
+    for layer, expert, j in MXFP4_SAFE:
+        blocks = weights[f"model.layers.{layer}.mlp.experts.down_proj_blocks"]
+        byte, high = divmod(j % 32, 2)
+        codes = torch.tensor([2, 4, 10, 12], dtype=torch.uint8)[torch.randint(0, 4, (blocks.shape[1],), generator=g)]
+        column = blocks[expert, :, j // 32, byte]
+        blocks[expert, :, j // 32, byte] = (column & 0x0F) | (codes << 4) if high else (column & 0xF0) | codes
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "mxfp4"}}))
+    return folder
+
+
+def load_mxfp4(folder):
+    from transformers import Mxfp4Config
+
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, quantization_config=Mxfp4Config(dequantize=True)
+    ).eval()
+
+
+def test_mxfp4_decode_matches_transformers(mxfp4_gpt_oss):
+    """The audit's MXFP4 decoder gives what transformers loads for gpt-oss's experts."""
+    from cna_export.fold.mxfp4 import decode_mxfp4
+
+    f = safe_open(str(mxfp4_gpt_oss / "model.safetensors"), "pt")
+    name = "model.layers.1.mlp.experts.down_proj"
+    decoded = decode_mxfp4(f.get_tensor(name + "_blocks"), f.get_tensor(name + "_scales"))
+    assert decoded.shape == (4, 64, 32)
+    assert torch.equal(decoded, load_mxfp4(mxfp4_gpt_oss).model.layers[1].mlp.experts.down_proj.detach())
+
+
+@pytest.mark.parametrize(("m", "neurons"), [(0.0, MXFP4_SAFE + [(0, 2, 7), (2, 3, 63)]), (0.5, MXFP4_SAFE),
+                                            (2.0, MXFP4_SAFE)])  # fmt: skip
+def test_mxfp4_export_equals_manual_edit_and_verifies(mxfp4_gpt_oss, tmp_path, m, neurons):
+    """An MXFP4 gpt-oss exports as MXFP4: the neurons' 4-bit codes change, every other byte (their scales, the
+    other 31 neurons of each block, gate_up) stays; transformers loads the export with the logits of the source
+    with the same rows of down_proj scaled by hand; diff recovers the neurons and --verify accepts the export."""
+    from cna_export.audit.diff import diff, verify
+
+    src = mxfp4_gpt_oss
+    circuit = moe_circuit(src, neurons, m)
+    out = apply_circuit(resolve(str(src)), circuit, tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(src)
+    original = load_mxfp4(src)
+    plain = logits(original, tok, PROMPTS)
+    manual_edit(original, arch_for("gpt_oss"), neurons, m)
+    for e, ref, p in zip(logits(load_mxfp4(out), tok, PROMPTS), logits(original, tok, PROMPTS), plain):
+        torch.testing.assert_close(e, ref, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(e, p), "the edit should change the logits"
+    before, after = CheckpointReader(src), CheckpointReader(out)
+    touched = {f"model.layers.{layer}.mlp.experts.down_proj_blocks" for layer, _, _ in neurons}
+    for name, entry in before.entries.items():
+        raw_a = (src / entry.file).read_bytes()[entry.start : entry.end]
+        e2 = after.entries[name]
+        assert (raw_a == (out / e2.file).read_bytes()[e2.start : e2.end]) == (name not in touched), name
+    recovered = diff(str(src), str(out)).circuit()
+    assert {(n.layer, n.expert, n.index) for n in recovered.neurons} == set(neurons)
+    assert {n.multiplier or recovered.multiplier for n in recovered.neurons} == {m}
+    ok, why = verify(str(src), str(out), circuit)
+    assert ok, why
+    ok, why = verify(str(src), str(out), circuit.model_copy(update={"multiplier": 0.25 if m else 0.5}))
+    assert not ok
+    assert run_cli("diff", str(src), str(out), "--verify", str(out / "circuit.json")).returncode == 0
+
+
+def test_mxfp4_export_refuses_an_inexact_factor(mxfp4_gpt_oss, tmp_path):
+    """A factor the 4-bit codes of a neuron cannot hold (a random neuron at m = 2, any neuron at m = 0.3) is
+    refused in one line, and the export leaves nothing behind."""
+    for neurons, m in (([(0, 2, 7)], 2.0), (MXFP4_SAFE[:1], 0.3)):
+        with pytest.raises(CircuitError, match="MXFP4"):
+            apply_circuit(resolve(str(mxfp4_gpt_oss)), moe_circuit(mxfp4_gpt_oss, neurons, m), tmp_path / "out")
+        assert not (tmp_path / "out").exists()
 
 
 def test_fraction_counts_every_expert(moe_models):

@@ -5,12 +5,14 @@ A neuron of an MoE model is identified by (layer, expert, index):
 * `expert = None`: a dense MLP (every layer of a dense model; the dense layers of an MoE model, e.g. Qwen MoE's
   `mlp_only_layers` or DeepSeek's first layers). `index` is a column of `mlp.down_proj.weight`.
 * `expert = e` (0 <= e < num_experts): routed expert e. `index` is a column of that expert's down projection.
-* `expert = "shared"`: the shared expert that every token passes through (Qwen2-MoE `shared_expert`).
+* `expert = "shared"`: the shared expert that every token passes through (Qwen2-MoE `shared_expert`, DeepSeek's
+  `shared_experts`).
 
-On disk (safetensors) the families here keep one 2-D tensor per expert (`...experts.{e}.down_proj.weight`,
-Mixtral's `...experts.{e}.w2.weight`); transformers 5 fuses them on load into 3-D parameters
-(`mlp.experts.gate_up_proj` [E, 2n, hidden], `mlp.experts.down_proj` [E, hidden, n]) and has no per-expert Linear.
-Folding edits the on-disk tensors; attribution and runtime scaling read the fused parameters.
+On disk (safetensors) most families keep one 2-D tensor per expert (`...experts.{e}.down_proj.weight`,
+Mixtral's `...experts.{e}.w2.weight`); Granite MoE, gpt-oss and Llama 4 stack a layer's experts in one 3-D tensor
+(gpt-oss on the Hub: in MXFP4 blocks). transformers 5 fuses them on load into 3-D parameters (`FUSED_DOWN` below)
+and has no per-expert Linear. Folding edits the on-disk tensors; attribution and runtime scaling read the fused
+parameters.
 
 For attribution every MoE layer is one row of `layer_width` columns: routed expert e's neuron j is column
 `e * width + j`, the shared expert's neuron j is `num_experts * width + j`; a dense layer uses the first
@@ -51,6 +53,8 @@ class ExpertSpec:
         width_key: config key of each routed expert's width.
         shared_unit_width: the shared expert's width counts in routed-expert widths (DeepSeek's
             `n_shared_experts` x `moe_intermediate_size`) rather than in neurons.
+        mxfp4_down: the down site of checkpoints that store the experts in MXFP4 (gpt-oss on the Hub:
+            `down_proj_blocks`, a `Site` with `codec`); `ArchSpec.for_checkpoint` uses it where a checkpoint has it.
         shared_down, shared_up: checkpoint sites of the shared expert (None: the family has none).
         shared_hook: runtime module whose input is the shared expert's neurons.
         shared_gate: runtime module whose sigmoid scales the shared expert's output (its "router weight"); None:
@@ -70,6 +74,7 @@ class ExpertSpec:
     count_keys: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
     width_key: str = "moe_intermediate_size"
     shared_unit_width: bool = False
+    mxfp4_down: Site | None = None
     shared_down: Site | None = None
     shared_up: Site | None = None
     shared_hook: str | None = None

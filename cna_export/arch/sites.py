@@ -54,6 +54,10 @@ class Site:
         axis: the axis along which neuron j is index `part * n + j` (n = MLP width).
         part, parts: a fused tensor stacks `parts` blocks of n along `axis`; the neurons are block `part`.
         expert_axis: the axis of a tensor that stacks all experts of a layer (None: not stacked).
+        codec: how the values are stored, when not as floats: "mxfp4" (gpt-oss's Hub checkpoints): 4-bit e2m1
+            codes, 32 neurons a block, stored [E, rows, n/32, 16] with e8m0 scales in the `_scales` tensor beside
+            the `_blocks` one (fold/mxfp4.py). `axis` and `expert_axis` then describe the decoded values
+            [E, n, rows]; the fold edits the codes, the audit decodes them (`decoded()`).
     """
 
     template: str
@@ -61,6 +65,7 @@ class Site:
     part: int = 0
     parts: int = 1
     expert_axis: int | None = None
+    codec: str | None = None
 
     def name(self, layer: int, expert: int | None = None) -> str:
         return self.template.format(i=layer, e=expert)
@@ -74,7 +79,14 @@ class Site:
         )
         if self.expert_axis is not None:
             dims.insert(self.expert_axis, experts or 0)
+        if self.codec == "mxfp4":  # decoded [E, n, rows] -> stored blocks [E, rows, n/32, 16]
+            *lead, n, rows = dims
+            return (*lead, rows, n // 32, 16)
         return tuple(dims)
+
+    def decoded(self) -> Site:
+        """The site of the decoded values (itself for float storage)."""
+        return replace(self, codec=None) if self.codec else self
 
     def offset(self, width: int) -> int:
         """Index of neuron 0 along `axis` for an MLP of `width` neurons."""

@@ -131,9 +131,19 @@ class ArchSpec:
             )
         return text
 
+    @property
+    def checkpoint_layouts(self) -> bool:
+        """Whether checkpoints of this family come in more than one layout (`for_checkpoint` picks one)."""
+        return bool(self.legacy_prefixes) or self.experts is not None and self.experts.mxfp4_down is not None
+
     def for_checkpoint(self, names: Container[str]) -> ArchSpec:
         """This spec with its checkpoint sites renamed to the layout that a checkpoint with tensors `names`
-        uses (one of `legacy_prefixes`); unchanged when the current layout is present or nothing matches."""
+        uses (one of `legacy_prefixes`, or MXFP4 experts); unchanged when the current layout is present or nothing
+        matches."""
+        ex = self.experts
+        # gpt-oss has no dense layer, so layer 0 tells whether its experts are stored in MXFP4.
+        if ex is not None and ex.mxfp4_down is not None and ex.mxfp4_down.name(0) in names:
+            return replace(self, experts=replace(ex, down=ex.mxfp4_down))
         if self.down.name(0) in names:
             return self
         current = self.layers_module.rpartition(".")[0] + "."
@@ -415,11 +425,13 @@ ARCHITECTURES.update(
                     shared_hook="mlp.shared_expert.down_proj", shared_gate="mlp.shared_expert_gate",
                     shared_width_key="shared_expert_intermediate_size"),
             ),
-            # bf16 experts on disk as transformers 5 saves them (an MXFP4 checkpoint's `down_proj_blocks` are
-            # folded by fold/mxfp4.py); the up rows are no fold target (clamp and +1).
+            # bf16 experts on disk as transformers 5 saves them, or MXFP4 as on the Hub (`down_proj_blocks`, folded
+            # by fold/mxfp4.py); the up rows are no fold target (clamp and +1).
             ArchSpec("gpt_oss", MODEL_ARCH.GPT_OSS, own_gguf=False,
                      experts=ExpertSpec(Site("model.layers.{i}.mlp.experts.down_proj", axis=1, expert_axis=0), None,
-                                        fused="gpt_oss", width_key="intermediate_size")),
+                                        fused="gpt_oss", width_key="intermediate_size",
+                                        mxfp4_down=Site("model.layers.{i}.mlp.experts.down_proj_blocks", axis=1,
+                                                        expert_axis=0, codec="mxfp4"))),
             ArchSpec("llama4", MODEL_ARCH.LLAMA4, layers_module="language_model.model.layers",
                      hook="feed_forward.down_proj", down=Site(_L4 + "down_proj.weight", axis=1),
                      up=Site(_L4 + "up_proj.weight", axis=0), text_config="text_config",

@@ -19,6 +19,7 @@ import torch
 
 from cna_export.arch import ArchSpec, ModelShape, Site, arch_for
 from cna_export.arch.experts import ExpertKey
+from cna_export.fold.mxfp4 import decode_mxfp4
 from cna_export.gguf.quant import scale_fields
 from cna_export.io.checkpoint import CheckpointReader
 
@@ -72,8 +73,9 @@ class Weights:
         return self._unit_sites(self.experts_in[name][0])[self.mlp[name][0]]
 
     def unit_site(self, name: str) -> Site:
-        """The site inside one unit's part of tensor `name` (`Site.of_expert` of a stacked tensor's site)."""
-        return self.site(name).of_expert()
+        """The site inside one unit's part of tensor `name`'s values (`Site.of_expert` of a stacked tensor's site;
+        of the decoded values for MXFP4 codes)."""
+        return self.site(name).decoded().of_expert()
 
     def width(self, name: str) -> int:
         """Neurons of the MLP or expert that tensor `name` belongs to."""
@@ -156,6 +158,8 @@ class SafetensorsWeights(Weights):
         return np.memmap(self.folder / e.file, dtype=np.uint8, mode="r", offset=e.start, shape=(e.nbytes,))
 
     def values(self, name: str) -> torch.Tensor:
+        if name in self.mlp and self.site(name).codec == "mxfp4":  # gpt-oss's 4-bit experts: their values
+            return decode_mxfp4(self.reader.tensor(name), self.reader.tensor(name.replace("_blocks", "_scales")))
         return self.reader.tensor(name)
 
 

@@ -13,6 +13,7 @@ can only go into its codes:
   re-quantizing the tensor would change the other 31 neurons of each block.
 
 (The up rows are no fold target on gpt-oss: its SwiGLU clamps `up` and adds 1, see tests/test_moe.py.)
+`decode_mxfp4` gives the values, for the audit (diff, verify) to read a neuron's column and its factor.
 """
 
 from __future__ import annotations
@@ -65,3 +66,12 @@ def fold_mxfp4_neurons_(
     for block, byte, high, new in plans:
         column = blocks[expert, :, block, byte]
         blocks[expert, :, block, byte] = (column & 0x0F) | (new << 4) if high else (column & 0xF0) | new
+
+
+def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 values [E, n, rows] of MXFP4 `blocks` [E, rows, n/32, 16] and e8m0 `scales` [E, rows, n/32] (the
+    layout transformers gives the dequantized parameter: gpt-oss's `down_proj` [E, n, hidden])."""
+    table = torch.tensor(E2M1 + tuple(-v for v in E2M1), dtype=torch.float32)  # bit 3 of a code is its sign
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).reshape(*blocks.shape[:-1], BLOCK)  # low nibble first
+    values = table[codes.long()] * torch.exp2(scales.to(torch.float32) - 127)[..., None]
+    return values.reshape(*blocks.shape[:2], -1).transpose(1, 2).contiguous()

@@ -14,6 +14,7 @@ import torch
 
 from cna_export.arch.sites import Site
 from cna_export.errors import CircuitError
+from cna_export.fold.mxfp4 import fold_mxfp4_neurons_
 
 # layer -> (neuron indices, multipliers), the form every consumer of a dense circuit uses.
 LayerEdits = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -76,7 +77,11 @@ def fold_site_(
     tensor: torch.Tensor, site: Site, width: int, index: torch.Tensor, multiplier: torch.Tensor,
     expert: int | None = None,
 ) -> None:  # fmt: skip
-    """Scale neurons `index` of an MLP of `width` neurons in `tensor`, stored as `site` says, in place."""
+    """Scale neurons `index` of an MLP of `width` neurons in `tensor`, stored as `site` says, in place (an MXFP4
+    site: in its 4-bit codes, exactly or refused, fold/mxfp4.py)."""
+    if site.codec == "mxfp4":
+        fold_mxfp4_neurons_(tensor, expert, index, multiplier, site.template.rpartition(".")[2])
+        return
     scale_rows_(site.rows(tensor, width, expert), index, multiplier)
 
 

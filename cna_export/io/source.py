@@ -102,7 +102,7 @@ def describe(source: Source) -> tuple[ArchSpec, ModelShape, dict[str, Any]]:
     if not isinstance(model_type, str):
         raise ArchitectureError("config.json has no model_type.", "use the config that came with the checkpoint.")
     spec = arch_for(model_type)
-    if spec.legacy_prefixes and not source.is_gguf:
+    if spec.checkpoint_layouts and not source.is_gguf:
         spec = spec.for_checkpoint(CheckpointReader(source.folder).entries)
     return spec, shape_of(spec.text_of(config)), config
 
