@@ -42,9 +42,12 @@ def build(arch: str, root: Path) -> Path:
 
 
 def own_route(folder: Path, out: Path) -> dict:
+    from cna_export.arch import arch_for
     from cna_export.errors import CnaExportError
     from cna_export.gguf.convert import export_gguf
 
+    if not arch_for(json.loads((folder / "config.json").read_text())["model_type"]).own_gguf:
+        return {"converted": False, "error": "not its family"}  # export_gguf would run llama.cpp's converter
     start = time.perf_counter()
     try:
         export_gguf(folder, out, outtype="f32")

@@ -119,3 +119,21 @@ def test_what_llama_cpp_cannot_run_is_one_line(converted, tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "not one full-attention layer every k layers" in proc.stderr and "patch-gguf" in proc.stderr
     assert not (tmp_path / "odd.gguf").exists()
+
+
+def test_exaone4_window_warning_and_converter_failure_line(family_models, tmp_path, monkeypatch, caplog):
+    """An EXAONE 4 with sliding-window layers that is not the 64-layer model: the conversion warns that llama.cpp
+    will run all its layers as global attention; a converter that fails (here: a folder without it) is one line
+    naming it, with the way to its output and patch-gguf."""
+    import logging
+
+    from cna_export.errors import CnaExportError
+    from cna_export.gguf.external import ENV
+
+    monkeypatch.setenv(ENV, str(tmp_path))  # a folder, but no converter in it: the child fails at once
+    with caplog.at_level(logging.WARNING), pytest.raises(CnaExportError) as err:
+        export_gguf(family_models["exaone4"], tmp_path / "x.gguf")
+    assert "only in the 64-layer model" in caplog.text
+    assert str(err.value).startswith("llama.cpp's converter failed on") and "\n" not in str(err.value)
+    assert "--verbose" in str(err.value) and "patch-gguf" in str(err.value)
+    assert not (tmp_path / "x.gguf").exists()

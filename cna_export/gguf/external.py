@@ -114,6 +114,24 @@ CONFIG_SHIMS: dict[str, dict[str, Callable[[dict[str, Any]], Any]]] = {
     },
     "qwen3_5": {"full_attention_interval": _full_attention_interval},
 }
+
+
+def _exaone4_window(text: dict[str, Any]) -> str | None:
+    """llama.cpp 0.3.36 turns on EXAONE 4's sliding-window pattern only for the 64-layer 32B (hard-coded by layer
+    count, the GGUF's pattern unread): any other EXAONE 4 with sliding-window layers runs every layer as global
+    attention with RoPE (on the tiny model llama.cpp equals transformers run so, to 2e-6: see gguf_routes.md)."""
+    if not text.get("sliding_window") or text.get("num_hidden_layers") == 64:
+        return None
+    if "sliding_attention" not in (text.get("layer_types") or []):
+        return None
+    return (
+        f"llama.cpp 0.3.36 runs EXAONE 4's sliding-window layers only in the 64-layer model; the "
+        f"{text.get('num_hidden_layers')} layers of this one will all run as global attention with RoPE there."
+    )
+
+
+# model_type -> what llama.cpp will run differently from transformers in the converted file (a warning).
+RUNTIME_CAVEATS: dict[str, Callable[[dict[str, Any]], str | None]] = {"exaone4": _exaone4_window}
 # model_type -> converter flags from the language model's config: Qwen3.5 without multi-token-prediction layers
 # (fine-tunes often drop them) must say so, or the converter asserts.
 CONVERTER_FLAGS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
@@ -162,7 +180,11 @@ def convert_external(folder: Path, out: Path, outtype: str, extra: tuple[str, ..
     command, env = converter_command()
     config = read_config_json(folder)
     spec = arch_for(config.get("model_type", ""))
-    flags = CONVERTER_FLAGS.get(spec.model_type, lambda _: [])(spec.text_of(config))
+    text = spec.text_of(config)
+    flags = CONVERTER_FLAGS.get(spec.model_type, lambda _: [])(text)
+    caveat = RUNTIME_CAVEATS.get(spec.model_type, lambda _: None)(text)
+    if caveat:
+        log.warning(caveat)
     fixes = {"missing_tensors": MISSING_TENSORS, "pre": _pre_tokenizer(folder), "hparams": missing_hparams(config),
              "wrapper": spec.text_config is not None}  # fmt: skip
     args = [*command, json.dumps(fixes), str(folder), "--outfile", str(out), "--outtype", outtype, *flags, *extra]
