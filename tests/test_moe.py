@@ -108,6 +108,18 @@ def test_sites_match_checkpoint(moe_models, arch):
                 assert reader.entry(site.name(layer)).shape == site.expected_shape(sub)
 
 
+def test_stacked_sites_describe_each_experts_slice():
+    """The card says where a neuron is inside one expert's slice of a stacked tensor."""
+    assert (
+        arch_for("granitemoe").experts.down.describe()
+        == "columns of each expert of `block_sparse_moe.output_linear.weight`"
+    )
+    assert arch_for("gpt_oss").experts.down.describe() == "rows of each expert of `mlp.experts.down_proj`"
+    assert arch_for("llama4").experts.up.describe() == (
+        "columns of each expert of `feed_forward.experts.gate_up_proj` (part 2 of 2 of the fused tensor)"
+    )
+
+
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 @pytest.mark.parametrize(("target", "m"), [("down", 0.0), ("down", 0.5), ("down", 2.0), ("up", 0.5)])
 def test_export_equals_manual_edit(moe_models, tmp_path, arch, m, target):

@@ -113,7 +113,8 @@ class Site:
 
     def describe(self) -> str:
         """Where the neurons are, for people: e.g. 'columns of `mlp.down_proj.weight`' (names inside a layer)."""
-        where = {0: "rows", 1: "columns"}.get(self.axis, f"slices along axis {self.axis}")
+        axis = self.of_expert().axis  # within one expert's slice of a tensor that stacks them
+        where = {0: "rows", 1: "columns"}.get(axis, f"slices along axis {axis}")
         fused = f" (part {self.part + 1} of {self.parts} of the fused tensor)" if self.parts > 1 else ""
         experts = " of each expert" if self.expert_axis is not None or "{e}" in self.template else ""
         return f"{where}{experts} of `{self.template.split('{i}.', 1)[-1]}`{fused}"
