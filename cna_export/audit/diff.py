@@ -273,6 +273,7 @@ def verify(original: str, edited: str, circuit: Circuit) -> tuple[bool, str]:
                         return False, f"{name} changed in {_unit_label(*u)}, which has no neurons in the circuit"
                 if not touched:
                     bar.update(a.nbytes(name))
+            counted: set[str] = set()  # a stacked tensor holds several experts of the circuit: its bytes once
             for (layer, expert), (index, mult) in edits.items():
                 pair = a.pair(layer, expert)
                 if not pair:
@@ -285,7 +286,8 @@ def verify(original: str, edited: str, circuit: Circuit) -> tuple[bool, str]:
                 reason = _check_layer(a, b, pair[kind], expert, _unit_label(layer, expert), index, mult)
                 if reason:
                     return False, reason
-                bar.update(sum(a.nbytes(n) for n in pair.values()))
+                bar.update(sum(a.nbytes(n) for n in pair.values() if n not in counted))
+                counted.update(pair.values())
     layers = len({layer for layer, _ in edits})
     return True, (f"the edited model is the original with the circuit folded in ({len(circuit.neurons)} neurons in "
                   f"{layers} layers); every other tensor is byte-identical")  # fmt: skip
