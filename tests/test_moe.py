@@ -115,6 +115,9 @@ def test_stacked_sites_describe_each_experts_slice():
         == "columns of each expert of `block_sparse_moe.output_linear.weight`"
     )
     assert arch_for("gpt_oss").experts.down.describe() == "rows of each expert of `mlp.experts.down_proj`"
+    assert arch_for("gpt_oss").experts.mxfp4_down.describe() == (
+        "rows of each expert of `mlp.experts.down_proj_blocks` (MXFP4 codes)"
+    )
     assert arch_for("llama4").experts.up.describe() == (
         "columns of each expert of `feed_forward.experts.gate_up_proj` (part 2 of 2 of the fused tensor)"
     )

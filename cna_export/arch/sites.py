@@ -117,7 +117,8 @@ class Site:
         where = {0: "rows", 1: "columns"}.get(axis, f"slices along axis {axis}")
         fused = f" (part {self.part + 1} of {self.parts} of the fused tensor)" if self.parts > 1 else ""
         experts = " of each expert" if self.expert_axis is not None or "{e}" in self.template else ""
-        return f"{where}{experts} of `{self.template.split('{i}.', 1)[-1]}`{fused}"
+        codec = f" ({self.codec.upper()} codes)" if self.codec else ""
+        return f"{where}{experts} of `{self.template.split('{i}.', 1)[-1]}`{fused}{codec}"
 
 
 def gguf_site(tensor: MODEL_TENSOR, axis: int, expert_axis: int | None = None) -> Site:
