@@ -448,3 +448,6 @@ ARCHITECTURES.update(
         )
     }
 )  # fmt: skip
+# llama.cpp runs DeepSeek-V2/V3 as `deepseek2` (MLA attention, leading dense layers, grouped sigmoid routing from
+# `expert_gating_func`); its experts and shared expert sit at the table's GGUF sites.
+GGUF_MODEL_TYPES[MODEL_ARCH_NAMES[MODEL_ARCH.DEEPSEEK2]] = "deepseek_v3"

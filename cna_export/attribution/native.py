@@ -6,6 +6,15 @@ prompts go in length-sorted groups of `batch_size` sequences per decode. A tap o
 `cna_export.gguf.llamacpp`) reads the input of each layer's `ffn_down` at every sequence's last token and adds it
 to its set's float64 sums (`_Sums`, the same accumulator as the torch route, so `SetStats` means the same); the
 graph ends after the last layer that can be selected.
+
+A mixture of experts is read where llama.cpp computes it (`build_moe_ffn`): the stacked experts' `ffn_down_exps`
+is a MUL_MAT_ID whose input holds each token's `n_expert_used` selected experts ([n_ff, slots, tokens]) and whose
+third source is their ids; its output is then multiplied by the router weights as the family computes them
+(softmax, top-k, normalized or scaled), so the tap reads that multiplication's other factor. The activation is the
+torch route's (attribution/experts.py): router weight x down input, placed at columns `e * width + j`, zero for an
+expert a token is not routed to; the shared expert's `ffn_down_shexp` input is multiplied by its gate where the
+family gates it (Qwen2-MoE's sigmoid, the second factor of the multiplication of its output), and a dense layer's
+`ffn_down` is read as in a dense model.
 """
 
 from __future__ import annotations
@@ -20,14 +29,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cna_export.arch import ArchSpec, ModelShape, arch_for, model_type_for_gguf
+from cna_export.arch import ArchSpec, ModelShape, arch_for
+from cna_export.arch.experts import ExpertShape
 from cna_export.attribution.collect import SetStats, _Sums, common_prefix
+from cna_export.attribution.experts import router_weights
 from cna_export.attribution.select import Attribution, from_stats, prepare
-from cna_export.circuit.format import ModelIdentity, prompt_set
+from cna_export.circuit.format import ModelIdentity, moe_fields, prompt_set
 from cna_export.circuit.selection import Selection
 from cna_export.errors import RecipeError
-from cna_export.gguf.check import check_gguf, gguf_shape
-from cna_export.gguf.llamacpp import FfnDownTap, LlamaCppModel, Seq
+from cna_export.gguf.check import check_gguf, gguf_model_type, gguf_shape
+from cna_export.gguf.llamacpp import FfnDownTap, LlamaCppModel, Seq, Unit
 from cna_export.io.hashing import combined_sha256, sha256_files
 
 log = logging.getLogger(__name__)
@@ -37,6 +48,43 @@ def _groups(tagged: list[tuple[int, list[int]]], batch_size: int) -> list[list[i
     """Indices of `tagged` in length-sorted groups of at most `batch_size` (the torch route's order)."""
     order = sorted(range(len(tagged)), key=lambda i: (len(tagged[i][1]), i))
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def tap_units(spec: ArchSpec, shape: ModelShape, last: int) -> dict[bytes, Unit]:
+    """The down projections of layers 0..last that the tap reads, named by the architecture row's GGUF sites: a
+    dense layer's `ffn_down`; in an MoE layer the stacked routed experts (weighted by their router weights) and the
+    shared expert (weighted by its gate where the family has one, `ExpertSpec.shared_gate`)."""
+    moe, ex, units = shape.moe, spec.experts, {}
+    for i in range(last + 1):
+        if moe is None or ex is None or i in moe.dense_layers:
+            units[spec.gguf_down.name(i).encode()] = Unit(i, "dense", shape.intermediate_size)
+            continue
+        units[ex.gguf_down.name(i).encode()] = Unit(i, "routed", moe.width, weighted=True)
+        if moe.shared:
+            units[ex.gguf_shared_down.name(i).encode()] = Unit(i, "shared", moe.shared, ex.shared_gate is not None)
+    return units
+
+
+def add_rows(sums: _Sums, moe: ExpertShape | None, parts: dict[tuple[int, str], np.ndarray]) -> None:
+    """Add one decode's tapped rows (`parts[layer, part]`, see `FfnDownTap`) to the sums as the torch route adds
+    its captures: a dense layer's input; the routed experts as [rows, E * width] (router weight x input at the
+    selected experts' columns, zero elsewhere; top-n per expert among the routed rows); the shared expert's input
+    times its gate (1 when ungated) at column `E * width`."""
+    for (layer, part), rows in parts.items():
+        x = torch.from_numpy(rows)
+        if part == "dense":
+            sums.add(layer, x)
+        elif part == "routed":
+            assert moe is not None
+            ids = torch.from_numpy(parts[layer, "routed_ids"]).long()  # [rows, slots]
+            weight = router_weights(ids, torch.from_numpy(parts[layer, "routed_weight"])[..., 0], moe.num_experts)
+            h = torch.zeros(x.shape[0], moe.num_experts, moe.width, dtype=x.dtype)
+            h.scatter_(1, ids[..., None].expand_as(x), x)
+            sums.add(layer, (h * weight[..., None]).reshape(x.shape[0], -1), groups=moe.num_experts, routed=weight > 0)
+        elif part == "shared":
+            assert moe is not None
+            gate = parts.get((layer, "shared_weight"))
+            sums.add(layer, x if gate is None else x * torch.from_numpy(gate), offset=moe.num_experts * moe.width)
 
 
 def collect_sets_gguf(
@@ -49,27 +97,30 @@ def collect_sets_gguf(
     last_layer: int | None = None,
     share_prefix: bool = True,
 ) -> list[SetStats]:
-    """Per prompt set, sum the last-token input of every layer's ffn_down (float64), through llama.cpp.
+    """Per prompt set, sum the last-token input of every layer's ffn_down (float64), through llama.cpp; for a
+    mixture of experts, every unit's activation as the torch route defines it (router weight x down input).
 
     Args:
         model: the loaded GGUF.
-        spec, shape: the architecture row (its `gguf_down` site names the tensors) and the model's shape.
+        spec, shape: the architecture row (its GGUF sites name the tensors) and the model's shape (with its
+            experts: `shape.moe`).
         sets: token ids per prompt, per set.
         batch_size: sequences per decode.
         top_n: also count per-layer top-|act| membership and sum |act| (neutral prompts).
         last_layer: the last layer read (default: the model's last); later layers are not computed.
 
     Returns:
-        One `SetStats` per set, as `collect_sets` returns them.
+        One `SetStats` per set, as `collect_sets` returns them (MoE: with the routing counts).
     """
     last = shape.num_layers - 1 if last_layer is None else last_layer
-    sums = _Sums(len(sets), shape.intermediate_size, top_n)
-    names = {spec.gguf_down.name(i).encode(): i for i in range(last + 1)}
+    width = shape.moe.layer_width(shape.intermediate_size) if shape.moe else shape.intermediate_size
+    sums = _Sums(len(sets), width, top_n)
 
     # The tap only copies rows out; they are added after each decode. Torch work inside the callback would wake its
     # thread pool while llama.cpp's threads wait for the main thread, and the two pools fight for the cores.
-    pending: list[tuple[int, np.ndarray]] = []
-    tap = FfnDownTap(names, shape.intermediate_size, last, lambda layer, rows: pending.append((layer, rows)))
+    pending: dict[tuple[int, str], np.ndarray] = {}
+    tap = FfnDownTap(tap_units(spec, shape, last), last, lambda layer, part, rows: pending.__setitem__((layer, part), rows),
+                     spec.model_type)  # fmt: skip
     tagged = [(k, ids) for k, prompts in enumerate(sets) for ids in prompts]
     prefix = common_prefix([ids for _, ids in tagged]) if share_prefix else 0
     groups = _groups(tagged, batch_size)
@@ -88,8 +139,7 @@ def collect_sets_gguf(
                 if prefix:
                     ctx.share(0, sid, prefix)
             ctx.decode([Seq(tagged[i][1][prefix:], prefix) for i in group])
-            for layer, rows in pending:
-                sums.add(layer, torch.from_numpy(rows))
+            add_rows(sums, shape.moe, pending)
             pending.clear()
             for sid in range(len(group)):
                 ctx.forget(sid, prefix)
@@ -119,7 +169,7 @@ def describe_gguf(path: Path) -> tuple[ArchSpec, ModelShape, dict]:
     """Architecture row, shape and small metadata of a GGUF file, from its header alone (no transformers: its GGUF
     config reader parses the whole vocabulary, ~30 s for a Qwen file on 2 cores)."""
     layout = check_gguf(path)
-    spec = arch_for(model_type_for_gguf(layout.architecture, layout.get("general.name")))
+    spec = arch_for(gguf_model_type(layout))
     return spec, gguf_shape(layout, spec, path), layout.metadata
 
 
@@ -130,7 +180,7 @@ def gguf_identity(source_name: str, path: Path, spec: ArchSpec, shape: ModelShap
     return ModelIdentity(
         source=source_name, model_type=spec.model_type, weights_sha256=combined_sha256(sha256_files([path])),
         config_sha256=hashlib.sha256(config).hexdigest(), num_layers=shape.num_layers,
-        intermediate_size=shape.intermediate_size, hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size, hidden_size=shape.hidden_size, **moe_fields(shape),
     )  # fmt: skip
 
 
@@ -144,7 +194,11 @@ def attribute_gguf(
         >>> spec, shape, meta = describe_gguf(p); ident = gguf_identity(str(p), p, spec, shape, meta)
         >>> attribute_gguf(p, spec, ident, harmful, benign, neutral, Selection(top_k=46)).circuit(46)
     """
-    shape = ModelShape(model_id.num_layers, model_id.intermediate_size, model_id.hidden_size)
+    moe = None
+    if model_id.num_experts:  # an MoE GGUF: its experts as `gguf_identity` recorded them
+        moe = ExpertShape(model_id.num_experts, model_id.expert_size or 0, model_id.shared_expert_size or 0,
+                          frozenset(model_id.dense_layers or ()))  # fmt: skip
+    shape = ModelShape(model_id.num_layers, model_id.intermediate_size, model_id.hidden_size, moe)
     selection, top_n, last = prepare(shape, selection)
     template = gguf_chat_template(path, selection.chat_template)
     with LlamaCppModel(path, n_threads) as model:
@@ -155,4 +209,5 @@ def attribute_gguf(
         sets = encode_sets(model, groups, template)
         stats = collect_sets_gguf(model, spec, shape, sets, selection.batch_size, top_n, last)
     prompts = {name: prompt_set(list(p)) for name, p in zip(("positive", "negative", "neutral"), groups)}
-    return from_stats(stats, selection, top_n, prompts, model_id, dtype="float32", chat_template=template is not None)
+    return from_stats(stats, selection, top_n, prompts, model_id, dtype="float32", chat_template=template is not None,
+                      moe=moe)  # fmt: skip
