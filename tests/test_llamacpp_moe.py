@@ -119,6 +119,22 @@ def test_graph_ends_after_last_layer_with_shared_expert(moe_ggufs):
     torch.testing.assert_close(short[0].routed[:2], full[0].routed[:2])
 
 
+def test_q8_0_file_is_close_to_torch_route(moe_ggufs, hf_to_gguf, tmp_path, monkeypatch):
+    """On a Q8_0 file (llama.cpp quantizes the activations inside its quantized matmuls): the same routing, and every
+    layer's sums correlate with the torch route on the float model."""
+    folder, _ = moe_ggufs["qwen2_moe"]
+    monkeypatch.setenv(ENV, hf_to_gguf)
+    path = export_gguf(folder, tmp_path / "qwen2_moe.q8_0.gguf", outtype="q8_0")
+    spec, shape, _ = describe_gguf(path)
+    with LlamaCppModel(path, n_threads=1) as model:
+        sets = encode_sets(model, PROMPTS[:2], gguf_chat_template(path, True))
+        got = collect_sets_gguf(model, spec, shape, sets, batch_size=4)
+    for g, r in zip(got, torch_stats(folder, sets, None, 1)):
+        assert torch.equal(g.routed, r.routed)
+        for layer in range(shape.num_layers):
+            assert torch.corrcoef(torch.stack([g.sums[layer], r.sums[layer]]))[0, 1] > 0.999
+
+
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
 def test_discover_cli_gives_the_torch_circuit(arch, moe_ggufs, tmp_path):
     """`discover --model x.gguf` (llama.cpp) and `--backend torch` (transformers on the model folder the GGUF came

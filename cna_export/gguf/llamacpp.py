@@ -5,8 +5,11 @@ of every layer's `ffn_down` matrix multiplication.
 The tap is the graph evaluation callback (`cb_eval`), the mechanism llama.cpp's imatrix tool uses: the scheduler
 asks about every graph node; for the MUL_MAT nodes whose weight (first source) is `blk.N.ffn_down.weight` the tap
 says yes, and once the node is computed it copies the rows it needs of the second source (the activations, one
-value per MLP neuron) with `ggml_backend_tensor_get`. The struct layout is that of the `include/ggml.h` that
-llama-cpp-python installs. Returning False after the last needed layer ends the graph there.
+value per MLP neuron) with `ggml_backend_tensor_get`. In a mixture of experts it also says yes to the MUL_MAT_ID
+by `ffn_down_exps` (its second source holds each token's selected experts, the third their ids), to the MUL_MAT
+by `ffn_down_shexp`, and to the MUL whose first source is one of those products where the product is weighted
+(the second source: the router weights, or the shared expert's gate). The struct layout is that of the
+`include/ggml.h` that llama-cpp-python installs. Returning False after the last needed layer ends the graph there.
 """
 
 from __future__ import annotations
