@@ -99,7 +99,11 @@ class RecordedSelection(Selection):
     """The selection as a circuit records it: the knobs, and what they produced."""
 
     top_k: int = Field(ge=0, description="Number of neurons selected.")
-    universal_excluded: list[tuple[int, int]] = Field(default_factory=list, description="(layer, index) excluded.")
+    universal_excluded: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="(layer, column) excluded as universal: a dense layer's neuron index; an MoE layer's attribution "
+        "column, expert * width + index (the shared expert's after the routed ones, arch/experts.py).",
+    )
     dtype: str = Field(default="float32", description="Activation dtype during attribution.")
 
     @model_validator(mode="after")
