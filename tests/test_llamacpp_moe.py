@@ -1,7 +1,8 @@
 """Attribution inside llama.cpp on mixtures of experts (attribution/native.py, the MoE part of gguf/llamacpp.py's
 tap): on f32 GGUFs that llama.cpp's converter writes from the tiny MoE models, llama.cpp's SetStats (sums, top-n
 counts, |act| sums, routing counts) equal the torch route's on the same token ids, batched or not; `discover` on
-the GGUF gives the torch route's circuit; a row whose weights the tap cannot find is one line, exit 2.
+the GGUF gives the torch route's circuit and `run` patches its experts; a row whose weights the tap cannot find is
+one line, exit 2.
 
 Conversion is llama.cpp's converter in a child process (`hf_to_gguf` fixture), 5-20 s a file on 2 cores. Where
 the tiny model of tests/conftest.py has a layout that the converter or llama.cpp refuses (tests/test_moe_gguf.py),
@@ -189,3 +190,16 @@ def test_weights_the_tap_cannot_find_are_one_line(moe_ggufs, tmp_path, monkeypat
     lines = [line for line in re.split(r"[\r\n]", err) if "error" in line]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("cna-export: error: "), err
     assert "deepseek_v3" in lines[0] and "--backend torch" in lines[0] and "Traceback" not in err
+
+
+def test_run_on_moe_gguf_patches_the_selected_experts(moe_ggufs, tmp_path):
+    """`run` on an MoE GGUF: discovery inside llama.cpp, then patch-gguf of the same file; `diff --verify` holds the
+    patched file to the circuit of (layer, expert, index) neurons."""
+    _, path = moe_ggufs["qwen2_moe"]
+    out = tmp_path / "edited"
+    run_cli("run", "refusal-ablate", "--model", str(path), "--out", str(out), "--top-k", "30", "--skip-first-layers",
+            "0", "--skip-last-layers", "0")  # fmt: skip
+    circuit = json.loads((out / "circuit.json").read_text())
+    assert len(circuit["neurons"]) == 30 and all(n["expert"] is not None for n in circuit["neurons"])
+    proc = run_cli("diff", str(path), str(out / path.name), "--verify", str(out / "circuit.json"))
+    assert proc.stdout.startswith("OK:"), proc.stdout
