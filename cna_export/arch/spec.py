@@ -451,3 +451,9 @@ ARCHITECTURES.update(
 # llama.cpp runs DeepSeek-V2/V3 as `deepseek2` (MLA attention, leading dense layers, grouped sigmoid routing from
 # `expert_gating_func`); its experts and shared expert sit at the table's GGUF sites.
 GGUF_MODEL_TYPES[MODEL_ARCH_NAMES[MODEL_ARCH.DEEPSEEK2]] = "deepseek_v3"
+# The other MoE families run as llama.cpp architectures of their own (tests/test_moe_gguf.py converts and loads each).
+_GGUF_MOE_READ_AS = {
+    MODEL_ARCH.GLM4_MOE: "glm4_moe", MODEL_ARCH.GRANITE_MOE: "granitemoe", MODEL_ARCH.QWEN35MOE: "qwen3_5_moe",
+    MODEL_ARCH.GPT_OSS: "gpt_oss", MODEL_ARCH.LLAMA4: "llama4",
+}  # fmt: skip
+GGUF_MODEL_TYPES.update({MODEL_ARCH_NAMES[arch]: model_type for arch, model_type in _GGUF_MOE_READ_AS.items()})

@@ -21,6 +21,10 @@ none changes what it computes:
   DeepSeek-V4 DSpark class, but read when the GLM-4 and Mistral 3 modules import theirs): placeholders are defined;
 - it refuses a byte-level BPE tokenizer whose hash is not in its table (a fine-tuned vocabulary, a tiny test one):
   it then gets the pre-tokenizer that cna-export's own converter reads from tokenizer.json (`gguf/vocab.py`).
+
+Where llama.cpp 0.3.36 would run a converted model as another computation, `RUNTIME_CAVEATS` warns (EXAONE 4's
+sliding window, gpt-oss's rounded YaRN range) and `UNRUNNABLE` refuses in one line before converting (a gpt-oss
+whose `swiglu_limit` is not the 7.0 that llama.cpp hard-codes).
 """
 
 from __future__ import annotations
@@ -113,6 +117,10 @@ CONFIG_SHIMS: dict[str, dict[str, Callable[[dict[str, Any]], Any]]] = {
         "num_global_key_value_heads": lambda t: _full_layer(t, "num_key_value_heads", t["num_key_value_heads"]),
     },
     "qwen3_5": {"full_attention_interval": _full_attention_interval},
+    "qwen3_5_moe": {"full_attention_interval": _full_attention_interval},
+    # transformers' DeepSeek-V3 always routes by sigmoid and does not write the key; the Hub's config.json says
+    # `scoring_func: sigmoid`. Without it the converter writes no gating function and llama.cpp routes by softmax.
+    "deepseek_v3": {"scoring_func": lambda t: "sigmoid"},
 }
 
 
@@ -130,12 +138,43 @@ def _exaone4_window(text: dict[str, Any]) -> str | None:
     )
 
 
+def _gpt_oss_yarn(text: dict[str, Any]) -> str | None:
+    """llama.cpp 0.3.36 rounds YaRN's correction range to whole dimensions (transformers' `truncate: true`); the
+    released gpt-oss checkpoints say `truncate: false`."""
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if rope.get("rope_type") != "yarn" or rope.get("truncate", True):
+        return None
+    return (
+        "llama.cpp 0.3.36 rounds YaRN's correction range to whole rotary dimensions, and this gpt-oss says "
+        "truncate: false, so its RoPE in the GGUF differs slightly from transformers' (on the tiny test model: "
+        "2e-3 of logits of size 2 at 16 tokens; 1e-6 with truncate: true)."
+    )
+
+
+def _gpt_oss_limit(text: dict[str, Any]) -> None:
+    """llama.cpp 0.3.36 clamps gpt-oss's experts at 7.0 whatever the GGUF says (the converter writes no limit)."""
+    limit = text.get("swiglu_limit", 7.0)
+    if limit != 7.0:
+        raise ArchitectureError(
+            f"this gpt-oss clamps its experts at swiglu_limit {limit}, and llama.cpp 0.3.36 clamps gpt-oss at 7.0 "
+            "(hard-coded), so a GGUF of it would compute other activations.",
+            "run the model with transformers (cna-export apply, eval); a gpt-oss with swiglu_limit 7.0 (the "
+            "released 20B and 120B) converts.",
+        )
+
+
 # model_type -> what llama.cpp will run differently from transformers in the converted file (a warning).
-RUNTIME_CAVEATS: dict[str, Callable[[dict[str, Any]], str | None]] = {"exaone4": _exaone4_window}
+RUNTIME_CAVEATS: dict[str, Callable[[dict[str, Any]], str | None]] = {
+    "exaone4": _exaone4_window,
+    "gpt_oss": _gpt_oss_yarn,
+}
+# model_type -> a check that refuses (ArchitectureError) a model llama.cpp would run as another computation.
+UNRUNNABLE: dict[str, Callable[[dict[str, Any]], None]] = {"gpt_oss": _gpt_oss_limit}
 # model_type -> converter flags from the language model's config: Qwen3.5 without multi-token-prediction layers
 # (fine-tunes often drop them) must say so, or the converter asserts.
 CONVERTER_FLAGS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "qwen3_5": lambda t: [] if t.get("mtp_num_hidden_layers") else ["--no-mtp"],
+    "qwen3_5_moe": lambda t: [] if t.get("mtp_num_hidden_layers") else ["--no-mtp"],
 }
 
 
@@ -177,10 +216,11 @@ def convert_external(folder: Path, out: Path, outtype: str, extra: tuple[str, ..
         outtype: f32, f16, bf16 or q8_0 (the converter's names are the same).
         extra: more converter flags (`--mmproj`: the vision projector instead of the language model).
     """
-    command, env = converter_command()
     config = read_config_json(folder)
     spec = arch_for(config.get("model_type", ""))
     text = spec.text_of(config)
+    UNRUNNABLE.get(spec.model_type, lambda _: None)(text)
+    command, env = converter_command()
     flags = CONVERTER_FLAGS.get(spec.model_type, lambda _: [])(text)
     caveat = RUNTIME_CAVEATS.get(spec.model_type, lambda _: None)(text)
     if caveat:
