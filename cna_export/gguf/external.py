@@ -24,7 +24,8 @@ none changes what it computes:
 
 Where llama.cpp 0.3.36 would run a converted model as another computation, `RUNTIME_CAVEATS` warns (EXAONE 4's
 sliding window, gpt-oss's rounded YaRN range) and `UNRUNNABLE` refuses in one line before converting (a gpt-oss
-whose `swiglu_limit` is not the 7.0 that llama.cpp hard-codes).
+whose `swiglu_limit` is not the 7.0 that llama.cpp hard-codes; a Llama 4 whose MoE or RoPE-less layers are not
+the pattern that llama.cpp derives).
 """
 
 from __future__ import annotations
@@ -163,13 +164,31 @@ def _gpt_oss_limit(text: dict[str, Any]) -> None:
         )
 
 
+def _llama4_layers(text: dict[str, Any]) -> None:
+    """llama.cpp 0.3.36 makes layer i of a Llama 4 MoE where (i + 1) % interleave_moe_layer_step == 0 and runs
+    every 4th layer without RoPE (the released Scout and Maverick have both); the converter writes the step only,
+    so a model whose `moe_layers` or `no_rope_layers` differ would load as another model, or not at all."""
+    n, step = text.get("num_hidden_layers") or 0, text.get("interleave_moe_layer_step") or 1
+    moe, nope = text.get("moe_layers"), text.get("no_rope_layers")
+    if moe is not None and list(moe) != list(range(step - 1, n, step)):
+        why = f"MoE layers {list(moe)} are not the layers i with (i + 1) % {step} == 0 (interleave_moe_layer_step)"
+    elif nope is not None and list(nope) != [int((i + 1) % 4 != 0) for i in range(n)]:
+        why = "layers without RoPE are not every 4th layer"
+    else:
+        return
+    raise ArchitectureError(
+        f"this Llama 4's {why}, which is all llama.cpp 0.3.36 can run.",
+        "export safetensors (cna-export apply) instead, or patch a GGUF of the model that you have with patch-gguf.",
+    )
+
+
 # model_type -> what llama.cpp will run differently from transformers in the converted file (a warning).
 RUNTIME_CAVEATS: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "exaone4": _exaone4_window,
     "gpt_oss": _gpt_oss_yarn,
 }
 # model_type -> a check that refuses (ArchitectureError) a model llama.cpp would run as another computation.
-UNRUNNABLE: dict[str, Callable[[dict[str, Any]], None]] = {"gpt_oss": _gpt_oss_limit}
+UNRUNNABLE: dict[str, Callable[[dict[str, Any]], None]] = {"gpt_oss": _gpt_oss_limit, "llama4": _llama4_layers}
 # model_type -> converter flags from the language model's config: Qwen3.5 without multi-token-prediction layers
 # (fine-tunes often drop them) must say so, or the converter asserts.
 CONVERTER_FLAGS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
