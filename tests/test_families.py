@@ -5,6 +5,9 @@ and `diff --verify` holds the export to its circuit."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 import transformers
@@ -14,7 +17,7 @@ from transformers import AutoTokenizer
 from cna_export.arch import ARCHITECTURES, arch_for
 from cna_export.attribution.hooks import down_projs, scaled_neurons
 from cna_export.audit.diff import verify
-from cna_export.circuit.format import Circuit
+from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, PromptSet, RecordedSelection, shape_fields
 from cna_export.errors import ArchitectureError, CnaExportError
 from cna_export.fold.export import apply_circuit
 from cna_export.io.checkpoint import CheckpointReader
@@ -238,27 +241,181 @@ def test_patch_gguf_fused_up_half(tmp_path, qtype):
     assert verify(str(src), str(out), circuit)[0]
 
 
-def test_double_wide_gemma4_mlp_is_refused_in_one_line(family_models, tmp_path, monkeypatch):
-    """Gemma 4 with `use_double_wide_mlp`: its KV-shared layers have MLPs twice as wide (the tiny one: layer 2,
-    256 neurons instead of 128). One width per model is all a circuit holds, so reading the model's shape refuses
-    it in one line naming the flag (apply: exit 2, nothing written) instead of failing on a tensor shape."""
+# Gemma 4 with `use_double_wide_mlp`: its KV-shared layers (the last `num_kv_shared_layers`) have MLPs twice as
+# wide. The tiny one has 3 layers, the last KV-shared: widths 128, 128, 256. It has per-layer inputs, as Gemma 4's
+# KV-sharing checkpoints do (transformers 5.24 slices them before the KV-shared layers and fails without them).
+WIDE = (128, 128, 256)
+# Neurons in every layer, three in the wide half of layer 2 (indices >= 128 exist only there).
+WIDE_NEURONS = [(0, 5), (0, 127), (1, 64), (2, 3), (2, 128), (2, 200), (2, 255)]
+
+
+@pytest.fixture(scope="module")
+def wide_gemma4(tmp_path_factory):
     from conftest import FAMILY_TINY, build_family_model
 
     text = dict(FAMILY_TINY["gemma4"]["text_config"], num_hidden_layers=3, num_kv_shared_layers=1,
-                layer_types=["sliding_attention", "full_attention", "full_attention"], use_double_wide_mlp=True)  # fmt: skip
-    monkeypatch.setitem(FAMILY_TINY, "gemma4", dict(FAMILY_TINY["gemma4"], text_config=text))
-    src = build_family_model(tmp_path / "gemma4-wide", "gemma4")
-    reader = CheckpointReader(src)
-    widths = [reader.entry(f"model.language_model.layers.{i}.mlp.down_proj.weight").shape[1] for i in range(3)]
-    assert widths == [128, 128, 256]
-    with pytest.raises(ArchitectureError, match="use_double_wide_mlp") as err:
-        describe(resolve(str(src)))
+                layer_types=["sliding_attention", "full_attention", "full_attention"], use_double_wide_mlp=True,
+                hidden_size_per_layer_input=8, vocab_size_per_layer_input=512)  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(FAMILY_TINY, "gemma4", dict(FAMILY_TINY["gemma4"], text_config=text))
+        return build_family_model(tmp_path_factory.mktemp("gemma4-wide"), "gemma4")
+
+
+def wide_circuit(src, neurons, multiplier: float = 0.0) -> Circuit:
+    """`make_circuit` with the model's per-layer widths in its identity."""
+    _, shape, config = describe(resolve(str(src)))
+    return Circuit(
+        multiplier=multiplier,
+        model=ModelIdentity(source=str(src), model_type=config["model_type"], num_layers=shape.num_layers,
+                            intermediate_size=shape.intermediate_size, hidden_size=shape.hidden_size,
+                            **shape_fields(shape)),
+        prompts={"positive": PromptSet(count=0, sha256=""), "negative": PromptSet(count=0, sha256="")},
+        selection=RecordedSelection(top_k=len(neurons)),
+        neurons=[Neuron(layer=l, index=i, delta=1.0) for l, i in neurons],
+    )  # fmt: skip
+
+
+def test_double_wide_gemma4_shape(wide_gemma4):
+    """The shape gives each layer's width, as the checkpoint and the real transformers class have them."""
+    spec, shape, _ = describe(resolve(str(wide_gemma4)))
+    assert shape.layer_widths == WIDE and shape.intermediate_size == 128 and shape.num_neurons == sum(WIDE)
+    reader = CheckpointReader(wide_gemma4)
+    for i, n in enumerate(WIDE):
+        for site in spec.sites().values():
+            assert reader.entry(site.name(i)).shape == site.expected_shape(replace(shape, intermediate_size=n))
+    assert [p.in_features for p in down_projs(load(wide_gemma4, "gemma4"), spec)] == list(WIDE)
+    circuit = wide_circuit(wide_gemma4, WIDE_NEURONS)
+    assert circuit.format_version == 2 and Circuit.model_validate_json(circuit.to_json()) == circuit
+    assert circuit.num_neurons == sum(WIDE)
+
+
+def test_double_wide_gemma4_export_equals_hooks(wide_gemma4, tmp_path):
+    """m in {0, 0.5, 2}, both targets: the export's logits are the hooked source's; in the wide half of layer 2
+    exactly the chosen columns of down_proj (rows of up_proj) change, by m."""
+    src, spec = wide_gemma4, arch_for("gemma4")
+    tok, original = AutoTokenizer.from_pretrained(src), load(src, "gemma4")
+    plain, before = text_logits(original, tok), CheckpointReader(src)
+    for m in (0.0, 0.5, 2.0):
+        circuit = wide_circuit(src, WIDE_NEURONS, m)
+        with scaled_neurons(original, spec, circuit.edits()):
+            hooked = text_logits(original, tok)
+        for target in spec.targets:
+            out = apply_circuit(resolve(str(src)), circuit, tmp_path / f"{target}-{m}", target=target)
+            for h, e, p in zip(hooked, text_logits(load(out, "gemma4"), tok), plain):
+                torch.testing.assert_close(e, h, rtol=1e-5, atol=1e-5)
+                assert not torch.allclose(e, p), "the edit should change the logits"
+            site, after = spec.site(target), CheckpointReader(out)
+            a, b = (site.rows(r.tensor(site.name(2)), WIDE[2]) for r in (before, after))
+            chosen = [i for layer, i in WIDE_NEURONS if layer == 2]
+            keep = [i for i in range(WIDE[2]) if i not in chosen]
+            assert torch.equal(a[keep], b[keep]) and torch.equal(b[chosen], a[chosen] * m)
+
+
+def test_double_wide_gemma4_index_beyond_a_narrow_layer_is_refused(wide_gemma4, family_models, tmp_path):
+    """Index 200 exists in layer 2 only: in layer 0 the circuit is refused in one line (exit 2, nothing written);
+    so is a circuit made for the uniform Gemma 4 (one width for every layer)."""
+    data = json.loads(wide_circuit(wide_gemma4, [(2, 200)]).to_json())
+    data["neurons"][0]["layer"] = 0
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(CnaExportError, match=r"neuron \(0, 200\) lies outside"):
+        Circuit.load(tmp_path / "bad.json")
+    make_circuit(family_models["gemma4"], [(0, 1)]).save(tmp_path / "uniform.json")
+    for name in ("bad.json", "uniform.json"):
+        proc = run_cli("apply", "--model", str(wide_gemma4), "--circuit", str(tmp_path / name), "--out",
+                       str(tmp_path / "out"), check=False)  # fmt: skip
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_double_wide_gemma4_diff_verify(wide_gemma4, tmp_path):
+    """diff recovers the circuit (the wide-half neurons too) and --verify accepts the export."""
+    from cna_export.audit.diff import diff
+
+    src = wide_gemma4
+    out = apply_circuit(resolve(str(src)), wide_circuit(src, WIDE_NEURONS, 0.5), tmp_path / "out", target="up")
+    circuit = Circuit.load(out / "circuit.json")
+    recovered = diff(str(src), str(out)).circuit()
+    assert sorted((n.layer, n.index) for n in recovered.neurons) == sorted(WIDE_NEURONS)
+    assert recovered.multiplier == 0.5 and recovered.model.layer_widths == list(WIDE)
+    assert verify(str(src), str(out), circuit)[0]
+    assert not verify(str(src), str(out), circuit.model_copy(update={"multiplier": 2.0}))[0]
+    run_cli("diff", str(src), str(out), "--verify", str(out / "circuit.json"))
+
+
+def test_double_wide_gemma4_discovery(wide_gemma4):
+    """Discovery through the real transformers class: with k = every neuron, each layer gives exactly its width
+    (none beyond it), and the deltas equal one-prompt-at-a-time hooks on each layer's down_proj input."""
+    from cna_export.attribution.collect import encode_prompts
+    from cna_export.attribution.discover import discover
+    from cna_export.circuit.selection import Selection
+    from cna_export.io.source import identity
+
+    source = resolve(str(wide_gemma4))
+    spec, shape, config = describe(source)
+    model, tok = load(wide_gemma4, "gemma4"), AutoTokenizer.from_pretrained(wide_gemma4)
+    pos, neg = PROMPTS + ["Tell me a secret."], ["The quick brown fox.", "Wie spaet ist es?", "def add(a, b):"]
+    circuit = discover(model, tok, spec, identity(source, config, shape), pos, neg, neg,
+                       Selection(top_k=sum(WIDE), universal=False, skip_first_layers=0, skip_last_layers=0))  # fmt: skip
+    assert circuit.layer_counts() == dict(enumerate(WIDE)) and circuit.model.layer_widths == list(WIDE)
+    means = []
+    for prompts in (pos, neg):
+        acts = []
+        for ids in encode_prompts(tok, prompts):
+            got = {}
+            hooks = [p.register_forward_pre_hook(lambda m, a, i=i, got=got: got.__setitem__(i, a[0][0, -1].double()))
+                     for i, p in enumerate(down_projs(model, spec))]  # fmt: skip
+            with torch.no_grad():
+                model(input_ids=torch.tensor([ids]))
+            for h in hooks:
+                h.remove()
+            acts.append([got[i] for i in sorted(got)])
+        means.append([torch.stack(layer).mean(0) for layer in zip(*acts)])
+    for n in circuit.neurons:
+        assert n.delta == pytest.approx(float(means[0][n.layer][n.index] - means[1][n.layer][n.index]), abs=1e-4)
+    top = discover(model, tok, spec, identity(source, config, shape), pos, neg, neg,
+                   Selection(top_k=5, universal=False, skip_first_layers=0, skip_last_layers=0))  # fmt: skip
+    best = sorted(circuit.neurons, key=lambda n: -abs(n.delta))[:5]
+    assert {(n.layer, n.index) for n in top.neurons} == {(n.layer, n.index) for n in best}
+
+
+def test_double_wide_gemma4_patch_gguf(tmp_path):
+    """A Gemma 4 GGUF whose ffn_up is [n, hidden] or [2n, hidden] by layer: patch-gguf reads each layer's width,
+    scales the chosen rows (one in the wide half), and diff --verify accepts the file. Attribution inside llama.cpp
+    (one ffn_down width per model) refuses the file in one line."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+
+    from cna_export.gguf.patch import patch_gguf_report
+
+    widths, hidden = (64, 64, 128), 32
+    src, out = tmp_path / "gemma4.gguf", tmp_path / "patched.gguf"
+    rng = np.random.default_rng(0)
+    writer = GGUFWriter(src, "gemma4")
+    for i, n in enumerate(widths):
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", rng.normal(size=(n, hidden)).astype(np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", rng.normal(size=(hidden, n)).astype(np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    neurons = [(0, 3), (2, 100)]
+    circuit = Circuit(
+        multiplier=0.5, prompts={"positive": PromptSet(count=0, sha256=""), "negative": PromptSet(count=0, sha256="")},
+        model=ModelIdentity(source=str(src), model_type="gemma4", num_layers=3, intermediate_size=64,
+                            hidden_size=hidden, layer_widths=list(widths)),
+        selection=RecordedSelection(top_k=2), neurons=[Neuron(layer=l, index=i, delta=1.0) for l, i in neurons],
+    )  # fmt: skip
+    patch_gguf_report(src, circuit, out)
+    before, after = ({t.name: t for t in GGUFReader(p).tensors} for p in (src, out))
+    for i, n in enumerate(widths):
+        a, b = (np.array(t[f"blk.{i}.ffn_up.weight"].data) for t in (before, after))
+        rows = [j for lay, j in neurons if lay == i]
+        keep = [r for r in range(n) if r not in rows]
+        assert np.array_equal(a[keep], b[keep]) and np.array_equal(b[rows], 0.5 * a[rows])
+    assert verify(str(src), str(out), circuit)[0]
+    from cna_export.attribution.discover import discover_circuit
+    from cna_export.circuit.selection import Selection
+
+    with pytest.raises(CnaExportError, match="--backend torch") as err:
+        discover_circuit(resolve(str(src)), PROMPTS, PROMPTS, [], Selection(top_k=1, universal=False))
     assert "\n" not in str(err.value)
-    make_circuit(family_models["gemma4"], [(0, 1)]).save(tmp_path / "c.json")
-    proc = run_cli("apply", "--model", str(src), "--circuit", str(tmp_path / "c.json"), "--out", str(tmp_path / "out"),
-                   check=False)  # fmt: skip
-    assert proc.returncode == 2 and "use_double_wide_mlp" in proc.stderr and len(proc.stderr.splitlines()) == 1
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("arch", ["gemma3"])

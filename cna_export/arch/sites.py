@@ -12,6 +12,7 @@ of GGUF's innermost-first dims) for GGUF.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -24,24 +25,46 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes that a circuit must fit."""
+    """The sizes that a circuit must fit.
+
+    `layer_widths` is None when every dense MLP is `intermediate_size` wide; otherwise it holds each layer's width
+    (Gemma 4's `use_double_wide_mlp`: its KV-shared layers are twice as wide), and `intermediate_size` is the
+    narrowest layer's. `ModelShape.of_widths` builds either from per-layer widths.
+    """
 
     num_layers: int
     intermediate_size: int
     hidden_size: int
     moe: ExpertShape | None = None  # the experts of an MoE model (arch/experts.py); None for a dense model
+    layer_widths: tuple[int, ...] | None = None
+
+    @classmethod
+    def of_widths(cls, widths: Sequence[int], hidden_size: int, moe: ExpertShape | None = None) -> ModelShape:
+        """The shape of a model whose layers' dense MLPs have `widths` (one per layer)."""
+        uneven = len(set(widths)) > 1
+        return cls(len(widths), min(widths), hidden_size, moe, tuple(widths) if uneven else None)
+
+    def width(self, layer: int) -> int:
+        """Neurons of the dense MLP of `layer`."""
+        return self.layer_widths[layer] if self.layer_widths is not None else self.intermediate_size
+
+    @property
+    def row_width(self) -> int:
+        """Columns of one attribution row: the widest layer's (narrower layers leave their last columns unused)."""
+        widest = max(self.layer_widths) if self.layer_widths is not None else self.intermediate_size
+        return self.moe.layer_width(widest) if self.moe is not None else widest
 
     @property
     def num_neurons(self) -> int:
         """All MLP neurons (an MoE layer: every routed expert's and the shared expert's; the k of a fraction)."""
         if self.moe is None:
-            return self.num_layers * self.intermediate_size
-        return sum(width for i in range(self.num_layers) for _, width in self.moe.units(i, self.intermediate_size))
+            return sum(self.width(i) for i in range(self.num_layers))
+        return sum(width for i in range(self.num_layers) for _, width in self.moe.units(i, self.width(i)))
 
-    def width_of(self, expert: ExpertKey) -> int:
-        """Neurons of one unit of a layer: a dense MLP (None), a routed expert (an int) or the shared expert."""
+    def width_of(self, expert: ExpertKey, layer: int) -> int:
+        """Neurons of one unit of `layer`: a dense MLP (None), a routed expert (an int) or the shared expert."""
         if expert is None or self.moe is None:
-            return self.intermediate_size
+            return self.width(layer)
         return self.moe.shared if expert == "shared" else self.moe.width
 
 

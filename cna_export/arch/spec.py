@@ -9,7 +9,7 @@ tiny test model in tests/conftest.py (`tests/test_arch.py` fails for a row witho
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container
+from collections.abc import Container
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -62,6 +62,9 @@ class ArchSpec:
             `intermediate_size`, so its expert width stands in.
         text_model_type: the `model_type` of a wrapper's text config (`qwen3_5_moe_text`), which a loaded
             model's `config.get_text_config()` reports; `shape_of` finds the row by it.
+        double_wide: (flag, count key): where config[flag] is true, the last config[count] layers' MLPs are twice
+            `intermediate_size` wide (Gemma 4's `use_double_wide_mlp` widens its `num_kv_shared_layers` KV-shared
+            layers, which are the last ones); `shape_of` then gives each layer's width (`ModelShape.layer_widths`).
     """
 
     model_type: str
@@ -88,6 +91,7 @@ class ArchSpec:
     experts: ExpertSpec | None = None  # MoE families: where routed and shared experts live (arch/experts.py)
     width_key: str = "intermediate_size"
     text_model_type: str | None = None
+    double_wide: tuple[str, str] | None = None
 
     @property
     def gguf_name(self) -> str:
@@ -300,7 +304,8 @@ def spec_of_config(model_type: Any) -> ArchSpec | None:
 
 
 def shape_of(config: Any) -> ModelShape:
-    """Read layer count and MLP width from a transformers config (or a plain dict)."""
+    """Read layer count and MLP width from a transformers config (or a plain dict); each layer's width where the
+    row's `double_wide` rule widens some."""
     get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
     spec = spec_of_config(get("model_type"))
     width_key = spec.width_key if spec is not None else "intermediate_size"
@@ -311,33 +316,19 @@ def shape_of(config: Any) -> ModelShape:
                 f"config.json has no valid {key} (found {value!r}).",
                 "use the config.json that came with the checkpoint.",
             )
-    layers = values["num_hidden_layers"]
-    check_even_widths(get)
+    layers, width = values["num_hidden_layers"], values[width_key]
     moe = expert_shape(spec.experts, config, layers) if spec is not None and spec.experts is not None else None
-    return ModelShape(layers, values[width_key], values["hidden_size"], moe)
+    widths = [width] * layers
+    if spec is not None and spec.double_wide is not None and get(spec.double_wide[0]):
+        wide = get(spec.double_wide[1]) or 0
+        widths = [2 * width if i >= layers - wide else width for i in range(layers)]
+    return ModelShape.of_widths(widths, values["hidden_size"], moe)
 
 
 # Dense and multimodal families (issue 14) ------------------------------------------------------------------------
 # Their neurons sit where the seven's do (Phi-3 and GLM-4 fuse gate and up: the up neurons are the second half, in
 # the checkpoint and in llama.cpp's ffn_up). The wrappers hold their language model under `model.language_model`
 # (transformers 5's layout); they convert to GGUF through llama.cpp's converter, not gguf/convert.py.
-# Config flags under which the MLP width differs by layer, with the key that says how many layers: Gemma 4's
-# KV-shared layers are twice as wide under `use_double_wide_mlp`. A circuit and `ModelShape` hold one width per
-# model, so shape_of refuses these checkpoints (one line) instead of failing later on a tensor shape.
-UNEVEN_WIDTHS = {"use_double_wide_mlp": "num_kv_shared_layers"}
-
-
-def check_even_widths(get: Callable[[str], Any]) -> None:
-    """Refuse a config (`get` reads its keys) whose MLP width differs by layer (`UNEVEN_WIDTHS`)."""
-    for flag, layers_key in UNEVEN_WIDTHS.items():
-        if get(flag) and get(layers_key):
-            raise ArchitectureError(
-                f"this model's last {get(layers_key)} layers have MLPs twice as wide as the others ({flag}), and "
-                "cna-export handles one MLP width per model.",
-                f"use a checkpoint of the family whose config.json has {flag} false.",
-            )
-
-
 LANGUAGE_MODEL = "model.language_model"
 _FUSED_UP = Site("model.layers.{i}.mlp.gate_up_proj.weight", axis=0, part=1, parts=2)
 _FUSED_GGUF_UP = replace(_gguf(MODEL_TENSOR.FFN_UP, axis=0), part=1, parts=2)
@@ -370,7 +361,12 @@ ARCHITECTURES.update(
             ArchSpec("apertus", MODEL_ARCH.APERTUS, "xielu", gated=False, own_gguf=False),
             _wrapper("qwen3_5", MODEL_ARCH.QWEN35),
             _wrapper("gemma3", MODEL_ARCH.GEMMA3, "gelu_tanh", legacy=("language_model.model.",)),
-            _wrapper("gemma4", MODEL_ARCH.GEMMA4, "gelu_tanh"),
+            # Under `use_double_wide_mlp` its last `num_kv_shared_layers` layers (the KV-shared ones) are twice as wide.
+            replace(
+                _wrapper("gemma4", MODEL_ARCH.GEMMA4, "gelu_tanh"),
+                text_model_type="gemma4_text",
+                double_wide=("use_double_wide_mlp", "num_kv_shared_layers"),
+            ),
             _wrapper("mistral3", MODEL_ARCH.MISTRAL3, legacy=("language_model.model.",)),
             _wrapper("qwen2_5_vl", MODEL_ARCH.QWEN2VL, legacy=("model.",)),
             _wrapper("qwen3_vl", MODEL_ARCH.QWEN3VL),

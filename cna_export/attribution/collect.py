@@ -192,8 +192,7 @@ def collect_sets(
     layers = decoder_layers(model, spec)
     n_layers = len(layers)
     shape = shape_of(model.config.get_text_config())
-    width = shape.moe.layer_width(shape.intermediate_size) if shape.moe else shape.intermediate_size
-    sums = _Sums(len(sets), width, top_n)
+    sums = _Sums(len(sets), shape.row_width, top_n)  # a layer narrower than the widest fills the first columns
     last = n_layers - 1 if last_layer is None else last_layer
     recording = [False]  # the shared prefix runs first and is not recorded
 

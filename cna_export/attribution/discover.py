@@ -28,7 +28,8 @@ def discover(
     Example:
         >>> circuit = discover(model, tok, arch_for("llama"), ident, harmful, benign, neutral, Selection(top_k=100))
     """
-    shape = ModelShape(model_id.num_layers, model_id.intermediate_size, model_id.hidden_size)
+    widths = tuple(model_id.layer_widths) if model_id.layer_widths is not None else None
+    shape = ModelShape(model_id.num_layers, model_id.intermediate_size, model_id.hidden_size, layer_widths=widths)
     k = selection.resolve_k(shape)  # before the forward passes, so a bad k fails fast
     result = attribute(model, tokenizer, spec, model_id, positive, negative, neutral, selection)
     fraction = None if selection.top_k is not None else selection.fraction or DEFAULT_FRACTION
@@ -90,6 +91,9 @@ def _discover_gguf(
     from cna_export.attribution.native import attribute_gguf, describe_gguf, gguf_identity
 
     spec, shape, metadata = describe_gguf(source.path)
+    if shape.layer_widths is not None:  # the tap and its sums read one ffn_down width per model
+        raise RecipeError(f"{source.name}'s layers differ in MLP width, which attribution inside llama.cpp does not "
+                          "read.", "pass --backend torch, or discover on the model's safetensors folder.")  # fmt: skip
     k = selection.resolve_k(shape)  # before the forward passes, so a bad k fails fast
     model_id = gguf_identity(source.name, source.path, spec, shape, metadata)
     result = attribute_gguf(source.path, spec, model_id, positive, negative, neutral, selection)

@@ -196,10 +196,14 @@ def from_stats(
     num_layers = model_id.num_layers
     delta = stats[0].mean - stats[1].mean
     excluded = torch.zeros_like(delta, dtype=torch.bool)
-    if moe is not None:  # the padding columns of layers narrower than the attribution row (dense layers)
-        for layer in range(num_layers):
-            excluded[layer] = torch.tensor([not moe.valid(layer, c, model_id.intermediate_size)
+    # The padding columns of layers narrower than the attribution row (an MoE model's dense layers, the narrow
+    # layers of a model whose MLP widths differ) are never selected.
+    for layer in range(num_layers):
+        if moe is not None:
+            excluded[layer] = torch.tensor([not moe.valid(layer, c, model_id.width(layer))
                                             for c in range(delta.shape[1])])  # fmt: skip
+        else:
+            excluded[layer, model_id.width(layer) :] = True
     excluded[: selection.skip_first_layers] = True
     if selection.skip_last_layers:
         excluded[num_layers - selection.skip_last_layers :] = True

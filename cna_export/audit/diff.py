@@ -29,7 +29,7 @@ from cna_export.arch import Site
 from cna_export.arch.spec import ModelShape
 from cna_export.audit.factors import as_bits, float_factors, quant_factors, scale_intervals
 from cna_export.audit.weights import CHUNK, Weights, open_pair, same_bytes
-from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, RecordedSelection, moe_fields
+from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, RecordedSelection, shape_fields
 from cna_export.errors import CircuitError
 from cna_export.fold.scale import fold_site
 
@@ -105,7 +105,7 @@ class DiffReport:
         return Circuit(
             behaviour=behaviour, multiplier=default,
             model=ModelIdentity(source=self.original, model_type=self.model_type, num_layers=s.num_layers,
-                                intermediate_size=s.intermediate_size, hidden_size=s.hidden_size, **moe_fields(s)),
+                                intermediate_size=s.intermediate_size, hidden_size=s.hidden_size, **shape_fields(s)),
             prompts={}, selection=RecordedSelection(top_k=len(mults)),
             neurons=[Neuron(layer=k[0], expert=k[1] if len(k) == 3 else None, index=k[-1], delta=0.0,
                             multiplier=None if m == default else m)
@@ -251,9 +251,10 @@ def verify(original: str, edited: str, circuit: Circuit) -> tuple[bool, str]:
     edits = circuit.unit_edits(allow_negative=True)  # (layer, expert) -> (indices, multipliers)
     with open_pair(original, edited) as (a, b):
         s, me = a.shape, circuit.model
-        if (me.num_layers, me.intermediate_size) != (s.num_layers, s.intermediate_size):
-            return False, (f"the circuit is for {me.num_layers} layers x {me.intermediate_size} neurons, the original "
-                           f"has {s.num_layers} x {s.intermediate_size}")  # fmt: skip
+        mine = [me.width(i) for i in range(me.num_layers)]
+        if mine != [s.width(i) for i in range(s.num_layers)]:
+            return False, (f"the circuit is for {me.num_layers} layers of {sorted(set(mine))} neurons, the original "
+                           f"has {s.num_layers} of {sorted({s.width(i) for i in range(s.num_layers)})}")  # fmt: skip
         in_a, in_b = set(a.names), set(b.names)
         only = [n for n in a.names if n not in in_b] + [n for n in b.names if n not in in_a]
         if only:

@@ -58,7 +58,7 @@ class Weights:
         self.mlp, self.experts_in = {}, {}
         moe = self.shape.moe
         for i in range(self.shape.num_layers):
-            for expert, _ in moe.units(i, self.shape.intermediate_size) if moe is not None else [(None, 0)]:
+            for expert, _ in moe.units(i, self.shape.width(i)) if moe is not None else [(None, 0)]:
                 for kind, site in self._unit_sites(expert).items():
                     name = site.name(i, expert)
                     self.mlp[name] = (kind, i)
@@ -79,7 +79,7 @@ class Weights:
 
     def width(self, name: str) -> int:
         """Neurons of the MLP or expert that tensor `name` belongs to."""
-        return self.shape.width_of(self.experts_in[name][0])
+        return self.shape.width_of(self.experts_in[name][0], self.mlp[name][1])
 
     def stacked(self, name: str) -> bool:
         """Whether tensor `name` stacks a layer's routed experts (along its outermost axis)."""

@@ -25,7 +25,8 @@ from cna_export.io.output import write_text_atomic
 
 FORMAT = "cna-circuit"
 # Version 2 (issue 15) adds neurons inside experts: `Neuron.expert`, the model's expert sizes and `routing`. A
-# circuit with none of them is still written as version 1, byte for byte as before; both versions load.
+# circuit with none of them is still written as version 1, byte for byte as before; both versions load. A model
+# whose layers differ in MLP width (Gemma 4's double-wide layers) records `layer_widths`, also as version 2.
 FORMAT_VERSION = 2
 # Sizes and indices beyond this are damage, not models; without a bound they would overflow int64 tensors.
 MAX_SIZE = 2**31
@@ -55,16 +56,37 @@ class ModelIdentity(Strict):
     weights_sha256: str | None = Field(default=None, description="Combined sha256 of the weight files.")
     config_sha256: str | None = Field(default=None, description="sha256 of config.json.")
     num_layers: int = Field(gt=0, lt=MAX_SIZE, description="Decoder layers.")
-    intermediate_size: int = Field(gt=0, lt=MAX_SIZE, description="MLP neurons per layer.")
+    intermediate_size: int = Field(gt=0, lt=MAX_SIZE, description="MLP neurons per layer (the narrowest layer's).")
     hidden_size: int = Field(gt=0, lt=MAX_SIZE, description="Residual width.")
     # Mixtures of experts (format version 2).
     num_experts: int | None = Field(default=None, gt=0, lt=MAX_SIZE, description="Routed experts per MoE layer.")
     expert_size: int | None = Field(default=None, gt=0, lt=MAX_SIZE, description="Neurons per routed expert.")
     shared_expert_size: int | None = Field(default=None, ge=0, lt=MAX_SIZE, description="Shared expert neurons.")
     dense_layers: list[int] | None = Field(default=None, description="Layers of an MoE model with a dense MLP.")
+    layer_widths: list[int] | None = Field(
+        default=None, description="Each layer's MLP neurons, where they differ (format version 2; None: all equal)."
+    )
+
+    @model_validator(mode="after")
+    def _widths(self) -> ModelIdentity:
+        w = self.layer_widths
+        if w is not None and (len(w) != self.num_layers or not all(0 < x < MAX_SIZE for x in w)
+                              or min(w) != self.intermediate_size):  # fmt: skip
+            raise ValueError(f"layer_widths must give {self.num_layers} widths, the narrowest intermediate_size")
+        return self
+
+    def width(self, layer: int) -> int:
+        """MLP neurons of `layer` (a dense layer's)."""
+        return self.layer_widths[layer] if self.layer_widths is not None else self.intermediate_size
 
 
 _MOE_IDENTITY = ("num_experts", "expert_size", "shared_expert_size", "dense_layers")
+
+
+def shape_fields(shape: ModelShape) -> dict[str, Any]:
+    """The `ModelIdentity` fields of a shape beyond layers, width and hidden size: experts, per-layer widths."""
+    widths = {"layer_widths": list(shape.layer_widths)} if shape.layer_widths is not None else {}
+    return moe_fields(shape) | widths
 
 
 def moe_fields(shape: ModelShape) -> dict[str, Any]:
@@ -163,13 +185,13 @@ class Circuit(Strict):
             raise ValueError(f"neuron {'(layer, expert, index)' if len(dup[0]) == 3 else '(layer, index)'} "
                              f"{dup[0]} is listed twice")  # fmt: skip
         for n in self.neurons:
-            if n.layer >= self.model.num_layers or n.index >= self._width(n.expert):
+            if n.layer >= self.model.num_layers or n.index >= self._width(n.expert, n.layer):
                 raise ValueError(f"neuron {self._key(n)} lies outside the model it claims")
             if not math.isfinite(n.delta) or (n.multiplier is not None and not math.isfinite(n.multiplier)):
                 raise ValueError(f"neuron ({n.layer}, {n.index}) has a non-finite value")
         if not math.isfinite(self.multiplier):
             raise ValueError("multiplier is not finite")
-        if self.is_moe:
+        if self.is_moe or self.model.layer_widths is not None:
             object.__setattr__(self, "format_version", 2)
         return self
 
@@ -183,16 +205,16 @@ class Circuit(Strict):
         """Neurons of the model the circuit was made on (an MoE layer: all its experts' and the shared one's)."""
         me = self.model
         if not me.num_experts:
-            return me.num_layers * me.intermediate_size
+            return sum(me.width(i) for i in range(me.num_layers))
         dense = set(me.dense_layers or [])
         moe = me.num_experts * (me.expert_size or 0) + (me.shared_expert_size or 0)
-        return sum(me.intermediate_size if i in dense else moe for i in range(me.num_layers))
+        return sum(me.width(i) if i in dense else moe for i in range(me.num_layers))
 
-    def _width(self, expert: int | str | None) -> int:
-        """Neurons of the unit `expert` of a layer (0 when the model has no such expert)."""
+    def _width(self, expert: int | str | None, layer: int) -> int:
+        """Neurons of the unit `expert` of `layer` (0 when the model has no such expert)."""
         me = self.model
         if expert is None:
-            return me.intermediate_size
+            return me.width(layer)
         if expert == "shared":
             return me.shared_expert_size or 0
         return me.expert_size or 0 if me.num_experts and expert < me.num_experts else 0
@@ -247,6 +269,13 @@ class Circuit(Strict):
                 f"this model has {shape.num_layers} x {shape.intermediate_size}.",
                 "discover a circuit on this model.",
             )
+        theirs_w = list(shape.layer_widths) if shape.layer_widths is not None else None
+        if me.layer_widths != theirs_w:
+            raise CircuitError(
+                f"Circuit was made for MLP widths {me.layer_widths or 'all ' + str(me.intermediate_size)} by layer, "
+                f"this model has {theirs_w or 'all ' + str(shape.intermediate_size)}.",
+                "discover a circuit on this model.",
+            )
         moe = shape.moe
         mine = (me.num_experts, me.expert_size, me.shared_expert_size or 0, sorted(me.dense_layers or []))
         theirs = (moe.num_experts, moe.width, moe.shared, sorted(moe.dense_layers)) if moe else (None, None, 0, [])
@@ -277,7 +306,8 @@ class Circuit(Strict):
         m, s = circuit.model, circuit.selection
         total = circuit.num_neurons
         lines = [
-            f"circuit: {circuit.behaviour} on {m.source} ({m.model_type}, {m.num_layers} layers x {m.intermediate_size})",
+            f"circuit: {circuit.behaviour} on {m.source} ({m.model_type}, {m.num_layers} layers x "
+            + (f"{m.intermediate_size})" if m.layer_widths is None else f"widths {m.layer_widths})"),
             f"neurons: {len(circuit.neurons)} ({100 * len(circuit.neurons) / total:.3f}% of {total}), "
             f"default multiplier {circuit.multiplier:g}",
             f"excluded: first {s.skip_first_layers} and last {s.skip_last_layers} layers, "
@@ -322,6 +352,8 @@ class Circuit(Strict):
         exclude: dict = {} if self.sources is not None else {"sources": True}
         if not self.is_moe:  # a dense circuit stays version 1, byte for byte
             exclude |= {"routing": True, "model": set(_MOE_IDENTITY), "neurons": {"__all__": {"expert"}}}
+        if self.model.layer_widths is None:  # a uniform model's circuit is written as before
+            exclude.setdefault("model", set()).add("layer_widths")
         return self.model_dump_json(indent=1, exclude=exclude or None)
 
     def sha256(self) -> str:

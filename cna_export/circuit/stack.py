@@ -22,8 +22,8 @@ def _check_same_model(circuits: list[Circuit], names: list[str]) -> None:
     first, name0 = circuits[0].model, names[0]
     for circuit, name in zip(circuits[1:], names[1:]):
         me = circuit.model
-        same_shape = (me.num_layers, me.intermediate_size, me.hidden_size) == (
-            first.num_layers, first.intermediate_size, first.hidden_size
+        same_shape = (me.num_layers, me.intermediate_size, me.hidden_size, me.layer_widths) == (
+            first.num_layers, first.intermediate_size, first.hidden_size, first.layer_widths
         )  # fmt: skip
         if not compatible(first.model_type, me.model_type) or not same_shape:
             raise CircuitError(

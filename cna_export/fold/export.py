@@ -43,7 +43,7 @@ def unit_site(spec: ArchSpec, shape: ModelShape, layer: int, expert: ExpertKey, 
     """(checkpoint site, width) of one unit: a dense MLP (expert None), a routed expert, or the shared expert."""
     spec.check_target(target)  # gpt-oss's experts have no up site
     if expert is None:
-        return spec.site(target), shape.intermediate_size
+        return spec.site(target), shape.width(layer)
     if spec.experts is None or shape.moe is None or layer in shape.moe.dense_layers:
         raise ArchitectureError(
             f"Layer {layer} of this {spec.model_type} model has no experts, but the circuit names expert {expert}.",

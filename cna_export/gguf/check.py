@@ -285,8 +285,9 @@ def _skip_value(cur: _Cursor, vtype: GGUFValueType, key: str, depth: int) -> Non
 
 
 def gguf_shape(layout: GGUFLayout, spec: ArchSpec, path: Path) -> ModelShape:
-    """Layers, MLP width and hidden size of a GGUF model, from the tensors at its `gguf_up` sites (a mixture of
-    experts: the stacked `ffn_up_exps` of its MoE layers and `ffn_up` of its dense ones, if any)."""
+    """Layers, MLP width (each layer's, where they differ) and hidden size of a GGUF model, from the tensors at its
+    `gguf_up` sites (a mixture of experts: the stacked `ffn_up_exps` of its MoE layers and `ffn_up` of its dense
+    ones, if any)."""
     ex = spec.experts
     ups = [spec.gguf_up] + ([ex.gguf_up] if ex is not None else [])
     layers = 0
@@ -306,6 +307,13 @@ def gguf_shape(layout: GGUFLayout, spec: ArchSpec, path: Path) -> ModelShape:
         if width is None:
             raise CheckpointError(f"GGUF file {path} has no {key}.", "re-convert the model.")
         return ModelShape(layers, width, hidden, moe)
+    if moe is None:  # a dense model: each layer's width (Gemma 4's double-wide layers are wider), one hidden size
+        stored = [_dims(layout, site, [i], 2, path) for i in range(layers)]
+        hidden = {d[1 - site.axis] for d in stored}
+        if len(hidden) != 1:
+            raise CheckpointError(f"GGUF file {path} has {site.name(0).replace('.0.', '.N.')} tensors of differing "
+                                  f"hidden sizes {sorted(hidden)}.", "re-convert the model; the file is inconsistent.")  # fmt: skip
+        return ModelShape.of_widths([d[site.axis] // site.parts for d in stored], hidden.pop())
     stored = _dims(layout, site, dense, 2, path)
     return ModelShape(layers, int(stored[site.axis]) // site.parts, int(stored[1 - site.axis]), moe)
 

@@ -241,7 +241,7 @@ def _plan(layout: GGUFLayout, circuit: Circuit, shape: ModelShape, multiplier: f
     plan = []
     for (layer, expert), (index, mult) in circuit.unit_edits(multiplier, allow_negative).items():
         site = spec.site("up", "gguf") if expert is None else spec.experts.site("up", expert, "gguf")
-        width = shape.width_of(expert)
+        width = shape.width_of(expert, layer)
         unit = replace(shape, intermediate_size=width)
         expected = tuple(reversed(site.expected_shape(unit, shape.moe.num_experts if shape.moe else None)))
         info = layout.tensors.get(site.name(layer, expert))

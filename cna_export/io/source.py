@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from cna_export.arch.spec import ArchSpec, ModelShape, arch_for, shape_of
-from cna_export.circuit.format import ModelIdentity, moe_fields
+from cna_export.circuit.format import ModelIdentity, shape_fields
 from cna_export.errors import ArchitectureError, CheckpointError, CnaExportError
 from cna_export.gguf.check import check_gguf
 from cna_export.io.checkpoint import CheckpointReader
@@ -125,7 +125,7 @@ def identity(source: Source, config: dict[str, Any], shape: ModelShape) -> Model
         num_layers=shape.num_layers,
         intermediate_size=shape.intermediate_size,
         hidden_size=shape.hidden_size,
-        **moe_fields(shape),
+        **shape_fields(shape),
     )
 
 

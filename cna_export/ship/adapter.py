@@ -152,7 +152,7 @@ def adapter_pairs(folder: Path, spec: ArchSpec, shape: ModelShape, edits: LayerE
     pairs = []
     for layer, (index, mult) in edits.items():
         weight = reader.tensor(site.name(layer))
-        a, b = lora_factors(weight, site, shape.intermediate_size, index, mult, SELECTOR_DTYPE)
+        a, b = lora_factors(weight, site, shape.width(layer), index, mult, SELECTOR_DTYPE)
         pairs.append(LoraPair(module_name(spec, site, layer), gguf_site.name(layer) if same else None, a, b))
     return pairs
 

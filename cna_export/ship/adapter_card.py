@@ -62,7 +62,7 @@ def sources_lines(circuit: Circuit) -> list[str]:
 
 def _body(record: dict[str, Any], circuit: Circuit, base: str | None, name: str) -> str:
     edit, adapter = record["edit"], record["adapter"]
-    total = circuit.model.num_layers * circuit.model.intermediate_size
+    total = circuit.num_neurons
     base_ref = base or "BASE_MODEL"
     overrides = sorted({n.multiplier for n in circuit.neurons if n.multiplier is not None})
     module = "down_proj (B = the scaled columns, A = one-hot rows)" if edit["target"] == "down" else (

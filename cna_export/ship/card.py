@@ -216,6 +216,27 @@ def _expert_lines(circuit: Circuit) -> list[str]:
     return lines
 
 
+def _width_lines(circuit: Circuit) -> list[str]:
+    """A model whose layers differ in MLP width (Gemma 4's double-wide layers): each width and its layers."""
+    widths = circuit.model.layer_widths
+    if widths is None:
+        return []
+    groups = {w: [i for i, x in enumerate(widths) if x == w] for w in sorted(set(widths))}
+    return ["- MLP widths differ by layer: " + "; ".join(f"{w} neurons in layers {_spans(ls)}" for w, ls in groups.items())
+            + " (a neuron's index is below its layer's width)"]  # fmt: skip
+
+
+def _spans(layers: list[int]) -> str:
+    """'0-3, 5' for [0, 1, 2, 3, 5]."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
 def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> str:
     edit, src = record["edit"], record["source"]
     total = circuit.num_neurons
@@ -244,6 +265,7 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
         "- Every other tensor is byte-identical to the source"
         + (" (as dequantized from its GGUF file)." if src.get("gguf_file") else "."),
         *([WRAPPER_NOTE] if arch_for(circuit.model.model_type).text_config else []),
+        *_width_lines(circuit),
         "",
         "| layer | neurons |",
         "|---:|---:|",
