@@ -309,6 +309,8 @@ def test_double_wide_gemma4_export_equals_hooks(wide_gemma4, tmp_path):
             chosen = [i for layer, i in WIDE_NEURONS if layer == 2]
             keep = [i for i in range(WIDE[2]) if i not in chosen]
             assert torch.equal(a[keep], b[keep]) and torch.equal(b[chosen], a[chosen] * m)
+    card = (out / "README.md").read_text()
+    assert "MLP widths differ by layer: 128 neurons in layers 0-1; 256 neurons in layer 2" in card
 
 
 def test_double_wide_gemma4_index_beyond_a_narrow_layer_is_refused(wide_gemma4, family_models, tmp_path):

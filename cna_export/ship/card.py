@@ -222,7 +222,8 @@ def _width_lines(circuit: Circuit) -> list[str]:
     if widths is None:
         return []
     groups = {w: [i for i, x in enumerate(widths) if x == w] for w in sorted(set(widths))}
-    return ["- MLP widths differ by layer: " + "; ".join(f"{w} neurons in layers {_spans(ls)}" for w, ls in groups.items())
+    where = {w: ("layer " if len(ls) == 1 else "layers ") + _spans(ls) for w, ls in groups.items()}
+    return ["- MLP widths differ by layer: " + "; ".join(f"{w} neurons in {where[w]}" for w in groups)
             + " (a neuron's index is below its layer's width)"]  # fmt: skip
 
 
