@@ -306,8 +306,8 @@ class Circuit(Strict):
         m, s = circuit.model, circuit.selection
         total = circuit.num_neurons
         lines = [
-            f"circuit: {circuit.behaviour} on {m.source} ({m.model_type}, {m.num_layers} layers x "
-            + (f"{m.intermediate_size})" if m.layer_widths is None else f"widths {m.layer_widths})"),
+            f"circuit: {circuit.behaviour} on {m.source} ({m.model_type}, {m.num_layers} layers "
+            + (f"x {m.intermediate_size})" if m.layer_widths is None else f"of widths {m.layer_widths})"),
             f"neurons: {len(circuit.neurons)} ({100 * len(circuit.neurons) / total:.3f}% of {total}), "
             f"default multiplier {circuit.multiplier:g}",
             f"excluded: first {s.skip_first_layers} and last {s.skip_last_layers} layers, "
