@@ -304,6 +304,8 @@ def gguf_shape(layout: GGUFLayout, spec: ArchSpec, path: Path) -> ModelShape:
     if not dense:  # every layer is MoE: the dense width (config.intermediate_size) is only in the metadata
         key = Keys.LLM.FEED_FORWARD_LENGTH.format(arch=layout.architecture)
         width, hidden = layout.get(key, int), _dims(layout, ex.gguf_up, range(layers), 3, path)[2]
+        if width is None and spec.width_key == ex.width_key:  # no dense MLP at all: the expert width stands in
+            width = moe.width  # (Qwen3.5-MoE, whose config has no intermediate_size and whose GGUF has no key)
         if width is None:
             raise CheckpointError(f"GGUF file {path} has no {key}.", "re-convert the model.")
         return ModelShape(layers, width, hidden, moe)
