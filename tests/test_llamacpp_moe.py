@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
+import os
 from pathlib import Path
 
 import pytest
@@ -166,12 +166,14 @@ def test_discover_cli_gives_the_torch_circuit(arch, moe_ggufs, tmp_path):
     assert universal and universal == ref["selection"]["universal_excluded"]
 
 
-def test_weights_the_tap_cannot_find_are_one_line(moe_ggufs, tmp_path, monkeypatch, capsys):
+def test_weights_the_tap_cannot_find_are_one_line(moe_ggufs, tmp_path):
     """A row that says a unit's output is weighted where llama.cpp's graph applies no such weight (here: a gate on
     DeepSeek's ungated shared expert) fails after the first decode, naming the family, the tensor and the torch
-    route; through the CLI it is one line and exit 2."""
-    from cna_export.arch import ARCHITECTURES
-    from cna_export.cli.main import main
+    route; through the CLI (a child process with that row) it is one line and exit 2."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
 
     _, path = moe_ggufs["deepseek_v3"]
     spec, shape, _ = describe_gguf(path)
@@ -180,16 +182,19 @@ def test_weights_the_tap_cannot_find_are_one_line(moe_ggufs, tmp_path, monkeypat
         sets = encode_sets(model, PROMPTS[:2], None)
         with pytest.raises(CheckpointError, match="deepseek_v3 does not multiply the output of blk.1.ffn_down_shexp"):
             collect_sets_gguf(model, gated, shape, sets, batch_size=2)
-    monkeypatch.setitem(ARCHITECTURES, "deepseek_v3", gated)
     pos = tmp_path / "pos.txt"
     pos.write_text("\n".join(PROMPTS[0]))
-    code = main(["discover", "--model", str(path), "--positive", str(pos), "--negative", str(pos), "--top-k", "3",
-                 "--no-universal", "-o", str(tmp_path / "c.json")])  # fmt: skip
-    err = capsys.readouterr().err
-    # In-process, tqdm's progress bars share stderr (carriage returns); the error itself is one line.
-    lines = [line for line in re.split(r"[\r\n]", err) if "error" in line]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("cna-export: error: "), err
-    assert "deepseek_v3" in lines[0] and "--backend torch" in lines[0] and "Traceback" not in err
+    child = ("import dataclasses, sys\nfrom cna_export.arch import ARCHITECTURES as A\ns = A['deepseek_v3']\n"
+             "A['deepseek_v3'] = dataclasses.replace(s, experts=dataclasses.replace(s.experts, shared_gate='g'))\n"
+             "from cna_export.cli.main import main\nsys.exit(main(sys.argv[1:]))\n")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", child, "discover", "--model", str(path), "--positive", str(pos), "--negative", str(pos),
+         "--top-k", "3", "--no-universal", "-o", str(tmp_path / "c.json")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"},
+    )  # fmt: skip
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and err.startswith("cna-export: error: "), err
+    assert "deepseek_v3" in err and "--backend torch" in err
 
 
 def test_run_on_moe_gguf_patches_the_selected_experts(moe_ggufs, tmp_path):
