@@ -53,6 +53,9 @@ ARCHS = sorted(TINY)
 # and Qwen2-MoE has a shared expert, so every kind of neuron (dense, routed, shared) has a model.
 _MOE = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             num_experts_per_tok=2, tie_word_embeddings=False)
+# M-RoPE sections that fit the tiny rotary width (llama.cpp asserts on the default [11, 11, 10]).
+_MOE_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 0],
+              "mrope_interleaved": True}  # fmt: skip
 MOE_TINY = {
     "qwen3_moe": dict(_MOE, intermediate_size=48, moe_intermediate_size=16, num_experts=4, head_dim=8,
                       mlp_only_layers=[0], norm_topk_prob=True),
@@ -72,24 +75,28 @@ MOE_TINY = {
     # A low swiglu_limit, so the clamps of gpt-oss's activation are hit at this size.
     "gpt_oss": dict(_MOE, intermediate_size=16, num_local_experts=4, head_dim=8, sliding_window=16,
                     swiglu_limit=1.0),
-    # Wrappers (text config inside, a one-layer vision tower): Qwen3.5-MoE with a linear-attention layer and a
-    # gated shared expert; Llama 4 with a dense layer 0 (`moe_layers`) and an ungated shared expert.
+    # Wrappers (text config inside, a one-layer vision tower): Qwen3.5-MoE with linear-attention layers and a
+    # gated shared expert (full attention every 2nd layer, as llama.cpp runs it: the Hub's models have it every
+    # 4th); Llama 4 with Maverick's MoE layer every 2nd layer (`interleave_moe_layer_step`: layers 1 and 3; llama.cpp
+    # keys its dense layers on the step), no RoPE in layer 3 (its default) and an ungated shared expert.
     "qwen3_5_moe": dict(text_config=dict(_MOE, moe_intermediate_size=16, num_experts=4,
                                          shared_expert_intermediate_size=24, head_dim=8,
-                                         layer_types=["linear_attention", "full_attention", "full_attention"],
+                                         layer_types=["linear_attention", "full_attention", "linear_attention"],
                                          linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
-                                         linear_value_head_dim=8),
+                                         linear_value_head_dim=8, rope_parameters=_MOE_MROPE),
                         vision_config=dict(hidden_size=32, intermediate_size=64, depth=1, num_heads=2,
                                            out_hidden_size=32, patch_size=14, num_position_embeddings=16),
                         image_token_id=500, video_token_id=501, vision_start_token_id=502),
-    "llama4": dict(text_config=dict(_MOE, intermediate_size=16, intermediate_size_mlp=48, head_dim=8,
-                                    num_local_experts=4, moe_layers=[1, 2]),
+    "llama4": dict(text_config=dict(_MOE, num_hidden_layers=4, intermediate_size=16, intermediate_size_mlp=48,
+                                    head_dim=8, num_local_experts=4, interleave_moe_layer_step=2),
                    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=32,
                                       projector_input_dim=32, projector_output_dim=32),
                    image_token_index=500),
 }  # fmt: skip
 MOE_ARCHS = sorted(MOE_TINY)
+# Tokens that llama.cpp's converter looks up by text in a GLM-4.5 tokenizer (its bos, end of turn and of message).
+MOE_TOKENIZERS = {"glm4_moe": dict(specials=("[gMASK]", "<|user|>", "<|observation|>"))}
 
 
 def build_tokenizer(folder: Path, specials: tuple[str, ...] = (), sentencepiece: bool = False, **config):
@@ -136,7 +143,7 @@ def build_model(
     from transformers import AutoConfig, GenerationConfig
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(folder)
+    tokenizer = build_tokenizer(folder, **MOE_TOKENIZERS.get(arch, {}))
     ids = dict(vocab_size=512, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id, bos_token_id=None)  # fmt: skip
     kwargs = {**{**TINY, **MOE_TINY}[arch], **overrides}

@@ -1,25 +1,40 @@
 """Mixtures of experts in GGUF (issue 15): llama.cpp's converter on an edited MoE export, and patch-gguf on the
-stacked `ffn_up_exps` (and the shared expert's `ffn_up_shexp`) of a converted original, both against transformers
-with the same expert neurons hooked; diff/verify read (layer, expert, index) back from the patched file.
+stacked `ffn_up_exps` (and the shared expert's `ffn_up_shexp`, a dense layer's `ffn_up`) of a converted original,
+both against transformers with the same expert neurons hooked; diff/verify read (layer, expert, index) back from
+the patched file.
 
 Conversion is llama.cpp's own converter in a child process (`CNA_EXPORT_HF_TO_GGUF`, the `hf_to_gguf` fixture),
-about 5-15 s a file, so one session fixture converts each family's original and edited export once: Qwen2-MoE
-(routed and shared experts) and Mixtral (read from a `llama` GGUF with experts). The tiny Qwen3-MoE keeps a dense
-layer (`mlp_only_layers`), which llama.cpp's qwen3moe graph does not have, and the tiny OLMoE's grouped-query
-k-norm is a shape llama.cpp 0.3.36 refuses, so neither converts.
+5-30 s a file on 2 cores, so one session fixture converts each family's original and edited export once. CI runs
+five families (`CI_FAMILIES`): Qwen2-MoE (routed and shared experts, and the Q8_0 test), Mixtral (a `llama` GGUF
+with experts), DeepSeek-V3 (llama.cpp's `deepseek2`: MLA attention, a dense layer, an ungated shared expert,
+grouped sigmoid routing through the `scoring_func` workaround of gguf/external.py), Qwen3.5-MoE (a wrapper with
+linear-attention layers and a gated shared expert, through two converter workarounds) and Llama 4 (a wrapper whose
+stacked 3-D `gate_up_proj` becomes ffn_gate_exps/ffn_up_exps, dense layers between MoE ones, a layer without
+RoPE): between them every kind of unit, site and converter path. `CNA_MOE_GGUF_ALL=1` adds GLM-4.5, Granite MoE
+and gpt-oss, whose parts these already cover (measured: README, Mixtures of experts).
+
+The tiny models are tests/conftest.py's, except gpt-oss (`CHANGES`): llama.cpp 0.3.36 clamps its experts at 7.0
+whatever the model says (the tiny model's 1.0 is refused in one line, tested below) and rounds YaRN's correction
+range (`truncate: true`; the released models say false, which `gguf` warns about). patch-gguf refuses gpt-oss
+(clamped `up + 1`: ffn_up rows are not neurons); its folded export converts. Qwen3-MoE's dense layer
+(`mlp_only_layers`) is not in llama.cpp's qwen3moe graph and the tiny OLMoE's grouped-query k-norm is a shape
+llama.cpp 0.3.36 refuses, so neither converts here (tests/test_llamacpp_moe.py converts both without them).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+import transformers
+from conftest import build_model, run_cli
 from gguf import GGUFReader
 from test_moe import moe_circuit
-from transformers import AutoModelForCausalLM
 
 from cna_export.arch import arch_for
 from cna_export.arch.experts import SHARED
@@ -31,38 +46,61 @@ from cna_export.gguf.external import ENV
 from cna_export.gguf.patch import patch_gguf_report, sidecar_path
 from cna_export.io.source import describe, resolve
 
-GGUF_ARCHS = ["qwen2_moe", "mixtral"]
+CI_FAMILIES = ["qwen2_moe", "mixtral", "deepseek_v3", "qwen3_5_moe", "llama4"]
+GGUF_ARCHS = CI_FAMILIES + (["glm4_moe", "granitemoe", "gpt_oss"] if os.environ.get("CNA_MOE_GGUF_ALL") else [])
+# family -> tiny-config changes for the GGUF route (module docstring): gpt-oss as llama.cpp 0.3.36 runs it.
+_YARN = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+         "original_max_position_embeddings": 4096, "truncate": True}  # fmt: skip
+CHANGES = {"gpt_oss": dict(swiglu_limit=7.0, rope_parameters=_YARN)}
 IDS = [5, 17, 42, 99, 120, 7, 300, 250, 61, 33, 12, 8, 140, 201, 77, 19]
 F32_TOL = 1e-4  # llama.cpp f32 (f32 KV cache) vs transformers fp32, as in test_gguf_export.py
 
 
-def neurons_of(arch: str) -> list[tuple]:
-    """Routed-expert neurons in every layer (first and last of an expert, several experts of one layer) and, for
-    Qwen2-MoE, shared-expert neurons: enough that m = 0 moves the logits clearly."""
-    picked = [(0, 0, 0), (0, 0, 15), (0, 3, 2), (1, 1, 5), (1, 2, 0), (1, 2, 9), (2, 0, 7), (2, 3, 11)]
-    picked += [(0, e, j) for e in (1, 2) for j in range(0, 16, 3)]
-    return picked + ([(1, SHARED, 3), (2, SHARED, 0), (2, SHARED, 23)] if arch == "qwen2_moe" else [])
+def neurons_of(src: Path) -> list[tuple]:
+    """Routed-expert neurons of the first and last MoE layer (first and last of an expert, several experts of one
+    layer), the shared expert's where there is one, and one neuron of each dense layer: enough that m = 0 moves
+    the logits clearly."""
+    moe = describe(resolve(str(src)))[1].moe
+    layers = [i for i in range(describe(resolve(str(src)))[1].num_layers) if i not in moe.dense_layers]
+    first, last, n = layers[0], layers[-1], moe.width
+    picked = [(first, 0, 0), (first, 0, n - 1), (first, 3, 2), (last, 1, 5), (last, 2, 0), (last, 2, 9),
+              (last, 0, 7), (last, 3, 11)]  # fmt: skip
+    picked += [(first, e, j) for e in (1, 2) for j in range(0, n, 3)]
+    if moe.shared:
+        picked += [(last, SHARED, 3), (first, SHARED, 0), (first, SHARED, moe.shared - 1)]
+    return list(dict.fromkeys(picked + [(i, None, 7) for i in sorted(moe.dense_layers)]))
 
 
-@pytest.fixture(scope="session")
-def converted(moe_models, hf_to_gguf, tmp_path_factory) -> dict[str, dict]:
-    """Per family: the circuit (m = 0), and f32 GGUFs of the original and of its edited export; Qwen2-MoE also
-    as Q8_0 (its 32-value ffn_up_exps rows are one Q8_0 block each)."""
-    root = tmp_path_factory.mktemp("moe-gguf")
-    out: dict[str, dict] = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(ENV, hf_to_gguf)
-        for arch in GGUF_ARCHS:
-            src = moe_models[arch]
-            circuit = moe_circuit(src, neurons_of(arch), 0.0)
+class Converted(dict):
+    """family -> its circuit (m = 0) and f32 GGUFs of the original and of its edited export, converted on first
+    use (so `-k family` converts one family); Qwen2-MoE also as Q8_0 (its 32-value ffn_up_exps rows are one Q8_0
+    block each)."""
+
+    def __init__(self, moe_models: dict[str, Path], converter: str, root: Path) -> None:
+        super().__init__()
+        self.moe_models, self.converter, self.root = moe_models, converter, root
+
+    def __missing__(self, arch: str) -> dict:
+        root, src = self.root, self.moe_models[arch]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(ENV, self.converter)
+            src = build_model(root / arch, arch, **CHANGES[arch]) if arch in CHANGES else src
+            circuit = moe_circuit(src, neurons_of(src), 0.0)
             edited = apply_circuit(resolve(str(src)), circuit, root / f"{arch}-edited")
-            out[arch] = {
+            self[arch] = {
                 "src": src, "circuit": circuit,
                 "f32": export_gguf(src, root / f"{arch}.f32.gguf", outtype="f32"),
                 "edited": export_gguf(edited, root / f"{arch}-edited.f32.gguf", outtype="f32"),
             }  # fmt: skip
-        out["qwen2_moe"]["q8_0"] = export_gguf(moe_models["qwen2_moe"], root / "qwen2_moe.q8_0.gguf", outtype="q8_0")
-    return out
+            if arch == "qwen2_moe":
+                self[arch]["q8_0"] = export_gguf(src, root / f"{arch}.q8_0.gguf", outtype="q8_0")
+        return self[arch]
+
+
+@pytest.fixture(scope="session")
+def converted(moe_models, hf_to_gguf, tmp_path_factory) -> Converted:
+    """Each family's GGUFs, converted once a session (`Converted`)."""
+    return Converted(moe_models, hf_to_gguf, tmp_path_factory.mktemp("moe-gguf"))
 
 
 def llama_logits(path: Path, ids: list[int] = IDS) -> np.ndarray:
@@ -80,13 +118,16 @@ def llama_logits(path: Path, ids: list[int] = IDS) -> np.ndarray:
 
 def hf_logits(folder: Path, edits=None, ids: list[int] = IDS) -> np.ndarray:
     """transformers fp32 logits, with `edits` ((layer, expert) keys) scaled at run time."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    spec = arch_for(model.config.model_type)
+    spec = arch_for(json.loads((folder / "config.json").read_text())["model_type"])
+    model = getattr(transformers, spec.loader).from_pretrained(folder, dtype=torch.float32).eval()
+    # Llama 4's wrapper in transformers 5.24 cannot build a text-only output (`image_outputs`): its language model
+    # (the same layers and lm_head) gives the logits.
+    run = model.language_model if spec.model_type == "llama4" else model
     with torch.no_grad():
         if edits is None:
-            return model(torch.tensor([ids])).logits[0].double().numpy()
+            return run(torch.tensor([ids])).logits[0].double().numpy()
         with scaled_neurons(model, spec, edits):
-            return model(torch.tensor([ids])).logits[0].double().numpy()
+            return run(torch.tensor([ids])).logits[0].double().numpy()
 
 
 @pytest.mark.parametrize("arch", GGUF_ARCHS)
@@ -98,8 +139,13 @@ def test_converted_edit_and_patch_equal_hooks(converted, tmp_path, arch):
     plain, hooked = hf_logits(c["src"]), hf_logits(c["src"], c["circuit"].unit_edits())
     effect = np.abs(hooked - plain).max()
     assert effect > 100 * F32_TOL
-    np.testing.assert_allclose(llama_logits(c["f32"]), plain, atol=F32_TOL, rtol=0)
-    np.testing.assert_allclose(llama_logits(c["edited"]), hooked, atol=F32_TOL, rtol=0)
+    original, edited = llama_logits(c["f32"]), llama_logits(c["edited"])
+    print(f"{arch}: f32 original vs transformers {np.abs(original - plain).max():.2g}; edit effect {effect:.3g}, "
+          f"f32 edited export vs hooks {np.abs(edited - hooked).max():.2g}")  # fmt: skip
+    np.testing.assert_allclose(original, plain, atol=F32_TOL, rtol=0)
+    np.testing.assert_allclose(edited, hooked, atol=F32_TOL, rtol=0)
+    if "up" not in arch_for(arch).targets:  # gpt-oss: its folded export is the route (test_patch_refuses_...)
+        return
     for m in (0.0, 2.0):
         want = hooked if m == 0 else hf_logits(c["src"], c["circuit"].unit_edits(m))
         got = llama_logits(patch_gguf_report(c["f32"], c["circuit"], tmp_path / f"m{m}.gguf", multiplier=m).out)
@@ -108,21 +154,23 @@ def test_converted_edit_and_patch_equal_hooks(converted, tmp_path, arch):
               f"{np.abs(got - want).max():.2g}")  # fmt: skip
 
 
-@pytest.mark.parametrize("arch", GGUF_ARCHS)
+@pytest.mark.parametrize("arch", [a for a in GGUF_ARCHS if a != "gpt_oss"])
 def test_patch_touches_only_the_expert_rows(converted, tmp_path, arch):
     """patch-gguf (CLI) rewrites exactly row e * n_ff + j of `ffn_up_exps` per routed neuron (row j of ffn_up_shexp
-    for a shared one); every other byte is the source's; diff recovers (layer, expert, index) and verify holds the
-    file to its circuit, and refuses it against a circuit that lacks one expert."""
+    for a shared one, of ffn_up for a dense layer's); every other byte is the source's; diff recovers (layer,
+    expert, index) and verify holds the file to its circuit, and refuses it against a circuit that lacks one
+    expert."""
     c = converted[arch]
+    neurons = neurons_of(c["src"])
     c["circuit"].save(tmp_path / "c.json")
     out = tmp_path / "patched.gguf"
     run_cli("patch-gguf", str(c["f32"]), "--circuit", str(tmp_path / "c.json"), "-o", str(out))
     before, after = GGUFReader(c["f32"]), GGUFReader(out)
-    shape = describe(resolve(str(c["src"])))[1]
+    width = describe(resolve(str(c["src"])))[1].moe.width
     expected: dict[str, set[int]] = {}
-    for layer, e, j in neurons_of(arch):
-        name = f"blk.{layer}.ffn_up_shexp.weight" if e == SHARED else f"blk.{layer}.ffn_up_exps.weight"
-        expected.setdefault(name, set()).add(j if e == SHARED else e * shape.width_of(e) + j)
+    for layer, e, j in neurons:
+        part = {None: "ffn_up", SHARED: "ffn_up_shexp"}.get(e, "ffn_up_exps")
+        expected.setdefault(f"blk.{layer}.{part}.weight", set()).add(e * width + j if isinstance(e, int) else j)
     for a, b in zip(before.tensors, after.tensors):
         rows_a, rows_b = (np.asarray(t.data).reshape(-1, t.data.shape[-1]) for t in (a, b))
         changed = set(np.nonzero((rows_a != rows_b).any(1))[0].tolist())
@@ -130,13 +178,40 @@ def test_patch_touches_only_the_expert_rows(converted, tmp_path, arch):
         for r in changed:
             assert not rows_b[r].any(), "m = 0 zeroes the row"
     recovered = diff(str(c["f32"]), str(out)).circuit()
-    assert {(n.layer, n.expert, n.index) for n in recovered.neurons} == set(neurons_of(arch))
+    assert {(n.layer, n.expert, n.index) for n in recovered.neurons} == set(neurons)
     assert recovered.multiplier == 0.0 and recovered.model.num_experts == 4
+    assert recovered.model.model_type == arch
     proc = run_cli("diff", str(c["f32"]), str(out), "--verify", str(sidecar_path(out)))
     assert proc.stdout.startswith("OK:"), proc.stdout
-    fewer = moe_circuit(c["src"], [n for n in neurons_of(arch) if n[:2] != (1, 1)], 0.0)
+    last = neurons[3][0]  # (last MoE layer, expert 1, 5)
+    fewer = moe_circuit(c["src"], [n for n in neurons if n[:2] != (last, 1)], 0.0)
     ok, why = verify(str(c["f32"]), str(out), fewer)
-    assert not ok and "layer 1 expert 1" in why, why
+    assert not ok and f"layer {last} expert 1" in why, why
+
+
+@pytest.mark.parametrize(
+    ("arch", "change", "words"),
+    [
+        ("gpt_oss", {}, ("swiglu_limit 1.0", "7.0", "transformers")),
+        ("llama4", {"moe_layers": [1, 2]}, ("MoE layers [1, 2]", "interleave_moe_layer_step", "patch-gguf")),
+    ],
+)
+def test_what_llamacpp_cannot_run_is_one_line(moe_models, hf_to_gguf, tmp_path, monkeypatch, arch, change, words):
+    """Layouts llama.cpp 0.3.36 would run as another model: the tiny gpt-oss clamps at swiglu_limit 1.0 (llama.cpp
+    clamps gpt-oss at 7.0 whatever the GGUF says); a Llama 4 whose MoE layers are not every
+    `interleave_moe_layer_step`-th (llama.cpp derives them from the step, and would not load it). `gguf` refuses
+    before converting: one line naming the reason and the route that works, exit 2, no file."""
+    src = tmp_path / arch
+    shutil.copytree(moe_models[arch], src)
+    config = json.loads((src / "config.json").read_text())
+    config.get("text_config", config).update(change)
+    (src / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv(ENV, hf_to_gguf)
+    proc = run_cli("gguf", str(src), "-o", str(tmp_path / "g.gguf"), "--outtype", "f32", check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    assert not (tmp_path / "g.gguf").exists()
 
 
 def test_quantized_patch_moves_like_transformers(converted, tmp_path):
