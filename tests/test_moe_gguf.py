@@ -282,3 +282,13 @@ def test_patch_dense_and_expert_layers_of_one_file(moe_models, tmp_path):
     assert recovered.model.dense_layers == [0] and recovered.model.expert_size == 16
     ok, why = verify(str(src), str(report.out), circuit)
     assert ok, why
+
+
+def test_gpt_oss_yarn_caveat():
+    """llama.cpp 0.3.36 rounds YaRN's correction range: `gguf` warns for a gpt-oss that says `truncate: false` (the
+    released ones do; 2.4e-3 on the tiny model), not for `truncate: true` (1e-6, the GGUFs tested above)."""
+    from cna_export.gguf.external import RUNTIME_CAVEATS
+
+    warn = RUNTIME_CAVEATS["gpt_oss"]
+    assert "truncate: false" in warn({"rope_parameters": {**_YARN, "truncate": False}})
+    assert warn({"rope_parameters": _YARN}) is None and warn({}) is None
