@@ -208,3 +208,17 @@ def test_run_on_moe_gguf_patches_the_selected_experts(moe_ggufs, tmp_path):
     assert len(circuit["neurons"]) == 30 and all(n["expert"] is not None for n in circuit["neurons"])
     proc = run_cli("diff", str(path), str(out / path.name), "--verify", str(out / "circuit.json"))
     assert proc.stdout.startswith("OK:"), proc.stdout
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_torch_route_refuses_moe_gguf(arch, moe_ggufs, tmp_path):
+    """transformers' GGUF loader does not read experts (Qwen2-MoE: a shape error; Mixtral: a dense Llama with random
+    MLPs), so `--backend torch` on an MoE GGUF is one line, exit 2, naming the llama.cpp route, and nothing is written."""
+    _, path = moe_ggufs[arch]
+    pos = tmp_path / "pos.txt"
+    pos.write_text("\n".join(PROMPTS[0]))
+    proc = run_cli("discover", "--model", str(path), "--positive", str(pos), "--negative", str(pos), "--top-k", "3",
+                   "--no-universal", "--backend", "torch", "-o", str(tmp_path / "c.json"), check=False)  # fmt: skip
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "mixture-of-experts GGUF" in err and "drop --backend torch" in err and not (tmp_path / "c.json").exists()

@@ -221,7 +221,7 @@ class FfnDownTap:
                             "weights or the shared expert's gate)")  # fmt: skip
                 raise CheckpointError(f"llama.cpp's graph for {self.family or 'this model'} {what}, so its expert "
                                       "activations cannot be measured inside llama.cpp.",
-                                      "use --backend torch for this model.")  # fmt: skip
+                                      "use --backend torch on the model's safetensors folder.")  # fmt: skip
 
 
 @dataclass

@@ -86,6 +86,8 @@ def read_config(source: Source) -> dict[str, Any]:
     if source.is_gguf:
         from transformers import AutoConfig
 
+        _refuse_moe_gguf(source)
+
         try:
             config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file).to_dict()
         except Exception as exc:  # transformers' GGUF parsing of an untrusted file raises many types
@@ -93,6 +95,20 @@ def read_config(source: Source) -> dict[str, Any]:
             raise CheckpointError(problem, "check that the file is a complete GGUF model file.") from None
         return config
     return read_config_json(source.folder)
+
+
+def _refuse_moe_gguf(source: Source) -> None:
+    """transformers' GGUF loader does not read experts: it fails on a Qwen2-MoE file and loads a Mixtral file as a
+    dense Llama whose MLPs keep their random initialization. Its torch route would then measure noise."""
+    from cna_export.gguf.check import check_gguf
+
+    layout = check_gguf(source.path)
+    if layout.get(f"{layout.architecture}.expert_count", int):
+        raise CheckpointError(
+            f"{source.path.name} is a mixture-of-experts GGUF, whose experts transformers' GGUF loader does not "
+            "read (the torch route would run random MLPs).",
+            "drop --backend torch (the GGUF runs in llama.cpp), or pass the model's safetensors folder.",
+        )
 
 
 def describe(source: Source) -> tuple[ArchSpec, ModelShape, dict[str, Any]]:
