@@ -164,12 +164,29 @@ def test_unknown_family_lists_the_new_ones():
     assert all(f in str(err.value) for f in ("phi3", "gemma3", "qwen3_vl")) and "\n" not in str(err.value)
     assert set(FAMILIES) <= set(ARCHITECTURES)
 
+def last_token_inputs(model, spec, tok, prompts) -> list[list[torch.Tensor]]:
+    """Per prompt, one at a time, each layer's down-projection input at the last token (float64): the reference the
+    batched attribution is checked against."""
+    from cna_export.attribution.collect import encode_prompts
+
+    out = []
+    for ids in encode_prompts(tok, prompts):
+        got = {}
+        hooks = [p.register_forward_pre_hook(lambda m, a, i=i, got=got: got.__setitem__(i, a[0][0, -1].double()))
+                 for i, p in enumerate(down_projs(model, spec))]  # fmt: skip
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+        for h in hooks:
+            h.remove()
+        out.append([got[i] for i in sorted(got)])
+    return out
+
+
 
 @pytest.mark.parametrize("arch", ["phi3", "gemma3", "qwen2_5_vl"])
 def test_discovery_through_the_language_model(family_models, arch):
     """Chat-templated text prompts through the family's own class: a circuit of the language model's neurons,
     the same as the reference (one prompt at a time, a hook on every layer's down_proj input)."""
-    from cna_export.attribution.collect import encode_prompts
     from cna_export.attribution.discover import discover
     from cna_export.circuit.selection import Selection
     from cna_export.io.source import identity
@@ -182,19 +199,8 @@ def test_discovery_through_the_language_model(family_models, arch):
     circuit = discover(model, tok, spec, identity(source, config, shape), pos, neg, neg,
                        Selection(top_k=5, universal=False))  # fmt: skip
     assert len(circuit.neurons) == 5 and circuit.model.model_type == arch
-    means = []
-    for prompts in (pos, neg):
-        acts = []
-        for ids in encode_prompts(tok, prompts):
-            got = {}
-            hooks = [p.register_forward_pre_hook(lambda m, a, i=i, got=got: got.__setitem__(i, a[0][0, -1].double()))
-                     for i, p in enumerate(down_projs(model, spec))]  # fmt: skip
-            with torch.no_grad():
-                model(input_ids=torch.tensor([ids]))
-            for h in hooks:
-                h.remove()
-            acts.append(torch.stack([got[i] for i in sorted(got)]))
-        means.append(torch.stack(acts).mean(0))
+    means = [torch.stack([torch.stack(layers) for layers in last_token_inputs(model, spec, tok, prompts)]).mean(0)
+             for prompts in (pos, neg)]  # fmt: skip
     delta = means[0] - means[1]
     for n in circuit.neurons:
         assert n.delta == pytest.approx(float(delta[n.layer, n.index]), abs=1e-4)
@@ -347,7 +353,6 @@ def test_double_wide_gemma4_diff_verify(wide_gemma4, tmp_path):
 def test_double_wide_gemma4_discovery(wide_gemma4):
     """Discovery through the real transformers class: with k = every neuron, each layer gives exactly its width
     (none beyond it), and the deltas equal one-prompt-at-a-time hooks on each layer's down_proj input."""
-    from cna_export.attribution.collect import encode_prompts
     from cna_export.attribution.discover import discover
     from cna_export.circuit.selection import Selection
     from cna_export.io.source import identity
@@ -359,19 +364,8 @@ def test_double_wide_gemma4_discovery(wide_gemma4):
     circuit = discover(model, tok, spec, identity(source, config, shape), pos, neg, neg,
                        Selection(top_k=sum(WIDE), universal=False, skip_first_layers=0, skip_last_layers=0))  # fmt: skip
     assert circuit.layer_counts() == dict(enumerate(WIDE)) and circuit.model.layer_widths == list(WIDE)
-    means = []
-    for prompts in (pos, neg):
-        acts = []
-        for ids in encode_prompts(tok, prompts):
-            got = {}
-            hooks = [p.register_forward_pre_hook(lambda m, a, i=i, got=got: got.__setitem__(i, a[0][0, -1].double()))
-                     for i, p in enumerate(down_projs(model, spec))]  # fmt: skip
-            with torch.no_grad():
-                model(input_ids=torch.tensor([ids]))
-            for h in hooks:
-                h.remove()
-            acts.append([got[i] for i in sorted(got)])
-        means.append([torch.stack(layer).mean(0) for layer in zip(*acts)])
+    means = [[torch.stack(layer).mean(0) for layer in zip(*last_token_inputs(model, spec, tok, prompts))]
+             for prompts in (pos, neg)]  # fmt: skip
     for n in circuit.neurons:
         assert n.delta == pytest.approx(float(means[0][n.layer][n.index] - means[1][n.layer][n.index]), abs=1e-4)
     top = discover(model, tok, spec, identity(source, config, shape), pos, neg, neg,
