@@ -182,18 +182,22 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {arch: build_model(root / arch, arch, shard="60KB" if arch == "llama" else None) for arch in ARCHS}
 
 
-def make_circuit(model_dir: Path, neurons: list[tuple[int, int]], multiplier: float = 0.0) -> Circuit:
-    """A hand-made circuit for `model_dir` (no provenance hash, so it applies to any weights of that shape)."""
+def make_circuit(model_dir: Path, neurons: list[tuple], multiplier: float = 0.0) -> Circuit:
+    """A hand-made circuit for `model_dir` (no provenance hash, so it applies to any weights of that shape):
+    neurons as (layer, index), or (layer, expert, index) in an MoE model; the identity carries the model's experts
+    and per-layer widths."""
+    from cna_export.circuit.format import shape_fields
     from cna_export.io.source import describe, resolve
 
     _, shape, config = describe(resolve(str(model_dir)))
     return Circuit(
         multiplier=multiplier,
         model=ModelIdentity(source=str(model_dir), model_type=config["model_type"], num_layers=shape.num_layers,
-                            intermediate_size=shape.intermediate_size, hidden_size=shape.hidden_size),
+                            intermediate_size=shape.intermediate_size, hidden_size=shape.hidden_size,
+                            **shape_fields(shape)),
         prompts={"positive": PromptSet(count=0, sha256=""), "negative": PromptSet(count=0, sha256="")},
         selection=RecordedSelection(top_k=len(neurons)),
-        neurons=[Neuron(layer=l, index=i, delta=1.0) for l, i in neurons],
+        neurons=[Neuron(layer=n[0], expert=n[1] if len(n) == 3 else None, index=n[-1], delta=1.0) for n in neurons],
     )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from cna_export.arch import ARCHITECTURES, arch_for
 from cna_export.attribution.hooks import down_projs, scaled_neurons
 from cna_export.audit.diff import verify
-from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, PromptSet, RecordedSelection, shape_fields
+from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, PromptSet, RecordedSelection
 from cna_export.errors import ArchitectureError, CnaExportError
 from cna_export.fold.export import apply_circuit
 from cna_export.io.checkpoint import CheckpointReader
@@ -267,18 +267,6 @@ def wide_gemma4(tmp_path_factory):
         return build_family_model(tmp_path_factory.mktemp("gemma4-wide"), "gemma4")
 
 
-def wide_circuit(src, neurons, multiplier: float = 0.0) -> Circuit:
-    """`make_circuit` with the model's per-layer widths in its identity."""
-    _, shape, config = describe(resolve(str(src)))
-    return Circuit(
-        multiplier=multiplier,
-        model=ModelIdentity(source=str(src), model_type=config["model_type"], num_layers=shape.num_layers,
-                            intermediate_size=shape.intermediate_size, hidden_size=shape.hidden_size,
-                            **shape_fields(shape)),
-        prompts={"positive": PromptSet(count=0, sha256=""), "negative": PromptSet(count=0, sha256="")},
-        selection=RecordedSelection(top_k=len(neurons)),
-        neurons=[Neuron(layer=l, index=i, delta=1.0) for l, i in neurons],
-    )  # fmt: skip
 
 
 def test_double_wide_gemma4_shape(wide_gemma4):
@@ -290,7 +278,7 @@ def test_double_wide_gemma4_shape(wide_gemma4):
         for site in spec.sites().values():
             assert reader.entry(site.name(i)).shape == site.expected_shape(replace(shape, intermediate_size=n))
     assert [p.in_features for p in down_projs(load(wide_gemma4, "gemma4"), spec)] == list(WIDE)
-    circuit = wide_circuit(wide_gemma4, WIDE_NEURONS)
+    circuit = make_circuit(wide_gemma4, WIDE_NEURONS)
     assert circuit.format_version == 2 and Circuit.model_validate_json(circuit.to_json()) == circuit
     assert circuit.num_neurons == sum(WIDE)
 
@@ -302,7 +290,7 @@ def test_double_wide_gemma4_export_equals_hooks(wide_gemma4, tmp_path):
     tok, original = AutoTokenizer.from_pretrained(src), load(src, "gemma4")
     plain, before = text_logits(original, tok), CheckpointReader(src)
     for m in (0.0, 0.5, 2.0):
-        circuit = wide_circuit(src, WIDE_NEURONS, m)
+        circuit = make_circuit(src, WIDE_NEURONS, m)
         with scaled_neurons(original, spec, circuit.edits()):
             hooked = text_logits(original, tok)
         for target in spec.targets:
@@ -322,7 +310,7 @@ def test_double_wide_gemma4_export_equals_hooks(wide_gemma4, tmp_path):
 def test_double_wide_gemma4_index_beyond_a_narrow_layer_is_refused(wide_gemma4, family_models, tmp_path):
     """Index 200 exists in layer 2 only: in layer 0 the circuit is refused in one line (exit 2, nothing written);
     so is a circuit made for the uniform Gemma 4 (one width for every layer)."""
-    data = json.loads(wide_circuit(wide_gemma4, [(2, 200)]).to_json())
+    data = json.loads(make_circuit(wide_gemma4, [(2, 200)]).to_json())
     data["neurons"][0]["layer"] = 0
     (tmp_path / "bad.json").write_text(json.dumps(data))
     with pytest.raises(CnaExportError, match=r"neuron \(0, 200\) lies outside"):
@@ -340,7 +328,7 @@ def test_double_wide_gemma4_diff_verify(wide_gemma4, tmp_path):
     from cna_export.audit.diff import diff
 
     src = wide_gemma4
-    out = apply_circuit(resolve(str(src)), wide_circuit(src, WIDE_NEURONS, 0.5), tmp_path / "out", target="up")
+    out = apply_circuit(resolve(str(src)), make_circuit(src, WIDE_NEURONS, 0.5), tmp_path / "out", target="up")
     circuit = Circuit.load(out / "circuit.json")
     recovered = diff(str(src), str(out)).circuit()
     assert sorted((n.layer, n.index) for n in recovered.neurons) == sorted(WIDE_NEURONS)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import MOE_ARCHS, build_model, run_cli
+from conftest import MOE_ARCHS, build_model, make_circuit, run_cli
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -16,7 +16,7 @@ from cna_export.attribution.collect import collect, encode_prompts
 from cna_export.attribution.experts import scaled_units
 from cna_export.attribution.hooks import decoder_layers, scaled_neurons
 from cna_export.attribution.select import attribute
-from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, PromptSet, RecordedSelection, moe_fields
+from cna_export.circuit.format import Circuit
 from cna_export.circuit.selection import Selection
 from cna_export.errors import ArchitectureError, CircuitError
 from cna_export.fold.export import apply_circuit
@@ -28,18 +28,6 @@ POS = ["How do I bake bread?", "Explain how to make a paper airplane.", "Write a
 NEG = ["The quick brown fox jumps", "Wie spaet ist es?", "I cannot help with that request.", "0123456789 {}"]
 
 
-def moe_circuit(model_dir, neurons, multiplier: float = 0.0) -> Circuit:
-    """A hand-made circuit of (layer, expert, index) neurons for `model_dir`."""
-    _, shape, config = describe(resolve(str(model_dir)))
-    return Circuit(
-        multiplier=multiplier,
-        model=ModelIdentity(source=str(model_dir), model_type=config["model_type"], num_layers=shape.num_layers,
-                            intermediate_size=shape.intermediate_size, hidden_size=shape.hidden_size,
-                            **moe_fields(shape)),
-        prompts={"positive": PromptSet(count=0, sha256=""), "negative": PromptSet(count=0, sha256="")},
-        selection=RecordedSelection(top_k=len(neurons)),
-        neurons=[Neuron(layer=l, expert=e, index=i, delta=1.0) for l, e, i in neurons],
-    )  # fmt: skip
 
 
 def some_neurons(model_dir) -> list[tuple]:
@@ -130,7 +118,7 @@ def test_export_equals_manual_edit(moe_models, tmp_path, arch, m, target):
     in memory; runtime scaling agrees; every tensor outside the circuit's units is byte-identical."""
     src = moe_models[arch]
     neurons = some_neurons(src)
-    circuit = moe_circuit(src, neurons, m)
+    circuit = make_circuit(src, neurons, m)
     spec = arch_for(arch)
     if target not in spec.targets:  # gpt-oss: its clamped `up + 1` is not linear in the up rows
         with pytest.raises(ArchitectureError, match="clamps"):
@@ -400,14 +388,13 @@ def test_universal_neurons_are_per_expert_among_routed_prompts(moe_models):
 def test_circuit_versions(moe_models, tiny_models, tmp_path):
     """A dense circuit is still written as version 1 (no `expert` keys); version 1 loads; MoE circuits are version 2
     and refuse the dense-only `edits()`; an expert outside the model is refused on load."""
-    from conftest import make_circuit
 
     dense = make_circuit(tiny_models["llama"], [(0, 1)])
     data = json.loads(dense.to_json())
     assert data["format_version"] == 1 and "expert" not in data["neurons"][0] and "routing" not in data
     dense.save(tmp_path / "v1.json")
     assert Circuit.load(tmp_path / "v1.json").neurons[0].expert is None
-    moe = moe_circuit(moe_models["qwen2_moe"], [(1, 2, 3), (1, SHARED, 4)])
+    moe = make_circuit(moe_models["qwen2_moe"], [(1, 2, 3), (1, SHARED, 4)])
     data = json.loads(moe.to_json())
     assert data["format_version"] == 2 and data["neurons"][1]["expert"] == "shared"
     with pytest.raises(CircuitError, match="experts"):
@@ -423,7 +410,7 @@ def test_inspect_and_card_show_experts(moe_models, tmp_path):
     from cna_export.evaluate.plots import expert_grid
 
     src = moe_models["qwen2_moe"]
-    circuit = moe_circuit(src, some_neurons(src))
+    circuit = make_circuit(src, some_neurons(src))
     columns, grid = expert_grid(circuit)
     assert columns == ["0", "1", "2", "3", "shared"] and grid[0][0] == 2 and grid[2][4] == 1
     path = tmp_path / "c.json"
@@ -442,7 +429,7 @@ def test_diff_and_verify_recover_experts(moe_models, tmp_path):
 
     src = moe_models["qwen3_moe"]
     neurons = some_neurons(src)
-    circuit = moe_circuit(src, neurons, 0.5)
+    circuit = make_circuit(src, neurons, 0.5)
     circuit.neurons[2] = circuit.neurons[2].model_copy(update={"multiplier": 2.0})
     out = apply_circuit(resolve(str(src)), circuit, tmp_path / "out")
     report = diff(str(src), str(out))
@@ -474,7 +461,7 @@ def test_diff_and_verify_every_layout(moe_models, tmp_path, arch):
     from cna_export.audit.diff import diff, verify
 
     src = moe_models[arch]
-    circuit = moe_circuit(src, some_neurons(src), 0.5)
+    circuit = make_circuit(src, some_neurons(src), 0.5)
     circuit.neurons[2] = circuit.neurons[2].model_copy(update={"multiplier": 2.0})
     out = apply_circuit(resolve(str(src)), circuit, tmp_path / "out")
     recovered = diff(str(src), str(out)).circuit()
@@ -658,7 +645,7 @@ def test_mxfp4_export_equals_manual_edit_and_verifies(mxfp4_gpt_oss, tmp_path, m
     from cna_export.audit.diff import diff, verify
 
     src = mxfp4_gpt_oss
-    circuit = moe_circuit(src, neurons, m)
+    circuit = make_circuit(src, neurons, m)
     out = apply_circuit(resolve(str(src)), circuit, tmp_path / "out")
     tok = AutoTokenizer.from_pretrained(src)
     original = load_mxfp4(src)
@@ -688,7 +675,7 @@ def test_mxfp4_export_refuses_an_inexact_factor(mxfp4_gpt_oss, tmp_path):
     refused in one line, and the export leaves nothing behind."""
     for neurons, m in (([(0, 2, 7)], 2.0), (MXFP4_SAFE[:1], 0.3)):
         with pytest.raises(CircuitError, match="MXFP4"):
-            apply_circuit(resolve(str(mxfp4_gpt_oss)), moe_circuit(mxfp4_gpt_oss, neurons, m), tmp_path / "out")
+            apply_circuit(resolve(str(mxfp4_gpt_oss)), make_circuit(mxfp4_gpt_oss, neurons, m), tmp_path / "out")
         assert not (tmp_path / "out").exists()
 
 
@@ -697,6 +684,6 @@ def test_fraction_counts_every_expert(moe_models):
     summary and the card do."""
     shape = describe(resolve(str(moe_models["qwen3_moe"])))[1]
     assert shape.num_neurons == 48 + 2 * 4 * 16  # layer 0 dense (48), layers 1-2: 4 experts of 16
-    circuit = moe_circuit(moe_models["qwen3_moe"], [(1, 0, 1)])
+    circuit = make_circuit(moe_models["qwen3_moe"], [(1, 0, 1)])
     assert circuit.num_neurons == shape.num_neurons
     assert Selection(fraction=0.05).resolve_k(shape) == round(0.05 * 176)

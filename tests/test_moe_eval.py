@@ -5,8 +5,8 @@ the evaluation of the folded export: same generations, same rates, same KL."""
 from __future__ import annotations
 
 import pytest
-from conftest import run_cli
-from test_moe import NEG, POS, moe_circuit, some_neurons
+from conftest import make_circuit, run_cli
+from test_moe import NEG, POS, some_neurons
 
 from cna_export.attribution.select import attribute
 from cna_export.circuit.format import Circuit
@@ -28,7 +28,7 @@ def wide_circuit(src, multiplier: float = 0.0) -> Circuit:
     moe = shape.moe
     layers = [i for i in range(shape.num_layers) if i not in moe.dense_layers]
     whole = [(layer, e, j) for layer in layers[:2] for e in (0, 2) for j in range(moe.width)]
-    return moe_circuit(src, sorted(set(some_neurons(src) + whole), key=str), multiplier)
+    return make_circuit(src, sorted(set(some_neurons(src) + whole), key=str), multiplier)
 
 
 def assert_same_evaluation(a: tuple, b: tuple) -> None:

@@ -32,9 +32,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import build_model, run_cli
+from conftest import build_model, make_circuit, run_cli
 from gguf import GGUFReader
-from test_moe import moe_circuit
 
 from cna_export.arch import arch_for
 from cna_export.arch.experts import SHARED
@@ -85,7 +84,7 @@ class Converted(dict):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(ENV, self.converter)
             src = build_model(root / arch, arch, **CHANGES[arch]) if arch in CHANGES else src
-            circuit = moe_circuit(src, neurons_of(src), 0.0)
+            circuit = make_circuit(src, neurons_of(src), 0.0)
             edited = apply_circuit(resolve(str(src)), circuit, root / f"{arch}-edited")
             self[arch] = {
                 "src": src, "circuit": circuit,
@@ -184,7 +183,7 @@ def test_patch_touches_only_the_expert_rows(converted, tmp_path, arch):
     proc = run_cli("diff", str(c["f32"]), str(out), "--verify", str(sidecar_path(out)))
     assert proc.stdout.startswith("OK:"), proc.stdout
     last = neurons[3][0]  # (last MoE layer, expert 1, 5)
-    fewer = moe_circuit(c["src"], [n for n in neurons if n[:2] != (last, 1)], 0.0)
+    fewer = make_circuit(c["src"], [n for n in neurons if n[:2] != (last, 1)], 0.0)
     ok, why = verify(str(c["f32"]), str(out), fewer)
     assert not ok and f"layer {last} expert 1" in why, why
 
@@ -259,7 +258,7 @@ def test_patch_dense_and_expert_layers_of_one_file(moe_models, tmp_path):
     w.write_tensors_to_file()
     w.close()
     neurons = [(0, None, 7), (1, 2, 5), (1, 0, 0), (2, 3, 15)]
-    circuit = moe_circuit(moe_models["qwen3_moe"], neurons, 0.5)  # the tiny qwen3_moe: 3 layers, layer 0 dense
+    circuit = make_circuit(moe_models["qwen3_moe"], neurons, 0.5)  # the tiny qwen3_moe: 3 layers, layer 0 dense
     report = patch_gguf_report(src, circuit, tmp_path / "out.gguf")
     assert {(t.name, t.route) for t in report.tensors} == {
         ("blk.0.ffn_up.weight", "values"), ("blk.1.ffn_up_exps.weight", "scales"),
