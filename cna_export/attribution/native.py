@@ -44,9 +44,9 @@ from cna_export.io.hashing import combined_sha256, sha256_files
 log = logging.getLogger(__name__)
 
 
-def _groups(tagged: list[tuple[int, list[int]]], batch_size: int) -> list[list[int]]:
-    """Indices of `tagged` in length-sorted groups of at most `batch_size` (the torch route's order)."""
-    order = sorted(range(len(tagged)), key=lambda i: (len(tagged[i][1]), i))
+def length_groups(seqs: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices of `seqs` in length-sorted groups of at most `batch_size` (the torch route's batch order)."""
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
@@ -123,7 +123,7 @@ def collect_sets_gguf(
                      spec.model_type)  # fmt: skip
     tagged = [(k, ids) for k, prompts in enumerate(sets) for ids in prompts]
     prefix = common_prefix([ids for _, ids in tagged]) if share_prefix else 0
-    groups = _groups(tagged, batch_size)
+    groups = length_groups([ids for _, ids in tagged], batch_size)
     widest = max(sum(len(tagged[i][1]) - prefix for i in g) for g in groups)
     n_batch = max(widest, prefix, 1)
     n_ctx = prefix + widest + 8

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cna_export.attribution.native import length_groups
 from cna_export.circuit.format import Circuit
 from cna_export.errors import CnaExportError
 from cna_export.evaluate.detectors import Detector, detector_for
@@ -33,12 +34,6 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def _groups(encoded: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
-    """Prompt indices in length-sorted groups of `batch_size` (the torch route's batch order)."""
-    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
-    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 class GgufRunner:
@@ -69,7 +64,7 @@ class GgufRunner:
         bs = min(cfg.batch_size, len(encoded))
         widest = max(len(e) for e in encoded)
         with self.model.context(bs * (widest + cfg.max_new_tokens) + 8, max(bs * widest, bs), bs) as ctx:
-            for group in tqdm(_groups(encoded, bs), desc=desc, unit="batch", leave=False):
+            for group in tqdm(length_groups(encoded, bs), desc=desc, unit="batch", leave=False):
                 rows = ctx.decode([Seq(encoded[i]) for i in group])
                 live = list(range(len(group)))
                 for step in range(cfg.max_new_tokens):
@@ -92,7 +87,7 @@ class GgufRunner:
         widest = max(len(s) for s in seqs)
         out: list[Scored | None] = [None] * len(seqs)
         with self.model.context(bs * widest + 8, bs * widest, bs) as ctx:
-            for group in tqdm(_groups(seqs, bs), desc=desc, unit="batch", leave=False):
+            for group in tqdm(length_groups(seqs, bs), desc=desc, unit="batch", leave=False):
                 # Logits from the last prompt token on: position len(prompt) - 1 + t predicts answer token t.
                 last = ctx.decode([Seq(seqs[i], logits_from=len(encoded[i]) - 1) for i in group])
                 for row, i in zip(last, group):
@@ -112,7 +107,7 @@ class GgufRunner:
         bs = min(batch_size, len(encoded))
         widest = max(len(e) for e in encoded)
         with self.model.context(bs * widest + 8, bs * widest, bs) as ctx:
-            for group in tqdm(_groups(encoded, bs), desc="mmlu", unit="batch", leave=False):
+            for group in tqdm(length_groups(encoded, bs), desc="mmlu", unit="batch", leave=False):
                 rows = ctx.decode([Seq(encoded[i]) for i in group])
                 for row, i in zip(rows, group):
                     out[i] = torch.from_numpy(_log_softmax(ctx.logits(row))[ids])
