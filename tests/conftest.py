@@ -125,7 +125,10 @@ def build_tokenizer(folder: Path, specials: tuple[str, ...] = (), sentencepiece:
             vocab_size=400, special_tokens=base, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         )
     tok.train_from_iterator(CORPUS * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    # The turn marker is a special token (as Gemma's `<start_of_turn>` is): llama.cpp's converter marks only
+    # special tokens as control tokens in a Llama-style vocabulary, and parses only those out of the chat text.
+    extra = {"extra_special_tokens": ["<|im_start|>"]} if sentencepiece else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", **extra)
     fast.chat_template = CHATML
     fast.save_pretrained(folder)
     if config:  # after saving: transformers writes its own tokenizer_class

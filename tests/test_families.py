@@ -364,8 +364,8 @@ def test_double_wide_gemma4_discovery(wide_gemma4):
 
 def test_double_wide_gemma4_patch_gguf(tmp_path):
     """A Gemma 4 GGUF whose ffn_up is [n, hidden] or [2n, hidden] by layer: patch-gguf reads each layer's width,
-    scales the chosen rows (one in the wide half), and diff --verify accepts the file. Attribution inside llama.cpp
-    (one ffn_down width per model) refuses the file in one line."""
+    scales the chosen rows (one in the wide half), and diff --verify accepts the file (attribution inside llama.cpp
+    on a converted one: test_family_gguf.py)."""
     import numpy as np
     from gguf import GGUFReader, GGUFWriter
 
@@ -394,12 +394,6 @@ def test_double_wide_gemma4_patch_gguf(tmp_path):
         keep = [r for r in range(n) if r not in rows]
         assert np.array_equal(a[keep], b[keep]) and np.array_equal(b[rows], 0.5 * a[rows])
     assert verify(str(src), str(out), circuit)[0]
-    from cna_export.attribution.discover import discover_circuit
-    from cna_export.circuit.selection import Selection
-
-    with pytest.raises(CnaExportError, match="--backend torch") as err:
-        discover_circuit(resolve(str(src)), PROMPTS, PROMPTS, [], Selection(top_k=1, universal=False))
-    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("arch", ["gemma3"])

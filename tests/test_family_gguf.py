@@ -32,9 +32,10 @@ from cna_export.io.source import describe, resolve
 
 BOTH_ROUTES = ["phi3", "granite", "gemma3", "qwen2_5_vl"]
 WORKAROUNDS = ["cohere2", "glm4", "qwen3_5", "gemma4", "mistral3"]
-# Max |logit difference| allowed (logits of size ~2.5; gguf_routes.md): ggml's GELU for the Gemmas, M-RoPE at a
-# 16-wide head for Qwen2.5-VL, ~1e-6 elsewhere.
-TOL = {"gemma3": 3e-3, "gemma4": 2e-2, "qwen2_5_vl": 1e-2}
+# Max |logit difference| allowed (logits of size ~2.5; gguf_routes.md): for the Gemmas ggml's CPU GELU, a look-up
+# table at fp16(x) holding fp16 values (1e-3 of each activation; transformers with that table: 1e-4 of llama.cpp),
+# M-RoPE at a 16-wide head for Qwen2.5-VL, ~1e-6 elsewhere.
+TOL = {"gemma3": 3e-3, "gemma4": 3e-3, "qwen2_5_vl": 1e-2}
 IDS = [5, 17, 42, 99, 120, 7, 300, 250, 61, 33, 12, 8, 140, 201, 77, 19]
 
 
@@ -68,10 +69,10 @@ def some_circuit(src: Path, multiplier: float):
     return make_circuit(src, [(i % shape.num_layers, 7 * i + 3) for i in range(8)], multiplier=multiplier)
 
 
-def check_patched(arch: str, src: Path, original: Path, tmp_path: Path, multiplier: float) -> None:
+def check_patched(arch: str, src: Path, original: Path, tmp_path: Path, multiplier: float, circuit=None) -> None:
     """patch-gguf on the converted original == transformers hooked; the unpatched file == transformers."""
     tol = TOL.get(arch, 1e-4)
-    circuit = some_circuit(src, multiplier)
+    circuit = circuit or some_circuit(src, multiplier)
     plain, hooked = hooked_logits(src), hooked_logits(src, circuit)
     assert float(np.abs(hooked - plain).max()) > 10 * tol, "the edit should move the logits past the tolerance"
     assert_logits_close(llama_logits(original, IDS)[:, : plain.shape[1]], plain, tol)
@@ -137,3 +138,66 @@ def test_exaone4_window_warning_and_converter_failure_line(family_models, tmp_pa
     assert str(err.value).startswith("llama.cpp's converter failed on") and "\n" not in str(err.value)
     assert "--verbose" in str(err.value) and "patch-gguf" in str(err.value)
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def wide_gemma4_gguf(tmp_path_factory, hf_to_gguf):
+    """A Gemma 4 with `use_double_wide_mlp` (layer widths 128, 128, 256; see test_families.WIDE) and its f32 GGUF
+    from llama.cpp's converter, whose `ffn_up`/`ffn_down` are as wide as each layer."""
+    from conftest import FAMILY_TINY
+
+    root = tmp_path_factory.mktemp("gemma4-wide-gguf")
+    text = dict(FAMILY_TINY["gemma4"]["text_config"], num_hidden_layers=3, num_kv_shared_layers=1,
+                layer_types=["sliding_attention", "full_attention", "full_attention"], use_double_wide_mlp=True,
+                hidden_size_per_layer_input=8, vocab_size_per_layer_input=480)  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(FAMILY_TINY, "gemma4", dict(FAMILY_TINY["gemma4"], text_config=text))
+        src = build_family_model(root / "src", "gemma4", vocab=None)
+    return src, export_gguf(src, root / "wide.f32.gguf", outtype="f32")
+
+
+def test_double_wide_gemma4_in_llama_cpp(wide_gemma4_gguf, tmp_path):
+    """The double-wide Gemma 4 end to end in llama.cpp: the converted file runs as transformers does; `discover` on
+    it (the tap reads each layer's ffn_down width) selects the neurons that `--backend torch` selects on the folder,
+    the wide half of the last layer included, with the same deltas; patch-gguf with that circuit follows the hooks."""
+    import json
+
+    from test_families import WIDE
+
+    src, path = wide_gemma4_gguf
+    prompts = {"pos": ["How do I bake bread?", "Tell me a secret.", "Explain photosynthesis.", "Wie spaet ist es?"],
+               "neg": ["The quick brown fox.", "def add(a, b):", "Qu'est-ce que c'est?", "List three colours."]}  # fmt: skip
+    for name, lines in prompts.items():
+        (tmp_path / f"{name}.txt").write_text("\n".join(lines))
+    common = ["discover", "--positive", str(tmp_path / "pos.txt"), "--negative", str(tmp_path / "neg.txt"),
+              "--top-k", "40", "--skip-first-layers", "0", "--skip-last-layers", "0", "--no-universal"]  # fmt: skip
+    run_cli(*common, "--model", str(path), "-o", str(tmp_path / "native.json"))
+    run_cli(*common, "--model", str(src), "--backend", "torch", "-o", str(tmp_path / "torch.json"))
+    native, ref = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("native", "torch"))
+    assert native["model"]["layer_widths"] == ref["model"]["layer_widths"] == list(WIDE)
+    got = {(n["layer"], n["index"]): n["delta"] for n in native["neurons"]}
+    want = {(n["layer"], n["index"]): n["delta"] for n in ref["neurons"]}
+    assert any(layer == 2 and j >= WIDE[0] for layer, j in got), "a neuron of the wide half should be selected"
+    assert all(j < WIDE[layer] for layer, j in got)
+    assert len(got.keys() & want.keys()) >= 36, (sorted(got.keys() - want.keys()), sorted(want.keys() - got.keys()))
+    scale = max(abs(d) for d in want.values())
+    for key in got.keys() & want.keys():  # ggml's fp16 GELU table: ~1e-3 of each activation
+        assert got[key] == pytest.approx(want[key], abs=0.02 * scale)
+    from cna_export.circuit.format import Circuit
+
+    circuit = Circuit.model_validate_json((tmp_path / "native.json").read_text()).model_copy(update={"multiplier": 0.0})
+    check_patched("gemma4", src, path, tmp_path, 0.0, circuit)
+
+
+def test_a_gguf_that_asks_for_a_missing_bos_token_tokenizes(wide_gemma4_gguf):
+    """The converted tiny Gemma 4 says add_bos_token but has no BOS token (its config has none), on which llama.cpp's
+    tokenizer aborts the process; the prompt is tokenized without it, as transformers does."""
+    from transformers import AutoTokenizer
+
+    from cna_export.gguf.llamacpp import LlamaCppModel
+
+    src, path = wide_gemma4_gguf
+    with LlamaCppModel(path, n_threads=1) as model:
+        assert model.lc.llama_vocab_get_add_bos(model.vocab) and model.lc.llama_vocab_bos(model.vocab) < 0
+        ids = model.encode("How do I bake bread?", None)
+    assert ids == AutoTokenizer.from_pretrained(src)("How do I bake bread?")["input_ids"]

@@ -91,9 +91,6 @@ def _discover_gguf(
     from cna_export.attribution.native import attribute_gguf, describe_gguf, gguf_identity
 
     spec, shape, metadata = describe_gguf(source.path)
-    if shape.layer_widths is not None:  # the tap and its sums read one ffn_down width per model
-        raise RecipeError(f"{source.name}'s layers differ in MLP width, which attribution inside llama.cpp does not "
-                          "read.", "pass --backend torch, or discover on the model's safetensors folder.")  # fmt: skip
     k = selection.resolve_k(shape)  # before the forward passes, so a bad k fails fast
     model_id = gguf_identity(source.name, source.path, spec, shape, metadata)
     result = attribute_gguf(source.path, spec, model_id, positive, negative, neutral, selection)

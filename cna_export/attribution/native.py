@@ -34,7 +34,7 @@ from cna_export.arch.experts import ExpertShape
 from cna_export.attribution.collect import SetStats, _Sums, common_prefix
 from cna_export.attribution.experts import router_weights
 from cna_export.attribution.select import Attribution, from_stats, prepare
-from cna_export.circuit.format import ModelIdentity, moe_fields, prompt_set
+from cna_export.circuit.format import ModelIdentity, prompt_set, shape_fields
 from cna_export.circuit.selection import Selection
 from cna_export.errors import RecipeError
 from cna_export.gguf.check import check_gguf, gguf_model_type, gguf_shape
@@ -57,7 +57,7 @@ def tap_units(spec: ArchSpec, shape: ModelShape, last: int) -> dict[bytes, Unit]
     moe, ex, units = shape.moe, spec.experts, {}
     for i in range(last + 1):
         if moe is None or ex is None or i in moe.dense_layers:
-            units[spec.gguf_down.name(i).encode()] = Unit(i, "dense", shape.intermediate_size)
+            units[spec.gguf_down.name(i).encode()] = Unit(i, "dense", shape.width(i))
             continue
         units[ex.gguf_down.name(i).encode()] = Unit(i, "routed", moe.width, weighted=True)
         if moe.shared:
@@ -113,8 +113,7 @@ def collect_sets_gguf(
         One `SetStats` per set, as `collect_sets` returns them (MoE: with the routing counts).
     """
     last = shape.num_layers - 1 if last_layer is None else last_layer
-    width = shape.moe.layer_width(shape.intermediate_size) if shape.moe else shape.intermediate_size
-    sums = _Sums(len(sets), width, top_n)
+    sums = _Sums(len(sets), shape.row_width, top_n)  # a layer narrower than the widest fills the first columns
 
     # The tap only copies rows out; they are added after each decode. Torch work inside the callback would wake its
     # thread pool while llama.cpp's threads wait for the main thread, and the two pools fight for the cores.
@@ -180,7 +179,7 @@ def gguf_identity(source_name: str, path: Path, spec: ArchSpec, shape: ModelShap
     return ModelIdentity(
         source=source_name, model_type=spec.model_type, weights_sha256=combined_sha256(sha256_files([path])),
         config_sha256=hashlib.sha256(config).hexdigest(), num_layers=shape.num_layers,
-        intermediate_size=shape.intermediate_size, hidden_size=shape.hidden_size, **moe_fields(shape),
+        intermediate_size=shape.intermediate_size, hidden_size=shape.hidden_size, **shape_fields(shape),
     )  # fmt: skip
 
 
@@ -198,7 +197,8 @@ def attribute_gguf(
     if model_id.num_experts:  # an MoE GGUF: its experts as `gguf_identity` recorded them
         moe = ExpertShape(model_id.num_experts, model_id.expert_size or 0, model_id.shared_expert_size or 0,
                           frozenset(model_id.dense_layers or ()))  # fmt: skip
-    shape = ModelShape(model_id.num_layers, model_id.intermediate_size, model_id.hidden_size, moe)
+    widths = tuple(model_id.layer_widths) if model_id.layer_widths is not None else None
+    shape = ModelShape(model_id.num_layers, model_id.intermediate_size, model_id.hidden_size, moe, widths)
     selection, top_n, last = prepare(shape, selection)
     template = gguf_chat_template(path, selection.chat_template)
     with LlamaCppModel(path, n_threads) as model:

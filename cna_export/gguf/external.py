@@ -66,7 +66,8 @@ def load_hparams(dir_model, is_mistral_format):
     config = load(dir_model, is_mistral_format)
     text = config.get("text_config", config) if fixes["wrapper"] else config
     for key, value in fixes["hparams"].items():
-        text.setdefault(key, value)
+        if text.get(key) is None:
+            text[key] = value
     return config
 base.ModelBase.load_hparams = staticmethod(load_hparams)
 known = base.TextModel.get_vocab_base_pre
@@ -110,12 +111,18 @@ def _full_attention_interval(text: dict[str, Any]) -> int:
     return k
 
 
-# model_type -> {key of the language model's config: how to derive it}, applied where the key is missing.
+# A final-logit cap that is the identity in f32: c * tanh(x / c) == x to an ulp for any logit (|x / c| < 2^-12).
+NO_CAP = 1e30
+
+# model_type -> {key of the language model's config: how to derive it}, applied where the key is missing or null.
 CONFIG_SHIMS: dict[str, dict[str, Callable[[dict[str, Any]], Any]]] = {
     "cohere2": {"rotary_pct": _rotary_pct},
     "gemma4": {
         "global_head_dim": lambda t: _full_layer(t, "head_dim", t["head_dim"]),
         "num_global_key_value_heads": lambda t: _full_layer(t, "num_key_value_heads", t["num_key_value_heads"]),
+        # llama.cpp 0.3.36's Gemma 4 always caps the logits, at 30 when the file has no cap; transformers caps only
+        # when the config says so (the Hub's checkpoints say 30, transformers' default is none).
+        "final_logit_softcapping": lambda t: NO_CAP,
     },
     "qwen3_5": {"full_attention_interval": _full_attention_interval},
     "qwen3_5_moe": {"full_attention_interval": _full_attention_interval},
@@ -211,10 +218,11 @@ def converter_command() -> tuple[list[str], dict[str, str]]:
 
 
 def missing_hparams(config: dict[str, Any]) -> dict[str, Any]:
-    """The keys of `CONFIG_SHIMS` that the language-model part of `config` (config.json) lacks, derived."""
+    """The keys of `CONFIG_SHIMS` that the language-model part of `config` (config.json) lacks or sets to null,
+    derived."""
     text = arch_for(config.get("model_type", "")).text_of(config)
     shims = CONFIG_SHIMS.get(config.get("model_type", ""), {})
-    return {key: derive(text) for key, derive in shims.items() if key not in text}
+    return {key: derive(text) for key, derive in shims.items() if text.get(key) is None}
 
 
 def _pre_tokenizer(folder: Path) -> str | None:

@@ -291,6 +291,8 @@ class LlamaCppModel:
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         """Token ids of `text`, special-token text parsed (as transformers does), BOS added if the GGUF says so."""
         raw = text.encode("utf-8")
+        if add_special and self.lc.llama_vocab_get_add_bos(self.vocab) and self.lc.llama_vocab_bos(self.vocab) < 0:
+            add_special = False  # a file that asks for a BOS token it lacks: llama.cpp would abort the process
         n = len(raw) + 8
         for _ in range(2):
             buf = (self.lc.llama_token * n)()
