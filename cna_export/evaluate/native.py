@@ -25,7 +25,7 @@ from cna_export.circuit.format import Circuit
 from cna_export.errors import CnaExportError
 from cna_export.evaluate.detectors import Detector, detector_for
 from cna_export.evaluate.measure import Baseline, EvalConfig, Scored, _summarize
-from cna_export.gguf.llamacpp import LlamaCppModel, Seq
+from cna_export.gguf.llamacpp import LlamaCppContext, LlamaCppModel, Seq
 
 log = logging.getLogger(__name__)
 
@@ -61,42 +61,32 @@ class GgufRunner:
     def generate(self, encoded: list[list[int]], cfg: EvalConfig, desc: str = "generate") -> list[list[int]]:
         """Greedy answers (ending with the end token when the model stopped), `cfg.batch_size` per decode."""
         answers: list[list[int]] = [[] for _ in encoded]
-        bs = min(cfg.batch_size, len(encoded))
-        widest = max(len(e) for e in encoded)
-        with self.model.context(bs * (widest + cfg.max_new_tokens) + 8, max(bs * widest, bs), bs) as ctx:
-            for group in tqdm(length_groups(encoded, bs), desc=desc, unit="batch", leave=False):
-                rows = ctx.decode([Seq(encoded[i]) for i in group])
-                live = list(range(len(group)))
-                for step in range(cfg.max_new_tokens):
-                    nxt = {k: int(np.argmax(ctx.logits(r))) for k, r in zip(live, rows)}
-                    for k, token in nxt.items():
-                        answers[group[k]].append(token)
-                    live = [k for k in live if not self.is_end(nxt[k])]
-                    if not live or step == cfg.max_new_tokens - 1:
-                        break
-                    rows = ctx.decode([Seq([nxt[k]], len(encoded[group[k]]) + step) for k in live], seq_ids=live)
-                for k in range(len(group)):
-                    ctx.forget(k)
+        for ctx, group in self._groups(encoded, cfg.batch_size, desc, extra=cfg.max_new_tokens):
+            rows = ctx.decode([Seq(encoded[i]) for i in group])
+            live = list(range(len(group)))
+            for step in range(cfg.max_new_tokens):
+                nxt = {k: int(np.argmax(ctx.logits(r))) for k, r in zip(live, rows)}
+                for k, token in nxt.items():
+                    answers[group[k]].append(token)
+                live = [k for k in live if not self.is_end(nxt[k])]
+                if not live or step == cfg.max_new_tokens - 1:
+                    break
+                rows = ctx.decode([Seq([nxt[k]], len(encoded[group[k]]) + step) for k in live], seq_ids=live)
         return answers
 
     def score(self, encoded: list[list[int]], answers: list[list[int]], cfg: EvalConfig,
               desc: str = "score") -> list[Scored]:  # fmt: skip
         """Prompt + answer through the model; the distribution at every answer position (as `measure.score`)."""
         seqs = [p + a for p, a in zip(encoded, answers)]
-        bs = min(cfg.batch_size, len(seqs))
-        widest = max(len(s) for s in seqs)
         out: list[Scored | None] = [None] * len(seqs)
-        with self.model.context(bs * widest + 8, bs * widest, bs) as ctx:
-            for group in tqdm(length_groups(seqs, bs), desc=desc, unit="batch", leave=False):
-                # Logits from the last prompt token on: position len(prompt) - 1 + t predicts answer token t.
-                last = ctx.decode([Seq(seqs[i], logits_from=len(encoded[i]) - 1) for i in group])
-                for row, i in zip(last, group):
-                    n = len(answers[i])
-                    logp = _log_softmax(np.stack([ctx.logits(row - n + t) for t in range(n)]))
-                    nll = -logp[np.arange(n), answers[i]]
-                    out[i] = Scored(torch.from_numpy(nll), torch.from_numpy(logp[: cfg.kl_tokens].astype(np.float32)))
-                for k in range(len(group)):
-                    ctx.forget(k)
+        for ctx, group in self._groups(seqs, cfg.batch_size, desc):
+            # Logits from the last prompt token on: position len(prompt) - 1 + t predicts answer token t.
+            last = ctx.decode([Seq(seqs[i], logits_from=len(encoded[i]) - 1) for i in group])
+            for row, i in zip(last, group):
+                n = len(answers[i])
+                logp = _log_softmax(np.stack([ctx.logits(row - n + t) for t in range(n)]))
+                nll = -logp[np.arange(n), answers[i]]
+                out[i] = Scored(torch.from_numpy(nll), torch.from_numpy(logp[: cfg.kl_tokens].astype(np.float32)))
         return out  # type: ignore[return-value]
 
     def letter_logprobs(self, prompts: Sequence[str], letters: Sequence[str], batch_size: int = 8) -> torch.Tensor:
@@ -104,16 +94,23 @@ class GgufRunner:
         ids = [self.model.tokenize(f" {c}", add_special=False)[0] for c in letters]
         encoded = [self.model.tokenize(p, add_special=True) for p in prompts]
         out = torch.empty(len(prompts), len(letters), dtype=torch.float64)
-        bs = min(batch_size, len(encoded))
-        widest = max(len(e) for e in encoded)
-        with self.model.context(bs * widest + 8, bs * widest, bs) as ctx:
-            for group in tqdm(length_groups(encoded, bs), desc="mmlu", unit="batch", leave=False):
-                rows = ctx.decode([Seq(encoded[i]) for i in group])
-                for row, i in zip(rows, group):
-                    out[i] = torch.from_numpy(_log_softmax(ctx.logits(row))[ids])
+        for ctx, group in self._groups(encoded, batch_size, "mmlu"):
+            rows = ctx.decode([Seq(encoded[i]) for i in group])
+            for row, i in zip(rows, group):
+                out[i] = torch.from_numpy(_log_softmax(ctx.logits(row))[ids])
+        return out
+
+    def _groups(self, seqs: list[list[int]], batch_size: int, desc: str,
+                extra: int = 0) -> Iterator[tuple[LlamaCppContext, list[int]]]:  # fmt: skip
+        """A context for `batch_size` sequences of up to the longest of `seqs` plus `extra` tokens each, and the
+        length-sorted groups of `seqs` one by one (their KV cells are dropped after each group)."""
+        bs = min(batch_size, len(seqs))
+        widest = max(len(s) for s in seqs)
+        with self.model.context(bs * (widest + extra) + 8, max(bs * widest, bs), bs) as ctx:
+            for group in tqdm(length_groups(seqs, bs), desc=desc, unit="batch", leave=False):
+                yield ctx, group
                 for k in range(len(group)):
                     ctx.forget(k)
-        return out
 
 
 def _mmlu(runner: GgufRunner, questions: Sequence | None, batch_size: int) -> dict:
@@ -287,14 +284,11 @@ def sweep_gguf(
         num_neurons=circuits[ks[0]].num_neurons, recipe=recipe, split=split, backend="llama.cpp",
     )  # fmt: skip
     records = list(baseline.records)
-    for k, m in tqdm([(k, m) for k in ks for m in multipliers if m != 1], desc="sweep", unit="point"):
+
+    def point(k: int, m: float) -> tuple[dict, list[dict]]:
         with patched(path, circuits[k], m, allow_negative) as variant:
-            metrics, recs = gguf_measure(variant, baseline, detector, cfg, label=f"k={k} m={m:g}", k=k, multiplier=m,
-                                         n_threads=n_threads)  # fmt: skip
-        results["points"].append(metrics)
-        records += recs
-        S._choose(results, kl_budget, benign_budget)
-        if out is not None:
-            S.save_results(out, results, records)
-    S._choose(results, kl_budget, benign_budget)
+            return gguf_measure(variant, baseline, detector, cfg, label=f"k={k} m={m:g}", k=k, multiplier=m,
+                                n_threads=n_threads)  # fmt: skip
+
+    S.sweep_grid(results, records, ks, multipliers, point, kl_budget=kl_budget, benign_budget=benign_budget, out=out)
     return results, records, circuits

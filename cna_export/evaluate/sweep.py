@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -226,12 +226,26 @@ def run_sweep(
         split=split,
     )  # fmt: skip
     records = list(baseline.records)
-    grid = [(k, m) for k in ks for m in multipliers if m != 1]
-    for k, m in tqdm(grid, desc="sweep", unit="point"):
-        metrics, recs = measure(
-            model, tokenizer, baseline, detector, cfg, spec=spec, edits=circuits[k].hook_edits(m, allow_negative),
-            label=f"k={k} m={m:g}", k=k, multiplier=m,
-        )  # fmt: skip
+
+    def point(k: int, m: float) -> tuple[dict, list[dict]]:
+        edits = circuits[k].hook_edits(m, allow_negative)
+        return measure(model, tokenizer, baseline, detector, cfg, spec=spec, edits=edits, label=f"k={k} m={m:g}", k=k,
+                       multiplier=m)  # fmt: skip
+
+    sweep_grid(results, records, ks, multipliers, point, kl_budget=kl_budget, benign_budget=benign_budget, out=out)
+    return results, records, circuits
+
+
+def sweep_grid(
+    results: dict, records: list[dict], ks: Sequence[int], multipliers: Sequence[float],
+    point: Callable[[int, float], tuple[dict, list[dict]]], *, kl_budget: float | None, benign_budget: float | None,
+    out: Path | None,
+) -> None:  # fmt: skip
+    """The point loop of a sweep, whichever backend measures: `point(k, m)` for every (k, m) of the grid but m = 1
+    (the original), its metrics and records appended, the Pareto front and the choice kept current, and the
+    results saved after every point when `out` is given."""
+    for k, m in tqdm([(k, m) for k in ks for m in multipliers if m != 1], desc="sweep", unit="point"):
+        metrics, recs = point(k, m)
         log.info("k=%d m=%g: rate %.3f, benign %.3f, KL %.4f", k, m, metrics["rate"], metrics["benign_rate"],
                  metrics["kl_first"])  # fmt: skip
         results["points"].append(metrics)
@@ -240,7 +254,6 @@ def run_sweep(
         if out is not None:
             save_results(out, results, records)
     _choose(results, kl_budget, benign_budget)
-    return results, records, circuits
 
 
 def _choose(results: dict, kl_budget: float | None, benign_budget: float | None) -> None:
