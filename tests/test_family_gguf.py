@@ -8,7 +8,7 @@ The families whose conversion needs a workaround of gguf/external.py (Command R7
 Mistral 3): patch-gguf on the converted original. Each model converts once per session (~5-30 s each).
 SmolLM3, OLMo 2/3, Apertus and Qwen3-VL convert without one and are measured by benchmarks/gguf_routes.py
 (results/gguf_routes.md), as is EXAONE 4, whose sliding-window layers llama.cpp 0.3.36 runs only for the 64-layer
-checkpoint.
+checkpoint; EXAONE 4 in the layout of its 1.2B checkpoint (no sliding window) is tested here.
 """
 
 from __future__ import annotations
@@ -201,3 +201,21 @@ def test_a_gguf_that_asks_for_a_missing_bos_token_tokenizes(wide_gemma4_gguf):
         assert model.lc.llama_vocab_get_add_bos(model.vocab) and model.lc.llama_vocab_bos(model.vocab) < 0
         ids = model.encode("How do I bake bread?", None)
     assert ids == AutoTokenizer.from_pretrained(src)("How do I bake bread?")["input_ids"]
+
+
+def test_exaone4_in_the_layout_of_its_small_checkpoint_runs_as_transformers(hf_to_gguf, tmp_path, caplog):
+    """EXAONE 4 as the 1.2B checkpoint has it (global attention with RoPE in every layer, no sliding window): it
+    converts without the sliding-window warning, and the file and patch-gguf on it (m = 0) follow transformers to
+    the tolerance of the other families (the 64-layer 32B is the layout llama.cpp keys its window on)."""
+    import logging
+
+    from conftest import FAMILY_TINY
+
+    tiny = dict(FAMILY_TINY["exaone4"], sliding_window=None, layer_types=["full_attention", "full_attention"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(FAMILY_TINY, "exaone4", tiny)
+        src = build_family_model(tmp_path / "exaone4", "exaone4", vocab=None)
+    with caplog.at_level(logging.WARNING):
+        original = export_gguf(src, tmp_path / "exaone4.f32.gguf", outtype="f32")
+    assert "64-layer" not in caplog.text
+    check_patched("exaone4", src, original, tmp_path, 0.0)
