@@ -259,7 +259,9 @@ FAMILY_TINY = {
     "mistral3": dict(text_config=dict(_DENSE, model_type="mistral", head_dim=16, sliding_window=None),
                      vision_config=dict(_VIT, model_type="pixtral", image_size=28, patch_size=14, head_dim=16),
                      image_token_index=500, spatial_merge_size=2),
-    "qwen2_5_vl": dict(text_config=dict(_DENSE, rope_parameters=_MROPE),
+    # The checkpoints' epsilon (transformers' default is 1e-5): llama.cpp 0.3.36 runs Qwen2-VL's RMS norms without
+    # the file's epsilon, which the tiny model's small activations would show (test_family_gguf.TOL).
+    "qwen2_5_vl": dict(text_config=dict(_DENSE, rope_parameters=_MROPE, rms_norm_eps=1e-6),
                        vision_config=dict(_QWEN_VIT, fullatt_block_indexes=[0], window_size=56), **_QWEN_IDS),
     "qwen3_vl": dict(text_config=dict(_DENSE, head_dim=16, rope_parameters=_MROPE),
                      vision_config=dict(_QWEN_VIT, deepstack_visual_indexes=[0], num_position_embeddings=16),

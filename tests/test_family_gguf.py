@@ -33,9 +33,10 @@ from cna_export.io.source import describe, resolve
 BOTH_ROUTES = ["phi3", "granite", "gemma3", "qwen2_5_vl"]
 WORKAROUNDS = ["cohere2", "glm4", "qwen3_5", "gemma4", "mistral3"]
 # Max |logit difference| allowed (logits of size ~2.5; gguf_routes.md): for the Gemmas ggml's CPU GELU, a look-up
-# table at fp16(x) holding fp16 values (1e-3 of each activation; transformers with that table: 1e-4 of llama.cpp),
-# M-RoPE at a 16-wide head for Qwen2.5-VL, ~1e-6 elsewhere.
-TOL = {"gemma3": 3e-3, "gemma4": 3e-3, "qwen2_5_vl": 1e-2}
+# table at fp16(x) holding fp16 values (1e-3 of each activation; transformers with that table: 1e-4 of llama.cpp);
+# Qwen2.5-VL: llama.cpp's norms without the file's epsilon (the gap grows with it: 2.8e-4 at the checkpoints' 1e-6,
+# 2.8e-3 at 1e-5, 0.25 at 1e-3 on the tiny model, whose activations are small); ~1e-6 elsewhere.
+TOL = {"gemma3": 3e-3, "gemma4": 3e-3, "qwen2_5_vl": 5e-4}
 IDS = [5, 17, 42, 99, 120, 7, 300, 250, 61, 33, 12, 8, 140, 201, 77, 19]
 
 
