@@ -15,8 +15,10 @@ import torch
 from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, PromptSet, RecordedSelection
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-# Keep the sha256 cache of the tests out of the user's home.
-os.environ.setdefault("CNA_EXPORT_CACHE", tempfile.mkdtemp(prefix="cna-export-cache-"))
+# Keep the sha256 cache of the tests out of the user's home, in a folder removed when the session ends.
+if "CNA_EXPORT_CACHE" not in os.environ:
+    _CACHE = tempfile.TemporaryDirectory(prefix="cna-export-cache-")
+    os.environ["CNA_EXPORT_CACHE"] = _CACHE.name
 REPO = Path(__file__).resolve().parent.parent
 
 CHATML = (
