@@ -265,7 +265,10 @@ FAMILY_TINY = {
     # the file's epsilon, which the tiny model's small activations would show (test_family_gguf.TOL).
     "qwen2_5_vl": dict(text_config=dict(_DENSE, rope_parameters=_MROPE, rms_norm_eps=1e-6),
                        vision_config=dict(_QWEN_VIT, fullatt_block_indexes=[0], window_size=56), **_QWEN_IDS),
-    "qwen3_vl": dict(text_config=dict(_DENSE, head_dim=16, rope_parameters=_MROPE),
+    # Interleaved M-RoPE over the head's 8 rotary pairs: t, h, w take pairs 0,3,6 / 1,4,7 / 2,5 ([3, 3, 2]), as
+    # [24, 20, 20] covers the checkpoints' 64; with [2, 3, 3] pair 6 is t's in transformers, llama.cpp's 4th section's.
+    "qwen3_vl": dict(text_config=dict(_DENSE, head_dim=16, rope_parameters=dict(_MROPE, mrope_section=[3, 3, 2]),
+                                      rms_norm_eps=1e-6),
                      vision_config=dict(_QWEN_VIT, deepstack_visual_indexes=[0], num_position_embeddings=16),
                      **_QWEN_IDS),
 }  # fmt: skip

@@ -1,12 +1,12 @@
 """GGUF of the dense and multimodal families of issue 14 through llama.cpp's converter (gguf/external.py), checked
 in llama.cpp (llama-cpp-python, f32 GGUF, f32 KV cache) against transformers with the same neurons hooked.
 
-Both routes, for four families that cover the irregular cases: Phi-3 (fused gate_up: the up half of ffn_up),
-Granite (embedding, residual, attention and logit multipliers), Gemma 3 (a wrapper, GELU) and Qwen2.5-VL (a
-wrapper with M-RoPE): the folded export converted by `cna-export gguf`, and patch-gguf on the converted original.
+Both routes, for five families that cover the irregular cases: Phi-3 (fused gate_up: the up half of ffn_up),
+Granite (embedding, residual, attention and logit multipliers), Gemma 3 (a wrapper, GELU), Qwen2.5-VL (a
+wrapper with M-RoPE) and Qwen3-VL (interleaved M-RoPE, deepstack): the folded export converted by `cna-export gguf`, and patch-gguf on the converted original.
 The families whose conversion needs a workaround of gguf/external.py (Command R7B, GLM-4, Qwen3.5, Gemma 4,
 Mistral 3): patch-gguf on the converted original. Each model converts once per session (~5-30 s each).
-SmolLM3, OLMo 2/3, Apertus and Qwen3-VL convert without one and are measured by benchmarks/gguf_routes.py
+SmolLM3, OLMo 2/3 and Apertus convert without one and are measured by benchmarks/gguf_routes.py
 (results/gguf_routes.md), as is EXAONE 4, whose sliding-window layers llama.cpp 0.3.36 runs only for the 64-layer
 checkpoint; EXAONE 4 in the layout of its 1.2B checkpoint (no sliding window) is tested here.
 """
@@ -30,7 +30,7 @@ from cna_export.gguf.convert import export_gguf
 from cna_export.gguf.patch import patch_gguf_report
 from cna_export.io.source import describe, resolve
 
-BOTH_ROUTES = ["phi3", "granite", "gemma3", "qwen2_5_vl"]
+BOTH_ROUTES = ["phi3", "granite", "gemma3", "qwen2_5_vl", "qwen3_vl"]
 WORKAROUNDS = ["cohere2", "glm4", "qwen3_5", "gemma4", "mistral3"]
 # Max |logit difference| allowed (logits of size ~2.5; gguf_routes.md): for the Gemmas ggml's CPU GELU, a look-up
 # table at fp16(x) holding fp16 values (1e-3 of each activation; transformers with that table: 1e-4 of llama.cpp);
