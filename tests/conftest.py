@@ -317,6 +317,24 @@ def build_family_model(folder: Path, arch: str, vocab: int | None = 512) -> Path
     return folder
 
 
+def last_token_inputs(model, spec, tok, prompts) -> list[list[torch.Tensor]]:
+    """Per prompt, one at a time, each layer's down-projection input at the last token (float64): the reference the
+    batched attribution is checked against."""
+    from cna_export.attribution.collect import encode_prompts
+    from cna_export.attribution.hooks import down_projs
+
+    out = []
+    for ids in encode_prompts(tok, prompts):
+        got = {}
+        hooks = [p.register_forward_pre_hook(lambda m, a, i=i, got=got: got.__setitem__(i, a[0][0, -1].double()))
+                 for i, p in enumerate(down_projs(model, spec))]  # fmt: skip
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+        for h in hooks:
+            h.remove()
+        out.append([got[i] for i in sorted(got)])
+    return out
+
 @pytest.fixture(scope="session")
 def family_models(tmp_path_factory) -> dict[str, Path]:
     """One tiny random model folder per family of issue 14."""

@@ -6,12 +6,12 @@ import random
 
 import pytest
 import torch
+from conftest import last_token_inputs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cna_export.arch.spec import ModelShape, arch_for
 from cna_export.attribution.collect import collect, encode_prompts
 from cna_export.attribution.discover import discover
-from cna_export.attribution.hooks import down_projs
 from cna_export.attribution.select import attribute, select
 from cna_export.circuit.recipe import load_prompts
 from cna_export.circuit.selection import Selection
@@ -33,17 +33,7 @@ def setup(model_dir):
 def reference_activations(model, tokenizer, spec, prompts, magnitude=False):
     """Unbatched, full forward, one prompt at a time: the reference implementation's way (mean of |act| with
     `magnitude`)."""
-    rows = []
-    for ids in encode_prompts(tokenizer, prompts):
-        acts = {}
-        handles = [p.register_forward_pre_hook(lambda m, a, i=i, acts=acts: acts.__setitem__(i, a[0][0, -1].double()))
-                   for i, p in enumerate(down_projs(model, spec))]  # fmt: skip
-        with torch.no_grad():
-            model(torch.tensor([ids]))
-        for h in handles:
-            h.remove()
-        rows.append(torch.stack([acts[i] for i in sorted(acts)]))
-    rows = torch.stack(rows)
+    rows = torch.stack([torch.stack(layers) for layers in last_token_inputs(model, spec, tokenizer, prompts)])
     return (rows.abs() if magnitude else rows).mean(0)
 
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, PROCESSOR_FILES, make_circuit, run_cli
+from conftest import FAMILIES, PROCESSOR_FILES, last_token_inputs, make_circuit, run_cli
 from transformers import AutoTokenizer
 
 from cna_export.arch import ARCHITECTURES, arch_for
@@ -164,22 +164,6 @@ def test_unknown_family_lists_the_new_ones():
     assert all(f in str(err.value) for f in ("phi3", "gemma3", "qwen3_vl")) and "\n" not in str(err.value)
     assert set(FAMILIES) <= set(ARCHITECTURES)
 
-def last_token_inputs(model, spec, tok, prompts) -> list[list[torch.Tensor]]:
-    """Per prompt, one at a time, each layer's down-projection input at the last token (float64): the reference the
-    batched attribution is checked against."""
-    from cna_export.attribution.collect import encode_prompts
-
-    out = []
-    for ids in encode_prompts(tok, prompts):
-        got = {}
-        hooks = [p.register_forward_pre_hook(lambda m, a, i=i, got=got: got.__setitem__(i, a[0][0, -1].double()))
-                 for i, p in enumerate(down_projs(model, spec))]  # fmt: skip
-        with torch.no_grad():
-            model(input_ids=torch.tensor([ids]))
-        for h in hooks:
-            h.remove()
-        out.append([got[i] for i in sorted(got)])
-    return out
 
 
 
