@@ -687,3 +687,15 @@ def test_fraction_counts_every_expert(moe_models):
     circuit = make_circuit(moe_models["qwen3_moe"], [(1, 0, 1)])
     assert circuit.num_neurons == shape.num_neurons
     assert Selection(fraction=0.05).resolve_k(shape) == round(0.05 * 176)
+
+
+def test_discover_with_a_fraction_counts_every_expert(moe_models):
+    """`discover` on an MoE folder (torch) takes a fraction of every expert's neurons, not of the dense widths
+    alone: the k it selects is the one the model's shape gives."""
+    from cna_export.attribution.discover import discover_circuit
+
+    source = resolve(str(moe_models["qwen2_moe"]))
+    shape = describe(source)[1]
+    selection = Selection(fraction=0.1, universal=False, skip_first_layers=0, skip_last_layers=0)
+    circuit = discover_circuit(source, PROMPTS, PROMPTS[::-1], [], selection, backend="torch")
+    assert shape.moe is not None and len(circuit.neurons) == selection.resolve_k(shape) == round(0.1 * shape.num_neurons)

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from cna_export.arch import ArchSpec, ModelShape
+from cna_export.arch import ArchSpec
 from cna_export.attribution.select import attribute
 from cna_export.circuit.format import Circuit, ModelIdentity
 from cna_export.circuit.recipe import Recipe, load_prompts
@@ -28,9 +28,7 @@ def discover(
     Example:
         >>> circuit = discover(model, tok, arch_for("llama"), ident, harmful, benign, neutral, Selection(top_k=100))
     """
-    widths = tuple(model_id.layer_widths) if model_id.layer_widths is not None else None
-    shape = ModelShape(model_id.num_layers, model_id.intermediate_size, model_id.hidden_size, layer_widths=widths)
-    k = selection.resolve_k(shape)  # before the forward passes, so a bad k fails fast
+    k = selection.resolve_k(model_id.shape())  # before the forward passes, so a bad k fails fast
     result = attribute(model, tokenizer, spec, model_id, positive, negative, neutral, selection)
     fraction = None if selection.top_k is not None else selection.fraction or DEFAULT_FRACTION
     return result.circuit(k, fraction=fraction, **labels)

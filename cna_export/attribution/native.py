@@ -193,12 +193,7 @@ def attribute_gguf(
         >>> spec, shape, meta = describe_gguf(p); ident = gguf_identity(str(p), p, spec, shape, meta)
         >>> attribute_gguf(p, spec, ident, harmful, benign, neutral, Selection(top_k=46)).circuit(46)
     """
-    moe = None
-    if model_id.num_experts:  # an MoE GGUF: its experts as `gguf_identity` recorded them
-        moe = ExpertShape(model_id.num_experts, model_id.expert_size or 0, model_id.shared_expert_size or 0,
-                          frozenset(model_id.dense_layers or ()))  # fmt: skip
-    widths = tuple(model_id.layer_widths) if model_id.layer_widths is not None else None
-    shape = ModelShape(model_id.num_layers, model_id.intermediate_size, model_id.hidden_size, moe, widths)
+    shape = model_id.shape()  # an MoE GGUF: its experts as `gguf_identity` recorded them
     selection, top_n, last = prepare(shape, selection)
     template = gguf_chat_template(path, selection.chat_template)
     with LlamaCppModel(path, n_threads) as model:
@@ -210,4 +205,4 @@ def attribute_gguf(
         stats = collect_sets_gguf(model, spec, shape, sets, selection.batch_size, top_n, last)
     prompts = {name: prompt_set(list(p)) for name, p in zip(("positive", "negative", "neutral"), groups)}
     return from_stats(stats, selection, top_n, prompts, model_id, dtype="float32", chat_template=template is not None,
-                      moe=moe)  # fmt: skip
+                      moe=shape.moe)  # fmt: skip

@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from cna_export import __version__
 from cna_export.arch import ModelShape, compatible
+from cna_export.arch.experts import ExpertShape
 from cna_export.circuit.selection import Selection, Strict
 from cna_export.errors import CircuitError
 from cna_export.fold.scale import LayerEdits, UnitEdits, check_multiplier, group_by_unit
@@ -78,6 +79,16 @@ class ModelIdentity(Strict):
     def width(self, layer: int) -> int:
         """MLP neurons of `layer` (a dense layer's)."""
         return self.layer_widths[layer] if self.layer_widths is not None else self.intermediate_size
+
+    def shape(self) -> ModelShape:
+        """The model's shape as recorded here, experts and per-layer widths included (what a k of a fraction and
+        the attribution rows are sized by)."""
+        moe = None
+        if self.num_experts:
+            moe = ExpertShape(self.num_experts, self.expert_size or 0, self.shared_expert_size or 0,
+                              frozenset(self.dense_layers or ()))  # fmt: skip
+        widths = tuple(self.layer_widths) if self.layer_widths is not None else None
+        return ModelShape(self.num_layers, self.intermediate_size, self.hidden_size, moe, widths)
 
 
 _MOE_IDENTITY = ("num_experts", "expert_size", "shared_expert_size", "dense_layers")
