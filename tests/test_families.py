@@ -239,16 +239,22 @@ WIDE = (128, 128, 256)
 WIDE_NEURONS = [(0, 5), (0, 127), (1, 64), (2, 3), (2, 128), (2, 200), (2, 255)]
 
 
-@pytest.fixture(scope="module")
-def wide_gemma4(tmp_path_factory):
+def build_wide_gemma4(folder, vocab: int | None = 512):
+    """The double-wide tiny Gemma 4 (layer widths WIDE) in `folder`; `vocab` as `build_family_model` takes it (None:
+    the tokenizer's 480 tokens, which the per-layer embeddings then match)."""
     from conftest import FAMILY_TINY, build_family_model
 
     text = dict(FAMILY_TINY["gemma4"]["text_config"], num_hidden_layers=3, num_kv_shared_layers=1,
                 layer_types=["sliding_attention", "full_attention", "full_attention"], use_double_wide_mlp=True,
-                hidden_size_per_layer_input=8, vocab_size_per_layer_input=512)  # fmt: skip
+                hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab or 480)  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(FAMILY_TINY, "gemma4", dict(FAMILY_TINY["gemma4"], text_config=text))
-        return build_family_model(tmp_path_factory.mktemp("gemma4-wide"), "gemma4")
+        return build_family_model(folder, "gemma4", vocab=vocab)
+
+
+@pytest.fixture(scope="module")
+def wide_gemma4(tmp_path_factory):
+    return build_wide_gemma4(tmp_path_factory.mktemp("gemma4-wide"))
 
 
 

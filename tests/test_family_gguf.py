@@ -145,15 +145,10 @@ def test_exaone4_window_warning_and_converter_failure_line(family_models, tmp_pa
 def wide_gemma4_gguf(tmp_path_factory, hf_to_gguf):
     """A Gemma 4 with `use_double_wide_mlp` (layer widths 128, 128, 256; see test_families.WIDE) and its f32 GGUF
     from llama.cpp's converter, whose `ffn_up`/`ffn_down` are as wide as each layer."""
-    from conftest import FAMILY_TINY
+    from test_families import build_wide_gemma4
 
     root = tmp_path_factory.mktemp("gemma4-wide-gguf")
-    text = dict(FAMILY_TINY["gemma4"]["text_config"], num_hidden_layers=3, num_kv_shared_layers=1,
-                layer_types=["sliding_attention", "full_attention", "full_attention"], use_double_wide_mlp=True,
-                hidden_size_per_layer_input=8, vocab_size_per_layer_input=480)  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(FAMILY_TINY, "gemma4", dict(FAMILY_TINY["gemma4"], text_config=text))
-        src = build_family_model(root / "src", "gemma4", vocab=None)
+    src = build_wide_gemma4(root / "src", vocab=None)
     return src, export_gguf(src, root / "wide.f32.gguf", outtype="f32")
 
 
