@@ -39,7 +39,8 @@ def _type_name(annotation: object) -> str:
         return name + (" or null" if len(plain) < len(args) else "")
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "mapping (below)"
-    return {int: "integer", float: "number", bool: "boolean", str: "string"}.get(annotation, str(annotation))  # type: ignore[call-overload]
+    names: dict[object, str] = {int: "integer", float: "number", bool: "boolean", str: "string"}
+    return names.get(annotation, str(annotation))
 
 
 def _constraints(info: FieldInfo) -> str:
