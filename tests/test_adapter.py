@@ -18,7 +18,7 @@ import torch
 from conftest import ARCHS, make_circuit, run_cli
 from safetensors.torch import load_file
 
-from cna_export.arch.spec import arch_for
+from cna_export.arch import arch_for
 from cna_export.audit.diff import diff
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.stack import load_stack, stack

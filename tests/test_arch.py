@@ -3,11 +3,21 @@ sites match that model's checkpoint, its runtime modules and (where converted) i
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from conftest import ARCHS, FAMILY_TINY, MOE_TINY, TINY
 
-from cna_export.arch import ARCHITECTURES, ModelShape, Site, arch_for, compatible, model_type_for_gguf
+from cna_export.arch import (
+    ARCHITECTURES,
+    GGUF_MODEL_TYPES,
+    ModelShape,
+    Site,
+    arch_for,
+    compatible,
+    model_type_for_gguf,
+)
 from cna_export.attribution.hooks import down_projs
 from cna_export.errors import ArchitectureError
 from cna_export.fold.scale import fold_site, fold_site_
@@ -62,6 +72,17 @@ def test_expert_axis_site():
 def test_unknown_family_lists_the_supported_ones():
     with pytest.raises(ArchitectureError, match="llama"):
         arch_for("not-a-model")
+
+
+def test_rows_are_unique_and_each_gguf_architecture_reads_back_as_one():
+    """The table is built once from the vendor blocks: no model_type twice, and `GGUF_MODEL_TYPES` (built from the
+    rows' `from_gguf`) names exactly one row for every llama.cpp architecture in the table."""
+    from cna_export.arch.families import FAMILIES
+
+    assert len(ARCHITECTURES) == len(FAMILIES)
+    readers = Counter(spec.gguf_name for spec in FAMILIES if spec.from_gguf)
+    assert set(readers) == {spec.gguf_name for spec in FAMILIES} and set(readers.values()) == {1}
+    assert GGUF_MODEL_TYPES == {spec.gguf_name: spec.model_type for spec in FAMILIES if spec.from_gguf}
 
 
 def test_gguf_architecture_map():

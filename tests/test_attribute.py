@@ -9,7 +9,7 @@ import torch
 from conftest import last_token_inputs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cna_export.arch.spec import ModelShape, arch_for
+from cna_export.arch import ModelShape, arch_for
 from cna_export.attribution.collect import collect, encode_prompts
 from cna_export.attribution.discover import discover
 from cna_export.attribution.select import attribute, select

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, make_circuit
 
-from cna_export.arch.spec import ARCHITECTURES, ModelShape, arch_for
+from cna_export.arch import ARCHITECTURES, ModelShape, arch_for
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import builtin_sets, load_prompts, load_recipe
 from cna_export.errors import ArchitectureError, CircuitError, RecipeError

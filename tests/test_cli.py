@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli
 from transformers import AutoModelForCausalLM
 
-from cna_export.arch.spec import arch_for
+from cna_export.arch import arch_for
 from cna_export.attribution.hooks import scaled_neurons
 from cna_export.circuit.format import Circuit
 

@@ -12,7 +12,7 @@ import torch
 from conftest import make_circuit, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cna_export.arch.spec import arch_for
+from cna_export.arch import arch_for
 from cna_export.attribution.hooks import scaled_neurons
 from cna_export.circuit.recipe import Recipe, load_recipe
 from cna_export.errors import CnaExportError

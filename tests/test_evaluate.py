@@ -11,7 +11,7 @@ import torch
 from conftest import make_circuit
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cna_export.arch.spec import arch_for
+from cna_export.arch import arch_for
 from cna_export.attribution.hooks import scaled_neurons
 from cna_export.errors import CnaExportError, RecipeError
 from cna_export.evaluate.detectors import detect_french, detect_refusal, detector_for

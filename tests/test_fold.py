@@ -10,7 +10,7 @@ from conftest import ARCHS, build_model, make_circuit
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cna_export.arch.spec import arch_for
+from cna_export.arch import arch_for
 from cna_export.attribution.hooks import scaled_neurons
 from cna_export.fold.export import apply_circuit
 from cna_export.fold.scale import fold_site, group_by_layer

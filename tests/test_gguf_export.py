@@ -22,7 +22,7 @@ from conftest import ARCHS, make_circuit, run_cli
 from gguf import GGMLQuantizationType, GGUFReader, Keys
 from llama_cpp import Llama
 
-from cna_export.arch.spec import arch_for
+from cna_export.arch import arch_for
 from cna_export.errors import ArchitectureError, CheckpointError, CnaExportError, OutputError
 from cna_export.gguf.convert import export_gguf
 from cna_export.gguf.ollama import CHAT_FORMATS, chat_format, modelfile_text, write_modelfile

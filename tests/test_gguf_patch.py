@@ -558,7 +558,7 @@ def test_real_ollama_path_end_to_end(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cna_export.arch.spec import arch_for
+    from cna_export.arch import arch_for
     from cna_export.attribution.hooks import scaled_neurons
 
     if not SMOL.is_file():

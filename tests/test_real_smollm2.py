@@ -37,7 +37,7 @@ def test_run_end_to_end_and_generate(tmp_path):
     answer = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert len(answer.strip()) > 0
     # the exported weights are the GGUF model with the same neurons scaled at run time
-    from cna_export.arch.spec import arch_for
+    from cna_export.arch import arch_for
     from cna_export.attribution.hooks import scaled_neurons
     from cna_export.circuit.format import Circuit
 

@@ -9,7 +9,7 @@ import torch
 from conftest import make_circuit, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cna_export.arch.spec import ModelShape, arch_for
+from cna_export.arch import ModelShape, arch_for
 from cna_export.attribution import select as attribute_mod
 from cna_export.attribution.discover import discover
 from cna_export.attribution.hooks import scaled_neurons

@@ -1,10 +1,10 @@
-"""Architecture table: everything that differs between supported model families, as data.
+"""The row type of the architecture table: everything that differs between supported model families, as data.
 
 Every supported family has a gated MLP, `down_proj(act(gate_proj(x)) * up_proj(x))` without biases, so neuron j
 of layer i is an input of that layer's `down_proj`: a column of `down_proj.weight` and a row of `up_proj.weight`.
-Each row of the table says where those live (`Site`s: checkpoint tensors, GGUF tensors) and which runtime module
-takes the neurons as its input (the hooks of attribution and evaluation). To add a family, add a row here and a
-tiny test model in tests/conftest.py (`tests/test_arch.py` fails for a row without one).
+Each row of the table (`arch/families.py`, one block per vendor) says where those live (`Site`s: checkpoint
+tensors, GGUF tensors) and which runtime module takes the neurons as its input (the hooks of attribution and
+evaluation). This module defines the row type, `ArchSpec`; `arch/lookup.py` finds rows.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ from typing import Any
 
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR
 
-from cna_export.arch.experts import ExpertSpec, expert_shape
+from cna_export.arch.experts import ExpertSpec
 from cna_export.arch.sites import ModelShape, Site
 from cna_export.arch.sites import gguf_site as _gguf
 from cna_export.errors import ArchitectureError
+
+# `ModelShape` is imported from here by modules that predate `arch/sites.py`; the package (`cna_export.arch`) names
+# all three.
+__all__ = ["ArchSpec", "ModelShape", "Site"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,10 @@ class ArchSpec:
         double_wide: (flag, count key): where config[flag] is true, the last config[count] layers' MLPs are twice
             `intermediate_size` wide (Gemma 4's `use_double_wide_mlp` widens its `num_kv_shared_layers` KV-shared
             layers, which are the last ones); `shape_of` then gives each layer's width (`ModelShape.layer_widths`).
+        from_gguf: a GGUF file of `gguf_arch` reads back as this family (`GGUF_MODEL_TYPES`). False where another
+            row of the same llama.cpp architecture is the one: Mistral and Mixtral files are `llama` files, read as
+            Mistral by their name and as Mixtral by their experts (`model_type_for_gguf`); OLMo 3 files read as
+            OLMo 2, the Gemma 3 wrapper's as `gemma3_text` (a GGUF holds the language model only).
     """
 
     model_type: str
@@ -92,6 +100,7 @@ class ArchSpec:
     width_key: str = "intermediate_size"
     text_model_type: str | None = None
     double_wide: tuple[str, str] | None = None
+    from_gguf: bool = True
 
     @property
     def gguf_name(self) -> str:
@@ -156,300 +165,3 @@ class ArchSpec:
             if down.name(0) in names:
                 return replace(self, down=down, up=up)
         return self
-
-
-ARCHITECTURES: dict[str, ArchSpec] = {
-    spec.model_type: spec
-    for spec in (
-        ArchSpec("llama", MODEL_ARCH.LLAMA, permute_qk=True),
-        # llama.cpp runs Mistral's dense models as the llama architecture.
-        ArchSpec("mistral", MODEL_ARCH.LLAMA, permute_qk=True),
-        ArchSpec("qwen2", MODEL_ARCH.QWEN2),
-        ArchSpec("qwen3", MODEL_ARCH.QWEN3),
-        ArchSpec("gemma", MODEL_ARCH.GEMMA, "gelu_tanh", norm_offset=1.0, tied_default=True),
-        ArchSpec(
-            "gemma2",
-            MODEL_ARCH.GEMMA2,
-            "gelu_tanh",
-            norm_offset=1.0,
-            tied_default=True,
-            sliding_window=True,
-            query_scale_weight="model.layers.{i}.self_attn.q_proj.weight",
-            query_scale_n_layer=46,
-        ),
-        ArchSpec(
-            "gemma3_text",
-            MODEL_ARCH.GEMMA3,
-            "gelu_tanh",
-            norm_offset=1.0,
-            tied_default=True,
-            sliding_window=True,
-            query_scale_weight="model.layers.{i}.self_attn.q_norm.weight",
-            query_scale_n_layer=62,
-            local_rope_base=10000.0,
-        ),
-    )
-}
-
-# Mixtures of experts (issue 15). One 2-D tensor per expert on disk; fused 3-D parameters in transformers 5.
-_QWEN_EXPERTS = ExpertSpec(
-    Site("model.layers.{i}.mlp.experts.{e}.down_proj.weight", axis=1),
-    Site("model.layers.{i}.mlp.experts.{e}.up_proj.weight", axis=0),
-)
-ARCHITECTURES.update(
-    {
-        spec.model_type: spec
-        for spec in (
-            ArchSpec("qwen3_moe", MODEL_ARCH.QWEN3MOE, own_gguf=False, experts=_QWEN_EXPERTS),
-            ArchSpec(
-                "qwen2_moe",
-                MODEL_ARCH.QWEN2MOE,
-                own_gguf=False,
-                experts=ExpertSpec(
-                    _QWEN_EXPERTS.down,
-                    _QWEN_EXPERTS.up,
-                    shared_down=Site("model.layers.{i}.mlp.shared_expert.down_proj.weight", axis=1),
-                    shared_up=Site("model.layers.{i}.mlp.shared_expert.up_proj.weight", axis=0),
-                    shared_hook="mlp.shared_expert.down_proj",
-                    shared_gate="mlp.shared_expert_gate",
-                    shared_width_key="shared_expert_intermediate_size",
-                ),
-            ),
-            ArchSpec(
-                "olmoe",
-                MODEL_ARCH.OLMOE,
-                own_gguf=False,
-                experts=ExpertSpec(_QWEN_EXPERTS.down, _QWEN_EXPERTS.up, width_key="intermediate_size"),
-            ),
-            # llama.cpp runs Mixtral as the llama architecture with experts.
-            ArchSpec(
-                "mixtral",
-                MODEL_ARCH.LLAMA,
-                permute_qk=True,
-                own_gguf=False,
-                experts=ExpertSpec(
-                    Site("model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", axis=1),
-                    Site("model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", axis=0),
-                    width_key="intermediate_size",
-                ),
-            ),
-        )
-    }
-)
-
-
-def arch_for(model_type: str) -> ArchSpec:
-    """Return the table entry for `model_type`, or fail naming the supported types."""
-    try:
-        return ARCHITECTURES[model_type]
-    except (KeyError, TypeError):
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise ArchitectureError(
-            f"Unsupported model_type {model_type!r}.",
-            f"use a model of one of these types: {supported}.",
-        ) from None
-
-
-def compatible(a: str, b: str) -> bool:
-    """Whether a circuit made on model_type `a` fits a model of type `b`: the same type, or types whose neurons
-    sit in the same places and that run as one llama.cpp architecture (Mistral's dense models and Llama)."""
-    if a == b:
-        return True
-    sa, sb = ARCHITECTURES.get(a), ARCHITECTURES.get(b)
-    return (
-        sa is not None and sb is not None and sa.gguf_arch == sb.gguf_arch and sa.sites() == sb.sites()
-        and sa.experts == sb.experts
-    )  # fmt: skip
-
-
-def model_type_for_gguf(architecture: str | None, model_name: str | None = None, experts: int | None = None) -> str:
-    """The transformers model_type of a GGUF file, from `general.architecture` (and `general.name`, and
-    `{arch}.expert_count`).
-
-    Several model types convert to one llama.cpp architecture; the mapping follows transformers' GGUF loader,
-    which reads a `llama` file whose name mentions Mistral as `mistral`; a `llama` file with experts is Mixtral.
-    """
-    if experts and architecture in GGUF_MOE_MODEL_TYPES:
-        return GGUF_MOE_MODEL_TYPES[architecture]
-    if architecture == MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA] and model_name and "mistral" in model_name.lower():
-        return "mistral"
-    if architecture in GGUF_MODEL_TYPES:
-        return GGUF_MODEL_TYPES[architecture]
-    raise ArchitectureError(
-        f"GGUF architecture {architecture!r} is not supported.", f"use one of {sorted(GGUF_MODEL_TYPES)}."
-    )
-
-
-# llama.cpp architecture name -> the model_type it is read as (explicit: several types share one architecture).
-GGUF_MODEL_TYPES: dict[str, str] = {
-    MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]: "llama",
-    MODEL_ARCH_NAMES[MODEL_ARCH.QWEN2]: "qwen2",
-    MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3]: "qwen3",
-    MODEL_ARCH_NAMES[MODEL_ARCH.GEMMA]: "gemma",
-    MODEL_ARCH_NAMES[MODEL_ARCH.GEMMA2]: "gemma2",
-    MODEL_ARCH_NAMES[MODEL_ARCH.GEMMA3]: "gemma3_text",
-    MODEL_ARCH_NAMES[MODEL_ARCH.QWEN2MOE]: "qwen2_moe",
-    MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3MOE]: "qwen3_moe",
-    MODEL_ARCH_NAMES[MODEL_ARCH.OLMOE]: "olmoe",
-}
-# Architectures that llama.cpp runs with or without experts: the model_type of a file that has experts.
-GGUF_MOE_MODEL_TYPES: dict[str, str] = {MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA]: "mixtral"}
-
-
-def spec_of_config(model_type: Any) -> ArchSpec | None:
-    """The row of a config's `model_type`: a family's own, or a wrapper's text config (`text_model_type`)."""
-    if model_type in ARCHITECTURES:
-        return ARCHITECTURES[model_type]
-    return next((s for s in ARCHITECTURES.values() if s.text_model_type and s.text_model_type == model_type), None)
-
-
-def shape_of(config: Any) -> ModelShape:
-    """Read layer count and MLP width from a transformers config (or a plain dict); each layer's width where the
-    row's `double_wide` rule widens some."""
-    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-    spec = spec_of_config(get("model_type"))
-    width_key = spec.width_key if spec is not None else "intermediate_size"
-    values = {key: get(key) for key in ("num_hidden_layers", width_key, "hidden_size")}
-    for key, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ArchitectureError(
-                f"config.json has no valid {key} (found {value!r}).",
-                "use the config.json that came with the checkpoint.",
-            )
-    layers, width = values["num_hidden_layers"], values[width_key]
-    moe = expert_shape(spec.experts, config, layers) if spec is not None and spec.experts is not None else None
-    widths = [width] * layers
-    if spec is not None and spec.double_wide is not None and get(spec.double_wide[0]):
-        wide = get(spec.double_wide[1]) or 0
-        widths = [2 * width if i >= layers - wide else width for i in range(layers)]
-    return ModelShape.of_widths(widths, values["hidden_size"], moe)
-
-
-# Dense and multimodal families (issue 14) ------------------------------------------------------------------------
-# Their neurons sit where the seven's do (Phi-3 and GLM-4 fuse gate and up: the up neurons are the second half, in
-# the checkpoint and in llama.cpp's ffn_up). The wrappers hold their language model under `model.language_model`
-# (transformers 5's layout); they convert to GGUF through llama.cpp's converter, not gguf/convert.py.
-LANGUAGE_MODEL = "model.language_model"
-_FUSED_UP = Site("model.layers.{i}.mlp.gate_up_proj.weight", axis=0, part=1, parts=2)
-_FUSED_GGUF_UP = replace(_gguf(MODEL_TENSOR.FFN_UP, axis=0), part=1, parts=2)
-
-
-def _wrapper(
-    model_type: str, gguf_arch: MODEL_ARCH, activation: str = "silu", legacy: tuple[str, ...] = ()
-) -> ArchSpec:
-    """A multimodal wrapper: text config under `text_config`, language model under `model.language_model`."""
-    mlp = f"{LANGUAGE_MODEL}.layers.{{i}}.mlp."
-    return ArchSpec(
-        model_type, gguf_arch, activation, layers_module=f"{LANGUAGE_MODEL}.layers",
-        down=Site(mlp + "down_proj.weight", axis=1), up=Site(mlp + "up_proj.weight", axis=0),
-        text_config="text_config", loader="AutoModelForImageTextToText", legacy_prefixes=legacy, own_gguf=False,
-    )  # fmt: skip
-
-
-ARCHITECTURES.update(
-    {
-        spec.model_type: spec
-        for spec in (
-            ArchSpec("phi3", MODEL_ARCH.PHI3, up=_FUSED_UP, gguf_up=_FUSED_GGUF_UP, own_gguf=False),
-            ArchSpec("smollm3", MODEL_ARCH.SMOLLM3, own_gguf=False),
-            ArchSpec("olmo2", MODEL_ARCH.OLMO2, own_gguf=False),
-            ArchSpec("olmo3", MODEL_ARCH.OLMO2, own_gguf=False),  # llama.cpp runs OLMo 3 as its olmo2 graph
-            ArchSpec("granite", MODEL_ARCH.GRANITE, own_gguf=False),
-            ArchSpec("glm4", MODEL_ARCH.GLM4, up=_FUSED_UP, gguf_up=_FUSED_GGUF_UP, own_gguf=False),
-            ArchSpec("cohere2", MODEL_ARCH.COHERE2, own_gguf=False),
-            ArchSpec("exaone4", MODEL_ARCH.EXAONE4, own_gguf=False),
-            ArchSpec("apertus", MODEL_ARCH.APERTUS, "xielu", gated=False, own_gguf=False),
-            _wrapper("qwen3_5", MODEL_ARCH.QWEN35),
-            _wrapper("gemma3", MODEL_ARCH.GEMMA3, "gelu_tanh", legacy=("language_model.model.",)),
-            # Under `use_double_wide_mlp` its last `num_kv_shared_layers` layers (the KV-shared ones) are twice as wide.
-            replace(
-                _wrapper("gemma4", MODEL_ARCH.GEMMA4, "gelu_tanh"),
-                text_model_type="gemma4_text",
-                double_wide=("use_double_wide_mlp", "num_kv_shared_layers"),
-            ),
-            _wrapper("mistral3", MODEL_ARCH.MISTRAL3, legacy=("language_model.model.",)),
-            _wrapper("qwen2_5_vl", MODEL_ARCH.QWEN2VL, legacy=("model.",)),
-            _wrapper("qwen3_vl", MODEL_ARCH.QWEN3VL),
-        )
-    }
-)
-# A GGUF holds the language model only; a wrapper's file is read as the wrapper type (its circuits then fit).
-_GGUF_READ_AS = {
-    MODEL_ARCH.PHI3: "phi3", MODEL_ARCH.SMOLLM3: "smollm3", MODEL_ARCH.OLMO2: "olmo2", MODEL_ARCH.GRANITE: "granite",
-    MODEL_ARCH.GLM4: "glm4", MODEL_ARCH.COHERE2: "cohere2", MODEL_ARCH.EXAONE4: "exaone4",
-    MODEL_ARCH.APERTUS: "apertus", MODEL_ARCH.QWEN35: "qwen3_5", MODEL_ARCH.GEMMA4: "gemma4",
-    MODEL_ARCH.MISTRAL3: "mistral3", MODEL_ARCH.QWEN2VL: "qwen2_5_vl", MODEL_ARCH.QWEN3VL: "qwen3_vl",
-}  # fmt: skip
-GGUF_MODEL_TYPES.update({MODEL_ARCH_NAMES[arch]: model_type for arch, model_type in _GGUF_READ_AS.items()})
-
-
-# Mixtures of experts, the other families (issue 15) -------------------------------------------------------------
-# DeepSeek-V3 and GLM-4.5 keep one 2-D tensor per expert, their first `first_k_dense_replace` layers dense, and an
-# ungated `shared_experts` MLP as wide as `n_shared_experts` routed experts; their sigmoid, grouped, bias-corrected
-# routing happens in the router, and the experts module is called with its result. Granite MoE, gpt-oss and
-# Llama 4 store each layer's experts stacked in 3-D tensors on disk (sites with an `expert_axis`).
-_SHARED_EXPERTS = dict(
-    shared_down=Site("model.layers.{i}.mlp.shared_experts.down_proj.weight", axis=1),
-    shared_up=Site("model.layers.{i}.mlp.shared_experts.up_proj.weight", axis=0),
-    shared_hook="mlp.shared_experts.down_proj", shared_width_key="n_shared_experts", shared_unit_width=True,
-)  # fmt: skip
-_LM_MLP = f"{LANGUAGE_MODEL}.layers.{{i}}.mlp."
-_L4 = "language_model.model.layers.{i}.feed_forward."  # Llama 4 keeps transformers 4's wrapper layout
-ARCHITECTURES.update(
-    {
-        spec.model_type: spec
-        for spec in (
-            ArchSpec("deepseek_v3", MODEL_ARCH.DEEPSEEK2, own_gguf=False,
-                     experts=ExpertSpec(_QWEN_EXPERTS.down, _QWEN_EXPERTS.up, **_SHARED_EXPERTS)),
-            ArchSpec("glm4_moe", MODEL_ARCH.GLM4_MOE, own_gguf=False,
-                     experts=ExpertSpec(_QWEN_EXPERTS.down, _QWEN_EXPERTS.up, **_SHARED_EXPERTS)),
-            # No dense layer: `hook` only names the MoE block (its parent), where a forward pass may end.
-            ArchSpec("granitemoe", MODEL_ARCH.GRANITE_MOE, hook="block_sparse_moe.down_proj", own_gguf=False,
-                     experts=ExpertSpec(
-                         Site("model.layers.{i}.block_sparse_moe.output_linear.weight", axis=2, expert_axis=0),
-                         Site("model.layers.{i}.block_sparse_moe.input_linear.weight", axis=1, part=1, parts=2,
-                              expert_axis=0),
-                         module="block_sparse_moe.experts", width_key="intermediate_size")),
-            replace(
-                _wrapper("qwen3_5_moe", MODEL_ARCH.QWEN35MOE), width_key="moe_intermediate_size",
-                text_model_type="qwen3_5_moe_text",
-                experts=ExpertSpec(
-                    Site(_LM_MLP + "experts.{e}.down_proj.weight", axis=1),
-                    Site(_LM_MLP + "experts.{e}.up_proj.weight", axis=0),
-                    shared_down=Site(_LM_MLP + "shared_expert.down_proj.weight", axis=1),
-                    shared_up=Site(_LM_MLP + "shared_expert.up_proj.weight", axis=0),
-                    shared_hook="mlp.shared_expert.down_proj", shared_gate="mlp.shared_expert_gate",
-                    shared_width_key="shared_expert_intermediate_size"),
-            ),
-            # bf16 experts on disk as transformers 5 saves them, or MXFP4 as on the Hub (`down_proj_blocks`, folded
-            # by fold/mxfp4.py); the up rows are no fold target (clamp and +1).
-            ArchSpec("gpt_oss", MODEL_ARCH.GPT_OSS, own_gguf=False,
-                     experts=ExpertSpec(Site("model.layers.{i}.mlp.experts.down_proj", axis=1, expert_axis=0), None,
-                                        fused="gpt_oss", width_key="intermediate_size",
-                                        mxfp4_down=Site("model.layers.{i}.mlp.experts.down_proj_blocks", axis=1,
-                                                        expert_axis=0, codec="mxfp4"))),
-            ArchSpec("llama4", MODEL_ARCH.LLAMA4, layers_module="language_model.model.layers",
-                     hook="feed_forward.down_proj", down=Site(_L4 + "down_proj.weight", axis=1),
-                     up=Site(_L4 + "up_proj.weight", axis=0), text_config="text_config",
-                     loader="AutoModelForImageTextToText", own_gguf=False, width_key="intermediate_size_mlp",
-                     text_model_type="llama4_text",
-                     experts=ExpertSpec(
-                         Site(_L4 + "experts.down_proj", axis=1, expert_axis=0),
-                         Site(_L4 + "experts.gate_up_proj", axis=2, part=1, parts=2, expert_axis=0),
-                         module="feed_forward.experts", fused="llama4", router="feed_forward.router",
-                         width_key="intermediate_size",
-                         shared_down=Site(_L4 + "shared_expert.down_proj.weight", axis=1),
-                         shared_up=Site(_L4 + "shared_expert.up_proj.weight", axis=0),
-                         shared_hook="feed_forward.shared_expert.down_proj", shared_width_key="intermediate_size")),
-        )
-    }
-)  # fmt: skip
-# llama.cpp runs DeepSeek-V2/V3 as `deepseek2` (MLA attention, leading dense layers, grouped sigmoid routing from
-# `expert_gating_func`); its experts and shared expert sit at the table's GGUF sites.
-GGUF_MODEL_TYPES[MODEL_ARCH_NAMES[MODEL_ARCH.DEEPSEEK2]] = "deepseek_v3"
-# The other MoE families run as llama.cpp architectures of their own (tests/test_moe_gguf.py converts and loads each).
-_GGUF_MOE_READ_AS = {
-    MODEL_ARCH.GLM4_MOE: "glm4_moe", MODEL_ARCH.GRANITE_MOE: "granitemoe", MODEL_ARCH.QWEN35MOE: "qwen3_5_moe",
-    MODEL_ARCH.GPT_OSS: "gpt_oss", MODEL_ARCH.LLAMA4: "llama4",
-}  # fmt: skip
-GGUF_MODEL_TYPES.update({MODEL_ARCH_NAMES[arch]: model_type for arch, model_type in _GGUF_MOE_READ_AS.items()})

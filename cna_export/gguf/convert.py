@@ -28,7 +28,7 @@ from gguf import GGUFWriter, LlamaFileType
 from tqdm.auto import tqdm
 
 from cna_export import __version__
-from cna_export.arch.spec import ArchSpec, arch_for, shape_of
+from cna_export.arch import ArchSpec, arch_for, shape_of
 from cna_export.errors import ArchitectureError, CheckpointError, CnaExportError, OutputError
 from cna_export.gguf.external import convert_external, converter_command
 from cna_export.gguf.vocab import load_vocab

@@ -46,7 +46,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from cna_export.arch.spec import ARCHITECTURES, ModelShape
+from cna_export.arch import ARCHITECTURES, ModelShape
 from cna_export.circuit.format import Circuit
 from cna_export.errors import ArchitectureError, CheckpointError, CircuitError, CnaExportError, OutputError
 from cna_export.fold.scale import scale_rows_

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from cna_export.arch.spec import ArchSpec, ModelShape, arch_for, shape_of
+from cna_export.arch import ArchSpec, ModelShape, arch_for, shape_of
 from cna_export.circuit.format import ModelIdentity, shape_fields
 from cna_export.errors import ArchitectureError, CheckpointError, CnaExportError
 from cna_export.gguf.check import check_gguf
