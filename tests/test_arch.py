@@ -3,6 +3,8 @@ sites match that model's checkpoint, its runtime modules and (where converted) i
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections import Counter
 
 import pytest
@@ -17,8 +19,10 @@ from cna_export.arch import (
     arch_for,
     compatible,
     model_type_for_gguf,
+    shape_of,
 )
-from cna_export.attribution.hooks import down_projs
+from cna_export.arch.experts import DenseLayers
+from cna_export.attribution.hooks import decoder_layers, down_projs
 from cna_export.errors import ArchitectureError
 from cna_export.fold.scale import fold_site, fold_site_
 from cna_export.io.checkpoint import CheckpointReader
@@ -94,3 +98,87 @@ def test_gguf_architecture_map():
     assert compatible("mistral", "llama") and not compatible("qwen2", "llama")
     with pytest.raises(ArchitectureError, match="not supported"):
         model_type_for_gguf("mamba")
+
+
+# Which layers of an MoE model are dense: each family's own config keys (issue 23, class 13) -------------------------
+# Every family's dense-layer keys, with values that change the answer for a family that reads them.
+DENSE_KEYS = {
+    "first_k_dense_replace": 1,
+    "mlp_only_layers": [1],
+    "decoder_sparse_step": 2,
+    "moe_layers": [0],
+    "interleave_moe_layer_step": 3,
+}
+
+
+def _built_dense_layers(model, spec) -> set[int]:
+    """The layers where transformers built a dense MLP (no experts module)."""
+    dense = set()
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        try:
+            layer.get_submodule(spec.experts.module)
+        except AttributeError:
+            dense.add(i)
+    return dense
+
+
+@pytest.mark.parametrize("arch", sorted(MOE_TINY))
+def test_dense_layers_are_the_ones_transformers_builds_whatever_other_families_keys_say(arch):
+    """The config carries every other family's dense-layer keys (DeepSeek's `first_k_dense_replace` in a Qwen2-MoE,
+    Mixtral or Qwen3-MoE config ...): the dense layers the table reads are still exactly those where transformers
+    builds a dense MLP, from the loaded config (discover) and from the config.json dict (apply, inspect), where
+    Llama 4's `moe_layers` is missing too (transformers then takes every `interleave_moe_layer_step`-th layer)."""
+    import transformers
+    from transformers import AutoConfig
+
+    spec = arch_for(arch)
+    own = {getattr(spec.experts.dense, f.name) for f in dataclasses.fields(DenseLayers)}
+    tiny = MOE_TINY[arch]
+    text = {**tiny.get("text_config", tiny), **{k: v for k, v in DENSE_KEYS.items() if k not in own}}
+    config = AutoConfig.for_model(arch, **({**tiny, "text_config": text} if "text_config" in tiny else text))
+    torch.manual_seed(0)
+    model = getattr(transformers, spec.loader).from_config(config)
+    built = _built_dense_layers(model, spec)
+    assert shape_of(model.config.get_text_config()).moe.dense_layers == built
+    assert shape_of({**text, "model_type": spec.text_model_type or arch}).moe.dense_layers == built
+    assert arch not in ("qwen2_moe", "qwen3_moe", "mixtral") or built == set(tiny.get("mlp_only_layers", []))
+
+
+@pytest.mark.parametrize(
+    ("arch", "key", "value", "message"),
+    [
+        ("qwen2_moe", "decoder_sparse_step", 0, "found 0; it should be a positive integer"),
+        ("qwen2_moe", "decoder_sparse_step", True, "found True; it should be a positive integer"),
+        ("qwen3_moe", "mlp_only_layers", "0", "found '0'; it should be a list of layer indices"),
+        ("qwen3_moe", "mlp_only_layers", [0, -1], "found [0, -1]; it should be a list of layer indices"),
+        ("deepseek_v3", "first_k_dense_replace", 1.5, "found 1.5; it should be a count of layers"),
+    ],
+)
+def test_a_dense_layer_key_transformers_cannot_read_is_one_line(arch, key, value, message):
+    """A family's own key with a value its transformers code would crash on (or misread) is refused in one line;
+    the same value under a key the family does not read changes nothing."""
+    config = {**MOE_TINY[arch], "model_type": arch}
+    with pytest.raises(ArchitectureError, match=re.escape(f"config.json has no valid {key} ({message}).")):
+        shape_of({**config, key: value})
+    other = next(k for k in DENSE_KEYS if k not in {key, *vars(arch_for(arch).experts.dense).values()})
+    assert shape_of({**config, other: value}) == shape_of(config)
+
+
+def test_a_module_the_loaded_model_lacks_is_one_line(tmp_path):
+    """Where a loaded model has no module the table names (its config and the table disagree on a layer), hooks and
+    runtime scaling refuse in one line naming the layer and the module, not with an AttributeError."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cna_export.attribution.experts import scaled_units
+
+    spec = arch_for("qwen2_moe")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2_moe", **MOE_TINY["qwen2_moe"]))
+    expected = "Layer 0 of this qwen2_moe model has no module 'mlp.down_proj', where the architecture table expects it"
+    with pytest.raises(ArchitectureError, match=re.escape(expected)) as err:
+        down_projs(model, spec)  # every layer of this model is MoE: none has a dense down_proj
+    assert len(str(err.value).splitlines()) == 1 and "config.json" in str(err.value)
+    with pytest.raises(ArchitectureError, match=re.escape(expected)):
+        with scaled_units(decoder_layers(model, spec), spec, {(0, None): (torch.tensor([1]), torch.tensor([0.0]))}):
+            pass
+    with pytest.raises(ArchitectureError, match="This qwen2_moe model has no module 'model.decoder'"):
+        decoder_layers(model, dataclasses.replace(spec, layers_module="model.decoder"))

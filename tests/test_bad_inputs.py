@@ -967,6 +967,47 @@ def _(c: Ctx):
     return ["apply", "--model", "nobody/no-such-model", "--circuit", str(c.tmp / "c.json"), "--out", str(c.out)]
 
 
+
+# issue 23: MoE dense layers
+# Which config keys make a layer dense is data in each family's row (arch/experts.py `DenseLayers`): a key of
+# another family changes nothing, and a key of the family's own with a value transformers cannot read is one line.
+
+
+def _moe_apply(c: Ctx, config: dict, edit: Callable[[dict], None] | None = None) -> list[str]:
+    """`apply` on a tiny Qwen2-MoE (routed and shared experts, every layer MoE) with a circuit made on it (edited by
+    `edit`), after its config.json got `config`."""
+    from conftest import build_model
+
+    m = build_model(c.tmp / "model", "qwen2_moe")
+    circuit = c.circuit(m, edit, neurons=((1, 0, 3), (2, "shared", 5)))
+    cfg = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**cfg, **config}))
+    return c.apply(m, circuit)
+
+
+@case("moe-foreign-dense-key", "Circuit was made for experts (count, width, shared, dense layers) (4, 16, 24, [0])")
+def _(c: Ctx):
+    """A Qwen2-MoE config carrying DeepSeek's first_k_dense_replace: 1, and a circuit that counts layer 0 as dense
+    (as the key was once read for every family); the key changes nothing, so the circuit does not fit."""
+
+    def dense_layer_0(data: dict) -> None:
+        data["model"]["dense_layers"] = [0]
+        data["neurons"][0].update(layer=0, expert=None)
+
+    return _moe_apply(c, {"first_k_dense_replace": 1}, dense_layer_0)
+
+
+@case("moe-sparse-step-zero", "config.json has no valid decoder_sparse_step (found 0; it should be a positive integer)")
+def _(c: Ctx):
+    """A Qwen2-MoE config.json with decoder_sparse_step 0 (transformers would divide by it building the model)."""
+    return _moe_apply(c, {"decoder_sparse_step": 0})
+
+
+@case("moe-dense-list-not-layers", "config.json has no valid mlp_only_layers (found '0, 1'; it should be a list")
+def _(c: Ctx):
+    """A Qwen2-MoE config.json whose mlp_only_layers is the string "0, 1", not a list of layer indices."""
+    return _moe_apply(c, {"mlp_only_layers": "0, 1"})
+
 # The runner ------------------------------------------------------------------------------------------------------
 
 SECRET = "hf_NotARealTokenButSecret1234567890"

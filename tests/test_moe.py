@@ -699,3 +699,22 @@ def test_discover_with_a_fraction_counts_every_expert(moe_models):
     selection = Selection(fraction=0.1, universal=False, skip_first_layers=0, skip_last_layers=0)
     circuit = discover_circuit(source, PROMPTS, PROMPTS[::-1], [], selection, backend="torch")
     assert shape.moe is not None and len(circuit.neurons) == selection.resolve_k(shape) == round(0.1 * shape.num_neurons)
+
+
+def test_discover_ignores_another_familys_dense_layer_key(moe_models, tmp_path):
+    """A Qwen2-MoE config.json that carries DeepSeek's `first_k_dense_replace` (issue 23, class 13): discover once
+    hooked `mlp.down_proj` on layer 0's sparse block and died with an AttributeError; the key changes nothing."""
+    import shutil
+
+    from cna_export.attribution.discover import discover_circuit
+
+    folder = shutil.copytree(moe_models["qwen2_moe"], tmp_path / "qwen2_moe")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "first_k_dense_replace": 1}))
+    selection = Selection(top_k=12, universal=False, skip_first_layers=0, skip_last_layers=0)
+    circuits = [
+        discover_circuit(resolve(str(where)), POS, NEG, [], selection, backend="torch")
+        for where in (moe_models["qwen2_moe"], folder)
+    ]
+    assert circuits[1].model.dense_layers == [] and describe(resolve(str(folder)))[1].moe.dense_layers == frozenset()
+    assert [n.model_dump() for n in circuits[1].neurons] == [n.model_dump() for n in circuits[0].neurons]

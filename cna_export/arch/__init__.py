@@ -4,7 +4,7 @@
 `sites.py` the parts of a row (mixtures of experts; where a neuron sits in a tensor), `lookup.py` finds rows.
 """
 
-from cna_export.arch.experts import ExpertSpec
+from cna_export.arch.experts import DenseLayers, ExpertSpec
 from cna_export.arch.families import ARCHITECTURES, GGUF_MODEL_TYPES
 from cna_export.arch.lookup import arch_for, compatible, model_type_for_gguf, shape_of
 from cna_export.arch.sites import ModelShape, Site
@@ -14,6 +14,7 @@ __all__ = [
     "ARCHITECTURES",
     "GGUF_MODEL_TYPES",
     "ArchSpec",
+    "DenseLayers",
     "ExpertSpec",
     "ModelShape",
     "Site",

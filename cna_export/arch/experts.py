@@ -21,16 +21,39 @@ For attribution every MoE layer is one row of `layer_width` columns: routed expe
 
 from __future__ import annotations
 
+import reprlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gguf import MODEL_TENSOR
 
 from cna_export.arch.sites import Site, gguf_site
+from cna_export.errors import ArchitectureError
 
 SHARED = "shared"
 # None: a dense MLP; an int: a routed expert; "shared": the shared expert.
 ExpertKey = int | Literal["shared"] | None
+
+
+@dataclass(frozen=True)
+class DenseLayers:
+    """The config keys that say which layers of an MoE model keep a dense MLP, as the family's transformers code
+    reads them. Each family names only its own keys: a key of another family in its config changes nothing.
+
+    Attributes:
+        listed: a list of dense layers (Qwen MoE's `mlp_only_layers`).
+        first_k: the first k layers are dense (DeepSeek's and GLM-4.5's `first_k_dense_replace`).
+        sparse_listed: a list of the MoE layers, the others dense (Llama 4's `moe_layers`); where the config sets
+            it, `sparse_step` is not read.
+        sparse_step: only every step-th layer is MoE, layer i where (i + 1) % step == 0 (Qwen MoE's
+            `decoder_sparse_step`, Llama 4's `interleave_moe_layer_step`).
+    """
+
+    listed: str | None = None
+    first_k: str | None = None
+    sparse_listed: str | None = None
+    sparse_step: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +83,8 @@ class ExpertSpec:
         shared_gate: runtime module whose sigmoid scales the shared expert's output (its "router weight"); None:
             the shared expert's output is added as it is (DeepSeek, GLM-4.5, Llama 4), its weight is 1.
         shared_width_key: config key of the shared expert's width.
+        dense: the config keys that make a layer dense (`DenseLayers`); the default names none: every layer of
+            Mixtral, OLMoE, Granite MoE, gpt-oss and Qwen3.5-MoE is MoE.
         gguf_down, gguf_up: GGUF sites of the routed experts: llama.cpp stacks a layer's experts into one 3-D
             tensor, `ffn_down_exps` [E, n_embd, n] and `ffn_up_exps` [E, n, n_embd] in numpy order (expert e's
             up matrix is rows e*n .. e*n + n - 1 of the tensor read as rows of n_embd values).
@@ -80,6 +105,7 @@ class ExpertSpec:
     shared_hook: str | None = None
     shared_gate: str | None = None
     shared_width_key: str | None = None
+    dense: DenseLayers = DenseLayers()
     gguf_down: Site = field(default_factory=lambda: gguf_site(MODEL_TENSOR.FFN_DOWN_EXP, axis=2, expert_axis=0))
     gguf_up: Site = field(default_factory=lambda: gguf_site(MODEL_TENSOR.FFN_UP_EXP, axis=1, expert_axis=0))
     gguf_shared_down: Site = field(default_factory=lambda: gguf_site(MODEL_TENSOR.FFN_DOWN_SHEXP, axis=1))
@@ -159,16 +185,39 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
     return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
 
 
-def dense_layers(config: Any, num_layers: int) -> frozenset[int]:
-    """Layers of an MoE model that keep a dense MLP, from the config keys transformers uses for them."""
-    only = set(_get(config, "mlp_only_layers", None) or [])
-    step = _get(config, "decoder_sparse_step", 1) or 1
-    first = _get(config, "first_k_dense_replace", 0) or 0
-    sparse = _get(config, "moe_layers", None)  # Llama 4 lists its MoE layers
-    return frozenset(
-        i for i in range(num_layers)
-        if i in only or (i + 1) % step != 0 or i < first or (sparse is not None and i not in sparse)
-    )  # fmt: skip
+def _config_value(config: Any, key: str | None, check: Callable[[Any], bool], what: str) -> Any:
+    """config[key] (None where the family has no such key or the config does not set it); a value that fails
+    `check` is refused in one line rather than read as something else."""
+    value = None if key is None else _get(config, key)
+    if value is not None and not check(value):
+        raise ArchitectureError(
+            f"config.json has no valid {key} (found {reprlib.repr(value)}; it should be {what}).",
+            "use the config.json that came with the checkpoint.",
+        )
+    return value
+
+
+def _is_int(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_layer_list(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(_is_int(i, 0) for i in value)
+
+
+def dense_layers(config: Any, num_layers: int, keys: DenseLayers) -> frozenset[int]:
+    """Layers of an MoE model that keep a dense MLP, from the config keys the family's row names (`keys`)."""
+    listed = set(_config_value(config, keys.listed, _is_layer_list, "a list of layer indices") or ())
+    first = _config_value(config, keys.first_k, lambda v: _is_int(v, 0), "a count of layers") or 0
+    sparse = _config_value(config, keys.sparse_listed, _is_layer_list, "a list of layer indices")
+    step = _config_value(config, keys.sparse_step, lambda v: _is_int(v, 1), "a positive integer") or 1
+
+    def dense(i: int) -> bool:
+        if i in listed or i < first:
+            return True
+        return i not in sparse if sparse is not None else (i + 1) % step != 0
+
+    return frozenset(filter(dense, range(num_layers)))
 
 
 def expert_shape(spec: ExpertSpec, config: Any, num_layers: int) -> ExpertShape | None:
@@ -179,4 +228,4 @@ def expert_shape(spec: ExpertSpec, config: Any, num_layers: int) -> ExpertShape 
         return None
     shared = int(_get(config, spec.shared_width_key, 0) or 0) if spec.shared_width_key else 0
     shared *= width if spec.shared_unit_width else 1
-    return ExpertShape(count, width, shared, dense_layers(config, num_layers))
+    return ExpertShape(count, width, shared, dense_layers(config, num_layers, spec.dense))

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from gguf import MODEL_ARCH, MODEL_TENSOR
 
-from cna_export.arch.experts import ExpertSpec
+from cna_export.arch.experts import DenseLayers, ExpertSpec
 from cna_export.arch.sites import Site
 from cna_export.arch.sites import gguf_site as _gguf
 from cna_export.arch.spec import ArchSpec
@@ -31,6 +31,9 @@ _FUSED_GGUF_UP = replace(_gguf(MODEL_TENSOR.FFN_UP, axis=0), part=1, parts=2)
 _EXPERT_DOWN = Site("model.layers.{i}.mlp.experts.{e}.down_proj.weight", axis=1)
 _EXPERT_UP = Site("model.layers.{i}.mlp.experts.{e}.up_proj.weight", axis=0)
 _LM_MLP = f"{LANGUAGE_MODEL}.layers.{{i}}.mlp."
+# Which config keys make a layer of an MoE model dense: each family reads only its own (issue 23, class 13).
+_QWEN_DENSE = DenseLayers(listed="mlp_only_layers", sparse_step="decoder_sparse_step")
+_FIRST_K_DENSE = DenseLayers(first_k="first_k_dense_replace")
 
 
 def _wrapper(
@@ -63,6 +66,7 @@ def _shared_experts(model_type: str, gguf_arch: MODEL_ARCH) -> ArchSpec:
         shared_hook="mlp.shared_experts.down_proj",
         shared_width_key="n_shared_experts",
         shared_unit_width=True,
+        dense=_FIRST_K_DENSE,
     )
     return ArchSpec(model_type, gguf_arch, own_gguf=False, experts=experts)
 
@@ -71,7 +75,8 @@ def _shared_experts(model_type: str, gguf_arch: MODEL_ARCH) -> ArchSpec:
 _L4 = "language_model.model.layers.{i}.feed_forward."  # Llama 4 keeps transformers 4's wrapper layout
 META = (
     ArchSpec("llama", MODEL_ARCH.LLAMA, permute_qk=True),
-    # A wrapper with dense layers between MoE ones (`moe_layers`), 3-D stacked experts and an ungated shared expert.
+    # A wrapper with dense layers between MoE ones (`moe_layers`; without it every `interleave_moe_layer_step`-th
+    # layer is MoE, as transformers reads it), 3-D stacked experts and an ungated shared expert.
     ArchSpec(
         "llama4",
         MODEL_ARCH.LLAMA4,
@@ -95,6 +100,7 @@ META = (
             shared_up=Site(_L4 + "shared_expert.up_proj.weight", axis=0),
             shared_hook="feed_forward.shared_expert.down_proj",
             shared_width_key="intermediate_size",
+            dense=DenseLayers(sparse_listed="moe_layers", sparse_step="interleave_moe_layer_step"),
         ),
     ),
 )
@@ -134,13 +140,14 @@ QWEN = (
             shared_hook="mlp.shared_expert.down_proj",
             shared_gate="mlp.shared_expert_gate",
             shared_width_key="shared_expert_intermediate_size",
+            dense=_QWEN_DENSE,
         ),
     ),
     ArchSpec(
         "qwen3_moe",
         MODEL_ARCH.QWEN3MOE,
         own_gguf=False,
-        experts=ExpertSpec(_EXPERT_DOWN, _EXPERT_UP),
+        experts=ExpertSpec(_EXPERT_DOWN, _EXPERT_UP, dense=_QWEN_DENSE),
     ),
     _wrapper("qwen3_5", MODEL_ARCH.QWEN35),
     # No dense MLP and no `intermediate_size`: the expert width stands in; a gated shared expert.

@@ -35,6 +35,7 @@ from torch import nn
 
 from cna_export.arch.experts import FUSED_DOWN, SHARED, ExpertKey
 from cna_export.arch.spec import ArchSpec, ModelShape
+from cna_export.attribution.hooks import submodule
 from cna_export.fold.scale import UnitEdits, scale_rows_
 
 
@@ -147,16 +148,18 @@ def capture_units(
         for i in range(upto + 1):
             layer = layers[i]
             if i in moe.dense_layers:
-                handles.append(layer.get_submodule(spec.hook).register_forward_pre_hook(
-                    lambda _m, args, i=i: add(i, args[0][:, -1, :])))  # fmt: skip
+                dense = submodule(layer, spec.hook, spec, i)
+                handles.append(dense.register_forward_pre_hook(lambda _m, args, i=i: add(i, args[0][:, -1, :])))
                 continue
-            handles.append(layer.get_submodule(ex.module).register_forward_pre_hook(on_experts(i), with_kwargs=True))
+            experts = submodule(layer, ex.module, spec, i)
+            handles.append(experts.register_forward_pre_hook(on_experts(i), with_kwargs=True))
             if ex.router:
-                handles.append(layer.get_submodule(ex.router).register_forward_hook(on_router(i)))
+                handles.append(submodule(layer, ex.router, spec, i).register_forward_hook(on_router(i)))
             if moe.shared and ex.shared_hook:
-                handles.append(layer.get_submodule(ex.shared_hook).register_forward_pre_hook(on_shared_input(i)))
+                shared = submodule(layer, ex.shared_hook, spec, i)
+                handles.append(shared.register_forward_pre_hook(on_shared_input(i)))
             if moe.shared and ex.shared_gate:
-                handles.append(layer.get_submodule(ex.shared_gate).register_forward_hook(on_shared_gate(i)))
+                handles.append(submodule(layer, ex.shared_gate, spec, i).register_forward_hook(on_shared_gate(i)))
         yield
     finally:
         for handle in handles:
@@ -171,7 +174,7 @@ def scaled_units(layers: nn.ModuleList, spec: ArchSpec, edits: UnitEdits) -> Ite
     try:
         with torch.no_grad():
             for (layer, expert), (index, mult) in edits.items():
-                rows = down_rows(layers[layer], spec, expert)
+                rows = down_rows(layers, layer, spec, expert)
                 idx = index.to(rows.device)
                 saved.append((rows, idx, rows[idx].clone()))
                 scale_rows_(rows, idx, mult.to(rows.device))
@@ -182,12 +185,12 @@ def scaled_units(layers: nn.ModuleList, spec: ArchSpec, edits: UnitEdits) -> Ite
                 rows[idx] = original
 
 
-def down_rows(layer: nn.Module, spec: ArchSpec, expert: ExpertKey) -> torch.Tensor:
-    """A view of a unit's in-memory down projection with one row per neuron (a dense MLP, the shared expert, or a
-    routed expert's slice of the fused `down_proj`, laid out as `FUSED_DOWN` says)."""
+def down_rows(layers: nn.ModuleList, layer: int, spec: ArchSpec, expert: ExpertKey) -> torch.Tensor:
+    """A view of the in-memory down projection of a unit of `layer` with one row per neuron (a dense MLP, the shared
+    expert, or a routed expert's slice of the fused `down_proj`, laid out as `FUSED_DOWN` says)."""
     if expert is None or expert == SHARED:
         assert expert is None or spec.experts is not None and spec.experts.shared_hook is not None
-        return layer.get_submodule(spec.hook if expert is None else spec.experts.shared_hook).weight.T
+        return submodule(layers[layer], spec.hook if expert is None else spec.experts.shared_hook, spec, layer).weight.T
     assert spec.experts is not None
-    site, fused = FUSED_DOWN[spec.experts.fused], layer.get_submodule(spec.experts.module).down_proj
+    site, fused = FUSED_DOWN[spec.experts.fused], submodule(layers[layer], spec.experts.module, spec, layer).down_proj
     return site.rows(fused, fused.shape[site.axis], expert)

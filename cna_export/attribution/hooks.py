@@ -13,22 +13,38 @@ import torch
 from torch import nn
 
 from cna_export.arch.spec import ArchSpec
+from cna_export.errors import ArchitectureError
 from cna_export.fold.scale import LayerEdits, UnitEdits
+
+
+def submodule(root: nn.Module, path: str, spec: ArchSpec, layer: int | None = None) -> nn.Module:
+    """The module at `path` inside `root` (a loaded model, or its decoder layer `layer`), where the architecture
+    table says it is. A loaded model without it (its config and the table disagree, e.g. on which layers are dense)
+    is one line, not an AttributeError."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        where = f"Layer {layer} of this" if layer is not None else "This"
+        raise ArchitectureError(
+            f"{where} {spec.model_type} model has no module {path!r}, where the architecture table expects it.",
+            "check that config.json belongs to the checkpoint (its keys decide which layers are dense); if it does, "
+            "cna-export does not support this variant of the family yet.",
+        ) from None
 
 
 def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     """The decoder layers of a loaded model (where the architecture table says they are)."""
-    return model.get_submodule(spec.layers_module)
+    return submodule(model, spec.layers_module, spec)
 
 
 def down_projs(model: nn.Module, spec: ArchSpec) -> list[nn.Module]:
     """The module whose input is the neurons (`spec.hook`, usually `mlp.down_proj`) of every layer, in order."""
-    return [layer.get_submodule(spec.hook) for layer in decoder_layers(model, spec)]
+    return [submodule(layer, spec.hook, spec, i) for i, layer in enumerate(decoder_layers(model, spec))]
 
 
 def mlp_of(model: nn.Module, spec: ArchSpec, layer: int) -> nn.Module:
     """The module that computes the neurons of `layer` and contains the hook module (its parent)."""
-    return decoder_layers(model, spec)[layer].get_submodule(spec.hook.rpartition(".")[0])
+    return submodule(decoder_layers(model, spec)[layer], spec.hook.rpartition(".")[0], spec, layer)
 
 
 @contextlib.contextmanager
