@@ -1,7 +1,7 @@
 """The circuit file: which neurons to scale, why (their deltas), and where they came from.
 
 A circuit is human-readable JSON. It is validated twice: on load (schema, ranges, duplicates) and against the
-model it is applied to (architecture, layer count, MLP width, and optionally the weights hash).
+model it is applied to (architecture, layer count, MLP width, and optionally the weights hash: circuit/identity.py).
 """
 
 from __future__ import annotations
@@ -17,21 +17,36 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from cna_export import __version__
-from cna_export.arch import ModelShape, compatible
-from cna_export.arch.experts import ExpertShape
+from cna_export.arch import ModelShape
+from cna_export.circuit.identity import MAX_SIZE, MOE_IDENTITY, ModelIdentity, moe_fields, shape_fields
 from cna_export.circuit.selection import Selection, Strict
 from cna_export.errors import CircuitError
 from cna_export.fold.scale import LayerEdits, UnitEdits, check_multiplier, group_by_unit
 from cna_export.io.output import write_text_atomic
+
+# `ModelIdentity` and its helpers live in circuit/identity.py; they are imported from here too.
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MAX_SIZE",
+    "Circuit",
+    "ExpertRouting",
+    "ModelIdentity",
+    "Neuron",
+    "PromptSet",
+    "RecordedSelection",
+    "Routing",
+    "StackedSource",
+    "moe_fields",
+    "prompt_set",
+    "shape_fields",
+]
 
 FORMAT = "cna-circuit"
 # Version 2 (issue 15) adds neurons inside experts: `Neuron.expert`, the model's expert sizes and `routing`. A
 # circuit with none of them is still written as version 1, byte for byte as before; both versions load. A model
 # whose layers differ in MLP width (Gemma 4's double-wide layers) records `layer_widths`, also as version 2.
 FORMAT_VERSION = 2
-# Sizes and indices beyond this are damage, not models; without a bound they would overflow int64 tensors.
-MAX_SIZE = 2**31
-
 
 
 class Neuron(Strict):
@@ -48,65 +63,6 @@ class Neuron(Strict):
 class PromptSet(Strict):
     count: int = Field(ge=0, description="Number of prompts.")
     sha256: str = Field(description="sha256 of the prompts joined by newlines, before any chat template.")
-
-
-class ModelIdentity(Strict):
-    source: str = Field(description="Path or Hub id the circuit was discovered on.")
-    model_type: str = Field(description="config.model_type.")
-    revision: str | None = Field(default=None, description="Hub commit, when the model came from the Hub.")
-    weights_sha256: str | None = Field(default=None, description="Combined sha256 of the weight files.")
-    config_sha256: str | None = Field(default=None, description="sha256 of config.json.")
-    num_layers: int = Field(gt=0, lt=MAX_SIZE, description="Decoder layers.")
-    intermediate_size: int = Field(gt=0, lt=MAX_SIZE, description="MLP neurons per layer (the narrowest layer's).")
-    hidden_size: int = Field(gt=0, lt=MAX_SIZE, description="Residual width.")
-    # Mixtures of experts (format version 2).
-    num_experts: int | None = Field(default=None, gt=0, lt=MAX_SIZE, description="Routed experts per MoE layer.")
-    expert_size: int | None = Field(default=None, gt=0, lt=MAX_SIZE, description="Neurons per routed expert.")
-    shared_expert_size: int | None = Field(default=None, ge=0, lt=MAX_SIZE, description="Shared expert neurons.")
-    dense_layers: list[int] | None = Field(default=None, description="Layers of an MoE model with a dense MLP.")
-    layer_widths: list[int] | None = Field(
-        default=None, description="Each layer's MLP neurons, where they differ (format version 2; None: all equal)."
-    )
-
-    @model_validator(mode="after")
-    def _widths(self) -> ModelIdentity:
-        w = self.layer_widths
-        if w is not None and (len(w) != self.num_layers or not all(0 < x < MAX_SIZE for x in w)
-                              or min(w) != self.intermediate_size):  # fmt: skip
-            raise ValueError(f"layer_widths must give {self.num_layers} widths, the narrowest intermediate_size")
-        return self
-
-    def width(self, layer: int) -> int:
-        """MLP neurons of `layer` (a dense layer's)."""
-        return self.layer_widths[layer] if self.layer_widths is not None else self.intermediate_size
-
-    def shape(self) -> ModelShape:
-        """The model's shape as recorded here, experts and per-layer widths included (what a k of a fraction and
-        the attribution rows are sized by)."""
-        moe = None
-        if self.num_experts:
-            moe = ExpertShape(self.num_experts, self.expert_size or 0, self.shared_expert_size or 0,
-                              frozenset(self.dense_layers or ()))  # fmt: skip
-        widths = tuple(self.layer_widths) if self.layer_widths is not None else None
-        return ModelShape(self.num_layers, self.intermediate_size, self.hidden_size, moe, widths)
-
-
-_MOE_IDENTITY = ("num_experts", "expert_size", "shared_expert_size", "dense_layers")
-
-
-def shape_fields(shape: ModelShape) -> dict[str, Any]:
-    """The `ModelIdentity` fields of a shape beyond layers, width and hidden size: experts, per-layer widths."""
-    widths = {"layer_widths": list(shape.layer_widths)} if shape.layer_widths is not None else {}
-    return moe_fields(shape) | widths
-
-
-def moe_fields(shape: ModelShape) -> dict[str, Any]:
-    """The `ModelIdentity` fields of an MoE model's experts (none for a dense model)."""
-    moe = shape.moe
-    if moe is None:
-        return {}
-    return {"num_experts": moe.num_experts, "expert_size": moe.width, "shared_expert_size": moe.shared,
-            "dense_layers": sorted(moe.dense_layers)}  # fmt: skip
 
 
 class ExpertRouting(Strict):
@@ -154,8 +110,10 @@ class RecordedSelection(Selection):
         # A "before" validator turns JSON input into Python objects, where strict mode takes no list for a tuple:
         # without this a circuit with universal exclusions could not be loaded.
         if isinstance(data, dict) and isinstance(data.get("universal_excluded"), list):
-            data = {**data, "universal_excluded": [tuple(x) if isinstance(x, list) else x
-                                                   for x in data["universal_excluded"]]}  # fmt: skip
+            data = {
+                **data,
+                "universal_excluded": [tuple(x) if isinstance(x, list) else x for x in data["universal_excluded"]],
+            }
         return data
 
 
@@ -189,14 +147,16 @@ class Circuit(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Circuit:
-        seen = Counter((n.layer, n.expert, n.index) if n.expert is not None else (n.layer, n.index)
-                       for n in self.neurons)  # fmt: skip
+        seen = Counter(
+            (n.layer, n.expert, n.index) if n.expert is not None else (n.layer, n.index) for n in self.neurons
+        )
         dup = [key for key, count in seen.items() if count > 1]
         if dup:
-            raise ValueError(f"neuron {'(layer, expert, index)' if len(dup[0]) == 3 else '(layer, index)'} "
-                             f"{dup[0]} is listed twice")  # fmt: skip
+            raise ValueError(
+                f"neuron {'(layer, expert, index)' if len(dup[0]) == 3 else '(layer, index)'} {dup[0]} is listed twice"
+            )
         for n in self.neurons:
-            if n.layer >= self.model.num_layers or n.index >= self._width(n.expert, n.layer):
+            if n.layer >= self.model.num_layers or n.index >= self.model.unit_width(n.expert, n.layer):
                 raise ValueError(f"neuron {self._key(n)} lies outside the model it claims")
             if not math.isfinite(n.delta) or (n.multiplier is not None and not math.isfinite(n.multiplier)):
                 raise ValueError(f"neuron ({n.layer}, {n.index}) has a non-finite value")
@@ -214,21 +174,7 @@ class Circuit(Strict):
     @property
     def num_neurons(self) -> int:
         """Neurons of the model the circuit was made on (an MoE layer: all its experts' and the shared one's)."""
-        me = self.model
-        if not me.num_experts:
-            return sum(me.width(i) for i in range(me.num_layers))
-        dense = set(me.dense_layers or [])
-        moe = me.num_experts * (me.expert_size or 0) + (me.shared_expert_size or 0)
-        return sum(me.width(i) if i in dense else moe for i in range(me.num_layers))
-
-    def _width(self, expert: int | str | None, layer: int) -> int:
-        """Neurons of the unit `expert` of `layer` (0 when the model has no such expert)."""
-        me = self.model
-        if expert is None:
-            return me.width(layer)
-        if expert == "shared":
-            return me.shared_expert_size or 0
-        return me.expert_size or 0 if me.num_experts and expert < me.num_experts else 0
+        return self.model.num_neurons
 
     @staticmethod
     def _key(n: Neuron) -> tuple:
@@ -252,7 +198,8 @@ class Circuit(Strict):
         """(layer, expert) -> (indices, multipliers); expert None for dense MLPs. `multiplier` overrides all."""
         quads = []
         for n in self.neurons:
-            m = multiplier if multiplier is not None else (n.multiplier if n.multiplier is not None else self.multiplier)
+            own = n.multiplier if n.multiplier is not None else self.multiplier
+            m = multiplier if multiplier is not None else own
             quads.append((n.layer, n.expert, n.index, check_multiplier(m, allow_negative)))
         return group_by_unit(quads)
 
@@ -268,38 +215,7 @@ class Circuit(Strict):
         self, model_type: str, shape: ModelShape, weights_sha256: str | None = None, force: bool = False
     ) -> None:
         """Refuse to apply this circuit to a model it was not made for (`force` skips only the hash check)."""
-        me = self.model
-        if not compatible(me.model_type, model_type):
-            raise CircuitError(
-                f"Circuit was made for a {me.model_type} model but this model is {model_type}.",
-                "discover a circuit on this model.",
-            )
-        if (me.num_layers, me.intermediate_size) != (shape.num_layers, shape.intermediate_size):
-            raise CircuitError(
-                f"Circuit was made for {me.num_layers} layers x {me.intermediate_size} neurons, "
-                f"this model has {shape.num_layers} x {shape.intermediate_size}.",
-                "discover a circuit on this model.",
-            )
-        theirs_w = list(shape.layer_widths) if shape.layer_widths is not None else None
-        if me.layer_widths != theirs_w:
-            raise CircuitError(
-                f"Circuit was made for MLP widths {me.layer_widths or 'all ' + str(me.intermediate_size)} by layer, "
-                f"this model has {theirs_w or 'all ' + str(shape.intermediate_size)}.",
-                "discover a circuit on this model.",
-            )
-        moe = shape.moe
-        mine = (me.num_experts, me.expert_size, me.shared_expert_size or 0, sorted(me.dense_layers or []))
-        theirs = (moe.num_experts, moe.width, moe.shared, sorted(moe.dense_layers)) if moe else (None, None, 0, [])
-        if self.is_moe and mine != theirs:
-            raise CircuitError(
-                f"Circuit was made for experts (count, width, shared, dense layers) {mine}, this model has {theirs}.",
-                "discover a circuit on this model.",
-            )
-        if weights_sha256 and me.weights_sha256 and weights_sha256 != me.weights_sha256 and not force:
-            raise CircuitError(
-                f"Circuit was made on weights {me.weights_sha256[:12]}, this model's are {weights_sha256[:12]}.",
-                "pass --force to apply it to a fine-tune or re-upload of the same model.",
-            )
+        self.model.check_fits(model_type, shape, weights_sha256, force, experts=self.is_moe)
 
     def layer_counts(self) -> dict[int, int]:
         return dict(sorted(Counter(n.layer for n in self.neurons).items()))
@@ -330,13 +246,17 @@ class Circuit(Strict):
         ]
         lines += [f"{layer:5d}  {count:7d}" for layer, count in circuit.layer_counts().items()]
         if self.is_moe:
-            lines[0] += (f"; {m.num_experts} experts x {m.expert_size}, shared expert {m.shared_expert_size or 0}, "
-                         f"dense layers {m.dense_layers or []}")  # fmt: skip
+            lines[0] += (
+                f"; {m.num_experts} experts x {m.expert_size}, shared expert {m.shared_expert_size or 0}, "
+                f"dense layers {m.dense_layers or []}"
+            )
             lines += ["", *self._expert_table()]
         lines += ["", f"top {min(top, len(circuit.neurons))} by |delta|:", "layer  index        delta"]
         ranked = sorted(circuit.neurons, key=lambda n: -abs(n.delta))[:top]
-        lines += [f"{n.layer:5d}  {n.index:5d}  {n.delta:+11.5f}" + ("" if n.expert is None else f"  expert {n.expert}")
-                  for n in ranked]  # fmt: skip
+        lines += [
+            f"{n.layer:5d}  {n.index:5d}  {n.delta:+11.5f}" + ("" if n.expert is None else f"  expert {n.expert}")
+            for n in ranked
+        ]
         return "\n".join(lines)
 
     def expert_counts(self) -> dict[tuple[int, int | str | None], int]:
@@ -352,8 +272,9 @@ class Circuit(Strict):
         for (layer, expert), count in self.expert_counts().items():
             cover = routed.get((layer, expert), {})
             where = "dense" if expert is None else str(expert)
-            lines.append(f"{layer:5d}  {where:>6}  {count:7d}" + "".join(
-                f"  {cover.get(k, '-'):>{7 + len(k)}}" for k in sets))  # fmt: skip
+            lines.append(
+                f"{layer:5d}  {where:>6}  {count:7d}" + "".join(f"  {cover.get(k, '-'):>{7 + len(k)}}" for k in sets)
+            )
         return lines
 
     # Files -------------------------------------------------------------------------------------------------
@@ -362,7 +283,7 @@ class Circuit(Strict):
         # A circuit that stacks nothing is written as before (same bytes, same sha256).
         exclude: dict = {} if self.sources is not None else {"sources": True}
         if not self.is_moe:  # a dense circuit stays version 1, byte for byte
-            exclude |= {"routing": True, "model": set(_MOE_IDENTITY), "neurons": {"__all__": {"expert"}}}
+            exclude |= {"routing": True, "model": set(MOE_IDENTITY), "neurons": {"__all__": {"expert"}}}
         if self.model.layer_widths is None:  # a uniform model's circuit is written as before
             exclude.setdefault("model", set()).add("layer_widths")
         return self.model_dump_json(indent=1, exclude=exclude or None)
