@@ -13,7 +13,7 @@ from torch import nn
 from cna_export.arch import ArchSpec
 from cna_export.attribution.select import attribute
 from cna_export.circuit.format import Circuit, ModelIdentity
-from cna_export.circuit.recipe import Recipe, load_prompts
+from cna_export.circuit.recipe import Recipe, Universal, load_prompts
 from cna_export.circuit.selection import DEFAULT_FRACTION, Selection
 from cna_export.errors import RecipeError
 from cna_export.io.source import Source, describe, identity, load_model
@@ -96,7 +96,7 @@ def _discover_gguf(
     return result.circuit(k, fraction=fraction, **labels)
 
 
-NEUTRAL_DEFAULT = "builtin:neutral_diverse"
+NEUTRAL_DEFAULT: str = Universal.model_fields["prompts"].default  # the recipes' default, defined there
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from cna_export import __version__
 from cna_export.arch import ArchSpec, arch_for, shape_of
 from cna_export.errors import ArchitectureError, CheckpointError, CnaExportError, OutputError
 from cna_export.gguf.external import convert_external, converter_command
+from cna_export.gguf.outtypes import OUTTYPE_NAMES
 from cna_export.gguf.vocab import load_vocab
 from cna_export.io.checkpoint import CheckpointReader
 from cna_export.io.config import read_config_json
@@ -38,13 +39,20 @@ from cna_export.io.output import check_free_space, check_output_path, staged_out
 
 log = logging.getLogger(__name__)
 
-# --outtype -> (type of 2-D weights, general.file_type). 1-D tensors (norms, biases) always stay F32.
-OUTTYPES: dict[str, tuple[Q, LlamaFileType]] = {
-    "f32": (Q.F32, LlamaFileType.ALL_F32),
-    "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
-    "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16),
-    "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-}
+# --outtype (gguf/outtypes.py, in its order) -> (type of 2-D weights, general.file_type). 1-D tensors (norms, biases)
+# always stay F32.
+OUTTYPES: dict[str, tuple[Q, LlamaFileType]] = dict(
+    zip(
+        OUTTYPE_NAMES,
+        [
+            (Q.F32, LlamaFileType.ALL_F32),
+            (Q.F16, LlamaFileType.MOSTLY_F16),
+            (Q.BF16, LlamaFileType.MOSTLY_BF16),
+            (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+        ],
+        strict=True,
+    )
+)
 # Tensors that models save but llama.cpp computes itself.
 SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
 LM_HEAD = "lm_head.weight"

@@ -58,7 +58,6 @@ from cna_export.io.output import check_free_space, check_output_path, staged_out
 
 log = logging.getLogger(__name__)
 
-Q = GGMLQuantizationType
 SIDECAR_SUFFIX = ".circuit.json"
 F16_MAX = float(np.finfo(np.float16).max)
 

@@ -17,12 +17,13 @@ from tqdm.auto import tqdm
 from cna_export.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+CHUNK = 16 * 1024 * 1024  # bytes read at a time
 
 
 def sha256_file(path: Path, progress: tqdm | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(16 * 1024 * 1024):
+        while chunk := f.read(CHUNK):
             h.update(chunk)
             if progress is not None:
                 progress.update(len(chunk))
@@ -38,7 +39,7 @@ class StreamHash:
         ...     write_safetensors(folder / "model.safetensors", tensors, meta, hashing=hasher.stream(path))
     """
 
-    CHUNK = 16 * 1024 * 1024
+    CHUNK = CHUNK  # the module's, as a class attribute that a test can lower
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
