@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import ARCHS, FAMILY_TINY, MOE_TINY, TINY
+from conftest import ARCHS, MOE_ARCHS, TINY
 
 from cna_export.arch import (
     ARCHITECTURES,
@@ -30,9 +30,11 @@ from cna_export.io.source import describe, resolve
 
 
 def test_every_table_row_has_a_tiny_model():
-    """A family cannot ship untested: adding a row to ARCHITECTURES needs a tiny config in tests/conftest.py."""
-    missing = sorted(set(ARCHITECTURES) - set(TINY) - set(MOE_TINY) - set(FAMILY_TINY))
-    assert not missing, f"no tiny test model for {missing}: add it to TINY in tests/conftest.py"
+    """A family cannot ship untested: adding a row to ARCHITECTURES needs a row in the tiny-model table, whose kind
+    matches the family's (a mixture of experts is a "moe" model)."""
+    missing = sorted(set(ARCHITECTURES) - set(TINY))
+    assert not missing, f"no tiny test model for {missing}: add it to TINY in cna_export/testing/tiny.py"
+    assert {a for a, t in TINY.items() if t.kind == "moe"} == {a for a, s in ARCHITECTURES.items() if s.experts}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -122,7 +124,7 @@ def _built_dense_layers(model, spec) -> set[int]:
     return dense
 
 
-@pytest.mark.parametrize("arch", sorted(MOE_TINY))
+@pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_dense_layers_are_the_ones_transformers_builds_whatever_other_families_keys_say(arch):
     """The config carries every other family's dense-layer keys (DeepSeek's `first_k_dense_replace` in a Qwen2-MoE,
     Mixtral or Qwen3-MoE config ...): the dense layers the table reads are still exactly those where transformers
@@ -133,7 +135,7 @@ def test_dense_layers_are_the_ones_transformers_builds_whatever_other_families_k
 
     spec = arch_for(arch)
     own = {getattr(spec.experts.dense, f.name) for f in dataclasses.fields(DenseLayers)}
-    tiny = MOE_TINY[arch]
+    tiny = TINY[arch].config
     text = {**tiny.get("text_config", tiny), **{k: v for k, v in DENSE_KEYS.items() if k not in own}}
     config = AutoConfig.for_model(arch, **({**tiny, "text_config": text} if "text_config" in tiny else text))
     torch.manual_seed(0)
@@ -157,7 +159,7 @@ def test_dense_layers_are_the_ones_transformers_builds_whatever_other_families_k
 def test_a_dense_layer_key_transformers_cannot_read_is_one_line(arch, key, value, message):
     """A family's own key with a value its transformers code would crash on (or misread) is refused in one line;
     the same value under a key the family does not read changes nothing."""
-    config = {**MOE_TINY[arch], "model_type": arch}
+    config = {**TINY[arch].config, "model_type": arch}
     with pytest.raises(ArchitectureError, match=re.escape(f"config.json has no valid {key} ({message}).")):
         shape_of({**config, key: value})
     other = next(k for k in DENSE_KEYS if k not in {key, *vars(arch_for(arch).experts.dense).values()})
@@ -172,7 +174,7 @@ def test_a_module_the_loaded_model_lacks_is_one_line(tmp_path):
     from cna_export.attribution.experts import scaled_units
 
     spec = arch_for("qwen2_moe")
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2_moe", **MOE_TINY["qwen2_moe"]))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2_moe", **TINY["qwen2_moe"].config))
     expected = "Layer 0 of this qwen2_moe model has no module 'mlp.down_proj', where the architecture table expects it"
     with pytest.raises(ArchitectureError, match=re.escape(expected)) as err:
         down_projs(model, spec)  # every layer of this model is MoE: none has a dense down_proj

@@ -240,16 +240,20 @@ WIDE_NEURONS = [(0, 5), (0, 127), (1, 64), (2, 3), (2, 128), (2, 200), (2, 255)]
 
 
 def build_wide_gemma4(folder, vocab: int | None = 512):
-    """The double-wide tiny Gemma 4 (layer widths WIDE) in `folder`; `vocab` as `build_family_model` takes it (None:
-    the tokenizer's 480 tokens, which the per-layer embeddings then match)."""
-    from conftest import FAMILY_TINY, build_family_model
+    """The double-wide tiny Gemma 4 (layer widths WIDE) in `folder`; `vocab` as `build_model` takes it (None: the
+    tokenizer's 480 tokens, which the per-layer embeddings then match)."""
+    from conftest import TINY, build_model
 
-    text = dict(FAMILY_TINY["gemma4"]["text_config"], num_hidden_layers=3, num_kv_shared_layers=1,
-                layer_types=["sliding_attention", "full_attention", "full_attention"], use_double_wide_mlp=True,
-                hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab or 480)  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(FAMILY_TINY, "gemma4", dict(FAMILY_TINY["gemma4"], text_config=text))
-        return build_family_model(folder, "gemma4", vocab=vocab)
+    text = dict(
+        TINY["gemma4"].config["text_config"],
+        num_hidden_layers=3,
+        num_kv_shared_layers=1,
+        layer_types=["sliding_attention", "full_attention", "full_attention"],
+        use_double_wide_mlp=True,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=vocab or 480,
+    )
+    return build_model(folder, "gemma4", vocab=vocab, text_config=text)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_family_model, make_circuit, run_cli
+from conftest import build_model, make_circuit, run_cli
 from test_families import load
 from test_gguf_export import assert_logits_close, llama_logits
 
@@ -48,7 +48,7 @@ def converted(tmp_path_factory, hf_to_gguf):
     def get(arch: str) -> tuple[Path, Path]:
         if arch not in done:
             # As many embedding rows as tokens: llama.cpp's converter cuts some families' embeddings to the tokenizer.
-            src = build_family_model(root / arch, arch, vocab=None)
+            src = build_model(root / arch, arch, vocab=None)
             done[arch] = src, export_gguf(src, root / f"{arch}.f32.gguf", outtype="f32")
         return done[arch]
 
@@ -205,12 +205,8 @@ def test_exaone4_in_the_layout_of_its_small_checkpoint_runs_as_transformers(hf_t
     the tolerance of the other families (the 64-layer 32B is the layout llama.cpp keys its window on)."""
     import logging
 
-    from conftest import FAMILY_TINY
-
-    tiny = dict(FAMILY_TINY["exaone4"], sliding_window=None, layer_types=["full_attention", "full_attention"])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(FAMILY_TINY, "exaone4", tiny)
-        src = build_family_model(tmp_path / "exaone4", "exaone4", vocab=None)
+    layers = ["full_attention", "full_attention"]
+    src = build_model(tmp_path / "exaone4", "exaone4", vocab=None, sliding_window=None, layer_types=layers)
     with caplog.at_level(logging.WARNING):
         original = export_gguf(src, tmp_path / "exaone4.f32.gguf", outtype="f32")
     assert "64-layer" not in caplog.text

@@ -256,7 +256,7 @@ def spm_model(request, tmp_path_factory) -> Path:
     tok.chat_template = template
     tok.save_pretrained(folder)
     config = AutoConfig.for_model(model_type, vocab_size=512, max_position_embeddings=256, bos_token_id=2,
-                                  eos_token_id=1, pad_token_id=0, **TINY[model_type])  # fmt: skip
+                                  eos_token_id=1, pad_token_id=0, **TINY[model_type].config)  # fmt: skip
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():

@@ -3,7 +3,7 @@
 
 `ARCHITECTURES` and `GGUF_MODEL_TYPES` are built from these rows at the end of the module and nowhere else. To add a
 family, add its row to its vendor's block (or a new block, added to `FAMILIES`) and a tiny test model to
-`tests/conftest.py`'s `TINY` (`tests/test_arch.py` fails for a row without one).
+`TINY` in `cna_export/testing/tiny.py` (`tests/test_arch.py` fails for a row without one).
 
 What the rows share is built first: a fused gate/up tensor holds the up neurons in its second half (Phi-3, GLM-4: in
 the checkpoint and in llama.cpp's `ffn_up`); a multimodal wrapper holds its language model under
