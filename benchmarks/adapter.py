@@ -7,7 +7,7 @@ its export is not run. The circuit is 0.2% of the neurons (the refusal recipes' 
 random over the layers. Times are medians inside the process with the page cache warm (the import of peft, once
 per process, is reported apart), and the whole `cna-export adapter` command once (its own threads).
 
-    nice -n 10 python benchmarks/adapter.py --work /tmp/cna-adapter-bench
+    nice -n 10 python -m benchmarks.adapter --work /tmp/cna-adapter-bench
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(REPO))
 
 # name: (model_type, hidden, intermediate, layers, vocab, heads, kv_heads, tied, full checkpoint)
 SHAPES = {

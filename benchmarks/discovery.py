@@ -10,8 +10,8 @@ against the baseline in the same dtype; how many neurons each picks in common wi
 most exact answer); and the refusal recipes' rule (last 2 layers never selected), which cna-export turns into a
 shorter forward pass. Prints a table and writes JSON to benchmarks/results/discovery-<model>.json.
 
-    python benchmarks/discovery.py                       # SmolLM2-135M-Instruct (real, from PyPI)
-    python benchmarks/discovery.py --model path/to/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf
+    python -m benchmarks.discovery                       # SmolLM2-135M-Instruct (real, from PyPI)
+    python -m benchmarks.discovery --model path/to/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf
 """
 
 from __future__ import annotations
@@ -20,19 +20,16 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cna_export.attribution.collect import collect_sets, common_prefix, encode_prompts  # noqa: E402
-from cna_export.attribution.hooks import down_projs  # noqa: E402
-from cna_export.attribution.select import select  # noqa: E402
-from cna_export.circuit.recipe import load_prompts, load_recipe  # noqa: E402
-from cna_export.io.source import describe, load_model, resolve  # noqa: E402
+from cna_export.attribution.collect import collect_sets, common_prefix, encode_prompts
+from cna_export.attribution.hooks import down_projs
+from cna_export.attribution.select import select
+from cna_export.circuit.recipe import load_prompts, load_recipe
+from cna_export.io.source import describe, load_model, resolve
 
 REAL = Path(os.environ.get("CNA_REAL_MODELS", Path.home() / ".cache" / "cna-real-models"))
 RESULTS = Path(__file__).resolve().parent / "results"

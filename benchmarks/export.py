@@ -11,7 +11,7 @@ one run measures, each in its own process so peak RSS is its own:
 The page cache is warmed first so every contender reads from memory. Prints a table and writes JSON to
 benchmarks/results/export.json.
 
-    python benchmarks/export.py --work /tmp/cna-bench
+    python -m benchmarks.export --work /tmp/cna-bench
 """
 
 from __future__ import annotations
@@ -168,7 +168,6 @@ def warm(folder: Path) -> None:
 
 def make_circuit(src: Path, path: Path, layers: int) -> None:
     """A 0.1% ablation circuit carrying the model's real weights hash (as discover writes it)."""
-    sys.path.insert(0, str(REPO))
     import random
 
     from cna_export.circuit.format import Circuit, Neuron, PromptSet, RecordedSelection
@@ -188,7 +187,6 @@ def make_circuit(src: Path, path: Path, layers: int) -> None:
 
 
 def main() -> None:
-    sys.path.insert(0, str(REPO))
     from cna_export.io.checkpoint import CheckpointReader
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

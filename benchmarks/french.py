@@ -11,7 +11,7 @@ plain English questions (`--heldout-suffix` adds text to each held-out prompt; u
 `builtin:french_heldout` with m > 1): it did not make the models answer in French (results/french_qwen.md).
 
 Usage (Qwen 0.5B: about 3 minutes of sweep on 2 CPU cores, plus loading):
-    python benchmarks/french.py --model ~/.cache/cna-real-models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf \
+    python -m benchmarks.french --model ~/.cache/cna-real-models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf \
         --k 0.001 0.005 --m 0 --name french_ablate_qwen
 The committed results/french_ablate_qwen.* were made with the same prompts (then as builtin:french_heldout plus
 --heldout-suffix "Answer in French."), --max-new-tokens 24, PYTHONPATH=.; results/french_smollm2.* and
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import torch
-from refusal_qwen import write_outputs
 
+from benchmarks.refusal_qwen import write_outputs
 from cna_export.attribution.select import attribute
 from cna_export.circuit.recipe import load_prompts, load_recipe
 from cna_export.evaluate.measure import EvalConfig

