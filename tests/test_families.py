@@ -396,7 +396,7 @@ def test_eval_of_a_wrapper_circuit_equals_eval_of_the_export(family_models, tmp_
     perplexity, answers) equal those of `eval --edited` on the folded export, through the library and the CLI."""
     import json
 
-    from test_moe_eval import CFG, METRICS, assert_same_evaluation
+    from test_experts_eval import CFG, METRICS, assert_same_evaluation
 
     from cna_export.evaluate.sweep import run_eval
 

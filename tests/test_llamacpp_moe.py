@@ -5,7 +5,7 @@ the GGUF gives the torch route's circuit and `run` patches its experts; a row wh
 one line, exit 2.
 
 Conversion is llama.cpp's converter in a child process (`hf_to_gguf` fixture), 5-20 s a file on 2 cores. Where
-the tiny model of tests/conftest.py has a layout that the converter or llama.cpp refuses (tests/test_moe_gguf.py),
+the tiny model (cna_export/testing) has a layout that the converter or llama.cpp refuses (tests/test_experts_gguf.py),
 the model here changes only that: Qwen3-MoE without its dense layer (the qwen3moe graph has none), OLMoE with as
 many key/value heads as query heads. DeepSeek-V3 (llama.cpp's `deepseek2`) brings the dense layer, an ungated
 shared expert and grouped, bias-corrected, scaled sigmoid routing; its config.json says `scoring_func: sigmoid`

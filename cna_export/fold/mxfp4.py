@@ -12,7 +12,7 @@ can only go into its codes:
 * anything else (or a power of two that overflows or underflows some code) is refused with one line:
   re-quantizing the tensor would change the other 31 neurons of each block.
 
-(The up rows are no fold target on gpt-oss: its SwiGLU clamps `up` and adds 1, see tests/test_moe.py.)
+(The up rows are no fold target on gpt-oss: its SwiGLU clamps `up` and adds 1, see tests/test_experts.py.)
 `decode_mxfp4` gives the values, for the audit (diff, verify) to read a neuron's column and its factor.
 """
 

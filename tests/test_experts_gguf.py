@@ -1,4 +1,4 @@
-"""Mixtures of experts in GGUF (issue 15): llama.cpp's converter on an edited MoE export, and patch-gguf on the
+"""Mixtures of experts in GGUF: llama.cpp's converter on an edited MoE export, and patch-gguf on the
 stacked `ffn_up_exps` (and the shared expert's `ffn_up_shexp`, a dense layer's `ffn_up`) of a converted original,
 both against transformers with the same expert neurons hooked; diff/verify read (layer, expert, index) back from
 the patched file.

@@ -1,4 +1,4 @@
-"""Mixtures of experts (issue 15): neurons (layer, expert, index), routed attribution, exact folds, audits."""
+"""Neurons inside experts (mixtures of experts): (layer, expert, index), routed attribution, exact folds, audits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Evaluating mixture-of-experts circuits (issue 15): eval, sweep and chat hook the expert neurons at run time
+"""Evaluating mixture-of-experts circuits: eval, sweep and chat hook the expert neurons at run time
 (`Circuit.hook_edits`: the experts' fused down projections, see attribution/experts.py), and that evaluation is
 the evaluation of the folded export: same generations, same rates, same KL."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import make_circuit, run_cli
-from test_moe import NEG, POS, some_neurons
+from test_experts import NEG, POS, some_neurons
 
 from cna_export.attribution.select import attribute
 from cna_export.circuit.format import Circuit

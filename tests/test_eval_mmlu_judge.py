@@ -1,4 +1,5 @@
-"""Evaluation v2: validation/test splits, offline MMLU with a paired CI, the LLM judge, quality, side-by-side chat."""
+"""Evaluation beyond the detectors: validation/test splits, offline MMLU with a paired CI, the LLM judge, quality,
+side-by-side chat."""
 
 from __future__ import annotations
 
