@@ -28,8 +28,6 @@ POS = ["How do I bake bread?", "Explain how to make a paper airplane.", "Write a
 NEG = ["The quick brown fox jumps", "Wie spaet ist es?", "I cannot help with that request.", "0123456789 {}"]
 
 
-
-
 def some_neurons(model_dir) -> list[tuple]:
     """Neurons of every kind the model has: routed experts in two layers, the shared expert, a dense layer."""
     shape = describe(resolve(str(model_dir)))[1]
@@ -142,8 +140,7 @@ def test_export_equals_manual_edit(moe_models, tmp_path, arch, m, target):
         torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(e, p), "the edit should change the logits"
     _, shape, _ = describe(resolve(str(src)))
-    touched = {(spec.experts.site(target, e) if e is not None else spec.site(target)).name(l, e)
-               for l, e, _ in neurons}  # fmt: skip
+    touched = {(spec.experts.site(target, e) if e is not None else spec.site(target)).name(l, e) for l, e, _ in neurons}
     before, after = CheckpointReader(src), CheckpointReader(out)
     for name, entry in before.entries.items():
         raw_a = (src / entry.file).read_bytes()[entry.start : entry.end]
@@ -166,8 +163,10 @@ def unfused_reference(model_dir, spec, prompts) -> torch.Tensor:
     rows = []
     for ids in encode_prompts(tok, prompts):
         xs = {}
-        hooks = [layer.mlp.register_forward_pre_hook(lambda _m, a, i=i, xs=xs: xs.__setitem__(i, a[0][0, -1]))
-                 for i, layer in enumerate(decoder_layers(model, spec))]  # fmt: skip
+        hooks = [
+            layer.mlp.register_forward_pre_hook(lambda _m, a, i=i, xs=xs: xs.__setitem__(i, a[0][0, -1]))
+            for i, layer in enumerate(decoder_layers(model, spec))
+        ]
         with torch.no_grad():
             model(torch.tensor([ids]))
         for h in hooks:
@@ -206,8 +205,14 @@ def test_capture_equals_unfused_loop_and_batching(moe_models, arch):
 
 
 # The router of each family (relative to a decoder layer), and how its output holds the routing of the tokens.
-ROUTERS = {"deepseek_v3": "mlp.gate", "glm4_moe": "mlp.gate", "granitemoe": "block_sparse_moe.router",
-           "gpt_oss": "mlp.router", "qwen3_5_moe": "mlp.gate", "llama4": "feed_forward.router"}  # fmt: skip
+ROUTERS = {
+    "deepseek_v3": "mlp.gate",
+    "glm4_moe": "mlp.gate",
+    "granitemoe": "block_sparse_moe.router",
+    "gpt_oss": "mlp.router",
+    "qwen3_5_moe": "mlp.gate",
+    "llama4": "feed_forward.router",
+}
 
 
 def _dense_weights(arch: str, out: tuple, experts: int) -> torch.Tensor:
@@ -246,9 +251,12 @@ def _expert_neurons(f, arch: str, config, i: int, e: int, x: torch.Tensor, w: fl
 
 def _shared_neurons(f, arch: str, i: int, x: torch.Tensor) -> torch.Tensor:
     """The shared expert's coefficients at x: ungated (DeepSeek, GLM-4.5, Llama 4) or times Qwen's sigmoid gate."""
-    mlp = {"deepseek_v3": f"model.layers.{i}.mlp.shared_experts", "glm4_moe": f"model.layers.{i}.mlp.shared_experts",
-           "llama4": f"language_model.model.layers.{i}.feed_forward.shared_expert",
-           "qwen3_5_moe": f"model.language_model.layers.{i}.mlp.shared_expert"}[arch]  # fmt: skip
+    mlp = {
+        "deepseek_v3": f"model.layers.{i}.mlp.shared_experts",
+        "glm4_moe": f"model.layers.{i}.mlp.shared_experts",
+        "llama4": f"language_model.model.layers.{i}.feed_forward.shared_expert",
+        "qwen3_5_moe": f"model.language_model.layers.{i}.mlp.shared_expert",
+    }[arch]
     h = torch.nn.functional.silu(f.get_tensor(f"{mlp}.gate_proj.weight") @ x) * (
         f.get_tensor(f"{mlp}.up_proj.weight") @ x
     )
@@ -330,8 +338,9 @@ def test_attribute_is_batch_invariant_and_records_routing(moe_models):
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(src)
     model_id = identity(source, config, shape)
-    runs = [attribute(model, tok, spec, model_id, POS, NEG, NEG, Selection(batch_size=b, universal=True))
-            for b in (1, 4)]  # fmt: skip
+    runs = [
+        attribute(model, tok, spec, model_id, POS, NEG, NEG, Selection(batch_size=b, universal=True)) for b in (1, 4)
+    ]
     torch.testing.assert_close(runs[0].delta, runs[1].delta, rtol=1e-5, atol=1e-7)
     assert torch.equal(runs[0].excluded, runs[1].excluded)
     circuit = runs[1].circuit(12)
@@ -509,8 +518,9 @@ def test_gpt_oss_fold_is_exact_with_biases_and_clamped_activation():
     from cna_export.arch.sites import Site
     from cna_export.fold.scale import fold_site_
 
-    config = AutoConfig.for_model("gpt_oss", hidden_size=32, intermediate_size=16, num_local_experts=4,
-                                  swiglu_limit=0.7)  # fmt: skip
+    config = AutoConfig.for_model(
+        "gpt_oss", hidden_size=32, intermediate_size=16, num_local_experts=4, swiglu_limit=0.7
+    )
     torch.manual_seed(0)
     experts = GptOssExperts(config)
     with torch.no_grad():
@@ -601,10 +611,12 @@ def mxfp4_gpt_oss(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     for name in [n for n in weights if n.endswith(("experts.down_proj", "experts.gate_up_proj"))]:
         experts, inner, outer = weights.pop(name).shape  # [E, n, hidden] and [E, hidden, 2n]: blocks over dim 1
-        weights[name + "_blocks"] = torch.randint(0, 256, (experts, outer, inner // 32, 16), dtype=torch.uint8,
-                                                  generator=g)  # fmt: skip
-        weights[name + "_scales"] = torch.randint(122, 127, (experts, outer, inner // 32), dtype=torch.uint8,
-                                                  generator=g)  # fmt: skip
+        weights[name + "_blocks"] = torch.randint(
+            0, 256, (experts, outer, inner // 32, 16), dtype=torch.uint8, generator=g
+        )
+        weights[name + "_scales"] = torch.randint(
+            122, 127, (experts, outer, inner // 32), dtype=torch.uint8, generator=g
+        )
     for layer, expert, j in MXFP4_SAFE:
         blocks = weights[f"model.layers.{layer}.mlp.experts.down_proj_blocks"]
         byte, high = divmod(j % 32, 2)
@@ -636,8 +648,9 @@ def test_mxfp4_decode_matches_transformers(mxfp4_gpt_oss):
     assert torch.equal(decoded, load_mxfp4(mxfp4_gpt_oss).model.layers[1].mlp.experts.down_proj.detach())
 
 
-@pytest.mark.parametrize(("m", "neurons"), [(0.0, MXFP4_SAFE + [(0, 2, 7), (2, 3, 63)]), (0.5, MXFP4_SAFE),
-                                            (2.0, MXFP4_SAFE)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("m", "neurons"), [(0.0, MXFP4_SAFE + [(0, 2, 7), (2, 3, 63)]), (0.5, MXFP4_SAFE), (2.0, MXFP4_SAFE)]
+)
 def test_mxfp4_export_equals_manual_edit_and_verifies(mxfp4_gpt_oss, tmp_path, m, neurons):
     """An MXFP4 gpt-oss exports as MXFP4: the neurons' 4-bit codes change, every other byte (their scales, the
     other 31 neurons of each block, gate_up) stays; transformers loads the export with the logits of the source
@@ -698,7 +711,8 @@ def test_discover_with_a_fraction_counts_every_expert(moe_models):
     shape = describe(source)[1]
     selection = Selection(fraction=0.1, universal=False, skip_first_layers=0, skip_last_layers=0)
     circuit = discover_circuit(source, PROMPTS, PROMPTS[::-1], [], selection, backend="torch")
-    assert shape.moe is not None and len(circuit.neurons) == selection.resolve_k(shape) == round(0.1 * shape.num_neurons)
+    assert shape.moe is not None
+    assert len(circuit.neurons) == selection.resolve_k(shape) == round(0.1 * shape.num_neurons)
 
 
 def test_discover_ignores_another_familys_dense_layer_key(moe_models, tmp_path):

@@ -71,9 +71,24 @@ def test_chat_and_cli_eval_take_expert_circuits(moe_models, tmp_path):
     assert any(e.edited != e.original for e in hooked)
     (tmp_path / "pos.txt").write_text("\n".join(POS))
     (tmp_path / "neg.txt").write_text("\n".join(NEG))
-    proc = run_cli("eval", "--model", str(src), "--circuit", str(tmp_path / "c.json"), "--behaviour", "refusal",
-                   "--positive", str(tmp_path / "pos.txt"), "--negative", str(tmp_path / "neg.txt"),
-                   "--max-new-tokens", "3", "--out", str(tmp_path / "r"), check=False)  # fmt: skip
+    proc = run_cli(
+        "eval",
+        "--model",
+        str(src),
+        "--circuit",
+        str(tmp_path / "c.json"),
+        "--behaviour",
+        "refusal",
+        "--positive",
+        str(tmp_path / "pos.txt"),
+        "--negative",
+        str(tmp_path / "neg.txt"),
+        "--max-new-tokens",
+        "3",
+        "--out",
+        str(tmp_path / "r"),
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "r" / "results.json").is_file()
 
@@ -86,8 +101,9 @@ def test_sweep_with_expert_circuits_equals_the_export(moe_models, tmp_path):
     spec, shape, config = describe(source)
     model, tok = load_model(source, dtype="float32")
     att = attribute(model, tok, spec, identity(source, config, shape), POS, NEG, NEG, Selection())
-    results, records, circuits = run_sweep(model, tok, spec, att, [24], [0.0], POS, NEG, "refusal", CFG,
-                                           model_name="tiny")  # fmt: skip
+    results, records, circuits = run_sweep(
+        model, tok, spec, att, [24], [0.0], POS, NEG, "refusal", CFG, model_name="tiny"
+    )
     assert any(n.expert is not None for n in circuits[24].neurons)
     assert results["num_neurons"] == shape.num_neurons
     exported = apply_circuit(source, circuits[24], tmp_path / "edited", multiplier=0.0)

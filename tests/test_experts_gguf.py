@@ -48,8 +48,15 @@ from cna_export.io.source import describe, resolve
 CI_FAMILIES = ["qwen2_moe", "mixtral", "deepseek_v3", "qwen3_5_moe", "llama4"]
 GGUF_ARCHS = CI_FAMILIES + (["glm4_moe", "granitemoe", "gpt_oss"] if os.environ.get("CNA_MOE_GGUF_ALL") else [])
 # family -> tiny-config changes for the GGUF route (module docstring): gpt-oss as llama.cpp 0.3.36 runs it.
-_YARN = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-         "original_max_position_embeddings": 4096, "truncate": True}  # fmt: skip
+_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 150000.0,
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "original_max_position_embeddings": 4096,
+    "truncate": True,
+}
 CHANGES = {"gpt_oss": dict(swiglu_limit=7.0, rope_parameters=_YARN)}
 IDS = [5, 17, 42, 99, 120, 7, 300, 250, 61, 33, 12, 8, 140, 201, 77, 19]
 F32_TOL = 1e-4  # llama.cpp f32 (f32 KV cache) vs transformers fp32, as in test_gguf_export.py
@@ -62,8 +69,16 @@ def neurons_of(src: Path) -> list[tuple]:
     moe = describe(resolve(str(src)))[1].moe
     layers = [i for i in range(describe(resolve(str(src)))[1].num_layers) if i not in moe.dense_layers]
     first, last, n = layers[0], layers[-1], moe.width
-    picked = [(first, 0, 0), (first, 0, n - 1), (first, 3, 2), (last, 1, 5), (last, 2, 0), (last, 2, 9),
-              (last, 0, 7), (last, 3, 11)]  # fmt: skip
+    picked = [
+        (first, 0, 0),
+        (first, 0, n - 1),
+        (first, 3, 2),
+        (last, 1, 5),
+        (last, 2, 0),
+        (last, 2, 9),
+        (last, 0, 7),
+        (last, 3, 11),
+    ]
     picked += [(first, e, j) for e in (1, 2) for j in range(0, n, 3)]
     if moe.shared:
         picked += [(last, SHARED, 3), (first, SHARED, 0), (first, SHARED, moe.shared - 1)]
@@ -87,10 +102,11 @@ class Converted(dict):
             circuit = make_circuit(src, neurons_of(src), 0.0)
             edited = apply_circuit(resolve(str(src)), circuit, root / f"{arch}-edited")
             self[arch] = {
-                "src": src, "circuit": circuit,
+                "src": src,
+                "circuit": circuit,
                 "f32": export_gguf(src, root / f"{arch}.f32.gguf", outtype="f32"),
                 "edited": export_gguf(edited, root / f"{arch}-edited.f32.gguf", outtype="f32"),
-            }  # fmt: skip
+            }
             if arch == "qwen2_moe":
                 self[arch]["q8_0"] = export_gguf(src, root / f"{arch}.q8_0.gguf", outtype="q8_0")
         return self[arch]
@@ -106,8 +122,9 @@ def llama_logits(path: Path, ids: list[int] = IDS) -> np.ndarray:
     from llama_cpp import Llama
 
     # f32 KV cache; no extra buffer types (ggml's AMX kernels crash on VMs that do not grant AMX tile state)
-    llm = Llama(str(path), logits_all=True, n_ctx=64, type_k=0, type_v=0, use_extra_bufts=False, verbose=False,
-                n_threads=1)  # fmt: skip
+    llm = Llama(
+        str(path), logits_all=True, n_ctx=64, type_k=0, type_v=0, use_extra_bufts=False, verbose=False, n_threads=1
+    )
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float64)
@@ -139,8 +156,10 @@ def test_converted_edit_and_patch_equal_hooks(converted, tmp_path, arch):
     effect = np.abs(hooked - plain).max()
     assert effect > 100 * F32_TOL
     original, edited = llama_logits(c["f32"]), llama_logits(c["edited"])
-    print(f"{arch}: f32 original vs transformers {np.abs(original - plain).max():.2g}; edit effect {effect:.3g}, "
-          f"f32 edited export vs hooks {np.abs(edited - hooked).max():.2g}")  # fmt: skip
+    print(
+        f"{arch}: f32 original vs transformers {np.abs(original - plain).max():.2g}; edit effect {effect:.3g}, "
+        f"f32 edited export vs hooks {np.abs(edited - hooked).max():.2g}"
+    )
     np.testing.assert_allclose(original, plain, atol=F32_TOL, rtol=0)
     np.testing.assert_allclose(edited, hooked, atol=F32_TOL, rtol=0)
     if "up" not in arch_for(arch).targets:  # gpt-oss: its folded export is the route (test_patch_refuses_...)
@@ -149,8 +168,10 @@ def test_converted_edit_and_patch_equal_hooks(converted, tmp_path, arch):
         want = hooked if m == 0 else hf_logits(c["src"], c["circuit"].unit_edits(m))
         got = llama_logits(patch_gguf_report(c["f32"], c["circuit"], tmp_path / f"m{m}.gguf", multiplier=m).out)
         np.testing.assert_allclose(got, want, atol=F32_TOL, rtol=0)
-        print(f"{arch} m={m}: edit effect {np.abs(want - plain).max():.3g}; f32 patch-gguf vs hooks "
-              f"{np.abs(got - want).max():.2g}")  # fmt: skip
+        print(
+            f"{arch} m={m}: edit effect {np.abs(want - plain).max():.3g}; f32 patch-gguf vs hooks "
+            f"{np.abs(got - want).max():.2g}"
+        )
 
 
 @pytest.mark.parametrize("arch", [a for a in GGUF_ARCHS if a != "gpt_oss"])
@@ -230,8 +251,10 @@ def test_quantized_patch_moves_like_transformers(converted, tmp_path):
         want = hf_logits(c["src"], c["circuit"].unit_edits(m)) - plain
         got = llama_logits(report.out) - llama_logits(c["q8_0"])
         corr = np.corrcoef(got.ravel(), want.ravel())[0, 1]
-        print(f"Q8_0 m={m}: effect {np.abs(want).max():.3g}, |llama.cpp - transformers| change "
-              f"{np.abs(got - want).max():.3g}, correlation {corr:.4f}")  # fmt: skip
+        print(
+            f"Q8_0 m={m}: effect {np.abs(want).max():.3g}, |llama.cpp - transformers| change "
+            f"{np.abs(got - want).max():.3g}, correlation {corr:.4f}"
+        )
         assert corr > min_corr
     assert np.abs(hooked - plain).max() > 0.1
 
@@ -261,8 +284,10 @@ def test_patch_dense_and_expert_layers_of_one_file(moe_models, tmp_path):
     circuit = make_circuit(moe_models["qwen3_moe"], neurons, 0.5)  # the tiny qwen3_moe: 3 layers, layer 0 dense
     report = patch_gguf_report(src, circuit, tmp_path / "out.gguf")
     assert {(t.name, t.route) for t in report.tensors} == {
-        ("blk.0.ffn_up.weight", "values"), ("blk.1.ffn_up_exps.weight", "scales"),
-        ("blk.2.ffn_up_exps.weight", "scales")}  # fmt: skip
+        ("blk.0.ffn_up.weight", "values"),
+        ("blk.1.ffn_up_exps.weight", "scales"),
+        ("blk.2.ffn_up_exps.weight", "scales"),
+    }
     before, after = ({t.name: t for t in GGUFReader(p).tensors} for p in (src, report.out))
     expected = {
         "blk.0.ffn_up.weight": {7},
