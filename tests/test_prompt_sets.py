@@ -146,11 +146,22 @@ def test_refusal_test_split_keeps_its_first_40(name: str, sha256: str):
     assert hashlib.sha256(json.dumps(first).encode()).hexdigest() == sha256
 
 
-def test_docs_list_every_set():
-    doc = Path(__file__).resolve().parents[1] / "docs" / "prompt-sets.md"
-    mentioned = [p for code in re.findall(r"`([^`]+)`", doc.read_text()) for p in _expand(code)]
+def test_docs_list_every_set_with_its_count():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "prompt-sets.md").read_text()
+    mentioned = [p for code in re.findall(r"`([^`]+)`", doc) for p in _expand(code)]
     missing = [n for n in builtin_sets() if not any(fnmatch(n, p) for p in mentioned)]
     assert not missing, f"docs/prompt-sets.md does not mention {missing}"
+    # Table rows "| `family_{a,b,c}` | 40 / 40 / 64 | ..." give the size of each set of the family, in order.
+    rows = re.findall(r"^\| `([^`]+)` \| ([\d /]+) \|", doc, flags=re.M)
+    assert len(rows) >= 14  # every family of the tables above
+    for family, counts in rows:
+        names, sizes = _expand(family), [int(c) for c in counts.split("/")]
+        assert len(names) == len(sizes), family
+        for name, size in zip(names, sizes, strict=True):
+            if name.endswith("_system"):
+                continue
+            entries = _data(name)["answers"] if name.endswith("_answers") else load_prompts(f"builtin:{name}")
+            assert len(entries) == size, f"docs/prompt-sets.md says {name} has {size}, it has {len(entries)}"
 
 
 def _expand(code: str) -> list[str]:
