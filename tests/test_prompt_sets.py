@@ -124,13 +124,16 @@ def test_verbosity_pairs(split: str):
         assert question in instructed and "sentence" in instructed.lower().replace(question.lower(), "")
 
 
-def test_support_system_prompt():
-    data = _data("support_bot_system")
+@pytest.mark.parametrize("name, declines", [("support_bot_system", True), ("support_bot_minimal_system", False)])
+def test_support_system_prompts(name: str, declines: bool):
+    data = _data(name)
     assert set(data) == {"description", "system"}
     system = data["system"]
     assert isinstance(system, str) and "Nimbus Home Router" in system
-    # The decline sentence is fixed so that a declared keyword rule can detect it.
-    assert "Sorry, I can only help with your Nimbus Home Router" in system
+    # The full prompt fixes its decline sentence so that a declared keyword rule can detect it; the minimal one has
+    # no rule about declining at all.
+    assert ("Sorry, I can only help with your Nimbus Home Router" in system) is declines
+    assert ("decline" in system.lower()) is declines
 
 
 @pytest.mark.parametrize(
