@@ -27,7 +27,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from cna_export.arch.spec import ArchSpec
 from cna_export.attribution.collect import batches, encode_prompts, input_device
@@ -35,6 +34,7 @@ from cna_export.attribution.hooks import scaled_neurons
 from cna_export.errors import CnaExportError, RecipeError
 from cna_export.evaluate.detectors import Detector, detect_refusal, normalize
 from cna_export.fold.scale import LayerEdits, UnitEdits
+from cna_export.progress import SCORE_UNITS, track
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ def generate(
     )
     device = input_device(model)
     answers: list[list[int]] = [[] for _ in encoded]
-    for ids, mask, chunk in tqdm(batches(encoded, cfg.batch_size, pad_id), desc=desc, unit="batch", leave=False):
+    units = lambda b: len(b[2]) * cfg.max_new_tokens  # noqa: E731  (decode steps, for the overall estimate)
+    for ids, mask, chunk in track(batches(encoded, cfg.batch_size, pad_id), desc, units):
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
         for row, i in enumerate(chunk):
             answer = []
@@ -164,7 +165,7 @@ def score(
     seqs = [p + a for p, a in zip(encoded, answers)]
     device = input_device(model)
     out: list[Scored | None] = [None] * len(seqs)
-    for ids, mask, chunk in tqdm(batches(seqs, cfg.batch_size, pad_id), desc=desc, unit="batch", leave=False):
+    for ids, mask, chunk in track(batches(seqs, cfg.batch_size, pad_id), desc, lambda b: len(b[2]) * SCORE_UNITS):
         # Left padding puts every answer at the end, so only the last max(len)+1 positions need logits.
         keep = max(len(answers[i]) for i in chunk) + 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cna_export.attribution.native import length_groups
 from cna_export.circuit.format import Circuit
@@ -26,6 +25,7 @@ from cna_export.errors import CnaExportError
 from cna_export.evaluate.detectors import Detector, detector_for
 from cna_export.evaluate.measure import Baseline, EvalConfig, Scored, _summarize
 from cna_export.gguf.llamacpp import LlamaCppContext, LlamaCppModel, Seq
+from cna_export.progress import SCORE_UNITS, track
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class GgufRunner:
         bs = min(batch_size, len(seqs))
         widest = max(len(s) for s in seqs)
         with self.model.context(bs * (widest + extra) + 8, max(bs * widest, bs), bs) as ctx:
-            for group in tqdm(length_groups(seqs, bs), desc=desc, unit="batch", leave=False):
+            for group in track(length_groups(seqs, bs), desc, lambda g: len(g) * (extra or SCORE_UNITS)):
                 yield ctx, group
                 for k in range(len(group)):
                     ctx.forget(k)

@@ -43,7 +43,10 @@ def require_llama_cpp() -> ModuleType:
         import llama_cpp._logger  # noqa: F401  (its log callback, so llama.cpp's chatter follows Python logging)
     except ImportError:
         raise CnaExportError("The GGUF route needs llama-cpp-python, which is not installed.", INSTALL_FIX) from None
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    # llama.cpp's own log (its warnings about a model's tokenizer included, "this is probably a bug in the model")
+    # says nothing a user can act on: our errors name the problem. It shows with -v (INFO) only.
+    verbose = log.isEnabledFor(logging.INFO)
+    logging.getLogger("llama-cpp-python").setLevel(logging.WARNING if verbose else logging.CRITICAL + 1)
     return llama_cpp
 
 
@@ -239,15 +242,18 @@ THREADS_ENV = "CNA_EXPORT_LLAMA_THREADS"
 
 
 def threads_default() -> int:
-    """llama.cpp's threads: `CNA_EXPORT_LLAMA_THREADS`, else every core this process may use. Its threads wait for
-    each other at every graph node by spinning, so on cores other programs keep busy fewer threads run faster."""
+    """llama.cpp's threads: `CNA_EXPORT_LLAMA_THREADS`, else the physical cores this process may use
+    (`cna_export.cpus.physical_cores`). Its threads wait for each other at every graph node by spinning, so
+    hyper-thread siblings, and cores other programs keep busy, make it slower, not faster."""
     value = os.environ.get(THREADS_ENV, "")
     if value.strip():
         if not value.strip().isdigit() or int(value) < 1:
             raise CnaExportError(f"{THREADS_ENV}={value!r} is not a positive number of threads.",
                                  f"set {THREADS_ENV} to e.g. 2, or unset it.")  # fmt: skip
         return int(value)
-    return len(os.sched_getaffinity(0))
+    from cna_export.cpus import physical_cores
+
+    return physical_cores()
 
 
 class LlamaCppModel:

@@ -15,6 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from cna_export.errors import CheckpointError
+from cna_export.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 CHUNK = 16 * 1024 * 1024  # bytes read at a time
@@ -144,7 +145,8 @@ def sha256_files(paths: Iterable[Path], desc: str = "hashing") -> dict[str, str]
     paths = list(paths)
     cache = _HashCache()
     todo = [p for p in paths if cache.get(p) is None]
-    with tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+    with progress_bar(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc=desc,
+                      leave=False) as bar:
         for p in todo:
             cache.put(p, sha256_file(p, bar))
     return {p.name: cache.get(p) for p in paths}

@@ -11,12 +11,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from cna_export import __version__
 from cna_export.circuit.format import Circuit
 from cna_export.io.hashing import BackgroundHasher, sha256_file
 from cna_export.io.source import Source
+from cna_export.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +158,8 @@ def file_hashes(
     unhashed = {p.relative_to(folder).as_posix() for p in files if not weights and p.suffix in WEIGHT_SUFFIXES}
     todo = [p for p in files if p.relative_to(folder).as_posix() not in known.keys() | unhashed]
     with (
-        tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc=desc, leave=False) as bar,
+        progress_bar(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc=desc,
+                      leave=False) as bar,
         BackgroundHasher(folder) as hasher,
     ):
         for p in todo:
