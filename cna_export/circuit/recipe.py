@@ -107,9 +107,9 @@ def load_recipe(name_or_path: str | Path) -> tuple[Recipe, Path]:
     try:
         return Recipe.model_validate(data), path.parent
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "top level"
-        raise RecipeError(f"Recipe {path} is invalid at {where}: {err['msg']}.", "see recipes/ for examples.") from None
+        from cna_export.circuit.template import recipe_error  # the template's lines are the examples it shows
+
+        raise recipe_error(path, exc.errors()[0]) from None
 
 
 def load_prompts(ref: PromptRef, base: Path | None = None) -> list[str]:

@@ -1,4 +1,4 @@
-"""Commands that find and apply an edit: run, discover, apply, patch-gguf, gguf, inspect."""
+"""Commands that find and apply an edit: run, discover, apply, patch-gguf, gguf, new-recipe, inspect."""
 
 from __future__ import annotations
 
@@ -69,6 +69,12 @@ def register(add) -> None:
     p.add_argument("--ollama-create", metavar="NAME", help="write the Modelfile and run `ollama create NAME`")
     p.add_argument("--overwrite", action="store_true", help="replace an existing GGUF (and Modelfile)")
     p.set_defaults(func=_gguf)
+
+    p = add("new-recipe", "write a commented recipe template to start a custom edit from", [])
+    p.add_argument("name", help="the recipe's name (lower-case letters, digits, '-', '_'), e.g. pirate-speak")
+    p.add_argument("-o", "--out", type=Path, help="file to write (default NAME.yaml in the current folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_new_recipe)
 
     p = add("inspect", "summarise a circuit: neurons per layer and top neurons", [])
     p.add_argument("circuit", type=Path, help="circuit file")
@@ -170,6 +176,14 @@ def _gguf(args: argparse.Namespace) -> None:
         print(f"wrote {modelfile}")
     if args.ollama_create:
         print(f"created Ollama model {args.ollama_create}")
+
+
+def _new_recipe(args: argparse.Namespace) -> None:
+    from cna_export.circuit.template import write_recipe_template
+
+    path = write_recipe_template(args.name, args.out, args.overwrite)
+    print(f"wrote {path}: replace its example prompts with your own, then")
+    print(f"  cna-export run {path} --model MODEL --out OUT")
 
 
 def _inspect(args: argparse.Namespace) -> None:

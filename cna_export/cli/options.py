@@ -26,6 +26,11 @@ EXAMPLES = {
   cna-export gguf qwen-no-refusal -o qwen-no-refusal-f16.gguf
   cna-export gguf ./m -o m-q8_0.gguf --outtype q8_0 --modelfile --ollama-create m-edited
   cna-export apply --model ./m --circuit c.json --out edited --gguf q8_0   # also edited/edited-q8_0.gguf""",
+    "new-recipe": """examples:
+  cna-export new-recipe pirate-speak            # writes pirate-speak.yaml
+  cna-export new-recipe pirate-speak -o recipes/pirate-speak.yaml
+the template carries the settings that worked for refusal (skip the first and last 2 layers, specificity 1,
+0.2% of the MLP neurons, the universal-neuron filter) and the validation/test splits; it validates as written.""",
     "inspect": """examples:
   cna-export inspect circuit.json
   cna-export inspect circuit.json --top 50 --plot layers.png""",
