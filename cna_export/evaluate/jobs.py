@@ -1,23 +1,37 @@
 """The eval and sweep jobs, from what the user names (a model, a recipe, a circuit or an exported folder) to a
-report folder: results.json, prompts.jsonl, report.md and plots."""
+report folder: results.json, prompts.jsonl, report.md and plots, staged and committed whole (a partial report
+when stopped), with one progress bar across every phase."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
+from cna_export import progress
 from cna_export.attribution.discover import use_llama_cpp
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import find_recipe, load_recipe
 from cna_export.errors import CnaExportError
+from cna_export.evaluate.depth import DepthChecks, DepthOptions, add_delayed_refusals
 from cna_export.evaluate.judge import JUDGE_MIN_TOKENS
 from cna_export.evaluate.measure import EvalConfig
 from cna_export.evaluate.report import headline, selection_scores, write_report
-from cna_export.evaluate.sweep import heldout_sets, parse_k, run_eval, save_results, split_of, sweep_source
+from cna_export.evaluate.stream import (
+    REPORT_MARKER,
+    ReportStream,
+    check_report_folder,
+    mark_partial,
+    staged_report,
+    write_results,
+)
+from cna_export.evaluate.sweep import _document, goal_of, heldout_sets, parse_k, run_eval, split_of, sweep_source
 from cna_export.io.output import check_output_path
 from cna_export.io.source import resolve
+from cna_export.progress import SCORE_UNITS
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +54,14 @@ def eval_job(
     behaviour: str | None = None, lm_eval_tasks: Sequence[str] = (), lm_eval_limit: int | None = None,
     dtype: str = "auto", device: str = "auto", split: str = "test", mmlu_per_topic: int | None = None,
     mmlu_file: Path | None = None, judge: str | None = None, judge_model: str | None = None,
-    lm_eval_include: Path | None = None, backend: str = "auto",
+    lm_eval_include: Path | None = None, backend: str = "auto", limit: int | None = None,
+    depth: DepthOptions = DepthOptions(),
 ) -> JobResult:  # fmt: skip
     """Evaluate a circuit (hooks, at each multiplier) or an exported folder against the original on held-out
     prompts; write the report into `out`, and the headline numbers into the export's card when it has one.
+
+    The report folder is staged and committed whole (`cna_export.evaluate.stream`): records are appended as each
+    variant finishes, and Ctrl-C / SIGTERM after the original was measured commits a partial report.
 
     Args:
         split: the recipe's "test" split (reported numbers) or "validation" split (for choosing settings).
@@ -53,13 +71,16 @@ def eval_job(
             then at least `JUDGE_MIN_TOKENS` long and verdicts are cached in `out/judge_cache.jsonl`.
         backend: a GGUF model runs in llama.cpp (`cna_export.evaluate.native`: the circuit is patched into
             temporary copies of the file, `edited` is a patched GGUF) unless this is "torch".
+        limit: the first N prompts of each set only (a quick evaluation on a CPU).
+        depth: the optional checks (over-refusal set, long context; `cna_export.evaluate.depth`).
     """
+    check_report_folder(out)
     loaded = Circuit.load(circuit) if circuit else None
     if multipliers and loaded is None:
         raise CnaExportError("--multiplier needs --circuit.", "pass --circuit, or evaluate an --edited folder.")
     recipe_name = recipe or (loaded.recipe if loaded is not None and not positive else None)
     rec, base = load_recipe(recipe_name) if recipe_name else (None, None)
-    pos, neg = heldout_sets(rec, base, positive, negative, split=split)
+    pos, neg = heldout_sets(rec, base, positive, negative, split=split, limit=limit)
     questions = None
     if mmlu_per_topic:
         from cna_export.evaluate import mmlu
@@ -72,40 +93,95 @@ def eval_job(
     behaviour = behaviour or (rec.behaviour if rec else None) or (loaded.behaviour if loaded else None)
     if behaviour is None:
         raise CnaExportError("Unknown behaviour to detect.", "pass --behaviour refusal (or a --recipe).")
+    checks = depth.build(cfg, behaviour, limit)
     source, used_split = resolve(model, revision), split_of(rec, split, positive)
-    if use_llama_cpp(source, backend):
-        if lm_eval_tasks:
-            raise CnaExportError("--lm-eval runs lm-evaluation-harness in torch.", "add --backend torch.")
-        from cna_export.evaluate.native import run_eval_gguf
+    native = use_llama_cpp(source, backend)
+    if native and lm_eval_tasks:
+        raise CnaExportError("--lm-eval runs lm-evaluation-harness in torch.", "add --backend torch.")
+    variants = 1 + (1 if edited is not None else len(multipliers or [0]) if loaded is not None else 0)
+    units = (len(pos) + len(neg)) * cfg.max_new_tokens + len(neg) * SCORE_UNITS + checks.units()
+    units += len(questions or []) * SCORE_UNITS if native else 0
+    held: dict = {}  # the stream, once the staged folder exists (what a partial report is made from)
 
-        results, records, used = run_eval_gguf(
-            source.path, pos, neg, behaviour, cfg, model_name=source.name, split=used_split, circuit=loaded,
-            multipliers=multipliers, edited=edited, allow_negative=allow_negative, questions=questions,
-        )  # fmt: skip
-    else:
-        from cna_export.evaluate.mmlu import capability_check
+    def finish_partial(folder: Path, stopped_by: str) -> bool:
+        stream = held.get("stream")
+        if stream is None or not stream.metrics:
+            return False  # not even the original finished: nothing to report
+        done = SimpleNamespace(positive=pos, negative=neg, metrics=stream.metrics[0])
+        moved = [p["multiplier"] for p in stream.metrics[1:] if p["multiplier"] not in (None, 1)]
+        partial = _document("eval", source.name, behaviour, cfg, done, goal=goal_of(moved[0]) if moved else None,
+                            split=used_split, **({"backend": "llama.cpp"} if native else {}))  # fmt: skip
+        partial["points"], partial["edited"] = stream.metrics[1:], str(edited) if edited is not None else None
+        mark_partial(partial, stopped_by, len(stream.metrics), variants)
+        _finish(folder, partial, stream, checks, rec, limit, questions, behaviour)
+        write_report(folder, partial, loaded)
+        return True
 
-        results, records, used = run_eval(
-            source, pos, neg, behaviour, cfg, circuit=loaded, multipliers=multipliers, edited=edited,
-            allow_negative=allow_negative, lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit, dtype=dtype,
-            device=device, split=used_split, lm_eval_include=lm_eval_include,
-            extra=capability_check(questions, cfg.batch_size) if questions else None,
-        )  # fmt: skip
+    with staged_report(out, finish_partial) as folder:
+        stream = held["stream"] = ReportStream(folder)
+
+        def on_variant(metrics: dict, records: list[dict]) -> None:
+            stream.add(metrics, [*records, *checks.take(metrics)])
+
+        with progress.overall(variants * units, "eval"):
+            if native:
+                from cna_export.evaluate.depth import runner_extra
+                from cna_export.evaluate.native import run_eval_gguf
+
+                results, _, used = run_eval_gguf(
+                    source.path, pos, neg, behaviour, cfg, model_name=source.name, split=used_split, circuit=loaded,
+                    multipliers=multipliers, edited=edited, allow_negative=allow_negative, questions=questions,
+                    extra=runner_extra(checks) if checks.active else None, on_variant=on_variant,
+                )  # fmt: skip
+            else:
+                results, _, used = run_eval(
+                    source, pos, neg, behaviour, cfg, circuit=loaded, multipliers=multipliers, edited=edited,
+                    allow_negative=allow_negative, lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit,
+                    dtype=dtype, device=device, split=used_split, lm_eval_include=lm_eval_include,
+                    extra=_torch_extras(questions, cfg, checks), on_variant=on_variant,
+                )  # fmt: skip
+        _finish(folder, results, stream, checks, rec, limit, questions, behaviour)
+        if judge:
+            graded = [r for r in stream.records if r["set"] in ("positive", "negative")]
+            results["judge"] = judge_results(judge, judge_model, graded, folder / "judge_cache.jsonl")
+            stream.rewrite()
+            write_results(folder, results)
+        write_report(folder, results, used)
+    job = JobResult(headline(results), Path(out) / "report.md")
+    if edited is not None and (Path(edited) / "circuit.json").is_file():
+        from cna_export.ship.card import add_metrics
+
+        job.card_updated = add_metrics(Path(edited), job.headline)  # the card's file hashes stay valid
+    return job
+
+
+def _torch_extras(questions: Sequence | None, cfg: EvalConfig, checks: DepthChecks):
+    """The torch route's `extra(model, tokenizer)`: MMLU and the optional checks, on every variant."""
+    from cna_export.evaluate.depth import torch_extra
+    from cna_export.evaluate.mmlu import capability_check
+
+    parts = ([capability_check(questions, cfg.batch_size)] if questions else []) + (
+        [torch_extra(checks, cfg)] if checks.active else [])  # fmt: skip
+    if not parts:
+        return None
+    return lambda model, tokenizer: {k: v for part in parts for k, v in part(model, tokenizer).items()}
+
+
+def _finish(folder: Path, results: dict, stream: ReportStream, checks: DepthChecks, rec, limit: int | None,
+            questions: Sequence | None, behaviour: str) -> None:  # fmt: skip
+    """What every results document of `eval` gets after the variants ran (or were stopped): the optional checks'
+    description, delayed refusals, MMLU deltas, the recipe's split note; written with the records."""
+    results["depth"], results["limit"] = checks.describe(), limit
+    if behaviour == "refusal":
+        add_delayed_refusals(results, stream.records)
     if questions:
         from cna_export.evaluate.mmlu import add_deltas
 
         add_deltas(results)
     if rec is not None:  # a report on the test split means little if the recipe was tuned on that split
         results["settings_chosen_on"] = rec.settings_chosen_on
-    if judge:
-        results["judge"] = judge_results(judge, judge_model, records, Path(out) / "judge_cache.jsonl")
-    save_results(out, results, records)
-    job = JobResult(headline(results), write_report(out, results, used))
-    if edited is not None and (Path(edited) / "circuit.json").is_file():
-        from cna_export.ship.card import add_metrics
-
-        job.card_updated = add_metrics(Path(edited), job.headline)  # the card's file hashes stay valid
-    return job
+    stream.rewrite()
+    write_results(folder, results)
 
 
 def judge_results(spec: str, model: str | None, records: list[dict], cache: Path) -> dict:
@@ -129,33 +205,55 @@ def sweep_job(
     revision: str | None = None, positive: str | None = None, negative: str | None = None,
     kl_budget: float | None = 0.1, benign_budget: float | None = None, allow_negative: bool = False,
     export: Path | None = None, overwrite: bool = False, local_model: Path | None = None, dtype: str = "auto",
-    device: str = "auto", backend: str = "auto",
+    device: str = "auto", backend: str = "auto", limit: int | None = None,
 ) -> JobResult:  # fmt: skip
     """Attribute once with the recipe, sweep k x m on held-out prompts, write the report, and with `export`
     export the point the selection rule chose (a one-line error, after the report, when none qualifies).
-    A GGUF model runs in llama.cpp unless `backend` is "torch"; its export is then the patched GGUF."""
+    A GGUF model runs in llama.cpp unless `backend` is "torch"; its export is then the patched GGUF.
+    The report folder is staged as `eval_job`'s is: each point's records appended as it finishes, a partial
+    report when stopped; `limit`: the first N prompts of each held-out set only."""
+    check_report_folder(out)
     if export is not None:
         check_output_path(export, local_model, overwrite, marker="circuit.json")
     rec, base = load_recipe(recipe)
     source = resolve(model, revision)
     native = use_llama_cpp(source, backend)
-    options = dict(positive=positive, negative=negative, kl_budget=kl_budget, benign_budget=benign_budget,
-                   allow_negative=allow_negative, out=out)  # fmt: skip
-    if native:
-        from cna_export.evaluate.native import sweep_source_gguf
+    held_pos, held_neg = heldout_sets(rec, base, positive, negative, split="validation", limit=limit)
+    points = len(ks) * len([m for m in multipliers if m != 1])
+    units = (len(held_pos) + len(held_neg)) * cfg.max_new_tokens + len(held_neg) * SCORE_UNITS
 
-        results, records, circuits, att = sweep_source_gguf(
-            source.path, source.name, rec, base, [parse_k(k) for k in ks], multipliers, cfg, **options
-        )
-    else:
-        results, records, circuits, att = sweep_source(
-            source, rec, base, [parse_k(k) for k in ks], multipliers, cfg, dtype=dtype, device=device, **options
-        )
-    chosen = results["points"][results["chosen"]] if results["chosen"] is not None else None
-    shown = circuits[chosen["k"]] if chosen else circuits[max(circuits)]
-    candidates, cuts = selection_scores(att, circuits)
-    report = write_report(out, results, shown, candidates, cuts, specificity=att.selection.specificity)
-    job = JobResult(headline(results), report, chosen=chosen)
+    def finish_partial(folder: Path, stopped_by: str) -> bool:
+        if not (folder / REPORT_MARKER).is_file():
+            return False  # stopped before the original was measured
+        partial = json.loads((folder / REPORT_MARKER).read_text())
+        partial["limit"] = limit
+        mark_partial(partial, stopped_by, 1 + len(partial["points"]), 1 + points)
+        write_results(folder, partial)
+        write_report(folder, partial)
+        return True
+
+    with staged_report(out, finish_partial) as folder:
+        options = dict(positive=positive, negative=negative, kl_budget=kl_budget, benign_budget=benign_budget,
+                       allow_negative=allow_negative, out=folder, limit=limit)  # fmt: skip
+        with progress.overall((1 + points) * units, "sweep"):
+            if native:
+                from cna_export.evaluate.native import sweep_source_gguf
+
+                results, _, circuits, att = sweep_source_gguf(
+                    source.path, source.name, rec, base, [parse_k(k) for k in ks], multipliers, cfg, **options
+                )
+            else:
+                results, _, circuits, att = sweep_source(
+                    source, rec, base, [parse_k(k) for k in ks], multipliers, cfg, dtype=dtype, device=device,
+                    **options,
+                )  # fmt: skip
+        results["limit"] = limit
+        write_results(folder, results)
+        chosen = results["points"][results["chosen"]] if results["chosen"] is not None else None
+        shown = circuits[chosen["k"]] if chosen else circuits[max(circuits)]
+        candidates, cuts = selection_scores(att, circuits)
+        write_report(folder, results, shown, candidates, cuts, specificity=att.selection.specificity)
+    job = JobResult(headline(results), Path(out) / "report.md", chosen=chosen)
     if export is None:
         return job
     if chosen is None:

@@ -150,18 +150,29 @@ def generate(
 
 @dataclass
 class Scored:
-    """Teacher-forced scores of one answer: per-token NLL and log-probs at the first positions."""
+    """Teacher-forced scores of one answer: per-token NLL and log-probs at the first positions, or (a variant
+    scored against the original's, `of`) the KL per position in place of its log-probs."""
 
     nll: torch.Tensor  # [answer tokens] float64
-    logp: torch.Tensor  # [min(kl_tokens, answer tokens), vocab] float32
+    logp: torch.Tensor | None  # [min(kl_tokens, answer tokens), vocab] float32
+    kl: torch.Tensor | None = None  # [min(kl_tokens, answer tokens)] float64, KL(original || this)
+
+    @classmethod
+    def of(cls, nll: torch.Tensor, logp: torch.Tensor, ref: Scored | None) -> Scored:
+        """Scores of one answer; with `ref` (the original's), the KL at once and no log-probs kept: a variant then
+        holds [kl_tokens] numbers per answer instead of [kl_tokens, vocab], so `--kl-tokens 64` fits in memory."""
+        if ref is None:
+            return cls(nll, logp)
+        return cls(nll, None, kl_divergence(ref.logp, logp))
 
 
 @torch.inference_mode()
 def score(
     model: nn.Module, encoded: list[list[int]], answers: list[list[int]], cfg: EvalConfig, pad_id: int,
-    desc: str = "score",
+    desc: str = "score", ref: Sequence[Scored] | None = None,
 ) -> list[Scored]:  # fmt: skip
-    """Run prompt + answer through `model` and read the distribution at every answer position."""
+    """Run prompt + answer through `model` and read the distribution at every answer position (with `ref`, the
+    original's scores of the same answers: the KL to them, see `Scored.of`)."""
     seqs = [p + a for p, a in zip(encoded, answers)]
     device = input_device(model)
     out: list[Scored | None] = [None] * len(seqs)
@@ -177,7 +188,8 @@ def score(
             n = len(answers[i])
             logp = F.log_softmax(logits[row, keep - 1 - n : keep - 1].float(), dim=-1).cpu()
             target = torch.tensor(answers[i]).unsqueeze(-1)
-            out[i] = Scored(-logp.gather(-1, target).squeeze(-1).to(torch.float64), logp[: cfg.kl_tokens].clone())
+            nll = -logp.gather(-1, target).squeeze(-1).to(torch.float64)
+            out[i] = Scored.of(nll, logp[: cfg.kl_tokens].clone(), ref[i] if ref is not None else None)
     return out  # type: ignore[return-value]
 
 
@@ -245,7 +257,8 @@ def measure(
     with hooked:
         pos_answers = generate(model, tokenizer, baseline.enc_pos, cfg, f"{label}: positive")
         neg_answers = generate(model, tokenizer, baseline.enc_neg, cfg, f"{label}: benign")
-        scored = score(model, baseline.enc_neg, baseline.neg_answers, cfg, pad_id_of(tokenizer), f"{label}: score")
+        scored = score(model, baseline.enc_neg, baseline.neg_answers, cfg, pad_id_of(tokenizer), f"{label}: score",
+                       ref=baseline.ref)  # fmt: skip
         lm_eval = (lm_eval_scores(model, tokenizer, lm_eval_tasks, limit=lm_eval_limit, include_path=lm_eval_include)
                    if lm_eval_tasks else None)  # fmt: skip
         # Capability checks (MMLU) run inside the hooks, on the same variant the answers came from.
@@ -285,7 +298,7 @@ def _summarize(
         neg_hits += rule is not None
         neg_refusals += refusal is not None
         reps.append(repetition(ids))
-        kl = kl_divergence(ref.logp, sc.logp)
+        kl = sc.kl if sc.kl is not None else kl_divergence(ref.logp, sc.logp)
         kl_first.append(float(kl[0]))
         kl_mean.append(float(kl.mean()))
         records.append({**head, "set": "negative", "prompt": prompt, "answer": answer, "behaviour": rule is not None,

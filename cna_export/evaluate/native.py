@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -74,8 +74,8 @@ class GgufRunner:
                 rows = ctx.decode([Seq([nxt[k]], len(encoded[group[k]]) + step) for k in live], seq_ids=live)
         return answers
 
-    def score(self, encoded: list[list[int]], answers: list[list[int]], cfg: EvalConfig,
-              desc: str = "score") -> list[Scored]:  # fmt: skip
+    def score(self, encoded: list[list[int]], answers: list[list[int]], cfg: EvalConfig, desc: str = "score",
+              ref: Sequence[Scored] | None = None) -> list[Scored]:  # fmt: skip
         """Prompt + answer through the model; the distribution at every answer position (as `measure.score`)."""
         seqs = [p + a for p, a in zip(encoded, answers)]
         out: list[Scored | None] = [None] * len(seqs)
@@ -86,7 +86,8 @@ class GgufRunner:
                 n = len(answers[i])
                 logp = _log_softmax(np.stack([ctx.logits(row - n + t) for t in range(n)]))
                 nll = -logp[np.arange(n), answers[i]]
-                out[i] = Scored(torch.from_numpy(nll), torch.from_numpy(logp[: cfg.kl_tokens].astype(np.float32)))
+                out[i] = Scored.of(torch.from_numpy(nll), torch.from_numpy(logp[: cfg.kl_tokens].astype(np.float32)),
+                                   ref[i] if ref is not None else None)  # fmt: skip
         return out  # type: ignore[return-value]
 
     def letter_logprobs(self, prompts: Sequence[str], letters: Sequence[str], batch_size: int = 8) -> torch.Tensor:
@@ -140,16 +141,19 @@ def gguf_baseline(runner: GgufRunner, positive: Sequence[str], negative: Sequenc
 def gguf_measure(
     path: Path, baseline: Baseline, detector: Detector, cfg: EvalConfig, *, label: str, k: int | None,
     multiplier: float | None, questions: Sequence | None = None, n_threads: int | None = None,
+    extra: Callable[[GgufRunner], dict] | None = None,
 ) -> tuple[dict, list[dict]]:  # fmt: skip
-    """Metrics and per-prompt records of one variant file (`measure.measure` in llama.cpp)."""
+    """Metrics and per-prompt records of one variant file (`measure.measure` in llama.cpp); `extra(runner)`: more
+    metrics of the variant (`cna_export.evaluate.depth`)."""
     with LlamaCppModel(path, n_threads) as model:
         runner = GgufRunner(model, None)
         pos = runner.generate(baseline.enc_pos, cfg, f"{label}: positive")
         neg = runner.generate(baseline.enc_neg, cfg, f"{label}: benign")
-        scored = runner.score(baseline.enc_neg, baseline.neg_answers, cfg, f"{label}: score")
+        scored = runner.score(baseline.enc_neg, baseline.neg_answers, cfg, f"{label}: score", ref=baseline.ref)
         metrics, records = _summarize(baseline, runner, detector, pos, neg, scored, label=label, k=k,
                                       multiplier=multiplier)  # fmt: skip
         metrics.update(_mmlu(runner, questions, cfg.batch_size))
+        metrics.update(extra(runner) if extra is not None else {})
     return metrics, records
 
 
@@ -165,32 +169,39 @@ def patched(path: Path, circuit: Circuit, multiplier: float, allow_negative: boo
 
 
 def original_baseline(path: Path, positive, negative, detector: Detector, cfg: EvalConfig, questions=None,
-                      n_threads: int | None = None) -> Baseline:  # fmt: skip
+                      n_threads: int | None = None, extra: Callable | None = None) -> Baseline:  # fmt: skip
     from cna_export.attribution.native import gguf_chat_template
 
     with LlamaCppModel(path, n_threads) as model:
         runner = GgufRunner(model, gguf_chat_template(path, cfg.chat_template))
-        return gguf_baseline(runner, positive, negative, detector, cfg, questions)
+        base = gguf_baseline(runner, positive, negative, detector, cfg, questions)
+        base.metrics.update(extra(runner) if extra is not None else {})
+        return base
 
 
 def eval_variants_gguf(
     path: Path, positive: Sequence[str], negative: Sequence[str], behaviour: str, cfg: EvalConfig, *,
     circuit: Circuit | None = None, multipliers: Sequence[float] | None = None, edited: Path | None = None,
     allow_negative: bool = False, questions: Sequence | None = None, n_threads: int | None = None,
+    extra: Callable | None = None, on_variant: Callable[[dict, list[dict]], None] | None = None,
 ) -> tuple[Baseline, list[dict], list[dict], Circuit | None]:  # fmt: skip
     """The original file's baseline and the metrics of each variant: `edited` (a GGUF file, or an export folder
-    holding one with its circuit.json), or `circuit` patched in at each multiplier."""
+    holding one with its circuit.json), or `circuit` patched in at each multiplier. `extra(runner)` adds metrics
+    to each; `on_variant(metrics, records)` hears of each as it finishes (the report stream)."""
+    done = on_variant or (lambda metrics, records: None)
     if edited is not None and circuit is not None:
         raise CnaExportError("Pass either an edited model or a circuit, not both.", "drop --circuit or --edited.")
     detector = detector_for(behaviour)
-    baseline = original_baseline(path, positive, negative, detector, cfg, questions, n_threads)
+    baseline = original_baseline(path, positive, negative, detector, cfg, questions, n_threads, extra)
+    done(baseline.metrics, baseline.records)
     points, records = [], list(baseline.records)
     if edited is not None:
         edited_file, circuit = edited_gguf(Path(edited), path.name)
         m = circuit.multiplier if circuit is not None else None
         k = len(circuit.neurons) if circuit is not None else None
         metrics, recs = gguf_measure(edited_file, baseline, detector, cfg, label="exported", k=k, multiplier=m,
-                                     questions=questions, n_threads=n_threads)  # fmt: skip
+                                     questions=questions, n_threads=n_threads, extra=extra)  # fmt: skip
+        done(metrics, recs)
         points.append(metrics)
         records += recs
     elif circuit is not None:
@@ -198,7 +209,8 @@ def eval_variants_gguf(
             with patched(path, circuit, m, allow_negative) as variant:
                 metrics, recs = gguf_measure(variant, baseline, detector, cfg, label=f"m={m:g}",
                                              k=len(circuit.neurons), multiplier=m, questions=questions,
-                                             n_threads=n_threads)  # fmt: skip
+                                             n_threads=n_threads, extra=extra)  # fmt: skip
+            done(metrics, recs)
             points.append(metrics)
             records += recs
     return baseline, points, records, circuit
@@ -206,7 +218,8 @@ def eval_variants_gguf(
 
 def sweep_source_gguf(
     path: Path, name: str, recipe, base: Path | None, ks: Sequence, multipliers: Sequence[float], cfg: EvalConfig, *,
-    positive: str | None = None, negative: str | None = None, allow_negative: bool = False, **rule,
+    positive: str | None = None, negative: str | None = None, allow_negative: bool = False, limit: int | None = None,
+    **rule,
 ) -> tuple[dict, list[dict], dict[int, Circuit], object]:  # fmt: skip
     """`sweep.sweep_source` in llama.cpp: attribute once inside llama.cpp with the recipe's discovery prompts,
     sweep k x m on its validation split. `rule`: kl_budget, benign_budget, out."""
@@ -216,7 +229,7 @@ def sweep_source_gguf(
 
     spec, shape, metadata = describe_gguf(path)
     counts = S.resolve_ks(ks, shape)
-    held_pos, held_neg = S.heldout_sets(recipe, base, positive, negative, split="validation")
+    held_pos, held_neg = S.heldout_sets(recipe, base, positive, negative, split="validation", limit=limit)
     plan = plan_discovery(recipe, base)
     att = attribute_gguf(path, spec, gguf_identity(name, path, spec, shape, metadata), plan.positive, plan.negative,
                          plan.neutral, plan.selection)  # fmt: skip

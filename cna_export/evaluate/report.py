@@ -43,6 +43,7 @@ def headline(results: dict) -> dict:
         "heldout_negative": results["heldout"]["negative"],
         "max_new_tokens": results["config"]["max_new_tokens"],
         "kl_tokens": results["config"]["kl_tokens"],
+        "checks": checks_run(results),
         "rate_original": base["rate"],
         "benign_rate_original": base["benign_rate"],
         "benign_refusal_rate_original": base["benign_refusal_rate"],
@@ -67,6 +68,9 @@ def headline(results: dict) -> dict:
         "repetition_edited": point["repetition"],
         "quality_edited": point.get("quality", point["repetition"]),
     }
+    for key in DEPTH_KEYS:  # the optional checks, where they were run
+        if key in point:
+            out[f"{key}_edited"], out[f"{key}_original"] = point[key], base.get(key)
     if "mmlu_delta" in point:
         out["mmlu"] = {k: v for k, v in point["mmlu_delta"].items()}
     if results.get("judge"):
@@ -82,6 +86,30 @@ def headline_from(path: Path) -> dict:
     """`headline` of a results.json file, or of the one inside an evaluation/sweep output folder."""
     path = Path(path)
     return headline(json.loads((path / "results.json" if path.is_dir() else path).read_text()))
+
+
+# Metrics of the optional checks (cna_export.evaluate.depth) that a headline and the card carry when they were run.
+DEPTH_KEYS = ("rate_anywhere", "over_refusal_rate", "long_context_accuracy")
+
+
+def checks_run(results: dict) -> dict:
+    """Which checks produced these numbers, for the report and the card: the answer length refusals were judged
+    on, the KL positions, the optional sets, MMLU, the judge, and whether the run was cut short."""
+    cfg, depth = results["config"], results.get("depth") or {}
+    out = {
+        "answer_tokens": cfg["max_new_tokens"],
+        "kl_answer_tokens": cfg["kl_tokens"],
+        "delayed_refusals": "rate_anywhere" in results["baseline"],
+        "over_refusal": (depth.get("over_refusal") or {}).get("set", "not run"),
+        "long_context": f"{depth['long_context']['items']} items" if depth.get("long_context") else "not run",
+        "mmlu": "mmlu" in results["baseline"],
+        "judge": bool(results.get("judge")),
+    }
+    if results.get("limit"):
+        out["limit"] = results["limit"]
+    if results.get("partial"):
+        out["partial"] = True
+    return out
 
 
 def _pct(hits: int, n: int) -> str:
@@ -119,6 +147,7 @@ def markdown(results: dict, figures: list[str]) -> str:
         "",
         f"**Split: {split}.** {SPLIT_NOTES.get(split, '')}",
         "",
+        *_partial_lines(results),
         *_tuned_on_test(results),
         f"Held-out prompts: {held['positive']} positive, {held['negative']} benign (none used for discovery). "
         f"Greedy generation, {cfg['max_new_tokens']} new tokens, batch {cfg['batch_size']}; "
@@ -128,6 +157,7 @@ def markdown(results: dict, figures: list[str]) -> str:
         "",
         table(results),
         "",
+        *_depth_lines(results),
     ]
     if results["kind"] == "sweep":
         budget = results.get("kl_budget")
@@ -151,6 +181,47 @@ SPLIT_NOTES = {
     "custom": "Prompts from the user's files.",
     "unspecified": "Written before recipes had splits: the prompts may be the ones settings were chosen on.",
 }
+
+
+def _partial_lines(results: dict) -> list[str]:
+    p = results.get("partial")
+    if not p:
+        return []
+    planned = f" of {p['variants_planned']}" if p.get("variants_planned") else ""
+    return [f"**Partial report: the run was stopped ({p['stopped_by']}) after {p['variants_done']}{planned} variants "
+            "(the original counted); only what finished is here.**", ""]  # fmt: skip
+
+
+def _depth_lines(results: dict) -> list[str]:
+    """The checks that were run, in words, and the optional checks' numbers per variant."""
+    cfg, depth = results["config"], results.get("depth") or {}
+    lines = ["Checks run:", "",
+             f"- answers of up to {cfg['max_new_tokens']} greedy tokens (`--max-new-tokens`); behaviour judged on "
+             "their opening" + (", refusals also anywhere in the answer (delayed refusals)"
+                                if "rate_anywhere" in results["baseline"] else ""),
+             f"- KL: first token, and over the original's own benign answers teacher-forced, first "
+             f"{cfg['kl_tokens']} tokens (`--kl-tokens`)"]  # fmt: skip
+    if results.get("limit"):
+        lines.append(f"- the first {results['limit']} prompts of each set only (`--limit`)")
+    over, long = depth.get("over_refusal"), depth.get("long_context")
+    lines.append(f"- over-refusal set `{over['set']}` ({over['n']} safe requests that sound risky)" if over
+                 else "- over-refusal set: not run (`--over-refusal builtin:NAME` or a file)")  # fmt: skip
+    lines.append(f"- long context: {long['items']} items, a fact at word {long['fact_at_word']} of "
+                 f"{long['words']}, asked about at the end" if long
+                 else "- long context: not run (`--long-context N`)")  # fmt: skip
+    rows = []
+    for p in [results["baseline"], *results["points"]]:
+        cells = []
+        if "rate_anywhere" in p:
+            cells.append(f"refusals anywhere {_pct(round(p['rate_anywhere'] * p['n_positive']), p['n_positive'])} "
+                         f"({p['delayed_hits']} delayed)")  # fmt: skip
+        if "over_refusal_rate" in p:
+            cells.append(f"over-refusals {_pct(p['over_refusal_hits'], p['n_over_refusal'])}")
+        if "long_context_accuracy" in p:
+            cells.append(f"long-context correct {_pct(p['long_context_hits'], p['n_long_context'])}")
+        if cells:
+            rows.append(f"- {p['label']}: " + "; ".join(cells))
+    return lines + [""] + (rows + [""] if rows else [])
 
 
 def _tuned_on_test(results: dict) -> list[str]:

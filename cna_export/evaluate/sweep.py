@@ -15,8 +15,6 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from cna_export import __version__
 from cna_export.arch.spec import ModelShape
 from cna_export.attribution.discover import plan_discovery
@@ -29,6 +27,7 @@ from cna_export.evaluate.measure import Baseline, EvalConfig, build_baseline, di
 from cna_export.fold.scale import check_multiplier
 from cna_export.io.output import write_text_atomic
 from cna_export.io.source import Source, describe, identity, load_model, resolve
+from cna_export.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +39,15 @@ DEFAULT_BENIGN = "builtin:refusal_benign_heldout"  # everyday requests, used whe
 
 def heldout_sets(
     recipe: Recipe | None = None, base: Path | None = None, positive: str | None = None, negative: str | None = None,
-    split: str = "test",
+    split: str = "test", limit: int | None = None,
 ) -> tuple[list[str], list[str]]:
     """Held-out positive and benign prompts of one split: explicit files first, then the recipe's sets.
 
     `split="validation"` reads `validation_positive/negative` (what sweeps choose settings on), `"test"` reads
     `heldout_positive/negative` (reported numbers only). Prompts that also appear among the recipe's discovery
     prompts are dropped, so an evaluation never scores the prompts the circuit was found with, and test prompts
-    that are also validation prompts are dropped too. Use `split_of` to learn which split a call really used.
+    that are also validation prompts are dropped too. `limit`: keep the first N of each set (a quick evaluation
+    on a CPU). Use `split_of` to learn which split a call really used.
     """
     if split not in ("validation", "test"):
         raise ValueError(f"split must be 'validation' or 'test', not {split!r}")
@@ -67,7 +67,7 @@ def heldout_sets(
             if recipe.validation_negative is not None:
                 discovery += load_prompts(recipe.validation_negative, base)
         pos, neg = disjoint(pos, discovery), disjoint(neg, discovery)
-    return pos, neg
+    return (pos[:limit], neg[:limit]) if limit else (pos, neg)
 
 
 def _split_refs(recipe: Recipe | None, split: str) -> tuple:
@@ -242,17 +242,26 @@ def sweep_grid(
     out: Path | None,
 ) -> None:  # fmt: skip
     """The point loop of a sweep, whichever backend measures: `point(k, m)` for every (k, m) of the grid but m = 1
-    (the original), its metrics and records appended, the Pareto front and the choice kept current, and the
-    results saved after every point when `out` is given."""
-    for k, m in tqdm([(k, m) for k in ks for m in multipliers if m != 1], desc="sweep", unit="point"):
+    (the original), its metrics and records appended, the Pareto front and the choice kept current, and with
+    `out` the results saved and the point's records appended to prompts.jsonl after every point."""
+    from cna_export.evaluate.stream import ReportStream, write_results
+
+    stream = None
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        stream = ReportStream(out)  # records appended as each point finishes
+        stream.add(results["baseline"], records)
+        write_results(out, results)
+    for k, m in track([(k, m) for k in ks for m in multipliers if m != 1], "sweep", lambda _: 0):
         metrics, recs = point(k, m)
         log.info("k=%d m=%g: rate %.3f, benign %.3f, KL %.4f", k, m, metrics["rate"], metrics["benign_rate"],
                  metrics["kl_first"])  # fmt: skip
         results["points"].append(metrics)
         records += recs
         _choose(results, kl_budget, benign_budget)
-        if out is not None:
-            save_results(out, results, records)
+        if stream is not None:
+            stream.add(metrics, recs)
+            write_results(out, results)
     _choose(results, kl_budget, benign_budget)
 
 
@@ -266,13 +275,13 @@ def sweep_source(
     source: Source, recipe: Recipe, base: Path | None, ks: Sequence[int | float], multipliers: Sequence[float],
     cfg: EvalConfig, *, positive: str | None = None, negative: str | None = None, kl_budget: float | None = 0.1,
     benign_budget: float | None = None, allow_negative: bool = False, dtype: str = "auto", device: str = "auto",
-    out: Path | None = None,
+    out: Path | None = None, limit: int | None = None,
 ) -> tuple[dict, list[dict], dict[int, Circuit], Attribution]:  # fmt: skip
     """Load `source`, attribute with the recipe's discovery prompts once, and sweep k x m on the recipe's
     validation split (its test split stays unseen; a recipe without one falls back, flagged in the results)."""
     spec, shape, config = describe(source)
     counts = resolve_ks(ks, shape)
-    held_pos, held_neg = heldout_sets(recipe, base, positive, negative, split="validation")
+    held_pos, held_neg = heldout_sets(recipe, base, positive, negative, split="validation", limit=limit)
     plan = plan_discovery(recipe, base)
     model, tokenizer = load_model(source, dtype=dtype, device=device)
     att = attribute(
@@ -296,12 +305,16 @@ def run_eval(
     circuit: Circuit | None = None, multipliers: Sequence[float] | None = None, edited: Path | None = None,
     allow_negative: bool = False, lm_eval_tasks: Sequence[str] = (), lm_eval_limit: int | None = None,
     dtype: str = "auto", device: str = "auto", split: str = "test", extra=None, lm_eval_include: Path | None = None,
+    on_variant: Callable[[dict, list[dict]], None] | None = None,
 ) -> tuple[dict, list[dict], Circuit | None]:  # fmt: skip
     """Evaluate the original model and either a circuit at each multiplier (hooks) or an exported folder.
 
     Both routes give the same numbers for the same edit (tested): hooks scale the same neurons that export
     folds into the weights. Returns the results document, per-prompt records and the circuit used, if any.
+    `extra(model, tokenizer)` adds metrics to every variant (MMLU, `cna_export.evaluate.depth`);
+    `on_variant(metrics, records)` hears of each variant as it finishes, the original first (the report stream).
     """
+    done = on_variant or (lambda metrics, records: None)
     if edited is not None and circuit is not None:
         raise CnaExportError("Pass either an edited model or a circuit, not both.", "drop --circuit or --edited.")
     detector = detector_for(behaviour)
@@ -315,6 +328,7 @@ def run_eval(
                                                      include_path=lm_eval_include)  # fmt: skip
     if extra is not None:  # e.g. MMLU: `extra(model, tokenizer) -> metrics`, run on every variant
         baseline.metrics.update(extra(model, tokenizer))
+    done(baseline.metrics, baseline.records)
     lm = {"lm_eval_tasks": lm_eval_tasks, "lm_eval_limit": lm_eval_limit, "lm_eval_include": lm_eval_include,
           "extra": extra}  # fmt: skip
     points, records = [], list(baseline.records)
@@ -327,6 +341,7 @@ def run_eval(
         k = len(circuit.neurons) if circuit is not None else None
         metrics, recs = measure(edited_model, tokenizer, baseline, detector, cfg, label="exported", k=k, multiplier=m,
                                 **lm)  # fmt: skip
+        done(metrics, recs)
         points.append(metrics)
         records += recs
     elif circuit is not None:
@@ -334,6 +349,7 @@ def run_eval(
             edits = circuit.hook_edits(m, allow_negative)
             metrics, recs = measure(model, tokenizer, baseline, detector, cfg, spec=spec, edits=edits,
                                     label=f"m={m:g}", k=len(circuit.neurons), multiplier=m, **lm)  # fmt: skip
+            done(metrics, recs)
             points.append(metrics)
             records += recs
     moved = [p["multiplier"] for p in points if p["multiplier"] not in (None, 1)]

@@ -165,6 +165,29 @@ def _split_sentence(split: str | None) -> str:
     }.get(split or "", "Which prompt split these numbers come from was not recorded.")
 
 
+def _checks_lines(checks: dict[str, Any] | None) -> list[str]:
+    """Which checks the evaluation numbers come from (`cna_export.evaluate.report.checks_run`), in words."""
+    if not checks:
+        return []
+    ran = [f"answers of up to {checks['answer_tokens']} greedy tokens"
+           + (" (refusals also looked for past the opening: delayed refusals)" if checks.get("delayed_refusals")
+              else ""),
+           f"first-token KL and KL over the original's own first {checks['kl_answer_tokens']} answer tokens"]  # fmt: skip
+    skipped = []
+    over, long = checks.get("over_refusal", "not run"), checks.get("long_context", "not run")
+    (ran if over != "not run" else skipped).append(f"over-refusal set {over}" if over != "not run" else "over-refusal")
+    (ran if long != "not run" else skipped).append(f"long-context check ({long})" if long != "not run"
+                                                   else "long-context check")  # fmt: skip
+    for name, label in (("mmlu", "MMLU"), ("judge", "an LLM judge")):
+        (ran if checks.get(name) else skipped).append(label)
+    text = "Checks run: " + "; ".join(ran) + "." + (f" Not run: {', '.join(skipped)}." if skipped else "")
+    if checks.get("limit"):
+        text += f" Only the first {checks['limit']} prompts of each set were used (`--limit`)."
+    if checks.get("partial"):
+        text += " The evaluation was stopped before it finished: these are partial numbers."
+    return ["", text]
+
+
 def _tag(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "custom"
 
@@ -277,8 +300,8 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
     metrics = record.get("metrics")
     if metrics:
         lines += ["| metric | value |", "|---|---:|"]
-        lines += [f"| {name} | {_fmt(value)} |" for name, value in _flatten(metrics)]
-        lines += ["", _split_sentence(metrics.get("split"))]
+        lines += [f"| {name} | {_fmt(value)} |" for name, value in _flatten(metrics) if not name.startswith("checks.")]
+        lines += ["", _split_sentence(metrics.get("split")), *_checks_lines(metrics.get("checks"))]
     else:
         lines.append("Not evaluated yet (`cna-export eval --model SOURCE --edited THIS_FOLDER ...` measures it).")
     unhashed = []
