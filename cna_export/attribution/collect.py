@@ -26,6 +26,7 @@ from cna_export.attribution import distributed
 from cna_export.attribution.experts import capture_units
 from cna_export.attribution.hooks import decoder_layers, down_projs, mlp_of, pre_hooks
 from cna_export.errors import RecipeError
+from cna_export.progress import QUIET_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,8 @@ def collect_sets(
         cache = _prefix_cache(model, mine[0][:prefix], device) if prefix else None
         recording[0] = True
         todo = batches([ids[prefix:] for ids in mine], batch_size, pad_id)
-        for ids, mask, rows in tqdm(todo, desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
+        for ids, mask, rows in tqdm(todo, desc=desc, unit="batch", leave=False, delay=QUIET_SECONDS,
+                                    disable=not distributed.is_main()):
             sums.labels = torch.tensor([tagged[i][0] for i in rows])
             past = None
             if cache is not None:

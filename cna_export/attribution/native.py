@@ -40,6 +40,7 @@ from cna_export.errors import RecipeError
 from cna_export.gguf.check import check_gguf, gguf_model_type, gguf_shape
 from cna_export.gguf.llamacpp import FfnDownTap, LlamaCppModel, Seq, Unit
 from cna_export.io.hashing import combined_sha256, sha256_files
+from cna_export.progress import QUIET_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def collect_sets_gguf(
             tap.recording = False
             ctx.decode([Seq(tagged[0][1][:prefix], 0, output=False)])
             tap.recording = True
-        for group in tqdm(groups, desc="llama.cpp forward passes", unit="batch", leave=False):
+        for group in tqdm(groups, desc="llama.cpp forward passes", unit="batch", leave=False, delay=QUIET_SECONDS):
             sums.labels = torch.tensor([tagged[i][0] for i in group])
             for sid in range(1, len(group)):
                 if prefix:

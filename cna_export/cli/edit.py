@@ -32,6 +32,10 @@ def register(add) -> None:
     p.add_argument("--safetensors", action="store_true",
                    help="with a .gguf model: export a dequantized safetensors folder instead of the patched GGUF")
     p.add_argument("--modelfile", action="store_true", help="with a .gguf model: also write an Ollama Modelfile")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the quick check (a few validation prompts, original vs edited) at the end")
+    p.add_argument("--check-prompts", type=int, default=4, metavar="N",
+                   help="validation prompts per set in the quick check (default 4)")
     p.set_defaults(func=_run)
 
     p = add("discover", "find the neurons of a behaviour and write a circuit file", [model, select])
@@ -100,6 +104,19 @@ def _run(args: argparse.Namespace) -> None:
             args.gguf = None  # the GGUF LoRA is named by the adapter, not OUT-OUTTYPE.gguf
             print(f"wrote {out / gguf_name(out)}")
         _after_export(args, out)
+        _summary(args, out, circuit)
+
+
+def _summary(args: argparse.Namespace, out: Path, circuit) -> None:
+    """What was done and what to do next: where the neurons are, a quick check, the files, the next commands."""
+    from cna_export.evaluate.summary import render, summarize_run
+    from cna_export.io.source import resolve
+
+    summary = summarize_run(resolve(args.model, args.revision), circuit, out, model=args.model, recipe=args.recipe,
+                            adapter=args.adapter, check=not args.no_check, prompts=args.check_prompts,
+                            load=load_kwargs(args))  # fmt: skip
+    print()
+    print(render(summary))
 
 
 def _discover(args: argparse.Namespace) -> None:
