@@ -31,7 +31,7 @@ MAX_LAYER_SHARE = 0.5  # more than this share of the neurons in one layer: warn
 KL_FIRST_WARN = 0.5  # first-token KL on the quick check's benign prompts above this: warn
 PPL_RATIO_WARN = 1.25  # perplexity of the original's benign answers under the edit, relative, above this: warn
 QUICK_PROMPTS = 4  # validation prompts per set in the quick check
-QUICK_TOKENS = 24  # greedy tokens per answer in the quick check
+QUICK_TOKENS = 16  # greedy tokens per answer in the quick check: a refusal is stated in its first dozen
 TOP_LAYERS = 5  # layers listed under "where the neurons are"
 
 
