@@ -50,7 +50,7 @@ def test_long_context_items_are_deterministic_and_scored_by_their_number():
 def test_kl_against_the_original_keeps_no_log_probs_and_equals_the_kl_of_both(tiny_models):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cna_export.arch.spec import arch_for
+    from cna_export.arch import arch_for
     from cna_export.attribution.collect import encode_prompts
     from cna_export.attribution.hooks import scaled_neurons
 
