@@ -96,7 +96,7 @@ def test_recipes_cover_required_behaviours():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("version: 1\nname: x\n", "behaviour: Field required"),
+        ("version: 1\nname: x\n", "missing the key behaviour. Fix: add a line such as `behaviour: "),
         ("version: 1\nname: x\nbehaviour: b\npositive: [a]\nnegative: [b]\nmultiplier: 0\nbogus: 1\n", "bogus"),
         ("version: 1\nname: x\nbehaviour: b\npositive: [a]\nnegative: [b]\nmultiplier: zero\n", "multiplier"),
         ("version: 1\nname: x\nbehaviour: b\npositive: [a]\nnegative: [b]\nmultiplier: -1\n", "negative"),
