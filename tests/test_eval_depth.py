@@ -164,3 +164,12 @@ def test_llama_cpp_route_runs_the_same_checks(long_model, tmp_path):
     for key in ("over_refusal_rate", "long_context_accuracy", "rate_anywhere"):
         assert a[key] == b[key]
     assert a["kl_mean"] == pytest.approx(b["kl_mean"], rel=1e-3, abs=1e-6)
+
+
+def test_over_refusal_takes_a_builtin_set_by_name():
+    """`--over-refusal builtin:overrefusal_test`: the shipped set, capped by --limit, named (not pathed) in reports."""
+    checks = D.DepthOptions("builtin:overrefusal_test").build(EvalConfig(max_new_tokens=4), "refusal", limit=3)
+    name, prompts = checks.over_refusal
+    assert name == "builtin:overrefusal_test" and len(prompts) == 3 and checks.units() == 3 * 4
+    assert checks.describe()["over_refusal"] == {"set": "builtin:overrefusal_test", "n": 3}
+    assert not D.DepthOptions().build(EvalConfig(), "french").active
