@@ -58,9 +58,9 @@ def unit_site(spec: ArchSpec, shape: ModelShape, layer: int, expert: ExpertKey, 
 def _compose(edits: list[Callable]) -> Callable:
     """One in-place edit that applies several (the experts of one layer stacked in one 3-D tensor)."""
 
-    def edit(tensor):
+    def edit(tensor, **options):
         for fn in edits:
-            fn(tensor)
+            fn(tensor, **options)
 
     return edit
 
@@ -76,10 +76,11 @@ def planned_edits(
     for key, (index, mult) in edits.items():
         layer, expert = key if isinstance(key, tuple) else (key, None)
         site, width = unit_site(spec, shape, layer, expert, target)
-        fn = partial(fold_site_, site=site, width=width, index=index, multiplier=mult)
+        name = site.name(layer, expert)
+        fn = partial(fold_site_, site=site, width=width, index=index, multiplier=mult, what=name)
         if site.expert_axis is not None:
             fn = partial(fn, expert=expert)
-        by_name.setdefault(site.name(layer, expert), []).append(fn)
+        by_name.setdefault(name, []).append(fn)
     return {name: fns[0] if len(fns) == 1 else _compose(fns) for name, fns in by_name.items()}
 
 
@@ -114,7 +115,8 @@ def check_targets(
 def preflight(
     source: Source, out: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits | UnitEdits, target: Target
 ) -> None:
-    """Check everything that can be checked before writing: weight headers, target shapes, side files, space.
+    """Check everything that can be checked before writing: weight headers, target shapes, every scaled value
+    in its dtype (a dry run of the fold: a multiplier that makes a float16 weight inf), side files, space.
 
     A bad input then fails before any byte is written, and a disk that is too small fails before a multi-GB
     write rather than at its end. (GGUF sources are checked when they are dequantized.)
@@ -122,7 +124,8 @@ def preflight(
     if source.is_gguf:
         return
     reader = CheckpointReader(source.folder)
-    check_targets(reader, spec, shape, edits, target)
+    for name, edit in check_targets(reader, spec, shape, edits, target).items():
+        edit(reader.tensor(name), dry_run=True)  # one tensor in memory at a time
     extra = [source.folder / INDEX_NAME] if (source.folder / INDEX_NAME).is_file() else []
     needed = sum((source.folder / f).stat().st_size for f in reader.files)
     needed += sum(p.stat().st_size for p in [*side_files(source.folder), *extra])

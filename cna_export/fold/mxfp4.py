@@ -42,9 +42,13 @@ def _code_map(m: float) -> torch.Tensor:
 
 
 def fold_mxfp4_neurons_(
-    blocks: torch.Tensor, expert: int, index: torch.Tensor, multiplier: torch.Tensor, name: str = "down_proj_blocks"
+    blocks: torch.Tensor, expert: int, index: torch.Tensor, multiplier: torch.Tensor, name: str = "down_proj_blocks",
+    dry_run: bool = False,
 ) -> None:
     """Scale neurons `index` of `expert` in MXFP4 `blocks` [E, rows, n/32, 16] in place (the scales untouched).
+
+    Every new code is an e2m1 value, so a stored product is finite by construction (a multiplier that is not
+    finite as float32 never gets here: `fold.scale.group_by_layer` refuses it). `dry_run` checks without writing.
 
     Raises:
         CircuitError: a multiplier that this format cannot hold exactly for one of the neurons (before any write).
@@ -63,7 +67,7 @@ def fold_mxfp4_neurons_(
                 "use m = 0 or a power of two that its codes can hold, or fold into a dequantized (bf16) copy.",
             )
         plans.append((block, byte, high, mapping[codes.long()]))
-    for block, byte, high, new in plans:
+    for block, byte, high, new in [] if dry_run else plans:
         column = blocks[expert, :, block, byte]
         blocks[expert, :, block, byte] = (column & 0x0F) | (new << 4) if high else (column & 0xF0) | new
 

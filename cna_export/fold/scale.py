@@ -15,6 +15,7 @@ import torch
 from cna_export.arch.sites import Site
 from cna_export.errors import CircuitError
 from cna_export.fold.mxfp4 import fold_mxfp4_neurons_
+from cna_export.fold.storage import stored
 
 # layer -> (neuron indices, multipliers), the form every consumer of a dense circuit uses.
 LayerEdits = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -42,10 +43,11 @@ def group_by_layer(neurons: Iterable[tuple[int, int, float]]) -> LayerEdits:
     edits: LayerEdits = {}
     for layer in sorted(by_layer):
         items = sorted(by_layer[layer].items())
-        edits[layer] = (
-            torch.tensor([i for i, _ in items], dtype=torch.long),
-            torch.tensor([m for _, m in items], dtype=torch.float32),
-        )
+        index = torch.tensor([i for i, _ in items], dtype=torch.long)
+        exact = torch.tensor([m for _, m in items], dtype=torch.float64)
+        # The multipliers are float32 from here on: 1e39 would be inf, and 0 x inf a NaN weight.
+        edits[layer] = (index, stored(exact, torch.float32, torch.isfinite(exact), exact,
+                                      f"the multipliers of layer {layer}", index))  # fmt: skip
     return edits
 
 
@@ -59,13 +61,20 @@ def group_by_unit(neurons: Iterable[tuple[int, int | str | None, int, float]]) -
     return {unit: group_by_layer(by_unit[unit])[unit[0]] for unit in order}
 
 
-def scale_rows_(rows: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> None:
-    """Scale rows `index` of `rows` (one row per neuron, any view) in place.
+def scaled_rows(rows: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor, what: str = "the weights") -> torch.Tensor:
+    """Rows `index` of `rows` (one row per neuron, any view) times their multipliers, in the rows' dtype.
 
-    The product is taken in float32 and rounded once to the weight's dtype.
+    The product is taken in float32 and rounded once to the weight's dtype; a product that is not finite there
+    is refused (`fold.storage.stored`), so nothing is written.
     """
-    scaled = rows[index].to(torch.float32) * multiplier.to(torch.float32).reshape(-1, *[1] * (rows.dim() - 1))
-    rows[index] = scaled.to(rows.dtype)
+    old = rows[index]
+    scaled = old.to(torch.float32) * multiplier.to(torch.float32).reshape(-1, *[1] * (rows.dim() - 1))
+    return stored(scaled, rows.dtype, torch.isfinite(old), multiplier, what, index)
+
+
+def scale_rows_(rows: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor, what: str = "the weights") -> None:
+    """Scale rows `index` of `rows` (one row per neuron, any view) in place (see `scaled_rows`)."""
+    rows[index] = scaled_rows(rows, index, multiplier, what)
 
 
 def scale_columns_(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor) -> None:
@@ -75,14 +84,21 @@ def scale_columns_(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.
 
 def fold_site_(
     tensor: torch.Tensor, site: Site, width: int, index: torch.Tensor, multiplier: torch.Tensor,
-    expert: int | None = None,
+    expert: int | None = None, *, what: str | None = None, dry_run: bool = False,
 ) -> None:  # fmt: skip
     """Scale neurons `index` of an MLP of `width` neurons in `tensor`, stored as `site` says, in place (an MXFP4
-    site: in its 4-bit codes, exactly or refused, fold/mxfp4.py)."""
+    site: in its 4-bit codes, exactly or refused, fold/mxfp4.py).
+
+    `what` names the tensor in messages; `dry_run` makes every check (a product that its dtype cannot hold, an
+    MXFP4 code without an exact scaled code) without writing, which an export runs before its first byte."""
+    what = what or site.template
     if site.codec == "mxfp4":
-        fold_mxfp4_neurons_(tensor, expert, index, multiplier, site.template.rpartition(".")[2])
+        fold_mxfp4_neurons_(tensor, expert, index, multiplier, what.rpartition(".")[2], dry_run=dry_run)
         return
-    scale_rows_(site.rows(tensor, width, expert), index, multiplier)
+    rows = site.rows(tensor, width, expert)
+    new = scaled_rows(rows, index, multiplier, what)
+    if not dry_run:
+        rows[index] = new
 
 
 def fold_site(

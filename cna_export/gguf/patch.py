@@ -49,7 +49,8 @@ from gguf import quants as gguf_quants
 from cna_export.arch import ARCHITECTURES, ModelShape
 from cna_export.circuit.format import Circuit
 from cna_export.errors import ArchitectureError, CheckpointError, CircuitError, CnaExportError, OutputError
-from cna_export.fold.scale import scale_rows_
+from cna_export.fold.scale import scaled_rows
+from cna_export.fold.storage import rounding_error, stored
 from cna_export.gguf.check import GGUFLayout, GGUFTensorInfo, check_gguf, gguf_shape
 from cna_export.gguf.quant import FLOAT_TYPES, SCALE_FIELDS
 from cna_export.io.copy import BackgroundCopy
@@ -59,7 +60,6 @@ from cna_export.io.output import check_free_space, check_output_path, staged_out
 log = logging.getLogger(__name__)
 
 SIDECAR_SUFFIX = ".circuit.json"
-F16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclass
@@ -151,80 +151,67 @@ def _route(qtype: GGMLQuantizationType) -> str:
 # Row math --------------------------------------------------------------------------------------------------------
 
 
-def scale_rows_bytes(rows: np.ndarray, qtype: GGMLQuantizationType, mult: np.ndarray) -> tuple[np.ndarray, float]:
+def scale_rows_bytes(
+    rows: np.ndarray, qtype: GGMLQuantizationType, mult: np.ndarray, name: str = "ffn_up",
+    index: np.ndarray | None = None,
+) -> tuple[np.ndarray, float]:  # fmt: skip
     """Scale raw GGUF rows by per-row multipliers.
 
     Args:
         rows: uint8 array (k, bytes per row), row i is one neuron's ffn_up row.
         qtype: the tensor's GGML type.
         mult: float32 multipliers, one per row.
+        name, index: the tensor's name and the k neurons, for messages.
 
     Returns:
         The new raw rows (same shape and dtype) and the largest relative rounding error of a new scale or value
         against the exact product (0.0 when every product was exact).
 
     Raises:
-        CnaExportError: the type cannot be patched, or a product overflows the storage type.
+        CnaExportError: the type cannot be patched, or a product is not finite in its storage type (an f16 block
+            scale, an F16/BF16/F32 value, a re-quantized value), checked by `fold.storage.stored` before anything
+            is written.
     """
     rows = np.ascontiguousarray(rows, dtype=np.uint8)
     k = rows.shape[0]
     route = _route(qtype)
+    m32 = torch.from_numpy(np.asarray(mult, dtype=np.float32).copy())
+    m = m32.to(torch.float64).reshape(k, 1)
+    neurons = None if index is None else torch.as_tensor(np.asarray(index))
     if route == "scales":
         _, type_size = GGML_QUANT_SIZES[qtype]
         blocks = rows.reshape(k, -1, type_size).copy()
         worst = 0.0
-        m = mult.astype(np.float64).reshape(k, 1)
         for off in SCALE_FIELDS[qtype]:
-            old = blocks[:, :, off : off + 2].copy().view(np.float16)[..., 0].astype(np.float64)
-            exact = old * m
-            new = _to_storage(exact, np.float16, qtype)
-            worst = max(worst, _rel_error(new.astype(np.float64), exact))
-            blocks[:, :, off : off + 2] = new.reshape(k, -1, 1).view(np.uint8)
+            old = torch.from_numpy(blocks[:, :, off : off + 2].copy().view(np.float16)[..., 0])
+            exact = old.to(torch.float64) * m
+            new = stored(exact, torch.float16, torch.isfinite(old), m32, f"the {qtype.name} block scales of {name}",
+                         neurons)  # fmt: skip
+            worst = max(worst, rounding_error(new, exact))
+            blocks[:, :, off : off + 2] = new.numpy().reshape(k, -1, 1).view(np.uint8)
         return blocks.reshape(rows.shape), worst
     if route == "values":
         dtype = FLOAT_TYPES[qtype]
         values = torch.from_numpy(rows.copy()).view(dtype).reshape(k, -1)
-        exact = values.to(torch.float64) * torch.from_numpy(mult.astype(np.float64)).reshape(k, 1)
-        scale_rows_(values, torch.arange(k), torch.from_numpy(mult.astype(np.float32)))
-        if not bool(torch.isfinite(values)[torch.isfinite(exact)].all()):
-            raise _overflow(qtype)
-        worst = _rel_error(values.to(torch.float64).numpy(), exact.numpy())
-        return values.reshape(k, -1).view(torch.uint8).numpy().reshape(rows.shape), worst
-    dense = gguf_quants.dequantize(rows, qtype).reshape(k, -1).astype(np.float64)
-    exact = dense * mult.astype(np.float64).reshape(k, 1)
-    new = gguf_quants.quantize(exact.astype(np.float32), qtype).reshape(rows.shape)
-    back = gguf_quants.dequantize(new, qtype).reshape(k, -1).astype(np.float64)
-    return new, _rel_error(back, exact)
-
-
-def _to_storage(exact: np.ndarray, dtype: type, qtype: GGMLQuantizationType) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        new = exact.astype(dtype)
-    if not np.isfinite(new[np.isfinite(exact)]).all():
-        raise _overflow(qtype)
-    return new
-
-
-def _overflow(qtype: GGMLQuantizationType) -> CnaExportError:
-    return CnaExportError(
-        f"The multiplier makes a {qtype.name} value or block scale overflow its storage type (f16 max {F16_MAX:g}).",
-        "use a smaller multiplier, or patch a GGUF with f32 weights.",
-    )
-
-
-def _rel_error(got: np.ndarray, exact: np.ndarray) -> float:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.abs(got - exact) / np.abs(exact)
-    rel = rel[np.isfinite(rel)]
-    return float(rel.max()) if rel.size else 0.0
+        exact = values.to(torch.float64) * m
+        new = scaled_rows(values, torch.arange(k), m32, f"{name} ({qtype.name})")
+        return new.reshape(k, -1).view(torch.uint8).numpy().reshape(rows.shape), rounding_error(new, exact)
+    dense = torch.from_numpy(gguf_quants.dequantize(rows, qtype).reshape(k, -1).astype(np.float64))
+    exact = dense * m
+    finite = torch.isfinite(dense)
+    what = f"{name} ({qtype.name}, re-quantized)"
+    new = gguf_quants.quantize(stored(exact, torch.float32, finite, m32, what, neurons).numpy(), qtype)
+    back = torch.from_numpy(gguf_quants.dequantize(new, qtype).reshape(k, -1).astype(np.float64))
+    stored(back, torch.float64, finite, m32, what, neurons)  # the format's own range (its scale exponent)
+    return new.reshape(rows.shape), rounding_error(back, exact)
 
 
 # Patching --------------------------------------------------------------------------------------------------------
 
 
 def _plan(layout: GGUFLayout, circuit: Circuit, shape: ModelShape, multiplier: float | None,
-          allow_negative: bool) -> list[tuple[GGUFTensorInfo, np.ndarray, np.ndarray]]:  # fmt: skip
-    """(tensor, row indices, float32 multipliers) per unit (a layer's dense MLP, or one of its experts), after
+          allow_negative: bool) -> list[tuple[GGUFTensorInfo, np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
+    """(tensor, row indices, float32 multipliers, neurons) per unit (a layer's dense MLP, or one of its experts), after
     checking every tensor can be patched.
 
     The rows are those of the unit's up site in GGUF: whole rows of ffn_up (for a fused gate/up tensor, the up
@@ -249,7 +236,7 @@ def _plan(layout: GGUFLayout, circuit: Circuit, shape: ModelShape, multiplier: f
             raise ArchitectureError(f"{site.name(layer, expert)} {found}, expected dims {list(expected)}.",
                                     "re-convert the model.")  # fmt: skip
         _route(info.ggml_type)  # an unsupported type fails before anything is written
-        plan.append((info, index.numpy() + site.first_row(width, expert), mult.numpy()))
+        plan.append((info, index.numpy() + site.first_row(width, expert), mult.numpy(), index.numpy()))
     return plan
 
 
@@ -286,10 +273,10 @@ def patch_gguf_report(
         shape = check_circuit_fits(src, layout, circuit, force)
         source_data = np.memmap(src, dtype=np.uint8, mode="r")
         writes: list[tuple[int, bytes]] = []
-        for info, index, mult in _plan(layout, circuit, shape, multiplier, allow_negative):
+        for info, index, mult, neurons in _plan(layout, circuit, shape, multiplier, allow_negative):
             row_bytes = info.nbytes // math.prod(info.dims[1:])
             rows = source_data[info.start : info.start + info.nbytes].reshape(-1, row_bytes)[index]
-            new, worst = scale_rows_bytes(rows, info.ggml_type, mult)
+            new, worst = scale_rows_bytes(rows, info.ggml_type, mult, info.name, neurons)
             starts = [info.start + j * row_bytes for j in index.tolist()]
             writes += [(start, row.tobytes()) for start, row in zip(starts, new)]
             route = _route(info.ggml_type)

@@ -29,6 +29,7 @@ from cna_export.arch.spec import ArchSpec, ModelShape
 from cna_export.circuit.format import Circuit
 from cna_export.errors import ArchitectureError, CheckpointError, CircuitError
 from cna_export.fold.scale import LayerEdits
+from cna_export.fold.storage import stored
 from cna_export.io.source import Source
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class LoraPair:
 
 def lora_factors(
     weight: torch.Tensor, site: Site, width: int, index: torch.Tensor, multiplier: torch.Tensor,
-    selector_dtype: torch.dtype = torch.float32,
+    selector_dtype: torch.dtype = torch.float32, what: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """LoRA factors (A [k, in], B [out, k]) with `weight + B @ A` = `weight` with neurons `index` scaled.
 
@@ -73,6 +74,7 @@ def lora_factors(
         index: the neurons (k of them).
         multiplier: their multipliers.
         selector_dtype: dtype of the one-hot factor.
+        what: the weight's name, for messages.
 
     Example:
         >>> a, b = lora_factors(w_down, spec.down, 11008, torch.tensor([5, 9]), torch.tensor([0.0, 2.0]))
@@ -84,7 +86,11 @@ def lora_factors(
             "export this model with `cna-export apply` instead of as an adapter.",
         )
     index = index.to(torch.long)
-    scaled = site.rows(weight, width)[index].to(torch.float32) * (multiplier.to(torch.float32) - 1).reshape(-1, 1)
+    old = site.rows(weight, width)[index]
+    # The factor is stored in float32: a product that float32 cannot hold is refused before anything is written.
+    product = old.to(torch.float32) * (multiplier.to(torch.float32) - 1).reshape(-1, 1)
+    scaled = stored(product, torch.float32, torch.isfinite(old), multiplier,
+                    f"the LoRA factor of {what or site.template}", index)  # fmt: skip
     selector = torch.zeros(len(index), weight.shape[site.axis], dtype=selector_dtype)
     selector[torch.arange(len(index)), index + site.offset(width)] = 1.0
     if site.axis == 1:  # neurons are inputs (columns): B = the scaled columns, A = the selector rows
@@ -152,7 +158,7 @@ def adapter_pairs(folder: Path, spec: ArchSpec, shape: ModelShape, edits: LayerE
     pairs = []
     for layer, (index, mult) in edits.items():
         weight = reader.tensor(site.name(layer))
-        a, b = lora_factors(weight, site, shape.width(layer), index, mult, SELECTOR_DTYPE)
+        a, b = lora_factors(weight, site, shape.width(layer), index, mult, SELECTOR_DTYPE, site.name(layer))
         pairs.append(LoraPair(module_name(spec, site, layer), gguf_site.name(layer) if same else None, a, b))
     return pairs
 
