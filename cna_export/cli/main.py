@@ -2,6 +2,8 @@
 into one line and exit code 2.
 
 Errors the user can fix print as one line and exit 2; set CNA_EXPORT_DEBUG=1 (or --debug) for tracebacks.
+Everything a command prints (stdout, log lines, errors) has its control characters escaped
+(`cna_export.errors.printable`): circuits, recipes, prompts and GGUF metadata are untrusted text.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from cna_export import __version__
 from cna_export.attribution import distributed
 from cna_export.cli import adapter, audit, edit
 from cna_export.cli.options import EXAMPLES, Parser
-from cna_export.errors import CnaExportError
+from cna_export.errors import CnaExportError, printable
 
 log = logging.getLogger("cna_export")
 
@@ -48,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or bool(os.environ.get("CNA_EXPORT_DEBUG"))
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter("%(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     try:
-        with _termination_as_interrupt():
+        with _termination_as_interrupt(), _printable_stdout():
             distributed.init_from_env()
             code = args.func(args)
     except CnaExportError as exc:
@@ -93,7 +97,39 @@ def _os_error_line(exc: OSError) -> str:
     where = f" ({exc.filename})" if exc.filename else ""
     problem = exc.strerror or str(exc) or exc.__class__.__name__
     fix = _OS_FIXES.get(exc.errno, "check the path, its permissions and the free space")
-    return " ".join(f"{problem}{where}. Fix: {fix}.".split())
+    return printable(" ".join(f"{problem}{where}. Fix: {fix}.".split()))  # a file name can come from a file
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with their control characters escaped (a warning may quote a tensor name or a prompt)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep="\n\t")
+
+
+class _PrintableStream:
+    """A text stream that escapes control characters before they reach the terminal (everything else passes)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(printable(text, keep="\n\t"))
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _printable_stdout():
+    """What commands print (a circuit's summary, chat transcripts, diff tables) goes to stdout through
+    `printable`: one place for every print, so an untrusted string cannot reach the terminal raw."""
+    original = sys.stdout
+    sys.stdout = _PrintableStream(original)
+    try:
+        yield
+    finally:
+        sys.stdout = original
 
 
 @contextlib.contextmanager
