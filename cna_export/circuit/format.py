@@ -7,7 +7,6 @@ model it is applied to (architecture, layer count, MLP width, and optionally the
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections import Counter
 from datetime import datetime, timezone
@@ -23,6 +22,7 @@ from cna_export.circuit.selection import Selection, Strict
 from cna_export.errors import CircuitError
 from cna_export.fold.scale import LayerEdits, UnitEdits, check_multiplier, group_by_unit
 from cna_export.io.output import write_text_atomic
+from cna_export.io.untrusted_json import parse_json
 
 # `ModelIdentity` and its helpers live in circuit/identity.py; they are imported from here too.
 __all__ = [
@@ -301,19 +301,17 @@ class Circuit(Strict):
         """Read and validate a circuit file; every problem becomes a one-line CircuitError."""
         path = Path(path)
         try:
-            text = path.read_text()
-            data = json.loads(text)
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise CircuitError(f"Circuit file {path} does not exist.", "pass the path written by discover.") from None
         except OSError as exc:  # a folder, no permission, an I/O error
             raise CircuitError(f"Circuit file {path} cannot be read ({exc.strerror}).", "check the path.") from None
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-            raise CircuitError(f"Circuit file {path} is not valid JSON ({what}).", "re-run discover.") from None
+        data = parse_json(raw, lambda why: CircuitError(f"Circuit file {path} is not valid JSON ({why}).",
+                                                        "re-run discover."))  # fmt: skip
         if isinstance(data, dict) and data.get("format") not in (None, FORMAT):
             raise CircuitError(f"{path} is not a cna-export circuit.", "pass a circuit written by discover.")
         try:  # from the JSON text: strict types, but JSON arrays are valid tuples
-            return cls.model_validate_json(text)
+            return cls.model_validate_json(raw)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"]) or "top level"

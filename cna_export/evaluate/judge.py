@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 
 from cna_export.errors import CnaExportError
+from cna_export.io.untrusted_json import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,10 @@ class EndpointJudge:
         req = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                reply = json.loads(resp.read())["choices"][0]["message"]["content"]
-        except (OSError, KeyError, IndexError, ValueError) as exc:
+                fail = lambda why: CnaExportError(f"The judge endpoint {self.url} answered no JSON ({why}).",  # noqa: E731
+                                                  "check --judge and the server.")
+                reply = parse_json(resp.read(), fail)["choices"][0]["message"]["content"]
+        except (OSError, KeyError, IndexError, TypeError, ValueError) as exc:
             raise CnaExportError(
                 f"The judge endpoint {self.url} failed ({exc}).", "check --judge and the server."
             ) from None
@@ -154,9 +157,12 @@ class VerdictCache:
     def __init__(self, path: Path | None) -> None:
         self.path, self.known = path, {}
         if path is not None and Path(path).is_file():
-            for line in Path(path).read_text().splitlines():
+            fail = lambda why: CnaExportError(f"Judge cache {path} is damaged ({why}).", "delete it.")  # noqa: E731
+            for line in Path(path).read_text(encoding="utf-8").splitlines():
                 if line.strip():
-                    row = json.loads(line)
+                    row = parse_json(line, fail)
+                    if not isinstance(row, dict) or not isinstance(row.get("key"), str) or "verdict" not in row:
+                        raise fail("a line that is not a verdict")
                     self.known[row["key"]] = row["verdict"]
 
     @staticmethod

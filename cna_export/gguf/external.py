@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from cna_export.arch import arch_for
-from cna_export.errors import ArchitectureError, CnaExportError
+from cna_export.errors import ArchitectureError, CheckpointError, CnaExportError
 from cna_export.io.config import read_config_json
+from cna_export.io.untrusted_json import read_json
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,10 @@ def _pre_tokenizer(folder: Path) -> str | None:
     from cna_export.gguf.vocab import pre_tokenizer
 
     path = folder / "tokenizer.json"
-    tok = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    fail = lambda why: CheckpointError(f"{path} is unreadable ({why}).", "restore the file.")  # noqa: E731
+    tok = read_json(path, fail) if path.is_file() else {}
+    if not isinstance(tok, dict):
+        raise fail("not a JSON object")
     model = tok.get("model") or {}
     return pre_tokenizer(tok) if model.get("type") == "BPE" and not model.get("byte_fallback") else None
 

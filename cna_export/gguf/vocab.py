@@ -22,6 +22,7 @@ import gguf
 from gguf import GGUFWriter, TokenType
 
 from cna_export.errors import CheckpointError
+from cna_export.io.untrusted_json import parse_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +127,19 @@ def _transformers_tokenizer(folder: Path) -> tuple[dict[str, Any] | None, dict[s
         "bos": tok.bos_token_id is not None and full[:1] == [tok.bos_token_id] != plain[:1],
         "eos": tok.eos_token_id is not None and full[-1:] == [tok.eos_token_id] != plain[-1:],
     }
-    return (None if backend is None else json.loads(backend.to_str())), adds
+    if backend is None:
+        return None, adds
+    return parse_json(backend.to_str(), lambda why: CheckpointError(f"The tokenizer of {folder} does not serialize "
+                                                                    f"to JSON ({why}).", "restore tokenizer.json.")), adds  # fmt: skip
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is unreadable ({exc.__class__.__name__}).", "restore the file.") from None
+        data = read_json(path, lambda why: CheckpointError(f"{path} is unreadable ({why}).", "restore the file."))
+    except OSError as exc:
+        raise CheckpointError(f"{path} is unreadable ({exc.strerror}).", "restore the file.") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a JSON object.", "restore the file.")
     return data

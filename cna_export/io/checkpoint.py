@@ -4,7 +4,6 @@ ranges, overlaps), and one tensor at a time through `safe_open` (memory-mapped).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import struct
@@ -15,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from cna_export.errors import CheckpointError
+from cna_export.io.untrusted_json import parse_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         if n > MAX_HEADER_BYTES or 8 + n > size:
             raise _bad(path, f"declares a {n}-byte header but the file has {size} bytes")
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise _bad(path, f"has a header that is not valid JSON ({exc.__class__.__name__})") from None
+    header = parse_json(raw, lambda why: _bad(path, f"has a header that is not valid JSON ({why})"))
     if not isinstance(header, dict):
         raise _bad(path, "has a header that is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -165,12 +162,13 @@ def _weight_files(folder: Path) -> tuple[list[str], dict[str, str] | None]:
         )
     index = folder / INDEX_NAME
     if index.is_file():
+        data = read_json(index, lambda why: _bad(index, f"is not a valid shard index ({why})"))
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = data["weight_map"]
             if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
                 raise TypeError
             files = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError):
             raise _bad(index, "is not a valid shard index") from None
         if not files:
             raise _bad(index, "lists no shards")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from cna_export.errors import CheckpointError
+from cna_export.io.untrusted_json import read_json
 
 
 def read_config_json(folder: Path) -> dict[str, Any]:
@@ -16,9 +16,9 @@ def read_config_json(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json.", "pass a Hugging Face model folder.")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{path} is unreadable ({exc}).", "restore it.") from None
+        config = read_json(path, lambda why: CheckpointError(f"{path} is unreadable ({why}).", "restore it."))
+    except OSError as exc:
+        raise CheckpointError(f"{path} is unreadable ({exc.strerror}).", "restore it.") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} is not a JSON object.", "restore it.")
     return config

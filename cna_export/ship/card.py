@@ -9,7 +9,6 @@ comment marker) with the source, the circuit hash, the recipe, the tool version 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -21,6 +20,7 @@ from cna_export.arch import arch_for
 from cna_export.circuit.format import Circuit
 from cna_export.errors import CheckpointError, CnaExportError
 from cna_export.io.source import Source
+from cna_export.io.untrusted_json import parse_json
 from cna_export.ship.adapter_card import sources_lines
 from cna_export.ship.provenance import (
     CARD_NAME,
@@ -343,10 +343,8 @@ def read_provenance(card_path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{card_path} has no cna-export provenance block.", "re-export the model, or pass --no-verify."
         )
-    try:
-        record = json.loads(match.group(1))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"The provenance block of {card_path} is not valid JSON ({exc}).", "re-export.") from None
+    record = parse_json(match.group(1), lambda why: CheckpointError(
+        f"The provenance block of {card_path} is not valid JSON ({why}).", "re-export."))  # fmt: skip
     if not isinstance(record, dict) or record.get("format") != PROVENANCE_FORMAT or "files" not in record:
         raise CheckpointError(f"The provenance block of {card_path} is not cna-export's.", "re-export.")
     return record
