@@ -81,7 +81,7 @@ def model_opts() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="model folder, Hub id (owner/name) or .gguf file")
     g.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N or mps")
     g.add_argument("--device-map", help="spread layers over devices: auto, balanced, sequential (accelerate)")
     g.add_argument("--offload-folder", type=Path, help="folder for weights offloaded to disk with --device-map")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
@@ -89,6 +89,21 @@ def model_opts() -> argparse.ArgumentParser:
                    help="where the forward passes run: auto (a .gguf file in llama.cpp, quantized as it is; "
                         "anything else in torch), llama.cpp, or torch (dequantizes a GGUF in transformers)")  # fmt: skip
     return p
+
+
+def _device(text: str) -> str:
+    """--device, checked against the devices this machine has (cna_export.io.source.pick_device) as the
+    arguments are parsed, whichever route (torch or llama.cpp) the command then takes."""
+    if text == "auto":
+        return text
+    from cna_export.errors import CnaExportError
+    from cna_export.io.source import pick_device
+
+    try:
+        pick_device(text)
+    except CnaExportError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def load_kwargs(args: argparse.Namespace) -> dict:

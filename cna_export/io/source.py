@@ -145,7 +145,23 @@ def identity(source: Source, config: dict[str, Any], shape: ModelShape) -> Model
     )
 
 
+def available_devices() -> list[str]:
+    """The devices this machine has, as `--device` takes them: cpu, cuda:N for each GPU, mps."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
 def pick_device(device: str) -> torch.device:
+    """The one resolution of `--device`: auto, or a device that exists here (cuda:7 on a machine without CUDA is
+    one line listing the devices there are, not torch's assertion when the first tensor moves).
+
+    Raises:
+        CnaExportError: an unknown device name, or one this machine does not have.
+    """
     if device == "auto":
         if torch.cuda.is_available():
             # Under torchrun each process takes its own GPU.
@@ -154,9 +170,18 @@ def pick_device(device: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(device)
-    except RuntimeError:
-        raise CnaExportError(f"Unknown device {device!r}.", "use auto, cpu, cuda, cuda:N or mps.") from None
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    names = available_devices()
+    if dev is not None and (
+        dev.type == "cpu"
+        or dev.type == "cuda" and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
+        or dev.type == "mps" and torch.backends.mps.is_available()
+    ):  # fmt: skip
+        return dev
+    problem = f"Unknown device {device!r}" if dev is None else f"Device {device!r} is not available on this machine"
+    raise CnaExportError(f"{problem} (it has: {', '.join(names)}).", f"pass --device auto or one of: {', '.join(names)}.")
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
