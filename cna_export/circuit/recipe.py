@@ -8,11 +8,16 @@ setting is ever chosen on the prompts it is reported on.
 YAML -> `yaml.safe_load` -> pydantic (`extra="forbid"`). Prompt sets are inline lists, `builtin:NAME` (a set
 shipped in `cna_export/data/prompts/`), or a path relative to the recipe (.yaml with a `prompts` list, .txt with
 one prompt a line, .json list, or .jsonl with a `prompt` field).
+
+A recipe is untrusted input: the files it names must lie inside its own folder (a relative path without `..`,
+and no symbolic link out of it), `builtin:` takes only the names shipped, and a recipe named by a circuit is
+looked up among the shipped recipes only. A path typed on the command line (`--positive FILE`) is the user's
+own choice and may be anywhere. Every prompt remembers where it came from (`Prompt.origin`), so a message about
+it (too long for the model's context) names the file and line.
 """
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -22,8 +27,37 @@ from pydantic import Field, ValidationError, model_validator
 
 from cna_export.circuit.selection import Knobs, Selection, Strict
 from cna_export.errors import RecipeError
+from cna_export.io.untrusted_json import parse_json
 
 PromptRef = list[str] | str
+# What a YAML or JSON parser raises on a hostile file besides its own errors: RecursionError for absurd nesting,
+# ValueError for an integer of more than 4300 digits (Python's limit), UnicodeDecodeError for bytes that are not
+# UTF-8 (a ValueError).
+_YAML_FAILURES = (yaml.YAMLError, ValueError, RecursionError)
+
+
+class Prompt(str):
+    """A prompt's text, and where it came from (`origin`: "Prompt file pos.txt line 3"), for messages about it."""
+
+    origin: str
+
+    def __new__(cls, text: str, origin: str = "") -> Prompt:
+        obj = super().__new__(cls, text)
+        obj.origin = origin
+        return obj
+
+
+def check_prompt_fits(prompt: str, n_tokens: int, limit: int | None, model: str) -> None:
+    """Refuse a prompt of more tokens than the model's context, before any forward pass tries to hold it.
+
+    The one check of both routes (torch: `max_position_embeddings` of the config; llama.cpp: the GGUF's
+    training context)."""
+    if limit is not None and n_tokens > limit:
+        where = getattr(prompt, "origin", "") or f"Prompt {prompt[:40]!r}..."
+        raise RecipeError(
+            f"{where} has {n_tokens} tokens, more than the context of {model} ({limit} tokens).",
+            "shorten the prompt or remove it from the set.",
+        )
 
 
 def recipes_dir() -> Path:
@@ -84,26 +118,34 @@ class Recipe(Knobs):
         return Selection(**knobs, universal=u.enabled, universal_top_n=u.top_n, universal_threshold=u.threshold)
 
 
-def find_recipe(name_or_path: str | Path) -> Path:
-    """A recipe path, or the name of one in the project's `recipes/` folder."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
+def shipped_recipes() -> list[str]:
+    """The names of the recipes that come with cna-export."""
     folder = recipes_dir()
-    candidate = folder / f"{name_or_path}.yaml"
-    if candidate.is_file():
-        return candidate
-    known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) if folder.is_dir() else "none"
-    raise RecipeError(f"Recipe {name_or_path!r} not found.", f"pass a YAML path or one of: {known}.")
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
-def load_recipe(name_or_path: str | Path) -> tuple[Recipe, Path]:
+def find_recipe(name_or_path: str | Path, shipped_only: bool = False) -> Path:
+    """A recipe path (typed by the user), or the name of one in the project's `recipes/` folder.
+
+    `shipped_only`: the name comes from a file (a circuit's `recipe`), so only a shipped recipe's name is looked
+    up, never a path."""
+    path = Path(name_or_path)
+    if not shipped_only and path.is_file():
+        return path
+    known = shipped_recipes()
+    if str(name_or_path) in known:
+        return recipes_dir() / f"{name_or_path}.yaml"
+    where = "a shipped recipe's name" if shipped_only else "a YAML path"
+    raise RecipeError(f"Recipe {str(name_or_path)!r} not found.", f"pass {where} or one of: {', '.join(known) or 'none'}.")
+
+
+def load_recipe(name_or_path: str | Path, shipped_only: bool = False) -> tuple[Recipe, Path]:
     """Load and validate a recipe; returns it and its folder (for relative prompt paths)."""
-    path = find_recipe(name_or_path)
+    path = find_recipe(name_or_path, shipped_only)
     try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
-        raise RecipeError(f"Recipe {path} is not valid YAML ({exc.__class__.__name__}).", "fix the syntax.") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except _YAML_FAILURES as exc:
+        raise RecipeError(f"Recipe {path} is not valid YAML ({_why(exc)}).", "fix the syntax.") from None
     try:
         return Recipe.model_validate(data), path.parent
     except ValidationError as exc:
@@ -112,25 +154,32 @@ def load_recipe(name_or_path: str | Path) -> tuple[Recipe, Path]:
         raise recipe_error(path, exc.errors()[0]) from None
 
 
-def load_prompts(ref: PromptRef, base: Path | None = None) -> list[str]:
-    """Resolve a prompt reference to a list of non-empty strings."""
+def load_prompts(ref: PromptRef, base: Path | None = None) -> list[Prompt]:
+    """Resolve a prompt reference to a list of non-empty prompts, each with its origin.
+
+    Args:
+        ref: an inline list, `builtin:NAME`, or a file path.
+        base: the folder of the recipe that holds `ref`: a file it names must lie inside that folder. None for a
+            path the user typed (`--positive FILE`), which is read wherever it is (relative to the working folder).
+    """
     if isinstance(ref, list):
-        prompts = ref
+        prompts, where, unit = ref, "Inline prompt", ""
     elif ref.startswith("builtin:"):
         name = ref.removeprefix("builtin:")
-        data = resources.files("cna_export") / "data" / "prompts" / f"{name}.yaml"
-        if not data.is_file():
+        if name not in builtin_sets():  # only the shipped names: never `builtin:../../x`
             raise RecipeError(f"No built-in prompt set {name!r}.", f"use one of: {', '.join(builtin_sets())}.")
-        prompts = _parse(data.read_text(), ".yaml", ref)
+        data = resources.files("cna_export") / "data" / "prompts" / f"{name}.yaml"
+        prompts, where, unit = _parse(data.read_text(encoding="utf-8"), ".yaml", ref), f"Built-in prompt set {name}", " item"
     else:
-        path = (base or Path.cwd()) / ref
+        path = _prompt_file(ref, base)
         if not path.is_file():
             raise RecipeError(f"Prompt file {path} does not exist.", "check the path (relative to the recipe).")
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise RecipeError(f"Prompt file {path} is not UTF-8 text.", "save it as UTF-8.") from None
-        prompts = _parse(text, path.suffix, str(path))
+        prompts, where = _parse(text, path.suffix, str(path)), f"Prompt file {path}"
+        unit = " line" if path.suffix not in (".yaml", ".yml", ".json") else " item"
     if not isinstance(prompts, list):
         raise RecipeError(f"Prompt set {ref} is not a list of strings.", "write one prompt per list item.")
     if not prompts:
@@ -138,21 +187,67 @@ def load_prompts(ref: PromptRef, base: Path | None = None) -> list[str]:
     bad = [p for p in prompts if not isinstance(p, str) or not p.strip()]
     if bad:
         raise RecipeError(f"Prompt set {ref if isinstance(ref, str) else '(inline)'} has an empty entry.", "remove it.")
-    return list(prompts)
+    numbers = prompts.numbers if isinstance(prompts, _Numbered) else range(1, len(prompts) + 1)
+    return [Prompt(p, f"{where}{unit} {n}") for p, n in zip(prompts, numbers)]
+
+
+def _prompt_file(ref: str, base: Path | None) -> Path:
+    """The file a prompt reference names. A recipe's (`base` set) must lie inside the recipe's folder: a relative
+    path without `..`, resolving (symbolic links followed) inside it."""
+    if "\0" in ref:
+        raise RecipeError(f"Prompt file name {ref!r} holds a NUL character.", "fix the name.")
+    if base is None:
+        return Path(ref).expanduser()
+    rel = Path(ref)
+    fix = "name a file inside the recipe's folder by a relative path, or pass the file with --positive/--negative."
+    if rel.is_absolute() or ".." in rel.parts or ref.startswith("~"):
+        raise RecipeError(f"Recipe prompt file {ref!r} is not inside the recipe's folder {base}.", fix)
+    path = base / rel
+    if (path.exists() or path.is_symlink()) and not path.resolve().is_relative_to(Path(base).resolve()):
+        raise RecipeError(f"Recipe prompt file {ref!r} links outside the recipe's folder {base}.", fix)
+    return path
+
+
+class _Numbered(list):
+    """Prompts with their line numbers in the file (a .txt or .jsonl file skips blank lines)."""
+
+    numbers: list[int]
+
+
+def _numbered(pairs: list[tuple[int, object]]) -> _Numbered:
+    out = _Numbered(p for _, p in pairs)
+    out.numbers = [n for n, _ in pairs]
+    return out
+
+
+def _why(exc: BaseException) -> str:
+    """A parser failure in words (a ValueError of a 5000-digit integer says how to raise Python's limit)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(exc, yaml.YAMLError):
+        return exc.__class__.__name__
+    return "a number too long to read" if "digits" in str(exc) else exc.__class__.__name__
 
 
 def _parse(text: str, suffix: str, where: str) -> list:
+    fail = lambda why: RecipeError(f"Prompt file {where} is malformed ({why}).", "fix its format.")  # noqa: E731
+    if suffix == ".json":
+        return parse_json(text, fail)
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     try:
+        if suffix == ".jsonl":
+            return _numbered([(n, parse_json(line, lambda why, n=n: fail(f"line {n}: {why}"))["prompt"])
+                              for n, line in lines])  # fmt: skip
         if suffix in (".yaml", ".yml"):
             data = yaml.safe_load(text)
             return data["prompts"] if isinstance(data, dict) else data
-        if suffix == ".json":
-            return json.loads(text)
-        if suffix == ".jsonl":
-            return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
-        return [line for line in text.splitlines() if line.strip()]
-    except (yaml.YAMLError, json.JSONDecodeError, KeyError, TypeError, RecursionError) as exc:
-        raise RecipeError(f"Prompt file {where} is malformed ({exc.__class__.__name__}).", "fix its format.") from None
+    except (KeyError, TypeError) as exc:
+        raise fail(exc.__class__.__name__) from None
+    except _YAML_FAILURES as exc:
+        raise fail(_why(exc)) from None
+    return _numbered(lines)
 
 
 def builtin_sets() -> list[str]:

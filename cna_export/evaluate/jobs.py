@@ -78,8 +78,9 @@ def eval_job(
     loaded = Circuit.load(circuit) if circuit else None
     if multipliers and loaded is None:
         raise CnaExportError("--multiplier needs --circuit.", "pass --circuit, or evaluate an --edited folder.")
-    recipe_name = recipe or (loaded.recipe if loaded is not None and not positive else None)
-    rec, base = load_recipe(recipe_name) if recipe_name else (None, None)
+    recorded = loaded.recipe if loaded is not None and not positive and not recipe else None
+    # A recipe named by the circuit file (untrusted) must be a shipped one; a typed --recipe may be any path.
+    rec, base = load_recipe(recipe or recorded, shipped_only=not recipe) if recipe or recorded else (None, None)
     pos, neg = heldout_sets(rec, base, positive, negative, split=split, limit=limit)
     questions = None
     if mmlu_per_topic:
