@@ -15,6 +15,7 @@ import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,8 +24,10 @@ from transformers import DynamicCache
 
 from cna_export.arch import ArchSpec, shape_of
 from cna_export.attribution import distributed
+from cna_export.attribution.chat_template import user_turn
 from cna_export.attribution.experts import capture_units
 from cna_export.attribution.hooks import decoder_layers, down_projs, mlp_of, pre_hooks
+from cna_export.circuit.recipe import check_prompt_fits
 from cna_export.errors import RecipeError
 from cna_export.progress import QUIET_SECONDS
 
@@ -50,8 +53,37 @@ class SetStats:
         return self.sums / self.count
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
-    """Token ids per prompt; chat-templated (with the generation prompt) when the tokenizer has a template."""
+# Where a config gives the context a model was trained for (every family of the table has the first).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+@dataclass(frozen=True)
+class Context:
+    """The longest prompt a model takes (tokens; None when its config does not say) and its name, for messages."""
+
+    limit: int | None
+    model: str
+
+
+def context_of(model: nn.Module) -> Context:
+    """The context of a loaded transformers model, from its (text) config."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    name = Path(str(getattr(config, "name_or_path", "") or "the model")).name or "the model"
+    for key in CONTEXT_KEYS:
+        value = getattr(text, key, None)
+        if type(value) is int and value > 0:
+            return Context(value, name)
+    return Context(None, name)
+
+
+def encode_prompts(
+    tokenizer, prompts: Sequence[str], chat_template: bool = True, context: Context | None = None
+) -> list[list[int]]:
+    """Token ids per prompt; chat-templated (with the generation prompt) when the tokenizer has a template.
+
+    With `context`, a prompt longer than the model's context is refused here, before the first forward pass
+    (`recipe.check_prompt_fits`, the check the llama.cpp route makes too), naming its file and line."""
     if not prompts:
         raise RecipeError("A prompt set is empty.", "give at least one prompt on each side.")
     use_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
@@ -60,14 +92,14 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True
         if not isinstance(prompt, str) or not prompt.strip():
             raise RecipeError(f"Prompt {prompt!r} is empty.", "remove empty prompts from the set.")
         if use_template:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
+            text = user_turn(tokenizer, prompt, "The model's")  # sandboxed; a failure is one line
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(prompt)["input_ids"]
         if not ids:
             raise RecipeError(f"Prompt {prompt!r} tokenizes to nothing.", "remove it or fix the tokenizer.")
+        if context is not None:
+            check_prompt_fits(prompt, len(ids), context.limit, context.model)
         encoded.append(list(ids))
     return encoded
 

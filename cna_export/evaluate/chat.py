@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cna_export.attribution.collect import encode_prompts
+from cna_export.attribution.collect import context_of, encode_prompts
 from cna_export.attribution.hooks import scaled_neurons
 from cna_export.circuit.format import Circuit
 from cna_export.errors import CnaExportError
@@ -45,7 +45,7 @@ def side_by_side(
         raise CnaExportError("No prompt to answer.", "pass --prompt TEXT (repeatable) or --prompts FILE.")
     source = resolve(model)
     base, tokenizer = load_model(source, dtype=dtype, device=device)
-    encoded = encode_prompts(tokenizer, prompts, cfg.chat_template)
+    encoded = encode_prompts(tokenizer, prompts, cfg.chat_template, context_of(base))
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     original = [decode(a) for a in generate(base, tokenizer, encoded, cfg, "original")]
     if circuit is not None:

@@ -27,6 +27,7 @@ from typing import Protocol
 
 import torch
 
+from cna_export.attribution.chat_template import rendering
 from cna_export.errors import CnaExportError
 from cna_export.io.untrusted_json import parse_json
 
@@ -80,8 +81,9 @@ class LocalJudge:
     def _prefix(self, request: str, answer: str) -> list[int]:
         text = judge_prompt(request, answer)
         if self.chat:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                     tokenize=True, return_dict=False)  # fmt: skip
+            with rendering(f"The judge {self.name}'s"):
+                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                         tokenize=True, return_dict=False)  # fmt: skip
             return list(ids["input_ids"] if isinstance(ids, dict) else ids)
         return self.tokenizer.encode(text)
 

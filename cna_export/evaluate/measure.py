@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cna_export.arch.spec import ArchSpec
-from cna_export.attribution.collect import batches, encode_prompts, input_device
+from cna_export.attribution.collect import batches, context_of, encode_prompts, input_device
 from cna_export.attribution.hooks import scaled_neurons
 from cna_export.errors import CnaExportError, RecipeError
 from cna_export.evaluate.detectors import Detector, detect_refusal, normalize
@@ -216,8 +216,9 @@ def build_baseline(
 ) -> Baseline:
     """Generate and score the original model's answers once."""
     cfg.check()
-    enc_pos = encode_prompts(tokenizer, positive, cfg.chat_template)
-    enc_neg = encode_prompts(tokenizer, negative, cfg.chat_template)
+    context = context_of(model)  # every prompt fits before the first generation
+    enc_pos = encode_prompts(tokenizer, positive, cfg.chat_template, context)
+    enc_neg = encode_prompts(tokenizer, negative, cfg.chat_template, context)
     pos_answers = generate(model, tokenizer, enc_pos, cfg, "original: positive")
     neg_answers = generate(model, tokenizer, enc_neg, cfg, "original: benign")
     ref = score(model, enc_neg, neg_answers, cfg, pad_id_of(tokenizer), "original: score")

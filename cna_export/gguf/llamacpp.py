@@ -15,9 +15,6 @@ by `ffn_down_shexp`, and to the MUL whose first source is one of those products 
 from __future__ import annotations
 
 import ctypes
-import datetime
-import functools
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -27,6 +24,8 @@ from types import ModuleType
 
 import numpy as np
 
+from cna_export.attribution.chat_template import render_chat
+from cna_export.circuit.recipe import check_prompt_fits
 from cna_export.errors import CheckpointError, CnaExportError, RecipeError
 
 log = logging.getLogger(__name__)
@@ -336,11 +335,7 @@ class LlamaCppModel:
             ids = self.tokenize(prompt, add_special=True)
         if not ids:
             raise RecipeError(f"Prompt {prompt!r} tokenizes to nothing.", "remove it or fix the tokenizer.")
-        if len(ids) > self.n_ctx_train:
-            raise RecipeError(
-                f"Prompt {prompt[:40]!r}... has {len(ids)} tokens, more than the context of {self.path.name} "
-                f"({self.n_ctx_train}).", "shorten the prompt or remove it from the set.",
-            )  # fmt: skip
+        check_prompt_fits(prompt, len(ids), self.n_ctx_train, self.path.name)
         return ids
 
     def context(self, n_ctx: int, n_batch: int, n_seq: int, tap: FfnDownTap | None = None) -> LlamaCppContext:
@@ -419,39 +414,3 @@ class LlamaCppContext:
     def forget(self, seq: int, start: int = 0) -> None:
         """Drop sequence `seq`'s cells from position `start` on."""
         self.lc.llama_memory_seq_rm(self.memory, seq, start, -1)
-
-
-def render_chat(template: str, prompt: str, bos: str, eos: str) -> str:
-    """A user turn with the generation prompt, rendered as transformers renders chat templates (sandboxed jinja2,
-    trim_blocks and lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson` that keeps
-    non-ASCII text)."""
-    from jinja2.exceptions import TemplateError
-
-    try:
-        return _compiled(template).render(
-            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True, bos_token=bos, eos_token=eos
-        )
-    except TemplateError as exc:
-        raise RecipeError(f"The GGUF's chat template failed: {exc}".splitlines()[0],
-                          "pass --no-chat-template, or fix tokenizer.chat_template in the file.") from None  # fmt: skip
-
-
-@functools.lru_cache(maxsize=4)
-def _compiled(template: str):
-    """The jinja2 template, compiled once per template text (compiling costs more than rendering a prompt)."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        from jinja2.exceptions import TemplateError
-
-        raise TemplateError(message)
-
-    def tojson(x: object, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    return env.from_string(template)
