@@ -221,11 +221,11 @@ def test_skip_last_layers_option(tiny_models):
     allowed = [n for n in discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=200, universal=False))
                .neurons if 1 <= n.layer < n_layers - 1][:20]  # fmt: skip
     assert [(n.layer, n.index) for n in cut.neurons] == [(n.layer, n.index) for n in allowed]
-    # more than there is room for: capped so that one layer remains (recipes tuned on deep models run on tiny ones)
-    capped = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=5, skip_first_layers=1,
-                                                                           skip_last_layers=n_layers))  # fmt: skip
-    assert capped.selection.skip_last_layers == n_layers - 2 and {n.layer for n in capped.neurons} == {1}
-    with pytest.raises(RecipeError, match="skips all"):
+    # more than there is room for: refused, never quietly narrowed (issue 23)
+    with pytest.raises(RecipeError, match="leaves none of this model's"):
+        discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=5, skip_first_layers=1,
+                                                                       skip_last_layers=n_layers))  # fmt: skip
+    with pytest.raises(RecipeError, match="leaves none of this model's"):
         discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=5, skip_first_layers=n_layers))
 
 

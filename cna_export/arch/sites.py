@@ -57,9 +57,13 @@ class ModelShape:
     @property
     def num_neurons(self) -> int:
         """All MLP neurons (an MoE layer: every routed expert's and the shared expert's; the k of a fraction)."""
+        return self.neurons_in(range(self.num_layers))
+
+    def neurons_in(self, layers: range) -> int:
+        """The MLP neurons of `layers` (an MoE layer: every routed expert's and the shared expert's)."""
         if self.moe is None:
-            return sum(self.width(i) for i in range(self.num_layers))
-        return sum(width for i in range(self.num_layers) for _, width in self.moe.units(i, self.width(i)))
+            return sum(self.width(i) for i in layers)
+        return sum(width for i in layers for _, width in self.moe.units(i, self.width(i)))
 
     def width_of(self, expert: ExpertKey, layer: int) -> int:
         """Neurons of one unit of `layer`: a dense MLP (None), a routed expert (an int) or the shared expert."""

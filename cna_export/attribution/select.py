@@ -15,7 +15,7 @@ from torch import nn
 
 from cna_export.arch import ArchSpec, ModelShape, shape_of
 from cna_export.arch.experts import SHARED, ExpertShape
-from cna_export.attribution.collect import SetStats, collect_sets, encode_prompts
+from cna_export.attribution.collect import SetStats, collect_sets, context_of, encode_prompts
 from cna_export.circuit.format import (
     Circuit,
     ExpertRouting,
@@ -127,34 +127,18 @@ class Attribution:
         )
 
 
-def _cap_skip_last(selection: Selection, num_layers: int) -> Selection:
-    """Leave at least one layer: a recipe tuned on a deep model (skip 2 + 2) still runs on a 3-layer one."""
-    room = num_layers - selection.skip_first_layers - 1
-    if selection.skip_last_layers <= room:
-        return selection
-    log.warning(
-        "skip_last_layers=%d leaves no layer after skipping the first %d of %d; skipping the last %d instead",
-        selection.skip_last_layers, selection.skip_first_layers, num_layers, room,
-    )  # fmt: skip
-    return selection.model_copy(update={"skip_last_layers": room})
-
-
 def prepare(shape: ModelShape, selection: Selection) -> tuple[Selection, int | None, int]:
-    """Check the skipped layers and cap `skip_last_layers`; returns (selection, top_n for the neutral set or None
-    when it is not needed, the last layer the forward passes must reach)."""
-    if selection.skip_first_layers >= shape.num_layers:
-        raise RecipeError(
-            f"skip_first_layers={selection.skip_first_layers} skips all {shape.num_layers} layers.",
-            "skip fewer layers.",
-        )
-    selection = _cap_skip_last(selection, shape.num_layers)
+    """Check the layer window (`Selection.layer_window`: one that leaves no layer is refused); returns
+    (selection, top_n for the neutral set or None when it is not needed, the last layer the forward passes must
+    reach)."""
+    window = selection.layer_window(shape)
     top_n = None
     if selection.universal or selection.specificity:
         # The top-n of an MoE layer is taken per expert, among the prompts routed to it (collect.py).
         unit = shape.moe.width if shape.moe is not None else shape.intermediate_size
         top_n = selection.universal_top_n or max(1, math.ceil(0.01 * unit))
     # Layers skipped at the end are never selected: the forward passes stop before them.
-    return selection, top_n, shape.num_layers - 1 - selection.skip_last_layers
+    return selection, top_n, window.stop - 1
 
 
 def attribute(
@@ -172,11 +156,12 @@ def attribute(
     selection, top_n, last = prepare(shape, selection)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad_id = 0 if pad_id is None else pad_id
-    sets = [encode_prompts(tokenizer, p, selection.chat_template) for p in (positive, negative)]
+    context = context_of(model)  # every prompt fits the model's context before the first forward pass
+    sets = [encode_prompts(tokenizer, p, selection.chat_template, context) for p in (positive, negative)]
     prompts = {"positive": prompt_set(list(positive)), "negative": prompt_set(list(negative))}
     # The neutral prompts (universal neurons, specificity) run in the same passes as the contrast sets.
     if top_n:
-        sets.append(encode_prompts(tokenizer, neutral, selection.chat_template))
+        sets.append(encode_prompts(tokenizer, neutral, selection.chat_template, context))
         prompts["neutral"] = prompt_set(list(neutral))
     stats = collect_sets(model, spec, sets, selection.batch_size, pad_id, top_n=top_n, desc="forward passes",
                          last_layer=last)  # fmt: skip

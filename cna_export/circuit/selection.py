@@ -58,13 +58,36 @@ class Selection(Knobs):
         default=0.8, gt=0, le=1, description="Share of neutral prompts that makes a neuron universal."
     )
 
+    def layer_window(self, shape: ModelShape) -> range:
+        """The layers neurons may be selected in: all but the first `skip_first_layers` and the last
+        `skip_last_layers`. A window that leaves no layer is one line (never quietly narrowed: a recipe made for a
+        deep model says so on a shallow one rather than selecting where it was told not to)."""
+        first, last = self.skip_first_layers, shape.num_layers - self.skip_last_layers
+        if first >= last:
+            raise RecipeError(
+                f"Skipping the first {first} and the last {self.skip_last_layers} layers leaves none of this model's "
+                f"{shape.num_layers} to select neurons in.",
+                f"skip at most {shape.num_layers - 1} layers in all (--skip-first-layers, --skip-last-layers, or the "
+                "recipe's skip_first_layers, skip_last_layers).",
+            )
+        return range(first, last)
+
     def resolve_k(self, shape: ModelShape) -> int:
-        """The number of neurons to select in a model of `shape`."""
+        """The number of neurons to select in a model of `shape` (a fraction is of all its MLP neurons); the
+        layer window must hold that many."""
         k = self.top_k if self.top_k is not None else max(1, round((self.fraction or DEFAULT_FRACTION) * shape.num_neurons))
         if k > shape.num_neurons:
             raise RecipeError(
                 f"k={k} neurons is outside 1..{shape.num_neurons} (all MLP neurons of this model).",
                 "lower --top-k or --fraction.",
+            )
+        window = self.layer_window(shape)
+        room = shape.neurons_in(window)
+        if k > room:
+            raise RecipeError(
+                f"k={k} neurons do not fit layers {window.start}..{window.stop - 1}, which hold {room} (the others "
+                "are skipped).",
+                "lower --top-k or --fraction, or skip fewer layers.",
             )
         return k
 

@@ -228,9 +228,9 @@ def sweep_source_gguf(
     from cna_export.evaluate import sweep as S
 
     spec, shape, metadata = describe_gguf(path)
-    counts = S.resolve_ks(ks, shape)
-    held_pos, held_neg = S.heldout_sets(recipe, base, positive, negative, split="validation", limit=limit)
     plan = plan_discovery(recipe, base)
+    counts = S.resolve_ks(ks, shape, plan.selection)
+    held_pos, held_neg = S.heldout_sets(recipe, base, positive, negative, split="validation", limit=limit)
     att = attribute_gguf(path, spec, gguf_identity(name, path, spec, shape, metadata), plan.positive, plan.negative,
                          plan.neutral, plan.selection)  # fmt: skip
     results, records, circuits = sweep_gguf(

@@ -21,6 +21,7 @@ from cna_export.attribution.discover import plan_discovery
 from cna_export.attribution.select import Attribution, attribute
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import Recipe, load_prompts
+from cna_export.circuit.selection import Selection
 from cna_export.errors import CnaExportError, RecipeError
 from cna_export.evaluate.detectors import detector_for
 from cna_export.evaluate.measure import Baseline, EvalConfig, build_baseline, disjoint, measure, prompts_sha256
@@ -102,8 +103,9 @@ def parse_k(text: str) -> int | float:
         raise CnaExportError(f"k {text!r} is not a number.", "pass counts (1600) or fractions (0.014).") from None
 
 
-def resolve_ks(ks: Sequence[int | float], shape: ModelShape) -> list[int]:
-    """Neuron counts for the given counts or fractions, sorted and without duplicates."""
+def resolve_ks(ks: Sequence[int | float], shape: ModelShape, selection: Selection | None = None) -> list[int]:
+    """Neuron counts for the given counts or fractions, sorted and without duplicates; with `selection`, each
+    must fit its layer window (`Selection.resolve_k`)."""
     out = set()
     for k in ks:
         n = round(k * shape.num_neurons) if isinstance(k, float) else k
@@ -111,6 +113,8 @@ def resolve_ks(ks: Sequence[int | float], shape: ModelShape) -> list[int]:
             raise CnaExportError(f"k fraction {k} is outside (0, 1].", "e.g. 0.01 for 1% of the MLP neurons.")
         if not 1 <= n <= shape.num_neurons:
             raise CnaExportError(f"k={n} is outside 1..{shape.num_neurons}.", "pass smaller counts or fractions.")
+        if selection is not None:
+            selection.model_copy(update={"top_k": int(n), "fraction": None}).resolve_k(shape)
         out.add(int(n))
     return sorted(out)
 
@@ -280,9 +284,9 @@ def sweep_source(
     """Load `source`, attribute with the recipe's discovery prompts once, and sweep k x m on the recipe's
     validation split (its test split stays unseen; a recipe without one falls back, flagged in the results)."""
     spec, shape, config = describe(source)
-    counts = resolve_ks(ks, shape)
-    held_pos, held_neg = heldout_sets(recipe, base, positive, negative, split="validation", limit=limit)
     plan = plan_discovery(recipe, base)
+    counts = resolve_ks(ks, shape, plan.selection)
+    held_pos, held_neg = heldout_sets(recipe, base, positive, negative, split="validation", limit=limit)
     model, tokenizer = load_model(source, dtype=dtype, device=device)
     att = attribute(
         model, tokenizer, spec, identity(source, config, shape), plan.positive, plan.negative, plan.neutral,
