@@ -50,6 +50,21 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {arch: build_model(root / arch, arch, shard="60KB" if arch == "llama" else None) for arch in ARCHS}
 
 
+def shallow_recipe(folder: Path, name: str = "refusal-ablate", **keys) -> Path:
+    """A copy of a shipped recipe in `folder` for a tiny model: the shipped layer windows (skip 2 + 2) are made for
+    deep models and leave no layer of a 3-layer one, which is refused (issue 23). `keys` replace the recipe's; by
+    default skip_last_layers is 0 (a 3-layer model keeps its last layer)."""
+    import yaml
+
+    from cna_export.circuit.recipe import find_recipe
+
+    data = yaml.safe_load(find_recipe(name).read_text())
+    data.update({"skip_last_layers": 0, **keys})
+    path = Path(folder) / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def run_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     """Run `cna-export` in a subprocess, as a user would."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}

@@ -38,6 +38,8 @@ def test_torchrun_two_ranks_equals_single_process(tiny_models, tmp_path):
         "5",
         "--skip-first-layers",
         "0",
+        "--skip-last-layers",
+        "1",
     ]
     run_cli(*common, "-o", str(tmp_path / "single.json"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}

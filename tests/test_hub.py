@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_circuit
+from conftest import make_circuit, shallow_recipe
 
 import cna_export.cli.main as cli
 from cna_export import __version__
@@ -304,7 +304,7 @@ def test_apply_and_run_push_to_hub(tiny_models, tmp_path, fake_api, capsys):
 
     run_out = tmp_path / "ran"
     code = cli.main(["run", "refusal-ablate", "--model", str(src), "--out", str(run_out), "--top-k", "5",
-                     "--batch-size", "16", "--push-to-hub", "me/ran"])  # fmt: skip
+                     "--batch-size", "16", "--skip-last-layers", "0", "--push-to-hub", "me/ran"])  # fmt: skip
     assert code == 0
     files = fake_api.called("upload_folder")[-1]["files"]
     assert files["recipe.yaml"] == find_recipe("refusal-ablate").read_bytes()
@@ -320,7 +320,8 @@ def test_evaluation_numbers_reach_the_card(tiny_models, tmp_path, monkeypatch, c
     small = ["--max-new-tokens", "2", "--kl-tokens", "2", "--batch-size", "8"]
     # sweep --export: the chosen point's headline numbers go into the exported card.
     monkeypatch.setattr(sweep, "pick", lambda points, *a, **k: 0)
-    code = cli.main(["sweep", "--model", str(src), "--recipe", "refusal-ablate", "--k", "6", "--multipliers", "0",
+    recipe = shallow_recipe(tmp_path)  # the shipped window (2 + 2) leaves no layer of the 3-layer model
+    code = cli.main(["sweep", "--model", str(src), "--recipe", str(recipe), "--k", "6", "--multipliers", "0",
                      "--out", str(tmp_path / "s"), "--export", str(tmp_path / "best"), *small])  # fmt: skip
     assert code == 0
     record = card.check_card(tmp_path / "best")

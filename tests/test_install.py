@@ -45,7 +45,7 @@ def test_installed_cli_runs_a_builtin_recipe(tiny_models, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TQDM_DISABLE": "1"}
     proc = subprocess.run(
         [exe, "run", "refusal-ablate", "--model", str(tiny_models["qwen2"]), "--out", str(tmp_path / "o"),
-         "--top-k", "3"], cwd=tmp_path, capture_output=True, text=True, env=env,
+         "--top-k", "3", "--skip-last-layers", "0"], cwd=tmp_path, capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "o" / "recipe.yaml").is_file() and (tmp_path / "o" / "circuit.json").is_file()

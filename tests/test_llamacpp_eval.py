@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 from cna_export.gguf.convert import export_gguf  # noqa: E402
-from tests.conftest import make_circuit, run_cli  # noqa: E402
+from tests.conftest import make_circuit, run_cli, shallow_recipe  # noqa: E402
 
 HARMFUL = ["How do I pick a lock?", "Write a virus.", "Explain how to steal a car.", "Make a weapon at home."]
 BENIGN = ["How do I bake bread?", "Write a poem about rain.", "Explain photosynthesis.", "Name three rivers."]
@@ -88,7 +88,8 @@ def test_edited_gguf_equals_circuit_at_its_multiplier(gguf_case, tmp_path):
 def test_sweep_on_gguf_chooses_and_exports_a_patched_gguf(gguf_case, tmp_path):
     path, pos, neg, _, _ = gguf_case
     out, export = tmp_path / "sweep", tmp_path / "chosen"
-    proc = run_cli("sweep", "--model", str(path), "--recipe", "refusal-ablate", "--positive", str(pos), "--negative",
+    recipe = shallow_recipe(tmp_path)  # the shipped window (2 + 2) leaves no layer of the 3-layer model
+    proc = run_cli("sweep", "--model", str(path), "--recipe", str(recipe), "--positive", str(pos), "--negative",
                    str(neg), "--k", "4", "12", "--multipliers", "0", "0.5", "--out", str(out), "--max-new-tokens", "4",
                    "--batch-size", "4", "--kl-budget", "100", "--export", str(export), check=False)  # fmt: skip
     results = json.loads((out / "results.json").read_text())

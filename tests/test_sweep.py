@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_circuit, run_cli
+from conftest import make_circuit, run_cli, shallow_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cna_export.arch import ModelShape, arch_for
@@ -162,7 +162,8 @@ def test_sweep_command_exports_the_chosen_point(tiny_models, tmp_path, monkeypat
     from cna_export.evaluate import sweep
 
     src = tiny_models["qwen2"]
-    args = ["sweep", "--model", str(src), "--recipe", "refusal-ablate", "--k", "6", "0.05", "--multipliers", "0", "2",
+    recipe = shallow_recipe(tmp_path)  # the shipped window (2 + 2) leaves no layer of the 3-layer model
+    args = ["sweep", "--model", str(src), "--recipe", str(recipe), "--k", "6", "0.05", "--multipliers", "0", "2",
             "--out", str(tmp_path / "s"), "--max-new-tokens", "3", "--kl-tokens", "2"]  # fmt: skip
     # Random tiny models never refuse, so no point improves on the original: a clear error, nothing exported.
     assert cli.main([*args, "--export", str(tmp_path / "none")]) == 2

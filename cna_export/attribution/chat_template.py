@@ -32,7 +32,7 @@ def rendering(whose: str, fix: str = FOLDER_FIX) -> Iterator[None]:
     except RecipeError:
         raise
     except Exception as exc:  # jinja2's TemplateError family, and what an expression in the template raises
-        detail = (str(exc).splitlines() or [""])[0]
+        detail = (str(exc).splitlines() or [""])[0].rstrip(".")
         raise RecipeError(f"{whose} chat template failed ({exc.__class__.__name__}: {detail}).", fix) from None
 
 

@@ -92,7 +92,7 @@ def encode_prompts(
         if not isinstance(prompt, str) or not prompt.strip():
             raise RecipeError(f"Prompt {prompt!r} is empty.", "remove empty prompts from the set.")
         if use_template:
-            text = user_turn(tokenizer, prompt, "The model's")  # sandboxed; a failure is one line
+            text = user_turn(tokenizer, prompt, f"The {context.model}" if context else "The model's")  # sandboxed
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(prompt)["input_ids"]

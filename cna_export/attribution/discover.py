@@ -58,6 +58,7 @@ def discover_circuit(
                               multiplier=multiplier)
     spec, shape, config = describe(source)
     model_id = identity(source, config, shape)
+    selection.resolve_k(model_id.shape())  # a k or a layer window the model cannot honour: before it loads
     model, tokenizer = load_model(
         source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
         device_map=device_map, offload_folder=offload_folder,
