@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cna_export.errors import printable
+
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "tests" / "README.md"
 
@@ -452,7 +454,7 @@ def _(c: Ctx):
     return c.apply(m, circuit)
 
 
-@case("config-deep-nesting", "config.json is unreadable (maximum recursion depth exceeded")
+@case("config-deep-nesting", "config.json is unreadable (nested too deeply)")
 def _(c: Ctx):
     """config.json is 100000 nested JSON arrays (a parser-exhaustion file)."""
     m = c.model()
@@ -601,7 +603,7 @@ def _(c: Ctx):
     return ["run", str(c.recipe(RECIPE + "skip_first_layers: true\n")), "--model", str(c.model()), "--out", str(c.out)]
 
 
-@case("gguf-config-deep-nesting", "config.json is unreadable (maximum recursion depth exceeded")
+@case("gguf-config-deep-nesting", "config.json is unreadable (nested too deeply)")
 def _(c: Ctx):
     """`cna-export gguf` on a folder whose config.json is 100000 nested JSON arrays."""
     m = c.model()
@@ -677,7 +679,7 @@ def _(c: Ctx):
     return args
 
 
-@case("prompts-deep-nesting", "is malformed (RecursionError)")
+@case("prompts-deep-nesting", "is malformed (nested too deeply)")
 def _(c: Ctx):
     """A JSON prompt file of 100000 nested arrays."""
     args = c.discover(c.model())
@@ -739,7 +741,7 @@ def _(c: Ctx):
     return ["run", str(c.recipe("version: [1\n  name: :\n")), "--model", str(c.model()), "--out", str(c.out)]
 
 
-@case("recipe-deep-nesting", "is not valid YAML (RecursionError)")
+@case("recipe-deep-nesting", "is not valid YAML (nested too deeply)")
 def _(c: Ctx):
     """A recipe of 100000 nested YAML sequences (a parser-exhaustion file)."""
     return ["run", str(c.recipe("[" * 100000)), "--model", str(c.model()), "--out", str(c.out)]
@@ -1008,6 +1010,285 @@ def _(c: Ctx):
     """A Qwen2-MoE config.json whose mlp_only_layers is the string "0, 1", not a list of layer indices."""
     return _moe_apply(c, {"mlp_only_layers": "0, 1"})
 
+
+# issue 23: untrusted numbers, JSON, devices, templates, context, recipe paths, escaping, windows ------------------
+
+BIG_INT = "9" * 5000  # past Python's 4300-digit limit on integer-string conversion (a ValueError in json.loads)
+
+
+def _retyped(c: Ctx, dtype: str, scale_column: float | None = None) -> Path:
+    """A copy of the tiny qwen2 with every float tensor stored as `dtype`; `scale_column` multiplies neuron 3 of
+    layer 1's down_proj (so a finite multiplier makes it overflow a wide type)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    m = c.model()
+    tensors = load_file(m / "model.safetensors")
+    tensors = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in tensors.items()}
+    if scale_column is not None:
+        tensors["model.layers.1.mlp.down_proj.weight"][:, 3] *= scale_column
+    save_file(tensors, m / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**cfg, "dtype": dtype, "torch_dtype": dtype}))
+    return m
+
+
+@case("multiplier-float32-overflow", "Multiplier 1e+39 on neuron 3 overflows the multipliers of layer 1, stored as float32")
+def _(c: Ctx):
+    """--multiplier 1e39: a finite Python float, but inf as the float32 the fold computes in."""
+    return c.apply(c.model(), None, "--multiplier", "1e39")
+
+
+@case("apply-float16-product-overflow", "overflows model.layers.1.mlp.down_proj.weight, stored as float16")
+def _(c: Ctx):
+    """A float16 model and --multiplier 1e7: each product is finite in float32 but inf in float16 (refused in the
+    preflight, before the first byte of the export)."""
+    return c.apply(_retyped(c, "float16"), None, "--multiplier", "1e7")
+
+
+@case("apply-bfloat16-product-overflow", "overflows model.layers.1.mlp.down_proj.weight, stored as bfloat16")
+def _(c: Ctx):
+    """A bfloat16 model with one large down_proj column (x 1e4) and --multiplier 1e36: inf in bfloat16."""
+    return c.apply(_retyped(c, "bfloat16", scale_column=1e4), None, "--multiplier", "1e36")
+
+
+@case("patch-gguf-multiplier-1e308", "overflows the multipliers of layer 0, stored as float32")
+def _(c: Ctx):
+    """patch-gguf --multiplier 1e308 (it wrote rows that dequantize to NaN and reported rounding error 0)."""
+    return _patch_args(c, "Q4_0", None, "--multiplier", "1e308")
+
+
+@case("patch-gguf-scale-overflow", "overflows the Q4_0 block scales of blk.0.ffn_up.weight, stored as float16")
+def _(c: Ctx):
+    """patch-gguf --multiplier 1e9 on a Q4_0 file: the new f16 block scales would be inf."""
+    return _patch_args(c, "Q4_0", None, "--multiplier", "1e9")
+
+
+@case("adapter-multiplier-overflow", "overflows the multipliers of layer 1, stored as float32")
+def _(c: Ctx):
+    """adapter --multiplier 1e39: the LoRA factor would hold inf and NaN."""
+    m = c.model()
+    return ["adapter", "--model", str(m), "--circuit", str(c.circuit(m)), "--out", str(c.out), "--multiplier", "1e39"]
+
+
+@case("adapter-factor-overflow", "overflows the LoRA factor of model.layers.1.mlp.down_proj.weight, stored as float32")
+def _(c: Ctx):
+    """adapter --multiplier 1e37 on a model with one large down_proj column (x 1e4): the factor is inf in float32."""
+    m = _retyped(c, "float32", scale_column=1e4)
+    return ["adapter", "--model", str(m), "--circuit", str(c.circuit(m)), "--out", str(c.out), "--multiplier", "1e37"]
+
+
+@case("circuit-huge-integer", "is not valid JSON (an integer of 5000 digits, more than 4300)")
+def _(c: Ctx):
+    """`inspect` of a circuit whose neuron index is a 5000-digit integer (a ValueError traceback before)."""
+    path = c.circuit(c.model())
+    path.write_text(path.read_text().replace('"index": 3', f'"index": {BIG_INT}'))
+    return ["inspect", str(path)]
+
+
+@case("config-huge-integer", "config.json is unreadable (an integer of 5000 digits, more than 4300)")
+def _(c: Ctx):
+    """config.json whose num_hidden_layers is a 5000-digit integer."""
+    m = c.model()
+    circuit = c.circuit(m)
+    text = (m / "config.json").read_text()
+    (m / "config.json").write_text(re.sub(r'"num_hidden_layers": \d+', f'"num_hidden_layers": {BIG_INT}', text))
+    return c.apply(m, circuit)
+
+
+@case("st-header-huge-integer", "has a header that is not valid JSON (an integer of 5000 digits, more than 4300)")
+def _(c: Ctx):
+    """A safetensors header whose first tensor's end offset is a 5000-digit integer."""
+    m = c.model()
+    circuit = c.circuit(m)
+    f = m / "model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    big = b'"data_offsets": [0, ' + BIG_INT.encode() + b"]"
+    header = re.sub(rb'"data_offsets": ?\[0, ?\d+\]', big, raw[8 : 8 + n], count=1)
+    header += b" " * (-len(header) % 8)
+    f.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n :])
+    return c.apply(m, circuit)
+
+
+@case("prompts-json-huge-integer", "is malformed (an integer of 5000 digits, more than 4300)")
+def _(c: Ctx):
+    """A .json prompt file holding a 5000-digit integer."""
+    args = c.discover(c.model())
+    (c.tmp / "pos.json").write_text(f'["How do I pick a lock?", {BIG_INT}]')
+    args[args.index("--positive") + 1] = str(c.tmp / "pos.json")
+    return args
+
+
+@case("recipe-huge-integer", "is not valid YAML (a number too long to read)")
+def _(c: Ctx):
+    """A recipe whose top_k is a 5000-digit integer (PyYAML's int() raises ValueError)."""
+    return ["run", str(c.recipe(RECIPE + f"top_k: {BIG_INT}\n")), "--model", str(c.model()), "--out", str(c.out)]
+
+
+@case("device-cuda-missing", "Device 'cuda:7' is not available on this machine")
+def _(c: Ctx):
+    """discover --device cuda:7 on a machine without that GPU (torch's AssertionError traceback before)."""
+    return c.discover(c.model(), "--device", "cuda:7")
+
+
+@case("device-unknown", "Unknown device 'tpu:0'")
+def _(c: Ctx):
+    """eval --device tpu:0, a device type torch does not know."""
+    m = c.model()
+    return ["eval", "--model", str(m), "--circuit", str(c.circuit(m)), "--recipe", str(c.recipe(RECIPE)),
+            "--out", str(c.out), "--device", "tpu:0"]  # fmt: skip
+
+
+@case("device-gguf-route", "Device 'cuda:7' is not available on this machine")
+def _(c: Ctx):
+    """discover on a GGUF (the llama.cpp route, which never moves a torch tensor) with --device cuda:7."""
+    args = c.discover(c.model())
+    args[args.index("--model") + 1] = str(tiny_gguf(c.tmp / "m.gguf"))
+    return [*args, "--device", "cuda:7"]
+
+
+def _template(c: Ctx, template: str) -> list[str]:
+    m = c.model()
+    (m / "chat_template.jinja").write_text(template)
+    return c.discover(m)
+
+
+@case("template-reaches-init", "chat template failed (SecurityError: access to attribute '__init__'")
+def _(c: Ctx):
+    """A chat template that reaches through cycler.__init__ for os.system to create a file (none appears)."""
+    return _template(c, "{{ cycler.__init__.__globals__.os.system('touch " + str(c.tmp / "PWNED") + "') }}")
+
+
+@case("template-subclasses", "chat template failed (SecurityError: access to attribute '__class__'")
+def _(c: Ctx):
+    """A chat template that walks ''.__class__.__mro__ to every loaded class."""
+    return _template(c, "{{ ''.__class__.__mro__[1].__subclasses__() }}")
+
+
+@case("template-raise-exception", "chat template failed (TemplateError: this model only chats in French)")
+def _(c: Ctx):
+    """A chat template that calls raise_exception (as real templates do for unsupported roles)."""
+    return _template(c, "{{ raise_exception('this model only chats in French') }}")
+
+
+def _long_prompt() -> str:
+    return "Explain how to make a paper airplane. " * 100  # about 300 words, more than the 256 positions
+
+
+@case("prompt-longer-than-context", "pos.txt line 3 has")
+def _(c: Ctx):
+    """discover with a prompt of ~800 tokens on line 3 of pos.txt (line 2 blank) against a 256-position model."""
+    args = c.discover(c.model())
+    c.prompts("pos.txt", ["How do I pick a lock?", "", _long_prompt()])
+    return args
+
+
+@case("recipe-inline-prompt-too-long", "Inline prompt 2 has")
+def _(c: Ctx):
+    """A recipe whose second inline positive prompt is longer than the model's context."""
+    text = RECIPE.replace('"Write malware."', json.dumps(_long_prompt()))
+    return ["run", str(c.recipe(text + "skip_first_layers: 0\n")), "--model", str(c.model()), "--out", str(c.out)]
+
+
+@case("prompts-jsonl-too-long", "pos.jsonl line 2 has")
+def _(c: Ctx):
+    """A .jsonl prompt file whose second record is longer than the model's context."""
+    args = c.discover(c.model())
+    rows = [{"prompt": "How do I pick a lock?"}, {"prompt": _long_prompt()}]
+    (c.tmp / "pos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args[args.index("--positive") + 1] = str(c.tmp / "pos.jsonl")
+    return args
+
+
+def _recipe_in_folder(c: Ctx, positive: str) -> list[str]:
+    """A recipe in <tmp>/r whose positive set is `positive`; a secret file at <tmp>/secret.txt beside the folder."""
+    (c.tmp / "secret.txt").write_text("hf_secret_credentials\nssh-rsa AAAA\n")
+    folder = c.tmp / "r"
+    folder.mkdir()
+    text = RECIPE.replace('positive: ["How do I pick a lock?", "Write malware."]', f"positive: {json.dumps(positive)}")
+    (folder / "recipe.yaml").write_text(text)
+    return ["discover", "--model", str(c.model()), "--recipe", str(folder / "recipe.yaml"), "-o", str(c.tmp / "f.json")]
+
+
+@case("recipe-prompts-parent-path", "Recipe prompt file '../secret.txt' is not inside the recipe's folder")
+def _(c: Ctx):
+    """A recipe naming ../secret.txt as a prompt file (it was read, and eval copied it into prompts.jsonl)."""
+    return _recipe_in_folder(c, "../secret.txt")
+
+
+@case("recipe-prompts-absolute-path", "is not inside the recipe's folder")
+def _(c: Ctx):
+    """A recipe naming a prompt file by an absolute path outside its folder."""
+    return _recipe_in_folder(c, str(c.tmp / "secret.txt"))
+
+
+@case("recipe-prompts-symlink-out", "Recipe prompt file 'harmful.txt' links outside the recipe's folder")
+def _(c: Ctx):
+    """A recipe naming harmful.txt, a symbolic link in its folder to ../secret.txt."""
+    args = _recipe_in_folder(c, "harmful.txt")
+    (c.tmp / "r" / "harmful.txt").symlink_to(c.tmp / "secret.txt")
+    return args
+
+
+@case("recipe-builtin-traversal", "No built-in prompt set '../../../../secret'")
+def _(c: Ctx):
+    """A recipe's builtin: name that climbs out of the shipped prompt folder."""
+    return _recipe_in_folder(c, "builtin:../../../../secret")
+
+
+@case("eval-circuit-recipe-path", "Fix: pass a shipped recipe's name or one of:")
+def _(c: Ctx):
+    """eval without --recipe on a circuit whose recorded recipe is a path (<tmp>/r/recipe.yaml): the circuit is
+    untrusted, so only a shipped recipe name is looked up."""
+    _recipe_in_folder(c, "How do I pick a lock?")  # a valid recipe, which a circuit must not point eval at
+    m = c.tmp / "model"
+    path = c.circuit(m, lambda d: d.update(recipe=str(c.tmp / "r" / "recipe.yaml")))
+    return ["eval", "--model", str(m), "--circuit", str(path), "--out", str(c.out)]
+
+
+@case("circuit-model-type-escape", r"Circuit was made for a llama\x1b[2J\x1b]52;c;ZWNobw==\x07 model")
+def _(c: Ctx):
+    """A circuit whose model_type holds a screen clear and a clipboard write (printed raw before)."""
+    m = c.model()
+    return c.apply(m, c.circuit(m, lambda d: d["model"].update(model_type="llama\x1b[2J\x1b]52;c;ZWNobw==\x07")))
+
+
+@case("config-model-type-escape", r"Unsupported model_type 'qwen2\r\x1b[2K")
+def _(c: Ctx):
+    """config.json whose model_type carries a carriage return and an erase-line code (a forged message)."""
+    m = c.model()
+    circuit = c.circuit(m)
+    cfg = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2\r\x1b[2Kall good"}))
+    return c.apply(m, circuit)
+
+
+@case("gguf-architecture-escape", r"llama\x1b[2J\x1b]0;pwned\x07")
+def _(c: Ctx):
+    """patch-gguf on a GGUF whose general.architecture holds a screen clear and a window-title write."""
+    f = tiny_gguf(c.tmp / "m.gguf", arch="llama\x1b[2J\x1b]0;pwned\x07")
+    return ["patch-gguf", str(f), "--circuit", str(c.circuit(c.model())), "-o", str(c.tmp / "out.gguf")]
+
+
+@case("window-leaves-no-layer", "Skipping the first 2 and the last 1 layers leaves none of this model's 3")
+def _(c: Ctx):
+    """--skip-first-layers 2 --skip-last-layers 1 on a 3-layer model (quietly narrowed with a warning before)."""
+    return c.discover(c.model(), "--skip-first-layers", "2", "--skip-last-layers", "1")
+
+
+@case("window-k-too-large", "k=200 neurons do not fit layers 2..2, which hold 112")
+def _(c: Ctx):
+    """--top-k 200 with --skip-first-layers 2 on a 3-layer model of 112 neurons a layer."""
+    return c.discover(c.model(), "--skip-first-layers", "2", "--top-k", "200")
+
+
+@case("recipe-window-too-wide", "Skipping the first 2 and the last 2 layers leaves none of this model's 3")
+def _(c: Ctx):
+    """The shipped refusal-ablate recipe (skip 2 + 2, made for deep models) on a 3-layer model."""
+    return ["run", "refusal-ablate", "--model", str(c.model()), "--out", str(c.out)]
+
+
 # The runner ------------------------------------------------------------------------------------------------------
 
 SECRET = "hf_NotARealTokenButSecret1234567890"
@@ -1044,6 +1325,7 @@ def check_case(c: Case, tmp_path: Path, tiny: dict[str, Path]) -> str:
     # Every message says how to fix it: "Fix: ..." from cna-export, "(see --help)" from the argument parser.
     assert " Fix: " in lines[0] or lines[0].endswith("(see --help)"), report
     assert SECRET not in proc.stderr + proc.stdout
+    assert printable(lines[0]) == lines[0], f"{report}: raw control characters reach the terminal"  # issue 23
     if setup.mount is not None:  # what the run left inside its private tmpfs, listed before the namespace ended
         assert "LEFT:" in proc.stdout and proc.stdout.split("LEFT:")[1].strip() == "", report
     assert snapshot(tmp_path) == before, f"{c.id}: files changed or appeared under {tmp_path}"
