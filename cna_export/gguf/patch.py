@@ -9,7 +9,7 @@ architecture table (`ExpertSpec.gguf_up`). Scaling the row is exact for a gated 
 as for the fold. How a row is scaled depends on its storage type:
 
 * `values`: F32, F16 and BF16 rows are decoded, multiplied in float32 and rounded once to the storage type,
-  which is what `cna_export.fold.scale.scale_rows_` does for safetensors exports.
+  which is what `cna_export.fold.scale.scaled_rows` does for safetensors exports.
 * `scales`: every dequantized value of a quantized block is linear in the block's f16 scale fields (d, and the
   min/dmin of the Q*_1 and K types), so multiplying those fields by m scales the whole block by m while the
   quantized values stay untouched. The only error is the f16 rounding of each new scale: none for m = 0 and
@@ -49,7 +49,6 @@ from gguf import quants as gguf_quants
 from cna_export.arch import ARCHITECTURES, ModelShape
 from cna_export.circuit.format import Circuit
 from cna_export.errors import ArchitectureError, CheckpointError, CircuitError, CnaExportError, OutputError
-from cna_export.fold.scale import scaled_rows
 from cna_export.fold.storage import rounding_error, stored
 from cna_export.gguf.check import GGUFLayout, GGUFTensorInfo, check_gguf, gguf_shape
 from cna_export.gguf.quant import FLOAT_TYPES, SCALE_FIELDS
@@ -194,7 +193,9 @@ def scale_rows_bytes(
         dtype = FLOAT_TYPES[qtype]
         values = torch.from_numpy(rows.copy()).view(dtype).reshape(k, -1)
         exact = values.to(torch.float64) * m
-        new = scaled_rows(values, torch.arange(k), m32, f"{name} ({qtype.name})")
+        # As the safetensors fold (fold.scale.scaled_rows): the product in float32, rounded once to the type.
+        new = stored(values.to(torch.float32) * m32.reshape(k, 1), dtype, torch.isfinite(values), m32,
+                     f"{name} ({qtype.name})", neurons)  # fmt: skip
         return new.reshape(k, -1).view(torch.uint8).numpy().reshape(rows.shape), rounding_error(new, exact)
     dense = torch.from_numpy(gguf_quants.dequantize(rows, qtype).reshape(k, -1).astype(np.float64))
     exact = dense * m
