@@ -1033,10 +1033,17 @@ def _retyped(c: Ctx, dtype: str, scale_column: float | None = None) -> Path:
     return m
 
 
-@case("multiplier-float32-overflow", "Multiplier 1e+39 on neuron 3 overflows the multipliers of layer 1, stored as float32")
+@case("multiplier-float32-overflow", "Multiplier 1e+39 overflows the multiplier, stored as float32 (inf;")
 def _(c: Ctx):
     """--multiplier 1e39: a finite Python float, but inf as the float32 the fold computes in."""
     return c.apply(c.model(), None, "--multiplier", "1e39")
+
+
+@case("circuit-neuron-multiplier-overflow", "Multiplier 1e+39 overflows the multiplier, stored as float32")
+def _(c: Ctx):
+    """A circuit file whose neuron carries its own multiplier of 1e39 (no --multiplier given)."""
+    m = c.model()
+    return c.apply(m, c.circuit(m, lambda d: d["neurons"][0].update(multiplier=1e39)))
 
 
 @case("apply-float16-product-overflow", "overflows model.layers.1.mlp.down_proj.weight, stored as float16")
@@ -1052,7 +1059,7 @@ def _(c: Ctx):
     return c.apply(_retyped(c, "bfloat16", scale_column=1e4), None, "--multiplier", "1e36")
 
 
-@case("patch-gguf-multiplier-1e308", "overflows the multipliers of layer 0, stored as float32")
+@case("patch-gguf-multiplier-1e308", "Multiplier 1e+308 overflows the multiplier, stored as float32")
 def _(c: Ctx):
     """patch-gguf --multiplier 1e308 (it wrote rows that dequantize to NaN and reported rounding error 0)."""
     return _patch_args(c, "Q4_0", None, "--multiplier", "1e308")
@@ -1064,7 +1071,7 @@ def _(c: Ctx):
     return _patch_args(c, "Q4_0", None, "--multiplier", "1e9")
 
 
-@case("adapter-multiplier-overflow", "overflows the multipliers of layer 1, stored as float32")
+@case("adapter-multiplier-overflow", "Multiplier 1e+39 overflows the multiplier, stored as float32")
 def _(c: Ctx):
     """adapter --multiplier 1e39: the LoRA factor would hold inf and NaN."""
     m = c.model()

@@ -22,7 +22,7 @@ from cna_export.circuit.recipe import Prompt, check_prompt_fits, find_recipe, lo
 from cna_export.circuit.selection import Selection
 from cna_export.errors import CircuitError, CnaExportError, RecipeError, printable
 from cna_export.fold.mxfp4 import fold_mxfp4_neurons_
-from cna_export.fold.scale import fold_site_, group_by_layer, scaled_rows
+from cna_export.fold.scale import check_multiplier, fold_site_, group_by_layer, scaled_rows
 from cna_export.fold.storage import rounding_error
 from cna_export.gguf.patch import SCALE_FIELDS, scale_rows_bytes
 from cna_export.io.untrusted_json import parse_json
@@ -72,6 +72,10 @@ def test_a_multiplier_that_is_inf_as_float32_is_refused():
         group_by_layer([(2, 5, 1e39), (2, 6, 1.0)])
     index, mult = group_by_layer([(2, 5, 3e38)])[2]  # the largest float32 values still fit
     assert mult.dtype == torch.float32 and torch.isfinite(mult).all()
+    # check_multiplier, which every typed and recorded multiplier passes before any long work, asks the same
+    with pytest.raises(CircuitError, match=r"^Multiplier -1e\+39 overflows the multiplier, stored as float32 \(-inf;"):
+        check_multiplier(-1e39, allow_negative=True)
+    assert check_multiplier(3e38) == 3e38 and check_multiplier(1e-60) == 1e-60  # an underflow to 0 is a rounding
 
 
 def test_mxfp4_fold_is_exact_or_refused_and_its_dry_run_writes_nothing():

@@ -24,9 +24,12 @@ UnitEdits = dict[tuple[int, int | str | None], tuple[torch.Tensor, torch.Tensor]
 
 
 def check_multiplier(m: float, allow_negative: bool = False) -> float:
-    """Validate one multiplier: finite, and non-negative unless explicitly allowed."""
+    """Validate one multiplier: finite as the float32 every fold computes in (1e39 is a finite Python float, but
+    inf there: refused before any long work), and non-negative unless explicitly allowed."""
     if not isinstance(m, (int, float)) or isinstance(m, bool) or not math.isfinite(m):
         raise CircuitError(f"Multiplier {m!r} is not a finite number.", "use 0 to ablate, 1 to keep, >1 to amplify.")
+    exact = torch.tensor([float(m)], dtype=torch.float64)
+    stored(exact, torch.float32, torch.ones(1, dtype=torch.bool), exact, "the multiplier")
     if m < 0 and not allow_negative:
         raise CircuitError(
             f"Multiplier {m} is negative, which flips neurons rather than scaling them.",

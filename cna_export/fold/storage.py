@@ -39,12 +39,15 @@ def stored(
     if bool(bad.any()):
         row = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0]) if bad.dim() else 0
         m = float(multiplier.reshape(-1)[row]) if multiplier.numel() > 1 else float(multiplier.reshape(-1)[0])
-        neuron = f"neuron {int(index.reshape(-1)[row])}" if index is not None else f"row {row}"
+        if index is not None:
+            neuron = f" on neuron {int(index.reshape(-1)[row])}"
+        else:
+            neuron = f" on row {row}" if new.dim() and new.shape[0] > 1 else ""
         name = str(dtype).removeprefix("torch.")
         wider = "" if torch.finfo(dtype).bits >= 32 else ", or fold into weights of a wider type (float32)"
         raise CircuitError(
-            f"Multiplier {m:g} on {neuron} overflows {what}, stored as {name}: the product is "
-            f"{float(new[bad][0])} there (the largest finite {name} is {torch.finfo(dtype).max:g}).",
+            f"Multiplier {m:g}{neuron} overflows {what}, stored as {name} ({float(new[bad][0])}; the largest "
+            f"finite {name} is {torch.finfo(dtype).max:g}).",
             f"use a smaller multiplier{wider}.",
         )
     return new
