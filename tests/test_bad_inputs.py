@@ -1133,7 +1133,7 @@ def _(c: Ctx):
     return ["run", str(c.recipe(RECIPE + f"top_k: {BIG_INT}\n")), "--model", str(c.model()), "--out", str(c.out)]
 
 
-@case("device-cuda-missing", "Device 'cuda:7' is not available on this machine")
+@case("device-cuda-missing", "Device 'cuda:7' is not available here; this machine has:")
 def _(c: Ctx):
     """discover --device cuda:7 on a machine without that GPU (torch's AssertionError traceback before)."""
     return c.discover(c.model(), "--device", "cuda:7")
@@ -1147,7 +1147,7 @@ def _(c: Ctx):
             "--out", str(c.out), "--device", "tpu:0"]  # fmt: skip
 
 
-@case("device-gguf-route", "Device 'cuda:7' is not available on this machine")
+@case("device-gguf-route", "Device 'cuda:7' is not available here")
 def _(c: Ctx):
     """discover on a GGUF (the llama.cpp route, which never moves a torch tensor) with --device cuda:7."""
     args = c.discover(c.model())

@@ -204,11 +204,11 @@ def test_device_resolution_lists_what_exists():
     assert pick_device("cpu") == torch.device("cpu") and "cpu" in available_devices()
     assert pick_device("auto").type in ("cpu", "cuda", "mps")
     missing = f"cuda:{torch.cuda.device_count() + 7}"
-    for name, problem in ((missing, f"Device '{missing}' is not available"), ("tpu:0", "Unknown device 'tpu:0'"),
+    for name, problem in ((missing, f"Device '{missing}' is not available here"), ("tpu:0", "Unknown device 'tpu:0'"),
                           ("meta", "Device 'meta' is not available"), ("", "Unknown device ''")):  # fmt: skip
         with pytest.raises(CnaExportError, match=re.escape(problem)) as info:
             pick_device(name)
-        assert f"(it has: {', '.join(available_devices())})" in str(info.value)
+        assert f"; this machine has: {', '.join(available_devices())}." in str(info.value)
 
 
 # Class 7: chat templates ------------------------------------------------------------------------------------------

@@ -180,8 +180,8 @@ def pick_device(device: str) -> torch.device:
         or dev.type == "mps" and torch.backends.mps.is_available()
     ):  # fmt: skip
         return dev
-    problem = f"Unknown device {device!r}" if dev is None else f"Device {device!r} is not available on this machine"
-    raise CnaExportError(f"{problem} (it has: {', '.join(names)}).", f"pass --device auto or one of: {', '.join(names)}.")
+    problem = f"Unknown device {device!r}" if dev is None else f"Device {device!r} is not available here"
+    raise CnaExportError(f"{problem}; this machine has: {', '.join(names)}.", "pass --device auto or one of those.")
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
