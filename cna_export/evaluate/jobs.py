@@ -4,7 +4,6 @@ when stopped), with one progress bar across every phase."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -31,6 +30,7 @@ from cna_export.evaluate.stream import (
 from cna_export.evaluate.sweep import _document, goal_of, heldout_sets, parse_k, run_eval, split_of, sweep_source
 from cna_export.io.output import check_output_path
 from cna_export.io.source import resolve
+from cna_export.io.untrusted_json import read_json
 from cna_export.progress import SCORE_UNITS
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,8 @@ def sweep_job(
     def finish_partial(folder: Path, stopped_by: str) -> bool:
         if not (folder / REPORT_MARKER).is_file():
             return False  # stopped before the original was measured
-        partial = json.loads((folder / REPORT_MARKER).read_text())
+        marker = folder / REPORT_MARKER
+        partial = read_json(marker, lambda why: CnaExportError(f"{marker} is damaged ({why}).", "run the sweep again."))
         partial["limit"] = limit
         mark_partial(partial, stopped_by, 1 + len(partial["points"]), 1 + points)
         write_results(folder, partial)
