@@ -243,11 +243,11 @@ class DepthOptions:
 
 def torch_extra(depth: DepthChecks, cfg: EvalConfig) -> Callable:
     """An `extra(model, tokenizer) -> metrics` for the torch route (`measure.measure`, `sweep.run_eval`)."""
-    from cna_export.attribution.collect import encode_prompts
+    from cna_export.attribution.collect import context_of, encode_prompts
     from cna_export.evaluate.measure import generate
 
-    def extra(model, tokenizer) -> dict:
-        return depth.run(lambda ps: encode_prompts(tokenizer, ps, cfg.chat_template),
+    def extra(model, tokenizer) -> dict:  # every prompt is checked against the model's context before it runs
+        return depth.run(lambda ps: encode_prompts(tokenizer, ps, cfg.chat_template, context_of(model)),
                          lambda ids, c, desc: generate(model, tokenizer, ids, c, desc),
                          lambda ids: tokenizer.decode(ids, skip_special_tokens=True))  # fmt: skip
 
