@@ -3,7 +3,7 @@
 The model stays quantized and mmapped by llama.cpp. The prompt sets run together, as in the torch route: their
 common chat-template prefix is decoded once into KV sequence 0 and shared (a unified cache: no copy), then the
 prompts go in length-sorted groups of `batch_size` sequences per decode. A tap on the graph (see
-`cna_export.gguf.llamacpp`) reads the input of each layer's `ffn_down` at every sequence's last token and adds it
+`cna_export.gguf.tap`) reads the input of each layer's `ffn_down` at every sequence's last token and adds it
 to its set's float64 sums (`_Sums`, the same accumulator as the torch route, so `SetStats` means the same); the
 graph ends after the last layer that can be selected.
 
@@ -38,7 +38,8 @@ from cna_export.circuit.format import ModelIdentity, prompt_set, shape_fields
 from cna_export.circuit.selection import Selection
 from cna_export.errors import RecipeError
 from cna_export.gguf.check import check_gguf, gguf_model_type, gguf_shape
-from cna_export.gguf.llamacpp import FfnDownTap, LlamaCppModel, Seq, Unit
+from cna_export.gguf.llamacpp import LlamaCppModel, Seq
+from cna_export.gguf.tap import FfnDownTap, Unit
 from cna_export.io.hashing import combined_sha256, sha256_files
 from cna_export.progress import QUIET_SECONDS
 

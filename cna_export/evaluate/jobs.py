@@ -27,7 +27,7 @@ from cna_export.evaluate.stream import (
     staged_report,
     write_results,
 )
-from cna_export.evaluate.sweep import _document, goal_of, heldout_sets, parse_k, run_eval, split_of, sweep_source
+from cna_export.evaluate.sweep import goal_of, heldout_sets, parse_k, results_document, run_eval, split_of, sweep_source
 from cna_export.io.output import check_output_path
 from cna_export.io.source import resolve
 from cna_export.io.untrusted_json import read_json
@@ -110,7 +110,7 @@ def eval_job(
             return False  # not even the original finished: nothing to report
         done = SimpleNamespace(positive=pos, negative=neg, metrics=stream.metrics[0])
         moved = [p["multiplier"] for p in stream.metrics[1:] if p["multiplier"] not in (None, 1)]
-        partial = _document("eval", source.name, behaviour, cfg, done, goal=goal_of(moved[0]) if moved else None,
+        partial = results_document("eval", source.name, behaviour, cfg, done, goal=goal_of(moved[0]) if moved else None,
                             split=used_split, **({"backend": "llama.cpp"} if native else {}))  # fmt: skip
         partial["points"], partial["edited"] = stream.metrics[1:], str(edited) if edited is not None else None
         mark_partial(partial, stopped_by, len(stream.metrics), variants)

@@ -223,7 +223,7 @@ def build_baseline(
     neg_answers = generate(model, tokenizer, enc_neg, cfg, "original: benign")
     ref = score(model, enc_neg, neg_answers, cfg, pad_id_of(tokenizer), "original: score")
     base = Baseline(list(positive), list(negative), enc_pos, enc_neg, pos_answers, neg_answers, ref)
-    base.metrics, base.records = _summarize(
+    base.metrics, base.records = summarize(
         base, tokenizer, detector, pos_answers, neg_answers, ref, label="original", k=0, multiplier=1.0
     )
     return base
@@ -264,7 +264,7 @@ def measure(
                    if lm_eval_tasks else None)  # fmt: skip
         # Capability checks (MMLU) run inside the hooks, on the same variant the answers came from.
         more = extra(model, tokenizer) if extra is not None else {}
-    metrics, records = _summarize(
+    metrics, records = summarize(
         baseline, tokenizer, detector, pos_answers, neg_answers, scored, label=label, k=k, multiplier=multiplier
     )
     if lm_eval is not None:
@@ -273,7 +273,7 @@ def measure(
     return metrics, records
 
 
-def _summarize(
+def summarize(
     base: Baseline, tokenizer, detector: Detector, pos_answers, neg_answers, scored: list[Scored], *,
     label: str, k: int | None, multiplier: float | None,
 ) -> tuple[dict, list[dict]]:  # fmt: skip

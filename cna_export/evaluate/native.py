@@ -4,7 +4,7 @@ Every variant is a file: the original, an edited GGUF the user names, or the ori
 multiplier (`patch_gguf` into a temporary file: same quantization, the circuit's ffn rows only). Each variant
 answers the held-out prompts greedily (batched sequences per decode), and the original's benign answers are
 teacher-forced through it for KL and perplexity, exactly as the torch route does (`cna_export.evaluate.measure`);
-the metrics, per-prompt records, results document and report are the torch route's own (`_summarize`,
+the metrics, per-prompt records, results document and report are the torch route's own (`summarize`,
 `write_report`). MMLU scores the same letter log-likelihoods as `cna_export.evaluate.mmlu`.
 """
 
@@ -23,7 +23,7 @@ from cna_export.attribution.native import length_groups
 from cna_export.circuit.format import Circuit
 from cna_export.errors import CnaExportError
 from cna_export.evaluate.detectors import Detector, detector_for
-from cna_export.evaluate.measure import Baseline, EvalConfig, Scored, _summarize
+from cna_export.evaluate.measure import Baseline, EvalConfig, Scored, summarize
 from cna_export.gguf.llamacpp import LlamaCppContext, LlamaCppModel, Seq
 from cna_export.progress import SCORE_UNITS, track
 
@@ -55,7 +55,7 @@ class GgufRunner:
         return bool(self.model.lc.llama_vocab_is_eog(self.model.vocab, token))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """An answer's text without its end token (the shape of a tokenizer's `decode`, for `_summarize`)."""
+        """An answer's text without its end token (the shape of a tokenizer's `decode`, for `summarize`)."""
         return self.model.detokenize([t for t in ids if not (skip_special_tokens and self.is_end(t))])
 
     def generate(self, encoded: list[list[int]], cfg: EvalConfig, desc: str = "generate") -> list[list[int]]:
@@ -132,7 +132,7 @@ def gguf_baseline(runner: GgufRunner, positive: Sequence[str], negative: Sequenc
     neg = runner.generate(enc_neg, cfg, "original: benign")
     ref = runner.score(enc_neg, neg, cfg, "original: score")
     base = Baseline(list(positive), list(negative), enc_pos, enc_neg, pos, neg, ref)
-    base.metrics, base.records = _summarize(base, runner, detector, pos, neg, ref, label="original", k=0,
+    base.metrics, base.records = summarize(base, runner, detector, pos, neg, ref, label="original", k=0,
                                             multiplier=1.0)  # fmt: skip
     base.metrics.update(_mmlu(runner, questions, cfg.batch_size))
     return base
@@ -150,7 +150,7 @@ def gguf_measure(
         pos = runner.generate(baseline.enc_pos, cfg, f"{label}: positive")
         neg = runner.generate(baseline.enc_neg, cfg, f"{label}: benign")
         scored = runner.score(baseline.enc_neg, baseline.neg_answers, cfg, f"{label}: score", ref=baseline.ref)
-        metrics, records = _summarize(baseline, runner, detector, pos, neg, scored, label=label, k=k,
+        metrics, records = summarize(baseline, runner, detector, pos, neg, scored, label=label, k=k,
                                       multiplier=multiplier)  # fmt: skip
         metrics.update(_mmlu(runner, questions, cfg.batch_size))
         metrics.update(extra(runner) if extra is not None else {})
@@ -251,7 +251,7 @@ def run_eval_gguf(
 
     baseline, points, records, circuit = eval_variants_gguf(path, positive, negative, behaviour, cfg, **variants)
     moved = [p["multiplier"] for p in points if p["multiplier"] not in (None, 1)]
-    results = S._document("eval", model_name, behaviour, cfg, baseline, goal=S.goal_of(moved[0]) if moved else None,
+    results = S.results_document("eval", model_name, behaviour, cfg, baseline, goal=S.goal_of(moved[0]) if moved else None,
                           split=split, backend="llama.cpp")  # fmt: skip
     results["points"] = points
     results["edited"] = str(variants["edited"]) if variants.get("edited") is not None else None
@@ -291,7 +291,7 @@ def sweep_gguf(
     detector = detector_for(behaviour)
     circuits = {k: attribution.circuit(k, behaviour=behaviour, recipe=recipe) for k in ks}
     baseline = original_baseline(path, positive, negative, detector, cfg, n_threads=n_threads)
-    results = S._document(
+    results = S.results_document(
         "sweep", model_name, behaviour, cfg, baseline, goal=goal or S.goal_of(min(multipliers)), kl_budget=kl_budget,
         benign_budget=benign_budget, ks=list(ks), multipliers=list(multipliers),
         num_neurons=circuits[ks[0]].num_neurons, recipe=recipe, split=split, backend="llama.cpp",

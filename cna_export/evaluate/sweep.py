@@ -169,7 +169,9 @@ def pick(
 # Results files -----------------------------------------------------------------------------------------------
 
 
-def _document(kind: str, model: str, behaviour: str, cfg: EvalConfig, baseline: Baseline, **extra) -> dict:
+def results_document(kind: str, model: str, behaviour: str, cfg: EvalConfig, baseline: Baseline, **extra) -> dict:
+    """The results document of an eval or sweep (`results.json`), whichever backend measured it: what was run,
+    on which held-out prompts, the original's metrics, and `extra` fields; the points are appended as measured."""
     return {
         "kind": kind,
         "tool_version": __version__,
@@ -224,7 +226,7 @@ def run_sweep(
     goal = goal or goal_of(min(multipliers))
     circuits = {k: attribution.circuit(k, behaviour=behaviour, recipe=recipe) for k in ks}
     baseline = build_baseline(model, tokenizer, positive, negative, detector, cfg)
-    results = _document(
+    results = results_document(
         "sweep", model_name, behaviour, cfg, baseline, goal=goal, kl_budget=kl_budget, benign_budget=benign_budget,
         ks=list(ks), multipliers=list(multipliers), num_neurons=circuits[ks[0]].num_neurons, recipe=recipe,
         split=split,
@@ -357,7 +359,7 @@ def run_eval(
             points.append(metrics)
             records += recs
     moved = [p["multiplier"] for p in points if p["multiplier"] not in (None, 1)]
-    results = _document("eval", source.name, behaviour, cfg, baseline, goal=goal_of(moved[0]) if moved else None,
+    results = results_document("eval", source.name, behaviour, cfg, baseline, goal=goal_of(moved[0]) if moved else None,
                         split=split)  # fmt: skip
     results["points"] = points
     results["edited"] = str(edited) if edited is not None else None
