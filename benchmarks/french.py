@@ -29,8 +29,10 @@ import torch
 
 from benchmarks.refusal_qwen import write_outputs
 from cna_export.attribution.select import attribute
+from cna_export.backends.torch import TorchBackend
 from cna_export.circuit.recipe import load_prompts, load_recipe
 from cna_export.evaluate.measure import EvalConfig
+from cna_export.evaluate.options import SweepOptions
 from cna_export.evaluate.sweep import goal_of, heldout_sets, resolve_ks, run_sweep
 from cna_export.io.source import describe, identity, load_model, resolve
 
@@ -73,9 +75,10 @@ def main() -> None:
     times["attribution_s"] = time.time() - t
     t = time.time()
     results, records, circuits = run_sweep(
-        model, tokenizer, spec, att, resolve_ks(args.k, shape), args.m, held_pos, held_neg, recipe.behaviour,
-        EvalConfig(args.max_new_tokens, args.batch_size, args.kl_tokens), model_name=args.model.name,
-        recipe=recipe.name, kl_budget=None, goal=goal_of(min(args.m)), out=args.out / args.name,
+        TorchBackend.of_model(model, tokenizer, spec, model_name=args.model.name), att, held_pos, held_neg,
+        recipe.behaviour, EvalConfig(args.max_new_tokens, args.batch_size, args.kl_tokens),
+        SweepOptions(ks=resolve_ks(args.k, shape), multipliers=args.m, recipe=recipe.name, kl_budget=None,
+                     goal=goal_of(min(args.m)), out=args.out / args.name),
     )  # fmt: skip
     times["sweep_s"] = time.time() - t
     results["heldout_sources"] = {

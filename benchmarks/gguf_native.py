@@ -69,20 +69,20 @@ def agreement(path: Path) -> dict:
     import torch
 
     from cna_export.attribution.discover import plan_discovery
-    from cna_export.attribution.native import attribute_gguf, describe_gguf, gguf_identity
-    from cna_export.attribution.select import attribute
+    from cna_export.attribution.select import attribute_on
+    from cna_export.backends import LoadOptions, open_backend, open_model
     from cna_export.circuit.recipe import load_recipe
-    from cna_export.io.source import load_model
 
     recipe, base = load_recipe("refusal-ablate")
     plan = plan_discovery(recipe, base)
-    spec, shape, meta = describe_gguf(path)
-    ident = gguf_identity(str(path), path, spec, shape, meta)
-    k = plan.selection.resolve_k(shape)
-    native = attribute_gguf(path, spec, ident, plan.positive, plan.negative, plan.neutral, plan.selection)
-    model, tok = load_model(torch_source(path), dtype="float32", device="cpu")
-    ref = attribute(model, tok, spec, ident, plan.positive, plan.negative, plan.neutral, plan.selection)
-    del model
+    gguf = open_model(str(path))
+    k = plan.selection.resolve_k(gguf.shape)
+    native = attribute_on(gguf, plan.positive, plan.negative, plan.neutral, plan.selection)
+    gguf.close()
+    dense = open_backend(torch_source(path), LoadOptions(dtype="float32", device="cpu"))
+    dense.identity = gguf.identity  # both routes record the GGUF's identity, so the circuits compare as one model
+    ref = attribute_on(dense, plan.positive, plan.negative, plan.neutral, plan.selection)
+    dense.close()
     picked = {(n.layer, n.index) for n in native.circuit(k).neurons}
     wanted = {(n.layer, n.index) for n in ref.circuit(k).neurons}
     keep = ~ref.excluded & ~native.excluded
@@ -104,10 +104,11 @@ def refusal_change(original: Path, export: Path, n: int = 40, tokens: int = 24) 
     """The refusal change of the patched GGUF measured through llama.cpp (`eval --edited`: original file vs the
     patched file), and of the same circuit measured in torch on the dequantized float model (hooks, which equal
     the folded export), on the recipe's test prompts (first `n` of each set), greedy, same detector."""
+    from cna_export.backends import LoadOptions, open_backend, open_model
     from cna_export.circuit.format import Circuit
     from cna_export.circuit.recipe import load_recipe
     from cna_export.evaluate.measure import EvalConfig
-    from cna_export.evaluate.native import run_eval_gguf
+    from cna_export.evaluate.options import HeldOut, Variants
     from cna_export.evaluate.sweep import heldout_sets, run_eval
 
     recipe, base = load_recipe("refusal-ablate")
@@ -116,10 +117,12 @@ def refusal_change(original: Path, export: Path, n: int = 40, tokens: int = 24) 
     circuit = Circuit.load(export / "circuit.json")
     out: dict = {"prompts": [len(pos), len(neg)], "max_new_tokens": tokens, "split": "test"}
     start = time.perf_counter()
-    native, _, _ = run_eval_gguf(original, pos, neg, "refusal", cfg, model_name=original.name, edited=export)
+    native, _, _ = run_eval(open_model(str(original)), HeldOut(positive=pos, negative=neg), "refusal", cfg,
+                           Variants(edited=export))
     out["llama_cpp"] = {**_rates(native), "wall_s": round(time.perf_counter() - start, 1)}
     start = time.perf_counter()
-    ref, _, _ = run_eval(torch_source(original), pos, neg, "refusal", cfg, circuit=circuit, dtype="float32", device="cpu")
+    dense = open_backend(torch_source(original), LoadOptions(dtype="float32", device="cpu"))
+    ref, _, _ = run_eval(dense, HeldOut(positive=pos, negative=neg), "refusal", cfg, Variants(circuit=circuit))
     out["torch"] = {**_rates(ref), "wall_s": round(time.perf_counter() - start, 1)}
     out["difference_pts"] = round(out["llama_cpp"]["refusal_change_pts"] - out["torch"]["refusal_change_pts"], 1)
     return out

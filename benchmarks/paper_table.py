@@ -32,10 +32,12 @@ import torch
 
 from cna_export.attribution.discover import plan_discovery
 from cna_export.attribution.select import attribute
+from cna_export.backends.torch import TorchBackend, TorchRunner
 from cna_export.circuit.recipe import load_recipe
 from cna_export.evaluate import mmlu
 from cna_export.evaluate.detectors import detect_refusal
 from cna_export.evaluate.measure import EvalConfig, build_baseline, measure
+from cna_export.evaluate.options import SweepOptions
 from cna_export.evaluate.report import write_report
 from cna_export.evaluate.sweep import heldout_sets, pick, resolve_ks, run_sweep, save_results
 from cna_export.io.source import describe, identity, load_model, resolve
@@ -106,9 +108,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
         logging.info("validation results reused from %s", saved)
     else:
         val, _, circuits = run_sweep(
-            model, tok, spec, att, ks, [0.0, 2.0], val_pos, val_neg, "refusal", cfg_val, model_name=name,
-            recipe=recipe.name, kl_budget=args.kl_budget, goal="decrease", out=out / "validation",
-            split="validation",
+            TorchBackend.of_model(model, tok, spec, model_name=name), att, val_pos, val_neg, "refusal", cfg_val,
+            SweepOptions(ks=ks, multipliers=[0.0, 2.0], recipe=recipe.name, kl_budget=args.kl_budget,
+                         goal="decrease", out=out / "validation", split="validation"),
         )  # fmt: skip
         write_report(out / "validation", val, circuits[max(circuits)])
     times["validation_s"] = time.time() - t
@@ -123,14 +125,13 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     test_pos, test_neg = test_pos[: args.test_positive], test_neg[: args.test_negative]
     cfg = EvalConfig(args.test_tokens, args.batch_size, args.kl_tokens)
     questions = mmlu.stratified(mmlu.load_questions(args.mmlu_file), args.mmlu_per_topic)
-    capability = lambda m, t: {"mmlu": mmlu.accuracy_record(m, t, questions, args.batch_size)}  # noqa: E731
-    baseline = build_baseline(model, tok, test_pos, test_neg, detect_refusal, cfg)
-    baseline.metrics.update(capability(model, tok))
+    capability = mmlu.capability_check(questions, args.batch_size)
+    baseline = build_baseline(TorchRunner(model, tok), test_pos, test_neg, detect_refusal, cfg, [capability])
     records, points = list(baseline.records), []
     for m in (0.0, 2.0):
         metrics, recs = measure(
-            model, tok, baseline, detect_refusal, cfg, spec=spec, edits=circuits[k_of[m]].edits(m), label=f"m={m:g}",
-            k=k_of[m], multiplier=m, extra=capability if m == 0 else None,
+            TorchRunner(model, tok, spec, circuits[k_of[m]].edits(m)), baseline, detect_refusal, cfg,
+            label=f"m={m:g}", k=k_of[m], multiplier=m, extras=[capability] if m == 0 else [],
         )  # fmt: skip
         points.append(metrics)
         records += recs
@@ -186,8 +187,8 @@ def judge_run(model, tok, spec, circuit, prompts: list[str], args, out: Path) ->
 
     cfg = EvalConfig(max(J.JUDGE_MIN_TOKENS, args.judge_tokens), args.batch_size, args.kl_tokens)
     benign = prompts[:1]  # build_baseline needs a benign set; one prompt keeps it cheap
-    base = build_baseline(model, tok, prompts, benign, detect_refusal, cfg)
-    _, recs = measure(model, tok, base, detect_refusal, cfg, spec=spec, edits=circuit.edits(0.0), label="m=0",
+    base = build_baseline(TorchRunner(model, tok), prompts, benign, detect_refusal, cfg)
+    _, recs = measure(TorchRunner(model, tok, spec, circuit.edits(0.0)), base, detect_refusal, cfg, label="m=0",
                       k=len(circuit.neurons), multiplier=0.0)  # fmt: skip
     records = [r for r in base.records + recs if r["set"] == "positive"]
     jd = J.LocalJudge.load(str(args.judge))

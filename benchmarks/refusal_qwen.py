@@ -32,8 +32,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from cna_export.backends.torch import TorchBackend
 from cna_export.circuit.recipe import load_prompts, load_recipe
 from cna_export.evaluate.measure import EvalConfig, disjoint
+from cna_export.evaluate.options import SweepOptions
 from cna_export.evaluate.report import headline, selection_scores, table, write_report
 from cna_export.evaluate.sweep import run_sweep, save_results
 from cna_export.io.source import describe, identity, load_model, resolve
@@ -121,8 +123,9 @@ def main() -> None:
     cfg = EvalConfig(args.max_new_tokens, args.batch_size, args.kl_tokens)
     t = time.time()
     results, records, circuits = run_sweep(
-        model, tokenizer, spec, att, args.k, args.m, harmful, benign, "refusal", cfg, model_name=args.model.name,
-        recipe=recipe.name, kl_budget=args.kl_budget, goal="decrease", out=args.out / args.name,
+        TorchBackend.of_model(model, tokenizer, spec, model_name=args.model.name), att, harmful, benign, "refusal",
+        cfg, SweepOptions(ks=args.k, multipliers=args.m, recipe=recipe.name, kl_budget=args.kl_budget,
+                          goal="decrease", out=args.out / args.name),
     )  # fmt: skip
     times["sweep_s"] = time.time() - t
     source_note = f"builtin:refusal_harmful_heldout + {args.advbench_n if args.advbench else 0} AdvBench (pyrit 1.1.0)"

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from cna_export.arch import arch_for
 from cna_export.audit.diff import diff
+from cna_export.backends import ExportOptions, open_backend, open_model
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.stack import load_stack, stack
 from cna_export.errors import CnaExportError
@@ -64,7 +65,7 @@ def _check_peft(model_dir: Path, circuit: Circuit, tmp_path: Path, target: str =
     from peft import PeftModel, get_peft_model_state_dict
 
     src = resolve(str(model_dir))
-    ad = write_adapter(src, circuit, tmp_path / "ad", target=target)
+    ad = write_adapter(open_backend(src), circuit, tmp_path / "ad", ExportOptions(target=target))
     folded = apply_circuit(src, circuit, tmp_path / "folded", target=target)
     ref = _logits(_hf(folded))
     peft = PeftModel.from_pretrained(_hf(model_dir), str(ad)).eval()
@@ -108,7 +109,7 @@ def test_factors_are_exact_and_config_has_per_module_ranks(tiny_models, tmp_path
     expected = w.clone()
     expected[:, index] *= mult
     assert torch.equal(w + b @ a, expected)  # m in {0, 2}: w + w (m - 1) is exact
-    ad = write_adapter(resolve(str(model_dir)), _circuit(model_dir), tmp_path / "ad")
+    ad = write_adapter(open_model(str(model_dir)), _circuit(model_dir), tmp_path / "ad")
     config = json.loads((ad / ADAPTER_CONFIG).read_text())
     assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 3
     assert config["rank_pattern"] == config["alpha_pattern"] == {"model.layers.2.mlp.down_proj": 1}
@@ -148,7 +149,7 @@ def _gguf(folder: Path, out: Path) -> Path:
 def test_gguf_lora_in_llama_cpp_equals_folded_gguf(arch, tiny_models, tmp_path):
     model_dir = tiny_models[arch]
     src, circuit = resolve(str(model_dir)), _circuit(model_dir)
-    ad = write_adapter(src, circuit, tmp_path / "ad", gguf=True)
+    ad = write_adapter(open_backend(src), circuit, tmp_path / "ad", ExportOptions(gguf="f32"))
     base = _gguf(model_dir, tmp_path / "base.gguf")
     folded = _gguf(apply_circuit(src, circuit, tmp_path / "folded"), tmp_path / "folded.gguf")
     got, ref = _llama(base, ad / gguf_name(ad)), _llama(folded)
@@ -162,7 +163,7 @@ def test_gguf_lora_scale_is_a_dial(tiny_models, tmp_path):
 
     model_dir = tiny_models["qwen2"]
     src, circuit = resolve(str(model_dir)), _circuit(model_dir, m=0.0, per_neuron=None)
-    ad = write_adapter(src, circuit, tmp_path / "ad", gguf=True)
+    ad = write_adapter(open_backend(src), circuit, tmp_path / "ad", ExportOptions(gguf="f32"))
     reader = GGUFReader(ad / gguf_name(ad))
     fields = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
     assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
@@ -229,7 +230,7 @@ def test_diff_of_merged_adapter_recovers_the_circuit(tiny_models, tmp_path):
 
     model_dir = tiny_models["llama"]
     circuit = _circuit(model_dir, m=0.0, per_neuron=2.0)
-    ad = write_adapter(resolve(str(model_dir)), circuit, tmp_path / "ad")
+    ad = write_adapter(open_model(str(model_dir)), circuit, tmp_path / "ad")
     PeftModel.from_pretrained(_hf(model_dir), str(ad)).merge_and_unload().save_pretrained(tmp_path / "merged")
     report = diff(str(model_dir), str(tmp_path / "merged"))
     assert report.is_circuit_edit
@@ -257,8 +258,8 @@ def test_push_adapter_folder(tiny_models, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
     model_dir = tiny_models["qwen2"]
-    ad = write_adapter(resolve(str(model_dir)), _circuit(model_dir), tmp_path / "ad", gguf=True,
-                       base_model="acme/tiny-qwen")  # fmt: skip
+    ad = write_adapter(open_model(str(model_dir)), _circuit(model_dir), tmp_path / "ad",
+                       ExportOptions(gguf="f32", base_model="acme/tiny-qwen"))  # fmt: skip
     front = yaml.safe_load((ad / "README.md").read_text().split("---\n", 2)[1])
     assert front["library_name"] == "peft" and front["base_model"] == "acme/tiny-qwen"
     assert front["base_model_relation"] == "adapter"
@@ -297,7 +298,7 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tiny_models, tmp_path, mo
 
     monkeypatch.setattr(adapter_mod, "write_gguf_lora", broken)
     with pytest.raises(CnaExportError, match="No space left"):
-        write_adapter(resolve(str(model_dir)), _circuit(model_dir), out, gguf=True)
+        write_adapter(open_model(str(model_dir)), _circuit(model_dir), out, ExportOptions(gguf="f32"))
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "cna-tmp" in p.name]
 
 

@@ -705,12 +705,14 @@ def test_fraction_counts_every_expert(moe_models):
 def test_discover_with_a_fraction_counts_every_expert(moe_models):
     """`discover` on an MoE folder (torch) takes a fraction of every expert's neurons, not of the dense widths
     alone: the k it selects is the one the model's shape gives."""
-    from cna_export.attribution.discover import discover_circuit
+    from cna_export.attribution.discover import DiscoveryPlan, discover_source
+    from cna_export.backends import LoadOptions, open_backend
 
     source = resolve(str(moe_models["qwen2_moe"]))
     shape = describe(source)[1]
     selection = Selection(fraction=0.1, universal=False, skip_first_layers=0, skip_last_layers=0)
-    circuit = discover_circuit(source, PROMPTS, PROMPTS[::-1], [], selection, backend="torch")
+    backend = open_backend(source, LoadOptions(backend="torch"))
+    circuit = discover_source(backend, DiscoveryPlan(selection, PROMPTS, PROMPTS[::-1], []))
     assert shape.moe is not None
     assert len(circuit.neurons) == selection.resolve_k(shape) == round(0.1 * shape.num_neurons)
 
@@ -720,15 +722,17 @@ def test_discover_ignores_another_familys_dense_layer_key(moe_models, tmp_path):
     hooked `mlp.down_proj` on layer 0's sparse block and died with an AttributeError; the key changes nothing."""
     import shutil
 
-    from cna_export.attribution.discover import discover_circuit
+    from cna_export.attribution.discover import DiscoveryPlan, discover_source
+    from cna_export.backends import LoadOptions, open_backend
 
     folder = shutil.copytree(moe_models["qwen2_moe"], tmp_path / "qwen2_moe")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "first_k_dense_replace": 1}))
     selection = Selection(top_k=12, universal=False, skip_first_layers=0, skip_last_layers=0)
     circuits = [
-        discover_circuit(resolve(str(where)), POS, NEG, [], selection, backend="torch")
+        discover_source(open_backend(resolve(str(where)), LoadOptions(backend="torch")),
+                        DiscoveryPlan(selection, POS, NEG, []))
         for where in (moe_models["qwen2_moe"], folder)
-    ]
+    ]  # fmt: skip
     assert circuits[1].model.dense_layers == [] and describe(resolve(str(folder)))[1].moe.dense_layers == frozenset()
     assert [n.model_dump() for n in circuits[1].neurons] == [n.model_dump() for n in circuits[0].neurons]

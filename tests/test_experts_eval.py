@@ -9,15 +9,19 @@ from conftest import make_circuit, run_cli
 from test_experts import NEG, POS, some_neurons
 
 from cna_export.attribution.select import attribute
+from cna_export.backends import open_backend
+from cna_export.backends.torch import TorchBackend
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.selection import Selection
 from cna_export.evaluate.chat import side_by_side
 from cna_export.evaluate.measure import EvalConfig
+from cna_export.evaluate.options import HeldOut, SweepOptions, Variants
 from cna_export.evaluate.sweep import run_eval, run_sweep
 from cna_export.fold.export import apply_circuit
 from cna_export.io.source import describe, identity, load_model, resolve
 
 CFG = EvalConfig(max_new_tokens=6, batch_size=4, kl_tokens=4)
+HELD = HeldOut(positive=POS, negative=NEG)
 METRICS = ("rate", "benign_rate", "benign_refusal_rate", "kl_first", "kl_mean", "ppl", "ppl_ratio", "repetition")
 
 
@@ -46,12 +50,13 @@ def test_hooked_eval_equals_eval_of_the_export(moe_models, tmp_path, arch):
     src = moe_models[arch]
     circuit = wide_circuit(src)
     exported = apply_circuit(resolve(str(src)), circuit, tmp_path / "edited", multiplier=2.0)
-    hooked = run_eval(resolve(str(src)), POS, NEG, "refusal", CFG, circuit=circuit, multipliers=[2.0])
-    folded = run_eval(resolve(str(src)), POS, NEG, "refusal", CFG, edited=exported)
+    backend = open_backend(resolve(str(src)))
+    hooked = run_eval(backend, HELD, "refusal", CFG, Variants(circuit=circuit, multipliers=[2.0]))
+    folded = run_eval(open_backend(resolve(str(src))), HELD, "refusal", CFG, Variants(edited=exported))
     assert_same_evaluation(hooked, folded)
     assert hooked[0]["points"][0]["kl_first"] > 1e-3
     assert folded[2] is not None and folded[2].multiplier == 2.0
-    ablated = run_eval(resolve(str(src)), POS, NEG, "refusal", CFG, circuit=circuit, multipliers=[0.0])
+    ablated = run_eval(backend, HELD, "refusal", CFG, Variants(circuit=circuit, multipliers=[0.0]))
     assert ablated[0]["points"][0]["kl_first"] != hooked[0]["points"][0]["kl_first"]
 
 
@@ -101,12 +106,11 @@ def test_sweep_with_expert_circuits_equals_the_export(moe_models, tmp_path):
     spec, shape, config = describe(source)
     model, tok = load_model(source, dtype="float32")
     att = attribute(model, tok, spec, identity(source, config, shape), POS, NEG, NEG, Selection())
-    results, records, circuits = run_sweep(
-        model, tok, spec, att, [24], [0.0], POS, NEG, "refusal", CFG, model_name="tiny"
-    )
+    results, records, circuits = run_sweep(TorchBackend.of_model(model, tok, spec, model_name="tiny"), att, POS, NEG,
+                                           "refusal", CFG, SweepOptions(ks=[24], multipliers=[0.0]))  # fmt: skip
     assert any(n.expert is not None for n in circuits[24].neurons)
     assert results["num_neurons"] == shape.num_neurons
     exported = apply_circuit(source, circuits[24], tmp_path / "edited", multiplier=0.0)
-    folded, folded_records, _ = run_eval(source, POS, NEG, "refusal", CFG, edited=exported)
+    folded, folded_records, _ = run_eval(open_backend(source), HELD, "refusal", CFG, Variants(edited=exported))
     swept = (results, [r for r in records if r["label"] == "k=24 m=0"], None)
     assert_same_evaluation(swept, (folded, [r for r in folded_records if r["label"] == "exported"], None))

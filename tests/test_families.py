@@ -398,6 +398,8 @@ def test_eval_of_a_wrapper_circuit_equals_eval_of_the_export(family_models, tmp_
 
     from test_experts_eval import CFG, METRICS, assert_same_evaluation
 
+    from cna_export.backends import open_backend
+    from cna_export.evaluate.options import HeldOut, Variants
     from cna_export.evaluate.sweep import run_eval
 
     src = family_models[arch]
@@ -405,8 +407,10 @@ def test_eval_of_a_wrapper_circuit_equals_eval_of_the_export(family_models, tmp_
     circuit = make_circuit(src, pick(src, n=60, seed=3), multiplier=0.0)
     circuit.save(tmp_path / "c.json")
     exported = apply_circuit(resolve(str(src)), circuit, tmp_path / "edited", multiplier=2.0)
-    hooked = run_eval(resolve(str(src)), pos, neg, "refusal", CFG, circuit=circuit, multipliers=[2.0])
-    folded = run_eval(resolve(str(src)), pos, neg, "refusal", CFG, edited=exported)
+    backend = open_backend(resolve(str(src)))
+    hooked = run_eval(backend, HeldOut(positive=pos, negative=neg), "refusal", CFG, Variants(circuit=circuit, multipliers=[2.0]))
+    folded = run_eval(open_backend(resolve(str(src))), HeldOut(positive=pos, negative=neg), "refusal", CFG,
+                      Variants(edited=exported))
     assert_same_evaluation(hooked, folded)
     assert hooked[0]["points"][0]["kl_first"] > 1e-3, "the edit should change the model"
     (tmp_path / "pos.txt").write_text("\n".join(pos))

@@ -1,4 +1,4 @@
-"""Attribution inside llama.cpp (cna_export/attribution/native.py): the same sums as the torch route on f32 GGUFs
+"""Attribution inside llama.cpp (cna_export/backends/llamacpp_sums.py): the same sums as the torch route on f32 GGUFs
 converted by the project, the GGUF's own tokenizer and chat template, bad inputs, and the real SmolLM2 Q4_1."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ pytest.importorskip("llama_cpp")
 
 from cna_export.arch import arch_for  # noqa: E402
 from cna_export.attribution.collect import collect_sets, encode_prompts  # noqa: E402
-from cna_export.attribution.native import collect_sets_gguf, describe_gguf, encode_sets, gguf_chat_template  # noqa: E402
+from cna_export.backends.llamacpp import LlamaCppBackend  # noqa: E402
+from cna_export.backends.llamacpp_sums import collect_sets_gguf, encode_sets  # noqa: E402
 from cna_export.errors import CnaExportError  # noqa: E402
 from cna_export.gguf.convert import export_gguf  # noqa: E402
 from cna_export.gguf.llamacpp import LlamaCppModel  # noqa: E402
@@ -30,6 +31,14 @@ PROMPTS = [
 ]
 REAL = Path(os.environ.get("CNA_REAL_MODELS", Path.home() / ".cache" / "cna-real-models"))
 SMOL = REAL / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def describe_gguf(path: Path):
+    """(architecture row, shape, chat template) of a GGUF, as the llama.cpp backend opens it."""
+    from cna_export.io.source import resolve
+
+    backend = LlamaCppBackend(resolve(str(path)))
+    return backend.spec, backend.shape, backend.chat_template
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +61,9 @@ def test_sums_match_torch_route_on_f32_gguf(arch, tiny_models, f32_ggufs):
     from transformers import AutoTokenizer
 
     path = f32_ggufs[arch]
-    spec, shape, _ = describe_gguf(path)
+    spec, shape, template = describe_gguf(path)
     with LlamaCppModel(path, n_threads=1) as model:
-        sets = encode_sets(model, PROMPTS, gguf_chat_template(path, True))
+        sets = encode_sets(model, PROMPTS, template)
         # The GGUF's tokenizer and chat template give the ids transformers gives.
         tok = AutoTokenizer.from_pretrained(tiny_models[arch])
         assert sets == [encode_prompts(tok, prompts) for prompts in PROMPTS]
@@ -78,7 +87,7 @@ def test_sums_match_torch_route_on_f32_gguf(arch, tiny_models, f32_ggufs):
 
 def test_stops_after_last_layer(f32_ggufs):
     path = f32_ggufs["llama"]
-    spec, shape, _ = describe_gguf(path)
+    spec, shape, template = describe_gguf(path)
     with LlamaCppModel(path, n_threads=1) as model:
         sets = encode_sets(model, PROMPTS[:2], None)
         full = collect_sets_gguf(model, spec, shape, sets, batch_size=3)
@@ -149,9 +158,9 @@ def test_real_smollm2_q4_1_matches_dequantized_torch_route():
     (llama.cpp quantizes activations inside its quantized matmuls, so they are close, not equal)."""
     from transformers import AutoModelForCausalLM
 
-    spec, shape, _ = describe_gguf(SMOL)
+    spec, shape, template = describe_gguf(SMOL)
     with LlamaCppModel(SMOL) as model:
-        sets = encode_sets(model, PROMPTS[:2], gguf_chat_template(SMOL, True))
+        sets = encode_sets(model, PROMPTS[:2], template)
         got = collect_sets_gguf(model, spec, shape, sets, batch_size=3)
     hf = AutoModelForCausalLM.from_pretrained(SMOL.parent, gguf_file=SMOL.name, dtype=torch.float32).eval()
     ref = collect_sets(hf, spec, sets, 3, pad_id=0)
@@ -166,13 +175,14 @@ def test_generation_matches_transformers_and_patched_gguf_differs(tiny_models, f
     (patched, same type) changes the model (tests/test_llamacpp_eval.py compares whole evaluations)."""
     from transformers import AutoModelForCausalLM
 
+    from cna_export.backends.llamacpp_runner import LlamaCppRunner
     from cna_export.evaluate.measure import EvalConfig
-    from cna_export.evaluate.native import GgufRunner
 
     path, prompts = f32_ggufs["qwen2"], PROMPTS[0] + PROMPTS[1]
     cfg = EvalConfig(max_new_tokens=6, batch_size=4)
+    template = describe_gguf(path)[2]
     with LlamaCppModel(path, n_threads=1) as model:
-        runner = GgufRunner(model, gguf_chat_template(path, True))
+        runner = LlamaCppRunner(model, template)
         encoded = runner.encode(prompts)
         got = runner.generate(encoded, cfg)
         scores = runner.score(encoded, got, cfg)
@@ -187,7 +197,7 @@ def test_generation_matches_transformers_and_patched_gguf_differs(tiny_models, f
     assert {p.name for p in out.iterdir()} >= {path.name, "circuit.json", "recipe.yaml", "README.md", "Modelfile"}
     assert (out / path.name).stat().st_size == path.stat().st_size
     with LlamaCppModel(out / path.name, n_threads=1) as model:
-        edited = GgufRunner(model, None).score(encoded, got, cfg)
+        edited = LlamaCppRunner(model, None).score(encoded, got, cfg)
     assert any(not torch.equal(a.nll, b.nll) for a, b in zip(scores, edited))
 
 
@@ -199,7 +209,7 @@ def test_no_ffn_down_in_graph_is_one_clear_error(f32_ggufs):
     from cna_export.errors import CheckpointError
 
     path = f32_ggufs["llama"]
-    spec, shape, _ = describe_gguf(path)
+    spec, shape, template = describe_gguf(path)
     wrong = dataclasses.replace(spec, gguf_down=Site("blk.{i}.ffn_nothing.weight", axis=1))
     with LlamaCppModel(path, n_threads=1) as model:
         sets = encode_sets(model, PROMPTS[:2], None)

@@ -1,4 +1,4 @@
-"""`eval` and `sweep` on a GGUF file inside llama.cpp (cna_export/evaluate/native.py): on an f32 GGUF the llama.cpp
+"""`eval` and `sweep` on a GGUF file inside llama.cpp (cna_export/backends/llamacpp.py): on an f32 GGUF the llama.cpp
 route gives the torch route's numbers (same answers, rates, KL, perplexity, MMLU letters), `--edited` on the
 patched GGUF equals `--circuit` at its multiplier, and a sweep chooses and exports a patched GGUF."""
 
@@ -58,7 +58,7 @@ def test_llama_cpp_eval_equals_torch_route_on_f32_gguf(gguf_case, tmp_path):
     args = ("--circuit", str(circuit), "--multiplier", "0", "2", "--mmlu", "2", "--mmlu-file", str(mmlu))
     native = _eval(gguf_case, tmp_path / "native", *args)
     torch_ = _eval(gguf_case, tmp_path / "torch", *args, "--backend", "torch")
-    assert native["backend"] == "llama.cpp" and "backend" not in torch_
+    assert native["backend"] == "llama.cpp" and torch_["backend"] == "torch"
     assert _answers(tmp_path / "native") == _answers(tmp_path / "torch")
     for a, b in zip([native["baseline"], *native["points"]], [torch_["baseline"], *torch_["points"]]):
         for key in ("rate", "benign_rate", "benign_refusal_rate", "quality"):

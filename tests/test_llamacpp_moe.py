@@ -1,4 +1,4 @@
-"""Attribution inside llama.cpp on mixtures of experts (attribution/native.py, the MoE part of gguf/llamacpp.py's
+"""Attribution inside llama.cpp on mixtures of experts (backends/llamacpp_sums.py, the MoE part of gguf/tap.py's
 tap): on f32 GGUFs that llama.cpp's converter writes from the tiny MoE models, llama.cpp's SetStats (sums, top-n
 counts, |act| sums, routing counts) equal the torch route's on the same token ids, batched or not; `discover` on
 the GGUF gives the torch route's circuit and `run` patches its experts; a row whose weights the tap cannot find is
@@ -30,7 +30,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from cna_export.arch import arch_for  # noqa: E402
 from cna_export.arch.experts import SHARED  # noqa: E402
 from cna_export.attribution.collect import collect_sets, encode_prompts  # noqa: E402
-from cna_export.attribution.native import collect_sets_gguf, describe_gguf, encode_sets, gguf_chat_template  # noqa: E402
+from cna_export.backends.llamacpp import LlamaCppBackend  # noqa: E402
+from cna_export.backends.llamacpp_sums import collect_sets_gguf, encode_sets  # noqa: E402
 from cna_export.errors import CheckpointError  # noqa: E402
 from cna_export.gguf.convert import export_gguf  # noqa: E402
 from cna_export.gguf.external import ENV  # noqa: E402
@@ -51,6 +52,14 @@ PROMPTS = [
     ["I cannot help with that request.", "Qu'est-ce que la photosynthese? first, second, third", "comments"],
 ]  # fmt: skip
 TOL = 1e-4  # of the largest value: llama.cpp f32 (f32 KV cache) vs transformers fp32
+
+
+def describe_gguf(path: Path):
+    """(architecture row, shape, chat template) of a GGUF, as the llama.cpp backend opens it."""
+    from cna_export.io.source import resolve
+
+    backend = LlamaCppBackend(resolve(str(path)))
+    return backend.spec, backend.shape, backend.chat_template
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +87,10 @@ def test_stats_match_torch_route(arch, moe_ggufs):
     torch route's (router weight x down input, zero where a token is not routed), one prompt per decode or batched
     with a shared prefix, against torch one prompt per pass or left-padded batches of three."""
     folder, path = moe_ggufs[arch]
-    spec, shape, _ = describe_gguf(path)
+    spec, shape, template = describe_gguf(path)
     assert spec.model_type == arch and shape.moe is not None
     with LlamaCppModel(path, n_threads=1) as model:
-        sets = encode_sets(model, PROMPTS, gguf_chat_template(path, True))
+        sets = encode_sets(model, PROMPTS, template)
         assert sets == [encode_prompts(AutoTokenizer.from_pretrained(folder), p) for p in PROMPTS]
         got = collect_sets_gguf(model, spec, shape, sets, batch_size=3, top_n=2)
         alone = collect_sets_gguf(model, spec, shape, sets, batch_size=1, top_n=2, share_prefix=False)
@@ -110,7 +119,7 @@ def test_graph_ends_after_last_layer_with_shared_expert(moe_ggufs):
     """With `last_layer` the graph ends once that layer's routed experts, router weights, shared expert and gate
     are read; the layer's sums are the full run's."""
     folder, path = moe_ggufs["qwen2_moe"]
-    spec, shape, _ = describe_gguf(path)
+    spec, shape, template = describe_gguf(path)
     with LlamaCppModel(path, n_threads=1) as model:
         sets = encode_sets(model, PROMPTS[:2], None)
         full = collect_sets_gguf(model, spec, shape, sets, batch_size=4)
@@ -126,9 +135,9 @@ def test_q8_0_file_is_close_to_torch_route(moe_ggufs, hf_to_gguf, tmp_path, monk
     folder, _ = moe_ggufs["qwen2_moe"]
     monkeypatch.setenv(ENV, hf_to_gguf)
     path = export_gguf(folder, tmp_path / "qwen2_moe.q8_0.gguf", outtype="q8_0")
-    spec, shape, _ = describe_gguf(path)
+    spec, shape, template = describe_gguf(path)
     with LlamaCppModel(path, n_threads=1) as model:
-        sets = encode_sets(model, PROMPTS[:2], gguf_chat_template(path, True))
+        sets = encode_sets(model, PROMPTS[:2], template)
         got = collect_sets_gguf(model, spec, shape, sets, batch_size=4)
     for g, r in zip(got, torch_stats(folder, sets, None, 1)):
         assert torch.equal(g.routed, r.routed)
@@ -176,7 +185,7 @@ def test_weights_the_tap_cannot_find_are_one_line(moe_ggufs, tmp_path):
     from conftest import REPO
 
     _, path = moe_ggufs["deepseek_v3"]
-    spec, shape, _ = describe_gguf(path)
+    spec, shape, template = describe_gguf(path)
     gated = dataclasses.replace(spec, experts=dataclasses.replace(spec.experts, shared_gate="mlp.shared_experts_gate"))
     with LlamaCppModel(path, n_threads=1) as model:
         sets = encode_sets(model, PROMPTS[:2], None)

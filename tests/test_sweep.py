@@ -10,16 +10,18 @@ from conftest import make_circuit, run_cli, shallow_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cna_export.arch import ModelShape, arch_for
-from cna_export.attribution import select as attribute_mod
 from cna_export.attribution.discover import discover
 from cna_export.attribution.hooks import scaled_neurons
 from cna_export.attribution.select import attribute
+from cna_export.backends import torch as torch_backend
+from cna_export.backends.torch import TorchBackend
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import load_prompts, load_recipe
 from cna_export.circuit.selection import Selection
 from cna_export.errors import CnaExportError, RecipeError
 from cna_export.evaluate import measure as evaluate_mod
 from cna_export.evaluate.measure import EvalConfig
+from cna_export.evaluate.options import SweepOptions
 from cna_export.evaluate.report import headline, headline_from, write_report
 from cna_export.evaluate.sweep import heldout_sets, pareto, parse_k, pick, resolve_ks, run_sweep
 from cna_export.io.source import describe, identity, resolve
@@ -80,7 +82,7 @@ def test_sweep_reuses_one_attribution_and_one_baseline(tiny_models, tmp_path, mo
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(src)
     calls = {"collect_sets": 0, "generate": 0}
-    real_collect, real_generate = attribute_mod.collect_sets, evaluate_mod.generate
+    real_collect, real_generate = torch_backend.collect_sets, evaluate_mod.generate
 
     def counting(name, fn):
         def wrapped(*args, **kwargs):
@@ -89,13 +91,14 @@ def test_sweep_reuses_one_attribution_and_one_baseline(tiny_models, tmp_path, mo
 
         return wrapped
 
-    monkeypatch.setattr(attribute_mod, "collect_sets", counting("collect_sets", real_collect))
+    monkeypatch.setattr(torch_backend, "collect_sets", counting("collect_sets", real_collect))
     monkeypatch.setattr(evaluate_mod, "generate", counting("generate", real_generate))
     settings = Selection(top_k=None, fraction=None, skip_first_layers=1)
     att = attribute(model, tok, spec, identity(source, config, shape), POS, NEG, NEG, settings)
     assert calls["collect_sets"] == 1  # positive, negative and neutral in one set of passes, once for every k
-    results, records, circuits = run_sweep(model, tok, spec, att, [5, 20], [0.0, 1.0, 2.0], POS, NEG, "refusal", CFG,
-                                           model_name="tiny", out=tmp_path / "s")  # fmt: skip
+    results, records, circuits = run_sweep(TorchBackend.of_model(model, tok, spec, model_name="tiny"), att, POS, NEG,
+                                           "refusal", CFG, SweepOptions(ks=[5, 20], multipliers=[0.0, 1.0, 2.0],
+                                                                        out=tmp_path / "s"))  # fmt: skip
     assert calls["collect_sets"] == 1
     assert calls["generate"] == 2 + 4 * 2  # baseline once (2 sets), then 4 points (m = 1 is the original)
     assert [(p["k"], p["multiplier"]) for p in results["points"]] == [(5, 0.0), (5, 2.0), (20, 0.0), (20, 2.0)]

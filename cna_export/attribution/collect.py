@@ -128,7 +128,7 @@ def collect(model: nn.Module, spec: ArchSpec, encoded: list[list[int]], *args, *
     return collect_sets(model, spec, [encoded], *args, **kwargs)[0]
 
 
-class _Sums:
+class SetSums:
     """Running per-set sums of one pass over the prompt sets, kept per layer on the device each layer runs on
     (layers may be spread over several GPUs, the CPU or disk offload), so nothing is copied to the host until the
     end. The capture hook adds each batch's last-token activations to the rows of its sets (`labels`)."""
@@ -225,7 +225,7 @@ def collect_sets(
     layers = decoder_layers(model, spec)
     n_layers = len(layers)
     shape = shape_of(model.config.get_text_config())
-    sums = _Sums(len(sets), shape.row_width, top_n)  # a layer narrower than the widest fills the first columns
+    sums = SetSums(len(sets), shape.row_width, top_n)  # a layer narrower than the widest fills the first columns
     last = n_layers - 1 if last_layer is None else last_layer
     recording = [False]  # the shared prefix runs first and is not recorded
 
@@ -261,7 +261,7 @@ def collect_sets(
     return sums.stats([len(prompts) for prompts in sets], n_layers)
 
 
-def _capture(model: nn.Module, spec: ArchSpec, shape, last: int, sums: _Sums, recording: list, capture):
+def _capture(model: nn.Module, spec: ArchSpec, shape, last: int, sums: SetSums, recording: list, capture):
     """The capture hooks: `down_proj` pre-hooks of a dense model; for an MoE model, every unit of every layer
     (attribution/experts.py) and a forward hook that ends the pass after the last layer's MLP block."""
     if shape.moe is None:

@@ -8,14 +8,15 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from cna_export.arch import ArchSpec, ModelShape, shape_of
+from cna_export.arch import ArchSpec, ModelShape
 from cna_export.arch.experts import SHARED, ExpertShape
-from cna_export.attribution.collect import SetStats, collect_sets, context_of, encode_prompts
+from cna_export.attribution.collect import SetStats
 from cna_export.circuit.format import (
     Circuit,
     ExpertRouting,
@@ -28,6 +29,9 @@ from cna_export.circuit.format import (
 )
 from cna_export.circuit.selection import Selection
 from cna_export.errors import RecipeError
+
+if TYPE_CHECKING:
+    from cna_export.backends.base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +145,27 @@ def prepare(shape: ModelShape, selection: Selection) -> tuple[Selection, int | N
     return selection, top_n, window.stop - 1
 
 
+def attribute_on(
+    backend: Backend, positive: Sequence[str], negative: Sequence[str], neutral: Sequence[str], selection: Selection
+) -> Attribution:
+    """Run the forward passes of CNA on a backend (torch or llama.cpp, `cna_export.backends`): the per-set sums
+    of the positive, negative and (for universal neurons or specificity) neutral prompts in one set of passes,
+    then deltas, skipped layers and universal neurons (no k yet).
+
+    Example:
+        >>> att = attribute_on(open_model("smollm2.Q4_1.gguf"), harmful, benign, neutral, Selection(top_k=46))
+        >>> att.circuit(46)
+    """
+    shape = backend.shape  # with the experts of an MoE model
+    selection, top_n, last = prepare(shape, selection)
+    groups = [list(positive), list(negative)] + ([list(neutral)] if top_n else [])
+    stats = backend.attribute(groups, selection, top_n, last)
+    prompts = {name: prompt_set(p) for name, p in zip(("positive", "negative", "neutral"), groups)}
+    chat = selection.chat_template and backend.load().has_chat_template
+    return from_stats(stats, selection, top_n, prompts, backend.identity(), dtype=backend.dtype, chat_template=chat,
+                      moe=shape.moe)  # fmt: skip
+
+
 def attribute(
     model: nn.Module,
     tokenizer,
@@ -151,25 +176,11 @@ def attribute(
     neutral: Sequence[str],
     selection: Selection,
 ) -> Attribution:
-    """Run the forward passes of CNA: deltas, skipped layers and universal neurons (no k yet)."""
-    shape = shape_of(model.config.get_text_config())  # with the experts of an MoE model
-    selection, top_n, last = prepare(shape, selection)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad_id = 0 if pad_id is None else pad_id
-    context = context_of(model)  # every prompt fits the model's context before the first forward pass
-    sets = [encode_prompts(tokenizer, p, selection.chat_template, context) for p in (positive, negative)]
-    prompts = {"positive": prompt_set(list(positive)), "negative": prompt_set(list(negative))}
-    # The neutral prompts (universal neurons, specificity) run in the same passes as the contrast sets.
-    if top_n:
-        sets.append(encode_prompts(tokenizer, neutral, selection.chat_template, context))
-        prompts["neutral"] = prompt_set(list(neutral))
-    stats = collect_sets(model, spec, sets, selection.batch_size, pad_id, top_n=top_n, desc="forward passes",
-                         last_layer=last)  # fmt: skip
-    weight = next(model.parameters())
-    return from_stats(
-        stats, selection, top_n, prompts, model_id, dtype=str(weight.dtype).removeprefix("torch."),
-        chat_template=selection.chat_template and bool(getattr(tokenizer, "chat_template", None)), moe=shape.moe,
-    )  # fmt: skip
+    """`attribute_on` a transformers model already loaded (the torch backend over it)."""
+    from cna_export.backends.torch import TorchBackend
+
+    backend = TorchBackend.of_model(model, tokenizer, spec, model_id)
+    return attribute_on(backend, positive, negative, neutral, selection)
 
 
 def from_stats(

@@ -13,6 +13,7 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,10 @@ from cna_export.arch.experts import ExpertKey
 from cna_export.fold.mxfp4 import decode_mxfp4
 from cna_export.gguf.quant import scale_fields
 from cna_export.io.checkpoint import CheckpointReader
+
+if TYPE_CHECKING:
+    from cna_export.gguf.check import GGUFLayout
+    from cna_export.io.source import Source
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +178,14 @@ class GGUFWeights(Weights):
 
     FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
-    def __init__(self, path: Path, label: str) -> None:
+    def __init__(self, path: Path, label: str, layout: GGUFLayout | None = None) -> None:
         from gguf import GGML_QUANT_SIZES
 
         from cna_export.gguf.check import check_gguf, gguf_model_type, gguf_shape
 
         self.label, self.fmt, self.path = label, "gguf", Path(path)
-        layout = check_gguf(self.path)  # every tensor lies inside the file, so the slices below are safe
+        # Every tensor lies inside the file (checked here, or already by `resolve`), so the slices below are safe.
+        layout = layout or check_gguf(self.path)
         self.model_type = gguf_model_type(layout)
         self.spec = arch_for(self.model_type)
         self.tensors = layout.tensors
@@ -235,14 +241,18 @@ class GGUFWeights(Weights):
 
 
 def open_weights(ref: str) -> Weights:
-    """A GGUF path, a model folder or a Hub id (downloaded through the huggingface_hub cache)."""
+    """A GGUF path, a model folder, a Hub id (downloaded through the huggingface_hub cache), or the folder `run`
+    wrote from a GGUF (its patched .gguf)."""
     from cna_export.io.source import resolve
 
-    path = Path(ref).expanduser()
-    if path.suffix == ".gguf" and path.is_file():
-        return GGUFWeights(path, ref)  # checked by check_gguf there (resolve would walk the header once more)
-    source = resolve(ref)
-    return SafetensorsWeights(source.folder, ref)
+    return weights_of(resolve(ref), ref)
+
+
+def weights_of(source: Source, label: str | None = None) -> Weights:
+    """The weights of a resolved source, tensor at a time (a GGUF through the header `resolve` already checked)."""
+    if source.is_gguf:
+        return GGUFWeights(source.path, label or source.name, source.layout)
+    return SafetensorsWeights(source.folder, label or source.name)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ EXAMPLE = """examples:
   cna-export adapter --model Qwen/Qwen2.5-0.5B-Instruct --circuit circuit.json --out no-refusal-lora
   cna-export adapter --model ./m --circuit refusal.json french.json --out both-lora --gguf
   cna-export adapter --model ./m --circuit c.json --out lora --push-to-hub me/m-no-refusal-lora
+  cna-export adapter --model m.Q4_K_M.gguf --circuit c.json --out lora   # factors read from the GGUF
 the folder holds adapter_model.safetensors + adapter_config.json (PEFT, vLLM), circuit.json and a card; with
 --gguf also OUT-lora-f32.gguf for llama.cpp (`--lora-scaled FILE S`: each neuron gets 1 + S (m - 1)) and Ollama."""
 
@@ -19,7 +20,8 @@ def register(add) -> None:
     """Add the `adapter` subcommand (`add(name, help, parents)` returns the subparser)."""
     p = add("adapter", "write a circuit as a LoRA adapter (PEFT; --gguf: llama.cpp / Ollama)", [])
     p.epilog = EXAMPLE
-    p.add_argument("--model", required=True, help="base model: folder or Hub id (safetensors)")
+    p.add_argument("--model", required=True,
+                   help="base model: folder or Hub id (safetensors), or a .gguf file (its LoRA: OUT-lora-f32.gguf)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--circuit", required=True, type=Path, nargs="+",
                    help="circuit file(s); several are stacked (a neuron in several gets the product)")  # fmt: skip
@@ -47,19 +49,19 @@ def check_push(args: argparse.Namespace) -> None:
 
 
 def _adapter(args: argparse.Namespace) -> None:
+    from cna_export.backends import ExportOptions, LoadOptions, open_model
     from cna_export.circuit.stack import load_stack
-    from cna_export.io.source import resolve
     from cna_export.ship.adapter import gguf_name, write_adapter
 
     check_push(args)
     circuit = load_stack(args.circuit, args.multiplier, args.allow_negative)
-    out = write_adapter(
-        resolve(args.model, args.revision), circuit, args.out, multiplier=args.multiplier,
-        allow_negative=args.allow_negative, overwrite=args.overwrite, force=args.force, target=args.target,
-        gguf=args.gguf, base_model=args.base_model,
+    options = ExportOptions.checked(
+        multiplier=args.multiplier, allow_negative=args.allow_negative, overwrite=args.overwrite, force=args.force,
+        target=args.target, gguf="f32" if args.gguf else None, base_model=args.base_model,
     )  # fmt: skip
+    out = write_adapter(open_model(args.model, LoadOptions(revision=args.revision)), circuit, args.out, options)
     print(f"wrote {out}: {len(circuit.neurons)} neurons in {len(circuit.layer_counts())} layers as a LoRA adapter")
-    if args.gguf:
+    if (out / gguf_name(out)).is_file():
         print(f"wrote {out / gguf_name(out)}")
     if args.push_to_hub is not None:
         from cna_export.ship.hub import push

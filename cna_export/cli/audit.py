@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from cna_export.cli.options import eval_config, eval_opts, local_model, model_opts
+from cna_export.cli.options import eval_config, eval_opts, load_options, model_opts
 
 LONG_CONTEXT_WORDS = 3000  # cna_export.evaluate.depth.LONG_CONTEXT_WORDS, without importing torch for --help
 
@@ -24,7 +24,9 @@ def register(add) -> None:
 def _add_eval(add, model: argparse.ArgumentParser, evalo: argparse.ArgumentParser) -> None:
     p = add("eval", "measure an edit on held-out prompts: behaviour rate, benign rate, KL, quality", [model, evalo])
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--edited", type=Path, help="exported model folder to compare with --model")
+    what.add_argument("--edited", type=Path,
+                      help="exported model to compare with --model: a folder, a patched .gguf, or the folder `run` "
+                           "wrote from a GGUF")  # fmt: skip
     what.add_argument("--circuit", type=Path, help="circuit to apply with runtime hooks (no export needed)")
     p.add_argument("--multiplier", type=float, nargs="+", help="one or more multipliers for --circuit")
     p.add_argument("--allow-negative", action="store_true", help="permit a negative multiplier")
@@ -54,8 +56,9 @@ def _add_eval(add, model: argparse.ArgumentParser, evalo: argparse.ArgumentParse
 def _add_chat(add, model: argparse.ArgumentParser) -> None:
     p = add("chat", "answer the same prompts with the original and the edited model, side by side", [model])
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--circuit", type=Path, help="circuit applied with runtime hooks (nothing exported)")
-    what.add_argument("--edited", type=Path, help="exported model folder")
+    what.add_argument("--circuit", type=Path,
+                      help="circuit applied at runtime (nothing exported: hooks in torch, a patched temporary GGUF)")
+    what.add_argument("--edited", type=Path, help="exported model: a folder, a .gguf, or the folder `run` wrote")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="prompt file (.txt, .yaml, .json, .jsonl) or builtin:NAME")
     p.add_argument("--multiplier", type=float, help="override the circuit's multiplier")
@@ -105,15 +108,17 @@ def _add_push_and_diff(add) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from cna_export.evaluate.depth import DepthOptions
     from cna_export.evaluate.jobs import eval_job
+    from cna_export.evaluate.options import EvalRequest
 
-    job = eval_job(
-        args.model, args.out, eval_config(args), revision=args.revision, circuit=args.circuit, edited=args.edited,
-        multipliers=args.multiplier, allow_negative=args.allow_negative, recipe=args.recipe, positive=args.positive,
-        negative=args.negative, behaviour=args.behaviour, lm_eval_tasks=args.lm_eval, lm_eval_limit=args.lm_eval_limit,
-        dtype=args.dtype, device=args.device, split=args.split, mmlu_per_topic=args.mmlu, mmlu_file=args.mmlu_file,
-        judge=args.judge, judge_model=args.judge_model, lm_eval_include=args.lm_eval_include, backend=args.backend,
-        limit=args.limit, depth=DepthOptions(args.over_refusal, args.long_context, args.long_context_words),
+    request = EvalRequest(
+        circuit=args.circuit, edited=args.edited, multipliers=args.multiplier, allow_negative=args.allow_negative,
+        recipe=args.recipe, positive=args.positive, negative=args.negative, behaviour=args.behaviour,
+        split=args.split, lm_eval_tasks=list(args.lm_eval), lm_eval_limit=args.lm_eval_limit,
+        lm_eval_include=args.lm_eval_include, mmlu_per_topic=args.mmlu, mmlu_file=args.mmlu_file, judge=args.judge,
+        judge_model=args.judge_model, limit=args.limit,
+        depth=DepthOptions(args.over_refusal, args.long_context, args.long_context_words),
     )  # fmt: skip
+    job = eval_job(args.model, args.out, eval_config(args), request, load_options(args))
     print(_headline_text(job.headline))
     print(f"wrote {job.report}")
     if job.card_updated:
@@ -122,13 +127,14 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _sweep(args: argparse.Namespace) -> None:
     from cna_export.evaluate.jobs import sweep_job
+    from cna_export.evaluate.options import SweepRequest
 
-    job = sweep_job(
-        args.model, args.recipe, args.k, args.multipliers, eval_config(args), args.out, revision=args.revision,
-        positive=args.positive, negative=args.negative, kl_budget=args.kl_budget, benign_budget=args.benign_budget,
-        allow_negative=args.allow_negative, export=args.export, overwrite=args.overwrite,
-        local_model=local_model(args), dtype=args.dtype, device=args.device, backend=args.backend, limit=args.limit,
+    request = SweepRequest(
+        recipe=args.recipe, ks=args.k, multipliers=args.multipliers, positive=args.positive, negative=args.negative,
+        kl_budget=args.kl_budget, benign_budget=args.benign_budget, allow_negative=args.allow_negative,
+        export=args.export, overwrite=args.overwrite, limit=args.limit,
     )  # fmt: skip
+    job = sweep_job(args.model, eval_config(args), args.out, request, load_options(args))
     print(_headline_text(job.headline))
     print(f"wrote {job.report}")
     if job.export is not None:
@@ -145,7 +151,7 @@ def _chat(args: argparse.Namespace) -> None:
     cfg.check()
     exchanges = side_by_side(args.model, prompts, circuit=args.circuit, edited=args.edited,
                              multiplier=args.multiplier, allow_negative=args.allow_negative, cfg=cfg,
-                             dtype=args.dtype, device=args.device)  # fmt: skip
+                             load=load_options(args))  # fmt: skip
     print(render(exchanges, args.width))
 
 

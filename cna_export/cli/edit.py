@@ -8,10 +8,9 @@ from pathlib import Path
 from cna_export.attribution import distributed
 from cna_export.cli.options import (
     GGUF_OUTTYPES,
-    apply_kwargs,
     apply_opts,
-    load_kwargs,
-    local_model,
+    export_options,
+    load_options,
     model_opts,
     selection_opts,
     selection_overrides,
@@ -29,9 +28,6 @@ def register(add) -> None:
     p.add_argument("--circuit", type=Path, nargs="+", help="circuit file(s) to stack on the discovered one")
     p.add_argument("--adapter", action="store_true",
                    help="write a LoRA adapter folder instead of the edited model (--gguf f32: also a GGUF LoRA)")  # fmt: skip
-    p.add_argument("--safetensors", action="store_true",
-                   help="with a .gguf model: export a dequantized safetensors folder instead of the patched GGUF")
-    p.add_argument("--modelfile", action="store_true", help="with a .gguf model: also write an Ollama Modelfile")
     p.add_argument("--no-check", action="store_true",
                    help="skip the quick check (a few validation prompts, original vs edited) at the end")
     p.add_argument("--check-prompts", type=int, default=4, metavar="N",
@@ -49,7 +45,8 @@ def register(add) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing circuit file")
     p.set_defaults(func=_discover)
 
-    p = add("apply", "fold a circuit into a model and export it as safetensors", [model, apply])
+    p = add("apply", "fold a circuit into a model and export it (a .gguf: patched in place, same quantization)",
+            [model, apply])  # fmt: skip
     p.add_argument("--circuit", required=True, type=Path, nargs="+",
                    help="circuit file(s) from discover; several are stacked (a neuron in several: the product)")  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="output model folder")
@@ -88,42 +85,46 @@ def register(add) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from cna_export.backends import open_model
     from cna_export.run import run_recipe
 
     _check_push_args(args)
-    out, circuit = run_recipe(
-        args.recipe, args.model, args.out, revision=args.revision, overrides=selection_overrides(args),
-        local_model=local_model(args), load=load_kwargs(args), stack_with=args.circuit, adapter=args.adapter,
-        safetensors=args.safetensors, modelfile=args.modelfile, **apply_kwargs(args),
-    )  # fmt: skip
-    if out is not None:
-        print(f"wrote {out}: {len(circuit.neurons)} neurons scaled" + (" (LoRA adapter)" if args.adapter else ""))
-        if args.adapter and args.gguf is not None:
-            from cna_export.ship.adapter import gguf_name
-
-            args.gguf = None  # the GGUF LoRA is named by the adapter, not OUT-OUTTYPE.gguf
-            print(f"wrote {out / gguf_name(out)}")
-        _after_export(args, out)
-        _summary(args, out, circuit)
+    export = export_options(args)  # a bad flag fails before the model is opened
+    backend = open_model(args.model, load_options(args))  # once: discovery, export and the quick check share it
+    try:
+        out, circuit = run_recipe(args.recipe, backend, args.out, overrides=selection_overrides(args), export=export,
+                                  stack_with=args.circuit)  # fmt: skip
+        if out is not None:
+            _report_run(args, out, circuit, backend)
+    finally:
+        backend.close()
 
 
-def _summary(args: argparse.Namespace, out: Path, circuit) -> None:
-    """What was done and what to do next: where the neurons are, a quick check, the files, the next commands."""
+def _report_run(args: argparse.Namespace, out: Path, circuit, backend) -> None:
+    """What `run` prints once the export is written: the files, then what was done and what to do next (where the
+    neurons are, a quick check, the files, the next commands)."""
     from cna_export.evaluate.summary import render, summarize_run
-    from cna_export.io.source import resolve
 
-    summary = summarize_run(resolve(args.model, args.revision), circuit, out, model=args.model, recipe=args.recipe,
-                            adapter=args.adapter, check=not args.no_check, prompts=args.check_prompts,
-                            load=load_kwargs(args))  # fmt: skip
+    print(f"wrote {out}: {len(circuit.neurons)} neurons scaled" + (" (LoRA adapter)" if args.adapter else ""))
+    if args.adapter and args.gguf is not None:
+        from cna_export.ship.adapter import gguf_name
+
+        args.gguf = None  # the GGUF LoRA is named by the adapter, not OUT-OUTTYPE.gguf
+        print(f"wrote {out / gguf_name(out)}")
+    _after_export(args, out)
+
+    prompts = 0 if args.no_check else args.check_prompts
+    summary = summarize_run(backend, circuit, out, model=args.model, recipe=args.recipe, adapter=args.adapter,
+                            prompts=prompts)  # fmt: skip
     print()
     print(render(summary))
 
 
 def _discover(args: argparse.Namespace) -> None:
     from cna_export.attribution.discover import discover_source, plan_discovery
+    from cna_export.backends import open_model
     from cna_export.circuit.recipe import load_recipe
     from cna_export.io.output import check_output_path
-    from cna_export.io.source import resolve
 
     check_output_path(args.out, None, args.overwrite)
     recipe, base = load_recipe(args.recipe) if args.recipe else (None, None)
@@ -131,7 +132,11 @@ def _discover(args: argparse.Namespace) -> None:
         recipe, base, overrides=selection_overrides(args), positive=args.positive, negative=args.negative,
         neutral=args.neutral, behaviour=args.behaviour, multiplier=args.multiplier,
     )  # fmt: skip
-    circuit = discover_source(resolve(args.model, args.revision), plan, **load_kwargs(args))
+    backend = open_model(args.model, load_options(args))
+    try:
+        circuit = discover_source(backend, plan)
+    finally:
+        backend.close()
     if not distributed.is_main():
         return
     circuit.save(args.out)
@@ -139,14 +144,13 @@ def _discover(args: argparse.Namespace) -> None:
 
 
 def _apply(args: argparse.Namespace) -> None:
+    from cna_export.backends import open_model
     from cna_export.circuit.stack import load_stack
-    from cna_export.fold.export import apply_circuit
-    from cna_export.io.source import resolve
 
     _check_push_args(args)
-    source = resolve(args.model, args.revision)  # a bad model fails first, as it always has
+    backend = open_model(args.model, load_options(args))  # a bad model fails first, as it always has
     circuit = load_stack(args.circuit, args.multiplier, args.allow_negative)
-    out = apply_circuit(source, circuit, args.out, **apply_kwargs(args))
+    out = backend.write(circuit, args.out, export_options(args))
     print(f"wrote {out}")
     _after_export(args, out)
 

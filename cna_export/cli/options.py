@@ -8,7 +8,6 @@ import types
 import typing
 from pathlib import Path
 
-EXPORT_MARKER = "circuit.json"  # the file every export folder holds (cna_export.fold.export.EXPORT_MARKER)
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # cna_export.gguf.convert.OUTTYPES, without importing gguf here
 
 EXAMPLES = {
@@ -76,24 +75,28 @@ class Parser(argparse.ArgumentParser):
 
 
 def model_opts() -> argparse.ArgumentParser:
+    """`--model` and one flag per `LoadOptions` field (`--device-map`; a boolean is a switch), as the selection
+    flags are made from `Selection`: a loading option is defined once, in cna_export/backends/options.py."""
+    from cna_export.backends.options import LoadOptions
+
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="model folder, Hub id (owner/name) or .gguf file")
-    g.add_argument("--revision", help="Hub revision (branch, tag or commit)")
-    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
-    g.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N or mps")
-    g.add_argument("--device-map", help="spread layers over devices: auto, balanced, sequential (accelerate)")
-    g.add_argument("--offload-folder", type=Path, help="folder for weights offloaded to disk with --device-map")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
-    g.add_argument("--backend", choices=("auto", "llama.cpp", "torch"), default="auto",
-                   help="where the forward passes run: auto (a .gguf file in llama.cpp, quantized as it is; "
-                        "anything else in torch), llama.cpp, or torch (dequantizes a GGUF in transformers)")  # fmt: skip
+    g.add_argument("--model", required=True,
+                   help="model folder, Hub id (owner/name), .gguf file, or the folder `run` wrote from one")  # fmt: skip
+    for name, info in LoadOptions.model_fields.items():
+        kind, text = _field_type(info.annotation), (info.description or "").replace("%", "%%")
+        if kind is bool:
+            g.add_argument(_flag(name), action="store_true", help=text)
+        elif typing.get_origin(kind) is typing.Literal:
+            g.add_argument(_flag(name), choices=typing.get_args(kind), default=info.default, help=text)
+        else:
+            g.add_argument(_flag(name), type=_CHECKED.get(name, kind), help=text)
     return p
 
 
 def _device(text: str) -> str:
     """--device, checked against the devices this machine has (cna_export.io.source.pick_device) as the
-    arguments are parsed, whichever route (torch or llama.cpp) the command then takes."""
+    arguments are parsed, whichever backend (torch or llama.cpp) the command then opens."""
     if text == "auto":
         return text
     from cna_export.errors import CnaExportError
@@ -106,11 +109,18 @@ def _device(text: str) -> str:
     return text
 
 
-def load_kwargs(args: argparse.Namespace) -> dict:
-    """The model-loading options as keyword arguments of `discover_source` / `load_model`."""
-    return {"dtype": args.dtype, "device": args.device, "device_map": args.device_map,
-            "offload_folder": args.offload_folder, "trust_remote_code": args.trust_remote_code,
-            "backend": args.backend}  # fmt: skip
+_CHECKED = {"device": _device}  # loading options whose flag checks its value as it is parsed
+
+
+def load_options(args: argparse.Namespace):
+    """The `LoadOptions` of the `--model` flags, made once per command (a bad value: one line naming the flag)."""
+    from cna_export.backends.options import LoadOptions
+
+    return LoadOptions.checked(**{name: getattr(args, name, None) for name in LoadOptions.model_fields})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _field_type(annotation) -> type:
@@ -163,21 +173,21 @@ def apply_opts() -> argparse.ArgumentParser:
     g.add_argument("--file-hashes", action=argparse.BooleanOptionalAction, default=False,
                    help="record the weight files' sha256 in the model card now (default: push records them; "
                         "hashing costs more than the copy itself)")  # fmt: skip
+    g.add_argument("--safetensors", action="store_true",
+                   help="with a .gguf model: export a dequantized safetensors folder instead of the patched GGUF")
+    g.add_argument("--modelfile", action="store_true", help="with a .gguf model: also write an Ollama Modelfile")
     return p
 
 
-def apply_kwargs(args: argparse.Namespace) -> dict:
-    """The export options as keyword arguments of `apply_circuit`."""
-    return {
-        "multiplier": args.multiplier,
-        "allow_negative": args.allow_negative,
-        "overwrite": args.overwrite,
-        "force": args.force,
-        "target": args.target,
-        "base_model": args.base_model,
-        "gguf": args.gguf,
-        "hash_files": args.file_hashes,
-    }
+def export_options(args: argparse.Namespace):
+    """The `ExportOptions` of the edit-and-export flags (run, apply), made once per command."""
+    from cna_export.backends.options import ExportOptions
+
+    return ExportOptions.checked(
+        multiplier=args.multiplier, allow_negative=args.allow_negative, overwrite=args.overwrite, force=args.force,
+        target=args.target, base_model=args.base_model, gguf=args.gguf, hash_files=args.file_hashes,
+        safetensors=args.safetensors, modelfile=args.modelfile, adapter=getattr(args, "adapter", False),
+    )  # fmt: skip
 
 
 def eval_opts() -> argparse.ArgumentParser:
@@ -203,10 +213,3 @@ def eval_config(args: argparse.Namespace):
 
         raise CnaExportError(f"--limit {args.limit} must be at least 1.", "pass a positive number of prompts per set.")
     return cfg
-
-
-def local_model(args: argparse.Namespace) -> Path | None:
-    """The --model path when it is a local file or folder, so an output overlapping it is refused before the
-    (long) discovery rather than after it."""
-    path = Path(args.model).expanduser()
-    return path if path.exists() else None

@@ -1,23 +1,22 @@
 """Try an edit before shipping it: the same prompts answered by the original and the edited model, side by side.
 
-The edited answers come either from runtime hooks (a circuit at a multiplier; nothing is exported) or from an
-exported folder. Generation is greedy, so both columns are reproducible and differ only by the edit.
+The edited answers come either from a circuit applied at a multiplier (nothing is exported: hooks in torch, a
+patched temporary copy of a GGUF in llama.cpp) or from an exported model. Generation is greedy, so both columns
+are reproducible and differ only by the edit.
 """
 
 from __future__ import annotations
 
-import contextlib
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cna_export.attribution.collect import context_of, encode_prompts
-from cna_export.attribution.hooks import scaled_neurons
+from cna_export.backends.base import open_model
+from cna_export.backends.options import LoadOptions
 from cna_export.circuit.format import Circuit
 from cna_export.errors import CnaExportError
-from cna_export.evaluate.measure import EvalConfig, generate
-from cna_export.io.source import describe, load_model, resolve
+from cna_export.evaluate.measure import EvalConfig
 
 
 @dataclass
@@ -32,9 +31,11 @@ class Exchange:
 def side_by_side(
     model: str, prompts: Sequence[str], *, circuit: Path | None = None, edited: Path | None = None,
     multiplier: float | None = None, allow_negative: bool = False, cfg: EvalConfig = EvalConfig(max_new_tokens=64),
-    dtype: str = "auto", device: str = "auto",
+    load: LoadOptions | None = None,
 ) -> list[Exchange]:  # fmt: skip
-    """Answer every prompt with the original model and with the edit (hooks for `circuit`, or the `edited` folder).
+    """Answer every prompt with the original model and with the edit (`circuit` applied at runtime, or the
+    `edited` model), in the model's backend: a GGUF file (or the folder `run` wrote from one) in llama.cpp unless
+    `load.backend` is "torch".
 
     Example:
         >>> side_by_side("./qwen", ["How do I pick a lock?"], circuit=Path("c.json"), multiplier=0)[0].edited
@@ -43,21 +44,17 @@ def side_by_side(
         raise CnaExportError("chat needs exactly one of --circuit and --edited.", "pass one of them.")
     if not prompts:
         raise CnaExportError("No prompt to answer.", "pass --prompt TEXT (repeatable) or --prompts FILE.")
-    source = resolve(model)
-    base, tokenizer = load_model(source, dtype=dtype, device=device)
-    encoded = encode_prompts(tokenizer, prompts, cfg.chat_template, context_of(base))
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
-    original = [decode(a) for a in generate(base, tokenizer, encoded, cfg, "original")]
-    if circuit is not None:
-        spec, _, _ = describe(source)
-        edits = Circuit.load(circuit).hook_edits(multiplier, allow_negative)
-        with scaled_neurons(base, spec, edits):
-            changed = [decode(a) for a in generate(base, tokenizer, encoded, cfg, "edited")]
-    else:
-        del base  # one model in memory at a time
-        other, _ = load_model(resolve(str(edited)), dtype=dtype, device=device)
-        with contextlib.nullcontext():
-            changed = [decode(a) for a in generate(other, tokenizer, encoded, cfg, "edited")]
+    applied = Circuit.load(circuit) if circuit is not None else None
+    backend = open_model(model, load)
+    try:
+        runner = backend.load()
+        encoded = runner.encode(prompts, cfg.chat_template)
+        original = [runner.decode(a).strip() for a in runner.generate(encoded, cfg, "original")]
+        edit = backend.variant(applied, multiplier, allow_negative) if applied is not None else backend.edited(edited)
+        with edit as other:
+            changed = [other.decode(a).strip() for a in other.generate(encoded, cfg, "edited")]
+    finally:
+        backend.close()
     return [Exchange(p, o, e) for p, o, e in zip(prompts, original, changed)]
 
 

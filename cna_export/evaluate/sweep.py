@@ -3,7 +3,8 @@
 Both produce the same results document (a dict saved as `results.json`, one metrics dict per evaluated point
 plus the original model's) and per-prompt records (`prompts.jsonl`); `cna_export.evaluate.report` turns them into
 report.md and PNGs. A sweep runs the attribution forward passes once and cuts the ranking at every k, and
-generates and scores the original model's answers once; every (k, m) point then runs with runtime hooks.
+generates and scores the original model's answers once; every (k, m) point then runs as the backend's variant
+(torch: runtime hooks; llama.cpp: a patched temporary file). Both backends share this module.
 """
 
 from __future__ import annotations
@@ -18,16 +19,25 @@ from pathlib import Path
 from cna_export import __version__
 from cna_export.arch.spec import ModelShape
 from cna_export.attribution.discover import plan_discovery
-from cna_export.attribution.select import Attribution, attribute
+from cna_export.attribution.select import Attribution, attribute_on
+from cna_export.backends.base import Backend, applied_circuit
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import Recipe, load_prompts
 from cna_export.circuit.selection import Selection
 from cna_export.errors import CnaExportError, RecipeError
 from cna_export.evaluate.detectors import detector_for
-from cna_export.evaluate.measure import Baseline, EvalConfig, build_baseline, disjoint, measure, prompts_sha256
+from cna_export.evaluate.measure import (
+    Baseline,
+    EvalConfig,
+    Extra,
+    build_baseline,
+    disjoint,
+    measure,
+    prompts_sha256,
+)
+from cna_export.evaluate.options import HeldOut, SweepOptions, Variants
 from cna_export.fold.scale import check_multiplier
 from cna_export.io.output import write_text_atomic
-from cna_export.io.source import Source, describe, identity, load_model, resolve
 from cna_export.progress import track
 
 log = logging.getLogger(__name__)
@@ -205,40 +215,40 @@ def save_results(out: Path, results: dict, records: Sequence[dict]) -> None:
 
 
 def run_sweep(
-    model, tokenizer, spec, attribution: Attribution, ks: Sequence[int], multipliers: Sequence[float],
-    positive: Sequence[str], negative: Sequence[str], behaviour: str, cfg: EvalConfig, *,
-    model_name: str, recipe: str | None = None, kl_budget: float | None = 0.1, benign_budget: float | None = None,
-    goal: str | None = None, allow_negative: bool = False, out: Path | None = None, split: str = "validation",
+    backend: Backend, attribution: Attribution, positive: Sequence[str], negative: Sequence[str], behaviour: str,
+    cfg: EvalConfig, options: SweepOptions,
 ) -> tuple[dict, list[dict], dict[int, Circuit]]:  # fmt: skip
-    """Evaluate every (k, m) of the grid with runtime hooks; return results, per-prompt records and circuits.
+    """Evaluate every (k, m) of the grid, each point the backend's variant (torch: hooks on the loaded model;
+    llama.cpp: the file patched at that point); return results, per-prompt records and circuits.
 
-    m = 1 is the original model at every k and is not re-run. With `out`, results are saved after every point,
-    so a long sweep that stops early keeps what it measured.
+    m = 1 is the original model at every k and is not re-run. With `options.out`, results are saved after every
+    point, so a long sweep that stops early keeps what it measured.
 
     Example:
-        >>> att = attribute(model, tok, spec, ident, harmful, benign, neutral, recipe.selection())
-        >>> results, records, circuits = run_sweep(model, tok, spec, att, [467, 1600], [0, 2], held_pos, held_neg,
-        ...                                        "refusal", EvalConfig(), model_name="qwen")
+        >>> att = attribute_on(backend, harmful, benign, neutral, recipe.selection())
+        >>> results, records, circuits = run_sweep(backend, att, held_pos, held_neg, "refusal", EvalConfig(),
+        ...                                        SweepOptions(ks=[467, 1600], multipliers=[0, 2]))
     """
-    for m in multipliers:
-        check_multiplier(m, allow_negative)
+    o = options
+    for m in o.multipliers:
+        check_multiplier(m, o.allow_negative)
     detector = detector_for(behaviour)
-    goal = goal or goal_of(min(multipliers))
-    circuits = {k: attribution.circuit(k, behaviour=behaviour, recipe=recipe) for k in ks}
-    baseline = build_baseline(model, tokenizer, positive, negative, detector, cfg)
+    goal = o.goal or goal_of(min(o.multipliers))
+    circuits = {k: attribution.circuit(k, behaviour=behaviour, recipe=o.recipe) for k in o.ks}
+    baseline = build_baseline(backend.load(), positive, negative, detector, cfg)
     results = results_document(
-        "sweep", model_name, behaviour, cfg, baseline, goal=goal, kl_budget=kl_budget, benign_budget=benign_budget,
-        ks=list(ks), multipliers=list(multipliers), num_neurons=circuits[ks[0]].num_neurons, recipe=recipe,
-        split=split,
+        "sweep", backend.model_name, behaviour, cfg, baseline, goal=goal, kl_budget=o.kl_budget,
+        benign_budget=o.benign_budget, ks=list(o.ks), multipliers=list(o.multipliers),
+        num_neurons=circuits[o.ks[0]].num_neurons, recipe=o.recipe, split=o.split, backend=backend.runtime,
     )  # fmt: skip
     records = list(baseline.records)
 
     def point(k: int, m: float) -> tuple[dict, list[dict]]:
-        edits = circuits[k].hook_edits(m, allow_negative)
-        return measure(model, tokenizer, baseline, detector, cfg, spec=spec, edits=edits, label=f"k={k} m={m:g}", k=k,
-                       multiplier=m)  # fmt: skip
+        with backend.variant(circuits[k], m, o.allow_negative) as runner:
+            return measure(runner, baseline, detector, cfg, label=f"k={k} m={m:g}", k=k, multiplier=m)
 
-    sweep_grid(results, records, ks, multipliers, point, kl_budget=kl_budget, benign_budget=benign_budget, out=out)
+    sweep_grid(results, records, o.ks, o.multipliers, point, kl_budget=o.kl_budget, benign_budget=o.benign_budget,
+               out=o.out)  # fmt: skip
     return results, records, circuits
 
 
@@ -278,28 +288,22 @@ def _choose(results: dict, kl_budget: float | None, benign_budget: float | None)
 
 
 def sweep_source(
-    source: Source, recipe: Recipe, base: Path | None, ks: Sequence[int | float], multipliers: Sequence[float],
-    cfg: EvalConfig, *, positive: str | None = None, negative: str | None = None, kl_budget: float | None = 0.1,
-    benign_budget: float | None = None, allow_negative: bool = False, dtype: str = "auto", device: str = "auto",
-    out: Path | None = None, limit: int | None = None,
+    backend: Backend, recipe: Recipe, base: Path | None, cfg: EvalConfig, options: SweepOptions,
+    positive: str | None = None, negative: str | None = None,
 ) -> tuple[dict, list[dict], dict[int, Circuit], Attribution]:  # fmt: skip
-    """Load `source`, attribute with the recipe's discovery prompts once, and sweep k x m on the recipe's
-    validation split (its test split stays unseen; a recipe without one falls back, flagged in the results)."""
-    spec, shape, config = describe(source)
+    """Attribute with the recipe's discovery prompts once, and sweep k x m on the recipe's validation split (its
+    test split stays unseen; a recipe without one falls back, flagged in the results). `options.ks` may hold
+    fractions of all neurons (0.014); `positive` / `negative` override the held-out prompt files."""
     plan = plan_discovery(recipe, base)
-    counts = resolve_ks(ks, shape, plan.selection)
-    held_pos, held_neg = heldout_sets(recipe, base, positive, negative, split="validation", limit=limit)
-    model, tokenizer = load_model(source, dtype=dtype, device=device)
-    att = attribute(
-        model, tokenizer, spec, identity(source, config, shape), plan.positive, plan.negative, plan.neutral,
-        plan.selection,
-    )  # fmt: skip
-    results, records, circuits = run_sweep(
-        model, tokenizer, spec, att, counts, multipliers, held_pos, held_neg, recipe.behaviour, cfg,
-        model_name=source.name, recipe=recipe.name, kl_budget=kl_budget, benign_budget=benign_budget,
-        goal=goal_of(recipe.multiplier), allow_negative=allow_negative or recipe.allow_negative, out=out,
-        split=split_of(recipe, "validation", positive),
-    )  # fmt: skip
+    counts = resolve_ks(options.ks, backend.shape, plan.selection)
+    held_pos, held_neg = heldout_sets(recipe, base, positive, negative, split="validation", limit=options.limit)
+    att = attribute_on(backend, plan.positive, plan.negative, plan.neutral, plan.selection)
+    options = options.model_copy(update={
+        "ks": counts, "recipe": recipe.name, "goal": goal_of(recipe.multiplier),
+        "allow_negative": options.allow_negative or recipe.allow_negative,
+        "split": split_of(recipe, "validation", positive),
+    })  # fmt: skip
+    results, records, circuits = run_sweep(backend, att, held_pos, held_neg, recipe.behaviour, cfg, options)
     return results, records, circuits, att
 
 
@@ -307,60 +311,51 @@ def sweep_source(
 
 
 def run_eval(
-    source: Source, positive: Sequence[str], negative: Sequence[str], behaviour: str, cfg: EvalConfig, *,
-    circuit: Circuit | None = None, multipliers: Sequence[float] | None = None, edited: Path | None = None,
-    allow_negative: bool = False, lm_eval_tasks: Sequence[str] = (), lm_eval_limit: int | None = None,
-    dtype: str = "auto", device: str = "auto", split: str = "test", extra=None, lm_eval_include: Path | None = None,
-    on_variant: Callable[[dict, list[dict]], None] | None = None,
+    backend: Backend, held: HeldOut, behaviour: str, cfg: EvalConfig, variants: Variants, *,
+    extras: Sequence[Extra] = (), on_variant: Callable[[dict, list[dict]], None] | None = None,
 ) -> tuple[dict, list[dict], Circuit | None]:  # fmt: skip
-    """Evaluate the original model and either a circuit at each multiplier (hooks) or an exported folder.
+    """Evaluate the original model and either a circuit at each multiplier or an exported model, in the
+    backend's runtime, on the held-out prompts of one split. `extras` (lm-eval, MMLU, the depth checks) run on the
+    original and on every variant; `on_variant(metrics, records)` hears of each variant as it finishes, the
+    original first (the report stream).
 
-    Both routes give the same numbers for the same edit (tested): hooks scale the same neurons that export
-    folds into the weights. Returns the results document, per-prompt records and the circuit used, if any.
-    `extra(model, tokenizer)` adds metrics to every variant (MMLU, `cna_export.evaluate.depth`);
-    `on_variant(metrics, records)` hears of each variant as it finishes, the original first (the report stream).
+    Both ways give the same numbers for the same edit (tested): applying a circuit at runtime scales the same
+    neurons that export folds into the weights. Returns the results document, per-prompt records and the circuit
+    used, if any (an exported model's own circuit.json or sidecar).
+
+    Example:
+        >>> results, records, used = run_eval(open_model("./qwen"), HeldOut(positive=harmful, negative=benign),
+        ...                                   "refusal", EvalConfig(), Variants(circuit=Circuit.load("c.json")))
     """
     done = on_variant or (lambda metrics, records: None)
+    circuit, edited = variants.circuit, variants.edited
     if edited is not None and circuit is not None:
         raise CnaExportError("Pass either an edited model or a circuit, not both.", "drop --circuit or --edited.")
     detector = detector_for(behaviour)
-    spec, _, _ = describe(source)
-    model, tokenizer = load_model(source, dtype=dtype, device=device)
-    baseline = build_baseline(model, tokenizer, positive, negative, detector, cfg)
-    if lm_eval_tasks:
-        from cna_export.evaluate.measure import lm_eval_scores
-
-        baseline.metrics["lm_eval"] = lm_eval_scores(model, tokenizer, lm_eval_tasks, limit=lm_eval_limit,
-                                                     include_path=lm_eval_include)  # fmt: skip
-    if extra is not None:  # e.g. MMLU: `extra(model, tokenizer) -> metrics`, run on every variant
-        baseline.metrics.update(extra(model, tokenizer))
+    baseline = build_baseline(backend.load(), held.positive, held.negative, detector, cfg, extras)
     done(baseline.metrics, baseline.records)
-    lm = {"lm_eval_tasks": lm_eval_tasks, "lm_eval_limit": lm_eval_limit, "lm_eval_include": lm_eval_include,
-          "extra": extra}  # fmt: skip
     points, records = [], list(baseline.records)
     if edited is not None:
-        if (Path(edited) / "circuit.json").is_file():
-            circuit = Circuit.load(Path(edited) / "circuit.json")
-        del model  # the edited copy replaces it; the baseline is already computed
-        edited_model, _ = load_model(resolve(str(edited)), dtype=dtype, device=device)
+        circuit = applied_circuit(edited)
         m = circuit.multiplier if circuit is not None else None
         k = len(circuit.neurons) if circuit is not None else None
-        metrics, recs = measure(edited_model, tokenizer, baseline, detector, cfg, label="exported", k=k, multiplier=m,
-                                **lm)  # fmt: skip
+        with backend.edited(edited) as runner:
+            metrics, recs = measure(runner, baseline, detector, cfg, label="exported", k=k, multiplier=m,
+                                    extras=extras)  # fmt: skip
         done(metrics, recs)
         points.append(metrics)
         records += recs
     elif circuit is not None:
-        for m in multipliers if multipliers else [circuit.multiplier]:
-            edits = circuit.hook_edits(m, allow_negative)
-            metrics, recs = measure(model, tokenizer, baseline, detector, cfg, spec=spec, edits=edits,
-                                    label=f"m={m:g}", k=len(circuit.neurons), multiplier=m, **lm)  # fmt: skip
+        for m in variants.multipliers or [circuit.multiplier]:
+            with backend.variant(circuit, m, variants.allow_negative) as runner:
+                metrics, recs = measure(runner, baseline, detector, cfg, label=f"m={m:g}", k=len(circuit.neurons),
+                                        multiplier=m, extras=extras)  # fmt: skip
             done(metrics, recs)
             points.append(metrics)
             records += recs
     moved = [p["multiplier"] for p in points if p["multiplier"] not in (None, 1)]
-    results = results_document("eval", source.name, behaviour, cfg, baseline, goal=goal_of(moved[0]) if moved else None,
-                        split=split)  # fmt: skip
+    results = results_document("eval", backend.model_name, behaviour, cfg, baseline,
+                               goal=goal_of(moved[0]) if moved else None, split=held.split, backend=backend.runtime)  # fmt: skip
     results["points"] = points
     results["edited"] = str(edited) if edited is not None else None
     return results, records, circuit

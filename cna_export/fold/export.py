@@ -255,6 +255,6 @@ def apply_circuit(
 
             export_gguf(tmp, tmp / f"{out.name}-{gguf}.gguf", outtype=gguf)
         write_card(tmp, source, applied, known_hashes=hasher.results(), hash_weights=hash_files, target=target, source_weights_sha256=weights, metrics=metrics,
-                   base_model=base_model)  # fmt: skip
+                   base_model=base_model, name=out.name)  # fmt: skip
     log.info("wrote %s", out)
     return out

@@ -1,6 +1,6 @@
 """llama.cpp through llama-cpp-python's C API: a GGUF model mmapped by llama.cpp (nothing is dequantized in
-Python), tokenized and chat-templated with its own metadata (the Jinja template rendered as transformers renders
-it), and run in batches of sequences in a context with one unified KV cache. A context may carry the graph tap of
+Python), tokenized and chat-templated with its own metadata (`cna_export.attribution.chat_template` renders the
+template in jinja2's sandbox), and run in batches of sequences in a context with one unified KV cache. A context may carry the graph tap of
 `cna_export.gguf.tap`, which reads the input of every layer's `ffn_down` while the graph runs.
 """
 

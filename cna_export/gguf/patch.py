@@ -250,8 +250,10 @@ def patch_gguf_report(
     overwrite: bool = False,
     force: bool = False,
     allow_negative: bool = False,
+    layout: GGUFLayout | None = None,
 ) -> PatchReport:
-    """`patch_gguf`, returning what was done per tensor (routes, rows, rounding, byte ranges)."""
+    """`patch_gguf`, returning what was done per tensor (routes, rows, rounding, byte ranges). `layout`: the
+    source's header when the caller has already checked it (`Source.layout`), so it is not parsed again."""
     src, out = Path(src), Path(out)
     if not src.is_file():
         raise CheckpointError(f"GGUF file {src} does not exist.", "check the path.")
@@ -270,7 +272,7 @@ def patch_gguf_report(
     # The copy runs while the header is validated and the new rows are computed; any failure cancels it and
     # staged_output removes the temporary, so a bad input leaves nothing behind.
     with staged_output(out, overwrite, is_dir=False) as tmp, BackgroundCopy(src, tmp) as copy:
-        layout = check_gguf(src)  # bad magic, damaged header, truncated tensor data: one clear error
+        layout = layout or check_gguf(src)  # bad magic, damaged header, truncated tensor data: one clear error
         shape = check_circuit_fits(src, layout, circuit, force)
         source_data = np.memmap(src, dtype=np.uint8, mode="r")
         writes: list[tuple[int, bytes]] = []
@@ -315,6 +317,7 @@ def patch_gguf(src: Path, circuit: Circuit, out: Path, **options: Any) -> Path:
             overwrite: replace an existing `out` (only one written by patch-gguf, i.e. with its sidecar).
             force: patch even if the circuit was discovered on different weights of the same shape.
             allow_negative: accept negative multipliers.
+            layout: the source's checked header, if already read.
 
     Returns:
         `out`.

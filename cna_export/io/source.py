@@ -1,6 +1,8 @@
-"""Model sources: a local Hugging Face folder, a Hub id (through huggingface_hub's cache) or a GGUF file.
+"""Model sources: a local Hugging Face folder, a Hub id (through huggingface_hub's cache) or a GGUF file (also as
+the folder `run` writes from one: the patched .gguf with its circuit and card).
 
-`resolve()` turns what the user typed into a `Source`; `load_model()` loads it for forward passes;
+`resolve()` turns what the user typed into a `Source` (a GGUF's header is checked there, once: `Source.layout`);
+`describe()` reads its architecture and shape; `load_model()` loads it in transformers for the torch backend;
 `identity()` fingerprints it for the circuit's provenance.
 """
 
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import torch
 from cna_export.arch import ArchSpec, ModelShape, arch_for, shape_of
 from cna_export.circuit.format import ModelIdentity, shape_fields
 from cna_export.errors import ArchitectureError, CheckpointError, CnaExportError
-from cna_export.gguf.check import check_gguf
+from cna_export.gguf.check import GGUFLayout, check_gguf
 from cna_export.io.checkpoint import CheckpointReader
 from cna_export.io.config import read_config_json
 from cna_export.io.hashing import combined_sha256, sha256_files
@@ -50,18 +53,27 @@ class Source:
         """The file or folder to protect from writes."""
         return self.folder / self.gguf_file if self.gguf_file else self.folder
 
+    @cached_property
+    def layout(self) -> GGUFLayout:
+        """A GGUF source's checked header, read once (`resolve` reads it; every later reader shares it)."""
+        if not self.is_gguf:
+            raise ValueError(f"{self.name} is not a GGUF source")
+        return check_gguf(self.path)
+
 
 def resolve(model: str, revision: str | None = None) -> Source:
-    """Resolve a path or Hub id. Hub ids download to (or reuse) the huggingface_hub cache."""
+    """Resolve a path or Hub id. Hub ids download to (or reuse) the huggingface_hub cache. A folder without
+    config.json that holds one .gguf (what `run` writes from a GGUF source) is that GGUF."""
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise CheckpointError(f"GGUF file {path} does not exist.", "check the path.")
-        check_gguf(path)  # a damaged file fails here, with one clear message, before any parser sees it
-        return Source(str(path), path.parent.resolve(), path.name)
+        source = Source(str(path), path.parent.resolve(), path.name)
+        source.layout  # noqa: B018 - a damaged file fails here, with one clear message, before any parser sees it
+        return source
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path} has no config.json.", "pass a Hugging Face model folder.")
+            return resolve(str(_gguf_in(path)))
         return Source(str(path), path.resolve())
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise CheckpointError(
@@ -79,6 +91,21 @@ def resolve(model: str, revision: str | None = None) -> Source:
             "check the id, your network and HF_TOKEN, or pass a local folder.",
         ) from None
     return Source(model, folder, revision=folder.name)
+
+
+def _gguf_in(folder: Path) -> Path:
+    """The one model .gguf of a folder without config.json (a folder `run` wrote from a GGUF source)."""
+    if (folder / "adapter_config.json").is_file():
+        raise CheckpointError(f"{folder} is a LoRA adapter folder, not a model.",
+                              "pass its base model (the adapter loads on top of it).")  # fmt: skip
+    files = sorted(p for p in folder.glob("*.gguf") if p.is_file())
+    if len(files) == 1:
+        return files[0]
+    if files:
+        raise CheckpointError(f"{folder} has no config.json and holds {len(files)} .gguf files.",
+                              f"pass one of them, e.g. {files[0]}.")  # fmt: skip
+    raise CheckpointError(f"{folder} has no config.json.",
+                          "pass a Hugging Face model folder, a .gguf file, or the folder `run` wrote from one.")  # fmt: skip
 
 
 def read_config(source: Source) -> dict[str, Any]:
@@ -100,9 +127,7 @@ def read_config(source: Source) -> dict[str, Any]:
 def _refuse_moe_gguf(source: Source) -> None:
     """transformers' GGUF loader does not read experts: it fails on a Qwen2-MoE file and loads a Mixtral file as a
     dense Llama whose MLPs keep their random initialization. Its torch route would then measure noise."""
-    from cna_export.gguf.check import check_gguf
-
-    layout = check_gguf(source.path)
+    layout = source.layout
     if layout.get(f"{layout.architecture}.expert_count", int):
         raise CheckpointError(
             f"{source.path.name} is a mixture-of-experts GGUF, whose experts transformers' GGUF loader does not "

@@ -21,16 +21,21 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cna_export.arch.sites import Site
 from cna_export.arch.spec import ArchSpec, ModelShape
+from cna_export.backends.options import ExportOptions
 from cna_export.circuit.format import Circuit
-from cna_export.errors import ArchitectureError, CheckpointError, CircuitError
+from cna_export.errors import ArchitectureError, CircuitError
 from cna_export.fold.scale import LayerEdits
 from cna_export.fold.storage import stored
-from cna_export.io.source import Source
+
+if TYPE_CHECKING:
+    from cna_export.audit.weights import Weights
+    from cna_export.backends.base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -143,22 +148,27 @@ def peft_config(pairs: list[LoraPair], base_model: str | None, revision: str | N
 # Reading the factors ---------------------------------------------------------------------------------------------
 
 
-def adapter_pairs(folder: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, target: str) -> list[LoraPair]:
-    """The LoRA factors of every layer a circuit edits, read from the safetensors checkpoint in `folder`.
-
-    Only the target tensor of each edited layer is read (memory-mapped), one at a time."""
+def adapter_pairs(weights: Weights, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, target: str) -> list[LoraPair]:
+    """The LoRA factors of every layer a circuit edits, read from the model's own weights: a safetensors checkpoint
+    (the tensors config.json implies, checked first) or a GGUF file (its tensors dequantized to float32). Only the
+    target tensor of each edited layer is read (memory-mapped), one at a time."""
     from cna_export.fold.export import check_targets
-    from cna_export.io.checkpoint import CheckpointReader
 
-    reader = CheckpointReader(folder)
-    check_targets(reader, spec, shape, edits, target)  # every tensor exists with the shape config.json implies
     site, gguf_site = spec.site(target), spec.site(target, "gguf")
     # The GGUF tensor must hold the neurons as the checkpoint does, so the same factors serve both files.
     same = (gguf_site.axis, gguf_site.part, gguf_site.parts) == (site.axis, site.part, site.parts)
+    here = spec.site(target, weights.fmt)
+    if weights.fmt == "gguf" and not same:
+        raise ArchitectureError(
+            f"{gguf_site.template} holds the neurons differently from {site.template}, so a LoRA of the checkpoint "
+            "cannot be read from the GGUF file.", "pass the safetensors model the GGUF was made from.",
+        )  # fmt: skip
+    if weights.fmt == "safetensors":
+        check_targets(weights.reader, spec, shape, edits, target)  # every tensor as config.json implies
     pairs = []
     for layer, (index, mult) in edits.items():
-        weight = reader.tensor(site.name(layer))
-        a, b = lora_factors(weight, site, shape.width(layer), index, mult, SELECTOR_DTYPE, site.name(layer))
+        weight = weights.values(here.name(layer))
+        a, b = lora_factors(weight, here, shape.width(layer), index, mult, SELECTOR_DTYPE, here.name(layer))
         pairs.append(LoraPair(module_name(spec, site, layer), gguf_site.name(layer) if same else None, a, b))
     return pairs
 
@@ -210,93 +220,87 @@ def gguf_name(out: Path) -> str:
     return f"{Path(out).name}-lora-f32.gguf"
 
 
-def _checked(source: Source, circuit: Circuit, out: Path, multiplier: float | None, allow_negative: bool,
-             overwrite: bool, force: bool, base_model: str | None) -> tuple[ArchSpec, ModelShape, LayerEdits, str | None]:  # fmt: skip
-    """Every check before anything is read or written: (spec, shape, edits, the source weights' hash if taken)."""
+def _checked(backend: Backend, circuit: Circuit, out: Path, options: ExportOptions) -> tuple[LayerEdits, str | None]:
+    """Every check before anything is read or written: (edits, the source weights' hash if taken)."""
     from cna_export.fold.export import EXPORT_MARKER
     from cna_export.io.output import check_output_path
-    from cna_export.io.source import describe, identity
     from cna_export.ship.card import check_repo_id
 
-    if source.is_gguf:
-        raise CheckpointError(
-            f"{source.path} is a GGUF file; an adapter's factors are columns of the base model's own weights.",
-            "pass the safetensors model the GGUF was made from (the GGUF LoRA then loads on top of that GGUF).",
-        )
     if any(getattr(n, "expert", None) is not None for n in circuit.neurons):
         raise CircuitError(
             "An adapter of neurons inside experts is not supported yet (PEFT would have to target the experts' "
             "fused parameters, and llama.cpp's expert tensors are 3-D).",
             "export this circuit with `cna-export apply`, or write an adapter of its dense layers only.",
         )
-    spec, shape, config = describe(source)
-    if getattr(shape, "moe", None) is not None:
+    if getattr(backend.shape, "moe", None) is not None:
         # PEFT (0.21) rewrites the targets of a mixture-of-experts model for transformers 5's fused experts: a
         # `...mlp.down_proj` target becomes the experts' `down_proj` parameter, so even a dense layer's factors
         # would not load where they were written.
         raise CircuitError(
-            f"Adapters of {config['model_type']} (a mixture of experts) are not supported: PEFT retargets its "
+            f"Adapters of {backend.model_type} (a mixture of experts) are not supported: PEFT retargets its "
             "down_proj modules to the fused experts.",
             "export the circuit with `cna-export apply` instead.",
         )
-    edits = circuit.edits(multiplier, allow_negative)
+    edits = circuit.edits(options.multiplier, options.allow_negative)
     if not edits:
         raise CircuitError("The circuit lists no neurons, so there is no adapter to write.", "pass another circuit.")
-    check_output_path(out, source.path, overwrite, marker=EXPORT_MARKER)
-    if base_model is not None:
-        check_repo_id(base_model)
+    check_output_path(out, backend.source.path, options.overwrite, marker=EXPORT_MARKER)
+    if options.base_model is not None:
+        check_repo_id(options.base_model)
     # Hash the weights only when there is something to compare with (cached after discover), as apply does.
-    weights = identity(source, config, shape).weights_sha256 if circuit.model.weights_sha256 and not force else None
-    circuit.check_fits(config["model_type"], shape, weights, force)
-    return spec, shape, edits, weights
+    force = options.force
+    weights = backend.identity().weights_sha256 if circuit.model.weights_sha256 and not force else None
+    circuit.check_fits(backend.model_type, backend.shape, weights, force)
+    return edits, weights
 
 
-def write_adapter(
-    source: Source, circuit: Circuit, out: Path, *, multiplier: float | None = None, allow_negative: bool = False,
-    overwrite: bool = False, force: bool = False, target: str = "down", gguf: bool = False,
-    base_model: str | None = None, recipe_file: Path | None = None,
-) -> Path:  # fmt: skip
-    """Write `circuit` as a LoRA adapter of `source` into the folder `out` (nothing is written on failure).
+def write_adapter(backend: Backend, circuit: Circuit, out: Path, options: ExportOptions | None = None) -> Path:
+    """Write `circuit` as a LoRA adapter of the opened model into the folder `out` (nothing is written on failure).
 
     The folder holds adapter_model.safetensors and adapter_config.json (PEFT), the applied circuit.json, a card
-    (README.md: `library_name: peft`, `base_model`) and, with `gguf`, `OUT-lora-f32.gguf` for llama.cpp / Ollama.
+    (README.md: `library_name: peft`, `base_model`) and, with `options.gguf` or from a GGUF source,
+    `OUT-lora-f32.gguf` for llama.cpp / Ollama. The factors are the source's own rows: from a GGUF file they are
+    read dequantized, so the GGUF LoRA is exact on that file and the PEFT one on the model it was converted from
+    up to its quantization.
 
     Args:
-        source: the base model (resolved), safetensors: the factors are columns of its weights.
+        backend: the base model, opened (`cna_export.backends.open_model`): a safetensors model or a GGUF file.
         circuit: the (possibly stacked) circuit.
-        multiplier, allow_negative, force, target, base_model, recipe_file: as for `apply_circuit`.
-        gguf: also write the GGUF LoRA.
+        out: the adapter folder.
+        options: multiplier, allow_negative, force, target, base_model, recipe_file, overwrite (as for
+            `apply_circuit`); gguf (any outtype: the GGUF LoRA is float32).
 
     Returns:
         The output folder.
 
     Example:
-        >>> write_adapter(resolve("Qwen/Qwen2.5-0.5B-Instruct"), Circuit.load("c.json"), Path("no-refusal-lora"))
+        >>> write_adapter(open_model("Qwen/Qwen2.5-0.5B-Instruct"), Circuit.load("c.json"), Path("no-refusal-lora"))
     """
+    from cna_export.audit.weights import weights_of
     from cna_export.fold.export import EXPORT_MARKER
     from cna_export.io.output import staged_output
     from cna_export.ship.adapter_card import write_adapter_card
     from cna_export.ship.card import copy_recipe
     from cna_export.ship.provenance import hub_origin
 
-    out = Path(out)
-    spec, shape, edits, weights = _checked(source, circuit, out, multiplier, allow_negative, overwrite, force,
-                                           base_model)  # fmt: skip
+    options = options or ExportOptions()
+    out, source = Path(out), backend.source
+    edits, weights = _checked(backend, circuit, out, options)
     start = time.perf_counter()
-    pairs = adapter_pairs(source.folder, spec, shape, edits, target)
-    applied = circuit.applied(multiplier)
+    pairs = adapter_pairs(weights_of(source), backend.spec, backend.shape, edits, options.target)
+    applied = circuit.applied(options.multiplier)
     hub = hub_origin(source)
-    base = base_model or (hub[0] if hub else None)
-    with staged_output(out, overwrite, marker=EXPORT_MARKER) as tmp:
+    base = options.base_model or (hub[0] if hub else None)
+    with staged_output(out, options.overwrite, marker=EXPORT_MARKER) as tmp:
         # A local path is not written into the config (it is published); --base-model names the Hub id.
         write_peft(tmp, pairs, base, hub[1] if hub else source.revision)
-        if gguf:
-            write_gguf_lora(tmp / gguf_name(out), spec, pairs, out.name, base)
+        if options.gguf is not None or source.is_gguf:  # a GGUF source: its LoRA is the adapter that runs on it
+            write_gguf_lora(tmp / gguf_name(out), backend.spec, pairs, out.name, base)
         applied.save(tmp / EXPORT_MARKER)
-        if recipe_file is not None:
-            copy_recipe(recipe_file, tmp)
-        write_adapter_card(tmp, source, applied, pairs, target=target, source_weights_sha256=weights,
-                           base_model=base_model, name=out.name)  # fmt: skip
+        if options.recipe_file is not None:
+            copy_recipe(options.recipe_file, tmp)
+        write_adapter_card(tmp, source, applied, pairs, target=options.target, source_weights_sha256=weights,
+                           base_model=options.base_model, name=out.name)  # fmt: skip
     log.info("wrote %s in %.2f s", out, time.perf_counter() - start)
     return out
 

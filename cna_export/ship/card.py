@@ -28,6 +28,7 @@ from cna_export.ship.provenance import (
     MARKER,
     PROVENANCE_FORMAT,
     RECIPE_NAME,
+    audit_lines,
     file_hashes,
     provenance,
     provenance_block,
@@ -52,7 +53,8 @@ def preload() -> None:
     threading.Thread(target=import_module, args=("huggingface_hub.repocard",), daemon=True).start()
 
 
-def build_card(folder: Path, source: Source, circuit: Circuit, *, base_model: str | None = None, **record: Any):
+def build_card(folder: Path, source: Source, circuit: Circuit, *, base_model: str | None = None,
+               name: str | None = None, **record: Any):  # fmt: skip
     """Build the model card of an exported folder (a `huggingface_hub.ModelCard`).
 
     Args:
@@ -60,6 +62,7 @@ def build_card(folder: Path, source: Source, circuit: Circuit, *, base_model: st
         source: the model the export was made from.
         circuit: the circuit as applied (its multipliers are the ones folded in).
         base_model: the Hub id of the source, when it cannot be inferred (a local copy, a GGUF file).
+        name: the folder's final name, for the audit command (`folder` may be its staging sibling).
         record: the provenance options (`cna_export.ship.provenance.provenance`): target, source_weights_sha256,
             metrics (also shown in a table), known_hashes, hash_weights.
 
@@ -89,7 +92,7 @@ def build_card(folder: Path, source: Source, circuit: Circuit, *, base_model: st
         **inherited,
         **({"base_model_relation": RELATION} if base else {}),
     )
-    body = _human_text(record, circuit, base)
+    body = _human_text(record, circuit, base, name or Path(folder).name)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
@@ -127,7 +130,7 @@ def update_card(
     if has_gguf:
         card.data.tags = [*(card.data.tags or []), *([] if "gguf" in (card.data.tags or []) else ["gguf"])]
     circuit = Circuit.load(Path(folder) / record["circuit"]["file"])
-    body = _human_text(record, circuit, card.data.base_model)
+    body = _human_text(record, circuit, card.data.base_model, Path(folder).name)
     ModelCard(f"---\n{card.data.to_yaml()}\n---\n{body}").save(path)
     return path
 
@@ -261,14 +264,13 @@ def _spans(layers: list[int]) -> str:
     return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
-def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> str:
+def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None, name: str) -> str:
     edit, src = record["edit"], record["source"]
     total = circuit.num_neurons
     n = edit["neurons"]
     origin = f"[{base}](https://huggingface.co/{base})" if base else f"`{src['model']}`"
-    site = arch_for(circuit.model.model_type).site(edit["target"])
-    where = site.describe() + (" (`W_down[:, j] *= m`)" if edit["target"] == "down" else
-                               " (`W_up[j, :] *= m`, the same edit for a gated MLP)")  # fmt: skip
+    patched = _library(record["files"])[1] == "gguf"  # the source GGUF patched in place, not a dense export
+    site = arch_for(circuit.model.model_type).site(edit["target"], "gguf" if patched else "safetensors")
     overrides = sorted({nn.multiplier for nn in circuit.neurons if nn.multiplier is not None})
     lines = [
         "",
@@ -284,10 +286,9 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
         f"- Neurons: {n} of {total} MLP neurons ({100 * n / total:.3f}%) in {len(edit['neurons_per_layer'])} layers",
         f"- Multiplier: m = {edit['multiplier']:g} (0 removes a neuron, 1 keeps it, >1 amplifies it)"
         + (f"; per-neuron overrides: {', '.join(f'{m:g}' for m in overrides)}" if overrides else ""),
-        f"- Folded into: {where}; exact, no approximation",
+        _where_line(site, edit["target"], patched),
         *sources_lines(circuit),
-        "- Every other tensor is byte-identical to the source"
-        + (" (as dequantized from its GGUF file)." if src.get("gguf_file") else "."),
+        _identical_line(src, patched),
         *([WRAPPER_NOTE] if arch_for(circuit.model.model_type).text_config else []),
         *_width_lines(circuit),
         "",
@@ -303,22 +304,14 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
         lines += [f"| {name} | {_fmt(value)} |" for name, value in _flatten(metrics) if not name.startswith("checks.")]
         lines += ["", _split_sentence(metrics.get("split")), *_checks_lines(metrics.get("checks"))]
     else:
-        lines.append("Not evaluated yet (`cna-export eval --model SOURCE --edited THIS_FOLDER ...` measures it).")
+        lines.append(f"Not evaluated yet (`cna-export eval --model {src['model']} --edited {name} ...` measures it).")
     unhashed = []
     if None in record["files"].values():
         unhashed = ["Weight files listed with `null` were not hashed at export (`--file-hashes` does it); "
                     "`cna-export push` records their sha256 before uploading.", ""]  # fmt: skip
     lines += [
         "",
-        "## Audit",
-        "",
-        "`circuit.json` lists every neuron and multiplier. To check that these weights are exactly the source with "
-        "that circuit folded in, and nothing else changed:",
-        "",
-        "```bash",
-        "cna-export diff SOURCE_MODEL THIS_FOLDER --verify circuit.json",
-        "```",
-        "",
+        *audit_lines(src["model"], name, record["files"], patched),
         "## Provenance",
         "",
         "Source, circuit and recipe hashes, tool version and the sha256 of every file in this repository "
@@ -328,6 +321,25 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None) -> s
         *provenance_block(record),
     ]
     return "\n".join(lines)
+
+
+def _where_line(site: Any, target: str, patched: bool) -> str:
+    """Where the multipliers went: the checkpoint tensor of a dense export, the GGUF tensor of a patched file."""
+    if patched:
+        return (f"- Patched into: {site.describe()} of the GGUF file (`W_up[j, :] *= m`, the same edit as "
+                "`W_down[:, j] *= m` for a gated MLP): in a quantized row only its f16 block scales are multiplied, "
+                "the quantized values stay the source's")  # fmt: skip
+    where = site.describe() + (" (`W_down[:, j] *= m`)" if target == "down" else
+                               " (`W_up[j, :] *= m`, the same edit for a gated MLP)")  # fmt: skip
+    return f"- Folded into: {where}; exact, no approximation"
+
+
+def _identical_line(src: dict[str, Any], patched: bool) -> str:
+    if patched:
+        return ("- Every other tensor of the GGUF file is byte-identical to the source file's, and so are the "
+                "metadata and the vocabulary.")  # fmt: skip
+    return "- Every other tensor is byte-identical to the source" + (
+        " (as dequantized from its GGUF file)." if src.get("gguf_file") else ".")  # fmt: skip
 
 
 def read_provenance(card_path: Path) -> dict[str, Any]:

@@ -39,9 +39,7 @@ def source_metadata(source: Source) -> dict[str, Any]:
     if source.is_gguf:
         from gguf import Keys
 
-        from cna_export.gguf.check import check_gguf
-
-        layout = check_gguf(source.path)
+        layout = source.layout  # checked once, when the source was resolved
         keys = {
             "license": (Keys.General.LICENSE, str),
             "license_name": (Keys.General.LICENSE_NAME, str),
@@ -173,3 +171,43 @@ def file_hashes(
 def provenance_block(record: dict[str, Any]) -> list[str]:
     """The card lines that carry the record: the marker, then the record as fenced JSON."""
     return [MARKER, "```json", json.dumps(record, indent=1), "```", ""]
+
+
+def audit_lines(source: str, name: str, files: dict[str, Any], patched: bool) -> list[str]:
+    """The card's Audit section: the one command that checks this folder against its source (exit 0 when it is
+    exactly the source with circuit.json applied), run where both lie; a GGUF converted into a dense export gets
+    the two commands that check it. `source` is the source as the card names it (a Hub id, or the name of a
+    local folder or file), `name` this folder's name."""
+    what = ("this GGUF file is exactly the source file with that circuit patched in" if patched else
+            "these weights are exactly the source with that circuit folded in")  # fmt: skip
+    lines = [
+        "## Audit",
+        "",
+        f"`circuit.json` lists every neuron and multiplier. To check that {what}, and nothing else changed (run it "
+        "where the source and this folder both are; a local source is named by its folder or file name):",
+        "",
+        "```bash",
+        f"cna-export diff {source} {name} --verify {name}/circuit.json",
+        "```",
+        "",
+    ]
+    converted = [] if patched else [f for f in files if f.endswith(".gguf")]
+    for gguf in converted:
+        outtype = gguf.removesuffix(".gguf").rsplit("-", 1)[-1]
+        if outtype not in ("f32", "f16", "bf16"):
+            lines += [f"`{gguf}` is these weights converted for llama.cpp and quantized, which rounds every block "
+                      "of the scaled tensors anew: it is checked through the weights above.", ""]  # fmt: skip
+            continue
+        # `gguf` converts a local folder: a Hub source is converted from its downloaded snapshot.
+        folder = "SOURCE_FOLDER" if "/" in source else source
+        original = f"{source.replace('/', '-')}-{outtype}.gguf"
+        lines += [
+            f"`{gguf}` is these weights converted for llama.cpp. Converted the same way, the source checks it:",
+            "",
+            "```bash",
+            f"cna-export gguf {folder} -o {original} --outtype {outtype}",
+            f"cna-export diff {original} {name}/{gguf} --verify {name}/circuit.json",
+            "```",
+            "",
+        ]
+    return lines

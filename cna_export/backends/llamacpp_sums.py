@@ -1,10 +1,10 @@
-"""Contrastive Neuron Attribution inside llama.cpp: the forward passes of `collect_sets`, on a GGUF file as it is.
+"""The llama.cpp backend's attribution: the forward passes of `collect_sets`, inside llama.cpp, on a GGUF as it is.
 
 The model stays quantized and mmapped by llama.cpp. The prompt sets run together, as in the torch route: their
 common chat-template prefix is decoded once into KV sequence 0 and shared (a unified cache: no copy), then the
 prompts go in length-sorted groups of `batch_size` sequences per decode. A tap on the graph (see
 `cna_export.gguf.tap`) reads the input of each layer's `ffn_down` at every sequence's last token and adds it
-to its set's float64 sums (`_Sums`, the same accumulator as the torch route, so `SetStats` means the same); the
+to its set's float64 sums (`SetSums`, the same accumulator as the torch route, so `SetStats` means the same); the
 graph ends after the last layer that can be selected.
 
 A mixture of experts is read where llama.cpp computes it (`build_moe_ffn`): the stacked experts' `ffn_down_exps`
@@ -19,28 +19,20 @@ family gates it (Qwen2-MoE's sigmoid, the second factor of the multiplication of
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cna_export.arch import ArchSpec, ModelShape, arch_for
+from cna_export.arch import ArchSpec, ModelShape
 from cna_export.arch.experts import ExpertShape
-from cna_export.attribution.collect import SetStats, _Sums, common_prefix
+from cna_export.attribution.collect import SetStats, SetSums, common_prefix
 from cna_export.attribution.experts import router_weights
-from cna_export.attribution.select import Attribution, from_stats, prepare
-from cna_export.circuit.format import ModelIdentity, prompt_set, shape_fields
-from cna_export.circuit.selection import Selection
 from cna_export.errors import RecipeError
-from cna_export.gguf.check import check_gguf, gguf_model_type, gguf_shape
 from cna_export.gguf.llamacpp import LlamaCppModel, Seq
 from cna_export.gguf.tap import FfnDownTap, Unit
-from cna_export.io.hashing import combined_sha256, sha256_files
 from cna_export.progress import QUIET_SECONDS
 
 log = logging.getLogger(__name__)
@@ -67,7 +59,7 @@ def tap_units(spec: ArchSpec, shape: ModelShape, last: int) -> dict[bytes, Unit]
     return units
 
 
-def add_rows(sums: _Sums, moe: ExpertShape | None, parts: dict[tuple[int, str], np.ndarray]) -> None:
+def add_rows(sums: SetSums, moe: ExpertShape | None, parts: dict[tuple[int, str], np.ndarray]) -> None:
     """Add one decode's tapped rows (`parts[layer, part]`, see `FfnDownTap`) to the sums as the torch route adds
     its captures: a dense layer's input; the routed experts as [rows, E * width] (router weight x input at the
     selected experts' columns, zero elsewhere; top-n per expert among the routed rows); the shared expert's input
@@ -115,7 +107,7 @@ def collect_sets_gguf(
         One `SetStats` per set, as `collect_sets` returns them (MoE: with the routing counts).
     """
     last = shape.num_layers - 1 if last_layer is None else last_layer
-    sums = _Sums(len(sets), shape.row_width, top_n)  # a layer narrower than the widest fills the first columns
+    sums = SetSums(len(sets), shape.row_width, top_n)  # a layer narrower than the widest fills the first columns
 
     # The tap only copies rows out; they are added after each decode. Torch work inside the callback would wake its
     # thread pool while llama.cpp's threads wait for the main thread, and the two pools fight for the cores.
@@ -155,56 +147,3 @@ def encode_sets(model: LlamaCppModel, sets: Sequence[Sequence[str]], chat_templa
             raise RecipeError("A prompt set is empty.", "give at least one prompt on each side.")
         out.append([model.encode(p, chat_template) for p in prompts])
     return out
-
-
-def gguf_chat_template(path: Path, use: bool) -> str | None:
-    """The GGUF's `tokenizer.chat_template` when `use` and the file has one."""
-    if not use:
-        return None
-    from cna_export.gguf.ollama import read_chat_template
-
-    return read_chat_template(path) or None
-
-
-def describe_gguf(path: Path) -> tuple[ArchSpec, ModelShape, dict]:
-    """Architecture row, shape and small metadata of a GGUF file, from its header alone (no transformers: its GGUF
-    config reader parses the whole vocabulary, ~30 s for a Qwen file on 2 cores)."""
-    layout = check_gguf(path)
-    spec = arch_for(gguf_model_type(layout))
-    return spec, gguf_shape(layout, spec, path), layout.metadata
-
-
-def gguf_identity(source_name: str, path: Path, spec: ArchSpec, shape: ModelShape, metadata: dict) -> ModelIdentity:
-    """The circuit's provenance for a GGUF file: the same weights hash as the torch route (sha256 over
-    "NAME DIGEST"), a config hash over the file's small metadata values."""
-    config = json.dumps(metadata, sort_keys=True, default=str).encode()
-    return ModelIdentity(
-        source=source_name, model_type=spec.model_type, weights_sha256=combined_sha256(sha256_files([path])),
-        config_sha256=hashlib.sha256(config).hexdigest(), num_layers=shape.num_layers,
-        intermediate_size=shape.intermediate_size, hidden_size=shape.hidden_size, **shape_fields(shape),
-    )  # fmt: skip
-
-
-def attribute_gguf(
-    path: Path, spec: ArchSpec, model_id: ModelIdentity, positive: Sequence[str], negative: Sequence[str],
-    neutral: Sequence[str], selection: Selection, *, n_threads: int | None = None,
-) -> Attribution:  # fmt: skip
-    """`attribute` through llama.cpp on a GGUF file: the same prompt sets, sums and selection step.
-
-    Example:
-        >>> spec, shape, meta = describe_gguf(p); ident = gguf_identity(str(p), p, spec, shape, meta)
-        >>> attribute_gguf(p, spec, ident, harmful, benign, neutral, Selection(top_k=46)).circuit(46)
-    """
-    shape = model_id.shape()  # an MoE GGUF: its experts as `gguf_identity` recorded them
-    selection, top_n, last = prepare(shape, selection)
-    template = gguf_chat_template(path, selection.chat_template)
-    with LlamaCppModel(path, n_threads) as model:
-        if model.n_layer != shape.num_layers:
-            raise RecipeError(f"llama.cpp reads {model.n_layer} layers in {path}, the header {shape.num_layers}.",
-                              "re-convert the model.")  # fmt: skip
-        groups = [positive, negative] + ([neutral] if top_n else [])
-        sets = encode_sets(model, groups, template)
-        stats = collect_sets_gguf(model, spec, shape, sets, selection.batch_size, top_n, last)
-    prompts = {name: prompt_set(list(p)) for name, p in zip(("positive", "negative", "neutral"), groups)}
-    return from_stats(stats, selection, top_n, prompts, model_id, dtype="float32", chat_template=template is not None,
-                      moe=shape.moe)  # fmt: skip
