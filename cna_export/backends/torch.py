@@ -109,7 +109,7 @@ class TorchBackend:
         self = cls.__new__(cls)
         self.source, self.options, self.model_name = None, LoadOptions(), model_name
         self.spec, self.shape, self.config = spec, shape_of(model.config.get_text_config()), None
-        self.model_type = model.config.get_text_config().model_type if model_id is None else model_id.model_type
+        self.model_type = model.config.model_type if model_id is None else model_id.model_type
         self._runner, self._tokenizer, self._identity = TorchRunner(model, tokenizer, spec), tokenizer, model_id
         return self
 
