@@ -242,12 +242,19 @@ def diff(original: str, edited: str) -> DiffReport:
 def verify(original: str, edited: str, circuit: Circuit) -> tuple[bool, str]:
     """Is `edited` exactly `original` with `circuit` folded in (down columns or up rows), nothing else changed?
 
+    `edited` may also be a LoRA adapter folder: then its factors must be exactly the circuit's LoRA of `original`
+    (`cna_export.audit.adapter.verify_adapter`).
+
     Returns:
         (ok, one-line reason). Stops at the first difference.
 
     Example:
         >>> ok, why = verify("./model", "./edited", Circuit.load("./edited/circuit.json"))
     """
+    from cna_export.audit.adapter import is_adapter_folder, verify_adapter
+
+    if is_adapter_folder(edited):
+        return verify_adapter(original, edited, circuit)
     edits = circuit.unit_edits(allow_negative=True)  # (layer, expert) -> (indices, multipliers)
     with open_pair(original, edited) as (a, b):
         s, me = a.shape, circuit.model

@@ -82,6 +82,7 @@ def _body(record: dict[str, Any], circuit: Circuit, base: str | None, name: str)
         f"- Multiplier: m = {edit['multiplier']:g}"
         + (f"; per-neuron: {', '.join(f'{m:g}' for m in overrides)}" if overrides else ""),
         f"- Module: {module}; exact in float32, lora_alpha = rank (scaling 1)",
+        *_gguf_source_lines(record["source"]),
         *sources_lines(circuit),
         "",
         "## Use",
@@ -105,11 +106,30 @@ def _body(record: dict[str, Any], circuit: Circuit, base: str | None, name: str)
     lines += [
         "```",
         "",
+        "## Audit",
+        "",
+        "`circuit.json` lists every neuron and multiplier. To check that the factors are exactly that circuit's "
+        "LoRA of the source (the PEFT file and the GGUF LoRA alike, bit for bit; run it where the source and this "
+        "folder both are; a local source is named by its folder or file name):",
+        "",
+        "```bash",
+        f"cna-export diff {record['source']['model']} {name} --verify {name}/circuit.json",
+        "```",
+        "",
         "## Provenance",
         "",
         *provenance_block(record),
     ]
     return "\n".join(lines)
+
+
+def _gguf_source_lines(source: dict[str, Any]) -> list[str]:
+    """An adapter read from a GGUF file: where its factors come from, and what they are exact for."""
+    if not source.get("gguf_file"):
+        return []
+    return [f"- Factors read from the GGUF file `{source['gguf_file']}` (its rows dequantized to float32): the GGUF "
+            "LoRA gives that file the edit; on the model the file was converted from, the PEFT adapter is exact "
+            "only where the file stores the weights unrounded"]  # fmt: skip
 
 
 def _vllm_rank(rank: int) -> int:
