@@ -100,6 +100,9 @@ class LlamaCppBackend:
 
     @contextlib.contextmanager
     def _file(self, path: Path) -> Iterator[LlamaCppRunner]:
+        # One model in memory at a time: a variant never needs the original (its encodings are plain token ids),
+        # which `load` maps again if it is asked for later.
+        self.close()
         runner = self._open(path)
         try:
             yield runner
