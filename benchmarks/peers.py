@@ -103,7 +103,8 @@ def prepare(model: str, work: Path) -> Path:
 
 def heretic_markers() -> list[str]:
     """heretic's default refusal markers, read from its installed package by its own interpreter."""
-    code = "import json; from heretic.config import Settings; print(json.dumps(Settings.model_fields['refusal_markers'].default))"  # noqa: E501
+    code = ("import json; from heretic.config import Settings; "
+            "print(json.dumps(Settings.model_fields['refusal_markers'].default))")
     out = subprocess.run([str(HERETIC / "bin" / "python"), "-c", code], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -112,7 +113,8 @@ def heretic_config(folder: Path, hw: Path, trials: int, max_tokens: int, batch: 
     """config.toml in heretic's working folder, and the prompt files (one prompt per line) it reads."""
     recipe, base = load_recipe(RECIPE)
     sets = {"good_prompts": recipe.negative, "bad_prompts": recipe.positive,
-            "good_evaluation_prompts": recipe.validation_negative, "bad_evaluation_prompts": recipe.validation_positive}  # fmt: skip
+            "good_evaluation_prompts": recipe.validation_negative,
+            "bad_evaluation_prompts": recipe.validation_positive}  # fmt: skip
     lines = [f"model = {json.dumps(str(folder))}", f"n_trials = {trials}",
              f"n_startup_trials = {max(1, round(0.3 * trials))}", "seed = 0", 'export_strategy = "merge"',
              f"batch_size = {batch}", f"max_response_length = {max_tokens}", 'response_prefix = ""',
@@ -171,7 +173,8 @@ class Dialog:
 def run_heretic(folder: Path, hw: Path, export: Path) -> dict:
     """Run heretic's study and export the chosen trial; returns its front, choice, time and peak memory."""
     env = {**os.environ, "KAGGLE_KERNEL_RUN_TYPE": "batch", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2", "COLUMNS": "200"}  # fmt: skip
+           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2",
+           "COLUMNS": "200"}  # fmt: skip
     env.pop("PYTHONPATH", None)
     cmd = ["nice", "-n", "10", "/usr/bin/time", "-v", "-o", str(hw / "heretic.time"), str(HERETIC / "bin" / "heretic")]
     start = time.time()
@@ -295,7 +298,8 @@ def export_pick(folder: Path, work: Path, pick: dict) -> tuple[Path, dict]:
     record = out.with_suffix(".json")
     if not record.is_file():
         cmd = [sys.executable, "-m", "cna_export", "apply", "--model", str(folder), "--circuit",
-               str(work / f"circuit-k{pick['k']}.json"), "--multiplier", str(pick["multiplier"]), "--out", str(out)]  # fmt: skip
+               str(work / f"circuit-k{pick['k']}.json"), "--multiplier", str(pick["multiplier"]),
+               "--out", str(out)]  # fmt: skip
         record.write_text(json.dumps(timed(cmd, out.with_suffix(".log"))))
     return out, json.loads(record.read_text())
 
@@ -467,7 +471,8 @@ def run_model(key: str, args: argparse.Namespace) -> None:
     grid = json.loads(grid_file.read_text())
     pick = grid["chosen"]
     variants = {"CNA shipped": work / "cna-shipped", "heretic chosen": export}
-    cost = {"CNA shipped": shipped, "heretic chosen": {k: heretic[k] for k in ("wall_s", "peak_rss_gib", "to_export_s")}}
+    cost = {"CNA shipped": shipped,
+            "heretic chosen": {k: heretic[k] for k in ("wall_s", "peak_rss_gib", "to_export_s")}}  # fmt: skip
     if (pick["fraction"], pick["multiplier"]) != (grid["recipe_fraction"], grid["recipe_multiplier"]):
         variants["CNA grid pick"], cost["CNA grid pick"] = export_pick(folder, work, pick)
         cost["CNA grid pick"] = {**cost["CNA grid pick"], "note": "apply only; attribution and grid not included"}

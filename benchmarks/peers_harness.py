@@ -64,8 +64,8 @@ def judge_prefixes(answer_ids: Sequence[int], decode, markers: Sequence[str],
     return out
 
 
-_NAMES = ("amber", "birch", "cobalt", "delta", "ember", "falcon", "garnet", "harbor", "indigo", "juniper",
-          "kestrel", "lantern", "marble", "nectar", "onyx", "pepper", "quartz", "raven", "saffron", "tundra")  # fmt: skip
+_NAMES = ("amber", "birch", "cobalt", "delta", "ember", "falcon", "garnet", "harbor", "indigo", "juniper", "kestrel",
+          "lantern", "marble", "nectar", "onyx", "pepper", "quartz", "raven", "saffron", "tundra")  # fmt: skip
 _SUBJECTS = ("The committee", "A farmer", "The river", "Our neighbour", "The old library", "A traveller",
              "The museum guide", "The weather report", "A local baker", "The train", "The city council",
              "A young student", "The orchestra", "The gardener", "A fisherman", "The night shift")  # fmt: skip
@@ -87,10 +87,11 @@ class LongItem:
     fact_position: float  # where the fact sits, as a share of the text
 
 
-def long_context_items(n: int, words: int = 3000, seed: int = 0) -> list[LongItem]:
-    """`n` deterministic retrieval items of about `words` words of filler (about 4k tokens for Qwen's tokenizer):
-    "The access code of the <name> locker is <5 digits>." within the first 10% of the text, neutral filler
-    sentences around it, and at the end the question for that code. The same seed gives the same items everywhere.
+def long_context_items(n: int, words: int = 3600, seed: int = 0) -> list[LongItem]:
+    """`n` deterministic retrieval items of about `words` words of filler (3600 words: about 4.1k tokens with
+    Qwen2.5's chat template): "The access code of the <name> locker is <5 digits>." within the first 10% of the
+    text, neutral filler sentences around it, and at the end the question for that code. The same seed gives the
+    same items everywhere.
 
     Example:
         >>> item = long_context_items(1, words=200)[0]
