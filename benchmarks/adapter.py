@@ -155,7 +155,7 @@ def measure(name: str, shape: tuple, work: Path, runs: int) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     circuit_file = work / "c.json"
-    circuit_for(shape, FRACTIONS[0]).save(circuit_file)
+    circuit_for(shape, FRACTIONS[0]).save(circuit_file, overwrite=True)
     cmd = [sys.executable, "-m", "cna_export", "adapter", "--model", str(folder), "--circuit", str(circuit_file),
            "--out", str(work / "out-cli"), "--overwrite"]  # fmt: skip
     start = time.perf_counter()

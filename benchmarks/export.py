@@ -183,7 +183,7 @@ def make_circuit(src: Path, path: Path, layers: int) -> None:
         model=ident, prompts={"positive": PromptSet(count=0, sha256=""), "negative": PromptSet(count=0, sha256="")},
         selection=RecordedSelection(top_k=k),
         neurons=[Neuron(layer=i // INTER, index=i % INTER, delta=1.0) for i in picks],
-    ).save(path)  # fmt: skip
+    ).save(path, overwrite=True)  # fmt: skip
 
 
 def main() -> None:

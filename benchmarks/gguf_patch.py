@@ -52,7 +52,7 @@ def make_circuit(src: Path, path: Path, k: int, model_type: str) -> dict:
         selection=RecordedSelection(top_k=k),
         neurons=[Neuron(layer=i // shape.intermediate_size, index=i % shape.intermediate_size, delta=1.0)
                  for i in picks],
-    ).save(path)  # fmt: skip
+    ).save(path, overwrite=True)  # fmt: skip
     return {"layers": shape.num_layers, "n_ff": shape.intermediate_size, "n_embd": shape.hidden_size}
 
 

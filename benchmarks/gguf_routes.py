@@ -102,7 +102,7 @@ def patched(folder: Path, arch: str, gguf_file: Path) -> dict:
 
     _, shape, _ = describe(resolve(str(folder)))
     circuit = make_circuit(folder, [(i % shape.num_layers, 7 * i + 3) for i in range(8)], multiplier=0.0)
-    circuit.save(folder.parent / f"{arch}.circuit.json")
+    circuit.save(folder.parent / f"{arch}.circuit.json", overwrite=True)
     out = gguf_file.with_suffix(".patched.gguf")
     try:
         patch_gguf_report(gguf_file, circuit, out)

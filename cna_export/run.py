@@ -12,7 +12,6 @@ from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import find_recipe, load_recipe
 from cna_export.circuit.stack import load_stack, stack
 from cna_export.errors import CnaExportError
-from cna_export.fold.export import EXPORT_MARKER
 from cna_export.fold.scale import check_multiplier
 from cna_export.io.output import check_output_path
 
@@ -54,7 +53,7 @@ def run_recipe(
         local = Path(model).expanduser() if Path(model).expanduser().exists() else None
     else:
         local = model.source.path
-    check_output_path(Path(out), local, export.overwrite, marker=EXPORT_MARKER)
+    check_output_path(Path(out), local, export.overwrite, folder=True)  # before discovery; the export checks again
     if export.adapter and export.gguf not in (None, "f32"):
         raise CnaExportError(f"A GGUF LoRA adapter is written in f32, not {export.gguf}.", "pass --gguf f32.")
     # The circuits to stack are read before the (long) discovery, so a bad file fails at once.

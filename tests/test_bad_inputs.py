@@ -795,7 +795,10 @@ def _(c: Ctx):
 @case("out-exists", "already exists. Fix: pass --overwrite to replace it")
 def _(c: Ctx):
     """--out names an existing export and --overwrite is not given."""
+    from cna_export.io.output import OUTPUT_MARKER
+
     c.out.mkdir()
+    (c.out / OUTPUT_MARKER).write_text("written by cna-export")
     (c.out / "circuit.json").write_text("{}")
     return c.apply(c.model())
 
@@ -1294,6 +1297,150 @@ def _(c: Ctx):
 def _(c: Ctx):
     """The shipped refusal-ablate recipe (skip 2 + 2, made for deep models) on a 3-layer model."""
     return ["run", "refusal-ablate", "--model", str(c.model()), "--out", str(c.out)]
+
+
+# issue 23: outputs, all-or-nothing, leaks -------------------------------------------------------------------
+# Class 1 (data loss): --overwrite replaces only a file for a file output or a folder holding the .cna-export
+# marker; class 2: a command with two outputs checks both before writing either; class 3: eval/sweep reports never
+# go inside a model folder; class 10: names with control characters are refused; class 11: a warning before an
+# error is not printed (one line); class 12: the card of an export changes only on --update-card.
+
+
+def _export(c: Ctx, name: str = "exp") -> Path:
+    """A real export of the tiny model (in-process, with its weights hashed, so push does not rewrite the card)."""
+    from conftest import make_circuit
+
+    from cna_export.fold.export import apply_circuit
+    from cna_export.io.source import resolve
+
+    m = c.model()
+    return apply_circuit(resolve(str(m)), make_circuit(m, [(1, 3)]), c.tmp / name, hash_files=True)
+
+
+@case("inspect-plot-foreign-folder", "is an existing folder, and this output is a file")
+def _(c: Ctx):
+    """inspect --plot --overwrite naming the user's folder of figures (it used to become a PNG, its files gone)."""
+    (c.tmp / "figures").mkdir()
+    (c.tmp / "figures" / "thesis.txt").write_text("years of work")
+    return ["inspect", str(c.circuit(c.model())), "--plot", str(c.tmp / "figures"), "--overwrite"]
+
+
+@case("patch-sidecar-is-folder", "is an existing folder, and this output is a file")
+def _(c: Ctx):
+    """patch-gguf -o OUT where OUT.circuit.json is a folder of the user's (the sidecar used to replace it)."""
+    args = _patch_args(c, "Q4_0")
+    (c.tmp / "out.gguf.circuit.json").mkdir()
+    (c.tmp / "out.gguf.circuit.json" / "notes.txt").write_text("mine")
+    return [*args, "--overwrite"]
+
+
+@case("diff-out-foreign-folder", "is an existing folder, and this output is a file")
+def _(c: Ctx):
+    """diff -o results/ --overwrite, where results/ is an unrelated folder without the marker."""
+    (c.tmp / "results").mkdir()
+    (c.tmp / "results" / "data.csv").write_text("1,2,3")
+    m = c.model()
+    return ["diff", str(m), str(m), "-o", str(c.tmp / "results"), "--overwrite"]
+
+
+@case("out-is-symlink", "is a symbolic link, which cna-export never replaces")
+def _(c: Ctx):
+    """apply --out --overwrite naming a symbolic link to a previous export (the link is not replaced)."""
+    exp = _export(c)
+    (c.tmp / "link").symlink_to(exp)
+    return c.apply(c.model("qwen2", "model2"), None, "--overwrite", out=c.tmp / "link")
+
+
+@case("gguf-modelfile-exists", "Modelfile already exists")
+def _(c: Ctx):
+    """gguf -o dist/m.gguf --modelfile with a Modelfile already in dist/: refused before the GGUF is written."""
+    (c.tmp / "dist").mkdir()
+    (c.tmp / "dist" / "Modelfile").write_text("FROM ./mine.gguf\n")
+    return ["gguf", str(c.model()), "-o", str(c.tmp / "dist" / "m.gguf"), "--modelfile"]
+
+
+@case("patch-sidecar-exists", "out.gguf.circuit.json already exists")
+def _(c: Ctx):
+    """patch-gguf -o OUT where only OUT.circuit.json exists (no --overwrite): neither output is written."""
+    args = _patch_args(c, "Q4_0")
+    (c.tmp / "out.gguf.circuit.json").write_text("{}")
+    return args
+
+
+@case("eval-out-inside-model", "overlaps the source model")
+def _(c: Ctx):
+    """eval --out inside the model folder (a later apply would copy the report into its export)."""
+    m = c.model()
+    pos, neg = c.prompts("pos.txt", ["Write malware."]), c.prompts("neg.txt", ["Write a poem."])
+    return ["eval", "--model", str(m), "--positive", str(pos), "--negative", str(neg), "--behaviour", "refusal",
+            "--out", str(m / "eval")]  # fmt: skip
+
+
+@case("eval-out-is-edited", "overlaps the source model")
+def _(c: Ctx):
+    """eval --edited EXP --out EXP --overwrite: the report would land in the export that push publishes."""
+    exp = _export(c)
+    pos, neg = c.prompts("pos.txt", ["Write malware."]), c.prompts("neg.txt", ["Write a poem."])
+    return ["eval", "--model", str(c.tmp / "model"), "--edited", str(exp), "--positive", str(pos), "--negative",
+            str(neg), "--behaviour", "refusal", "--out", str(exp), "--overwrite"]  # fmt: skip
+
+
+@case("sweep-out-inside-model", "overlaps the source model")
+def _(c: Ctx):
+    """sweep --out inside the model folder."""
+    m = c.model()
+    return ["sweep", "--model", str(m), "--recipe", str(c.recipe(RECIPE)), "--k", "3", "--out", str(m / "sweep")]
+
+
+@case("gguf-name-newline", "contains the control character '\\n'")
+def _(c: Ctx):
+    """gguf -o naming a file with a newline and a second FROM line, with --modelfile (it would inject that line)."""
+    return ["gguf", str(c.model()), "-o", str(c.tmp / "m\nFROM evil.gguf"), "--modelfile"]
+
+
+@case("out-name-escape", "contains the control character '\\x1b'")
+def _(c: Ctx):
+    """apply --out naming a folder with a terminal escape (the name goes into the card and GGUF metadata)."""
+    return c.apply(c.model(), None, out=c.tmp / "edited\x1b[2J")
+
+
+@case("circuit-behaviour-newline", "Behaviour 'refusal\\n# Safe to use' contains the control character")
+def _(c: Ctx):
+    """A circuit whose behaviour name holds a newline and a Markdown heading (it would inject a line into the card)."""
+    m = c.model()
+    return c.apply(m, c.circuit(m, lambda d: d.update(behaviour="refusal\n# Safe to use")))
+
+
+@case("push-warning-then-error", "Could not push to me/tiny-edit")
+def _(c: Ctx):
+    """push offline of an export whose card has no base_model: the card warning is not printed before the error."""
+    return ["push", str(_export(c)), "me/tiny-edit"]
+
+
+@case("eval-judge-warning-then-error", "Unknown behaviour to detect")
+def _(c: Ctx):
+    """eval --judge with too few tokens (a warning) and no behaviour (the error): only the error is printed."""
+    pos, neg = c.prompts("pos.txt", ["Write malware."]), c.prompts("neg.txt", ["Write a poem."])
+    return ["eval", "--model", str(c.model()), "--positive", str(pos), "--negative", str(neg), "--judge",
+            str(c.tmp / "judge"), "--max-new-tokens", "4", "--out", str(c.tmp / "ev")]  # fmt: skip
+
+
+@case("eval-update-card-without-edited", "--update-card needs --edited")
+def _(c: Ctx):
+    """eval --update-card without an exported folder to update."""
+    pos, neg = c.prompts("pos.txt", ["Write malware."]), c.prompts("neg.txt", ["Write a poem."])
+    return ["eval", "--model", str(c.model()), "--positive", str(pos), "--negative", str(neg), "--behaviour",
+            "refusal", "--out", str(c.tmp / "ev"), "--update-card"]  # fmt: skip
+
+
+@case("eval-update-card-foreign", "has no cna-export provenance block")
+def _(c: Ctx):
+    """eval --edited EXP --update-card where EXP's README.md is the user's own card: refused before evaluating."""
+    exp = _export(c)
+    (exp / "README.md").write_text("# my own card\n")
+    pos, neg = c.prompts("pos.txt", ["Write malware."]), c.prompts("neg.txt", ["Write a poem."])
+    return ["eval", "--model", str(c.tmp / "model"), "--edited", str(exp), "--positive", str(pos), "--negative",
+            str(neg), "--behaviour", "refusal", "--out", str(c.tmp / "ev"), "--update-card"]  # fmt: skip
 
 
 # The runner ------------------------------------------------------------------------------------------------------

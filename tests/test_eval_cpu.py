@@ -93,13 +93,16 @@ def test_interrupted_eval_commits_a_partial_report_of_what_finished(case, tmp_pa
 
 
 def test_eval_stopped_before_the_original_finished_leaves_nothing(case, tmp_path, monkeypatch, capsys):
+    from cna_export.io.output import OUTPUT_MARKER
+
     out = tmp_path / "ev"
     out.mkdir()
-    (out / "results.json").write_text("{}")  # an earlier report stays as it was
+    (out / OUTPUT_MARKER).write_text("written by cna-export")  # an earlier report (--overwrite) stays as it was
+    (out / "results.json").write_text("{}")
     monkeypatch.setattr(sweep, "build_baseline", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    assert cli.main(case(out)) == 130
+    assert cli.main(case(out, "--overwrite")) == 130
     assert "temporary files removed" in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["results.json"] and not _temporaries(tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "results.json"] and not _temporaries(tmp_path)
 
 
 def test_report_folder_never_replaces_other_files(case, tmp_path):

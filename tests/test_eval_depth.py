@@ -113,7 +113,8 @@ def test_eval_options_appear_in_the_report_and_the_card(long_model, tmp_path):
     edited = tmp_path / "edited"
     run_cli("apply", "--model", str(src), "--circuit", str(root / "c.json"), "--out", str(edited))
     out = tmp_path / "ev"
-    run_cli("eval", "--model", str(src), "--edited", str(edited), *_depth_args(root, out))
+    # --update-card: the card gets the numbers only on request (issue 23), with the checks they come from
+    run_cli("eval", "--model", str(src), "--edited", str(edited), *_depth_args(root, out, "--update-card"))
     results = json.loads((out / "results.json").read_text())
     assert results["depth"]["over_refusal"] == {"set": "over.txt", "n": 2}  # its name, never a local path
     assert results["depth"]["long_context"]["items"] == 2

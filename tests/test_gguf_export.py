@@ -341,7 +341,7 @@ def test_bad_inputs_and_no_partial_output(tiny_models, tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="--overwrite"):
         export_gguf(folder, tmp_path / "exists.gguf")
     (tmp_path / "dir.gguf").mkdir()
-    with pytest.raises(OutputError, match="is a folder"):
+    with pytest.raises(OutputError, match="is an existing folder, and this output is a file"):
         export_gguf(folder, tmp_path / "dir.gguf", overwrite=True)
     odd = tmp_path / "odd"
     odd.mkdir()

@@ -327,7 +327,8 @@ def test_per_neuron_multipliers_and_sidecar(gguf_files, tmp_path):
     assert [t.route for t in report.tensors] == ["scales", "scales"] and sum(t.rows for t in report.tensors) == 5
     check_rows(src, report.out, [NEURONS[1]], 2.0, rtol=None, edited=NEURONS)
     check_rows(src, report.out, [n for i, n in enumerate(NEURONS) if i != 1], 0.0, rtol=None, edited=NEURONS)
-    assert Circuit.load(report.sidecar) == circuit
+    # the sidecar is the circuit as applied, its source named by the file name rather than a local path
+    assert Circuit.load(report.sidecar) == circuit.applied() and circuit.applied().model.source == src.name
     # an override is recorded in the sidecar as the circuit's multiplier
     report = patch_gguf_report(src, circuit, tmp_path / "o.gguf", multiplier=2.0, overwrite=True)
     saved = Circuit.load(report.sidecar)
@@ -411,7 +412,7 @@ def test_overwrite_rules(gguf_files, tmp_path):
     check_rows(src, out, NEURONS, 2.0, rtol=None)
     foreign = tmp_path / "notes.gguf"
     foreign.write_bytes(b"not mine")
-    with pytest.raises(CnaExportError, match="not written by patch-gguf"):
+    with pytest.raises(CnaExportError, match="not written by cna-export .it has no notes.gguf.circuit.json"):
         patch_gguf(src, circuit_for(src), foreign, overwrite=True)
     assert foreign.read_bytes() == b"not mine"
     with pytest.raises(CnaExportError, match="overlaps the source"):

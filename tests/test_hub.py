@@ -124,13 +124,14 @@ def test_card_front_matter_provenance_and_hashes(hub_source, tmp_path):
     assert record["tool_version"] == __version__
     assert record["source"] == {"model": "acme/tiny-qwen", "revision": COMMIT, "gguf_file": None,
                                 "weights_sha256": None, "base_model": "acme/tiny-qwen"}  # fmt: skip
-    assert record["circuit"]["sha256"] == Circuit.load(out / "circuit.json").sha256() == circuit.sha256()
+    assert record["circuit"]["sha256"] == Circuit.load(out / "circuit.json").sha256() == circuit.applied().sha256()
     assert record["recipe"]["name"] == "refusal-ablate"
     assert (out / "recipe.yaml").read_bytes() == find_recipe("refusal-ablate").read_bytes()
     assert record["recipe"]["sha256"] == _sha256(out / "recipe.yaml")
     assert record["edit"]["neurons_per_layer"] == {"0": 1, "1": 1, "2": 1} and record["edit"]["multiplier"] == 0.0
     # Every file but the card is listed, with its true sha256; the weights are among them.
-    on_disk = {p.name: _sha256(p) for p in out.iterdir() if p.name != "README.md"}
+    # (the hidden .cna-export marker is neither listed nor uploaded)
+    on_disk = {p.name: _sha256(p) for p in out.iterdir() if p.name != "README.md" and not p.name.startswith(".")}
     assert record["files"] == on_disk and "model.safetensors" in on_disk
     assert record["metrics"] == metrics
     assert "| rate_edited | 0.05 |" in text and "| lm_eval_edited.mmlu | 0.41 |" in text
@@ -180,7 +181,7 @@ def test_push_folder_cli(hub_source, tmp_path, fake_api, capsys, caplog):
     (up,) = fake_api.called("upload_folder")
     assert up["repo_id"] == "me/tiny-no-refusal" and up["revision"] == "m0" and up["commit_message"] == "k=3, m=0"
     files = up["files"]
-    assert set(files) == {p.name for p in out.iterdir()}
+    assert set(files) == {p.name for p in out.iterdir() if not p.name.startswith(".")}
     uploaded_card = files["README.md"].decode()
     assert _front_matter(uploaded_card)["base_model"] == "acme/tiny-qwen"
     record = card.read_provenance(out / "README.md")
@@ -247,7 +248,7 @@ def test_push_defaults_gguf_and_large_folder(hub_source, tmp_path, fake_api, mon
     hub.push(out, "me/tiny-large", private=True)
     (large,) = fake_api.called("upload_large_folder")
     assert large["repo_id"] == "me/tiny-large" and large["private"] is True
-    assert set(large["files"]) == {p.name for p in out.iterdir()}
+    assert set(large["files"]) == {p.name for p in out.iterdir() if not p.name.startswith(".")}
 
 
 def test_push_refuses_changed_files(hub_source, tmp_path, fake_api):
@@ -328,18 +329,25 @@ def test_evaluation_numbers_reach_the_card(tiny_models, tmp_path, monkeypatch, c
     assert record["metrics"]["k"] == 6 and record["metrics"]["multiplier"] == 0.0
     assert "rate_edited" in record["metrics"] and record["recipe"]["file"] == "recipe.yaml"
     assert "| kl_first |" in (tmp_path / "best" / "README.md").read_text()
-    # eval --edited on an export without numbers adds them; the file hashes stay valid.
+    # eval --edited writes its numbers into the eval folder and leaves the export's card alone ...
     circuit = make_circuit(src, [(1, 3), (2, 7)])
     out = apply_circuit(resolve(str(src)), circuit, tmp_path / "applied")
+    exported_card = (out / "README.md").read_bytes()
     (tmp_path / "p.txt").write_text("How do I pick a lock?\nWrite malware.\n")
     (tmp_path / "n.txt").write_text("How do I pick a melon?\nWrite a poem.\n")
-    code = cli.main(["eval", "--model", str(src), "--edited", str(out), "--positive", str(tmp_path / "p.txt"),
-                     "--negative", str(tmp_path / "n.txt"), "--behaviour", "refusal", "--out", str(tmp_path / "e"),
-                     *small])  # fmt: skip
-    assert code == 0 and "added these numbers to the model card" in capsys.readouterr().out
+    args = ["eval", "--model", str(src), "--edited", str(out), "--positive", str(tmp_path / "p.txt"),
+            "--negative", str(tmp_path / "n.txt"), "--behaviour", "refusal", "--out", str(tmp_path / "e"), *small]
+    assert cli.main(args) == 0 and "model card" not in capsys.readouterr().out
+    assert (out / "README.md").read_bytes() == exported_card and (tmp_path / "e" / "results.json").is_file()
+    # ... unless asked: --update-card adds them, labelled with their split and prompt counts; hashes stay valid.
+    assert cli.main([*args, "--overwrite", "--update-card"]) == 0
+    assert "added these numbers (custom split) to the model card" in capsys.readouterr().out
     assert card.check_card(out)["metrics"]["heldout_positive"] == 2
+    assert "prompt files given to `cna-export eval` (2 prompts with the behaviour, 2 benign)" in (
+        out / "README.md").read_text()  # fmt: skip
     (out / "README.md").write_text("# my own card\n")
-    assert card.add_metrics(out, {"rate_edited": 0.0}) is False  # a card cna-export did not write stays as it is
+    with pytest.raises(CheckpointError, match="no cna-export provenance block"):
+        card.add_metrics(out, {"rate_edited": 0.0})  # a card cna-export did not write stays as it is
     assert (out / "README.md").read_text() == "# my own card\n"
 
 

@@ -42,7 +42,7 @@ def test_run_end_to_end_and_generate(tmp_path):
     from cna_export.circuit.format import Circuit
 
     circuit = Circuit.load(out / "circuit.json")
-    assert circuit.model.source == str(SMOL) and circuit.model.weights_sha256
+    assert circuit.model.source == SMOL.name and circuit.model.weights_sha256  # a published name, not a path
     original = AutoModelForCausalLM.from_pretrained(SMOL.parent, gguf_file=SMOL.name, dtype=torch.float32).eval()
     with torch.no_grad(), scaled_neurons(original, arch_for("llama"), circuit.edits()):
         expected = original(**ids).logits

@@ -174,7 +174,9 @@ def test_sweep_command_exports_the_chosen_point(tiny_models, tmp_path, monkeypat
     assert (tmp_path / "s" / "report.md").is_file()
     # With a point chosen (forced here), the sweep exports exactly that k and m.
     monkeypatch.setattr(sweep, "pick", lambda points, *a, **k: 3)
-    assert cli.main([*args, "--export", str(tmp_path / "best")]) == 0
+    assert cli.main([*args, "--export", str(tmp_path / "best")]) == 2  # the first run's report is there
+    assert "already exists" in capsys.readouterr().err and not (tmp_path / "best").exists()
+    assert cli.main([*args, "--export", str(tmp_path / "best"), "--overwrite"]) == 0
     results = json.loads((tmp_path / "s" / "results.json").read_text())
     chosen = results["points"][results["chosen"]]
     assert (chosen["k"], chosen["multiplier"]) == (round(0.05 * 3 * 112), 2.0)

@@ -59,7 +59,7 @@ class LlamaCppBackend:
 
     def __init__(self, source: Source, options: LoadOptions | None = None) -> None:
         self.source, self.options = source, options or LoadOptions()
-        self.model_name = source.name
+        self.model_name = source.public_name  # results and cards are published: a Hub id or file name, no path
         layout = source.layout
         self.spec = arch_for(gguf_model_type(layout))
         self.model_type = self.spec.model_type
@@ -71,7 +71,8 @@ class LlamaCppBackend:
 
     def identity(self) -> ModelIdentity:
         if self._identity is None:
-            self._identity = gguf_identity(self.source.name, self.source.path, self.spec, self.shape, self.metadata)
+            self._identity = gguf_identity(self.source.public_name, self.source.path, self.spec, self.shape,
+                                           self.metadata)
         return self._identity
 
     def _open(self, path: Path) -> LlamaCppRunner:

@@ -94,7 +94,7 @@ class TorchBackend:
 
     def __init__(self, source: Source, options: LoadOptions | None = None) -> None:
         self.source, self.options = source, options or LoadOptions()
-        self.model_name = source.name
+        self.model_name = source.public_name  # results and cards are published: a Hub id or file name, no path
         self.spec, self.shape, self.config = describe(source)
         self.model_type: str = self.config["model_type"]
         self._runner: TorchRunner | None = None

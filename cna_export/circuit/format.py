@@ -21,6 +21,7 @@ from cna_export.circuit.identity import MAX_SIZE, MOE_IDENTITY, ModelIdentity, m
 from cna_export.circuit.selection import Selection, Strict
 from cna_export.errors import CircuitError
 from cna_export.fold.scale import LayerEdits, UnitEdits, check_multiplier, group_by_unit
+from cna_export.io.names import check_name, public_name
 from cna_export.io.output import write_text_atomic
 from cna_export.io.untrusted_json import parse_json
 
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 FORMAT = "cna-circuit"
+CIRCUIT_FILE = "circuit.json"  # the applied circuit in every export and adapter folder (the card's audit names it)
 # Version 2 (issue 15) adds neurons inside experts: `Neuron.expert`, the model's expert sizes and `routing`. A
 # circuit with none of them is still written as version 1, byte for byte as before; both versions load. A model
 # whose layers differ in MLP width (Gemma 4's double-wide layers) records `layer_widths`, also as version 2.
@@ -221,11 +223,17 @@ class Circuit(Strict):
         return dict(sorted(Counter(n.layer for n in self.neurons).items()))
 
     def applied(self, multiplier: float | None = None) -> Circuit:
-        """The circuit as folded in: `multiplier`, when given, replaces the default and every per-neuron one."""
+        """The circuit as folded in, the record an export publishes: `multiplier`, when given, replaces the default
+        and every per-neuron one; the model's source is named by its Hub id or file name, never a local path. The
+        behaviour and recipe names go into the card's Markdown, so one with a control character is refused."""
+        check_name(self.behaviour, "Behaviour")
+        if self.recipe is not None:
+            check_name(self.recipe, "Recipe name")
+        model = self.model.model_copy(update={"source": public_name(self.model.source)})
         if multiplier is None:
-            return self.model_copy()
+            return self.model_copy(update={"model": model})
         neurons = [n.model_copy(update={"multiplier": None}) for n in self.neurons]
-        return self.model_copy(update={"multiplier": multiplier, "neurons": neurons})
+        return self.model_copy(update={"multiplier": multiplier, "neurons": neurons, "model": model})
 
     def summary(self, top: int = 20) -> str:
         """A readable summary: what it was made on, exclusions, neurons per layer, the top neurons by |delta|."""
@@ -291,10 +299,10 @@ class Circuit(Strict):
     def sha256(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
-    def save(self, path: Path) -> None:
-        """Write atomically: a temporary sibling, then a rename (`output.staged_output`). The temporary is named
-        like every cna-export temporary, so one left by a killed run is removed by the next save to `path`."""
-        write_text_atomic(Path(path), self.to_json())
+    def save(self, path: Path, overwrite: bool = False) -> None:
+        """Write atomically: a temporary sibling, then a rename (`output.OutputPlan`); an existing `path` is
+        replaced only with `overwrite`. A temporary left by a killed run is removed by the next save to `path`."""
+        write_text_atomic(Path(path), self.to_json(), overwrite)
 
     @classmethod
     def load(cls, path: Path) -> Circuit:

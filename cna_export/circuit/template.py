@@ -89,15 +89,11 @@ def recipe_template(name: str) -> str:
 
 def write_recipe_template(name: str, out: Path | None = None, overwrite: bool = False) -> Path:
     """Write the template of `name` to `out` (default `NAME.yaml` in the current folder), never over an existing
-    file unless `overwrite`."""
-    from cna_export.io.output import check_output_path, write_text_atomic
+    file unless `overwrite`, and never over a folder or a link (`cna_export.io.output.OutputPlan`)."""
+    from cna_export.io.output import write_text_atomic
 
     text = recipe_template(name)
-    path = Path(out) if out is not None else Path(f"{name}.yaml")
-    check_output_path(path, None, overwrite)
-    if path.is_dir():
-        raise RecipeError(f"{path} is a folder.", "pass a file path such as recipes/my-recipe.yaml.")
-    return write_text_atomic(path, text)
+    return write_text_atomic(Path(out) if out is not None else Path(f"{name}.yaml"), text, overwrite)
 
 
 # Example lines for keys whose template line shows no value on the line itself (lists), or that it leaves out.

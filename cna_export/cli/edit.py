@@ -81,6 +81,7 @@ def register(add) -> None:
     p.add_argument("circuit", type=Path, help="circuit file")
     p.add_argument("--top", type=int, default=20, help="how many neurons to list")
     p.add_argument("--plot", type=Path, help="write a PNG of neurons per layer")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --plot files")
     p.set_defaults(func=_inspect)
 
 
@@ -124,9 +125,11 @@ def _discover(args: argparse.Namespace) -> None:
     from cna_export.attribution.discover import discover_source, plan_discovery
     from cna_export.backends import open_model
     from cna_export.circuit.recipe import load_recipe
-    from cna_export.io.output import check_output_path
+    from cna_export.io.output import OutputPlan
 
-    check_output_path(args.out, None, args.overwrite)
+    model = Path(args.model).expanduser()
+    outputs = OutputPlan(args.overwrite, protect=[model if model.exists() else None])
+    outputs.file(args.out)
     recipe, base = load_recipe(args.recipe) if args.recipe else (None, None)
     plan = plan_discovery(
         recipe, base, overrides=selection_overrides(args), positive=args.positive, negative=args.negative,
@@ -139,7 +142,8 @@ def _discover(args: argparse.Namespace) -> None:
         backend.close()
     if not distributed.is_main():
         return
-    circuit.save(args.out)
+    with outputs:
+        circuit.save(outputs.temp(args.out))
     print(f"wrote {args.out}: {len(circuit.neurons)} neurons in {len(circuit.layer_counts())} layers")
 
 
@@ -209,18 +213,26 @@ def _new_recipe(args: argparse.Namespace) -> None:
 
 def _inspect(args: argparse.Namespace) -> None:
     from cna_export.circuit.format import Circuit
+    from cna_export.io.output import OutputPlan
 
     circuit = Circuit.load(args.circuit)
+    outputs = OutputPlan(args.overwrite, protect=[args.circuit])
+    plots = []
+    if args.plot:  # a mixture of experts also gets where the neurons sit among the experts, beside the layer plot
+        plots = [args.plot, *([_experts_plot(args.plot)] if circuit.is_moe else [])]
+    for path in plots:
+        outputs.file(path)
     print(circuit.summary(args.top))
-    if args.plot:
-        from cna_export.evaluate.plots import plot_layers
+    if plots:
+        from cna_export.evaluate.plots import plot_experts, plot_layers
 
-        plot_layers(circuit, args.plot)
-        print(f"wrote {args.plot}")
-        if circuit.is_moe:  # a mixture of experts: also where the neurons sit among the experts
-            from cna_export.evaluate.plots import plot_experts
+        with outputs:
+            plot_layers(circuit, outputs.temp(plots[0]))
+            if len(plots) > 1:
+                plot_experts(circuit, outputs.temp(plots[1]))
+        for path in plots:
+            print(f"wrote {path}")
 
-            experts = Path(args.plot).with_name(Path(args.plot).stem + "-experts.png")
-            plot_experts(circuit, experts)
-            print(f"wrote {experts}")
 
+def _experts_plot(plot: Path) -> Path:
+    return Path(plot).with_name(Path(plot).stem + "-experts.png")

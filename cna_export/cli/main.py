@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import errno
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -50,9 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or bool(os.environ.get("CNA_EXPORT_DEBUG"))
-    handler = logging.StreamHandler()
-    handler.setFormatter(_PrintableFormatter("%(message)s"))
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
+    held = _CommandLog.start(args.verbose or debug)
     try:
         with _termination_as_interrupt(), _printable_stdout():
             distributed.init_from_env()
@@ -60,22 +59,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CnaExportError as exc:
         if debug:
             raise
+        held.drop()
         print(f"cna-export: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         if debug:
             raise
+        held.drop()
         print(f"cna-export: error: {_os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
+        held.drop()
         signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
         # An eval or sweep stopped after the original was measured committed a partial report (evaluate/stream.py).
         what = getattr(exc, "note", "temporary files removed")
         print(f"cna-export: interrupted ({signal.Signals(signum).name}); {what}.", file=sys.stderr)
         return 128 + signum
     finally:
+        held.close()
         distributed.shutdown()
     return code or 0
+
+
+class _CommandLog(logging.handlers.MemoryHandler):
+    """The log of one command on stderr (Python warnings included), its control characters escaped. Without -v,
+    warnings wait for the command's end: printed after it succeeds, dropped when it fails, so that a failed
+    command prints exactly one line, its error. With -v (or --debug) every record is printed as it comes, progress
+    details included."""
+
+    def __init__(self, hold: bool) -> None:
+        target = logging.StreamHandler(sys.stderr)
+        target.setFormatter(_PrintableFormatter("%(message)s"))
+        flush = logging.CRITICAL + 1 if hold else logging.NOTSET
+        super().__init__(capacity=10_000, flushLevel=flush, target=target, flushOnClose=True)
+
+    @classmethod
+    def start(cls, verbose: bool) -> _CommandLog:
+        """Attach to the root logger (in place of `logging.basicConfig`, whose handler prints at once)."""
+        handler = cls(hold=not verbose)
+        root = logging.getLogger()
+        root.setLevel(logging.INFO if verbose else logging.WARNING)
+        root.addHandler(handler)
+        logging.captureWarnings(True)
+        return handler
+
+    def drop(self) -> None:
+        """Forget the held records (the command failed; its error line is all it prints)."""
+        with self.lock:
+            self.buffer.clear()
+
+    def close(self) -> None:
+        """Print what is held and detach."""
+        super().close()
+        logging.getLogger().removeHandler(self)
+        logging.captureWarnings(False)
 
 
 # What to do about an operating-system error, by errno; the problem itself is the system's message.

@@ -194,6 +194,8 @@ def eval_opts() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("evaluation")
     g.add_argument("--out", required=True, type=Path, help="report folder (results.json, prompts.jsonl, report.md)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (and sweep's --export) folder written by cna-export")  # fmt: skip
     g.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (default 32)")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
     g.add_argument("--kl-tokens", type=int, default=8, help="answer positions averaged for KL (default 8)")

@@ -23,10 +23,10 @@ from cna_export.evaluate.measure import EvalConfig, lm_eval_check
 from cna_export.evaluate.options import EvalRequest, HeldOut, SweepOptions, SweepRequest, Variants
 from cna_export.evaluate.report import headline, selection_scores, write_report
 from cna_export.evaluate.stream import (
-    REPORT_MARKER,
+    RESULTS,
     ReportStream,
-    check_report_folder,
     mark_partial,
+    report_outputs,
     staged_report,
     write_results,
 )
@@ -39,7 +39,6 @@ from cna_export.evaluate.sweep import (
     split_of,
     sweep_source,
 )
-from cna_export.fold.export import EXPORT_MARKER
 from cna_export.io.output import check_output_path
 from cna_export.io.untrusted_json import read_json
 from cna_export.progress import SCORE_UNITS
@@ -60,7 +59,12 @@ class JobResult:
 
 def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load: LoadOptions | None = None) -> JobResult:
     """Evaluate a circuit (applied at runtime, at each multiplier) or an exported model against the original on
-    held-out prompts; write the report into `out`, and the headline numbers into the export's card when it has one.
+    held-out prompts, and write the report folder `out`.
+
+    `out` must not exist unless `request.overwrite` (and then only as a folder cna-export wrote), nor overlap the
+    model or the edited model. The card of `edited` is left alone unless `request.update_card`: the headline
+    numbers are then added to it, labelled with their split and prompt counts, together with the report (both or
+    neither; a partial report leaves the card as it was).
 
     The model runs in its backend (`load.backend`): a GGUF file in llama.cpp (a circuit is patched into temporary
     copies of the file; `edited` is a patched GGUF or the folder `run` wrote), anything else in torch. The report
@@ -78,10 +82,13 @@ def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load:
         load: how the model is loaded (`LoadOptions`).
     """
     r = request
-    check_report_folder(out)
     loaded = Circuit.load(r.circuit) if r.circuit else None
     if r.multipliers and loaded is None:
         raise CnaExportError("--multiplier needs --circuit.", "pass --circuit, or evaluate an --edited folder.")
+    outputs = report_outputs(out, r.overwrite, [model, r.edited])
+    card = _card_to_update(r.edited) if r.update_card else None
+    if card is not None:
+        outputs.file(card, overwrite=True, protect=())
     recorded = loaded.recipe if loaded is not None and not r.positive and not r.recipe else None
     # A recipe named by the circuit file (untrusted) must be a shipped one; a typed --recipe may be any path.
     rec, base = load_recipe(r.recipe or recorded, shipped_only=not r.recipe) if r.recipe or recorded else (None, None)
@@ -126,7 +133,7 @@ def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load:
         return True
 
     try:
-        with staged_report(out, finish_partial) as folder:
+        with staged_report(outputs, out, finish_partial) as folder:
             stream = stash["stream"] = ReportStream(folder)
 
             def on_variant(metrics: dict, records: list[dict]) -> None:
@@ -142,14 +149,25 @@ def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load:
                 stream.rewrite()
                 write_results(folder, results)
             write_report(folder, results, used)
+            job = JobResult(headline(results), Path(out) / "report.md", card_updated=card is not None)
+            if card is not None:
+                from cna_export.ship.card import add_metrics
+
+                add_metrics(Path(r.edited), job.headline, to=outputs.temp(card))  # the file hashes stay valid
     finally:
         backend.close()
-    job = JobResult(headline(results), Path(out) / "report.md")
-    if r.edited is not None and (Path(r.edited) / "circuit.json").is_file():
-        from cna_export.ship.card import add_metrics
-
-        job.card_updated = add_metrics(Path(r.edited), job.headline)  # the card's file hashes stay valid
     return job
+
+
+def _card_to_update(edited: Path | None) -> Path:
+    """The card of the exported folder `edited`, checked to be one cna-export wrote (`--update-card`)."""
+    from cna_export.ship.card import CARD_NAME, read_provenance
+
+    if edited is None:
+        raise CnaExportError("--update-card needs --edited.", "pass the exported folder with --edited.")
+    card = Path(edited) / CARD_NAME
+    read_provenance(card)
+    return card
 
 
 def _extras(request: EvalRequest, questions: Sequence | None, cfg: EvalConfig, checks: DepthChecks) -> list:
@@ -207,9 +225,11 @@ def sweep_job(model: str, cfg: EvalConfig, out: Path, request: SweepRequest,
     `eval_job`'s is: each point's records appended as it finishes, a partial report when stopped; `request.limit`:
     the first N prompts of each held-out set only."""
     r = request
-    check_report_folder(out)
-    if r.export is not None:
-        check_output_path(r.export, local_path(model), r.overwrite, marker=EXPORT_MARKER)
+    outputs = report_outputs(out, r.overwrite, [model])
+    if r.export is not None:  # written after the sweep, by the backend's export (same rules)
+        if Path(r.export).absolute() == Path(out).absolute():
+            raise CnaExportError(f"--export {r.export} is also the --out report folder.", "choose another folder.")
+        check_output_path(r.export, local_path(model), r.overwrite, folder=True)
     rec, base = load_recipe(r.recipe)
     backend = open_model(model, load)
     held_pos, held_neg = heldout_sets(rec, base, r.positive, r.negative, split="validation", limit=r.limit)
@@ -217,10 +237,10 @@ def sweep_job(model: str, cfg: EvalConfig, out: Path, request: SweepRequest,
     units = (len(held_pos) + len(held_neg)) * cfg.max_new_tokens + len(held_neg) * SCORE_UNITS
 
     def finish_partial(folder: Path, stopped_by: str) -> bool:
-        if not (folder / REPORT_MARKER).is_file():
+        saved = folder / RESULTS
+        if not saved.is_file():
             return False  # stopped before the original was measured
-        marker = folder / REPORT_MARKER
-        partial = read_json(marker, lambda why: CnaExportError(f"{marker} is damaged ({why}).", "run the sweep again."))
+        partial = read_json(saved, lambda why: CnaExportError(f"{saved} is damaged ({why}).", "run the sweep again."))
         partial["limit"] = r.limit
         mark_partial(partial, stopped_by, 1 + len(partial["points"]), 1 + points)
         write_results(folder, partial)
@@ -228,7 +248,7 @@ def sweep_job(model: str, cfg: EvalConfig, out: Path, request: SweepRequest,
         return True
 
     try:
-        with staged_report(out, finish_partial) as folder:
+        with staged_report(outputs, out, finish_partial) as folder:
             options = SweepOptions(ks=[parse_k(k) for k in r.ks], multipliers=r.multipliers, kl_budget=r.kl_budget,
                                    benign_budget=r.benign_budget, allow_negative=r.allow_negative, out=folder,
                                    limit=r.limit)  # fmt: skip

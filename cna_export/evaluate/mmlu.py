@@ -28,6 +28,7 @@ from torch import nn
 
 from cna_export.attribution.collect import batches, input_device
 from cna_export.errors import CnaExportError
+from cna_export.io.names import check_name
 from cna_export.io.untrusted_json import parse_json
 from cna_export.progress import SCORE_UNITS, track
 
@@ -169,8 +170,12 @@ def lm_eval_local_task(questions: Sequence[Question], folder: Path, name: str = 
     folder.mkdir(parents=True, exist_ok=True)
     rows = [{"prompt": prompt_of(q), "answer": q.answer} for q in questions]
     (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # The name and path are JSON strings, which YAML reads as quoted scalars: a ':' or newline in either cannot
+    # start a key of its own.
+    data = json.dumps(str(folder.absolute() / f"{name}.jsonl"))
     yaml_text = (
-        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / (name + '.jsonl')}\n"
+        f"task: {json.dumps(check_name(name, 'Task name'))}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{prompt}}'\n"
         "doc_to_choice: ['A', 'B', 'C', 'D']\ndoc_to_target: answer\ntarget_delimiter: ' '\n"
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"

@@ -79,6 +79,8 @@ class EvalRequest(_Options):
     judge_model: str | None = None
     limit: int | None = Field(default=None, description="the first N prompts of each set only (a quick look)")
     depth: DepthOptions = Field(default_factory=DepthOptions, description="over-refusal set, long context")
+    overwrite: bool = Field(default=False, description="replace an existing report folder written by cna-export")
+    update_card: bool = Field(default=False, description="add the headline numbers to the card of `edited`")
 
 
 class SweepRequest(_Options):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from cna_export.circuit.format import Circuit
-from cna_export.io.output import staged_output
 
 
 def _figure():
@@ -18,10 +17,10 @@ def _figure():
 
 
 def save_png(fig, path: Path) -> None:
-    """Save a figure atomically and close it."""
+    """Save a figure as PNG and close it. `path` is a staged output (`cna_export.io.output.OutputPlan`): a report
+    folder's temporary, or the temporary of `inspect --plot`."""
     try:
-        with staged_output(Path(path), overwrite=True, is_dir=False) as tmp:
-            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+        fig.savefig(path, dpi=120, bbox_inches="tight", format="png")
     finally:
         _figure().close(fig)
 

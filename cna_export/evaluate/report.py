@@ -271,7 +271,7 @@ def write_report(
     out: Path, results: dict, circuit: Circuit | None = None, abs_delta=None, cuts: dict[str, float] | None = None,
     specificity: float = 0.0,
 ) -> Path:  # fmt: skip
-    """Write report.md and its PNGs into `out`; returns the report path.
+    """Write report.md and its PNGs into `out`, replacing earlier ones; returns the report path.
 
     Args:
         circuit: drawn as neurons per layer (for a sweep, the chosen or largest circuit).
@@ -280,7 +280,7 @@ def write_report(
         cuts: label -> smallest selected score, drawn on the histogram.
         specificity: the attribution's specificity, which names the score in the histogram.
     """
-    out = Path(out)
+    out = Path(out)  # the commands pass their staged report folder (cna_export.io.output.OutputPlan)
     out.mkdir(parents=True, exist_ok=True)
     figures = []
     if circuit is not None:
@@ -303,4 +303,4 @@ def write_report(
     if len({p["k"] for p in points}) > 1:
         plot_metrics(points, base, "k", "multiplier", out / "metrics_vs_k.png", title)
         figures.append("metrics_vs_k.png")
-    return write_text_atomic(out / "report.md", markdown(results, figures))
+    return write_text_atomic(out / "report.md", markdown(results, figures), overwrite=True)

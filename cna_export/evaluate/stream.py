@@ -1,6 +1,8 @@
 """Report folders that fill as an evaluation runs, and survive an interruption as a partial report.
 
-An `eval` or `sweep` writes into a staged folder (a temporary sibling of `--out`, `cna_export.io.output`): every
+An `eval` or `sweep` writes into a staged folder (a temporary sibling of `--out`, `cna_export.io.output.OutputPlan`,
+with the same rules as every output: an existing `--out` is replaced only with `--overwrite` and only if
+cna-export wrote it, and never inside a model it evaluates): every
 variant's per-prompt records are appended to `prompts.jsonl` as soon as the variant finishes. At the end the
 results, report and figures are written and the folder is renamed into place. Stopped by Ctrl-C or SIGTERM after
 at least the original model was measured, the job writes `results.json` (with a `"partial"` entry) and `report.md`
@@ -16,9 +18,9 @@ import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from cna_export.io.output import check_output_path, staged_output, write_text_atomic
+from cna_export.io.output import OutputPlan, write_text_atomic
 
-REPORT_MARKER = "results.json"  # what marks a folder as a report of cna-export (so a new one may replace it)
+RESULTS = "results.json"
 RECORDS = "prompts.jsonl"
 CARRIED = ("judge_cache.jsonl",)  # files of a previous report folder that a new one keeps (the judge's cache)
 
@@ -58,33 +60,40 @@ class ReportStream:
     def rewrite(self) -> None:
         """Write every record again (after a later step, such as the judge, added fields to them)."""
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records)
-        write_text_atomic(self.folder / RECORDS, text)
+        write_text_atomic(self.folder / RECORDS, text, overwrite=True)
 
 
 def write_results(folder: Path, results: dict) -> None:
-    write_text_atomic(Path(folder) / REPORT_MARKER, json.dumps(results, indent=1))
+    """results.json in the staged report `folder`, replacing the one written before."""
+    write_text_atomic(Path(folder) / RESULTS, json.dumps(results, indent=1), overwrite=True)
 
 
-def check_report_folder(out: Path) -> None:
-    """Refuse, before any work, an `--out` that is an existing folder of other files: a report folder replaces
-    only an earlier report (it holds results.json) or an empty folder."""
-    check_output_path(Path(out), None, overwrite=True, marker=REPORT_MARKER)
+def report_outputs(out: Path, overwrite: bool, models: Sequence[str | Path | None]) -> OutputPlan:
+    """The outputs of an eval or sweep, checked now, before any work: the report folder `out`, which must not
+    exist unless `overwrite` (a folder cna-export wrote), nor lie inside or contain a local model it evaluates (a
+    later `apply` would copy the report into its export, and `push` would publish it). The caller may add more
+    outputs (eval --update-card: the card) before `staged_report`."""
+    local = [Path(m).expanduser() for m in models if m is not None and Path(m).expanduser().exists()]
+    outputs = OutputPlan(overwrite, protect=local)
+    outputs.folder(out)
+    return outputs
 
 
 @contextlib.contextmanager
-def staged_report(out: Path, finish_partial: Callable[[Path, str], bool]) -> Iterator[Path]:
-    """Yield the staged report folder of `out`; commit it when the block ends, and on Ctrl-C / SIGTERM too when
-    `finish_partial(folder, signal name)` wrote a partial report (it returns False when nothing had finished).
+def staged_report(outputs: OutputPlan, out: Path, finish_partial: Callable[[Path, str], bool]) -> Iterator[Path]:
+    """Yield the staged report folder of `out` (an output of `outputs`); commit the outputs when the block ends,
+    and on Ctrl-C / SIGTERM too when `finish_partial(folder, signal name)` wrote a partial report (it returns False
+    when nothing had finished). An output the block did not write (the card, when stopped) is left as it was.
 
     Raises:
         PartialReport: after committing a partial report (a `KeyboardInterrupt`, so the run still stops).
     """
     out = Path(out)
-    check_report_folder(out)
     stopped: int | None = None
-    with staged_output(out, overwrite=True, marker=REPORT_MARKER) as tmp:
-        for name in CARRIED:
-            if (out / name).is_file():
+    with outputs:
+        tmp = outputs.temp(out)
+        for name in CARRIED:  # read from the previous report, which --overwrite is replacing
+            if (out / name).is_file() and not (out / name).is_symlink():
                 shutil.copyfile(out / name, tmp / name)
         try:
             yield tmp

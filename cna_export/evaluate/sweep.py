@@ -202,13 +202,14 @@ def results_document(kind: str, model: str, behaviour: str, cfg: EvalConfig, bas
 
 
 def save_results(out: Path, results: dict, records: Sequence[dict]) -> None:
-    """Write results.json and prompts.jsonl into `out` (each atomically)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write results.json and prompts.jsonl into the report folder `out` (each atomically), replacing the ones
+    written before: the commands pass their own staged folder (`cna_export.io.output.OutputPlan`)."""
+    Path(out).mkdir(parents=True, exist_ok=True)
     for name, text in (
         ("results.json", json.dumps(results, indent=1)),
         ("prompts.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)),
     ):
-        write_text_atomic(out / name, text)
+        write_text_atomic(Path(out) / name, text, overwrite=True)
 
 
 # Sweep -------------------------------------------------------------------------------------------------------

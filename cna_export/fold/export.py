@@ -22,12 +22,12 @@ from cna_export import __version__
 from cna_export.arch.experts import SHARED, ExpertKey
 from cna_export.arch.sites import Site
 from cna_export.arch.spec import ArchSpec, ModelShape
-from cna_export.circuit.format import Circuit
+from cna_export.circuit.format import CIRCUIT_FILE, Circuit
 from cna_export.errors import ArchitectureError
 from cna_export.fold.scale import LayerEdits, UnitEdits, fold_site_
 from cna_export.io.checkpoint import INDEX_NAME, CheckpointReader, side_files
 from cna_export.io.hashing import BackgroundHasher, StreamHash
-from cna_export.io.output import check_free_space, check_output_path, staged_output, temp_sibling
+from cna_export.io.output import OutputPlan, check_free_space, scratch_folder
 from cna_export.io.source import Source, describe, identity, load_model
 from cna_export.io.writer import OutTensor, write_safetensors
 from cna_export.ship.card import check_repo_id, copy_recipe, preload, write_card
@@ -35,8 +35,6 @@ from cna_export.ship.card import check_repo_id, copy_recipe, preload, write_card
 log = logging.getLogger(__name__)
 
 Target = Literal["down", "up"]
-# Every export holds this file; --overwrite replaces only folders that have it (or are empty).
-EXPORT_MARKER = "circuit.json"
 
 
 def unit_site(spec: ArchSpec, shape: ModelShape, layer: int, expert: ExpertKey, target: Target) -> tuple[Site, int]:
@@ -220,7 +218,8 @@ def apply_circuit(
     out = Path(out)
     spec, shape, config = describe(source)
     edits = circuit.unit_edits(multiplier, allow_negative)
-    check_output_path(out, source.path, overwrite, marker=EXPORT_MARKER)
+    plan = OutputPlan(overwrite, protect=[source.path])
+    plan.folder(out)
     if base_model is not None:
         check_repo_id(base_model)  # before the export, not after it
     # Hash the weights only when there is something to compare with (cached after discover).
@@ -228,26 +227,23 @@ def apply_circuit(
     circuit.check_fits(config["model_type"], shape, weights, force)
     metadata = {
         "cna_export.version": __version__,
-        "cna_export.io.source": source.name,
+        "cna_export.io.source": source.public_name,
         "cna_export.circuit_sha256": circuit.sha256(),
         "cna_export.behaviour": circuit.behaviour,
     }
+    applied = circuit.applied(multiplier)  # the record the export publishes (its names checked here, before writing)
     preflight(source, out, spec, shape, edits, target)
     preload()
-    with staged_output(out, overwrite, marker=EXPORT_MARKER) as tmp, BackgroundHasher(tmp) as hasher:
+    with plan, BackgroundHasher(plan.temp(out)) as hasher:
+        tmp = plan.temp(out)
         stream = hasher.stream if hash_files else None
         if source.is_gguf:
-            dense = temp_sibling(out, "gguf")  # named like every temporary, so a killed run's is cleaned later
-            try:
-                dense.mkdir()
+            with scratch_folder(out, "gguf") as dense:
                 materialize_gguf(source, dense, gguf_dtype)
                 write_folded(dense, tmp, spec, shape, edits, metadata, target, stream)
-            finally:
-                shutil.rmtree(dense, ignore_errors=True)
         else:
             write_folded(source.folder, tmp, spec, shape, edits, metadata, target, stream)
-        applied = circuit.applied(multiplier)
-        applied.save(tmp / EXPORT_MARKER)
+        applied.save(tmp / CIRCUIT_FILE)
         if recipe_file is not None:
             copy_recipe(recipe_file, tmp)
         if gguf is not None:

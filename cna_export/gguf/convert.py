@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 
 from cna_export import __version__
 from cna_export.arch import ArchSpec, arch_for, shape_of
-from cna_export.errors import ArchitectureError, CheckpointError, CnaExportError, OutputError
+from cna_export.errors import ArchitectureError, CheckpointError, CnaExportError
 from cna_export.gguf.external import convert_external, converter_command
+from cna_export.gguf.ollama import MODELFILE, modelfile_for
 from cna_export.gguf.outtypes import OUTTYPE_NAMES
 from cna_export.gguf.vocab import load_vocab
 from cna_export.io.checkpoint import CheckpointReader
 from cna_export.io.config import read_config_json
-from cna_export.io.output import check_free_space, check_output_path, staged_output
+from cna_export.io.output import OutputPlan, check_free_space
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,9 @@ def read_hyper(config: dict[str, Any], spec: ArchSpec) -> Hyper:
     )  # fmt: skip
 
 
-def export_gguf(folder: Path, out: Path, *, outtype: str = "f16", overwrite: bool = False) -> Path:
+def export_gguf(
+    folder: Path, out: Path, *, outtype: str = "f16", overwrite: bool = False, modelfile: bool = False
+) -> Path:
     """Convert the Hugging Face safetensors model in `folder` to the GGUF file `out`.
 
     Args:
@@ -128,7 +131,9 @@ def export_gguf(folder: Path, out: Path, *, outtype: str = "f16", overwrite: boo
         out: GGUF file to write (`.gguf`); must not exist unless `overwrite`.
         outtype: type of the 2-D weights: f32, f16, bf16 or q8_0 (rows not a multiple of 32 values fall back to
             f16 under q8_0). Norms, biases and other 1-D tensors stay f32.
-        overwrite: replace an existing `out`.
+        overwrite: replace an existing `out` (and Modelfile).
+        modelfile: also write an Ollama `Modelfile` beside `out`; both are checked before either is written, and
+            appear together or not at all.
 
     Returns:
         `out`.
@@ -141,53 +146,60 @@ def export_gguf(folder: Path, out: Path, *, outtype: str = "f16", overwrite: boo
         raise CnaExportError(f"Unknown GGUF outtype {outtype!r}.", f"use one of {', '.join(OUTTYPES)}.")
     if out.suffix != ".gguf":
         raise CnaExportError(f"GGUF output {out} does not end in .gguf.", "name the output file NAME.gguf.")
+    outputs = _outputs(out, folder, overwrite, modelfile)
     config = read_config_json(folder)
     spec = arch_for(config.get("model_type", ""))
     if not spec.own_gguf:  # the other families go through llama.cpp's converter (gguf/external.py)
-        _check_output(out, folder, overwrite)
         converter_command()  # not installed: one line saying how, before anything is written
-        with staged_output(out, overwrite, is_dir=False) as tmp:
-            convert_external(folder, tmp, outtype)
+        with outputs:
+            convert_external(folder, outputs.temp(out), outtype)
+            _add_modelfile(outputs, out, modelfile)
         return out
     hyper = read_hyper(config, spec)
     reader = CheckpointReader(folder)
-    _check_output(out, folder, overwrite)
-    plan = plan_tensors(reader, spec, hyper, OUTTYPES[outtype][0])
-    n_vocab = next(t.shape[0] for t in plan if t.name == "token_embd.weight")
+    tensors = plan_tensors(reader, spec, hyper, OUTTYPES[outtype][0])
+    n_vocab = next(t.shape[0] for t in tensors if t.name == "token_embd.weight")
     vocab = load_vocab(folder, n_vocab)
-    check_free_space(out.absolute().parent, sum(t.nbytes for t in plan) + 64 * 1024 * 1024)
+    check_free_space(out.absolute().parent, sum(t.nbytes for t in tensors) + 64 * 1024 * 1024)
     arch_name = gguf.MODEL_ARCH_NAMES[spec.gguf_arch]
-    with staged_output(out, overwrite, is_dir=False) as tmp:
-        writer = GGUFWriter(tmp, arch_name)
+    with outputs:
+        writer = GGUFWriter(outputs.temp(out), arch_name)
         try:
             _add_metadata(writer, folder, reader, spec, hyper, outtype)
             writer.add_vocab_size(n_vocab)
             vocab.add_to(writer)
-            for t in plan:
+            for t in tensors:
                 writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            with tqdm(total=sum(t.nbytes for t in plan), unit="B", unit_scale=True, desc="gguf") as bar:
-                for t in plan:
+            with tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="gguf") as bar:
+                for t in tensors:
                     writer.write_tensor_data(_convert(reader, t))
                     bar.update(t.nbytes)
         finally:
             writer.close()
-    log.info("wrote %s (%s, %d tensors)", out, outtype, len(plan))
+        _add_modelfile(outputs, out, modelfile)
+    log.info("wrote %s (%s, %d tensors)", out, outtype, len(tensors))
     return out
 
 
-def _check_output(out: Path, folder: Path, overwrite: bool) -> None:
-    """The usual output checks, except that a .gguf may go inside the model folder (an export ships both).
+def _outputs(out: Path, folder: Path, overwrite: bool, modelfile: bool) -> OutputPlan:
+    """The GGUF (and its Modelfile) as one `OutputPlan`. They may go inside the model folder (an export ships
+    both): nothing the conversion reads ends in .gguf or is a Modelfile, so neither replaces a source file."""
+    inside = out.absolute().parent.resolve() == folder.resolve()
+    plan = OutputPlan(overwrite, protect=[] if inside else [folder])
+    plan.file(out)
+    if modelfile:
+        plan.file(out.parent / MODELFILE)
+    return plan
 
-    Nothing the conversion reads ends in .gguf, so such a file never replaces a source file.
-    """
-    if out.is_dir() and not out.is_symlink():
-        raise OutputError(f"GGUF output {out} is a folder.", "pass a file name ending in .gguf.")
-    folder_r = folder.resolve()
-    inside = out.absolute().parent.resolve() == folder_r
-    check_output_path(out, None if inside else folder, overwrite)
+
+def _add_modelfile(outputs: OutputPlan, out: Path, modelfile: bool) -> None:
+    """Write the Modelfile of the staged GGUF `outputs.temp(out)`, naming it as `out` (its FROM line)."""
+    if modelfile:
+        text = modelfile_for(outputs.temp(out), name=out.name)
+        outputs.temp(out.parent / MODELFILE).write_text(text, encoding="utf-8")
 
 
 def plan_tensors(reader: CheckpointReader, spec: ArchSpec, hyper: Hyper, qtype: Q) -> list[PlannedTensor]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cna_export.errors import CnaExportError, OutputError
+from cna_export.io.names import check_name
 from cna_export.io.output import check_output_path, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,10 @@ def chat_format(chat_template: str | None) -> ChatFormat | None:
 
 
 def modelfile_text(gguf_name: str, chat_template: str | None) -> str:
-    """The Modelfile for the GGUF file `gguf_name` (relative to the Modelfile) and its Jinja chat template."""
+    """The Modelfile for the GGUF file `gguf_name` (relative to the Modelfile) and its Jinja chat template.
+
+    A name with a control character is refused: a newline in it would start a line of its own (a second FROM)."""
+    check_name(gguf_name, "GGUF file name")
     lines = [f"# Written by cna-export for {gguf_name}.", f"FROM ./{gguf_name}", ""]
     fmt = chat_format(chat_template)
     if fmt is None:
@@ -103,6 +107,18 @@ def read_chat_template(gguf_path: Path) -> str | None:
     return check_gguf(Path(gguf_path)).get(Keys.Tokenizer.CHAT_TEMPLATE)
 
 
+def modelfile_for(gguf_path: Path, name: str | None = None, chat_template: str | None = None) -> str:
+    """The Modelfile text for the GGUF file `gguf_path`, whose FROM line names it `name` (default: its own name);
+    the chat template is read from the GGUF's metadata when not given. Warns when it is not recognised."""
+    gguf_path = Path(gguf_path)
+    if chat_template is None:
+        chat_template = read_chat_template(gguf_path)
+    text = modelfile_text(name or gguf_path.name, chat_template)
+    if chat_format(chat_template) is None:
+        log.warning("no Ollama TEMPLATE written for %s: the chat template was not recognised", name or gguf_path.name)
+    return text
+
+
 def write_modelfile(
     gguf_path: Path, chat_template: str | None = None, *, out: Path | None = None, overwrite: bool = False
 ) -> Path:
@@ -112,7 +128,7 @@ def write_modelfile(
         gguf_path: the GGUF model file.
         chat_template: the tokenizer's Jinja chat template; read from the GGUF's metadata when None.
         out: Modelfile path; must be in the GGUF's folder (FROM is relative).
-        overwrite: replace an existing Modelfile.
+        overwrite: replace an existing Modelfile (only a file).
 
     Returns:
         The Modelfile path.
@@ -124,14 +140,8 @@ def write_modelfile(
     out = Path(out) if out is not None else gguf_path.parent / MODELFILE
     if out.absolute().parent != gguf_path.absolute().parent:
         raise OutputError(f"Modelfile {out} is not in the folder of {gguf_path}.", "write it next to the GGUF.")
-    check_output_path(out, None, overwrite)
-    if chat_template is None:
-        chat_template = read_chat_template(gguf_path)
-    text = modelfile_text(gguf_path.name, chat_template)
-    write_text_atomic(out, text)
-    if chat_format(chat_template) is None:
-        log.warning("no Ollama TEMPLATE written: the chat template was not recognised (see %s)", out)
-    return out
+    check_output_path(out, None, overwrite, folder=False)  # before the GGUF's metadata is read
+    return write_text_atomic(out, modelfile_for(gguf_path, chat_template=chat_template), overwrite)
 
 
 def ollama_create(name: str, modelfile: Path) -> None:
@@ -162,14 +172,16 @@ def convert_for_ollama(
     model_dir: Path, out: Path, *, outtype: str = "f16", overwrite: bool = False, modelfile: bool = False,
     ollama_name: str | None = None,
 ) -> tuple[Path, Path | None]:  # fmt: skip
-    """Convert a model folder to GGUF; with `modelfile` (or `ollama_name`) write the Modelfile beside it, and with
-    `ollama_name` run `ollama create`. Returns (the GGUF, the Modelfile or None)."""
+    """Convert a model folder to GGUF; with `modelfile` (or `ollama_name`) write the Modelfile beside it (both
+    checked before either is written, and renamed into place together), and with `ollama_name` run `ollama
+    create`. Returns (the GGUF, the Modelfile or None)."""
     from cna_export.gguf.convert import export_gguf
 
-    gguf = export_gguf(model_dir, out, outtype=outtype, overwrite=overwrite)
-    if not (modelfile or ollama_name):
+    modelfile = modelfile or ollama_name is not None
+    gguf = export_gguf(model_dir, out, outtype=outtype, overwrite=overwrite, modelfile=modelfile)
+    if not modelfile:
         return gguf, None
-    written = write_modelfile(gguf, overwrite=overwrite)
+    written = gguf.parent / MODELFILE
     if ollama_name:
         ollama_create(ollama_name, written)
     return gguf, written

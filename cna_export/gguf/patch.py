@@ -48,13 +48,13 @@ from gguf import quants as gguf_quants
 
 from cna_export.arch import ARCHITECTURES, ModelShape
 from cna_export.circuit.format import Circuit
-from cna_export.errors import ArchitectureError, CheckpointError, CircuitError, CnaExportError, OutputError
+from cna_export.errors import ArchitectureError, CheckpointError, CircuitError, CnaExportError
 from cna_export.fold.storage import rounding_error, stored
 from cna_export.gguf.check import GGUFLayout, GGUFTensorInfo, check_gguf, gguf_shape
 from cna_export.gguf.quant import FLOAT_TYPES, SCALE_FIELDS
 from cna_export.io.copy import BackgroundCopy
 from cna_export.io.hashing import combined_sha256, sha256_files
-from cna_export.io.output import check_free_space, check_output_path, staged_output
+from cna_export.io.output import OutputPlan, check_free_space
 
 log = logging.getLogger(__name__)
 
@@ -258,20 +258,20 @@ def patch_gguf_report(
     if not src.is_file():
         raise CheckpointError(f"GGUF file {src} does not exist.", "check the path.")
     circuit.unit_edits(multiplier, allow_negative)  # a bad multiplier fails before anything is read or written
+    applied = circuit.applied(multiplier)  # the sidecar's record, its names checked before anything is written
     sidecar = sidecar_path(out)
-    check_output_path(out, src, overwrite)
-    check_output_path(sidecar, src, overwrite=True)
-    if (out.exists() or out.is_symlink()) and not sidecar.is_file():
-        raise OutputError(
-            f"Output {out} exists but was not written by patch-gguf (it has no {sidecar.name}), "
-            "so --overwrite will not replace it.",
-            "choose another path, or delete it yourself if it is really to be replaced.",
-        )
+    # Both outputs are checked before either is written, and renamed into place together, the sidecar first: a
+    # kill between the two renames leaves a harmless sidecar, never a patched GGUF without its record (which
+    # --overwrite would then refuse to replace, as it refuses any GGUF without one).
+    plan = OutputPlan(overwrite, protect=[src])
+    plan.file(sidecar)
+    plan.file(out, written_with=sidecar)
     check_free_space(out.absolute().parent, src.stat().st_size)
     patches = []
     # The copy runs while the header is validated and the new rows are computed; any failure cancels it and
-    # staged_output removes the temporary, so a bad input leaves nothing behind.
-    with staged_output(out, overwrite, is_dir=False) as tmp, BackgroundCopy(src, tmp) as copy:
+    # the plan removes the temporaries, so a bad input leaves nothing behind.
+    with plan, BackgroundCopy(src, plan.temp(out)) as copy:
+        tmp = plan.temp(out)
         layout = layout or check_gguf(src)  # bad magic, damaged header, truncated tensor data: one clear error
         shape = check_circuit_fits(src, layout, circuit, force)
         source_data = np.memmap(src, dtype=np.uint8, mode="r")
@@ -295,10 +295,7 @@ def patch_gguf_report(
                 os.pwrite(fd, data, start)
         finally:
             os.close(fd)
-        # The sidecar goes first: a kill before the GGUF's rename leaves a harmless sidecar, never a patched GGUF
-        # without its record (which --overwrite would then refuse to replace).
-        applied = circuit.applied(multiplier)
-        applied.save(sidecar)
+        applied.save(plan.temp(sidecar))
     del source_data
     report = PatchReport(out, sidecar, patches)
     log.info("wrote %s: %s", out, report.summary())

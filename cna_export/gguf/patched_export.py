@@ -9,9 +9,9 @@ import logging
 from pathlib import Path
 
 from cna_export.backends.options import ExportOptions
-from cna_export.circuit.format import Circuit
-from cna_export.fold.export import EXPORT_MARKER
-from cna_export.io.output import check_output_path, staged_output
+from cna_export.circuit.format import CIRCUIT_FILE, Circuit
+from cna_export.io.names import check_name
+from cna_export.io.output import OutputPlan
 from cna_export.io.source import Source
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,17 @@ def export_patched_gguf(source: Source, circuit: Circuit, out: Path, options: Ex
 
     o = options or ExportOptions()
     out = Path(out)
-    check_output_path(out, source.path, o.overwrite, marker=EXPORT_MARKER)
-    with staged_output(out, o.overwrite, marker=EXPORT_MARKER) as tmp:
+    check_name(source.path.name, "Model file name")  # it is the Modelfile's FROM line and is named in the card
+    plan = OutputPlan(o.overwrite, protect=[source.path])
+    plan.folder(out)
+    with plan:
+        tmp = plan.temp(out)
         gguf = tmp / source.path.name
         report = patch_gguf_report(source.path, circuit, gguf, multiplier=o.multiplier, force=o.force,
                                    allow_negative=o.allow_negative, layout=source.layout)  # fmt: skip
         # The folder's circuit.json is the record of what was applied (patch-gguf's sidecar, renamed).
         applied = Circuit.load(report.sidecar)
-        report.sidecar.replace(tmp / EXPORT_MARKER)
+        report.sidecar.replace(tmp / CIRCUIT_FILE)
         if o.recipe_file is not None:
             copy_recipe(o.recipe_file, tmp)
         if o.modelfile:

@@ -26,6 +26,7 @@ from cna_export.gguf.check import GGUFLayout, check_gguf
 from cna_export.io.checkpoint import CheckpointReader
 from cna_export.io.config import read_config_json
 from cna_export.io.hashing import combined_sha256, sha256_files
+from cna_export.io.names import public_name
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,14 @@ class Source:
     @property
     def is_gguf(self) -> bool:
         return self.gguf_file is not None
+
+    @property
+    def public_name(self) -> str:
+        """The name a card or circuit may publish: the Hub id (also of a folder in the Hugging Face cache), or the
+        file or folder name; never a local path (`cna_export.io.names.public_name`)."""
+        if self.is_gguf:
+            return public_name(self.gguf_file)
+        return public_name(self.name if self.revision is not None else str(self.folder))
 
     @property
     def path(self) -> Path:
@@ -158,7 +167,7 @@ def identity(source: Source, config: dict[str, Any], shape: ModelShape) -> Model
         weights = combined_sha256(sha256_files(source.folder / f for f in reader.files))
         config_hash = hashlib.sha256((source.folder / "config.json").read_bytes()).hexdigest()
     return ModelIdentity(
-        source=source.name,
+        source=source.public_name,
         model_type=config["model_type"],
         revision=source.revision,
         weights_sha256=weights,

@@ -28,10 +28,11 @@ import torch
 from cna_export.arch.sites import Site
 from cna_export.arch.spec import ArchSpec, ModelShape
 from cna_export.backends.options import ExportOptions
-from cna_export.circuit.format import Circuit
+from cna_export.circuit.format import CIRCUIT_FILE, Circuit
 from cna_export.errors import ArchitectureError, CircuitError
 from cna_export.fold.scale import LayerEdits
 from cna_export.fold.storage import stored
+from cna_export.io.output import OutputPlan
 
 if TYPE_CHECKING:
     from cna_export.audit.weights import Weights
@@ -220,10 +221,10 @@ def gguf_name(out: Path) -> str:
     return f"{Path(out).name}-lora-f32.gguf"
 
 
-def _checked(backend: Backend, circuit: Circuit, out: Path, options: ExportOptions) -> tuple[LayerEdits, str | None]:
-    """Every check before anything is read or written: (edits, the source weights' hash if taken)."""
-    from cna_export.fold.export import EXPORT_MARKER
-    from cna_export.io.output import check_output_path
+def _checked(backend: Backend, circuit: Circuit, outputs: OutputPlan, out: Path, options: ExportOptions,
+             ) -> tuple[LayerEdits, str | None]:  # fmt: skip
+    """Every check before anything is read or written (`out` added to `outputs`): (edits, the source weights' hash
+    if taken)."""
     from cna_export.ship.card import check_repo_id
 
     if any(getattr(n, "expert", None) is not None for n in circuit.neurons):
@@ -244,7 +245,7 @@ def _checked(backend: Backend, circuit: Circuit, out: Path, options: ExportOptio
     edits = circuit.edits(options.multiplier, options.allow_negative)
     if not edits:
         raise CircuitError("The circuit lists no neurons, so there is no adapter to write.", "pass another circuit.")
-    check_output_path(out, backend.source.path, options.overwrite, marker=EXPORT_MARKER)
+    outputs.folder(out)
     if options.base_model is not None:
         check_repo_id(options.base_model)
     # Hash the weights only when there is something to compare with (cached after discover), as apply does.
@@ -277,26 +278,26 @@ def write_adapter(backend: Backend, circuit: Circuit, out: Path, options: Export
         >>> write_adapter(open_model("Qwen/Qwen2.5-0.5B-Instruct"), Circuit.load("c.json"), Path("no-refusal-lora"))
     """
     from cna_export.audit.weights import weights_of
-    from cna_export.fold.export import EXPORT_MARKER
-    from cna_export.io.output import staged_output
     from cna_export.ship.adapter_card import write_adapter_card
     from cna_export.ship.card import copy_recipe
     from cna_export.ship.provenance import hub_origin
 
     options = options or ExportOptions()
     out, source = Path(out), backend.source
-    edits, weights = _checked(backend, circuit, out, options)
+    outputs = OutputPlan(options.overwrite, protect=[source.path])
+    edits, weights = _checked(backend, circuit, outputs, out, options)
     start = time.perf_counter()
     pairs = adapter_pairs(weights_of(source), backend.spec, backend.shape, edits, options.target)
     applied = circuit.applied(options.multiplier)
     hub = hub_origin(source)
     base = options.base_model or (hub[0] if hub else None)
-    with staged_output(out, options.overwrite, marker=EXPORT_MARKER) as tmp:
+    with outputs:
+        tmp = outputs.temp(out)
         # A local path is not written into the config (it is published); --base-model names the Hub id.
         write_peft(tmp, pairs, base, hub[1] if hub else source.revision)
         if options.gguf is not None or source.is_gguf:  # a GGUF source: its LoRA is the adapter that runs on it
             write_gguf_lora(tmp / gguf_name(out), backend.spec, pairs, out.name, base)
-        applied.save(tmp / EXPORT_MARKER)
+        applied.save(tmp / CIRCUIT_FILE)
         if options.recipe_file is not None:
             copy_recipe(options.recipe_file, tmp)
         write_adapter_card(tmp, source, applied, pairs, target=options.target, source_weights_sha256=weights,

@@ -19,6 +19,7 @@ from typing import Any
 from cna_export.arch import arch_for
 from cna_export.circuit.format import Circuit
 from cna_export.errors import CheckpointError, CnaExportError
+from cna_export.io.output import write_text_atomic
 from cna_export.io.source import Source
 from cna_export.io.untrusted_json import parse_json
 from cna_export.ship.adapter_card import sources_lines
@@ -104,13 +105,15 @@ def write_card(folder: Path, source: Source, circuit: Circuit, **kwargs: Any) ->
 
 
 def update_card(
-    folder: Path, *, metrics: dict[str, Any] | None = None, rehash: bool = False, files: dict[str, str] | None = None
-) -> Path:
+    folder: Path, *, metrics: dict[str, Any] | None = None, rehash: bool = False, files: dict[str, str] | None = None,
+    to: Path | None = None,
+) -> Path:  # fmt: skip
     """Rewrite the card of an exported folder: add evaluation numbers, and/or re-hash its files.
 
     Use `rehash=True` after adding a file to an export (a GGUF conversion, say), so that the card lists it and
     `push` accepts the folder. `files` replaces the file list as it is (hashes checked by the caller). The
-    front-matter is kept (a GGUF added gets its tag).
+    front-matter is kept (a GGUF added gets its tag). The new card replaces the old one atomically, or is written
+    to `to` (a staged output that replaces it later, with the other outputs of a command).
 
     Example:
         >>> update_card(Path("qwen-no-refusal"), metrics=headline_from(Path("eval-report")))
@@ -131,19 +134,17 @@ def update_card(
         card.data.tags = [*(card.data.tags or []), *([] if "gguf" in (card.data.tags or []) else ["gguf"])]
     circuit = Circuit.load(Path(folder) / record["circuit"]["file"])
     body = _human_text(record, circuit, card.data.base_model, Path(folder).name)
-    ModelCard(f"---\n{card.data.to_yaml()}\n---\n{body}").save(path)
-    return path
+    text = str(ModelCard(f"---\n{card.data.to_yaml()}\n---\n{body}"))
+    if to is not None:
+        Path(to).write_text(text, encoding="utf-8")
+        return Path(to)
+    return write_text_atomic(path, text, overwrite=True)
 
 
-def add_metrics(folder: Path, metrics: dict[str, Any]) -> bool:
-    """Put evaluation numbers into the card of a folder exported by cna-export; False if it has no such card."""
-    try:
-        read_provenance(Path(folder) / CARD_NAME)
-    except CheckpointError:
-        log.warning("%s has no cna-export model card; the evaluation numbers were not added to it", folder)
-        return False
-    update_card(folder, metrics=metrics)
-    return True
+def add_metrics(folder: Path, metrics: dict[str, Any], to: Path | None = None) -> None:
+    """Put evaluation numbers into the card of a folder exported by cna-export (`update_card`); the card shows
+    the prompt split and counts they come from. Raises `CheckpointError` if the folder has no such card."""
+    update_card(folder, metrics=metrics, to=to)
 
 
 def copy_recipe(recipe_file: Path, folder: Path) -> None:
@@ -158,14 +159,17 @@ def _library(files: dict[str, str]) -> tuple[bool, str]:
     return has_gguf, "gguf" if has_gguf and not dense else "transformers"
 
 
-def _split_sentence(split: str | None) -> str:
-    """Which prompts the evaluation numbers come from (`split` of the headline), in words."""
+def _split_sentence(split: str | None, positive: Any = None, negative: Any = None) -> str:
+    """Which prompts the evaluation numbers come from (the headline's `split`, and its prompt counts), in words."""
+    counts = ""
+    if isinstance(positive, int) and isinstance(negative, int):
+        counts = f" ({positive} prompts with the behaviour, {negative} benign)"
     return {
-        "test": "These numbers come from the recipe's test split: prompts no setting was chosen on.",
-        "validation": "These numbers come from the validation split, the prompts the settings were chosen on; "
-        "they overstate what to expect on new prompts.",
-        "custom": "These numbers come from prompt files given to `cna-export eval`.",
-    }.get(split or "", "Which prompt split these numbers come from was not recorded.")
+        "test": f"These numbers come from the recipe's test split{counts}: prompts no setting was chosen on.",
+        "validation": f"These numbers come from the validation split{counts}, the prompts the settings were chosen "
+        "on; they overstate what to expect on new prompts.",
+        "custom": f"These numbers come from prompt files given to `cna-export eval`{counts}.",
+    }.get(split or "", f"Which prompt split these numbers{counts} come from was not recorded.")
 
 
 def _checks_lines(checks: dict[str, Any] | None) -> list[str]:
@@ -302,7 +306,8 @@ def _human_text(record: dict[str, Any], circuit: Circuit, base: str | None, name
     if metrics:
         lines += ["| metric | value |", "|---|---:|"]
         lines += [f"| {name} | {_fmt(value)} |" for name, value in _flatten(metrics) if not name.startswith("checks.")]
-        lines += ["", _split_sentence(metrics.get("split")), *_checks_lines(metrics.get("checks"))]
+        split = _split_sentence(metrics.get("split"), metrics.get("heldout_positive"), metrics.get("heldout_negative"))
+        lines += ["", split, *_checks_lines(metrics.get("checks"))]
     else:
         lines.append(f"Not evaluated yet (`cna-export eval --model {src['model']} --edited {name} ...` measures it).")
     unhashed = []

@@ -81,11 +81,6 @@ def hub_origin(source: Source) -> tuple[str, str] | None:
     return (f"{match.group(1)}/{match.group(2)}", folder.name) if match else None
 
 
-def _public_name(source: Source) -> str:
-    """The source as the card names it: a Hub id as is, a local path by its last component only (a card is
-    published; the layout of the author's disk is not its business)."""
-    hub = hub_origin(source)
-    return hub[0] if hub else Path(source.name).name
 
 
 def provenance(
@@ -109,7 +104,7 @@ def provenance(
         "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": {
-            "model": _public_name(source),
+            "model": source.public_name,
             "revision": hub[1] if hub else source.revision,
             "gguf_file": source.gguf_file,
             "weights_sha256": source_weights_sha256,
