@@ -280,7 +280,7 @@ def cna_grid(folder: Path, work: Path, fractions: list[float], multipliers: list
     for frac in fractions:
         k = round(frac * shape.num_neurons)
         circuit = att.circuit(k, behaviour=recipe.behaviour, recipe=recipe.name)
-        circuit.save(work / f"circuit-k{k}.json")
+        circuit.save(work / f"circuit-k{k}.json", overwrite=True)
         for m in multipliers:
             with scaled_neurons(model, spec, circuit.hook_edits(m)):
                 refusals, logp, secs = point()
