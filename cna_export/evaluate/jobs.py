@@ -14,9 +14,11 @@ from types import SimpleNamespace
 from cna_export import progress
 from cna_export.backends.base import open_model
 from cna_export.backends.options import ExportOptions, LoadOptions
+from cna_export.circuit.companions import load_system_prompt
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import find_recipe, load_recipe
 from cna_export.errors import CnaExportError
+from cna_export.evaluate.declared import behaviour_of
 from cna_export.evaluate.depth import DepthChecks, add_delayed_refusals, runner_extra
 from cna_export.evaluate.judge import JUDGE_MIN_TOKENS
 from cna_export.evaluate.measure import EvalConfig, lm_eval_check
@@ -95,7 +97,8 @@ def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load:
         log.warning("judged answers need %d tokens: generating %d instead of %d", JUDGE_MIN_TOKENS,
                     JUDGE_MIN_TOKENS, cfg.max_new_tokens)  # fmt: skip
         cfg = replace(cfg, max_new_tokens=JUDGE_MIN_TOKENS)
-    behaviour = r.behaviour or (rec.behaviour if rec else None) or (loaded.behaviour if loaded else None)
+    behaviour = r.behaviour or (behaviour_of(rec, base) if rec else None) or (loaded.behaviour if loaded else None)
+    cfg = with_system_prompt(cfg, rec, base, loaded)
     if behaviour is None:
         raise CnaExportError("Unknown behaviour to detect.", "pass --behaviour refusal (or a --recipe).")
     checks = r.depth.build(cfg, behaviour, r.limit)
@@ -181,6 +184,17 @@ def _finish(folder: Path, results: dict, stream: ReportStream, checks: DepthChec
         results["settings_chosen_on"] = rec.settings_chosen_on
     stream.rewrite()
     write_results(folder, results)
+
+
+def with_system_prompt(cfg: EvalConfig, rec, base: Path | None, circuit: Circuit | None) -> EvalConfig:
+    """`cfg` with the system message the edit was made under: the recipe's, else the one the circuit recorded."""
+    if cfg.system_prompt is not None:
+        return cfg
+    if rec is not None and rec.system_prompt is not None:
+        return replace(cfg, system_prompt=load_system_prompt(rec.system_prompt, base))
+    if circuit is not None and circuit.selection.system_prompt is not None:
+        return replace(cfg, system_prompt=circuit.selection.system_prompt)
+    return cfg
 
 
 def judge_results(spec: str, model: str | None, records: list[dict], cache: Path) -> dict:

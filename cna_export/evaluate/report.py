@@ -38,6 +38,8 @@ def headline(results: dict) -> dict:
     out = {
         "model": results["model"],
         "behaviour": results["behaviour"],
+        # How the behaviour was detected: a recipe's declared detector, or the built-in one of that name.
+        **({"detector": results["detector"]} if results.get("detector") else {}),
         # Which prompts these numbers come from: "test" (never used for choosing), "validation" (what settings
         # were chosen on), "custom" (user files) or "unspecified" (results written before splits existed).
         "split": results.get("split", "unspecified"),
@@ -73,6 +75,9 @@ def headline(results: dict) -> dict:
     for key in DEPTH_KEYS:  # the optional checks, where they were run
         if key in point:
             out[f"{key}_edited"], out[f"{key}_original"] = point[key], base.get(key)
+    for key in ("measure_mean", "benign_measure_mean"):  # a measure detector's mean number, before -> after
+        if key in point:
+            out[f"{key}_original"], out[f"{key}_edited"] = base.get(key), point[key]
     if "mmlu_delta" in point:
         out["mmlu"] = {k: v for k, v in point["mmlu_delta"].items()}
     if results.get("judge"):
@@ -152,6 +157,7 @@ def markdown(results: dict, figures: list[str]) -> str:
         f"**Split: {split}.** {SPLIT_NOTES.get(split, '')}",
         "",
         *_partial_lines(results),
+        *([f"Detector: {results['detector']}.", ""] if results.get("detector") else []),
         *_tuned_on_test(results),
         f"Held-out prompts: {held['positive']} positive, {held['negative']} benign (none used for discovery). "
         f"Greedy generation, {cfg['max_new_tokens']} new tokens, batch {cfg['batch_size']}; "
