@@ -65,7 +65,8 @@ def test_rules_report_the_rule_that_fired(tmp_path):
     assert "arr (regex)" in describe(behaviour) and "pirate-words (3 keywords)" in describe(behaviour)
     opening = declared(tmp_path, {"kind": "rules", "scope": "opening", "rules": [{"name": "arr", "regex": "arr"}]})
     assert detector_for(opening)("Fine. Calm seas. Then arr.") is None  # third sentence: outside the opening
-    strict = declared(tmp_path, {"kind": "rules", "case_sensitive": True, "rules": [{"name": "A", "keywords": ["Ahoy"]}]})
+    rules = [{"name": "A", "keywords": ["Ahoy"]}]
+    strict = declared(tmp_path, {"kind": "rules", "case_sensitive": True, "rules": rules})
     assert detector_for(strict)("ahoy") is None and detector_for(strict)("Ahoy") == "A"
 
 
@@ -79,7 +80,8 @@ def test_answer_key_pairs_answers_with_prompts(tmp_path):
     capital, arithmetic = yaml.safe_load((tmp_path / "claims.yaml").read_text())["prompts"]
     assert detect.verdict("Yes, Sydney is the capital.", capital) == "wrong-answer"
     assert detect.verdict("Actually it is Canberra.", capital) is None
-    assert detect.verdict("It is four.", arithmetic) is None and detect.verdict("It is 44.", arithmetic) == "wrong-answer"
+    assert detect.verdict("It is four.", arithmetic) is None
+    assert detect.verdict("It is 44.", arithmetic) == "wrong-answer"
     assert detect.verdict("Anything", "a prompt with no key") is None  # unkeyed prompts are not scored
     right = declared(tmp_path, {"kind": "answer_key", "fires_when": "right",
                                 "answers": {"validation_positive": "claims_answers.yaml"}},
@@ -158,7 +160,8 @@ def test_system_prompt_reaches_attribution_and_eval(tmp_path, qwen):
     tok = AutoTokenizer.from_pretrained(qwen)
     ids = encode_prompts(tok, ["hello"], system="You are AcmeBot.")[0]
     assert tok.decode(ids).startswith("<|im_start|>system\nYou are AcmeBot.<|im_end|>\n<|im_start|>user\nhello")
-    assert tok.decode(encode_prompts(tok, ["hello"], chat_template=False, system="Be brief.")[0]) == "Be brief.\n\nhello"
+    raw = encode_prompts(tok, ["hello"], chat_template=False, system="Be brief.")[0]
+    assert tok.decode(raw) == "Be brief.\n\nhello"
     (tmp_path / "bot.yaml").write_text(yaml.safe_dump({"system": "You are AcmeBot, support for Acme routers."}))
     recipe, base = load_recipe(write_recipe(tmp_path, system_prompt="bot.yaml"))
     plan = plan_discovery(recipe, base)
@@ -189,7 +192,8 @@ def test_eval_of_a_behaviour_only_its_recipe_can_detect(tmp_path, qwen):
     recipe = write_recipe(
         tmp_path, heldout_positive=["Describe a ship as a pirate.", "Greet me like a pirate."],
         heldout_negative=["Describe a ship.", "Greet me."], system_prompt="You are a helpful assistant.",
-        detector={"kind": "rules", "rules": [{"name": "anything", "regex": r"\S"}, {"name": "never", "keywords": ["zzq"]}]},
+        detector={"kind": "rules", "rules": [{"name": "anything", "regex": r"\S"},
+                                             {"name": "never", "keywords": ["zzq"]}]},
     )  # fmt: skip
     circuit = make_circuit(qwen, [(1, 3), (2, 7)])
     circuit.recipe, circuit.behaviour = "pirate", "pirate"

@@ -39,7 +39,8 @@ def _yaml_key(text: str, key: str, ref: str, what: str):
     try:
         data = yaml.safe_load(text)
     except (yaml.YAMLError, RecursionError) as exc:
-        raise RecipeError(f"The {what} {ref} is not valid YAML ({exc.__class__.__name__}).", "fix its syntax.") from None
+        raise RecipeError(f"The {what} {ref} is not valid YAML ({exc.__class__.__name__}).",
+                          "fix its syntax.") from None  # fmt: skip
     return data.get(key) if isinstance(data, dict) else None
 
 
