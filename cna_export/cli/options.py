@@ -197,7 +197,8 @@ def export_options(args: argparse.Namespace):
 def eval_opts() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("evaluation")
-    g.add_argument("--out", required=True, type=Path, help="report folder (results.json, prompts.jsonl, report.md)")
+    g.add_argument("-o", "--out", required=True, type=Path,
+                   help="report folder (results.json, prompts.jsonl, report.md)")
     g.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (default 32)")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
     g.add_argument("--kl-tokens", type=int, default=8, help="answer positions averaged for KL (default 8)")
