@@ -192,6 +192,7 @@ def test_eval_of_a_behaviour_only_its_recipe_can_detect(tmp_path, qwen):
     recipe = write_recipe(
         tmp_path, heldout_positive=["Describe a ship as a pirate.", "Greet me like a pirate."],
         heldout_negative=["Describe a ship.", "Greet me."], system_prompt="You are a helpful assistant.",
+        protect=["Describe the sea as a sailor."], heldout_protect=["Describe a harbour as a sailor.", "Say bye."],
         detector={"kind": "rules", "rules": [{"name": "anything", "regex": r"\S"},
                                              {"name": "never", "keywords": ["zzq"]}]},
     )  # fmt: skip
@@ -208,4 +209,13 @@ def test_eval_of_a_behaviour_only_its_recipe_can_detect(tmp_path, qwen):
     assert results["config"]["system_prompt"] == "You are a helpful assistant."
     records = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
     assert {r["rule"] for r in records} <= {"anything", None} and any(r["rule"] == "anything" for r in records)
-    assert "Detector: rules in the answer" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Detector: rules in the answer" in report
+    assert "Protect set (prompts whose behaviour must not change)" in report
+    # The protect set is measured beside the positive prompts and split off: its own rate, its own records.
+    assert results["heldout"]["positive"] == 2 and results["heldout"]["protect"] == 2
+    for metrics in [results["baseline"], *results["points"]]:
+        assert metrics["n_positive"] == 2 and metrics["n_protect"] == 2
+        mine = [r for r in records if r["label"] == metrics["label"] and r["set"] == "protect"]
+        assert [r["prompt"] for r in mine] == ["Describe a harbour as a sailor.", "Say bye."]
+        assert metrics["protect_hits"] == sum(r["behaviour"] for r in mine)

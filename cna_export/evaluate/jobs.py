@@ -21,8 +21,9 @@ from cna_export.errors import CnaExportError
 from cna_export.evaluate.declared import behaviour_of
 from cna_export.evaluate.depth import DepthChecks, add_delayed_refusals, runner_extra
 from cna_export.evaluate.judge import JUDGE_MIN_TOKENS
-from cna_export.evaluate.measure import EvalConfig, lm_eval_check
+from cna_export.evaluate.measure import EvalConfig, lm_eval_check, prompts_sha256
 from cna_export.evaluate.options import EvalRequest, HeldOut, SweepOptions, SweepRequest, Variants
+from cna_export.evaluate.protect import protect_prompts, split_protect
 from cna_export.evaluate.report import headline, selection_scores, write_report
 from cna_export.evaluate.stream import (
     REPORT_MARKER,
@@ -88,6 +89,8 @@ def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load:
     # A recipe named by the circuit file (untrusted) must be a shipped one; a typed --recipe may be any path.
     rec, base = load_recipe(r.recipe or recorded, shipped_only=not r.recipe) if r.recipe or recorded else (None, None)
     pos, neg = heldout_sets(rec, base, r.positive, r.negative, split=r.split, limit=r.limit)
+    # The recipe's protect set rides with the positive prompts and is split off after measuring (evaluate/protect.py).
+    protect = protect_prompts(rec, base, r.split, r.limit) if rec is not None and r.positive is None else []
     questions = None
     if r.mmlu_per_topic:
         from cna_export.evaluate import mmlu
@@ -105,11 +108,11 @@ def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load:
     backend = open_model(model, load)
     if r.lm_eval_tasks and not backend.supports_lm_eval:
         raise CnaExportError("--lm-eval runs lm-evaluation-harness in torch.", "add --backend torch.")
-    held = HeldOut(positive=pos, negative=neg, split=split_of(rec, r.split, r.positive))
+    held = HeldOut(positive=pos + protect, negative=neg, split=split_of(rec, r.split, r.positive))
     variants = Variants(circuit=loaded, multipliers=r.multipliers, edited=r.edited, allow_negative=r.allow_negative)
     extras = _extras(r, questions, cfg, checks)
     count = 1 + (1 if r.edited is not None else len(r.multipliers or [0]) if loaded is not None else 0)
-    units = (len(pos) + len(neg)) * cfg.max_new_tokens + len(neg) * SCORE_UNITS + checks.units()
+    units = (len(pos) + len(protect) + len(neg)) * cfg.max_new_tokens + len(neg) * SCORE_UNITS + checks.units()
     units += len(questions or []) * SCORE_UNITS
     stash: dict = {}  # the stream, once the staged folder exists (what a partial report is made from)
 
@@ -123,6 +126,7 @@ def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load:
                                    goal=goal_of(moved[0]) if moved else None, split=held.split,
                                    backend=backend.runtime)  # fmt: skip
         partial["points"], partial["edited"] = stream.metrics[1:], str(r.edited) if r.edited is not None else None
+        note_protect(partial, pos, protect)
         mark_partial(partial, stopped_by, len(stream.metrics), count)
         _finish(folder, partial, stream, checks, rec, r.limit, questions, behaviour)
         write_report(folder, partial, loaded)
@@ -133,11 +137,13 @@ def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load:
             stream = stash["stream"] = ReportStream(folder)
 
             def on_variant(metrics: dict, records: list[dict]) -> None:
+                split_protect(metrics, records, len(pos), len(protect))  # in place: results see it too
                 stream.add(metrics, [*records, *checks.take(metrics)])
 
             with progress.overall(count * units, "eval"):
                 results, _, used = run_eval(backend, held, behaviour, cfg, variants, extras=extras,
                                             on_variant=on_variant)  # fmt: skip
+            note_protect(results, pos, protect)
             _finish(folder, results, stream, checks, rec, r.limit, questions, behaviour)
             if r.judge:
                 graded = [x for x in stream.records if x["set"] in ("positive", "negative")]
@@ -184,6 +190,14 @@ def _finish(folder: Path, results: dict, stream: ReportStream, checks: DepthChec
         results["settings_chosen_on"] = rec.settings_chosen_on
     stream.rewrite()
     write_results(folder, results)
+
+
+def note_protect(results: dict, positive: Sequence[str], protect: Sequence[str]) -> None:
+    """The held-out counts and hashes of a results document whose positive list carried the protect set."""
+    if protect:
+        held = results["heldout"]
+        held.update(positive=len(positive), protect=len(protect), positive_sha256=prompts_sha256(positive),
+                    protect_sha256=prompts_sha256(protect))  # fmt: skip
 
 
 def with_system_prompt(cfg: EvalConfig, rec, base: Path | None, circuit: Circuit | None) -> EvalConfig:

@@ -31,7 +31,8 @@ from cna_export.circuit.recipe import Recipe, find_recipe, load_prompts, load_re
 from cna_export.errors import RecipeError
 from cna_export.evaluate.declared import behaviour_of, detector_description
 from cna_export.evaluate.detectors import detector_for
-from cna_export.evaluate.measure import EvalConfig, disjoint
+from cna_export.evaluate.measure import EvalConfig
+from cna_export.evaluate.protect import protect_prompts
 from cna_export.evaluate.sweep import goal_of, heldout_sets
 from cna_export.io.output import check_output_path, staged_output
 from cna_export.io.source import Source, resolve
@@ -122,13 +123,7 @@ def tune_job(
 def _split(rec: Recipe, base: Path | None, split: str) -> PromptSets:
     """A split's prompts, none of them a discovery prompt (nor, for the test split, a validation prompt)."""
     pos, neg = heldout_sets(rec, base, split=split)
-    ref = rec.validation_protect if split == "validation" else rec.heldout_protect
-    if ref is None:
-        return PromptSets(pos, neg)
-    seen = [] if rec.protect is None else load_prompts(rec.protect, base)
-    if split == "test" and rec.validation_protect is not None:
-        seen += load_prompts(rec.validation_protect, base)
-    return PromptSets(pos, neg, disjoint(load_prompts(ref, base), seen) if seen else load_prompts(ref, base))
+    return PromptSets(pos, neg, protect_prompts(rec, base, split))
 
 
 def _attribute(source: Source, native: bool, plan, protect: list[str], allow_negative: bool, load: dict):

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from cna_export.circuit.format import Circuit
 from cna_export.evaluate.measure import Baseline, EvalConfig
+from cna_export.evaluate.protect import split_protect
 
 
 @dataclass(frozen=True)
@@ -74,29 +75,6 @@ class GgufBackend:
         with patched(self.path, circuit, multiplier, self.allow_negative) as variant:
             return gguf_measure(variant, baseline, detector, cfg, label=label, k=len(circuit.neurons),
                                 multiplier=multiplier, n_threads=self.n_threads)  # fmt: skip
-
-
-def split_protect(metrics: dict, records: list[dict], n_positive: int, n_protect: int) -> tuple[dict, list[dict]]:
-    """Metrics and records of a measurement whose positive list was positive + protect, with the protect prompts
-    separated: `rate` over the positive prompts only, `protect_rate` over the protect ones."""
-    if not n_protect:
-        return metrics, records
-    seen = 0
-    for r in records:
-        if r["set"] == "positive":
-            if seen >= n_positive:
-                r["set"] = "protect"
-            seen += 1
-    pos = [r for r in records if r["set"] == "positive"]
-    prot = [r for r in records if r["set"] == "protect"]
-    out = dict(metrics)
-    hits, protect_hits = sum(r["behaviour"] for r in pos), sum(r["behaviour"] for r in prot)
-    out.update(rate=hits / len(pos), positive_hits=hits, n_positive=len(pos), protect_rate=protect_hits / len(prot),
-               protect_hits=protect_hits, n_protect=len(prot))  # fmt: skip
-    if "measure_mean" in metrics:
-        out["measure_mean"] = sum(r["measure"] for r in pos) / len(pos)
-        out["protect_measure_mean"] = sum(r["measure"] for r in prot) / len(prot)
-    return out, records
 
 
 class Evaluator:
