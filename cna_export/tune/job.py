@@ -60,7 +60,8 @@ def tune_job(
     recipe: str, model: str, out: Path, cfg: EvalConfig, budget: Budget, space: SearchSpace | None = None, *,
     backend: str = "auto", load: dict | None = None, overwrite: bool = False,
 ) -> TuneResult:  # fmt: skip
-    """Tune a recipe's knobs on `model` (module docstring); `load`: dtype, device and revision for a folder or Hub id.
+    """Tune a recipe's knobs on `model` (module docstring); `load`: revision and `load_model`'s options (dtype,
+    device, device_map, offload_folder, trust_remote_code) for a folder or Hub id.
 
     Example:
         >>> tune_job("refusal-strengthen", "qwen.gguf", Path("tuned"), EvalConfig(), Budget(trials=30, seed=0))
@@ -146,7 +147,7 @@ def _attribute(source: Source, native: bool, plan, protect: list[str], allow_neg
     from cna_export.io.source import describe, identity, load_model
 
     spec, shape, config = describe(source)
-    model, tokenizer = load_model(source, dtype=load.get("dtype", "auto"), device=load.get("device", "auto"))
+    model, tokenizer = load_model(source, **load)  # dtype, device, device_map, offload_folder, trust_remote_code
     att = attribute(model, tokenizer, spec, identity(source, config, shape), plan.positive, plan.negative, neutral,
                     full, protect=protect)  # fmt: skip
     return att, TorchBackend(model, tokenizer, spec, allow_negative)
