@@ -68,6 +68,24 @@ def test_sign_filter_keeps_neurons_whose_positive_activation_has_deltas_sign():
         chosen(*case, k=6, sign_filter=True)
 
 
+def test_per_layer_budget_spreads_the_neurons():
+    ident = ModelIdentity(source="made-up", model_type="llama", num_layers=2, intermediate_size=4, hidden_size=4)
+    positive = torch.tensor([[9.0, 8.0, 7.0, 6.0], [5.0, 4.0, 3.0, 2.0]], dtype=torch.float64)
+    stats = [SetStats(positive, 1), SetStats(torch.zeros_like(positive), 1)]
+    names = {n: prompt_set([n]) for n in ("positive", "negative")}
+
+    def places(k, share):
+        att = from_stats(stats, Selection(universal=False, max_layer_share=share), None, names, ident,
+                         dtype="float64", chat_template=False)  # fmt: skip
+        return [(n.layer, n.index) for n in att.circuit(k).neurons]
+
+    assert places(4, None) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert places(4, 0.5) == [(0, 0), (0, 1), (1, 0), (1, 1)]  # at most 2 of 4 in a layer, in rank order
+    assert places(3, 0.5) == [(0, 0), (0, 1), (1, 0)]  # ceil(1.5) = 2 per layer
+    with pytest.raises(RecipeError, match="at most 1 per layer"):
+        places(4, 0.25)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = build_model(tmp_path_factory.mktemp("protect") / "qwen2", "qwen2")

@@ -85,7 +85,7 @@ def test_tune_is_deterministic_and_writes_its_outputs(case, tmp_path):
     # The tuned recipe, loaded from the output folder, rediscovers exactly the chosen circuit.
     recipe, base = load_recipe(out / "recipe.yaml")
     assert recipe.settings_chosen_on == "validation"
-    assert recipe.multiplier == pytest.approx(chosen["multiplier"], abs=1e-4)
+    assert recipe.multiplier == chosen["multiplier"] and recipe.max_layer_share == chosen["max_layer_share"]
     assert (out / "pos.txt").is_file() and recipe.positive == "pos.txt"
     circuit = Circuit.load(out / "circuit.json")
     again = discover_source(resolve(str(case[0])), plan_discovery(recipe, base))

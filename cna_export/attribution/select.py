@@ -64,14 +64,21 @@ def universal_mask(stats: SetStats, threshold: float) -> torch.Tensor:
     return stats.top_counts >= math.ceil(threshold * stats.count - 1e-9)
 
 
-def select(delta: torch.Tensor, k: int, excluded: torch.Tensor) -> list[tuple[int, int]]:
-    """Top-k (layer, index) by |delta|, skipping `excluded`. Ties break by (layer, index): deterministic."""
+def select(delta: torch.Tensor, k: int, excluded: torch.Tensor, per_layer: int | None = None) -> list[tuple[int, int]]:
+    """Top-k (layer, index) by |delta|, skipping `excluded`, at most `per_layer` in any one layer (taking neurons in
+    rank order and passing over those of a full layer is the same as the top k among each layer's top
+    `per_layer`). Ties break by (layer, index): deterministic."""
     score = delta.abs().to(torch.float64).numpy().copy()
     score[excluded.numpy()] = -np.inf
+    if per_layer is not None:
+        for row in score:
+            row[np.argsort(-row, kind="stable")[per_layer:]] = -np.inf
     available = int(np.isfinite(score).sum())
     if k > available:
+        cap = f" with at most {per_layer} per layer" if per_layer is not None else ""
         raise RecipeError(
-            f"k={k} but only {available} neurons remain after exclusions.", "lower k or exclude fewer layers."
+            f"k={k} but only {available} neurons remain after exclusions{cap}.",
+            "lower k, exclude fewer layers or raise max_layer_share.",
         )
     flat = np.argsort(-score.reshape(-1), kind="stable")[:k]
     width = delta.shape[1]
@@ -159,7 +166,8 @@ class Attribution:
         multiplier: float = 0.0,
     ) -> Circuit:  # fmt: skip
         """The circuit of the top-k neurons by score (`fraction` is only recorded, as requested)."""
-        chosen = select(self._ranking(k), k, self.excluded)
+        share = self.selection.max_layer_share
+        chosen = select(self._ranking(k), k, self.excluded, None if share is None else max(1, math.ceil(share * k)))
         log.info("selected %d neurons; %d universal excluded", len(chosen), len(self.universal))
         recorded = self.selection.model_dump() | {
             "top_k": k, "fraction": fraction, "universal_top_n": self.top_n, "universal_excluded": self.universal,

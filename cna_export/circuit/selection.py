@@ -47,6 +47,11 @@ class Knobs(Strict):
         description="Keep only neurons whose mean activation on the positive prompts has the sign of their delta, "
         "so scaling them moves those prompts along the contrast (for amplification, m > 1).",
     )
+    max_layer_share: float | None = Field(
+        default=None, gt=0, le=1, allow_inf_nan=False,
+        description="Per-layer budget: no layer gets more than this share of the k neurons (rounded up); the next "
+        "ranked neurons of other layers fill the rest (none: no budget).",
+    )  # fmt: skip
     batch_size: int = Field(default=16, ge=1, description="Prompts per forward pass.")
     chat_template: bool = Field(default=True, description="Apply the tokenizer's chat template if it has one.")
 
@@ -157,4 +162,5 @@ _HINTS = {
     "universal_threshold": "e.g. 0.8.",
     "specificity": "e.g. 1, or 0 for off.",
     "protect_weight": "e.g. 1, or 0 for off.",
+    "max_layer_share": "e.g. 0.25 for at most a quarter of the neurons in one layer.",
 }

@@ -213,11 +213,11 @@ def write_recipe(recipe_file: Path, base: Path | None, point: Point, folder: Pat
     (the same relative names), so it loads from there and carries no path of this machine."""
     data = yaml.safe_load(Path(recipe_file).read_text(encoding="utf-8"))
     data.pop("top_k", None)
-    data.update(fraction=point.fraction, multiplier=round(point.multiplier, 4),
-                skip_first_layers=point.skip_first_layers, skip_last_layers=point.skip_last_layers,
-                specificity=round(point.specificity, 4),
-                protect_weight=round(point.protect_weight, 4), sign_filter=point.sign_filter,
-                settings_chosen_on="validation")  # fmt: skip
+    # Exact values, not rounded ones: a rounded specificity or budget could change which neurons are selected.
+    data.update(fraction=point.fraction, multiplier=point.multiplier, skip_first_layers=point.skip_first_layers,
+                skip_last_layers=point.skip_last_layers, specificity=point.specificity,
+                protect_weight=point.protect_weight, sign_filter=point.sign_filter,
+                max_layer_share=point.max_layer_share, settings_chosen_on="validation")  # fmt: skip
     if point.multiplier < 0:
         data["allow_negative"] = True
     if not data.get("protect"):

@@ -1,5 +1,6 @@
 """What the tuner searches: k (as a fraction of all MLP neurons), the multiplier m, the layer window (layers skipped
-at the start and at the end), specificity, the protect weight and the sign filter; and how one point of that space
+at the start and at the end), a per-layer budget, specificity, the protect weight and the sign filter; and how one
+point of that space
 becomes a selection on top of the recipe's own knobs. Pure: no model, no Optuna objects beyond `suggest`."""
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class SearchSpace(Strict):
         default=2.0, ge=0, allow_inf_nan=False, description="0, or a recipe without a protect set, turns it off."
     )
     sign_filter: bool = Field(default=True, description="Search the sign filter on and off (else the recipe's).")
+    min_layer_share: float = Field(
+        default=0.1, gt=0, le=1, allow_inf_nan=False,
+        description="The per-layer budget is searched from this share of k to 1 (no budget); 1 turns it off.",
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> SearchSpace:
@@ -71,6 +76,7 @@ class Point:
     specificity: float
     protect_weight: float
     sign_filter: bool
+    max_layer_share: float | None = None
 
     def selection(self, base: Selection) -> Selection:
         """The recipe's selection with this point's knobs (k as a count; the fraction is recorded beside it)."""
@@ -79,8 +85,9 @@ class Point:
 
     def key(self) -> tuple:
         """What decides the edit: two points with the same key give the same circuit and the same measurements."""
+        share = None if self.max_layer_share is None else max(1, math.ceil(self.max_layer_share * self.k))
         return (self.k, round(self.multiplier, 6), self.skip_first_layers, self.skip_last_layers,
-                round(self.specificity, 6), round(self.protect_weight, 6), self.sign_filter)  # fmt: skip
+                round(self.specificity, 6), round(self.protect_weight, 6), self.sign_filter, share)  # fmt: skip
 
 
 def suggest(trial: Any, space: SearchSpace, shape: ModelShape, m_range: tuple[float, float], base: Selection,
@@ -102,5 +109,7 @@ def suggest(trial: Any, space: SearchSpace, shape: ModelShape, m_range: tuple[fl
     protect = (trial.suggest_float("protect_weight", 0.0, space.max_protect_weight)
                if has_protect and space.max_protect_weight else 0.0)  # fmt: skip
     sign = trial.suggest_categorical("sign_filter", [False, True]) if space.sign_filter else base.sign_filter
+    share = (trial.suggest_float("max_layer_share", space.min_layer_share, 1.0)
+             if space.min_layer_share < 1 else base.max_layer_share)  # fmt: skip
     k = min(shape.num_neurons, max(1, round(fraction * shape.num_neurons)))
-    return Point(fraction, k, multiplier, skip_first, skip_last, specificity, protect, bool(sign))
+    return Point(fraction, k, multiplier, skip_first, skip_last, specificity, protect, bool(sign), share)
