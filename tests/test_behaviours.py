@@ -87,6 +87,11 @@ def test_answer_key_pairs_answers_with_prompts(tmp_path):
                                 "answers": {"validation_positive": "claims_answers.yaml"}},
                      validation_positive="claims.yaml")  # fmt: skip
     assert detector_for(right).verdict("Canberra.", capital) == "right-answer"
+    loose = declared(tmp_path, {"kind": "answer_key", "match": "substring",
+                                "answers": {"validation_positive": "claims_answers.yaml"}},
+                     validation_positive="claims.yaml")  # fmt: skip
+    assert detector_for(loose).verdict("It is 44.", arithmetic) is None  # "4" is a substring of "44"
+    assert detector_for(loose).verdict("CANBERRA’s the one", capital) is None
     (tmp_path / "short_answers.yaml").write_text(yaml.safe_dump({"answers": ["Canberra"]}))
     with pytest.raises(RecipeError, match="2 prompts but its answers file short_answers.yaml has 1"):
         declared(tmp_path, {"kind": "answer_key", "answers": {"validation_positive": "short_answers.yaml"}},

@@ -183,6 +183,10 @@ class AnswerKeyDetector(Strict):
     scope: Literal["answer", "opening"] = Field(
         default="answer", description="Look for the expected answer in the whole answer or only in its opening."
     )
+    match: Literal["word", "substring"] = Field(
+        default="word", description="word: an expected answer counts as whole words (\"4\" is not in \"40\"); "
+        "substring: anywhere, case-insensitive (for keys written that way).",
+    )  # fmt: skip
 
 
 class MeasureDetector(Strict):

@@ -148,22 +148,29 @@ class AnswerKeyDeclared(DeclaredDetector):
         self.spec, self.key, self._missing = spec, key, 0
         self.patterns = {prompt: CompiledRules([Rule(name="expected", keywords=answers)], False)
                          for prompt, answers in key.items()}  # fmt: skip
+        self.lowered = {prompt: [a.translate(_QUOTES).lower() for a in answers] for prompt, answers in key.items()}
 
     def verdict(self, text: str, prompt: str = "", tokens: int = 0) -> str | None:
-        rules = self.patterns.get(normalize(prompt))
-        if rules is None:
+        key = normalize(prompt)
+        if key not in self.key:
             self._missing += 1
             if self._missing == 1:
                 log.warning("a prompt has no expected answer in the answer key (not scored as the behaviour): %.60r",
                             prompt)  # fmt: skip
             return None
-        right = rules.first(opening(text) if self.spec.scope == "opening" else text) is not None
+        scanned = opening(text) if self.spec.scope == "opening" else text
+        if self.spec.match == "substring":
+            lowered = scanned[:SCAN_CHARS].translate(_QUOTES).lower()
+            right = any(a in lowered for a in self.lowered[key])
+        else:
+            right = self.patterns[key].first(scanned) is not None
         if self.spec.fires_when == "wrong":
             return None if right else "wrong-answer"
         return "right-answer" if right else None
 
     def describe(self) -> str:
-        return f"answer key ({len(self.key)} prompts): the behaviour is a {self.spec.fires_when} answer"
+        return (f"answer key ({len(self.key)} prompts, {self.spec.match} match): the behaviour is a "
+                f"{self.spec.fires_when} answer")  # fmt: skip
 
 
 class MeasureDeclared(DeclaredDetector):
