@@ -139,8 +139,8 @@ class Attribution:
         return Routing(coverage=coverage)
 
     def _ranking(self, k: int) -> torch.Tensor:
-        """What the top-k is taken of: the score; with specificity, the neurons the penalty left at zero come
-        after all positive ones, by |delta|."""
+        """What the top-k is taken of: the score; with specificity or a protect weight, the neurons the penalties
+        left at zero come after all positive ones, by |delta| less the protect penalty."""
         if not (self.selection.specificity or self.selection.protect_weight):
             return self.score
         left = int(((self.score > 0) & ~self.excluded).sum())
