@@ -12,11 +12,11 @@ import yaml
 from conftest import build_model, run_cli
 
 from cna_export.attribution.discover import discover_source, plan_discovery
+from cna_export.backends.base import open_model
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import load_recipe
 from cna_export.errors import CnaExportError, RecipeError
 from cna_export.evaluate.measure import EvalConfig
-from cna_export.io.source import resolve
 from cna_export.tune import front as F
 from cna_export.tune.job import tune_job
 from cna_export.tune.search import Budget
@@ -88,7 +88,7 @@ def test_tune_is_deterministic_and_writes_its_outputs(case, tmp_path):
     assert recipe.multiplier == chosen["multiplier"] and recipe.max_layer_share == chosen["max_layer_share"]
     assert (out / "pos.txt").is_file() and recipe.positive == "pos.txt"
     circuit = Circuit.load(out / "circuit.json")
-    again = discover_source(resolve(str(case[0])), plan_discovery(recipe, base))
+    again = discover_source(open_model(str(case[0])), plan_discovery(recipe, base))
     assert [(n.layer, n.index) for n in again.neurons] == [(n.layer, n.index) for n in circuit.neurons]
     assert circuit.multiplier == chosen["multiplier"] and len(circuit.neurons) == chosen["k"]
     # The test split, once: the original and the chosen point, with the protect set split off.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cna_export.cli.options import eval_config, eval_opts, load_kwargs, model_opts
+from cna_export.cli.options import eval_config, eval_opts, load_options, model_opts
 
 EXAMPLE = """examples:
   cna-export tune refusal-strengthen --model qwen2.5-coder-0.5b.Q4_K_M.gguf --trials 30 --timeout 3600 -o tuned
@@ -53,10 +53,8 @@ def _tune(args: argparse.Namespace) -> None:
         raise CnaExportError(f"Bad search range: {exc.errors()[0]['msg']}.", "see cna-export tune --help.") from None
     budget = Budget(trials=args.trials, timeout=args.timeout, seed=args.seed, kl_budget=args.kl_budget,
                     collateral_budget=args.collateral_budget)  # fmt: skip
-    load = {**load_kwargs(args), "revision": args.revision}
-    load.pop("backend")
-    result = tune_job(args.recipe, args.model, Path(args.out), eval_config(args), budget, space, backend=args.backend,
-                      load=load, overwrite=args.overwrite)  # fmt: skip
+    result = tune_job(args.recipe, args.model, Path(args.out), eval_config(args), budget, space,
+                      load=load_options(args), overwrite=args.overwrite, limit=args.limit)  # fmt: skip
     print(f"{result.trials} trials in {result.seconds / 60:.1f} min")
     if result.chosen is None:
         print("no trial met the rule (see front.json and front.png): nothing chosen, the test split not evaluated")

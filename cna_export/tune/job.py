@@ -25,7 +25,10 @@ from pathlib import Path
 import yaml
 
 from cna_export import __version__
-from cna_export.attribution.discover import plan_discovery, use_llama_cpp
+from cna_export.attribution.discover import DiscoveryPlan, plan_discovery
+from cna_export.attribution.select import Attribution, attribute_on
+from cna_export.backends.base import Backend, open_model
+from cna_export.backends.options import LoadOptions
 from cna_export.circuit.detector import PROMPT_FIELDS
 from cna_export.circuit.recipe import Recipe, find_recipe, load_prompts, load_recipe
 from cna_export.errors import RecipeError
@@ -33,13 +36,12 @@ from cna_export.evaluate.declared import behaviour_of, detector_description
 from cna_export.evaluate.detectors import detector_for
 from cna_export.evaluate.measure import EvalConfig
 from cna_export.evaluate.protect import protect_prompts
-from cna_export.evaluate.sweep import goal_of, heldout_sets
+from cna_export.evaluate.sweep import goal_of, heldout_sets, results_document
 from cna_export.io.output import check_output_path, staged_output
-from cna_export.io.source import Source, resolve
 from cna_export.tune import front as F
 from cna_export.tune.search import Budget, SearchResult, search
 from cna_export.tune.space import Point, SearchSpace
-from cna_export.tune.trials import Evaluator, GgufBackend, PromptSets, TorchBackend
+from cna_export.tune.trials import Evaluator, PromptSets
 
 log = logging.getLogger(__name__)
 MARKER = "front.json"
@@ -58,36 +60,61 @@ class TuneResult:
 
 def tune_job(
     recipe: str, model: str, out: Path, cfg: EvalConfig, budget: Budget, space: SearchSpace | None = None, *,
-    backend: str = "auto", load: dict | None = None, overwrite: bool = False,
+    load: LoadOptions | None = None, overwrite: bool = False, limit: int | None = None,
 ) -> TuneResult:  # fmt: skip
-    """Tune a recipe's knobs on `model` (module docstring); `load`: revision and `load_model`'s options (dtype,
-    device, device_map, offload_folder, trust_remote_code) for a folder or Hub id.
+    """Tune a recipe's knobs on `model` (module docstring) in its backend (`load.backend`: a GGUF file in llama.cpp,
+    each trial a patched temporary copy; anything else in torch, each trial runtime hooks); `limit` keeps the first
+    N prompts of each validation and test set (a quick look on a CPU).
 
     Example:
         >>> tune_job("refusal-strengthen", "qwen.gguf", Path("tuned"), EvalConfig(), Budget(trials=30, seed=0))
     """
-    load = dict(load or {})
     space = space or SearchSpace()
     recipe_file = find_recipe(recipe)
     rec, base = load_recipe(recipe_file)
     if rec.validation_positive is None:
         raise RecipeError(f"Recipe {rec.name} has no validation split, and the tuner never chooses on the test split.",
                           "add validation_positive and validation_negative to the recipe.")  # fmt: skip
-    source = resolve(model, load.pop("revision", None))
     local = Path(model).expanduser()
     check_output_path(out, local if local.exists() else None, overwrite, marker=MARKER)
-    behaviour = behaviour_of(rec, base)
-    detector = detector_for(behaviour)
-    goal = goal_of(rec.multiplier)
-    m_range = space.multipliers(rec.multiplier, rec.allow_negative)
+    # Everything that can be wrong with the recipe fails here, before the model loads.
     plan = plan_discovery(rec, base)
-    cfg = replace(cfg, system_prompt=plan.selection.system_prompt)
-    discovery_protect = load_prompts(rec.protect, base) if rec.protect is not None else []
-    validation, test = _split(rec, base, "validation"), _split(rec, base, "test")
-    native = use_llama_cpp(source, backend)
-    attribution, runner = _attribute(source, native, plan, discovery_protect, rec.allow_negative or m_range[0] < 0,
-                                     load)  # fmt: skip
-    val = Evaluator(runner, validation, detector, cfg)
+    m_range = space.multipliers(rec.multiplier, rec.allow_negative)
+    splits = _split(rec, base, "validation", limit), _split(rec, base, "test", limit)
+    job = TuneInputs(rec, recipe_file, base, plan, behaviour_of(rec, base), m_range, *splits,
+                     replace(cfg, system_prompt=plan.selection.system_prompt))  # fmt: skip
+    backend = open_model(model, load)
+    try:
+        return _tune(backend, job, budget, space, (Path(out), overwrite))
+    finally:
+        backend.close()
+
+
+@dataclass(frozen=True)
+class TuneInputs:
+    """A tune's recipe resolved: its file and folder, discovery plan, behaviour (with its detector), the m range,
+    the validation and test prompt sets, and the evaluation settings (with the recipe's system prompt)."""
+
+    recipe: Recipe
+    recipe_file: Path
+    base: Path | None
+    plan: DiscoveryPlan
+    behaviour: str
+    m_range: tuple[float, float]
+    validation: PromptSets
+    test: PromptSets
+    cfg: EvalConfig
+
+
+def _tune(backend: Backend, job: TuneInputs, budget: Budget, space: SearchSpace, out: tuple[Path, bool]) -> TuneResult:
+    """Attribute once, search, choose, evaluate the test split once, write (see `tune_job`)."""
+    rec, base, plan, behaviour, m_range, cfg = job.recipe, job.base, job.plan, job.behaviour, job.m_range, job.cfg
+    validation, test = job.validation, job.test
+    detector, goal = detector_for(behaviour), goal_of(rec.multiplier)
+    discovery_protect = plan.protect or (load_prompts(rec.protect, base) if rec.protect is not None else [])
+    attribution = _attribute(backend, plan, discovery_protect)
+    allow_negative = rec.allow_negative or m_range[0] < 0
+    val = Evaluator(backend, validation, detector, cfg, allow_negative)
     collateral = budget.collateral_budget
     collateral = F.auto_collateral_budget(val.metrics) if collateral is None else collateral
     budget = replace(budget, collateral_budget=collateral)
@@ -102,7 +129,7 @@ def tune_job(
     document = {
         "kind": "tune", "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": _public_name(source), "backend": "llama.cpp" if native else "torch", "recipe": rec.name,
+        "model": _public_name(backend), "backend": backend.runtime, "recipe": rec.name,
         "behaviour": str(behaviour), "detector": detector_description(behaviour), "goal": goal, "split": "validation",
         "seed": budget.seed, "trials_requested": budget.trials, "timeout_s": budget.timeout,
         "trials_run": len(found.trials), "stopped_by": found.stopped_by, "seconds": round(found.seconds, 1),
@@ -115,52 +142,35 @@ def tune_job(
     test_results = test_records = None
     if chosen is not None:
         circuit = found.circuits[chosen["same_as"] if chosen["same_as"] is not None else chosen["number"]]
-        test_results, test_records = _evaluate_test(runner, test, detector, cfg, circuit, document)
+        test_results, test_records = _evaluate_test(Evaluator(backend, test, detector, cfg, allow_negative), circuit,
+                                                    document)  # fmt: skip
         document["test"] = _test_summary(test_results)
-    _write(out, overwrite, document, found, (rec, recipe_file, base), test_results, test_records)
-    return TuneResult(Path(out), len(found.trials), chosen, document.get("test"), found.seconds)
+    _write(out[0], out[1], document, found, (rec, job.recipe_file, base), test_results, test_records)
+    return TuneResult(out[0], len(found.trials), chosen, document.get("test"), found.seconds)
 
 
-def _split(rec: Recipe, base: Path | None, split: str) -> PromptSets:
+def _split(rec: Recipe, base: Path | None, split: str, limit: int | None = None) -> PromptSets:
     """A split's prompts, none of them a discovery prompt (nor, for the test split, a validation prompt)."""
-    pos, neg = heldout_sets(rec, base, split=split)
-    return PromptSets(pos, neg, protect_prompts(rec, base, split))
+    pos, neg = heldout_sets(rec, base, split=split, limit=limit)
+    return PromptSets(pos, neg, protect_prompts(rec, base, split, limit))
 
 
-def _attribute(source: Source, native: bool, plan, protect: list[str], allow_negative: bool, load: dict):
-    """The attribution sums over every layer (the window is searched), with the neutral and protect sets, and the
-    backend that measures edits."""
-    from cna_export.attribution.select import attribute
-
+def _attribute(backend: Backend, plan, protect: list[str]) -> Attribution:
+    """The attribution sums over every layer (the window is searched), with the neutral and protect sets."""
     neutral = plan.neutral or load_prompts("builtin:neutral_diverse")
     # Every layer is reached and the neutral prompts run (a nonzero specificity asks for them), whatever the
     # recipe says: each trial then reselects from these sums.
     full = plan.selection.model_copy(update={"skip_first_layers": 0, "skip_last_layers": 0, "specificity": 1.0,
                                              "protect_weight": 0.0})  # fmt: skip
-    if native:
-        from cna_export.attribution.native import attribute_gguf, describe_gguf, gguf_identity
-
-        spec, shape, metadata = describe_gguf(source.path)
-        ident = gguf_identity(source.name, source.path, spec, shape, metadata)
-        att = attribute_gguf(source.path, spec, ident, plan.positive, plan.negative, neutral, full, protect=protect)
-        return att, GgufBackend(source.path, allow_negative)
-    from cna_export.io.source import describe, identity, load_model
-
-    spec, shape, config = describe(source)
-    model, tokenizer = load_model(source, **load)  # dtype, device, device_map, offload_folder, trust_remote_code
-    att = attribute(model, tokenizer, spec, identity(source, config, shape), plan.positive, plan.negative, neutral,
-                    full, protect=protect)  # fmt: skip
-    return att, TorchBackend(model, tokenizer, spec, allow_negative)
+    return attribute_on(backend, plan.positive, plan.negative, neutral, full, protect=protect)
 
 
-def _evaluate_test(runner, sets: PromptSets, detector, cfg: EvalConfig, circuit, document: dict):
-    """The test split, measured once: the original and the chosen edit."""
-    from cna_export.evaluate.sweep import _document
-
-    ev = Evaluator(runner, sets, detector, cfg)
+def _evaluate_test(ev: Evaluator, circuit, document: dict) -> tuple[dict, list[dict]]:
+    """The test split, measured once: the original (`ev`'s baseline) and the chosen edit."""
     metrics, records = ev.measure(circuit, circuit.multiplier, "chosen")
-    results = _document("eval", document["model"], document["behaviour"], cfg, ev.base, goal=document["goal"],
-                        split="test", backend=document["backend"], recipe=document["recipe"])  # fmt: skip
+    results = results_document("eval", document["model"], document["behaviour"], ev.cfg, ev.base,
+                               goal=document["goal"], split="test", backend=document["backend"],
+                               recipe=document["recipe"])  # fmt: skip
     results["detector"] = document["detector"]
     results["baseline"], results["points"] = ev.metrics, [metrics]
     results["settings_chosen_on"] = "validation"
@@ -254,10 +264,10 @@ def _copy_beside(ref: str, base: Path | None, folder: Path) -> None:
     shutil.copyfile(src, dst)
 
 
-def _public_name(source: Source) -> str:
+def _public_name(backend: Backend) -> str:
     """The model as outputs name it: a Hub id, or the file or folder name of a local model (never its path)."""
-    local = Path(source.name).expanduser()
-    return local.name if local.exists() else source.name
+    local = Path(backend.model_name).expanduser()
+    return local.name if local.exists() else backend.model_name
 
 
 def _counts(sets: PromptSets) -> dict:
