@@ -22,10 +22,11 @@ from cna_export.circuit.selection import Selection
 from cna_export.errors import RecipeError
 from cna_export.io.source import describe, identity, resolve
 
-POS = load_prompts("builtin:refusal_harmful_discovery")[:8]
-NEG = load_prompts("builtin:refusal_benign_discovery")[:8]
-POOL = load_prompts("builtin:refusal_harmful_test")[:24]  # candidates for a constructed protect set
-NEUTRAL = load_prompts("builtin:neutral_diverse")[:8]
+# Plain strings (a loaded prompt also carries where it came from), so they can be written into a recipe.
+POS = [str(p) for p in load_prompts("builtin:refusal_harmful_discovery")[:8]]
+NEG = [str(p) for p in load_prompts("builtin:refusal_benign_discovery")[:8]]
+POOL = [str(p) for p in load_prompts("builtin:refusal_harmful_test")[:24]]  # candidates for a constructed protect set
+NEUTRAL = [str(p) for p in load_prompts("builtin:neutral_diverse")[:8]]
 
 
 def constructed(positive, negative, protect) -> tuple[list[SetStats], dict, ModelIdentity]:
