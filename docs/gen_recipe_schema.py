@@ -26,6 +26,18 @@ START, END = "<!-- recipe-schema:start -->", "<!-- recipe-schema:end -->"
 def _type_name(annotation: object) -> str:
     """A reader's name for a field's type: `integer or null`, `prompt set`, `one of validation, test, unknown`."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # a discriminated union (the detector block): its types
+        return _type_name(typing.get_args(annotation)[0])
+    if _variants(annotation):
+        return "mapping by `kind` (below)"
+    if origin is list and _is_model(typing.get_args(annotation)[0]):
+        return "list of mappings (below)"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(annotation)[0])}s"
+    if origin is dict:
+        key, value = typing.get_args(annotation)
+        keys = typing.get_args(key) if typing.get_origin(key) is typing.Literal else ()
+        return f"mapping of {'a prompt-set key' if keys else _type_name(key)} to {_type_name(value)}"
     if origin is typing.Literal:
         values = typing.get_args(annotation)
         return f"`{values[0]}`" if len(values) == 1 else "one of " + ", ".join(f"`{v}`" for v in values)
@@ -41,6 +53,22 @@ def _type_name(annotation: object) -> str:
         return "mapping (below)"
     names: dict[object, str] = {int: "integer", float: "number", bool: "boolean", str: "string"}
     return names.get(annotation, str(annotation))
+
+
+def _is_model(annotation: object) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _variants(annotation: object) -> list[type[BaseModel]]:
+    """The models of a union of two or more models (inside Annotated and an optional None), else []."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return []
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(args) == 1:
+        return _variants(args[0])
+    return args if len(args) > 1 and all(_is_model(a) for a in args) else []
 
 
 def _constraints(info: FieldInfo) -> str:
@@ -68,16 +96,25 @@ def _default(info: FieldInfo) -> str:
     return f"`{str(value).lower() if isinstance(value, bool) else value}`"
 
 
-def _rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+def _rows(model: type[BaseModel], prefix: str = "", only: str = "") -> list[tuple[str, str, str, str]]:
     rows = []
     for name, info in model.model_fields.items():
         kind = _type_name(info.annotation)
         rule = _constraints(info)
-        description = " ".join((info.description or "").split()).replace("|", "\\|")
+        description = only + " ".join((info.description or "").split()).replace("|", "\\|")
         rows.append((f"`{prefix}{name}`", kind + (f" ({rule})" if rule else ""), _default(info), description))
         annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            rows.extend(_rows(annotation, prefix=f"{prefix}{name}."))
+        if _is_model(annotation):
+            rows.extend(_rows(annotation, prefix=f"{prefix}{name}.", only=only))
+        for variant in _variants(annotation):  # each kind's keys, the kind named in the meaning
+            tag = typing.get_args(variant.model_fields["kind"].annotation)[0]
+            fields = _rows(variant, prefix=f"{prefix}{name}.", only=f"(kind `{tag}`) ")
+            rows.extend(r for r in fields if r[0] != f"`{prefix}{name}.kind`")
+        inner = typing.get_args(annotation)
+        listed = next((typing.get_args(a)[0] for a in (annotation, *inner) if typing.get_origin(a) is list
+                       and _is_model(typing.get_args(a)[0])), None)  # fmt: skip
+        if listed is not None:
+            rows.extend(_rows(listed, prefix=f"{prefix}{name}[].", only=only))
     return rows
 
 
@@ -87,7 +124,11 @@ def render() -> str:
     from cna_export.circuit.selection import DEFAULT_FRACTION
 
     rows = _rows(Recipe)
-    rows.sort(key=lambda r: r[2] != "**required**")  # stable: the model's order within each group
+    # Required keys first (stable: the model's order within each group); a block's keys stay under it.
+    top = [i for i, r in enumerate(rows) if "." not in r[0] and "[" not in r[0]]
+    blocks = [rows[i : j] for i, j in zip(top, top[1:] + [len(rows)])]
+    blocks.sort(key=lambda b: b[0][2] != "**required**")
+    rows = [r for b in blocks for r in b]
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     lines += [f"| {key} | {kind} | {default} | {text} |" for key, kind, default, text in rows]
     lines += [

@@ -83,6 +83,22 @@ def test_every_recipe_loads(path: Path):
         if ref is not None:
             assert not set(load_prompts(ref, base)) & set(pos), "held-out prompts must not be discovery prompts"
     assert recipe.selection().batch_size == recipe.batch_size
+    # Its detector, system prompt and protect set resolve, and no split of the protect set leaks into another.
+    from cna_export.attribution.discover import plan_discovery
+    from cna_export.evaluate.declared import behaviour_of
+    from cna_export.evaluate.detectors import detector_for
+    from cna_export.evaluate.protect import protect_prompts
+
+    assert callable(detector_for(behaviour_of(recipe, base)))
+    plan = plan_discovery(recipe, base)
+    assert (plan.selection.system_prompt is None) == (recipe.system_prompt is None)
+    if recipe.protect is not None:
+        discovery = set(load_prompts(recipe.protect, base))
+        validation, test = (set(protect_prompts(recipe, base, s)) for s in ("validation", "test"))
+        assert validation and test and not (discovery & validation or discovery & test or validation & test)
+    if recipe.validation_positive is not None:  # choosing happens on validation, so it must not be the test split
+        validation = set(load_prompts(recipe.validation_positive, base))
+        assert not validation & set(load_prompts(recipe.heldout_positive, base))
 
 
 def test_recipes_cover_required_behaviours():

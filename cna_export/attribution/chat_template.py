@@ -36,20 +36,29 @@ def rendering(whose: str, fix: str = FOLDER_FIX) -> Iterator[None]:
         raise RecipeError(f"{whose} chat template failed ({exc.__class__.__name__}: {detail}).", fix) from None
 
 
-def user_turn(tokenizer, prompt: str, whose: str) -> str:
-    """A user turn with the generation prompt, rendered by transformers (sandboxed) from a tokenizer's template."""
-    with rendering(whose):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+SYSTEM_FIX = "drop the recipe's system_prompt (or --system-prompt), or use a model whose template has a system role."
 
 
-def render_chat(template: str, prompt: str, bos: str, eos: str, whose: str = "The GGUF's") -> str:
-    """A user turn with the generation prompt, rendered as transformers renders chat templates (see above)."""
-    with rendering(whose, GGUF_FIX):
-        return _compiled(template).render(
-            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True, bos_token=bos, eos_token=eos
-        )
+def messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    """The chat: a `system` message when given, then the user's prompt."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def user_turn(tokenizer, prompt: str, whose: str, system: str | None = None) -> str:
+    """A user turn (after a `system` message, when given) with the generation prompt, rendered by transformers
+    (sandboxed) from a tokenizer's template. A template that refuses a system role (Gemma 2's raises) is one line."""
+    with rendering(whose, SYSTEM_FIX if system else FOLDER_FIX):
+        return tokenizer.apply_chat_template(messages(prompt, system), tokenize=False, add_generation_prompt=True)
+
+
+def render_chat(
+    template: str, prompt: str, bos: str, eos: str, whose: str = "The GGUF's", system: str | None = None
+) -> str:
+    """A user turn (after a `system` message, when given) with the generation prompt, rendered as transformers
+    renders chat templates (see above)."""
+    with rendering(whose, SYSTEM_FIX if system else GGUF_FIX):
+        return _compiled(template).render(messages=messages(prompt, system), add_generation_prompt=True,
+                                          bos_token=bos, eos_token=eos)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4)

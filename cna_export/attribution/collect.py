@@ -78,9 +78,11 @@ def context_of(model: nn.Module) -> Context:
 
 
 def encode_prompts(
-    tokenizer, prompts: Sequence[str], chat_template: bool = True, context: Context | None = None
-) -> list[list[int]]:
-    """Token ids per prompt; chat-templated (with the generation prompt) when the tokenizer has a template.
+    tokenizer, prompts: Sequence[str], chat_template: bool = True, context: Context | None = None,
+    system: str | None = None,
+) -> list[list[int]]:  # fmt: skip
+    """Token ids per prompt; chat-templated (with the generation prompt) when the tokenizer has a template. A
+    `system` message goes first in the template, or, without one, before the prompt as plain text.
 
     With `context`, a prompt longer than the model's context is refused here, before the first forward pass
     (`recipe.check_prompt_fits`, the check the llama.cpp route makes too), naming its file and line."""
@@ -92,10 +94,10 @@ def encode_prompts(
         if not isinstance(prompt, str) or not prompt.strip():
             raise RecipeError(f"Prompt {prompt!r} is empty.", "remove empty prompts from the set.")
         if use_template:
-            text = user_turn(tokenizer, prompt, f"The {context.model}" if context else "The model's")  # sandboxed
+            text = user_turn(tokenizer, prompt, f"The {context.model}" if context else "The model's", system)  # sandboxed
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
-            ids = tokenizer(prompt)["input_ids"]
+            ids = tokenizer(f"{system}\n\n{prompt}" if system else prompt)["input_ids"]
         if not ids:
             raise RecipeError(f"Prompt {prompt!r} tokenizes to nothing.", "remove it or fix the tokenizer.")
         if context is not None:

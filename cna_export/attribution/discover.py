@@ -4,7 +4,7 @@ attribution on an opened model (a backend: torch or llama.cpp), return the circu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +12,7 @@ from torch import nn
 
 from cna_export.arch import ArchSpec
 from cna_export.attribution.select import attribute_on
+from cna_export.circuit.companions import load_system_prompt
 from cna_export.circuit.format import Circuit, ModelIdentity
 from cna_export.circuit.recipe import Recipe, Universal, load_prompts
 from cna_export.circuit.selection import DEFAULT_FRACTION, Selection
@@ -22,22 +23,24 @@ if TYPE_CHECKING:
 
 
 def discover_on(backend: Backend, positive: Sequence[str], negative: Sequence[str], neutral: Sequence[str],
-                selection: Selection, **labels: Any) -> Circuit:  # fmt: skip
+                selection: Selection, *, protect: Sequence[str] = (), **labels: Any) -> Circuit:  # fmt: skip
     """Run CNA on a backend and return the circuit (not yet saved); `labels` (behaviour, recipe, multiplier) are
-    recorded in it.
+    recorded in it. `protect`: prompts whose behaviour must not change (ranked against with
+    `selection.protect_weight`).
 
     Example:
         >>> circuit = discover_on(open_model("./qwen"), harmful, benign, neutral, Selection(top_k=100))
     """
     k = selection.resolve_k(backend.shape)  # before the forward passes, so a bad k fails fast
-    result = attribute_on(backend, positive, negative, neutral, selection)
+    result = attribute_on(backend, positive, negative, neutral, selection, protect=protect)
     fraction = None if selection.top_k is not None else selection.fraction or DEFAULT_FRACTION
     return result.circuit(k, fraction=fraction, **labels)
 
 
 def discover(
     model: nn.Module, tokenizer, spec: ArchSpec, model_id: ModelIdentity, positive: Sequence[str],
-    negative: Sequence[str], neutral: Sequence[str], selection: Selection, **labels: Any,
+    negative: Sequence[str], neutral: Sequence[str], selection: Selection, *, protect: Sequence[str] = (),
+    **labels: Any,
 ) -> Circuit:  # fmt: skip
     """`discover_on` a transformers model already loaded.
 
@@ -47,7 +50,7 @@ def discover(
     from cna_export.backends.torch import TorchBackend
 
     backend = TorchBackend.of_model(model, tokenizer, spec, model_id)
-    return discover_on(backend, positive, negative, neutral, selection, **labels)
+    return discover_on(backend, positive, negative, neutral, selection, protect=protect, **labels)
 
 
 NEUTRAL_DEFAULT: str = Universal.model_fields["prompts"].default  # the recipes' default, defined there
@@ -64,6 +67,7 @@ class DiscoveryPlan:
     behaviour: str = "custom"
     multiplier: float = 0.0
     recipe: str | None = None
+    protect: list[str] = field(default_factory=list)  # run only when the protect weight needs them
 
 
 def plan_discovery(
@@ -82,6 +86,16 @@ def plan_discovery(
     if recipe is None and (positive is None or negative is None):
         raise RecipeError("discover needs prompt sets.", "pass --recipe, or both --positive and --negative.")
     selection = (recipe.selection() if recipe else Selection()).override(**(overrides or {}))
+    # A --system-prompt flag (text, builtin:NAME or a file) wins over the recipe's; either is stored as its text.
+    if selection.system_prompt is not None:
+        selection = selection.model_copy(update={"system_prompt": load_system_prompt(selection.system_prompt, None)})
+    elif recipe is not None and recipe.system_prompt is not None:
+        selection = selection.model_copy(update={"system_prompt": load_system_prompt(recipe.system_prompt, base)})
+    protect: list[str] = []
+    if selection.protect_weight:
+        if recipe is None or recipe.protect is None:
+            raise RecipeError("--protect-weight needs protect prompts.", "use a recipe with a `protect:` set.")
+        protect = load_prompts(recipe.protect, base)
     if recipe is not None:
         pos, neg = load_prompts(recipe.positive, base), load_prompts(recipe.negative, base)
         neutral_ref = recipe.universal.prompts
@@ -93,10 +107,11 @@ def plan_discovery(
         behaviour or (recipe.behaviour if recipe else "custom"),
         multiplier if multiplier is not None else (recipe.multiplier if recipe else 0.0),
         recipe.name if recipe else None,
+        protect,
     )
 
 
 def discover_source(backend: Backend, plan: DiscoveryPlan) -> Circuit:
     """Run a discovery plan on an opened model (`cna_export.backends.open_backend`)."""
     return discover_on(backend, plan.positive, plan.negative, plan.neutral, plan.selection, behaviour=plan.behaviour,
-                       recipe=plan.recipe, multiplier=plan.multiplier)  # fmt: skip
+                       recipe=plan.recipe, multiplier=plan.multiplier, protect=plan.protect)  # fmt: skip

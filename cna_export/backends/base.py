@@ -40,8 +40,9 @@ class Runner(Protocol):
 
     has_chat_template: bool
 
-    def encode(self, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
-        """Token ids per prompt, chat-templated (user turn + generation prompt) when asked and the model has one."""
+    def encode(self, prompts: Sequence[str], chat_template: bool = True, system: str | None = None) -> list[list[int]]:
+        """Token ids per prompt, chat-templated (user turn + generation prompt) when asked and the model has one,
+        after a `system` message when given (without a template: the system text, a blank line, the prompt)."""
         ...
 
     def generate(self, encoded: list[list[int]], cfg: EvalConfig, desc: str = "generate") -> list[list[int]]:

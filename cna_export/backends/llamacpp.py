@@ -95,7 +95,7 @@ class LlamaCppBackend:
         from cna_export.backends.llamacpp_sums import collect_sets_gguf
 
         runner = self.load()
-        encoded = [runner.encode(prompts, selection.chat_template) for prompts in sets]
+        encoded = [runner.encode(prompts, selection.chat_template, selection.system_prompt) for prompts in sets]
         return collect_sets_gguf(runner.model, self.spec, self.shape, encoded, selection.batch_size, top_n,
                                  last_layer)  # fmt: skip
 

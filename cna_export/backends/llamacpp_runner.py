@@ -45,11 +45,12 @@ class LlamaCppRunner:
     def has_chat_template(self) -> bool:
         return bool(self.template)
 
-    def encode(self, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
-        """Token ids per prompt with the GGUF's tokenizer, through its chat template when asked and it has one."""
+    def encode(self, prompts: Sequence[str], chat_template: bool = True, system: str | None = None) -> list[list[int]]:
+        """Token ids per prompt with the GGUF's tokenizer, through its chat template when asked and it has one
+        (after a `system` message, when given)."""
         if not prompts:
             raise RecipeError("A prompt set is empty.", "give at least one prompt on each side.")
-        return [self.model.encode(p, self.template if chat_template else None) for p in prompts]
+        return [self.model.encode(p, self.template if chat_template else None, system) for p in prompts]
 
     def is_end(self, token: int) -> bool:
         return bool(self.model.lc.llama_vocab_is_eog(self.model.vocab, token))

@@ -52,9 +52,9 @@ class TorchRunner:
         """The runtime edits, hooked in for one call (nothing for the original)."""
         return scaled_neurons(self.model, self.spec, self.edits) if self.edits is not None else contextlib.nullcontext()
 
-    def encode(self, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
+    def encode(self, prompts: Sequence[str], chat_template: bool = True, system: str | None = None) -> list[list[int]]:
         # Every prompt is checked against the model's context before the first forward pass.
-        return encode_prompts(self.tokenizer, prompts, chat_template, context_of(self.model))
+        return encode_prompts(self.tokenizer, prompts, chat_template, context_of(self.model), system)
 
     def generate(self, encoded: list[list[int]], cfg: measure.EvalConfig, desc: str = "generate") -> list[list[int]]:
         with self.hooked():
@@ -138,7 +138,7 @@ class TorchBackend:
     def attribute(self, sets: Sequence[Sequence[str]], selection: Selection, top_n: int | None,
                   last_layer: int) -> list[SetStats]:  # fmt: skip
         runner = self.load()
-        encoded = [runner.encode(prompts, selection.chat_template) for prompts in sets]
+        encoded = [runner.encode(prompts, selection.chat_template, selection.system_prompt) for prompts in sets]
         return collect_sets(runner.model, self.spec, encoded, selection.batch_size, measure.pad_id_of(runner.tokenizer),
                             top_n=top_n, desc="forward passes", last_layer=last_layer)  # fmt: skip
 

@@ -25,6 +25,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from cna_export.circuit.detector import DetectorSpec
 from cna_export.circuit.selection import Knobs, Selection, Strict
 from cna_export.errors import RecipeError
 from cna_export.io.untrusted_json import parse_json
@@ -101,6 +102,27 @@ class Recipe(Knobs):
         description="Which split the recipe's own k, m and selection settings were chosen on; reports and cards "
         "warn when it is the test split.",
     )
+    protect: PromptRef | None = Field(
+        default=None,
+        description="Discovery prompts whose behaviour must not change (benign look-alikes, in-domain requests, "
+        "another category): with protect_weight > 0, neurons that also move on them rank lower.",
+    )
+    validation_protect: PromptRef | None = Field(
+        default=None, description="Validation split of the protect set: the tuner's collateral is measured on it."
+    )
+    heldout_protect: PromptRef | None = Field(
+        default=None, description="Test split of the protect set: its behaviour change is reported, never chosen on."
+    )
+    detector: DetectorSpec | None = Field(
+        default=None,
+        description="How the behaviour is detected (kind: builtin, rules, answer_key or measure); without it, the "
+        "built-in detector named by `behaviour`.",
+    )
+    system_prompt: str | None = Field(
+        default=None, min_length=1,
+        description="System message before every prompt (attribution, eval, chat): the text itself, builtin:NAME "
+        "(a `system:` key in cna_export/data/prompts/NAME.yaml), or a .txt/.yaml file beside the recipe.",
+    )  # fmt: skip
     multiplier: float = Field(allow_inf_nan=False, description="0 ablates, 1 keeps, >1 amplifies.")
     allow_negative: bool = Field(default=False, description="Permit a negative multiplier.")
     universal: Universal = Field(default_factory=Universal, description="Universal-neuron exclusion.")
@@ -109,6 +131,8 @@ class Recipe(Knobs):
     def _check(self) -> Recipe:
         if self.multiplier < 0 and not self.allow_negative:
             raise ValueError("multiplier is negative; set allow_negative: true if intended")
+        if self.protect_weight and self.protect is None:
+            raise ValueError("protect_weight needs a protect prompt set")
         return self
 
     def selection(self) -> Selection:

@@ -37,6 +37,21 @@ class Knobs(Strict):
         description="Rank by max(0, |delta| - S x mean |activation| on neutral prompts): prefers neurons quiet on "
         "ordinary text (not in the paper; 0 ranks by |delta|).",
     )  # fmt: skip
+    protect_weight: float = Field(
+        default=0.0, ge=0, allow_inf_nan=False,
+        description="Rank by |delta| - W x |delta on the protect set| (protect mean - negative mean): neurons that "
+        "also separate the protect prompts from the negative ones rank lower (0 ignores the protect set).",
+    )  # fmt: skip
+    sign_filter: bool = Field(
+        default=False,
+        description="Keep only neurons whose mean activation on the positive prompts has the sign of their delta, "
+        "so scaling them moves those prompts along the contrast (for amplification, m > 1).",
+    )
+    max_layer_share: float | None = Field(
+        default=None, gt=0, le=1, allow_inf_nan=False,
+        description="Per-layer budget: no layer gets more than this share of the k neurons (rounded up); the next "
+        "ranked neurons of other layers fill the rest (none: no budget).",
+    )  # fmt: skip
     batch_size: int = Field(default=16, ge=1, description="Prompts per forward pass.")
     chat_template: bool = Field(default=True, description="Apply the tokenizer's chat template if it has one.")
 
@@ -56,6 +71,9 @@ class Selection(Knobs):
     )
     universal_threshold: float = Field(
         default=0.8, gt=0, le=1, description="Share of neutral prompts that makes a neuron universal."
+    )
+    system_prompt: str | None = Field(
+        default=None, min_length=1, description="System message put before every prompt in the chat template."
     )
 
     def layer_window(self, shape: ModelShape) -> range:
@@ -143,4 +161,6 @@ _HINTS = {
     "universal_top_n": "pass a positive count.",
     "universal_threshold": "e.g. 0.8.",
     "specificity": "e.g. 1, or 0 for off.",
+    "protect_weight": "e.g. 1, or 0 for off.",
+    "max_layer_share": "e.g. 0.25 for at most a quarter of the neurons in one layer.",
 }

@@ -68,6 +68,8 @@ def _add_chat(add, model: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-negative", action="store_true", help="permit a negative multiplier")
     p.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per answer (default 64)")
     p.add_argument("--no-chat-template", action="store_true", help="feed raw prompts")
+    p.add_argument("--system-prompt", help="system message (text or builtin:NAME; default: the one the circuit "
+                   "was discovered with)")
     p.add_argument("--width", type=int, default=100, help="output width in characters")
     p.set_defaults(func=_chat)
 
@@ -145,12 +147,15 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _chat(args: argparse.Namespace) -> None:
+    from cna_export.circuit.companions import load_system_prompt
     from cna_export.circuit.recipe import load_prompts
     from cna_export.evaluate.chat import render, side_by_side
     from cna_export.evaluate.measure import EvalConfig
 
     prompts = list(args.prompt) + (load_prompts(args.prompts) if args.prompts else [])
-    cfg = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=8, chat_template=not args.no_chat_template)
+    system = load_system_prompt(args.system_prompt, None) if args.system_prompt else None
+    cfg = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=8, chat_template=not args.no_chat_template,
+                     system_prompt=system)  # fmt: skip
     cfg.check()
     exchanges = side_by_side(args.model, prompts, circuit=args.circuit, edited=args.edited,
                              multiplier=args.multiplier, allow_negative=args.allow_negative, cfg=cfg,

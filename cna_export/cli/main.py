@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from cna_export import __version__
 from cna_export.attribution import distributed
-from cna_export.cli import adapter, audit, edit
+from cna_export.cli import adapter, audit, edit, tune
 from cna_export.cli.options import EXAMPLES, Parser
 from cna_export.errors import CnaExportError, printable
 
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.register(add)
     adapter.register(add)
     audit.register(add)
+    tune.register(add)
     return parser
 
 

@@ -131,7 +131,8 @@ def _field_type(annotation) -> type:
 
 
 def selection_opts() -> argparse.ArgumentParser:
-    """One flag per `Selection` field: `--top-k N`; a boolean that defaults to on becomes `--no-universal`."""
+    """One flag per `Selection` field: `--top-k N`; a boolean that defaults to on becomes `--no-universal`, one
+    that defaults to off `--sign-filter`."""
     from cna_export.circuit.selection import Selection, flag
 
     p = argparse.ArgumentParser(add_help=False)
@@ -139,7 +140,10 @@ def selection_opts() -> argparse.ArgumentParser:
     size = g.add_mutually_exclusive_group()
     for name, info in Selection.model_fields.items():
         kind = _field_type(info.annotation)
-        if kind is bool:
+        if kind is bool and info.default is False:
+            g.add_argument(flag(name), dest=name, action="store_const", const=True,
+                           help=f"turn on: {info.description}".replace("%", "%%"))  # fmt: skip
+        elif kind is bool:
             g.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_const", const=False,
                            help=f"turn off: {info.description}".replace("%", "%%"))  # fmt: skip
         else:
@@ -193,7 +197,8 @@ def export_options(args: argparse.Namespace):
 def eval_opts() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("evaluation")
-    g.add_argument("--out", required=True, type=Path, help="report folder (results.json, prompts.jsonl, report.md)")
+    g.add_argument("-o", "--out", required=True, type=Path,
+                   help="report folder (results.json, prompts.jsonl, report.md)")  # fmt: skip
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (and sweep's --export) folder written by cna-export")  # fmt: skip
     g.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (default 32)")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cna_export.backends.base import open_model
+from cna_export.backends.base import applied_circuit, open_model
 from cna_export.backends.options import LoadOptions
 from cna_export.circuit.format import Circuit
 from cna_export.errors import CnaExportError
@@ -45,10 +45,13 @@ def side_by_side(
     if not prompts:
         raise CnaExportError("No prompt to answer.", "pass --prompt TEXT (repeatable) or --prompts FILE.")
     applied = Circuit.load(circuit) if circuit is not None else None
+    # The system message the edit was made under (its circuit records it), unless one is given.
+    recorded = applied if applied is not None else applied_circuit(Path(edited))
+    system = cfg.system_prompt or (recorded.selection.system_prompt if recorded is not None else None)
     backend = open_model(model, load)
     try:
         runner = backend.load()
-        encoded = runner.encode(prompts, cfg.chat_template)
+        encoded = runner.encode(prompts, cfg.chat_template, system)
         original = [runner.decode(a).strip() for a in runner.generate(encoded, cfg, "original")]
         edit = backend.variant(applied, multiplier, allow_negative) if applied is not None else backend.edited(edited)
         with edit as other:

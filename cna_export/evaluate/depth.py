@@ -246,7 +246,8 @@ def runner_extra(depth: DepthChecks, cfg: EvalConfig) -> Callable:
     it (a `cna_export.backends.base.Runner`)."""
 
     def extra(runner) -> dict:
-        return depth.run(lambda ps: runner.encode(ps, cfg.chat_template), runner.generate, runner.decode)
+        return depth.run(lambda ps: runner.encode(ps, cfg.chat_template, cfg.system_prompt), runner.generate,
+                         runner.decode)  # fmt: skip
 
     return extra
 

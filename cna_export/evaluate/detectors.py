@@ -163,11 +163,15 @@ DETECTORS: dict[str, Detector] = {
 
 
 def detector_for(behaviour: str) -> Detector:
-    """The detector of a behaviour name (as in a recipe or circuit)."""
+    """The detector of a behaviour: the one its recipe declares (a `declared.Behaviour` carries it), else the
+    built-in detector of that name (as in a recipe or circuit)."""
+    declared = getattr(behaviour, "detector", None)
+    if declared is not None:
+        return declared
     try:
         return DETECTORS[behaviour]
     except KeyError:
         raise CnaExportError(
             f"No detector for behaviour {behaviour!r}.",
-            f"pass --behaviour with one of: {', '.join(sorted(DETECTORS))}.",
+            f"pass --behaviour with one of: {', '.join(sorted(DETECTORS))}, or declare a `detector:` in the recipe.",
         ) from None

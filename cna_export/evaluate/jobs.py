@@ -14,13 +14,16 @@ from types import SimpleNamespace
 from cna_export import progress
 from cna_export.backends.base import open_model
 from cna_export.backends.options import ExportOptions, LoadOptions
+from cna_export.circuit.companions import load_system_prompt
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import find_recipe, load_recipe
 from cna_export.errors import CnaExportError
+from cna_export.evaluate.declared import behaviour_of
 from cna_export.evaluate.depth import DepthChecks, add_delayed_refusals, runner_extra
 from cna_export.evaluate.judge import JUDGE_MIN_TOKENS
-from cna_export.evaluate.measure import EvalConfig, lm_eval_check
+from cna_export.evaluate.measure import EvalConfig, lm_eval_check, prompts_sha256
 from cna_export.evaluate.options import EvalRequest, HeldOut, SweepOptions, SweepRequest, Variants
+from cna_export.evaluate.protect import protect_prompts, split_protect
 from cna_export.evaluate.report import headline, selection_scores, write_report
 from cna_export.evaluate.stream import (
     RESULTS,
@@ -93,6 +96,8 @@ def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load:
     # A recipe named by the circuit file (untrusted) must be a shipped one; a typed --recipe may be any path.
     rec, base = load_recipe(r.recipe or recorded, shipped_only=not r.recipe) if r.recipe or recorded else (None, None)
     pos, neg = heldout_sets(rec, base, r.positive, r.negative, split=r.split, limit=r.limit)
+    # The recipe's protect set rides with the positive prompts and is split off after measuring (evaluate/protect.py).
+    protect = protect_prompts(rec, base, r.split, r.limit) if rec is not None and r.positive is None else []
     questions = None
     if r.mmlu_per_topic:
         from cna_export.evaluate import mmlu
@@ -102,18 +107,19 @@ def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load:
         log.warning("judged answers need %d tokens: generating %d instead of %d", JUDGE_MIN_TOKENS,
                     JUDGE_MIN_TOKENS, cfg.max_new_tokens)  # fmt: skip
         cfg = replace(cfg, max_new_tokens=JUDGE_MIN_TOKENS)
-    behaviour = r.behaviour or (rec.behaviour if rec else None) or (loaded.behaviour if loaded else None)
+    behaviour = r.behaviour or (behaviour_of(rec, base) if rec else None) or (loaded.behaviour if loaded else None)
+    cfg = with_system_prompt(cfg, rec, base, loaded)
     if behaviour is None:
         raise CnaExportError("Unknown behaviour to detect.", "pass --behaviour refusal (or a --recipe).")
     checks = r.depth.build(cfg, behaviour, r.limit)
     backend = open_model(model, load)
     if r.lm_eval_tasks and not backend.supports_lm_eval:
         raise CnaExportError("--lm-eval runs lm-evaluation-harness in torch.", "add --backend torch.")
-    held = HeldOut(positive=pos, negative=neg, split=split_of(rec, r.split, r.positive))
+    held = HeldOut(positive=pos + protect, negative=neg, split=split_of(rec, r.split, r.positive))
     variants = Variants(circuit=loaded, multipliers=r.multipliers, edited=r.edited, allow_negative=r.allow_negative)
     extras = _extras(r, questions, cfg, checks)
     count = 1 + (1 if r.edited is not None else len(r.multipliers or [0]) if loaded is not None else 0)
-    units = (len(pos) + len(neg)) * cfg.max_new_tokens + len(neg) * SCORE_UNITS + checks.units()
+    units = (len(pos) + len(protect) + len(neg)) * cfg.max_new_tokens + len(neg) * SCORE_UNITS + checks.units()
     units += len(questions or []) * SCORE_UNITS
     stash: dict = {}  # the stream, once the staged folder exists (what a partial report is made from)
 
@@ -127,6 +133,7 @@ def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load:
                                    goal=goal_of(moved[0]) if moved else None, split=held.split,
                                    backend=backend.runtime)  # fmt: skip
         partial["points"], partial["edited"] = stream.metrics[1:], str(r.edited) if r.edited is not None else None
+        note_protect(partial, pos, protect)
         mark_partial(partial, stopped_by, len(stream.metrics), count)
         _finish(folder, partial, stream, checks, rec, r.limit, questions, behaviour)
         write_report(folder, partial, loaded)
@@ -137,11 +144,13 @@ def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load:
             stream = stash["stream"] = ReportStream(folder)
 
             def on_variant(metrics: dict, records: list[dict]) -> None:
+                split_protect(metrics, records, len(pos), len(protect))  # in place: results see it too
                 stream.add(metrics, [*records, *checks.take(metrics)])
 
             with progress.overall(count * units, "eval"):
                 results, _, used = run_eval(backend, held, behaviour, cfg, variants, extras=extras,
                                             on_variant=on_variant)  # fmt: skip
+            note_protect(results, pos, protect)
             _finish(folder, results, stream, checks, rec, r.limit, questions, behaviour)
             if r.judge:
                 graded = [x for x in stream.records if x["set"] in ("positive", "negative")]
@@ -199,6 +208,25 @@ def _finish(folder: Path, results: dict, stream: ReportStream, checks: DepthChec
         results["settings_chosen_on"] = rec.settings_chosen_on
     stream.rewrite()
     write_results(folder, results)
+
+
+def note_protect(results: dict, positive: Sequence[str], protect: Sequence[str]) -> None:
+    """The held-out counts and hashes of a results document whose positive list carried the protect set."""
+    if protect:
+        held = results["heldout"]
+        held.update(positive=len(positive), protect=len(protect), positive_sha256=prompts_sha256(positive),
+                    protect_sha256=prompts_sha256(protect))  # fmt: skip
+
+
+def with_system_prompt(cfg: EvalConfig, rec, base: Path | None, circuit: Circuit | None) -> EvalConfig:
+    """`cfg` with the system message the edit was made under: the recipe's, else the one the circuit recorded."""
+    if cfg.system_prompt is not None:
+        return cfg
+    if rec is not None and rec.system_prompt is not None:
+        return replace(cfg, system_prompt=load_system_prompt(rec.system_prompt, base))
+    if circuit is not None and circuit.selection.system_prompt is not None:
+        return replace(cfg, system_prompt=circuit.selection.system_prompt)
+    return cfg
 
 
 def judge_results(spec: str, model: str | None, records: list[dict], cache: Path) -> dict:

@@ -31,6 +31,7 @@ from torch import nn
 
 from cna_export.attribution.collect import batches, input_device
 from cna_export.errors import CnaExportError, RecipeError
+from cna_export.evaluate.declared import judge
 from cna_export.evaluate.detectors import Detector, detect_refusal, normalize
 from cna_export.progress import SCORE_UNITS, track
 
@@ -48,6 +49,7 @@ class EvalConfig:
     batch_size: int = 16
     kl_tokens: int = 8  # positions of the original's answer over which KL is averaged
     chat_template: bool = True
+    system_prompt: str | None = None  # the recipe's system message, before every prompt
 
     def check(self) -> None:
         for name in ("max_new_tokens", "batch_size", "kl_tokens"):
@@ -226,8 +228,8 @@ def build_baseline(
         >>> base = build_baseline(backend.load(), harmful, benign, detect_refusal, EvalConfig())
     """
     cfg.check()
-    enc_pos = runner.encode(positive, cfg.chat_template)
-    enc_neg = runner.encode(negative, cfg.chat_template)
+    enc_pos = runner.encode(positive, cfg.chat_template, cfg.system_prompt)
+    enc_neg = runner.encode(negative, cfg.chat_template, cfg.system_prompt)
     pos_answers = runner.generate(enc_pos, cfg, "original: positive")
     neg_answers = runner.generate(enc_neg, cfg, "original: benign")
     ref = runner.score(enc_neg, neg_answers, cfg, "original: score")
@@ -287,26 +289,35 @@ def summarize(base: Baseline, runner: Runner, detector: Detector, answers: Answe
 
     records, reps = [], []
     pos_hits = neg_hits = neg_refusals = 0
+    values: dict[str, list[float]] = {"positive": [], "negative": []}  # a measure detector's numbers
+
+    def verdict(s: str, prompt: str, answer: str, ids: list[int]) -> str | None:
+        rule, value = judge(detector, answer, prompt, len(ids))
+        if value is not None:
+            values[s].append(value)
+            records[-1]["measure"] = value
+        return rule
+
     for prompt, ids in zip(base.positive, pos_answers):
-        answer, rule = text(ids), None
-        rule = detector(answer)
-        pos_hits += rule is not None
+        answer = text(ids)
         reps.append(repetition(ids))
-        records.append({**head, "set": "positive", "prompt": prompt, "answer": answer, "behaviour": rule is not None,
-                        "rule": rule, "repetition": reps[-1]})  # fmt: skip
+        records.append({**head, "set": "positive", "prompt": prompt, "answer": answer})
+        rule = verdict("positive", prompt, answer, ids)
+        pos_hits += rule is not None
+        records[-1].update(behaviour=rule is not None, rule=rule, repetition=reps[-1])
     kl_first, kl_mean = [], []
     for prompt, ids, ref, sc in zip(base.negative, neg_answers, base.ref, scored):
         answer = text(ids)
-        rule, refusal = detector(answer), detect_refusal(answer)
+        records.append({**head, "set": "negative", "prompt": prompt, "answer": answer})
+        rule, refusal = verdict("negative", prompt, answer, ids), detect_refusal(answer)
         neg_hits += rule is not None
         neg_refusals += refusal is not None
         reps.append(repetition(ids))
         kl = sc.kl if sc.kl is not None else kl_divergence(ref.logp, sc.logp)
         kl_first.append(float(kl[0]))
         kl_mean.append(float(kl.mean()))
-        records.append({**head, "set": "negative", "prompt": prompt, "answer": answer, "behaviour": rule is not None,
-                        "rule": rule, "refusal_rule": refusal, "repetition": reps[-1], "kl_first": kl_first[-1],
-                        "kl_mean": kl_mean[-1], "nll_original_answer": float(sc.nll.mean())})  # fmt: skip
+        records[-1].update(behaviour=rule is not None, rule=rule, refusal_rule=refusal, repetition=reps[-1],
+                           kl_first=kl_first[-1], kl_mean=kl_mean[-1], nll_original_answer=float(sc.nll.mean()))
     ppl, ppl_original = perplexity([s.nll for s in scored]), perplexity([r.nll for r in base.ref])
     n_pos, n_neg = len(base.positive), len(base.negative)
     metrics = {
@@ -327,6 +338,9 @@ def summarize(base: Baseline, runner: Runner, detector: Detector, answers: Answe
         "ppl_original": ppl_original,
         "ppl_ratio": ppl / ppl_original,
     }
+    if values["positive"]:  # a measure detector: the mean of its number on each set
+        metrics["measure_mean"] = sum(values["positive"]) / len(values["positive"])
+        metrics["benign_measure_mean"] = sum(values["negative"]) / max(1, len(values["negative"]))
     return metrics, records
 
 

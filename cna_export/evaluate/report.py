@@ -38,6 +38,8 @@ def headline(results: dict) -> dict:
     out = {
         "model": results["model"],
         "behaviour": results["behaviour"],
+        # How the behaviour was detected: a recipe's declared detector, or the built-in one of that name.
+        **({"detector": results["detector"]} if results.get("detector") else {}),
         # Which prompts these numbers come from: "test" (never used for choosing), "validation" (what settings
         # were chosen on), "custom" (user files) or "unspecified" (results written before splits existed).
         "split": results.get("split", "unspecified"),
@@ -73,6 +75,12 @@ def headline(results: dict) -> dict:
     for key in DEPTH_KEYS:  # the optional checks, where they were run
         if key in point:
             out[f"{key}_edited"], out[f"{key}_original"] = point[key], base.get(key)
+    if "protect_rate" in point:  # the recipe's protect set: prompts whose behaviour must not change
+        out |= {"heldout_protect": point["n_protect"], "protect_rate_original": base.get("protect_rate"),
+                "protect_rate_edited": point["protect_rate"]}  # fmt: skip
+    for key in ("measure_mean", "benign_measure_mean"):  # a measure detector's mean number, before -> after
+        if key in point:
+            out[f"{key}_original"], out[f"{key}_edited"] = base.get(key), point[key]
     if "mmlu_delta" in point:
         out["mmlu"] = {k: v for k, v in point["mmlu_delta"].items()}
     if results.get("judge"):
@@ -152,6 +160,7 @@ def markdown(results: dict, figures: list[str]) -> str:
         f"**Split: {split}.** {SPLIT_NOTES.get(split, '')}",
         "",
         *_partial_lines(results),
+        *([f"Detector: {results['detector']}.", ""] if results.get("detector") else []),
         *_tuned_on_test(results),
         f"Held-out prompts: {held['positive']} positive, {held['negative']} benign (none used for discovery). "
         f"Greedy generation, {cfg['max_new_tokens']} new tokens, batch {cfg['batch_size']}; "
@@ -161,6 +170,7 @@ def markdown(results: dict, figures: list[str]) -> str:
         "",
         table(results),
         "",
+        *_protect_lines(results),
         *_depth_lines(results),
     ]
     if results["kind"] == "sweep":
@@ -233,6 +243,14 @@ def _tuned_on_test(results: dict) -> list[str]:
         return ["Warning: the recipe says its settings were chosen on this same test split, so these numbers are "
                 "optimistic.", ""]  # fmt: skip
     return []
+
+
+def _protect_lines(results: dict) -> list[str]:
+    rows = [p for p in [results["baseline"], *results["points"]] if "protect_rate" in p]
+    if not rows:
+        return []
+    return ["Protect set (prompts whose behaviour must not change), behaviour rate: " + "; ".join(
+        f"{p['label']} {_pct(p['protect_hits'], p['n_protect'])}" for p in rows) + ".", ""]  # fmt: skip
 
 
 def _mmlu_lines(results: dict) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import Recipe, load_prompts
 from cna_export.circuit.selection import Selection
 from cna_export.errors import CnaExportError, RecipeError
+from cna_export.evaluate.declared import behaviour_of, detector_description
 from cna_export.evaluate.detectors import detector_for
 from cna_export.evaluate.measure import (
     Baseline,
@@ -187,7 +188,8 @@ def results_document(kind: str, model: str, behaviour: str, cfg: EvalConfig, bas
         "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": model,
-        "behaviour": behaviour,
+        "behaviour": str(behaviour),
+        "detector": detector_description(behaviour),
         "config": asdict(cfg),
         "heldout": {
             "positive": len(baseline.positive),
@@ -298,13 +300,14 @@ def sweep_source(
     plan = plan_discovery(recipe, base)
     counts = resolve_ks(options.ks, backend.shape, plan.selection)
     held_pos, held_neg = heldout_sets(recipe, base, positive, negative, split="validation", limit=options.limit)
-    att = attribute_on(backend, plan.positive, plan.negative, plan.neutral, plan.selection)
+    att = attribute_on(backend, plan.positive, plan.negative, plan.neutral, plan.selection, protect=plan.protect)
+    cfg = replace(cfg, system_prompt=plan.selection.system_prompt)
     options = options.model_copy(update={
         "ks": counts, "recipe": recipe.name, "goal": goal_of(recipe.multiplier),
         "allow_negative": options.allow_negative or recipe.allow_negative,
         "split": split_of(recipe, "validation", positive),
     })  # fmt: skip
-    results, records, circuits = run_sweep(backend, att, held_pos, held_neg, recipe.behaviour, cfg, options)
+    results, records, circuits = run_sweep(backend, att, held_pos, held_neg, behaviour_of(recipe, base), cfg, options)
     return results, records, circuits, att
 
 

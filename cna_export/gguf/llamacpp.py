@@ -141,16 +141,17 @@ class LlamaCppModel:
             out += buf.raw[: max(n, 0)]
         return out.decode("utf-8", errors="replace")
 
-    def encode(self, prompt: str, chat_template: str | None) -> list[int]:
-        """A prompt's ids: chat-templated (user turn + generation prompt) when the GGUF has a template."""
+    def encode(self, prompt: str, chat_template: str | None, system: str | None = None) -> list[int]:
+        """A prompt's ids: chat-templated (user turn + generation prompt) when the GGUF has a template; a `system`
+        message goes first in the template, or before the prompt as plain text without one."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise RecipeError(f"Prompt {prompt!r} is empty.", "remove empty prompts from the set.")
         if chat_template:
             bos, eos = self.lc.llama_vocab_bos(self.vocab), self.lc.llama_vocab_eos(self.vocab)
-            text = render_chat(chat_template, prompt, self.token_text(bos), self.token_text(eos))
+            text = render_chat(chat_template, prompt, self.token_text(bos), self.token_text(eos), system=system)
             ids = self.tokenize(text, add_special=False)
         else:
-            ids = self.tokenize(prompt, add_special=True)
+            ids = self.tokenize(f"{system}\n\n{prompt}" if system else prompt, add_special=True)
         if not ids:
             raise RecipeError(f"Prompt {prompt!r} tokenizes to nothing.", "remove it or fix the tokenizer.")
         check_prompt_fits(prompt, len(ids), self.n_ctx_train, self.path.name)
