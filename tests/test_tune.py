@@ -132,7 +132,7 @@ def test_bad_tunes_are_refused_before_any_work(case, tmp_path):
         tune_job(str(recipe), str(model), tmp_path / "o", CFG, Budget(trials=1), SearchSpace(multiplier=(0.5, 2.0)))
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    with pytest.raises(CnaExportError, match="already exists"):
+    with pytest.raises(CnaExportError, match="not written by cna-export"):
         tune_job(str(recipe), str(model), tmp_path / "taken", CFG, Budget(trials=1))
     proc = run_cli("tune", str(recipe), "--model", str(model), "--trials", "1", "-o", str(tmp_path / "taken"),
                    "--overwrite", check=False)  # fmt: skip
