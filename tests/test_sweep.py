@@ -64,7 +64,7 @@ def test_pareto_and_pick():
 def test_heldout_sets_default_to_recipe_and_exclude_discovery(tmp_path):
     recipe, base = load_recipe("refusal-ablate")
     pos, neg = heldout_sets(recipe, base)
-    assert len(pos) == 40 and len(neg) == 40
+    assert len(pos) == 64 and len(neg) == 64
     leaked = tmp_path / "held.txt"
     leaked.write_text(f"A new harmful request?\n{load_prompts(recipe.positive, base)[0]}\n")
     pos, _ = heldout_sets(recipe, base, positive=str(leaked))
@@ -132,10 +132,10 @@ def test_eval_command_and_headline(tiny_models, tmp_path):
     out = tmp_path / "ev"
     proc = run_cli("eval", "--model", str(src), "--circuit", str(tmp_path / "c.json"), "--multiplier", "0", "2",
                    "--out", str(out), "--max-new-tokens", "4", "--kl-tokens", "2")  # fmt: skip
-    assert "refusal rate on 40 held-out prompts" in proc.stdout
+    assert "refusal rate on 64 held-out prompts" in proc.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["kind"] == "eval" and [p["multiplier"] for p in results["points"]] == [0.0, 2.0]
-    assert results["heldout"] == {**results["heldout"], "positive": 40, "negative": 40}
+    assert results["heldout"] == {**results["heldout"], "positive": 64, "negative": 64}
     lines = (out / "prompts.jsonl").read_text().splitlines()
     assert len(lines) == 3 * 80 and {"prompt", "answer", "behaviour", "rule"} <= json.loads(lines[0]).keys()
     for name in ("report.md", "layers.png", "delta.png", "metrics_vs_m.png"):
