@@ -56,7 +56,7 @@ def test_limit_caps_every_set_and_the_report_names_it(case, tmp_path):
 
 def test_sweep_limit(tiny_models, tmp_path):
     out = tmp_path / "s"
-    run_cli("sweep", "--model", str(tiny_models["qwen2"]), "--recipe", "refusal-ablate", "--k", "6",
+    run_cli("sweep", "--model", str(tiny_models["qwen2"]), "--recipe", "french-ablate", "--k", "6",
             "--multipliers", "0", "--out", str(out), "--max-new-tokens", "2", "--kl-tokens", "2", "--limit", "3")  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     assert results["heldout"]["positive"] == 3 and results["heldout"]["negative"] == 3 and results["limit"] == 3
