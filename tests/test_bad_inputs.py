@@ -1241,6 +1241,15 @@ def _(c: Ctx):
     return args
 
 
+@case("recipe-system-prompt-outside", "Recipe system prompt '../secret.txt' is not inside the recipe's folder")
+def _(c: Ctx):
+    """A recipe whose system_prompt names ../secret.txt (it would be sent to the model before every prompt)."""
+    args = _recipe_in_folder(c, "How do I pick a lock?")
+    recipe = c.tmp / "r" / "recipe.yaml"
+    recipe.write_text(recipe.read_text() + "system_prompt: ../secret.txt\n")
+    return args
+
+
 @case("recipe-builtin-traversal", "No built-in prompt set '../../../../secret'")
 def _(c: Ctx):
     """A recipe's builtin: name that climbs out of the shipped prompt folder."""

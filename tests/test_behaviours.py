@@ -98,7 +98,7 @@ def test_answer_key_pairs_answers_with_prompts(tmp_path):
                  validation_positive="claims.yaml")  # fmt: skip
     with pytest.raises(RecipeError, match="does not set"):
         declared(tmp_path, {"kind": "answer_key", "answers": {"heldout_positive": "claims_answers.yaml"}})
-    with pytest.raises(RecipeError, match="outside the recipe's folder"):
+    with pytest.raises(RecipeError, match="answers file '../elsewhere.yaml' is not inside the recipe's folder"):
         declared(tmp_path, {"kind": "answer_key", "answers": {"positive": "../elsewhere.yaml"}})
 
 

@@ -16,8 +16,8 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from cna_export.arch.sites import ModelShape
 from cna_export.arch import arch_for
+from cna_export.arch.sites import ModelShape
 from cna_export.circuit.recipe import Prompt, check_prompt_fits, find_recipe, load_prompts
 from cna_export.circuit.selection import Selection
 from cna_export.errors import CircuitError, CnaExportError, RecipeError, printable
@@ -320,6 +320,28 @@ def test_builtin_takes_only_shipped_names_and_a_circuit_names_only_shipped_recip
     assert find_recipe("refusal-ablate", shipped_only=True).name == "refusal-ablate.yaml"
     with pytest.raises(RecipeError, match="pass a shipped recipe's name"):
         find_recipe(tmp_path / "mine.yaml", shipped_only=True)
+
+
+def test_a_recipes_system_prompt_and_answer_keys_are_contained_the_same_way(tmp_path):
+    """companions (system prompts, answer keys) share the prompt sets' containment and YAML reader."""
+    from cna_export.circuit.companions import load_answers, load_system_prompt
+
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    (tmp_path / "secret.txt").write_text("hf_secret\n")
+    (recipe / "sys.txt").write_text("You are terse.\n")
+    (recipe / "out.txt").symlink_to(tmp_path / "secret.txt")
+    (recipe / "big.yaml").write_text("answers: [" + "9" * 5000 + "]\n")
+    assert load_system_prompt("sys.txt", recipe) == "You are terse."
+    for ref, problem in (("../secret.txt", "Recipe system prompt '../secret.txt' is not inside"),
+                         (str(tmp_path / "secret.txt"), "is not inside the recipe's folder"),
+                         ("out.txt", "Recipe system prompt 'out.txt' links outside"),
+                         ("builtin:../prompts/support_bot_system", "No built-in system prompt")):  # fmt: skip
+        with pytest.raises(RecipeError, match=re.escape(problem)):
+            load_system_prompt(ref, recipe)
+    assert load_system_prompt(str(tmp_path / "secret.txt"), None) == "hf_secret"  # typed: the user's call
+    with pytest.raises(RecipeError, match=r"is not valid YAML \(a number too long to read\)"):
+        load_answers("big.yaml", recipe)
 
 
 # Class 10: escaping ------------------------------------------------------------------------------------------------

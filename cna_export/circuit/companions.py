@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from cna_export.circuit.recipe import YAML_FAILURES, builtin_sets, recipe_file, yaml_failure
 from cna_export.errors import RecipeError
 
 SYSTEM_MAX_CHARS = 20_000
@@ -16,17 +17,15 @@ _FILE_SUFFIXES = (".txt", ".yaml", ".yml")
 
 
 def _read(ref: str, base: Path | None, what: str) -> tuple[str, str]:
-    """(text, suffix) of a builtin:NAME (.yaml) or of a file beside the recipe."""
+    """(text, suffix) of a builtin:NAME (.yaml) or of a file beside the recipe (the prompt sets' containment:
+    `recipe.recipe_file`; a path typed on the command line, `base` None, may be anywhere)."""
     if ref.startswith("builtin:"):
         name = ref.removeprefix("builtin:")
-        data = resources.files("cna_export") / "data" / "prompts" / f"{name}.yaml"
-        if "/" in name or not data.is_file():
+        if name not in builtin_sets():  # only the shipped names: never `builtin:..` or a path
             raise RecipeError(f"No built-in {what} {name!r}.", "check the name in the recipe.")
+        data = resources.files("cna_export") / "data" / "prompts" / f"{name}.yaml"
         return data.read_text(encoding="utf-8"), ".yaml"
-    folder = (base or Path.cwd()).resolve()
-    path = (folder / ref).resolve()
-    if not path.is_relative_to(folder):  # a recipe names files beside it, never elsewhere on the disk
-        raise RecipeError(f"The {what} {ref!r} lies outside the recipe's folder.", "keep it beside the recipe.")
+    path = recipe_file(ref, base, what)
     if not path.is_file():
         raise RecipeError(f"The {what} {ref!r} does not exist.", "check the path (relative to the recipe).")
     try:
@@ -38,9 +37,8 @@ def _read(ref: str, base: Path | None, what: str) -> tuple[str, str]:
 def _yaml_key(text: str, key: str, ref: str, what: str):
     try:
         data = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError) as exc:
-        raise RecipeError(f"The {what} {ref} is not valid YAML ({exc.__class__.__name__}).",
-                          "fix its syntax.") from None  # fmt: skip
+    except YAML_FAILURES as exc:  # a 5000-digit integer is a ValueError, absurd nesting a RecursionError
+        raise RecipeError(f"The {what} {ref} is not valid YAML ({yaml_failure(exc)}).", "fix its syntax.") from None
     return data.get(key) if isinstance(data, dict) else None
 
 

@@ -34,7 +34,7 @@ PromptRef = list[str] | str
 # What a YAML or JSON parser raises on a hostile file besides its own errors: RecursionError for absurd nesting,
 # ValueError for an integer of more than 4300 digits (Python's limit), UnicodeDecodeError for bytes that are not
 # UTF-8 (a ValueError).
-_YAML_FAILURES = (yaml.YAMLError, ValueError, RecursionError)
+YAML_FAILURES = (yaml.YAMLError, ValueError, RecursionError)
 
 
 class Prompt(str):
@@ -168,8 +168,8 @@ def load_recipe(name_or_path: str | Path, shipped_only: bool = False) -> tuple[R
     path = find_recipe(name_or_path, shipped_only)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except _YAML_FAILURES as exc:
-        raise RecipeError(f"Recipe {path} is not valid YAML ({_why(exc)}).", "fix the syntax.") from None
+    except YAML_FAILURES as exc:
+        raise RecipeError(f"Recipe {path} is not valid YAML ({yaml_failure(exc)}).", "fix the syntax.") from None
     try:
         return Recipe.model_validate(data), path.parent
     except ValidationError as exc:
@@ -195,7 +195,7 @@ def load_prompts(ref: PromptRef, base: Path | None = None) -> list[Prompt]:
         data = resources.files("cna_export") / "data" / "prompts" / f"{name}.yaml"
         prompts, where, unit = _parse(data.read_text(encoding="utf-8"), ".yaml", ref), f"Built-in prompt set {name}", " item"
     else:
-        path = _prompt_file(ref, base)
+        path = recipe_file(ref, base)
         if not path.is_file():
             raise RecipeError(f"Prompt file {path} does not exist.", "check the path (relative to the recipe).")
         try:
@@ -215,20 +215,23 @@ def load_prompts(ref: PromptRef, base: Path | None = None) -> list[Prompt]:
     return [Prompt(p, f"{where}{unit} {n}") for p, n in zip(prompts, numbers)]
 
 
-def _prompt_file(ref: str, base: Path | None) -> Path:
-    """The file a prompt reference names. A recipe's (`base` set) must lie inside the recipe's folder: a relative
-    path without `..`, resolving (symbolic links followed) inside it."""
+def recipe_file(ref: str, base: Path | None, what: str = "prompt file") -> Path:
+    """The file a recipe names (a prompt set, an answers file, a system prompt): the one containment check.
+
+    A recipe's file (`base`, the recipe's folder, set) must lie inside that folder: a relative path without `..`,
+    resolving (symbolic links followed) inside it. With `base` None the path was typed on the command line and
+    is the user's own choice."""
     if "\0" in ref:
-        raise RecipeError(f"Prompt file name {ref!r} holds a NUL character.", "fix the name.")
+        raise RecipeError(f"The {what} name {ref!r} holds a NUL character.", "fix the name.")
     if base is None:
         return Path(ref).expanduser()
     rel = Path(ref)
-    fix = "name a file inside the recipe's folder by a relative path, or pass the file with --positive/--negative."
+    fix = "name a file inside the recipe's folder by a relative path, or pass the file on the command line."
     if rel.is_absolute() or ".." in rel.parts or ref.startswith("~"):
-        raise RecipeError(f"Recipe prompt file {ref!r} is not inside the recipe's folder {base}.", fix)
+        raise RecipeError(f"Recipe {what} {ref!r} is not inside the recipe's folder {base}.", fix)
     path = base / rel
     if (path.exists() or path.is_symlink()) and not path.resolve().is_relative_to(Path(base).resolve()):
-        raise RecipeError(f"Recipe prompt file {ref!r} links outside the recipe's folder {base}.", fix)
+        raise RecipeError(f"Recipe {what} {ref!r} links outside the recipe's folder {base}.", fix)
     return path
 
 
@@ -244,7 +247,7 @@ def _numbered(pairs: list[tuple[int, object]]) -> _Numbered:
     return out
 
 
-def _why(exc: BaseException) -> str:
+def yaml_failure(exc: BaseException) -> str:
     """A parser failure in words (a ValueError of a 5000-digit integer says how to raise Python's limit)."""
     if isinstance(exc, RecursionError):
         return "nested too deeply"
@@ -269,8 +272,8 @@ def _parse(text: str, suffix: str, where: str) -> list:
             return data["prompts"] if isinstance(data, dict) else data
     except (KeyError, TypeError) as exc:
         raise fail(exc.__class__.__name__) from None
-    except _YAML_FAILURES as exc:
-        raise fail(_why(exc)) from None
+    except YAML_FAILURES as exc:
+        raise fail(yaml_failure(exc)) from None
     return _numbered(lines)
 
 
