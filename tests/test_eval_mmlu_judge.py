@@ -71,7 +71,7 @@ def test_recipes_have_disjoint_validation_and_test_splits():
         recipe, base = load_recipe(name)
         val, test = heldout_sets(recipe, base, split="validation"), heldout_sets(recipe, base, split="test")
         assert not (set(val[0]) | set(val[1])) & (set(test[0]) | set(test[1]))
-        assert split_of(recipe, "validation") == "validation" and len(test[0]) == 40
+        assert split_of(recipe, "validation") == "validation" and len(test[0]) == 64
     # an old recipe (no validation split) still loads; a sweep on it falls back to the test split and says so
     old, base = load_recipe("french-ablate")
     assert old.validation_positive is None and split_of(old, "validation") == "test"
