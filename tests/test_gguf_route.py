@@ -19,6 +19,7 @@ from safetensors.torch import load_file  # noqa: E402
 from cna_export.backends import LoadOptions, open_model  # noqa: E402
 from cna_export.circuit.format import Circuit  # noqa: E402
 from cna_export.gguf.convert import export_gguf  # noqa: E402
+from cna_export.io.output import OUTPUT_MARKER  # noqa: E402
 from cna_export.ship.adapter import ADAPTER_WEIGHTS, gguf_name  # noqa: E402
 from cna_export.ship.card import check_card  # noqa: E402
 from tests.conftest import make_circuit, run_cli  # noqa: E402
@@ -55,7 +56,7 @@ def test_apply_on_gguf_writes_the_patched_gguf_of_the_same_type(case, tmp_path):
     q8_0), its circuit and card; the card names GGUF tensors and makes no dequantization claim; --safetensors
     gives the dequantized export instead."""
     run, q8 = case["root"] / "run-q8", case["q8"]
-    assert {p.name for p in run.iterdir()} == {q8.name, "circuit.json", "README.md"}
+    assert {p.name for p in run.iterdir()} == {q8.name, "circuit.json", "README.md", OUTPUT_MARKER}
     assert (run / q8.name).stat().st_size == q8.stat().st_size
     assert _types(run / q8.name) == _types(q8) and "Q8_0" in set(_types(q8).values())
     applied = Circuit.load(run / "circuit.json")
@@ -107,7 +108,8 @@ def test_chat_on_gguf_run_folder_and_circuit(case):
 
 def test_eval_on_gguf_run_folder(case, tmp_path):
     """`eval --edited RUN_FOLDER` on the GGUF: the folder's circuit names k and m, the numbers equal `--circuit`
-    at that multiplier, and the headline numbers reach the folder's card (its file hashes still hold)."""
+    at that multiplier, and with --update-card the headline numbers reach the folder's card (its file hashes still
+    hold)."""
     root = case["root"]
     common = ["eval", "--model", str(case["q8"]), "--positive", str(root / "harmful.txt"), "--negative",
               str(root / "benign.txt"), "--behaviour", "refusal", "--max-new-tokens", "4", "--batch-size", "3",
@@ -115,8 +117,8 @@ def test_eval_on_gguf_run_folder(case, tmp_path):
     run = tmp_path / "run"
     run_cli("apply", "--model", str(case["q8"]), "--circuit", str(case["circuit"]), "--out", str(run),
             "--multiplier", "0.5")  # fmt: skip
-    proc = run_cli(*common, "--edited", str(run), "--out", str(tmp_path / "e"))
-    assert "added these numbers to the model card" in proc.stdout
+    proc = run_cli(*common, "--edited", str(run), "--out", str(tmp_path / "e"), "--update-card")
+    assert "added these numbers" in proc.stdout and "to the model card" in proc.stdout
     run_cli(*common, "--circuit", str(case["circuit"]), "--multiplier", "0.5", "--out", str(tmp_path / "c"))
     edited, hooked = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("e", "c"))
     assert edited["backend"] == hooked["backend"] == "llama.cpp"
@@ -192,4 +194,5 @@ def test_run_on_a_gguf_reads_its_header_once(case, tmp_path, monkeypatch):
     overrides = {"top_k": 8, "skip_first_layers": 0, "skip_last_layers": 0, "batch_size": 16}
     run_recipe("refusal-ablate", str(case["q8"]), out, overrides=overrides, export=ExportOptions(modelfile=True))
     assert calls == [case["q8"].name]
-    assert {p.name for p in out.iterdir()} == {case["q8"].name, "circuit.json", "recipe.yaml", "README.md", "Modelfile"}
+    assert {p.name for p in out.iterdir()} == {case["q8"].name, "circuit.json", "recipe.yaml", "README.md", "Modelfile",
+                                               OUTPUT_MARKER}
