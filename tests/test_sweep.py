@@ -137,7 +137,7 @@ def test_eval_command_and_headline(tiny_models, tmp_path):
     assert results["kind"] == "eval" and [p["multiplier"] for p in results["points"]] == [0.0, 2.0]
     assert results["heldout"] == {**results["heldout"], "positive": 64, "negative": 64}
     lines = (out / "prompts.jsonl").read_text().splitlines()
-    assert len(lines) == 3 * 80 and {"prompt", "answer", "behaviour", "rule"} <= json.loads(lines[0]).keys()
+    assert len(lines) == 3 * 128 and {"prompt", "answer", "behaviour", "rule"} <= json.loads(lines[0]).keys()
     for name in ("report.md", "layers.png", "delta.png", "metrics_vs_m.png"):
         assert (out / name).is_file()
     head = headline_from(out)
