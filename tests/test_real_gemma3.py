@@ -1,6 +1,6 @@
 """The real Gemma 3 270M (gemma3_text, Q4_K_M GGUF from PyPI, see ../shared/REAL_MODELS.md), offline: discover from
 the GGUF, patch it, verify the patch, llama.cpp generates from the original and the patched file, and the circuit
-applied to the GGUF exports a safetensors model that transformers runs."""
+applied to the GGUF with --safetensors exports a model that transformers runs."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_discover_apply_patch_and_generate(tmp_path):
     run_cli("diff", str(GEMMA), str(patched), "--verify", str(circuit))
     original, edited = generate(GEMMA), generate(patched)
     assert original.strip() and edited.strip(), "llama.cpp generated nothing"
-    run_cli("apply", "--model", str(GEMMA), "--circuit", str(circuit), "--out", str(out))
+    # `apply` on a GGUF keeps its quantization; --safetensors exports the dequantized model for transformers.
+    run_cli("apply", "--model", str(GEMMA), "--circuit", str(circuit), "--out", str(out), "--safetensors")
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = tok("The capital of France is", return_tensors="pt")
