@@ -216,7 +216,7 @@ def test_quickstart_folder_runs_as_written(tiny_qwen, tmp_path):
     assert list((work / "qwen-nr").glob("*.safetensors")), "no weights in the export"
     circuit = json.loads((work / "qwen-nr" / "circuit.json").read_text())
     assert circuit["recipe"] == "refusal-ablate" and circuit["neurons"]
-    assert "steal the show" in proc.stdout  # chat printed the prompt with both answers
+    assert "pick a lock" in proc.stdout  # chat printed the prompt with both answers
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
@@ -224,6 +224,7 @@ def test_quickstart_gguf_runs_as_written(tiny_qwen, tmp_path):
     from cna_export.gguf.convert import export_gguf
 
     gguf = export_gguf(tiny_qwen, tmp_path / "tiny-qwen-q8_0.gguf", outtype="q8_0")
-    run_quickstart("gguf", gguf, tmp_path)
+    proc = run_quickstart("gguf", gguf, tmp_path)
+    assert "pick a lock" in proc.stdout  # chat printed the prompt with both answers
     patched = tmp_path / "work" / "qwen-nr-gguf" / gguf.name
     assert patched.is_file() and patched.stat().st_size == gguf.stat().st_size  # same file, same quantization
