@@ -324,24 +324,3 @@ def test_cli_run_adapter_stacks_on_the_discovered_circuit(tiny_models, tmp_path)
     proc = run_cli("run", "refusal-ablate", "--model", str(model_dir), "--out", str(tmp_path / "x"), "--adapter",
                    "--gguf", "q8_0", check=False)  # fmt: skip
     assert proc.returncode == 2 and "written in f32" in proc.stderr and not (tmp_path / "x").exists()
-
-
-@pytest.mark.skipif(not getattr(conftest, "MOE_ARCHS", None), reason="no mixture-of-experts test models")
-def test_mixtures_of_experts_are_refused(request, tmp_path):
-    """Neurons inside experts, and any adapter of an MoE model (PEFT retargets its down_proj modules to the fused
-    experts, so the factors would not load where they are written): one line, exit 2, nothing written."""
-    from cna_export.circuit.format import moe_fields
-    from cna_export.io.source import describe
-
-    model_dir = request.getfixturevalue("moe_models")["qwen3_moe"]  # layer 0 is dense (mlp_only_layers)
-    _, shape, _ = describe(resolve(str(model_dir)))
-    data = make_circuit(model_dir, [(1, 3)]).model_dump()
-    data["neurons"][0]["expert"] = 1
-    data["model"].update(moe_fields(shape))
-    Circuit.model_validate(data).save(tmp_path / "experts.json")
-    make_circuit(model_dir, [(0, 3)]).save(tmp_path / "dense.json")
-    for name, message in (("experts.json", "inside experts is not supported"), ("dense.json", "retargets")):
-        proc = run_cli("adapter", "--model", str(model_dir), "--circuit", str(tmp_path / name), "--out",
-                       str(tmp_path / "ad"), check=False)  # fmt: skip
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "ad").exists()

@@ -2,7 +2,7 @@
 
 An adapter's factors are a pure function of the circuit and the base model's own rows (`ship.adapter.lora_factors`),
 so the check recomputes them from the base (a safetensors model, or a GGUF file whose rows are dequantized) and
-compares, bit for bit, the PEFT file (every key, dtype and value, nothing more) and the GGUF LoRA next to it, if
+compares, bit for bit (neurons inside experts too: their layer's stacked factors, `ship.adapter_experts`), the PEFT file (every key, dtype and value, nothing more) and the GGUF LoRA next to it, if
 any. `cna-export diff BASE ADAPTER_FOLDER --verify ADAPTER_FOLDER/circuit.json` runs it (what the adapter's card
 prints).
 """
@@ -41,7 +41,7 @@ def verify_adapter(original: str, folder: Path, circuit: Circuit) -> tuple[bool,
     folder = Path(folder)
     target = read_provenance(folder / CARD_NAME)["edit"]["target"]
     weights = open_weights(original)
-    pairs = adapter_pairs(weights, weights.spec, weights.shape, circuit.edits(allow_negative=True), target)
+    pairs = adapter_pairs(weights, weights.spec, weights.shape, circuit.unit_edits(allow_negative=True), target)
     expected, found = peft_tensors(pairs), load_file(folder / ADAPTER_WEIGHTS)
     if set(found) != set(expected):
         name = sorted(set(found) ^ set(expected))[0]
@@ -57,19 +57,20 @@ def verify_adapter(original: str, folder: Path, circuit: Circuit) -> tuple[bool,
         if reason:
             return False, reason
         checked += f" and {path.name}"
-    layers = len({p.module for p in pairs})
+    layers = len(circuit.layer_counts())
     return True, (f"the adapter is the circuit's LoRA of the original ({len(circuit.neurons)} neurons in {layers} "
                   f"layers): {checked} hold exactly the factors recomputed from the original's weights")  # fmt: skip
 
 
 def _gguf_lora_reason(path: Path, pairs: list) -> str | None:
-    """Why a GGUF LoRA is not exactly `pairs` (float32, `blk.N.ffn_down.weight.lora_a/_b`), or None."""
+    """Why a GGUF LoRA is not exactly `pairs` (float32, `blk.N.ffn_down.weight.lora_a/_b`; a layer's routed
+    experts: `blk.N.ffn_down_exps.weight.lora_a/_b`, experts outermost), or None."""
     from gguf import GGUFReader
 
     want = {}
     for p in pairs:
-        want[f"{p.gguf_tensor}.lora_a"] = p.a.to(torch.float32).numpy()
-        want[f"{p.gguf_tensor}.lora_b"] = p.b.to(torch.float32).numpy()
+        want[f"{p.gguf_tensor}.lora_a"] = p.gguf_a.numpy()
+        want[f"{p.gguf_tensor}.lora_b"] = p.gguf_b.numpy()
     tensors = {t.name: t for t in GGUFReader(path).tensors}
     if set(tensors) != set(want):
         name = sorted(set(tensors) ^ set(want))[0]

@@ -21,22 +21,24 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from cna_export.arch.experts import ExpertKey
 from cna_export.arch.sites import Site
 from cna_export.arch.spec import ArchSpec, ModelShape
 from cna_export.backends.options import ExportOptions
 from cna_export.circuit.format import CIRCUIT_FILE, Circuit
 from cna_export.errors import ArchitectureError, CircuitError
-from cna_export.fold.scale import LayerEdits
+from cna_export.fold.scale import LayerEdits, UnitEdits
 from cna_export.fold.storage import stored
 from cna_export.io.output import OutputPlan
 
 if TYPE_CHECKING:
     from cna_export.audit.weights import Weights
     from cna_export.backends.base import Backend
+    from cna_export.ship.adapter_experts import ExpertLoraPair
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +58,25 @@ class LoraPair:
     gguf_tensor: str | None  # the base tensor's GGUF name, e.g. blk.3.ffn_down.weight
     a: torch.Tensor  # [rank, in_features]
     b: torch.Tensor  # [out_features, rank]
+    parameter: ClassVar[bool] = False  # a `target_modules` entry (ExpertLoraPair: a `target_parameters` one)
 
     @property
     def rank(self) -> int:
         return self.a.shape[0]
+
+    @property
+    def owner(self) -> str:
+        """The module whose factors these are in PEFT's file: the module itself."""
+        return self.module
+
+    @property
+    def gguf_a(self) -> torch.Tensor:
+        """llama.cpp's lora_a (float32: ggml multiplies an f16/bf16 weight by activations rounded to that type)."""
+        return self.a.to(torch.float32)
+
+    @property
+    def gguf_b(self) -> torch.Tensor:
+        return self.b.to(torch.float32)
 
 
 # Math ------------------------------------------------------------------------------------------------------------
@@ -92,16 +109,34 @@ def lora_factors(
             "export this model with `cna-export apply` instead of as an adapter.",
         )
     index = index.to(torch.long)
-    old = site.rows(weight, width)[index]
-    # The factor is stored in float32: a product that float32 cannot hold is refused before anything is written.
+    scaled = scaled_factor(site.rows(weight, width)[index], multiplier, what or site.template, index)
+    return placed_factors(scaled, index, site.offset(width), site.axis, weight.shape[site.axis], selector_dtype)
+
+
+def scaled_factor(old: torch.Tensor, multiplier: torch.Tensor, what: str, index: torch.Tensor) -> torch.Tensor:
+    """The scaled factor: the neurons' rows `old` ([k, hidden], one per neuron) times (m - 1), in float32.
+
+    A product that float32 cannot hold is refused (`fold.storage.stored`) before anything is written."""
     product = old.to(torch.float32) * (multiplier.to(torch.float32) - 1).reshape(-1, 1)
-    scaled = stored(product, torch.float32, torch.isfinite(old), multiplier,
-                    f"the LoRA factor of {what or site.template}", index)  # fmt: skip
-    selector = torch.zeros(len(index), weight.shape[site.axis], dtype=selector_dtype)
-    selector[torch.arange(len(index)), index + site.offset(width)] = 1.0
-    if site.axis == 1:  # neurons are inputs (columns): B = the scaled columns, A = the selector rows
-        return selector, scaled.T.contiguous()
-    return scaled.contiguous(), selector.T.contiguous()  # neurons are outputs (rows): A = scaled rows, B = selector
+    return stored(product, torch.float32, torch.isfinite(old), multiplier, f"the LoRA factor of {what}", index)
+
+
+def placed_factors(
+    scaled: torch.Tensor, index: torch.Tensor, offset: int, axis: int, size: int, selector_dtype: torch.dtype,
+    rank: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(A [rank, in], B [out, rank]) of a 2-D weight ([out, in]) whose neuron j is index `offset + j` along `axis`
+    (of `size`): the scaled rows `scaled` ([k, hidden]) on one side, the one-hot selector on the other. A `rank`
+    above k pads both with zeros (an expert that shares its layer's rank with a larger one), which adds only
+    exact zeros to `B @ A`."""
+    k, rank = len(index), rank or len(index)
+    selector = torch.zeros(rank, size, dtype=selector_dtype)
+    selector[torch.arange(k), index.to(torch.long) + offset] = 1.0
+    padded = torch.zeros(rank, scaled.shape[1], dtype=scaled.dtype)
+    padded[:k] = scaled
+    if axis == 1:  # neurons are inputs (columns): B = the scaled columns, A = the selector rows
+        return selector, padded.T.contiguous()
+    return padded, selector.T.contiguous()  # neurons are outputs (rows): A = scaled rows, B = selector
 
 
 def module_name(spec: ArchSpec, site: Site, layer: int) -> str:
@@ -117,7 +152,7 @@ def module_name(spec: ArchSpec, site: Site, layer: int) -> str:
     return f"{spec.layers_module}.{layer}.{inside.removesuffix('.weight')}"
 
 
-def peft_tensors(pairs: list[LoraPair]) -> dict[str, torch.Tensor]:
+def peft_tensors(pairs: list[LoraPair | ExpertLoraPair]) -> dict[str, torch.Tensor]:
     """The adapter file's tensors under the keys PEFT writes and reads.
 
     The pairs of `adapter_pairs` hold the one-hot factor in bfloat16, where 0 and 1 are exact, and the scaled one
@@ -125,59 +160,88 @@ def peft_tensors(pairs: list[LoraPair]) -> dict[str, torch.Tensor]:
     modules unchanged."""
     out = {}
     for p in pairs:
-        out[f"{PEFT_PREFIX}{p.module}.lora_A.weight"] = p.a
-        out[f"{PEFT_PREFIX}{p.module}.lora_B.weight"] = p.b
+        out[f"{PEFT_PREFIX}{p.owner}.lora_A.weight"] = p.a
+        out[f"{PEFT_PREFIX}{p.owner}.lora_B.weight"] = p.b
     return out
 
 
-def peft_config(pairs: list[LoraPair], base_model: str | None, revision: str | None = None):
-    """A `peft.LoraConfig` for `pairs`: exactly their modules, each with its rank and alpha = rank (scaling 1).
+def peft_config(pairs: list[LoraPair | ExpertLoraPair], base_model: str | None, revision: str | None = None):
+    """A `peft.LoraConfig` for `pairs`: exactly their modules (a layer's routed experts: their stacked parameter,
+    in `target_parameters`), each with its rank and alpha = rank (scaling 1).
 
     `r` and `lora_alpha` are the largest rank, so a server that reads only those (one scaling alpha / r for all
     modules, a `--max-lora-rank`) also gets scaling 1 and the rank it must allow."""
     from peft import LoraConfig
 
     top = max(p.rank for p in pairs)
+    params = [p.module for p in pairs if p.parameter]
+    # `target_parameters` only where there are experts: a dense adapter's config stays what older PEFTs read.
+    extra = {"target_parameters": params} if params else {}
     return LoraConfig(
-        r=top, lora_alpha=top, target_modules=[p.module for p in pairs], lora_dropout=0.0, bias="none",
-        task_type="CAUSAL_LM", base_model_name_or_path=base_model, revision=revision, inference_mode=True,
-        rank_pattern={p.module: p.rank for p in pairs if p.rank != top},
-        alpha_pattern={p.module: p.rank for p in pairs if p.rank != top},
+        r=top, lora_alpha=top, target_modules=[p.module for p in pairs if not p.parameter] or None, lora_dropout=0.0,
+        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model, revision=revision,
+        inference_mode=True, rank_pattern={p.module: p.rank for p in pairs if p.rank != top},
+        alpha_pattern={p.module: p.rank for p in pairs if p.rank != top}, **extra,
     )  # fmt: skip
 
 
 # Reading the factors ---------------------------------------------------------------------------------------------
 
 
-def adapter_pairs(weights: Weights, spec: ArchSpec, shape: ModelShape, edits: LayerEdits, target: str) -> list[LoraPair]:
-    """The LoRA factors of every layer a circuit edits, read from the model's own weights: a safetensors checkpoint
+def adapter_pairs(
+    weights: Weights, spec: ArchSpec, shape: ModelShape, edits: LayerEdits | UnitEdits, target: str
+) -> list[LoraPair | ExpertLoraPair]:
+    """The LoRA factors of every unit a circuit edits, read from the model's own weights: a safetensors checkpoint
     (the tensors config.json implies, checked first) or a GGUF file (its tensors dequantized to float32). Only the
-    target tensor of each edited layer is read (memory-mapped), one at a time."""
-    from cna_export.fold.export import check_targets
+    target tensor of each edited unit is read (memory-mapped), one at a time.
 
-    site, gguf_site = spec.site(target), spec.site(target, "gguf")
-    # The GGUF tensor must hold the neurons as the checkpoint does, so the same factors serve both files.
-    same = (gguf_site.axis, gguf_site.part, gguf_site.parts) == (site.axis, site.part, site.parts)
-    here = spec.site(target, weights.fmt)
-    if weights.fmt == "gguf" and not same:
-        raise ArchitectureError(
-            f"{gguf_site.template} holds the neurons differently from {site.template}, so a LoRA of the checkpoint "
-            "cannot be read from the GGUF file.", "pass the safetensors model the GGUF was made from.",
-        )  # fmt: skip
+    `edits` is keyed by layer (a dense circuit) or by (layer, expert) (`Circuit.unit_edits`): a dense MLP or a
+    shared expert is one `LoraPair` (a Linear module), a layer's routed experts one `ExpertLoraPair` (PEFT's
+    `target_parameters` on their stacked parameter, `ship/adapter_experts.py`)."""
+    from cna_export.fold.export import check_targets, unit_site
+    from cna_export.ship.adapter_experts import expert_pairs
+
+    units = {key if isinstance(key, tuple) else (key, None): edit for key, edit in edits.items()}
     if weights.fmt == "safetensors":
-        check_targets(weights.reader, spec, shape, edits, target)  # every tensor as config.json implies
-    pairs = []
-    for layer, (index, mult) in edits.items():
+        check_targets(weights.reader, spec, shape, units, target)  # every tensor as config.json implies
+    pairs: list[LoraPair | ExpertLoraPair] = []
+    routed = {key: edit for key, edit in units.items() if isinstance(key[1], int)}
+    for (layer, expert), (index, mult) in units.items():
+        if isinstance(expert, int):
+            continue
+        site, _ = unit_site(spec, shape, layer, expert, target)  # checks the unit exists
+        gguf_site, here = (_linear_site(spec, expert, target, fmt) for fmt in ("gguf", weights.fmt))
+        # The GGUF tensor must hold the neurons as the checkpoint does, so the same factors serve both files.
+        same = (gguf_site.axis, gguf_site.part, gguf_site.parts) == (site.axis, site.part, site.parts)
+        if weights.fmt == "gguf" and not same:
+            raise ArchitectureError(
+                f"{gguf_site.template} holds the neurons differently from {site.template}, so a LoRA of the "
+                "checkpoint cannot be read from the GGUF file.", "pass the safetensors model the GGUF was made from.",
+            )  # fmt: skip
         weight = weights.values(here.name(layer))
-        a, b = lora_factors(weight, here, shape.width(layer), index, mult, SELECTOR_DTYPE, here.name(layer))
+        a, b = lora_factors(weight, here, shape.width_of(expert, layer), index, mult, SELECTOR_DTYPE, here.name(layer))
         pairs.append(LoraPair(module_name(spec, site, layer), gguf_site.name(layer) if same else None, a, b))
-    return pairs
+    if routed:
+        pairs += expert_pairs(weights, spec, shape, routed, target, SELECTOR_DTYPE)
+    return sorted(pairs, key=lambda p: _layer_of(spec, p.module))
+
+
+def _linear_site(spec: ArchSpec, expert: ExpertKey, target: str, fmt: str) -> Site:
+    """The site of a dense MLP's (expert None) or the shared expert's `target` in `fmt`."""
+    return spec.site(target, fmt) if expert is None else spec.experts.site(target, expert, fmt)
+
+
+def _layer_of(spec: ArchSpec, module: str) -> int:
+    """The layer of a module path `{layers_module}.N....` (pairs are written layer by layer)."""
+    return int(module.removeprefix(f"{spec.layers_module}.").split(".", 1)[0])
 
 
 # Writers ---------------------------------------------------------------------------------------------------------
 
 
-def write_peft(folder: Path, pairs: list[LoraPair], base_model: str | None, revision: str | None) -> None:
+def write_peft(
+    folder: Path, pairs: list[LoraPair | ExpertLoraPair], base_model: str | None, revision: str | None
+) -> None:
     """adapter_model.safetensors and adapter_config.json (written by PEFT's own config class) into `folder`."""
     from safetensors.torch import save_file
 
@@ -185,11 +249,15 @@ def write_peft(folder: Path, pairs: list[LoraPair], base_model: str | None, revi
     peft_config(pairs, base_model, revision).save_pretrained(str(folder))
 
 
-def write_gguf_lora(path: Path, spec: ArchSpec, pairs: list[LoraPair], name: str, base_model: str | None) -> None:
+def write_gguf_lora(
+    path: Path, spec: ArchSpec, pairs: list[LoraPair | ExpertLoraPair], name: str, base_model: str | None
+) -> None:
     """A GGUF LoRA adapter for llama.cpp / Ollama: `blk.N.ffn_down.weight.lora_a` / `.lora_b`, float32.
 
     gguf-py writes numpy order, the reverse of ggml's dims, so A [r, in] is stored with ne = [in, r] and
-    B [out, r] with ne = [r, out]: what llama.cpp checks against the base tensor (ne[0] = in, ne[1] = out)."""
+    B [out, r] with ne = [r, out]: what llama.cpp checks against the base tensor (ne[0] = in, ne[1] = out). A
+    stacked expert tensor's factors have the experts outermost (ne = [in, r, E], [r, out, E]), as llama.cpp's
+    `mul_mat_id` of lora_b and lora_a picks each token's experts."""
     from gguf import GGUFType, GGUFWriter, Keys
 
     missing = [p.module for p in pairs if p.gguf_tensor is None]
@@ -206,10 +274,9 @@ def write_gguf_lora(path: Path, spec: ArchSpec, pairs: list[LoraPair], name: str
     if base_model:
         writer.add_base_model_count(1)
         writer.add_base_model_repo_url(0, f"https://huggingface.co/{base_model}")
-    for p in pairs:
-        # float32 both: ggml multiplies an f16/bf16 weight by activations rounded to that type, not exactly.
-        writer.add_tensor(f"{p.gguf_tensor}.lora_a", p.a.to(torch.float32).numpy())
-        writer.add_tensor(f"{p.gguf_tensor}.lora_b", p.b.to(torch.float32).numpy())
+    for p in pairs:  # float32 both (`LoraPair.gguf_a`); a stacked expert tensor's: [E, r, in] and [E, out, r]
+        writer.add_tensor(f"{p.gguf_tensor}.lora_a", p.gguf_a.numpy())
+        writer.add_tensor(f"{p.gguf_tensor}.lora_b", p.gguf_b.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -222,27 +289,17 @@ def gguf_name(out: Path) -> str:
 
 
 def _checked(backend: Backend, circuit: Circuit, outputs: OutputPlan, out: Path, options: ExportOptions,
-             ) -> tuple[LayerEdits, str | None]:  # fmt: skip
+             ) -> tuple[UnitEdits, str | None]:  # fmt: skip
     """Every check before anything is read or written (`out` added to `outputs`): (edits, the source weights' hash
     if taken)."""
     from cna_export.ship.card import check_repo_id
 
-    if any(getattr(n, "expert", None) is not None for n in circuit.neurons):
-        raise CircuitError(
-            "An adapter of neurons inside experts is not supported yet (PEFT would have to target the experts' "
-            "fused parameters, and llama.cpp's expert tensors are 3-D).",
-            "export this circuit with `cna-export apply`, or write an adapter of its dense layers only.",
-        )
     if getattr(backend.shape, "moe", None) is not None:
-        # PEFT (0.21) rewrites the targets of a mixture-of-experts model for transformers 5's fused experts: a
-        # `...mlp.down_proj` target becomes the experts' `down_proj` parameter, so even a dense layer's factors
-        # would not load where they were written.
-        raise CircuitError(
-            f"Adapters of {backend.model_type} (a mixture of experts) are not supported: PEFT retargets its "
-            "down_proj modules to the fused experts.",
-            "export the circuit with `cna-export apply` instead.",
-        )
-    edits = circuit.edits(options.multiplier, options.allow_negative)
+        from cna_export.ship.adapter_experts import check_peft_version
+
+        check_peft_version()
+    backend.spec.check_target(options.target)  # gpt-oss's experts have no up site
+    edits = circuit.unit_edits(options.multiplier, options.allow_negative)
     if not edits:
         raise CircuitError("The circuit lists no neurons, so there is no adapter to write.", "pass another circuit.")
     outputs.folder(out)

@@ -1,0 +1,162 @@
+"""Adapters of mixture-of-experts circuits (ship/adapter_experts.py): PEFT's LoRA on the stacked expert parameters
+(`target_parameters`) and llama.cpp's GGUF LoRA on `ffn_*_exps`, each against the folded export as the dense
+adapter is (tests/test_adapter.py): PEFT on the base gives the folded export's logits, unmerged and merged, and its
+merged expert parameters are the folded ones; llama.cpp with the GGUF LoRA on the converted base gives the logits of
+the converted folded export. What cannot be made exact is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MOE_ARCHS, make_circuit, run_cli
+from safetensors.torch import load_file
+
+from cna_export.arch.experts import SHARED
+from cna_export.audit.adapter import verify_adapter
+from cna_export.backends import ExportOptions, open_backend
+from cna_export.circuit.format import Circuit
+from cna_export.errors import CnaExportError
+from cna_export.fold.export import apply_circuit
+from cna_export.io.source import describe, resolve
+from cna_export.ship.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_adapter
+from cna_export.ship.adapter_experts import peft_stack
+
+IDS = [5, 17, 42, 99, 120, 7, 300, 250, 61, 33, 12, 8, 140, 201, 77, 19]
+UP_ARCHS = ["qwen2_moe", "mixtral", "granitemoe", "llama4"]  # the fused gate_up layouts, and a shared expert
+
+
+def neurons(model_dir: Path) -> list[tuple]:
+    """Every kind of neuron the model has: routed experts in two layers with different counts per expert (ranks
+    2, 1 and 0 in the first layer: padded factors), the first and last neuron of an expert, the shared expert's,
+    a dense layer's."""
+    shape = describe(resolve(str(model_dir)))[1]
+    moe = shape.moe
+    layers = [i for i in range(shape.num_layers) if i not in moe.dense_layers]
+    picked = [(layers[0], 0, 0), (layers[0], 0, moe.width - 1), (layers[0], 3, 2), (layers[-1], 1, 5)]
+    picked += [(layers[-1], 2, j) for j in (1, 4, 9)]
+    if moe.shared:
+        picked += [(layers[-1], SHARED, 3), (layers[0], SHARED, moe.shared - 1)]
+    return picked + [(i, None, 7) for i in sorted(moe.dense_layers)]
+
+
+def circuit_of(model_dir: Path, m: float = 0.0) -> Circuit:
+    c = make_circuit(model_dir, neurons(model_dir), m)
+    c.neurons[1].multiplier = 2.5  # a neuron with its own multiplier
+    return c
+
+
+def load(folder: Path):
+    import transformers
+
+    spec = describe(resolve(str(folder)))[0]
+    return getattr(transformers, spec.loader).from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def logits(model) -> torch.Tensor:
+    # Llama 4's wrapper cannot build a text-only output in transformers 5 (tests/test_experts.py): its language
+    # model (the same layers and lm_head) gives the logits.
+    inner = getattr(model, "base_model", model)
+    inner = getattr(inner, "model", inner) if type(inner).__name__ == "LoraModel" else inner
+    run = inner.language_model if type(inner).__name__ == "Llama4ForConditionalGeneration" else model
+    with torch.no_grad():
+        return run(torch.tensor([IDS])).logits
+
+
+def check_peft(model_dir: Path, circuit: Circuit, tmp_path: Path, target: str = "down") -> Path:
+    """PEFT on the base == the folded export, unmerged and merged (logits, and every parameter the circuit
+    touches); every factor in the file was loaded into the model, none ignored."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    src = resolve(str(model_dir))
+    ad = write_adapter(open_backend(src), circuit, tmp_path / "ad", ExportOptions(target=target))
+    folded = load(apply_circuit(src, circuit, tmp_path / "folded", target=target))
+    ref = logits(folded)
+    assert (logits(load(model_dir)) - ref).abs().max() > 1e-3  # the edit is visible: the comparison means something
+    peft = PeftModel.from_pretrained(load(model_dir), str(ad)).eval()
+    written, held = load_file(ad / ADAPTER_WEIGHTS), get_peft_model_state_dict(peft)
+    assert set(held) == set(written)
+    for key, value in written.items():
+        assert torch.equal(held[key], value.to(held[key].dtype)), key
+    torch.testing.assert_close(logits(peft), ref, rtol=1e-5, atol=1e-5)
+    merged = peft.merge_and_unload()
+    torch.testing.assert_close(logits(merged), ref, rtol=1e-5, atol=1e-5)
+    mine, theirs = merged.state_dict(), folded.state_dict()
+    assert mine.keys() == theirs.keys()
+    for name, value in mine.items():  # the edited parameters equal the fold's, the others the base's
+        torch.testing.assert_close(value, theirs[name], rtol=1e-6, atol=1e-7, msg=name)
+    return ad
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_peft_expert_adapter_equals_fold(moe_models, tmp_path, arch):
+    ad = check_peft(moe_models[arch], circuit_of(moe_models[arch]), tmp_path)
+    config = json.loads((ad / ADAPTER_CONFIG).read_text())
+    spec = describe(resolve(str(moe_models[arch])))[0]
+    assert all(t.endswith(f"{spec.experts.module}.down_proj") for t in config["target_parameters"])
+    assert len(config["target_parameters"]) == 2  # one per layer with routed neurons
+    ok, why = verify_adapter(str(moe_models[arch]), ad, Circuit.load(ad / "circuit.json"))
+    assert ok, why
+
+
+@pytest.mark.parametrize("arch", UP_ARCHS)
+def test_peft_expert_adapter_up_target(moe_models, tmp_path, arch):
+    check_peft(moe_models[arch], circuit_of(moe_models[arch], m=0.5), tmp_path, target="up")
+
+
+def test_peft_stack_is_peft_layout():
+    """`peft_stack` is the inverse of PEFT's own reading of the factors (`ParamWrapper.get_delta_weight`), in both
+    of its orders, on random per-expert factors."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    gen = torch.Generator().manual_seed(0)
+    experts, rank, d1, d2 = 3, 2, 5, 7
+    a = [torch.randn(rank, d2, generator=gen) for _ in range(experts)]
+    b = [torch.randn(d1, rank, generator=gen) for _ in range(experts)]
+    want = torch.stack([be @ ae for ae, be in zip(a, b)])
+    for transposed in (False, True):
+        big_a, big_b = peft_stack(a, b, transposed)
+        fake = type(
+            "W",
+            (),
+            {
+                "num_experts": experts,
+                "_did_swap_in_out_features": not transposed,
+                "scaling": {"x": 1.0},
+                "get_param": lambda self: torch.zeros(1),
+                "lora_A": {"x": torch.nn.Linear(1, 1)},
+                "lora_B": {"x": torch.nn.Linear(1, 1)},
+            },
+        )()
+        fake.lora_A["x"].weight = torch.nn.Parameter(big_a)
+        fake.lora_B["x"].weight = torch.nn.Parameter(big_b)
+        torch.testing.assert_close(ParamWrapper.get_delta_weight(fake, "x"), want)
+
+
+# What cannot be exact: one line, exit 2, nothing written ------------------------------------------------------------
+
+from test_experts import mxfp4_gpt_oss  # noqa: E402, F401  (the fixture: gpt-oss with MXFP4 experts, as on the Hub)
+
+
+def test_what_cannot_be_exact_is_refused_in_one_line(moe_models, mxfp4_gpt_oss, tmp_path, monkeypatch):  # noqa: F811
+    import peft
+
+    gpt_oss = moe_models["gpt_oss"]
+    make_circuit(gpt_oss, [(1, 0, 3)]).save(tmp_path / "gpt_oss.json")
+    make_circuit(mxfp4_gpt_oss, [(1, 0, 3)]).save(tmp_path / "mxfp4.json")
+    cases = [
+        ([gpt_oss, "gpt_oss.json", "--target", "up"], "clamps its experts' up projection and adds 1"),
+        ([mxfp4_gpt_oss, "mxfp4.json"], "stored as MXFP4 codes, which transformers dequantizes on load"),
+    ]
+    for (model, circuit, *extra), message in cases:
+        proc = run_cli("adapter", "--model", str(model), "--circuit", str(tmp_path / circuit), "--out",
+                       str(tmp_path / "ad"), *extra, check=False)  # fmt: skip
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "ad").exists()
+    monkeypatch.setattr(peft, "__version__", "0.21.1")
+    with pytest.raises(CnaExportError, match=r"need PEFT >= 0\.22 \(found 0\.21\.1\)"):
+        write_adapter(open_backend(resolve(str(gpt_oss))), Circuit.load(tmp_path / "gpt_oss.json"), tmp_path / "ad")
+    assert not (tmp_path / "ad").exists()
