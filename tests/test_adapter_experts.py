@@ -138,6 +138,39 @@ def test_peft_stack_is_peft_layout():
         torch.testing.assert_close(ParamWrapper.get_delta_weight(fake, "x"), want)
 
 
+def test_card_and_audit_command_cover_the_experts(moe_models, tmp_path):
+    """The card says where the expert factors are; the audit command it prints passes on the adapter and fails,
+    naming the factor, once one expert's factor is changed by one ulp."""
+    from safetensors.torch import save_file
+
+    from cna_export.ship.card import read_provenance
+
+    model_dir = moe_models["qwen2_moe"]
+    circuit_of(model_dir).save(tmp_path / "c.json")
+    ad = tmp_path / "ad"
+    run_cli("adapter", "--model", str(model_dir), "--circuit", str(tmp_path / "c.json"), "--out", str(ad), "--gguf")
+    card = (ad / "README.md").read_text()
+    assert "Experts: PEFT `target_parameters` on the stacked experts' down_proj of 2 layers" in card
+    assert "`ffn_down_exps`" in card and "vllm serve" not in card
+    record = read_provenance(ad / "README.md")["adapter"]
+    config = json.loads((ad / ADAPTER_CONFIG).read_text())
+    assert record["expert_parameters"] == sorted(config["target_parameters"])
+    assert sorted(config["target_modules"]) == [f"model.layers.{i}.mlp.shared_expert.down_proj" for i in (0, 2)]
+    # The card's command names the source by its folder name and the adapter by its own: here, their paths.
+    words = next(line for line in card.splitlines() if line.startswith("cna-export diff")).split()[1:]
+    assert words == ["diff", model_dir.name, "ad", "--verify", "ad/circuit.json"]
+    command = ["diff", str(model_dir), str(ad), "--verify", str(ad / "circuit.json")]
+    proc = run_cli(*command)
+    assert proc.stdout.startswith("OK: ") and "-lora-f32.gguf" in proc.stdout
+    tensors = load_file(ad / ADAPTER_WEIGHTS)
+    key = "base_model.model.model.layers.2.mlp.experts.lora_B.weight"
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = torch.nextafter(tensors[key][0, 0], torch.tensor(1.0))
+    save_file(tensors, ad / ADAPTER_WEIGHTS)
+    proc = run_cli(*command, check=False)
+    assert proc.returncode == 1 and f"FAILED: {key} differs" in proc.stdout
+
+
 # What cannot be exact: one line, exit 2, nothing written ------------------------------------------------------------
 
 from test_experts import mxfp4_gpt_oss  # noqa: E402, F401  (the fixture: gpt-oss with MXFP4 experts, as on the Hub)

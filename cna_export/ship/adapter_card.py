@@ -36,6 +36,8 @@ def write_adapter_card(
         "target": target,
         "rank": max(p.rank for p in pairs),
         "ranks": {p.module: p.rank for p in pairs},
+        # A layer's routed experts: PEFT `target_parameters` on their stacked parameter, rank per expert.
+        "expert_parameters": [p.module for p in pairs if getattr(p, "parameter", False)],
         "gguf": gguf,
     }
     tags = ["cna-export", "neuron-editing", "lora"] + (["gguf"] if gguf else [])
@@ -82,6 +84,7 @@ def _body(record: dict[str, Any], circuit: Circuit, base: str | None, name: str)
         f"- Multiplier: m = {edit['multiplier']:g}"
         + (f"; per-neuron: {', '.join(f'{m:g}' for m in overrides)}" if overrides else ""),
         f"- Module: {module}; exact in float32, lora_alpha = rank (scaling 1)",
+        *_experts_lines(adapter, edit["target"]),
         *_gguf_source_lines(record["source"]),
         *sources_lines(circuit),
         "",
@@ -95,9 +98,10 @@ def _body(record: dict[str, Any], circuit: Circuit, base: str | None, name: str)
         "```",
         "",
         "```bash",
-        f"vllm serve {base_ref} --enable-lora --max-lora-rank {_vllm_rank(adapter['rank'])} "
-        f"--lora-modules {name}={name}",
     ]
+    if not adapter["expert_parameters"]:  # vLLM's loading of PEFT's `target_parameters` is not checked here
+        lines.append(f"vllm serve {base_ref} --enable-lora --max-lora-rank {_vllm_rank(adapter['rank'])} "
+                     f"--lora-modules {name}={name}")  # fmt: skip
     if adapter["gguf"]:
         lines += [
             f"llama-server -m BASE.gguf --lora-scaled {name}/{adapter['gguf']} 1.0   # 0.5: half the edit",
@@ -121,6 +125,18 @@ def _body(record: dict[str, Any], circuit: Circuit, base: str | None, name: str)
         *provenance_block(record),
     ]
     return "\n".join(lines)
+
+
+def _experts_lines(adapter: dict[str, Any], target: str) -> list[str]:
+    """Neurons inside routed experts: where their factors are, and what loading them needs."""
+    params = adapter["expert_parameters"]
+    if not params:
+        return []
+    fused = "gate_up_proj: the up half" if target == "up" else "down_proj"
+    gguf = f"; in the GGUF LoRA, `ffn_{target}_exps` (one factor pair per expert)" if adapter["gguf"] else ""
+    return [f"- Experts: PEFT `target_parameters` on the stacked experts' {fused} of {len(params)} layers (rank per "
+            "expert = its neurons in that layer, the layer's largest, zero-padded for the others; loading needs "
+            f"PEFT >= 0.22){gguf}"]  # fmt: skip
 
 
 def _gguf_source_lines(source: dict[str, Any]) -> list[str]:
