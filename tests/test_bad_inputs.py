@@ -1088,6 +1088,17 @@ def _(c: Ctx):
     return ["adapter", "--model", str(m), "--circuit", str(c.circuit(m)), "--out", str(c.out), "--multiplier", "1e37"]
 
 
+@case("adapter-experts-up-clamped", "gpt_oss clamps its experts' up projection and adds 1, so scaling up_proj rows")
+def _(c: Ctx):
+    """adapter --target up of a circuit inside gpt-oss's experts: its up rows are not neurons (clamped `up + 1`), so
+    no LoRA of them is the edit (the other MoE adapters are exact: tests/test_adapter_experts.py)."""
+    from conftest import build_model
+
+    m = build_model(c.tmp / "model", "gpt_oss")
+    return ["adapter", "--model", str(m), "--circuit", str(c.circuit(m, neurons=((1, 0, 3),))), "--out", str(c.out),
+            "--target", "up"]  # fmt: skip
+
+
 @case("circuit-huge-integer", "is not valid JSON (an integer of 5000 digits, more than 4300)")
 def _(c: Ctx):
     """`inspect` of a circuit whose neuron index is a 5000-digit integer (a ValueError traceback before)."""
