@@ -12,6 +12,10 @@ The same factors make a GGUF LoRA for llama.cpp and Ollama. llama.cpp scales eve
 `s * alpha / rank` with one alpha per file, or by `s` alone when alpha is 0; the file says alpha 0, so scale s
 (`--lora-scaled FILE s`) gives every neuron the multiplier 1 + s (m - 1): s = 0 is the base model, s = 1 the edit.
 
+Neurons inside routed experts are the same factors per expert, written for PEFT's `target_parameters` on the
+layer's stacked expert parameter and for llama.cpp's `ffn_*_exps` (ship/adapter_experts.py); a shared expert and
+the dense layers of an MoE model are Linear modules as above.
+
 This module is the math (`lora_factors`) and the writers; `write_adapter` is the command's library function.
 """
 
