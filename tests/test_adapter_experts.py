@@ -115,12 +115,13 @@ def test_peft_stack_is_peft_layout():
     from peft.tuners.lora.layer import ParamWrapper
 
     gen = torch.Generator().manual_seed(0)
-    experts, rank, d1, d2 = 3, 2, 5, 7
-    a = [torch.randn(rank, d2, generator=gen) for _ in range(experts)]
-    b = [torch.randn(d1, rank, generator=gen) for _ in range(experts)]
-    want = torch.stack([be @ ae for ae, be in zip(a, b)])
-    for transposed in (False, True):
+    experts, d1, d2 = 3, 5, 7
+    for rank, transposed in ((1, False), (1, True), (2, False), (2, True)):
+        a = [torch.randn(rank, d2, generator=gen) for _ in range(experts)]
+        b = [torch.randn(d1, rank, generator=gen) for _ in range(experts)]
+        want = torch.stack([be @ ae for ae, be in zip(a, b)])
         big_a, big_b = peft_stack(a, b, transposed)
+        assert big_a.is_contiguous() and big_b.is_contiguous()  # safetensors writes only contiguous tensors
         fake = type(
             "W",
             (),
@@ -169,6 +170,21 @@ def test_card_and_audit_command_cover_the_experts(moe_models, tmp_path):
     save_file(tensors, ad / ADAPTER_WEIGHTS)
     proc = run_cli(*command, check=False)
     assert proc.returncode == 1 and f"FAILED: {key} differs" in proc.stdout
+
+
+def test_cli_run_adapter_on_a_mixture_of_experts(moe_models, tmp_path):
+    """`run --adapter` on Qwen2-MoE: discovery picks neurons inside experts (one of them alone in its layer: rank 1),
+    and the adapter folder it writes loads in PEFT as the fold of the discovered circuit."""
+    from peft import PeftModel
+
+    model_dir, out = moe_models["qwen2_moe"], tmp_path / "ad"
+    run_cli("run", "refusal-ablate", "--model", str(model_dir), "--out", str(out), "--adapter", "--top-k", "8",
+            "--skip-first-layers", "0", "--skip-last-layers", "0", "--specificity", "0")  # fmt: skip
+    written = Circuit.load(out / "circuit.json")
+    assert any(isinstance(n.expert, int) for n in written.neurons) and 1 in written.layer_counts().values()
+    folded = load(apply_circuit(resolve(str(model_dir)), written, tmp_path / "folded"))
+    peft = PeftModel.from_pretrained(load(model_dir), str(out)).eval()
+    torch.testing.assert_close(logits(peft), logits(folded), rtol=1e-5, atol=1e-5)
 
 
 # What cannot be exact: one line, exit 2, nothing written ------------------------------------------------------------

@@ -144,8 +144,10 @@ def peft_stack(a: list[torch.Tensor], b: list[torch.Tensor], transposed: bool) -
     a3, b3 = torch.stack(a), torch.stack(b)  # [E, r, d2], [E, d1, r]
     experts, rank = a3.shape[0], a3.shape[1]
     if transposed:  # P[e] + (Bm_e @ Am_e)^T: Am_e = B_e^T [r, d1], Bm_e = A_e^T [d2, r]
-        return b3.transpose(1, 2).reshape(experts * rank, -1), a3.permute(2, 1, 0).reshape(-1, rank * experts)
-    return a3.reshape(experts * rank, -1), b3.permute(1, 2, 0).reshape(-1, rank * experts)
+        big_a, big_b = b3.transpose(1, 2).reshape(experts * rank, -1), a3.permute(2, 1, 0).reshape(-1, rank * experts)
+    else:
+        big_a, big_b = a3.reshape(experts * rank, -1), b3.permute(1, 2, 0).reshape(-1, rank * experts)
+    return big_a.contiguous(), big_b.contiguous()  # a reshape may be a strided view (rank 1), which safetensors refuses
 
 
 def _expert_rows(weights: Weights, name: str, expert: int, held: dict[str, torch.Tensor]) -> torch.Tensor:
