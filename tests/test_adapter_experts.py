@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MOE_ARCHS, make_circuit, run_cli
+from conftest import MOE_ARCHS, build_model, make_circuit, run_cli
 from safetensors.torch import load_file
+from test_experts_gguf import CHANGES as GPT_OSS_CHANGES  # gpt-oss as llama.cpp 0.3.36 runs it
 
 from cna_export.arch.experts import SHARED
 from cna_export.audit.adapter import verify_adapter
@@ -216,11 +217,16 @@ def test_what_cannot_be_exact_is_refused_in_one_line(moe_models, mxfp4_gpt_oss, 
 # llama.cpp: the GGUF LoRA on ffn_*_exps -------------------------------------------------------------------------
 
 # Routed and shared experts (qwen2moe), Mixtral's experts in a `llama` GGUF, Llama 4's stacked gate_up between dense
-# layers; CNA_MOE_GGUF_ALL=1 adds DeepSeek-V3 (ungated shared expert, a dense layer), Qwen3.5-MoE, GLM-4.5 and Granite
-# MoE (measured: all pass, ~24 s a family on 2 cores; the LoRA was at most 1.3e-6 from the folded GGUF).
+# layers; CNA_MOE_GGUF_ALL=1 adds the other families (measured: all pass, ~24 s a family on 2 cores; the LoRA was at
+# most 1.3e-6 from the folded GGUF). Three as llama.cpp 0.3.36 runs them (`GGUF_CHANGES`, as in
+# tests/test_llamacpp_moe.py and tests/test_experts_gguf.py): Qwen3-MoE without a dense layer, OLMoE with as many
+# key/value heads as query heads, gpt-oss with llama.cpp's clamp and YaRN rounding.
 GGUF_ARCHS = ["qwen2_moe", "mixtral", "llama4"] + (
-    ["deepseek_v3", "qwen3_5_moe", "glm4_moe", "granitemoe"] if os.environ.get("CNA_MOE_GGUF_ALL") else []
+    ["deepseek_v3", "qwen3_5_moe", "glm4_moe", "granitemoe", "qwen3_moe", "olmoe", "gpt_oss"]
+    if os.environ.get("CNA_MOE_GGUF_ALL")
+    else []
 )
+GGUF_CHANGES = {"qwen3_moe": dict(mlp_only_layers=[]), "olmoe": dict(num_key_value_heads=4), **GPT_OSS_CHANGES}
 
 
 def llama_logits(path: Path, lora: Path | None = None, scale: float = 1.0) -> np.ndarray:
@@ -247,10 +253,12 @@ def test_gguf_expert_lora_in_llama_cpp_equals_folded_gguf(moe_models, hf_to_gguf
 
     monkeypatch.setenv(ENV, hf_to_gguf)
     model_dir = moe_models[arch]
+    if arch in GGUF_CHANGES:
+        model_dir = build_model(tmp_path / arch, arch, **GGUF_CHANGES[arch])
     src, circuit = resolve(str(model_dir)), circuit_of(model_dir)
     base = export_gguf(model_dir, tmp_path / "base.gguf", outtype="f32")
     plain = llama_logits(base)
-    for target in ("down", "up"):
+    for target in describe(src)[0].targets:  # gpt-oss: down only
         ad = write_adapter(
             open_backend(src), circuit, tmp_path / f"ad-{target}", ExportOptions(gguf="f32", target=target)
         )
