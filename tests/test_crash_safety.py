@@ -228,7 +228,7 @@ def test_circuit_save_removes_a_killed_saves_temporary(tmp_path):
     """A circuit file's temporary left by a SIGKILLed process is removed by the next save to that path."""
     path = tmp_path / "c.json"
     code = (
-        "import os, sys; from pathlib import Path; from cna_export.io.output import temp_sibling; "
+        "import os, sys; from pathlib import Path; from cna_export.io.temps import temp_sibling; "
         "t = temp_sibling(Path(sys.argv[1])); t.write_text('{\"partial'); os.kill(os.getpid(), 9)"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(path)], env=_env())

@@ -23,7 +23,7 @@ from cna_export.evaluate.chat import render, side_by_side
 from cna_export.evaluate.measure import EvalConfig
 from cna_export.evaluate.report import _tuned_on_test, headline_from
 from cna_export.evaluate.sweep import heldout_sets, split_of
-from cna_export.ship.card import _split_sentence
+from cna_export.ship.card_text import _split_sentence
 
 TOPICS = ("algebra", "biology", "law")
 

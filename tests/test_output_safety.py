@@ -29,7 +29,8 @@ from test_bad_inputs import snapshot
 from cna_export.cli.main import main
 from cna_export.errors import OutputError
 from cna_export.io.names import check_name
-from cna_export.io.output import OUTPUT_MARKER, TMP_TAG, OutputPlan
+from cna_export.io.output import OUTPUT_MARKER, OutputPlan
+from cna_export.io.temps import TMP_TAG
 
 STATES = ("missing", "file", "foreign", "marked", "symlink")
 RECIPE = """version: 1

@@ -27,8 +27,9 @@ from cna_export.errors import ArchitectureError
 from cna_export.fold.scale import LayerEdits, UnitEdits, fold_site_
 from cna_export.io.checkpoint import INDEX_NAME, CheckpointReader, side_files
 from cna_export.io.hashing import BackgroundHasher, StreamHash
-from cna_export.io.output import OutputPlan, check_free_space, scratch_folder
+from cna_export.io.output import OutputPlan, check_free_space
 from cna_export.io.source import Source, describe, identity, load_model
+from cna_export.io.temps import scratch_folder
 from cna_export.io.writer import OutTensor, write_safetensors
 from cna_export.ship.card import check_repo_id, copy_recipe, preload, write_card
 

@@ -16,7 +16,8 @@ One rule for every writing command (`OutputPlan`):
 
 A run killed with SIGKILL while writing leaves either the previous state or the complete new output at `NAME`,
 never a half-written one; what it may leave is its clearly temporary sibling, which the next run writing `NAME`
-removes. Replacing an existing output swaps the two atomically where Linux allows it (`renameat2(RENAME_EXCHANGE)`).
+removes. Replacing an existing output swaps the two atomically where Linux allows it (`renameat2(RENAME_EXCHANGE)`);
+the temporaries and renames live in `cna_export.io.temps`.
 
 Every output's name is checked by `cna_export.io.names.check_name` (it may be written into a Modelfile, a card's
 YAML or Markdown).
@@ -25,15 +26,9 @@ YAML or Markdown).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import logging
 import os
-import re
 import shutil
-import socket
-import sys
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +36,8 @@ from pathlib import Path
 from cna_export import __version__
 from cna_export.errors import OutputError
 from cna_export.io.names import check_name
+from cna_export.io.temps import remove_stale_temps, remove_temp, rename_new, swap, temp_sibling
 
-log = logging.getLogger(__name__)
-
-TMP_TAG = "cna-tmp"
 # Every folder cna-export writes holds this file; `--overwrite` replaces no other non-empty folder. It is hidden,
 # so the card does not list it and `push` does not upload it (both skip hidden files).
 OUTPUT_MARKER = ".cna-export"
@@ -250,15 +243,15 @@ class OutputPlan:
             for o in written:
                 replaced = o.path.exists()
                 if replaced:
-                    _swap(o.temp, o.path)  # the temporary now holds the previous output
+                    swap(o.temp, o.path)  # the temporary now holds the previous output
                 else:
-                    _rename_new(o.temp, o.path)
+                    rename_new(o.temp, o.path)
                 done.append((o, replaced))
         except BaseException:
             for o, replaced in reversed(done):  # put back what was already renamed
                 with contextlib.suppress(OSError):
                     if replaced:
-                        _swap(o.temp, o.path)
+                        swap(o.temp, o.path)
                     else:
                         os.rename(o.path, o.temp)
             raise
@@ -267,7 +260,7 @@ class OutputPlan:
         """Remove this plan's temporaries (after a commit, the previous outputs that were replaced)."""
         for o in self.outputs.values():
             if o.temp is not None:
-                _remove_temp(o.temp)
+                remove_temp(o.temp)
                 o.temp = None
         self._active = False
 
@@ -299,122 +292,3 @@ def write_text_atomic(path: Path, text: str, overwrite: bool = False) -> Path:
     with staged_output(Path(path), overwrite, is_dir=False) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
-
-
-# Temporaries ---------------------------------------------------------------------------------------------------
-
-
-def _owner() -> str:
-    """HOST-PID of this process, as embedded in temporary names (host reduced to letters and digits)."""
-    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
-    return f"{host}-{os.getpid()}"
-
-
-def temp_sibling(out: Path, kind: str = "") -> Path:
-    """A hidden temporary path next to `out` that names its owner: `.NAME.cna-tmp-HOST-PID-RANDOM[-kind]`."""
-    out = Path(out).absolute()
-    suffix = f"-{kind}" if kind else ""
-    return out.parent / f".{out.name}.{TMP_TAG}-{_owner()}-{uuid.uuid4().hex[:8]}{suffix}"
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
-
-
-def remove_stale_temps(out: Path) -> list[Path]:
-    """Remove temporaries of `out` left behind by runs that were killed (their process on this host is gone).
-
-    Temporaries of other hosts (shared file systems) and of live processes are never touched.
-
-    Returns:
-        The paths removed.
-    """
-    out = Path(out).absolute()
-    host = _owner().rsplit("-", 1)[0]
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.{TMP_TAG}-([A-Za-z0-9]+)-(\d+)-[0-9a-f]{{8}}(-[a-z]+)?$")
-    removed = []
-    try:
-        siblings = list(out.parent.iterdir())
-    except OSError:
-        return removed
-    for path in siblings:
-        m = pattern.match(path.name)
-        if m and m[1] == host and not _alive(int(m[2])):
-            log.info("removing %s, left by an interrupted run", path)
-            _remove_temp(path)
-            removed.append(path)
-    return removed
-
-
-@contextlib.contextmanager
-def scratch_folder(out: Path, kind: str) -> Iterator[Path]:
-    """A working folder next to `out` for the length of the block, named like every temporary (so a killed run's
-    is removed by the next one), and removed at the end."""
-    path = temp_sibling(out, kind)
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        _remove_temp(path)
-
-
-def _remove_temp(path: Path) -> None:
-    """Remove a temporary of cna-export's (by its name); anything else is a bug and is left alone."""
-    if f".{TMP_TAG}-" not in path.name:
-        raise RuntimeError(f"refusing to remove {path}: not a cna-export temporary")
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-# Renames -------------------------------------------------------------------------------------------------------
-
-_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
-
-
-def _renameat2(a: Path, b: Path, flags: int) -> bool:
-    """Linux renameat2(a, b, flags); False where the kernel, libc or file system does not support the flag."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _swap(tmp: Path, out: Path) -> None:
-    """Exchange `tmp` and `out` (both exist): atomically where Linux allows it, else by three renames."""
-    if _renameat2(tmp, out, _RENAME_EXCHANGE):
-        return
-    old = temp_sibling(out, "old")
-    os.replace(out, old)
-    os.replace(tmp, out)
-    os.replace(old, tmp)
-
-
-def _rename_new(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to the path `out`, which must not exist (a concurrent run's output is never clobbered)."""
-    try:
-        if _renameat2(tmp, out, _RENAME_NOREPLACE):
-            return
-    except FileExistsError:
-        raise OutputError(
-            f"Output {out} appeared while this command ran.", "pass --overwrite to replace it, or choose another path."
-        ) from None
-    os.rename(tmp, out)
