@@ -127,6 +127,7 @@ def _size(folder: Path, suffix: str | None = None) -> int:
 
 
 def measure(name: str, shape: tuple, work: Path, runs: int) -> list[dict]:
+    from cna_export.backends.options import ExportOptions
     from cna_export.fold.export import apply_circuit
     from cna_export.io.source import resolve
     from cna_export.ship.adapter import write_adapter
@@ -149,7 +150,9 @@ def measure(name: str, shape: tuple, work: Path, runs: int) -> list[dict]:
         row["adapter_share_of_model"] = row["adapter_bytes"] / model_bytes
         if shape[-1]:
             ex = work / "out-export"
-            row["export_write_s"] = round(_median_time(partial(apply_circuit, source, circuit, ex, overwrite=True), runs), 3)
+            row["export_write_s"] = round(
+                _median_time(partial(apply_circuit, source, circuit, ex, ExportOptions(overwrite=True)), runs), 3
+            )
             row["export_bytes"] = _size(ex)
             shutil.rmtree(ex)
         rows.append(row)

@@ -99,11 +99,13 @@ OURS = (
 import json, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
+from cna_export.backends.options import ExportOptions
 from cna_export.circuit.format import Circuit
 from cna_export.fold.export import apply_circuit
 from cna_export.io.source import resolve
 t1 = time.perf_counter()
-apply_circuit(resolve(sys.argv[1]), Circuit.load(sys.argv[2]), Path(sys.argv[3]), hash_files=sys.argv[4] == "hash")
+options = ExportOptions(hash_files=sys.argv[4] == "hash")
+apply_circuit(resolve(sys.argv[1]), Circuit.load(sys.argv[2]), Path(sys.argv[3]), options)
 t2 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "export_s": t2 - t1, "rss_mb": peak_mb()}))
 """

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.refusal_qwen import write_outputs
-from cna_export.attribution.select import attribute
+from cna_export.attribution.select import attribute_on
 from cna_export.backends.torch import TorchBackend
 from cna_export.circuit.recipe import load_prompts, load_recipe
 from cna_export.evaluate.measure import EvalConfig
@@ -70,8 +70,8 @@ def main() -> None:
     t = time.time()
     settings = recipe.selection()
     neutral = load_prompts(recipe.universal.prompts, base) if settings.universal else []
-    att = attribute(model, tokenizer, spec, identity(source, config, shape), load_prompts(recipe.positive, base),
-                    load_prompts(recipe.negative, base), neutral, settings)  # fmt: skip
+    backend = TorchBackend.of_model(model, tokenizer, spec, identity(source, config, shape))
+    att = attribute_on(backend, load_prompts(recipe.positive, base), load_prompts(recipe.negative, base), neutral, settings)  # fmt: skip
     times["attribution_s"] = time.time() - t
     t = time.time()
     results, records, circuits = run_sweep(

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from cna_export.attribution.discover import plan_discovery
-from cna_export.attribution.select import attribute
+from cna_export.attribution.select import attribute_on
 from cna_export.backends.torch import TorchBackend, TorchRunner
 from cna_export.circuit.recipe import load_recipe
 from cna_export.evaluate import mmlu
@@ -81,8 +81,8 @@ def _attribute(gguf: str, args: argparse.Namespace):
     model, tok = load_model(source, dtype="float32", device="cpu")
     recipe, base = load_recipe(args.recipe)
     plan = plan_discovery(recipe, base)
-    att = attribute(model, tok, spec, identity(source, config, shape), plan.positive, plan.negative, plan.neutral,
-                    plan.selection)  # fmt: skip
+    backend = TorchBackend.of_model(model, tok, spec, identity(source, config, shape))
+    att = attribute_on(backend, plan.positive, plan.negative, plan.neutral, plan.selection)
     return model, tok, spec, shape, att, recipe, base
 
 

@@ -251,7 +251,8 @@ def cna_grid(folder: Path, work: Path, fractions: list[float], multipliers: list
     greedy tokens of the harmful prompts, first-token KL(original || edited) on the benign ones."""
     from cna_export.attribution.discover import plan_discovery
     from cna_export.attribution.hooks import scaled_neurons
-    from cna_export.attribution.select import attribute
+    from cna_export.attribution.select import attribute_on
+    from cna_export.backends.torch import TorchBackend
     from cna_export.evaluate.measure import EvalConfig, generate, kl_divergence
     from cna_export.io.source import describe, identity, load_model, resolve
 
@@ -263,8 +264,8 @@ def cna_grid(folder: Path, work: Path, fractions: list[float], multipliers: list
     model, tok = load_model(source, dtype="float32", device="cpu")
     t = time.time()
     plan = plan_discovery(recipe, base)
-    att = attribute(model, tok, spec, identity(source, config, shape), plan.positive, plan.negative, plan.neutral,
-                    plan.selection)  # fmt: skip
+    backend = TorchBackend.of_model(model, tok, spec, identity(source, config, shape))
+    att = attribute_on(backend, plan.positive, plan.negative, plan.neutral, plan.selection)
     attribution_s = time.time() - t
     cfg = EvalConfig(max_new_tokens=max_tokens, batch_size=batch)
     enc = ph.encode_prompts(tok, harmful, True)

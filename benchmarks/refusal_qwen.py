@@ -112,12 +112,12 @@ def main() -> None:
     model, tokenizer = load_model(source, dtype="float32", device="cpu")
     times["load_s"] = time.time() - t
 
-    from cna_export.attribution.select import attribute
+    from cna_export.attribution.select import attribute_on
 
     t = time.time()
     settings = recipe.selection()
-    att = attribute(model, tokenizer, spec, identity(source, config, shape), load_prompts(recipe.positive, base),
-                    load_prompts(recipe.negative, base), load_prompts(recipe.universal.prompts, base), settings)  # fmt: skip
+    backend = TorchBackend.of_model(model, tokenizer, spec, identity(source, config, shape))
+    att = attribute_on(backend, load_prompts(recipe.positive, base), load_prompts(recipe.negative, base), load_prompts(recipe.universal.prompts, base), settings)  # fmt: skip
     times["attribution_s"] = time.time() - t
 
     cfg = EvalConfig(args.max_new_tokens, args.batch_size, args.kl_tokens)

@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cna_export.arch import ModelShape, arch_for
 from cna_export.attribution.collect import collect, encode_prompts
-from cna_export.attribution.discover import discover
-from cna_export.attribution.select import attribute, select
+from cna_export.attribution.discover import discover_on
+from cna_export.attribution.select import attribute_on, select
+from cna_export.backends.torch import TorchBackend
 from cna_export.circuit.recipe import load_prompts
 from cna_export.circuit.selection import Selection
 from cna_export.errors import RecipeError
@@ -50,12 +51,16 @@ def test_batched_equals_unbatched(tiny_models, arch):
 
 def test_discover_independent_of_order_and_batch(tiny_models):
     model, tok, spec, ident = setup(tiny_models["llama"])
-    base = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=20, batch_size=1))
+    base = discover_on(
+        TorchBackend.of_model(model, tok, spec, ident), POS, NEG, NEUTRAL, Selection(top_k=20, batch_size=1)
+    )
     rng = random.Random(0)
     pos, neg = POS[:], NEG[:]
     rng.shuffle(pos)
     rng.shuffle(neg)
-    other = discover(model, tok, spec, ident, pos, neg, NEUTRAL, Selection(top_k=20, batch_size=7))
+    other = discover_on(
+        TorchBackend.of_model(model, tok, spec, ident), pos, neg, NEUTRAL, Selection(top_k=20, batch_size=7)
+    )
     assert [(n.layer, n.index) for n in base.neurons] == [(n.layer, n.index) for n in other.neurons]
     for a, b in zip(base.neurons, other.neurons):
         assert a.delta == pytest.approx(b.delta, rel=1e-4, abs=1e-6)
@@ -65,7 +70,7 @@ def test_selection_is_top_abs_delta_with_exclusions(tiny_models):
     model, tok, spec, ident = setup(tiny_models["qwen3"])
     ref = reference_activations(model, tok, spec, POS) - reference_activations(model, tok, spec, NEG)
     settings = Selection(top_k=15, skip_first_layers=1, universal=True, universal_top_n=8, universal_threshold=0.5)
-    circuit = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, settings)
+    circuit = discover_on(TorchBackend.of_model(model, tok, spec, ident), POS, NEG, NEUTRAL, settings)
     assert all(n.layer >= 1 for n in circuit.neurons)
     excluded = set(map(tuple, circuit.selection.universal_excluded))
     assert excluded, "with a low threshold some neurons should be universal"
@@ -90,12 +95,14 @@ def test_specificity_ranks_by_delta_minus_neutral_activity(tiny_models):
     delta = reference_activations(model, tok, spec, POS) - reference_activations(model, tok, spec, NEG)
     neutral = reference_activations(model, tok, spec, NEUTRAL, magnitude=True)
     settings = Selection(top_k=12, universal=False, specificity=0.3)
-    circuit = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, settings)
+    circuit = discover_on(TorchBackend.of_model(model, tok, spec, ident), POS, NEG, NEUTRAL, settings)
     score = (delta.abs() - 0.3 * neutral).clamp(min=0)
     assert (score > 0).sum() > 12, "the top 12 must not be ties at zero"
     expected = {(int(i) // score.shape[1], int(i) % score.shape[1]) for i in score.flatten().topk(12).indices}
     assert {(n.layer, n.index) for n in circuit.neurons} == expected
-    plain = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=12, universal=False))
+    plain = discover_on(
+        TorchBackend.of_model(model, tok, spec, ident), POS, NEG, NEUTRAL, Selection(top_k=12, universal=False)
+    )
     assert {(n.layer, n.index) for n in plain.neurons} != expected, "the penalty should change the selection"
     for n in circuit.neurons:  # neurons keep their true delta
         assert n.delta == pytest.approx(float(delta[n.layer, n.index]), rel=1e-4, abs=1e-6)
@@ -103,7 +110,7 @@ def test_specificity_ranks_by_delta_minus_neutral_activity(tiny_models):
     assert "neutral" in circuit.prompts and circuit.selection.universal_excluded == []
     assert circuit.selection.universal_top_n is None
     # past the neurons the penalty leaves positive, the rest come by |delta| (not by position)
-    att = attribute(model, tok, spec, ident, POS, NEG, NEUTRAL, settings)
+    att = attribute_on(TorchBackend.of_model(model, tok, spec, ident), POS, NEG, NEUTRAL, settings)
     positive = att.score > 0
     n = int(positive.sum())
     assert 12 < n < positive.numel()
@@ -210,23 +217,25 @@ def test_skip_last_layers_option(tiny_models):
     """Optional exclusion of the last layers (default off = the paper's selection): top |delta| of the rest."""
     model, tok, spec, ident = setup(tiny_models["llama"])
     n_layers = ident.num_layers
-    plain = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=20, universal=False))
+    plain = discover_on(
+        TorchBackend.of_model(model, tok, spec, ident), POS, NEG, NEUTRAL, Selection(top_k=20, universal=False)
+    )
     assert plain.selection.skip_last_layers == 0
     assert any(n.layer == n_layers - 1 for n in plain.neurons), "the tiny model's last layer should be selected"
     settings = Selection(top_k=20, universal=False, skip_first_layers=1, skip_last_layers=1)
-    cut = discover(model, tok, spec, ident, POS, NEG, NEUTRAL, settings)
+    cut = discover_on(TorchBackend.of_model(model, tok, spec, ident), POS, NEG, NEUTRAL, settings)
     assert all(1 <= n.layer < n_layers - 1 for n in cut.neurons)
     assert cut.selection.skip_last_layers == 1
     # the same ranking as the plain selection, restricted to the allowed layers
-    allowed = [n for n in discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=200, universal=False))
-               .neurons if 1 <= n.layer < n_layers - 1][:20]  # fmt: skip
+    backend = TorchBackend.of_model(model, tok, spec, ident)
+    allowed = [n for n in discover_on(backend, POS, NEG, NEUTRAL, Selection(top_k=200, universal=False)).neurons
+               if 1 <= n.layer < n_layers - 1][:20]  # fmt: skip
     assert [(n.layer, n.index) for n in cut.neurons] == [(n.layer, n.index) for n in allowed]
     # more than there is room for: refused, never quietly narrowed (issue 23)
     with pytest.raises(RecipeError, match="leaves none of this model's"):
-        discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=5, skip_first_layers=1,
-                                                                       skip_last_layers=n_layers))  # fmt: skip
+        discover_on(backend, POS, NEG, NEUTRAL, Selection(top_k=5, skip_first_layers=1, skip_last_layers=n_layers))
     with pytest.raises(RecipeError, match="leaves none of this model's"):
-        discover(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=5, skip_first_layers=n_layers))
+        discover_on(backend, POS, NEG, NEUTRAL, Selection(top_k=5, skip_first_layers=n_layers))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])

@@ -1330,11 +1330,12 @@ def _export(c: Ctx, name: str = "exp") -> Path:
     """A real export of the tiny model (in-process, with its weights hashed, so push does not rewrite the card)."""
     from conftest import make_circuit
 
+    from cna_export.backends.options import ExportOptions
     from cna_export.fold.export import apply_circuit
     from cna_export.io.source import resolve
 
     m = c.model()
-    return apply_circuit(resolve(str(m)), make_circuit(m, [(1, 3)]), c.tmp / name, hash_files=True)
+    return apply_circuit(resolve(str(m)), make_circuit(m, [(1, 3)]), c.tmp / name, ExportOptions(hash_files=True))
 
 
 @case("inspect-plot-foreign-folder", "is an existing folder, and this output is a file")

@@ -15,7 +15,8 @@ from cna_export.arch.experts import SHARED
 from cna_export.attribution.collect import collect, encode_prompts
 from cna_export.attribution.experts import scaled_units
 from cna_export.attribution.hooks import decoder_layers, scaled_neurons
-from cna_export.attribution.select import attribute
+from cna_export.attribution.select import attribute_on
+from cna_export.backends.torch import TorchBackend
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.selection import Selection
 from cna_export.errors import ArchitectureError, CircuitError
@@ -339,7 +340,10 @@ def test_attribute_is_batch_invariant_and_records_routing(moe_models):
     tok = AutoTokenizer.from_pretrained(src)
     model_id = identity(source, config, shape)
     runs = [
-        attribute(model, tok, spec, model_id, POS, NEG, NEG, Selection(batch_size=b, universal=True)) for b in (1, 4)
+        attribute_on(
+            TorchBackend.of_model(model, tok, spec, model_id), POS, NEG, NEG, Selection(batch_size=b, universal=True)
+        )
+        for b in (1, 4)
     ]
     torch.testing.assert_close(runs[0].delta, runs[1].delta, rtol=1e-5, atol=1e-7)
     assert torch.equal(runs[0].excluded, runs[1].excluded)
@@ -370,7 +374,9 @@ def test_universal_neurons_are_per_expert_among_routed_prompts(moe_models):
     model, tok = load(src), AutoTokenizer.from_pretrained(src)
     neutral = PROMPTS + NEG
     selection = Selection(universal=True, universal_top_n=1, universal_threshold=0.25, batch_size=3)
-    run = attribute(model, tok, spec, identity(source, config, shape), POS, NEG, neutral, selection)
+    run = attribute_on(
+        TorchBackend.of_model(model, tok, spec, identity(source, config, shape)), POS, NEG, neutral, selection
+    )
     last = prepare(shape, selection)[2]
     counts: dict[tuple[int, int], int] = {}
     for ids in encode_prompts(tok, neutral):
@@ -495,7 +501,9 @@ def test_attribute_then_export_verifies_every_layout(moe_models, tmp_path, arch)
     source = resolve(str(src))
     spec, shape, config = describe(source)
     model, tok = load(src), AutoTokenizer.from_pretrained(src)
-    run = attribute(model, tok, spec, identity(source, config, shape), POS, NEG, NEG, Selection(batch_size=4))
+    run = attribute_on(
+        TorchBackend.of_model(model, tok, spec, identity(source, config, shape)), POS, NEG, NEG, Selection(batch_size=4)
+    )
     circuit = run.circuit(12)
     assert circuit.format_version == 2 and any(isinstance(n.expert, int) for n in circuit.neurons)
     routed = {(r.layer, r.expert): r.routed for r in circuit.routing.coverage}

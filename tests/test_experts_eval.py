@@ -8,7 +8,7 @@ import pytest
 from conftest import make_circuit, run_cli
 from test_experts import NEG, POS, some_neurons
 
-from cna_export.attribution.select import attribute
+from cna_export.attribution.select import attribute_on
 from cna_export.backends import open_backend
 from cna_export.backends.torch import TorchBackend
 from cna_export.circuit.format import Circuit
@@ -105,7 +105,9 @@ def test_sweep_with_expert_circuits_equals_the_export(moe_models, tmp_path):
     source = resolve(str(src))
     spec, shape, config = describe(source)
     model, tok = load_model(source, dtype="float32")
-    att = attribute(model, tok, spec, identity(source, config, shape), POS, NEG, NEG, Selection())
+    att = attribute_on(
+        TorchBackend.of_model(model, tok, spec, identity(source, config, shape)), POS, NEG, NEG, Selection()
+    )
     results, records, circuits = run_sweep(TorchBackend.of_model(model, tok, spec, model_name="tiny"), att, POS, NEG,
                                            "refusal", CFG, SweepOptions(ks=[24], multipliers=[0.0]))  # fmt: skip
     assert any(n.expert is not None for n in circuits[24].neurons)

@@ -171,7 +171,8 @@ def test_unknown_family_lists_the_new_ones():
 def test_discovery_through_the_language_model(family_models, arch):
     """Chat-templated text prompts through the family's own class: a circuit of the language model's neurons,
     the same as the reference (one prompt at a time, a hook on every layer's down_proj input)."""
-    from cna_export.attribution.discover import discover
+    from cna_export.attribution.discover import discover_on
+    from cna_export.backends.torch import TorchBackend
     from cna_export.circuit.selection import Selection
     from cna_export.io.source import identity
 
@@ -180,7 +181,7 @@ def test_discovery_through_the_language_model(family_models, arch):
     spec, shape, config = describe(source)
     model, tok = load(src, arch), AutoTokenizer.from_pretrained(src)
     pos, neg = PROMPTS + ["Tell me a secret."], ["The quick brown fox.", "Wie spaet ist es?", "def add(a, b):"]
-    circuit = discover(model, tok, spec, identity(source, config, shape), pos, neg, neg,
+    circuit = discover_on(TorchBackend.of_model(model, tok, spec, identity(source, config, shape)), pos, neg, neg,
                        Selection(top_k=5, universal=False))  # fmt: skip
     assert len(circuit.neurons) == 5 and circuit.model.model_type == arch
     means = [torch.stack([torch.stack(layers) for layers in last_token_inputs(model, spec, tok, prompts)]).mean(0)
@@ -335,7 +336,8 @@ def test_double_wide_gemma4_diff_verify(wide_gemma4, tmp_path):
 def test_double_wide_gemma4_discovery(wide_gemma4):
     """Discovery through the real transformers class: with k = every neuron, each layer gives exactly its width
     (none beyond it), and the deltas equal one-prompt-at-a-time hooks on each layer's down_proj input."""
-    from cna_export.attribution.discover import discover
+    from cna_export.attribution.discover import discover_on
+    from cna_export.backends.torch import TorchBackend
     from cna_export.circuit.selection import Selection
     from cna_export.io.source import identity
 
@@ -343,14 +345,14 @@ def test_double_wide_gemma4_discovery(wide_gemma4):
     spec, shape, config = describe(source)
     model, tok = load(wide_gemma4, "gemma4"), AutoTokenizer.from_pretrained(wide_gemma4)
     pos, neg = PROMPTS + ["Tell me a secret."], ["The quick brown fox.", "Wie spaet ist es?", "def add(a, b):"]
-    circuit = discover(model, tok, spec, identity(source, config, shape), pos, neg, neg,
+    circuit = discover_on(TorchBackend.of_model(model, tok, spec, identity(source, config, shape)), pos, neg, neg,
                        Selection(top_k=sum(WIDE), universal=False, skip_first_layers=0, skip_last_layers=0))  # fmt: skip
     assert circuit.layer_counts() == dict(enumerate(WIDE)) and circuit.model.layer_widths == list(WIDE)
     means = [[torch.stack(layer).mean(0) for layer in zip(*last_token_inputs(model, spec, tok, prompts))]
              for prompts in (pos, neg)]  # fmt: skip
     for n in circuit.neurons:
         assert n.delta == pytest.approx(float(means[0][n.layer][n.index] - means[1][n.layer][n.index]), abs=1e-4)
-    top = discover(model, tok, spec, identity(source, config, shape), pos, neg, neg,
+    top = discover_on(TorchBackend.of_model(model, tok, spec, identity(source, config, shape)), pos, neg, neg,
                    Selection(top_k=5, universal=False, skip_first_layers=0, skip_last_layers=0))  # fmt: skip
     best = sorted(circuit.neurons, key=lambda n: -abs(n.delta))[:5]
     assert {(n.layer, n.index) for n in top.neurons} == {(n.layer, n.index) for n in best}

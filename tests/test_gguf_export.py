@@ -469,6 +469,7 @@ def test_real_smollm2_f16_logits_tokens_and_generation(smol_folder, tmp_path):
 def test_apply_gguf_failure_leaves_no_export(tiny_models, tmp_path, monkeypatch):
     """--gguf is converted inside the staged folder: a failing conversion leaves no half export behind."""
     import cna_export.gguf.convert as gguf_export
+    from cna_export.backends.options import ExportOptions
     from cna_export.fold.export import apply_circuit
     from cna_export.io.source import resolve
 
@@ -479,5 +480,10 @@ def test_apply_gguf_failure_leaves_no_export(tiny_models, tmp_path, monkeypatch)
     monkeypatch.setattr(gguf_export, "export_gguf", broken)
     folder = tiny_models["llama"]
     with pytest.raises(CnaExportError, match="conversion failed"):
-        apply_circuit(resolve(str(folder)), make_circuit(folder, [(1, 7)], multiplier=0.0), tmp_path / "o", gguf="f16")
+        apply_circuit(
+            resolve(str(folder)),
+            make_circuit(folder, [(1, 7)], multiplier=0.0),
+            tmp_path / "o",
+            ExportOptions(gguf="f16"),
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == []

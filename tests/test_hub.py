@@ -13,6 +13,7 @@ from conftest import make_circuit, shallow_recipe
 
 import cna_export.cli.main as cli
 from cna_export import __version__
+from cna_export.backends.options import ExportOptions
 from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import find_recipe
 from cna_export.errors import CheckpointError, CnaExportError
@@ -97,7 +98,7 @@ def hub_source(tiny_models, tmp_path, monkeypatch) -> Path:
 def _export(source: Path, out: Path, **kwargs) -> tuple[Path, Circuit]:
     circuit = make_circuit(source, [(0, 5), (1, 9), (2, 100)], multiplier=0.0)
     circuit.behaviour, circuit.recipe = "refusal", "refusal-ablate"
-    return apply_circuit(resolve(str(source)), circuit, out, **kwargs), circuit
+    return apply_circuit(resolve(str(source)), circuit, out, ExportOptions(**kwargs)), circuit
 
 
 def _front_matter(text: str) -> dict:

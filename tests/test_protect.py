@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cna_export.attribution.collect import SetStats
 from cna_export.attribution.discover import plan_discovery
-from cna_export.attribution.select import attribute, from_stats
+from cna_export.attribution.select import attribute_on, from_stats
+from cna_export.backends.torch import TorchBackend
 from cna_export.circuit.format import ModelIdentity, prompt_set
 from cna_export.circuit.recipe import load_prompts, load_recipe
 from cna_export.circuit.selection import Selection
@@ -115,9 +116,10 @@ def test_protect_penalty_on_a_tiny_model_matches_the_reference(tiny):
     delta_protect = reference(model, tok, spec, protect).mean(0) - neg
     assert abs(delta_protect[layer, index]) >= abs(delta[layer, index]), "the construction must move the neuron"
     k = 12
+    backend = TorchBackend.of_model(model, tok, spec, ident)
     for weight in (0.0, 1.0):
-        circuit_neurons = attribute(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(top_k=k, universal=False,
-                                    protect_weight=weight), protect=protect).circuit(k).neurons  # fmt: skip
+        settings = Selection(top_k=k, universal=False, protect_weight=weight)
+        circuit_neurons = attribute_on(backend, POS, NEG, NEUTRAL, settings, protect=protect).circuit(k).neurons
         got = {(n.layer, n.index) for n in circuit_neurons}
         score = (delta.abs() - weight * delta_protect.abs()).clamp(min=0)
         assert int((score > 0).sum()) > k, "the top k must not be ties at zero"
@@ -129,11 +131,12 @@ def test_protect_penalty_on_a_tiny_model_matches_the_reference(tiny):
 def test_reselect_equals_a_fresh_attribution(tiny):
     _, model, tok, spec, ident = tiny
     protect = POOL[:4]
-    full = attribute(model, tok, spec, ident, POS, NEG, NEUTRAL, Selection(universal=True), protect=protect)
+    backend = TorchBackend.of_model(model, tok, spec, ident)
+    full = attribute_on(backend, POS, NEG, NEUTRAL, Selection(universal=True), protect=protect)
     for knobs in ({"skip_first_layers": 1, "specificity": 0.5}, {"protect_weight": 0.7, "sign_filter": True},
                   {"skip_last_layers": 1, "universal": False, "protect_weight": 2.0}):  # fmt: skip
         settings = Selection(**knobs)
-        fresh = attribute(model, tok, spec, ident, POS, NEG, NEUTRAL, settings, protect=protect)
+        fresh = attribute_on(backend, POS, NEG, NEUTRAL, settings, protect=protect)
         again = full.reselect(settings)
         assert torch.equal(again.excluded, fresh.excluded)
         kept = ~fresh.excluded  # a fresh pass with skip_last_layers never computes the skipped layers' sums

@@ -10,9 +10,9 @@ from conftest import make_circuit, run_cli, shallow_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cna_export.arch import ModelShape, arch_for
-from cna_export.attribution.discover import discover
+from cna_export.attribution.discover import discover_on
 from cna_export.attribution.hooks import scaled_neurons
-from cna_export.attribution.select import attribute
+from cna_export.attribution.select import attribute_on
 from cna_export.backends import torch as torch_backend
 from cna_export.backends.torch import TorchBackend
 from cna_export.circuit.format import Circuit
@@ -94,7 +94,9 @@ def test_sweep_reuses_one_attribution_and_one_baseline(tiny_models, tmp_path, mo
     monkeypatch.setattr(torch_backend, "collect_sets", counting("collect_sets", real_collect))
     monkeypatch.setattr(evaluate_mod, "generate", counting("generate", real_generate))
     settings = Selection(top_k=None, fraction=None, skip_first_layers=1)
-    att = attribute(model, tok, spec, identity(source, config, shape), POS, NEG, NEG, settings)
+    att = attribute_on(
+        TorchBackend.of_model(model, tok, spec, identity(source, config, shape)), POS, NEG, NEG, settings
+    )
     assert calls["collect_sets"] == 1  # positive, negative and neutral in one set of passes, once for every k
     results, records, circuits = run_sweep(TorchBackend.of_model(model, tok, spec, model_name="tiny"), att, POS, NEG,
                                            "refusal", CFG, SweepOptions(ks=[5, 20], multipliers=[0.0, 1.0, 2.0],
@@ -107,7 +109,9 @@ def test_sweep_reuses_one_attribution_and_one_baseline(tiny_models, tmp_path, mo
     # cutting the one ranking at k is the circuit discover() finds at that k
     top5 = {(n.layer, n.index) for n in circuits[5].neurons}
     assert top5 <= {(n.layer, n.index) for n in circuits[20].neurons}
-    again = discover(model, tok, spec, att.model_id, POS, NEG, NEG, Selection(top_k=5, skip_first_layers=1))
+    again = discover_on(
+        TorchBackend.of_model(model, tok, spec, att.model_id), POS, NEG, NEG, Selection(top_k=5, skip_first_layers=1)
+    )
     assert [(n.layer, n.index, n.delta) for n in again.neurons] == [
         (n.layer, n.index, n.delta) for n in circuits[5].neurons
     ]

@@ -212,7 +212,6 @@ def collect_sets(
     batch_size: int,
     pad_id: int,
     top_n: int | None = None,
-    desc: str = "forward",
     share_prefix: bool = True,
     last_layer: int | None = None,
 ) -> list[SetStats]:
@@ -252,7 +251,7 @@ def collect_sets(
         cache = _prefix_cache(model, mine[0][:prefix], device) if prefix else None
         recording[0] = True
         todo = batches([ids[prefix:] for ids in mine], batch_size, pad_id)
-        for ids, mask, rows in tqdm(todo, desc=desc, unit="batch", leave=False, delay=QUIET_SECONDS,
+        for ids, mask, rows in tqdm(todo, desc="forward passes", unit="batch", leave=False, delay=QUIET_SECONDS,
                                     disable=not distributed.is_main()):
             sums.labels = torch.tensor([tagged[i][0] for i in rows])
             past = None

@@ -8,12 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from cna_export.arch import ArchSpec
 from cna_export.attribution.select import attribute_on
 from cna_export.circuit.companions import load_system_prompt
-from cna_export.circuit.format import Circuit, ModelIdentity
+from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import Recipe, Universal, load_prompts
 from cna_export.circuit.selection import DEFAULT_FRACTION, Selection
 from cna_export.errors import RecipeError
@@ -35,22 +32,6 @@ def discover_on(backend: Backend, positive: Sequence[str], negative: Sequence[st
     result = attribute_on(backend, positive, negative, neutral, selection, protect=protect)
     fraction = None if selection.top_k is not None else selection.fraction or DEFAULT_FRACTION
     return result.circuit(k, fraction=fraction, **labels)
-
-
-def discover(
-    model: nn.Module, tokenizer, spec: ArchSpec, model_id: ModelIdentity, positive: Sequence[str],
-    negative: Sequence[str], neutral: Sequence[str], selection: Selection, *, protect: Sequence[str] = (),
-    **labels: Any,
-) -> Circuit:  # fmt: skip
-    """`discover_on` a transformers model already loaded.
-
-    Example:
-        >>> circuit = discover(model, tok, arch_for("llama"), ident, harmful, benign, neutral, Selection(top_k=100))
-    """
-    from cna_export.backends.torch import TorchBackend
-
-    backend = TorchBackend.of_model(model, tokenizer, spec, model_id)
-    return discover_on(backend, positive, negative, neutral, selection, protect=protect, **labels)
 
 
 NEUTRAL_DEFAULT: str = Universal.model_fields["prompts"].default  # the recipes' default, defined there

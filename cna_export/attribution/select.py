@@ -34,9 +34,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 
-from cna_export.arch import ArchSpec, ModelShape
+from cna_export.arch import ModelShape
 from cna_export.arch.experts import SHARED, ExpertShape
 from cna_export.attribution.collect import SetStats
 from cna_export.circuit.format import (
@@ -220,25 +219,6 @@ def attribute_on(
     chat = selection.chat_template and backend.load().has_chat_template
     return from_stats(stats, selection, top_n, prompts, backend.identity(), dtype=backend.dtype, chat_template=chat,
                       moe=shape.moe)  # fmt: skip
-
-
-def attribute(
-    model: nn.Module,
-    tokenizer,
-    spec: ArchSpec,
-    model_id: ModelIdentity,
-    positive: Sequence[str],
-    negative: Sequence[str],
-    neutral: Sequence[str],
-    selection: Selection,
-    *,
-    protect: Sequence[str] = (),
-) -> Attribution:
-    """`attribute_on` a transformers model already loaded (the torch backend over it); `protect` as there."""
-    from cna_export.backends.torch import TorchBackend
-
-    backend = TorchBackend.of_model(model, tokenizer, spec, model_id)
-    return attribute_on(backend, positive, negative, neutral, selection, protect=protect)
 
 
 def named_sets(

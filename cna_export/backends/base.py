@@ -167,7 +167,7 @@ def write_edit(source: Source, circuit: Circuit, out: Path, options: ExportOptio
         return export_patched_gguf(source, circuit, out, options)
     from cna_export.fold.export import apply_circuit
 
-    return apply_circuit(source, circuit, out, **options.apply_kwargs())
+    return apply_circuit(source, circuit, out, options)
 
 
 def applied_circuit(path: Path) -> Circuit | None:

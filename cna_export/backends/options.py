@@ -83,9 +83,3 @@ class ExportOptions(Options):
     adapter: bool = Field(default=False, description="write a LoRA adapter instead of the edited model")
     recipe_file: Path | None = Field(default=None, description="the recipe, saved as recipe.yaml in the output")
     metrics: dict | None = Field(default=None, description="evaluation numbers for the card")
-
-    def apply_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `cna_export.fold.export.apply_circuit` (the safetensors export)."""
-        keep = ("multiplier", "allow_negative", "overwrite", "force", "target", "base_model", "gguf", "recipe_file",
-                "metrics")  # fmt: skip
-        return {"hash_files": self.hash_files, **{k: getattr(self, k) for k in keep}}

@@ -140,7 +140,7 @@ class TorchBackend:
         runner = self.load()
         encoded = [runner.encode(prompts, selection.chat_template, selection.system_prompt) for prompts in sets]
         return collect_sets(runner.model, self.spec, encoded, selection.batch_size, measure.pad_id_of(runner.tokenizer),
-                            top_n=top_n, desc="forward passes", last_layer=last_layer)  # fmt: skip
+                            top_n=top_n, last_layer=last_layer)  # fmt: skip
 
     @contextlib.contextmanager
     def variant(self, circuit: Circuit, multiplier: float | None = None,

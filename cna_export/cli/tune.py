@@ -51,9 +51,9 @@ def _tune(args: argparse.Namespace) -> None:
     except ValidationError as exc:
         raise CnaExportError(f"Bad search range: {exc.errors()[0]['msg']}.", "see cna-export tune --help.") from None
     budget = Budget(trials=args.trials, timeout=args.timeout, seed=args.seed, kl_budget=args.kl_budget,
-                    collateral_budget=args.collateral_budget)  # fmt: skip
+                    collateral_budget=args.collateral_budget, limit=args.limit)  # fmt: skip
     result = tune_job(args.recipe, args.model, Path(args.out), eval_config(args), budget, space,
-                      load=load_options(args), overwrite=args.overwrite, limit=args.limit)  # fmt: skip
+                      load=load_options(args), overwrite=args.overwrite)  # fmt: skip
     print(f"{result.trials} trials in {result.seconds / 60:.1f} min")
     if result.chosen is None:
         print("no trial met the rule (see front.json and front.png): nothing chosen, the test split not evaluated")

@@ -22,6 +22,7 @@ from cna_export import __version__
 from cna_export.arch.experts import SHARED, ExpertKey
 from cna_export.arch.sites import Site
 from cna_export.arch.spec import ArchSpec, ModelShape
+from cna_export.backends.options import ExportOptions
 from cna_export.circuit.format import CIRCUIT_FILE, Circuit
 from cna_export.errors import ArchitectureError
 from cna_export.fold.scale import LayerEdits, UnitEdits, fold_site_
@@ -177,38 +178,30 @@ def apply_circuit(
     source: Source,
     circuit: Circuit,
     out: Path,
+    options: ExportOptions | None = None,
     *,
     multiplier: float | None = None,
-    allow_negative: bool = False,
-    overwrite: bool = False,
-    force: bool = False,
-    target: Target = "down",
-    gguf_dtype: str = "float32",
-    recipe_file: Path | None = None,
-    metrics: dict | None = None,
-    base_model: str | None = None,
-    gguf: str | None = None,
-    hash_files: bool = False,
+    target: Target | None = None,
 ) -> Path:
     """Fold `circuit` into `source` and export it to the folder `out`. The source is never modified.
 
     Args:
-        source: resolved model (folder, Hub snapshot or GGUF file).
+        source: resolved model (folder, Hub snapshot or GGUF file; a GGUF is dequantized to float32 first).
         circuit: neurons and default multiplier.
-        out: output folder; must not exist unless `overwrite`.
-        multiplier: overrides every neuron's multiplier.
-        allow_negative: accept negative multipliers.
-        force: apply even if the circuit was discovered on different weights (same shape).
-        target: fold into `down` columns (default) or the equivalent `up` rows.
-        gguf_dtype: dtype of the dequantized weights when the source is a GGUF file.
-        recipe_file: the recipe the circuit came from, saved as `recipe.yaml` in the folder.
-        metrics: evaluation numbers for the model card (README.md, written into every export).
-        base_model: Hub id of the source for the card, when it cannot be inferred (local copy, GGUF file).
-        gguf: also convert the export to `OUT/OUT-<gguf>.gguf` (outtype f32, f16, bf16 or q8_0), inside the staged
-            folder, so the GGUF is listed in the card and a failure leaves no export behind.
-        hash_files: record the sha256 of every weight file in the card now (computed while writing). By default
-            the card lists them without one and `push` records it before uploading: on a checkpoint in the page
-            cache, sha256 (~2 GB/s a core) takes several times longer than the copy.
+        out: output folder; must not exist unless `options.overwrite`.
+        options: how the edit is written (`ExportOptions`; this function reads multiplier, allow_negative,
+            overwrite, force, target, base_model, gguf, hash_files, recipe_file and metrics):
+            multiplier overrides every neuron's multiplier; allow_negative accepts negative multipliers; force
+            applies even if the circuit was discovered on different weights (same shape); target folds into
+            `down` columns (default) or the equivalent `up` rows; recipe_file is saved as `recipe.yaml` in the
+            folder; metrics are the evaluation numbers for the model card (README.md, written into every export);
+            base_model is the Hub id of the source for the card, when it cannot be inferred (local copy, GGUF
+            file); gguf also converts the export to `OUT/OUT-<gguf>.gguf` (outtype f32, f16, bf16 or q8_0),
+            inside the staged folder, so the GGUF is listed in the card and a failure leaves no export behind;
+            hash_files records the sha256 of every weight file in the card now (computed while writing). By
+            default the card lists them without one and `push` records it before uploading: on a checkpoint in
+            the page cache, sha256 (~2 GB/s a core) takes several times longer than the copy.
+        multiplier, target: the same fields of `options`, for a call that varies only one of them.
 
     Returns:
         The output folder.
@@ -216,6 +209,12 @@ def apply_circuit(
     Example:
         >>> apply_circuit(resolve("Qwen/Qwen2.5-0.5B-Instruct"), Circuit.load("c.json"), Path("out"))
     """
+    opts = options or ExportOptions()
+    if multiplier is not None or target is not None:
+        given = {"multiplier": multiplier, "target": target}
+        opts = opts.model_copy(update={k: v for k, v in given.items() if v is not None})
+    multiplier, target = opts.multiplier, opts.target
+    allow_negative, overwrite, force, base_model = opts.allow_negative, opts.overwrite, opts.force, opts.base_model
     out = Path(out)
     spec, shape, config = describe(source)
     edits = circuit.unit_edits(multiplier, allow_negative)
@@ -237,21 +236,31 @@ def apply_circuit(
     preload()
     with plan, BackgroundHasher(plan.temp(out)) as hasher:
         tmp = plan.temp(out)
-        stream = hasher.stream if hash_files else None
+        stream = hasher.stream if opts.hash_files else None
         if source.is_gguf:
             with scratch_folder(out, "gguf") as dense:
-                materialize_gguf(source, dense, gguf_dtype)
+                materialize_gguf(source, dense)
                 write_folded(dense, tmp, spec, shape, edits, metadata, target, stream)
         else:
             write_folded(source.folder, tmp, spec, shape, edits, metadata, target, stream)
         applied.save(tmp / CIRCUIT_FILE)
-        if recipe_file is not None:
-            copy_recipe(recipe_file, tmp)
-        if gguf is not None:
+        if opts.recipe_file is not None:
+            copy_recipe(opts.recipe_file, tmp)
+        if opts.gguf is not None:
             from cna_export.gguf.convert import export_gguf
 
-            export_gguf(tmp, tmp / f"{out.name}-{gguf}.gguf", outtype=gguf)
-        write_card(tmp, source, applied, known_hashes=hasher.results(), hash_weights=hash_files, target=target, source_weights_sha256=weights, metrics=metrics,
-                   base_model=base_model, name=out.name)  # fmt: skip
+            export_gguf(tmp, tmp / f"{out.name}-{opts.gguf}.gguf", outtype=opts.gguf)
+        write_card(
+            tmp,
+            source,
+            applied,
+            known_hashes=hasher.results(),
+            hash_weights=opts.hash_files,
+            target=target,
+            source_weights_sha256=weights,
+            metrics=opts.metrics,
+            base_model=base_model,
+            name=out.name,
+        )
     log.info("wrote %s", out)
     return out

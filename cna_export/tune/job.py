@@ -39,7 +39,7 @@ from cna_export.evaluate.protect import protect_prompts
 from cna_export.evaluate.sweep import goal_of, heldout_sets, results_document
 from cna_export.io.output import check_output_path, staged_output
 from cna_export.tune import front as F
-from cna_export.tune.search import Budget, SearchResult, search
+from cna_export.tune.search import Aim, Budget, SearchResult, search
 from cna_export.tune.space import Point, SearchSpace
 from cna_export.tune.trials import Evaluator, PromptSets
 
@@ -60,10 +60,10 @@ class TuneResult:
 
 def tune_job(
     recipe: str, model: str, out: Path, cfg: EvalConfig, budget: Budget, space: SearchSpace | None = None, *,
-    load: LoadOptions | None = None, overwrite: bool = False, limit: int | None = None,
+    load: LoadOptions | None = None, overwrite: bool = False,
 ) -> TuneResult:  # fmt: skip
     """Tune a recipe's knobs on `model` (module docstring) in its backend (`load.backend`: a GGUF file in llama.cpp,
-    each trial a patched temporary copy; anything else in torch, each trial runtime hooks); `limit` keeps the first
+    each trial a patched temporary copy; anything else in torch, each trial runtime hooks); `budget.limit` keeps the first
     N prompts of each validation and test set (a quick look on a CPU).
 
     Example:
@@ -80,7 +80,7 @@ def tune_job(
     # Everything that can be wrong with the recipe fails here, before the model loads.
     plan = plan_discovery(rec, base)
     m_range = space.multipliers(rec.multiplier, rec.allow_negative)
-    splits = _split(rec, base, "validation", limit), _split(rec, base, "test", limit)
+    splits = _split(rec, base, "validation", budget.limit), _split(rec, base, "test", budget.limit)
     job = TuneInputs(rec, recipe_file, base, plan, behaviour_of(rec, base), m_range, *splits,
                      replace(cfg, system_prompt=plan.selection.system_prompt))  # fmt: skip
     backend = open_model(model, load)
@@ -119,8 +119,8 @@ def _tune(backend: Backend, job: TuneInputs, budget: Budget, space: SearchSpace,
     collateral = F.auto_collateral_budget(val.metrics) if collateral is None else collateral
     budget = replace(budget, collateral_budget=collateral)
     labels = {"behaviour": str(behaviour), "recipe": rec.name}
-    found = search(attribution, val, plan.selection, space, budget, goal=goal, m_range=m_range, labels=labels,
-                   has_protect=bool(discovery_protect and validation.protect))  # fmt: skip
+    aim = Aim(goal, m_range, labels, has_protect=bool(discovery_protect and validation.protect))
+    found = search(attribution, val, plan.selection, space, budget, aim)
     measured = [t for t in found.trials if "objectives" in t]
     points = [t["objectives"] for t in measured]
     front = [measured[i]["number"] for i in F.pareto_front(points)]

@@ -37,6 +37,18 @@ class Budget:
     seed: int = 0
     kl_budget: float = 0.1
     collateral_budget: float | None = None  # None: the original's 95% interval (front.auto_collateral_budget)
+    limit: int | None = None  # the first N prompts of each validation and test set only (a quick look on a CPU)
+
+
+@dataclass(frozen=True)
+class Aim:
+    """What a study aims at besides its space and budget: the goal (lower or raise the behaviour, `front.objectives`),
+    the multiplier range, the labels every trial's circuit records, and whether the protect weight is searched."""
+
+    goal: str
+    m_range: tuple[float, float]
+    labels: dict
+    has_protect: bool
 
 
 @dataclass
@@ -57,9 +69,8 @@ def cut(attribution: Attribution, point: Point, base: Selection, **labels) -> Ci
 
 
 def search(
-    attribution: Attribution, evaluator: Evaluator, base: Selection, space: SearchSpace, budget: Budget, *,
-    goal: str, m_range: tuple[float, float], labels: dict, has_protect: bool,
-) -> SearchResult:  # fmt: skip
+    attribution: Attribution, evaluator: Evaluator, base: Selection, space: SearchSpace, budget: Budget, aim: Aim
+) -> SearchResult:
     """Run the study; returns every trial in order (see the module docstring)."""
     import optuna
 
@@ -72,11 +83,11 @@ def search(
     start = time.monotonic()
 
     def objective(trial) -> tuple[float, ...]:
-        point = suggest(trial, space, shape, m_range, base, has_protect)
+        point = suggest(trial, space, shape, aim.m_range, base, aim.has_protect)
         row = {"number": trial.number, "params": dict(trial.params), **_point_fields(point)}
         if point.key() not in measured:
             try:
-                circuit = cut(attribution, point, base, **labels)
+                circuit = cut(attribution, point, base, **aim.labels)
             except RecipeError as exc:  # e.g. the sign filter and the window leave fewer than k neurons
                 result.trials.append({**row, "skipped": str(exc)})
                 trial.set_constraint("kl", 1.0)  # a skipped trial counts as inadmissible
@@ -87,7 +98,7 @@ def search(
             result.records += records
             result.circuits[trial.number] = circuit
         first, metrics = measured[point.key()]
-        obj = objectives(metrics, evaluator.metrics, goal)
+        obj = objectives(metrics, evaluator.metrics, aim.goal)
         # The budgets as constraints (feasible at <= 0): the sampler learns where admissible points lie.
         trial.set_constraint("kl", obj["kl"] - budget.kl_budget)
         trial.set_constraint("collateral", obj["collateral"] - budget.collateral_budget)
