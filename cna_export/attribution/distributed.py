@@ -18,6 +18,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def local_rank() -> int:
+    """This process's GPU index on its node under torchrun (`LOCAL_RANK`); 0 outside torchrun."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def init_from_env() -> bool:
     """Join the process group described by torchrun's environment; return whether running distributed."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -25,7 +30,7 @@ def init_from_env() -> bool:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_rank())
         dist.init_process_group(backend)
         log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return True

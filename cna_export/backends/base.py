@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from cna_export.backends.options import ExportOptions, LoadOptions
-from cna_export.circuit.format import Circuit
+from cna_export.circuit.format import CIRCUIT_FILE, Circuit
 from cna_export.errors import RecipeError
 from cna_export.io.source import Source, resolve
 
@@ -176,5 +176,5 @@ def applied_circuit(path: Path) -> Circuit | None:
     from cna_export.gguf.patch import sidecar_path
 
     path = Path(path)
-    record = path / "circuit.json" if path.is_dir() else sidecar_path(path)
+    record = path / CIRCUIT_FILE if path.is_dir() else sidecar_path(path)
     return Circuit.load(record) if record.is_file() else None

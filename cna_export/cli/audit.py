@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from cna_export.cli.options import eval_config, eval_opts, load_options, model_opts
-
-LONG_CONTEXT_WORDS = 3000  # cna_export.evaluate.depth.LONG_CONTEXT_WORDS, without importing torch for --help
+from cna_export.evaluate.defaults import LONG_CONTEXT_WORDS
 
 
 def register(add) -> None:

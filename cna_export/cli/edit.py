@@ -7,7 +7,6 @@ from pathlib import Path
 
 from cna_export.attribution import distributed
 from cna_export.cli.options import (
-    GGUF_OUTTYPES,
     apply_opts,
     export_options,
     load_options,
@@ -16,6 +15,7 @@ from cna_export.cli.options import (
     selection_overrides,
 )
 from cna_export.errors import CnaExportError
+from cna_export.gguf.outtypes import OUTTYPE_NAMES
 
 
 def register(add) -> None:
@@ -65,7 +65,7 @@ def register(add) -> None:
     p = add("gguf", "convert a Hugging Face model folder (e.g. an export) to GGUF for llama.cpp / Ollama", [])
     p.add_argument("model_dir", type=Path, help="model folder with config.json, safetensors and tokenizer")
     p.add_argument("-o", "--out", required=True, type=Path, help="GGUF file to write (NAME.gguf)")
-    p.add_argument("--outtype", choices=GGUF_OUTTYPES, default="f16", help="weight type (default f16)")
+    p.add_argument("--outtype", choices=OUTTYPE_NAMES, default="f16", help="weight type (default f16)")
     p.add_argument("--modelfile", action="store_true", help="also write an Ollama Modelfile next to the GGUF")
     p.add_argument("--ollama-create", metavar="NAME", help="write the Modelfile and run `ollama create NAME`")
     p.add_argument("--overwrite", action="store_true", help="replace an existing GGUF (and Modelfile)")

@@ -8,7 +8,7 @@ import types
 import typing
 from pathlib import Path
 
-GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # cna_export.gguf.convert.OUTTYPES, without importing gguf here
+from cna_export.gguf.outtypes import OUTTYPE_NAMES
 
 EXAMPLES = {
     "run": """examples:
@@ -172,7 +172,7 @@ def apply_opts() -> argparse.ArgumentParser:
     g.add_argument("--base-model", help="Hub id of the source for the model card, when it is a local copy or GGUF")
     g.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export to this Hub repository (owner/name)")
     g.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private")
-    g.add_argument("--gguf", metavar="OUTTYPE", choices=GGUF_OUTTYPES,
+    g.add_argument("--gguf", metavar="OUTTYPE", choices=OUTTYPE_NAMES,
                    help="also convert the export to OUT/OUT-OUTTYPE.gguf (f32, f16, bf16, q8_0)")  # fmt: skip
     g.add_argument("--file-hashes", action=argparse.BooleanOptionalAction, default=False,
                    help="record the weight files' sha256 in the model card now (default: push records them; "

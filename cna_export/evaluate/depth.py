@@ -21,10 +21,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cna_export.errors import CnaExportError
+from cna_export.evaluate.defaults import LONG_CONTEXT_WORDS
 from cna_export.evaluate.detectors import detect_refusal
 from cna_export.evaluate.measure import EvalConfig
 
-LONG_CONTEXT_WORDS = 3000  # about 4k tokens in the tokenizers of current chat models (1.3 tokens a word)
 LONG_CONTEXT_ANSWER_TOKENS = 16  # the answer is a number: a few tokens, with room for "The code is ..."
 FACT_AT = 0.05  # the fact sits after this share of the filler: early, so the model must carry it far
 

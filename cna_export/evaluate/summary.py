@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cna_export.backends.base import Backend
-from cna_export.circuit.format import Circuit
+from cna_export.circuit.format import CIRCUIT_FILE, Circuit
 from cna_export.errors import CnaExportError
 from cna_export.evaluate.chat import Exchange
 from cna_export.evaluate.chat import render as render_chat
@@ -221,7 +221,7 @@ def next_commands(summary: RunSummary) -> list[str]:
     model, out, recipe = q(summary.model), q(str(summary.out)), q(summary.recipe)
     name = summary.out.name or "edited"
     if summary.adapter:
-        circuit = q(str(summary.out / "circuit.json"))
+        circuit = q(str(summary.out / CIRCUIT_FILE))
         return [f"cna-export eval --model {model} --circuit {circuit} --recipe {recipe} --out {q(name + '-eval')}",
                 f"cna-export chat --model {model} --circuit {circuit} --prompt {q(_sample(summary))}",
                 f"cna-export push {out} YOU/{name}"]  # fmt: skip

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from cna_export.arch import ArchSpec, ModelShape, arch_for, shape_of
+from cna_export.attribution.distributed import local_rank
 from cna_export.circuit.format import ModelIdentity, shape_fields
 from cna_export.errors import ArchitectureError, CheckpointError, CnaExportError
 from cna_export.gguf.check import GGUFLayout, check_gguf
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 # What a Hub download fetches: weights as safetensors only (never pickles), config, tokenizer, templates, and the
 # model card (its license travels into the card of an export).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "LICENSE*", "README.md"]
+# PEFT's config file: a folder holding it is a LoRA adapter, not a model (cna_export.ship.adapter writes one).
+ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -104,7 +106,7 @@ def resolve(model: str, revision: str | None = None) -> Source:
 
 def _gguf_in(folder: Path) -> Path:
     """The one model .gguf of a folder without config.json (a folder `run` wrote from a GGUF source)."""
-    if (folder / "adapter_config.json").is_file():
+    if (folder / ADAPTER_CONFIG).is_file():
         raise CheckpointError(f"{folder} is a LoRA adapter folder, not a model.",
                               "pass its base model (the adapter loads on top of it).")  # fmt: skip
     files = sorted(p for p in folder.glob("*.gguf") if p.is_file())
@@ -199,7 +201,7 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
             # Under torchrun each process takes its own GPU.
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            return torch.device("cuda", local_rank())
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

@@ -14,6 +14,7 @@ from typing import Any
 
 from cna_export.errors import CheckpointError, CnaExportError
 from cna_export.io.hashing import sha256_file
+from cna_export.io.source import ADAPTER_CONFIG
 from cna_export.ship.card import CARD_NAME, check_card, check_repo_id, read_provenance
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def push(
         _warn_without_base_model(path)
     behaviour = record["edit"]["behaviour"] if record and "edit" in record else None
     # An adapter folder (cna_export.ship.adapter) is a model repository too, with the adapter's card.
-    kind = "GGUF" if single else "adapter" if (path / "adapter_config.json").is_file() else "model"
+    kind = "GGUF" if single else "adapter" if (path / ADAPTER_CONFIG).is_file() else "model"
     message = commit_message or f"Upload {kind} edited with cna-export" + (
         f" ({behaviour})" if behaviour else ""
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cna_export import __version__
-from cna_export.circuit.format import Circuit
+from cna_export.circuit.format import CIRCUIT_FILE, Circuit
 from cna_export.io.hashing import BackgroundHasher, sha256_file
 from cna_export.io.source import Source
 from cna_export.progress import bar as progress_bar
@@ -110,7 +110,7 @@ def provenance(
             "weights_sha256": source_weights_sha256,
         },
         "circuit": {
-            "file": "circuit.json",
+            "file": CIRCUIT_FILE,
             "sha256": circuit.sha256(),
             # A stack names each circuit it was made of (cna_export.circuit.stack).
             **({"sources": [s.model_dump() for s in circuit.sources]} if circuit.sources else {}),

@@ -30,6 +30,7 @@ from cna_export.attribution.select import Attribution, attribute_on
 from cna_export.backends.base import Backend, open_model
 from cna_export.backends.options import LoadOptions
 from cna_export.circuit.detector import PROMPT_FIELDS
+from cna_export.circuit.format import CIRCUIT_FILE
 from cna_export.circuit.recipe import Recipe, find_recipe, load_prompts, load_recipe
 from cna_export.errors import RecipeError
 from cna_export.evaluate.declared import behaviour_of, detector_description
@@ -209,7 +210,7 @@ def _write(out: Path, overwrite: bool, document: dict, found: SearchResult, reci
                      document["kl_budget"], tmp / "front.png", title)  # fmt: skip
         if chosen is not None:
             circuit = found.circuits[chosen["same_as"] if chosen["same_as"] is not None else chosen["number"]]
-            circuit.save(tmp / "circuit.json")
+            circuit.save(tmp / CIRCUIT_FILE)
             point = Point(**{k: chosen[k] for k in Point.__dataclass_fields__})
             write_recipe(recipe_file, base, point, tmp, document)
             save_results(tmp / "test", test_results, test_records)
