@@ -1,4 +1,5 @@
-"""Commands that find and apply an edit: run, discover, apply, patch-gguf, gguf, new-recipe, inspect."""
+"""Commands that make an edit: run (discover, then export), discover (a circuit file), apply (a circuit folded
+into a model and exported)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from cna_export.cli.options import (
     selection_overrides,
 )
 from cna_export.errors import CnaExportError
-from cna_export.gguf.outtypes import OUTTYPE_NAMES
 
 
 def register(add) -> None:
@@ -51,38 +51,6 @@ def register(add) -> None:
                    help="circuit file(s) from discover; several are stacked (a neuron in several: the product)")  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="output model folder")
     p.set_defaults(func=_apply)
-
-    p = add("patch-gguf", "scale a circuit's neurons inside an existing GGUF file (no re-conversion)", [])
-    p.add_argument("gguf", type=Path, help="GGUF file to patch (never modified)")
-    p.add_argument("--circuit", required=True, type=Path, help="circuit file from discover")
-    p.add_argument("-o", "--out", required=True, type=Path, help="patched GGUF file to write")
-    p.add_argument("--multiplier", type=float, help="scale for every neuron (0 ablate, >1 amplify)")
-    p.add_argument("--allow-negative", action="store_true", help="permit a negative multiplier")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output written by patch-gguf")
-    p.add_argument("--force", action="store_true", help="patch with a circuit discovered on different weights")
-    p.set_defaults(func=_patch_gguf)
-
-    p = add("gguf", "convert a Hugging Face model folder (e.g. an export) to GGUF for llama.cpp / Ollama", [])
-    p.add_argument("model_dir", type=Path, help="model folder with config.json, safetensors and tokenizer")
-    p.add_argument("-o", "--out", required=True, type=Path, help="GGUF file to write (NAME.gguf)")
-    p.add_argument("--outtype", choices=OUTTYPE_NAMES, default="f16", help="weight type (default f16)")
-    p.add_argument("--modelfile", action="store_true", help="also write an Ollama Modelfile next to the GGUF")
-    p.add_argument("--ollama-create", metavar="NAME", help="write the Modelfile and run `ollama create NAME`")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing GGUF (and Modelfile)")
-    p.set_defaults(func=_gguf)
-
-    p = add("new-recipe", "write a commented recipe template to start a custom edit from", [])
-    p.add_argument("name", help="the recipe's name (lower-case letters, digits, '-', '_'), e.g. pirate-speak")
-    p.add_argument("-o", "--out", type=Path, help="file to write (default NAME.yaml in the current folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    p.set_defaults(func=_new_recipe)
-
-    p = add("inspect", "summarise a circuit: neurons per layer and top neurons", [])
-    p.add_argument("circuit", type=Path, help="circuit file")
-    p.add_argument("--top", type=int, default=20, help="how many neurons to list")
-    p.add_argument("--plot", type=Path, help="write a PNG of neurons per layer")
-    p.add_argument("--overwrite", action="store_true", help="replace existing --plot files")
-    p.set_defaults(func=_inspect)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -177,62 +145,3 @@ def _after_export(args: argparse.Namespace, out: Path) -> None:
         from cna_export.ship.hub import push
 
         print(f"pushed {out} to {push(out, args.push_to_hub, private=args.private)}")
-
-
-def _patch_gguf(args: argparse.Namespace) -> None:
-    from cna_export.circuit.format import Circuit
-    from cna_export.gguf.patch import patch_gguf_report
-
-    report = patch_gguf_report(
-        args.gguf, Circuit.load(args.circuit), args.out, multiplier=args.multiplier, overwrite=args.overwrite,
-        force=args.force, allow_negative=args.allow_negative,
-    )  # fmt: skip
-    print(f"wrote {report.out}: {report.summary()}")
-    print(f"wrote {report.sidecar}")
-
-
-def _gguf(args: argparse.Namespace) -> None:
-    from cna_export.gguf.ollama import convert_for_ollama
-
-    gguf, modelfile = convert_for_ollama(args.model_dir, args.out, outtype=args.outtype, overwrite=args.overwrite,
-                                         modelfile=args.modelfile, ollama_name=args.ollama_create)  # fmt: skip
-    print(f"wrote {gguf}")
-    if modelfile is not None:
-        print(f"wrote {modelfile}")
-    if args.ollama_create:
-        print(f"created Ollama model {args.ollama_create}")
-
-
-def _new_recipe(args: argparse.Namespace) -> None:
-    from cna_export.circuit.template import write_recipe_template
-
-    path = write_recipe_template(args.name, args.out, args.overwrite)
-    print(f"wrote {path}: replace its example prompts with your own, then")
-    print(f"  cna-export run {path} --model MODEL --out OUT")
-
-
-def _inspect(args: argparse.Namespace) -> None:
-    from cna_export.circuit.format import Circuit
-    from cna_export.io.output import OutputPlan
-
-    circuit = Circuit.load(args.circuit)
-    outputs = OutputPlan(args.overwrite, protect=[args.circuit])
-    plots = []
-    if args.plot:  # a mixture of experts also gets where the neurons sit among the experts, beside the layer plot
-        plots = [args.plot, *([_experts_plot(args.plot)] if circuit.is_moe else [])]
-    for path in plots:
-        outputs.file(path)
-    print(circuit.summary(args.top))
-    if plots:
-        from cna_export.evaluate.plots import plot_experts, plot_layers
-
-        with outputs:
-            plot_layers(circuit, outputs.temp(plots[0]))
-            if len(plots) > 1:
-                plot_experts(circuit, outputs.temp(plots[1]))
-        for path in plots:
-            print(f"wrote {path}")
-
-
-def _experts_plot(plot: Path) -> Path:
-    return Path(plot).with_name(Path(plot).stem + "-experts.png")

@@ -1,5 +1,5 @@
-"""Command line: the parser (commands in cli/edit.py and cli/audit.py) and `main`, which turns every user error
-into one line and exit code 2.
+"""Command line: the parser (each command in the cli module named after it or its subject) and `main`, which
+turns every user error into one line and exit code 2.
 
 Errors the user can fix print as one line and exit 2; set CNA_EXPORT_DEBUG=1 (or --debug) for tracebacks.
 Everything a command prints (stdout, log lines, errors) has its control characters escaped
@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 from cna_export import __version__
 from cna_export.attribution import distributed
-from cna_export.cli import adapter, audit, edit, tune
+from cna_export.cli import adapter, chat, circuit, diff, edit, gguf, push, recipe, sweep, tune
+from cna_export.cli import eval as evaluate
 from cna_export.cli.options import EXAMPLES, Parser
 from cna_export.errors import CnaExportError, printable
 
@@ -42,10 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )  # fmt: skip
 
-    edit.register(add)
-    adapter.register(add)
-    audit.register(add)
-    tune.register(add)
+    # One module per command or subject; the order here is the order `--help` lists the commands in.
+    for module in (edit, gguf, recipe, circuit, adapter, evaluate, chat, sweep, push, diff, tune):
+        module.register(add)
     return parser
 
 
