@@ -35,11 +35,12 @@ from cna_export.attribution.select import attribute_on
 from cna_export.backends.torch import TorchBackend, TorchRunner
 from cna_export.circuit.recipe import load_recipe
 from cna_export.evaluate import mmlu
+from cna_export.evaluate.choose import pick
 from cna_export.evaluate.detectors import detect_refusal
 from cna_export.evaluate.measure import EvalConfig, build_baseline, measure
 from cna_export.evaluate.options import SweepOptions
 from cna_export.evaluate.report import write_report
-from cna_export.evaluate.sweep import heldout_sets, pick, resolve_ks, run_sweep, save_results
+from cna_export.evaluate.sweep import heldout_sets, resolve_ks, run_sweep, save_results
 from cna_export.io.source import describe, identity, load_model, resolve
 
 ROOT = Path(__file__).resolve().parent

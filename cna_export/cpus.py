@@ -20,9 +20,7 @@ def _read_topology(cpu: int, name: str) -> str | None:
         return None
 
 
-def physical_cores(
-    cpus: Iterable[int] | None = None, read: Callable[[int, str], str | None] = _read_topology
-) -> int:  # fmt: skip
+def physical_cores(cpus: Iterable[int] | None = None, read: Callable[[int, str], str | None] = _read_topology) -> int:
     """The number of distinct physical cores among `cpus` (default: the CPUs this process may use).
 
     Hyper-thread siblings share a (package, core) pair in Linux's sysfs topology; where that is unreadable (other

@@ -17,9 +17,15 @@ from cna_export.io.output import check_output_path
 
 
 def run_recipe(
-    recipe_ref: str, model: str | Backend, out: Path, *, overrides: dict | None = None, load: LoadOptions | None = None,
-    export: ExportOptions | None = None, stack_with: list[Path] | None = None,
-) -> tuple[Path | None, Circuit]:  # fmt: skip
+    recipe_ref: str,
+    model: str | Backend,
+    out: Path,
+    *,
+    overrides: dict | None = None,
+    load: LoadOptions | None = None,
+    export: ExportOptions | None = None,
+    stack_with: list[Path] | None = None,
+) -> tuple[Path | None, Circuit]:
     """Discover a recipe's circuit on `model` and export the edited model (or a LoRA adapter) to `out`.
 
     Args:

@@ -21,7 +21,8 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import quantize
 from safetensors.torch import load_file, save_file
 
-from cna_export.audit.diff import diff, verify
+from cna_export.audit.diff import diff
+from cna_export.audit.verify import verify
 from cna_export.circuit.format import Circuit
 from cna_export.fold.export import apply_circuit
 from cna_export.gguf.quant import scale_fields

@@ -440,7 +440,8 @@ def test_inspect_and_card_show_experts(moe_models, tmp_path):
 def test_diff_and_verify_recover_experts(moe_models, tmp_path):
     """diff recovers (layer, expert, index) and the factor of every kind of neuron; verify is exact, and names the
     expert when the edit does not match the circuit."""
-    from cna_export.audit.diff import diff, verify
+    from cna_export.audit.diff import diff
+    from cna_export.audit.verify import verify
 
     src = moe_models["qwen3_moe"]
     neurons = some_neurons(src)
@@ -473,7 +474,8 @@ def test_diff_and_verify_every_layout(moe_models, tmp_path, arch):
     """On every layout (per-expert 2-D tensors beside an ungated shared expert, 3-D tensors that stack a layer's
     experts, a wrapper's language model) diff recovers each (layer, expert, index) and its factor, `diff --verify`
     accepts the export, and a wrong factor or a missing expert is named."""
-    from cna_export.audit.diff import diff, verify
+    from cna_export.audit.diff import diff
+    from cna_export.audit.verify import verify
 
     src = moe_models[arch]
     circuit = make_circuit(src, some_neurons(src), 0.5)
@@ -495,7 +497,7 @@ def test_diff_and_verify_every_layout(moe_models, tmp_path, arch):
 def test_attribute_then_export_verifies_every_layout(moe_models, tmp_path, arch):
     """discover -> apply on each layout, through the real transformers class: the circuit holds expert neurons with
     their routing coverage, and its export verifies exactly."""
-    from cna_export.audit.diff import verify
+    from cna_export.audit.verify import verify
 
     src = moe_models[arch]
     source = resolve(str(src))
@@ -663,7 +665,8 @@ def test_mxfp4_export_equals_manual_edit_and_verifies(mxfp4_gpt_oss, tmp_path, m
     """An MXFP4 gpt-oss exports as MXFP4: the neurons' 4-bit codes change, every other byte (their scales, the
     other 31 neurons of each block, gate_up) stays; transformers loads the export with the logits of the source
     with the same rows of down_proj scaled by hand; diff recovers the neurons and --verify accepts the export."""
-    from cna_export.audit.diff import diff, verify
+    from cna_export.audit.diff import diff
+    from cna_export.audit.verify import verify
 
     src = mxfp4_gpt_oss
     circuit = make_circuit(src, neurons, m)

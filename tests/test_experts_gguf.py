@@ -38,7 +38,8 @@ from gguf import GGUFReader
 from cna_export.arch import arch_for
 from cna_export.arch.experts import SHARED
 from cna_export.attribution.hooks import scaled_neurons
-from cna_export.audit.diff import diff, verify
+from cna_export.audit.diff import diff
+from cna_export.audit.verify import verify
 from cna_export.fold.export import apply_circuit
 from cna_export.gguf.convert import export_gguf
 from cna_export.gguf.external import ENV

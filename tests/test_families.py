@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from cna_export.arch import ARCHITECTURES, arch_for
 from cna_export.attribution.hooks import down_projs, scaled_neurons
-from cna_export.audit.diff import verify
+from cna_export.audit.verify import verify
 from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, PromptSet, RecordedSelection
 from cna_export.errors import ArchitectureError, CnaExportError
 from cna_export.fold.export import apply_circuit

@@ -57,8 +57,9 @@ def render_chat(
     """A user turn (after a `system` message, when given) with the generation prompt, rendered as transformers
     renders chat templates (see above)."""
     with rendering(whose, SYSTEM_FIX if system else GGUF_FIX):
-        return _compiled(template).render(messages=messages(prompt, system), add_generation_prompt=True,
-                                          bos_token=bos, eos_token=eos)  # fmt: skip
+        return _compiled(template).render(
+            messages=messages(prompt, system), add_generation_prompt=True, bos_token=bos, eos_token=eos
+        )
 
 
 @functools.lru_cache(maxsize=4)

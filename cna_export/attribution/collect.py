@@ -78,9 +78,12 @@ def context_of(model: nn.Module) -> Context:
 
 
 def encode_prompts(
-    tokenizer, prompts: Sequence[str], chat_template: bool = True, context: Context | None = None,
+    tokenizer,
+    prompts: Sequence[str],
+    chat_template: bool = True,
+    context: Context | None = None,
     system: str | None = None,
-) -> list[list[int]]:  # fmt: skip
+) -> list[list[int]]:
     """Token ids per prompt; chat-templated (with the generation prompt) when the tokenizer has a template. A
     `system` message goes first in the template, or, without one, before the prompt as plain text.
 
@@ -94,7 +97,9 @@ def encode_prompts(
         if not isinstance(prompt, str) or not prompt.strip():
             raise RecipeError(f"Prompt {prompt!r} is empty.", "remove empty prompts from the set.")
         if use_template:
-            text = user_turn(tokenizer, prompt, f"The {context.model}" if context else "The model's", system)  # sandboxed
+            text = user_turn(
+                tokenizer, prompt, f"The {context.model}" if context else "The model's", system
+            )  # sandboxed
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(f"{system}\n\n{prompt}" if system else prompt)["input_ids"]
@@ -161,7 +166,9 @@ class SetSums:
         cols = slice(offset, offset + act.shape[1])
         self._zeros(self.sums, layer, acc, act.device)[:, cols].index_add_(0, rows, act.to(acc))
         if routed is not None:
-            counts = self.routed.setdefault(layer, torch.zeros(self.n_sets, groups, dtype=torch.int64, device=act.device))
+            counts = self.routed.setdefault(
+                layer, torch.zeros(self.n_sets, groups, dtype=torch.int64, device=act.device)
+            )
             counts.index_add_(0, rows, routed.to(torch.int64))
         if self.top_n:
             magnitude = act.abs()
@@ -187,11 +194,14 @@ class SetSums:
         total = self.gather(self.sums, n_layers, torch.float64)
         routed = self._routed(n_layers)
         if not self.top_n:
-            return [SetStats(total[k], n, routed=routed[k] if routed is not None else None)
-                    for k, n in enumerate(counts)]  # fmt: skip
+            return [
+                SetStats(total[k], n, routed=routed[k] if routed is not None else None) for k, n in enumerate(counts)
+            ]
         tops, mags = self.gather(self.tops, n_layers, torch.int32), self.gather(self.abs_sums, n_layers, torch.float64)
-        return [SetStats(total[k], n, tops[k], mags[k], routed[k] if routed is not None else None)
-                for k, n in enumerate(counts)]  # fmt: skip
+        return [
+            SetStats(total[k], n, tops[k], mags[k], routed[k] if routed is not None else None)
+            for k, n in enumerate(counts)
+        ]
 
     def _routed(self, n_layers: int) -> torch.Tensor | None:
         """[sets, layers, experts] routing counts summed over ranks (None for a dense model)."""
@@ -245,14 +255,21 @@ def collect_sets(
         prefix = 0
     device = input_device(model)
     # The pass ends at the last layer's down_proj, where only the final token is read: its MLP runs on that one.
-    with _capture(model, spec, shape, last, sums, recording, capture), pre_hooks(
-        {last: mlp_of(model, spec, last)}, lambda _, x: x[:, -1:]
+    with (
+        _capture(model, spec, shape, last, sums, recording, capture),
+        pre_hooks({last: mlp_of(model, spec, last)}, lambda _, x: x[:, -1:]),
     ):
         cache = _prefix_cache(model, mine[0][:prefix], device) if prefix else None
         recording[0] = True
         todo = batches([ids[prefix:] for ids in mine], batch_size, pad_id)
-        for ids, mask, rows in tqdm(todo, desc="forward passes", unit="batch", leave=False, delay=QUIET_SECONDS,
-                                    disable=not distributed.is_main()):
+        for ids, mask, rows in tqdm(
+            todo,
+            desc="forward passes",
+            unit="batch",
+            leave=False,
+            delay=QUIET_SECONDS,
+            disable=not distributed.is_main(),
+        ):
             sums.labels = torch.tensor([tagged[i][0] for i in rows])
             past = None
             if cache is not None:
@@ -276,7 +293,11 @@ def _capture(model: nn.Module, spec: ArchSpec, shape, last: int, sums: SetSums, 
         raise _StopForward
 
     stack = contextlib.ExitStack()
-    stack.enter_context(capture_units(decoder_layers(model, spec), spec, shape, last, add, lambda: len(sums.labels) if recording[0] else 0))
+    stack.enter_context(
+        capture_units(
+            decoder_layers(model, spec), spec, shape, last, add, lambda: len(sums.labels) if recording[0] else 0
+        )
+    )
     stack.callback(mlp_of(model, spec, last).register_forward_hook(stop).remove)
     return stack
 
@@ -337,5 +358,3 @@ def input_device(model: nn.Module) -> torch.device:
     """Where input ids go: the embedding's device (the CPU when it is offloaded to meta/disk)."""
     device = model.get_input_embeddings().weight.device
     return torch.device("cpu") if device.type == "meta" else device
-
-

@@ -19,8 +19,16 @@ if TYPE_CHECKING:
     from cna_export.backends.base import Backend
 
 
-def discover_on(backend: Backend, positive: Sequence[str], negative: Sequence[str], neutral: Sequence[str],
-                selection: Selection, *, protect: Sequence[str] = (), **labels: Any) -> Circuit:  # fmt: skip
+def discover_on(
+    backend: Backend,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    neutral: Sequence[str],
+    selection: Selection,
+    *,
+    protect: Sequence[str] = (),
+    **labels: Any,
+) -> Circuit:
     """Run CNA on a backend and return the circuit (not yet saved); `labels` (behaviour, recipe, multiplier) are
     recorded in it. `protect`: prompts whose behaviour must not change (ranked against with
     `selection.protect_weight`).
@@ -52,10 +60,16 @@ class DiscoveryPlan:
 
 
 def plan_discovery(
-    recipe: Recipe | None = None, base: Path | None = None, *, overrides: dict | None = None,
-    positive: str | None = None, negative: str | None = None, neutral: str | None = None,
-    behaviour: str | None = None, multiplier: float | None = None,
-) -> DiscoveryPlan:  # fmt: skip
+    recipe: Recipe | None = None,
+    base: Path | None = None,
+    *,
+    overrides: dict | None = None,
+    positive: str | None = None,
+    negative: str | None = None,
+    neutral: str | None = None,
+    behaviour: str | None = None,
+    multiplier: float | None = None,
+) -> DiscoveryPlan:
     """A recipe's discovery settings and prompts (or the given prompt files) with `overrides` applied.
 
     Args:
@@ -84,7 +98,10 @@ def plan_discovery(
         pos, neg, neutral_ref, base = load_prompts(positive), load_prompts(negative), neutral or NEUTRAL_DEFAULT, None
     needs_neutral = selection.universal or selection.specificity
     return DiscoveryPlan(
-        selection, pos, neg, load_prompts(neutral_ref, base) if needs_neutral else [],
+        selection,
+        pos,
+        neg,
+        load_prompts(neutral_ref, base) if needs_neutral else [],
         behaviour or (recipe.behaviour if recipe else "custom"),
         multiplier if multiplier is not None else (recipe.multiplier if recipe else 0.0),
         recipe.name if recipe else None,
@@ -94,5 +111,14 @@ def plan_discovery(
 
 def discover_source(backend: Backend, plan: DiscoveryPlan) -> Circuit:
     """Run a discovery plan on an opened model (`cna_export.backends.open_backend`)."""
-    return discover_on(backend, plan.positive, plan.negative, plan.neutral, plan.selection, behaviour=plan.behaviour,
-                       recipe=plan.recipe, multiplier=plan.multiplier, protect=plan.protect)  # fmt: skip
+    return discover_on(
+        backend,
+        plan.positive,
+        plan.negative,
+        plan.neutral,
+        plan.selection,
+        behaviour=plan.behaviour,
+        recipe=plan.recipe,
+        multiplier=plan.multiplier,
+        protect=plan.protect,
+    )

@@ -69,8 +69,10 @@ def _llama4(experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # ExpertSpec.fused -> the neurons h_e of every expert from the fused parameters ([tokens, E, n]).
 EXPERT_NEURONS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
-    "gate_up": _gate_up, "gpt_oss": _gpt_oss, "llama4": _llama4,
-}  # fmt: skip
+    "gate_up": _gate_up,
+    "gpt_oss": _gpt_oss,
+    "llama4": _llama4,
+}
 
 
 def routed_activations(
@@ -89,9 +91,13 @@ def _last_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def capture_units(
-    layers: nn.ModuleList, spec: ArchSpec, shape: ModelShape, upto: int,
-    add: Callable[..., None], batch: Callable[[], int],
-) -> Iterator[None]:  # fmt: skip
+    layers: nn.ModuleList,
+    spec: ArchSpec,
+    shape: ModelShape,
+    upto: int,
+    add: Callable[..., None],
+    batch: Callable[[], int],
+) -> Iterator[None]:
     """Capture the last-token activations of every unit of layers 0..upto into `add(layer, act, offset=,
     groups=, routed=)`: a dense MLP's down_proj input, `w_e * h_e` of each routed expert, the shared expert's
     gated input. `batch()` is the number of rows of the batch in flight (the experts see flattened tokens); 0

@@ -114,9 +114,15 @@ class Attribution:
         if needs_top_n and self.collected_top_n is None:
             raise ValueError("the neutral sums were not collected: universal exclusion and specificity need them")
         return from_stats(
-            self.stats, selection, self.collected_top_n if needs_top_n else None, self.prompts, self.model_id,
-            dtype=self.dtype, chat_template=self.chat_template, moe=self.moe,
-        )  # fmt: skip
+            self.stats,
+            selection,
+            self.collected_top_n if needs_top_n else None,
+            self.prompts,
+            self.model_id,
+            dtype=self.dtype,
+            chat_template=self.chat_template,
+            moe=self.moe,
+        )
 
     def neuron(self, layer: int, column: int, delta: float) -> Neuron:
         """The circuit neuron of attribution column `column` of `layer`."""
@@ -131,10 +137,13 @@ class Attribution:
             return None
         units = sorted({(n.layer, n.expert) for n in neurons if n.expert is not None}, key=str)
         coverage = [
-            ExpertRouting(layer=l, expert=e, routed={k: int(v[l, e]) if e != SHARED else self.prompts[k].count
-                                                     for k, v in self.routed.items()})
+            ExpertRouting(
+                layer=l,
+                expert=e,
+                routed={k: int(v[l, e]) if e != SHARED else self.prompts[k].count for k, v in self.routed.items()},
+            )
             for l, e in units
-        ]  # fmt: skip
+        ]
         return Routing(coverage=coverage)
 
     def _ranking(self, k: int) -> torch.Tensor:
@@ -146,8 +155,11 @@ class Attribution:
         if k > left:
             log.warning(
                 "only %d neurons keep contrast after the specificity and protect penalties; the other %d of k=%d are "
-                "the next by |delta| (less the protect penalty)", left, k - left, k,
-            )  # fmt: skip
+                "the next by |delta| (less the protect penalty)",
+                left,
+                k - left,
+                k,
+            )
         # Past the positive scores: by |delta| less the protect penalty (made >= 0, as `select` ranks magnitudes),
         # so among them a neuron that moves the protect set still comes last.
         magnitude = self.delta.abs() - self.selection.protect_weight * self._protect_delta().abs()
@@ -161,17 +173,26 @@ class Attribution:
         return named["protect"].mean - named["negative"].mean
 
     def circuit(
-        self, k: int, *, fraction: float | None = None, behaviour: str = "custom", recipe: str | None = None,
+        self,
+        k: int,
+        *,
+        fraction: float | None = None,
+        behaviour: str = "custom",
+        recipe: str | None = None,
         multiplier: float = 0.0,
-    ) -> Circuit:  # fmt: skip
+    ) -> Circuit:
         """The circuit of the top-k neurons by score (`fraction` is only recorded, as requested)."""
         share = self.selection.max_layer_share
         chosen = select(self._ranking(k), k, self.excluded, None if share is None else max(1, math.ceil(share * k)))
         log.info("selected %d neurons; %d universal excluded", len(chosen), len(self.universal))
         recorded = self.selection.model_dump() | {
-            "top_k": k, "fraction": fraction, "universal_top_n": self.top_n, "universal_excluded": self.universal,
-            "dtype": self.dtype, "chat_template": self.chat_template,
-        }  # fmt: skip
+            "top_k": k,
+            "fraction": fraction,
+            "universal_top_n": self.top_n,
+            "universal_excluded": self.universal,
+            "dtype": self.dtype,
+            "chat_template": self.chat_template,
+        }
         neurons = [self.neuron(l, i, float(self.delta[l, i])) for l, i in chosen]
         return Circuit(
             behaviour=str(behaviour),  # a declared behaviour carries its detector; the circuit keeps the name
@@ -200,9 +221,14 @@ def prepare(shape: ModelShape, selection: Selection) -> tuple[Selection, int | N
 
 
 def attribute_on(
-    backend: Backend, positive: Sequence[str], negative: Sequence[str], neutral: Sequence[str], selection: Selection,
-    *, protect: Sequence[str] = (),
-) -> Attribution:  # fmt: skip
+    backend: Backend,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    neutral: Sequence[str],
+    selection: Selection,
+    *,
+    protect: Sequence[str] = (),
+) -> Attribution:
     """Run the forward passes of CNA on a backend (torch or llama.cpp, `cna_export.backends`): the per-set sums
     of the positive, negative, (for universal neurons or specificity) neutral and (when given) `protect` prompts in
     one set of passes, then deltas, skipped layers and universal neurons (no k yet).
@@ -217,8 +243,9 @@ def attribute_on(
     stats = backend.attribute(list(groups.values()), selection, top_n, last)
     prompts = {name: prompt_set(list(p)) for name, p in groups.items()}
     chat = selection.chat_template and backend.load().has_chat_template
-    return from_stats(stats, selection, top_n, prompts, backend.identity(), dtype=backend.dtype, chat_template=chat,
-                      moe=shape.moe)  # fmt: skip
+    return from_stats(
+        stats, selection, top_n, prompts, backend.identity(), dtype=backend.dtype, chat_template=chat, moe=shape.moe
+    )
 
 
 def named_sets(
@@ -234,9 +261,16 @@ def named_sets(
 
 
 def from_stats(
-    stats: Sequence[SetStats], selection: Selection, top_n: int | None, prompts: dict[str, PromptSet],
-    model_id: ModelIdentity, *, dtype: str, chat_template: bool, moe: ExpertShape | None = None,
-) -> Attribution:  # fmt: skip
+    stats: Sequence[SetStats],
+    selection: Selection,
+    top_n: int | None,
+    prompts: dict[str, PromptSet],
+    model_id: ModelIdentity,
+    *,
+    dtype: str,
+    chat_template: bool,
+    moe: ExpertShape | None = None,
+) -> Attribution:
     """The selection step of CNA on precomputed sums (`SetStats` in the order of `prompts`: positive, negative,
     then neutral and protect when present), whichever backend ran the forward passes: deltas, skipped layers,
     universal neurons, the sign filter, the ranking score (see the module docstring)."""
@@ -248,8 +282,9 @@ def from_stats(
     # layers of a model whose MLP widths differ) are never selected.
     for layer in range(num_layers):
         if moe is not None:
-            excluded[layer] = torch.tensor([not moe.valid(layer, c, model_id.width(layer))
-                                            for c in range(delta.shape[1])])  # fmt: skip
+            excluded[layer] = torch.tensor(
+                [not moe.valid(layer, c, model_id.width(layer)) for c in range(delta.shape[1])]
+            )
         else:
             excluded[layer, model_id.width(layer) :] = True
     excluded[: selection.skip_first_layers] = True
@@ -277,7 +312,18 @@ def from_stats(
     if moe is not None and all(s.routed is not None for s in stats):
         routed = {name: s.routed for name, s in zip(prompts, stats)}
     return Attribution(
-        delta=delta, score=score, excluded=excluded, universal=universal_list, top_n=top_n, prompts=prompts,
-        selection=selection, model_id=model_id, dtype=dtype, chat_template=chat_template, moe=moe, routed=routed,
-        stats=list(stats), collected_top_n=collected or None,
-    )  # fmt: skip
+        delta=delta,
+        score=score,
+        excluded=excluded,
+        universal=universal_list,
+        top_n=top_n,
+        prompts=prompts,
+        selection=selection,
+        model_id=model_id,
+        dtype=dtype,
+        chat_template=chat_template,
+        moe=moe,
+        routed=routed,
+        stats=list(stats),
+        collected_top_n=collected or None,
+    )

@@ -27,11 +27,10 @@ from tqdm.auto import tqdm
 
 from cna_export.arch import Site
 from cna_export.arch.spec import ModelShape
-from cna_export.audit.factors import as_bits, float_factors, quant_factors, scale_intervals
+from cna_export.audit.factors import as_bits, float_factors, quant_factors
 from cna_export.audit.weights import CHUNK, Weights, open_pair, same_bytes
 from cna_export.circuit.format import Circuit, ModelIdentity, Neuron, RecordedSelection, shape_fields
 from cna_export.errors import CircuitError
-from cna_export.fold.scale import fold_site
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +97,36 @@ class DiffReport:
         """The recovered circuit: the most common factor is its multiplier, other factors are per-neuron."""
         mults = self.multipliers()
         if not mults:
-            raise CircuitError("No neuron was scaled by a constant factor, so there is no circuit to write.",
-                               "check that EDITED is an edit of ORIGINAL.")  # fmt: skip
+            raise CircuitError(
+                "No neuron was scaled by a constant factor, so there is no circuit to write.",
+                "check that EDITED is an edit of ORIGINAL.",
+            )
         default = Counter(mults.values()).most_common(1)[0][0]
         s = self.shape
         return Circuit(
-            behaviour=behaviour, multiplier=default,
-            model=ModelIdentity(source=self.original, model_type=self.model_type, num_layers=s.num_layers,
-                                intermediate_size=s.intermediate_size, hidden_size=s.hidden_size, **shape_fields(s)),
-            prompts={}, selection=RecordedSelection(top_k=len(mults)),
-            neurons=[Neuron(layer=k[0], expert=k[1] if len(k) == 3 else None, index=k[-1], delta=0.0,
-                            multiplier=None if m == default else m)
-                     for k, m in sorted(mults.items(), key=lambda km: _order(km[0]))],
-        )  # fmt: skip
+            behaviour=behaviour,
+            multiplier=default,
+            model=ModelIdentity(
+                source=self.original,
+                model_type=self.model_type,
+                num_layers=s.num_layers,
+                intermediate_size=s.intermediate_size,
+                hidden_size=s.hidden_size,
+                **shape_fields(s),
+            ),
+            prompts={},
+            selection=RecordedSelection(top_k=len(mults)),
+            neurons=[
+                Neuron(
+                    layer=k[0],
+                    expert=k[1] if len(k) == 3 else None,
+                    index=k[-1],
+                    delta=0.0,
+                    multiplier=None if m == default else m,
+                )
+                for k, m in sorted(mults.items(), key=lambda km: unit_order(km[0]))
+            ],
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -175,10 +191,12 @@ def _tensor_change(a: Weights, b: Weights, name: str, role: tuple[str, int] | No
     for expert in units:  # one unit, or each expert of a tensor that stacks them (only those whose bytes differ)
         if len(units) > 1 and same_bytes(a.unit_raw(name, expert), b.unit_raw(name, expert)):
             continue
-        if site.parts > 1 and not _outside_equal(a.unit_values(name, expert), b.unit_values(name, expert), site,
-                                                 a.width(name)):  # fmt: skip
-            return TensorChange(name, "other", layer,
-                                detail="changed outside its neurons (another part of a fused tensor)")  # fmt: skip
+        if site.parts > 1 and not outside_equal(
+            a.unit_values(name, expert), b.unit_values(name, expert), site, a.width(name)
+        ):
+            return TensorChange(
+                name, "other", layer, detail="changed outside its neurons (another part of a fused tensor)"
+            )
         neurons += _neuron_changes(a, b, name, kind, layer, expert)
     detail = "" if neurons else "bytes differ, values do not"
     return TensorChange(name, kind, layer, neurons, detail)
@@ -236,164 +254,19 @@ def diff(original: str, edited: str) -> DiffReport:
     return report
 
 
-# Verify ----------------------------------------------------------------------------------------------------------
-
-
-def verify(original: str, edited: str, circuit: Circuit) -> tuple[bool, str]:
-    """Is `edited` exactly `original` with `circuit` folded in (down columns or up rows), nothing else changed?
-
-    `edited` may also be a LoRA adapter folder: then its factors must be exactly the circuit's LoRA of `original`
-    (`cna_export.audit.adapter.verify_adapter`).
-
-    Returns:
-        (ok, one-line reason). Stops at the first difference.
-
-    Example:
-        >>> ok, why = verify("./model", "./edited", Circuit.load("./edited/circuit.json"))
-    """
-    from cna_export.audit.adapter import is_adapter_folder, verify_adapter
-
-    if is_adapter_folder(edited):
-        return verify_adapter(original, edited, circuit)
-    edits = circuit.unit_edits(allow_negative=True)  # (layer, expert) -> (indices, multipliers)
-    with open_pair(original, edited) as (a, b):
-        s, me = a.shape, circuit.model
-        mine = [me.width(i) for i in range(me.num_layers)]
-        if mine != [s.width(i) for i in range(s.num_layers)]:
-            return False, (f"the circuit is for {me.num_layers} layers of {sorted(set(mine))} neurons, the original "
-                           f"has {s.num_layers} of {sorted({s.width(i) for i in range(s.num_layers)})}")  # fmt: skip
-        in_a, in_b = set(a.names), set(b.names)
-        only = [n for n in a.names if n not in in_b] + [n for n in b.names if n not in in_a]
-        if only:
-            return False, f"tensor {only[0]} is in only one of the two models"
-        with tqdm(total=sum(a.nbytes(n) for n in a.names), unit="B", unit_scale=True, desc="verify") as bar:
-            for name in a.names:
-                role = a.mlp.get(name)
-                units = [] if role is None else [(role[1], e) for e in a.experts_in[name]]
-                if a.meta(name) != b.meta(name):
-                    return False, f"{name} changed type or shape ({a.meta(name)} -> {b.meta(name)})"
-                touched = any(u in edits for u in units)
-                if not touched and not same_bytes(a.raw(name), b.raw(name)):
-                    where = "" if role is None else f" ({_unit_label(*units[0])} has no neurons in the circuit)"
-                    return False, f"{name} changed but the circuit does not touch it{where}"
-                for u in units if touched and len(units) > 1 else []:  # the untouched experts of a stacked tensor
-                    if u not in edits and not same_bytes(a.unit_raw(name, u[1]), b.unit_raw(name, u[1])):
-                        return False, f"{name} changed in {_unit_label(*u)}, which has no neurons in the circuit"
-                if not touched:
-                    bar.update(a.nbytes(name))
-            counted: set[str] = set()  # a stacked tensor holds several experts of the circuit: its bytes once
-            for (layer, expert), (index, mult) in edits.items():
-                pair = a.pair(layer, expert)
-                if not pair:
-                    return False, f"the original has no tensors for {_unit_label(layer, expert)} of the circuit"
-                changed = {k: not same_bytes(a.unit_raw(n, expert), b.unit_raw(n, expert)) for k, n in pair.items()}
-                if len(changed) > 1 and all(changed.values()):  # an ungated MLP has only its down site
-                    return False, (f"{_unit_label(layer, expert)}: both down_proj and up_proj changed; a fold "
-                                   "changes one of them")  # fmt: skip
-                kind = "up" if changed.get("up") else "down"
-                reason = _check_layer(a, b, pair[kind], expert, _unit_label(layer, expert), index, mult)
-                if reason:
-                    return False, reason
-                bar.update(sum(a.nbytes(n) for n in pair.values() if n not in counted))
-                counted.update(pair.values())
-    layers = len({layer for layer, _ in edits})
-    return True, (f"the edited model is the original with the circuit folded in ({len(circuit.neurons)} neurons in "
-                  f"{layers} layers); every other tensor is byte-identical")  # fmt: skip
-
-
-def _unit_label(layer: int, expert: int | str | None = None) -> str:
-    """How messages name a unit: 'layer 3', or 'layer 3 expert 5' / 'layer 3 expert shared'."""
-    return f"layer {layer}" if expert is None else f"layer {layer} expert {expert}"
-
-
-def _order(key: tuple) -> tuple:
+def unit_order(key: tuple) -> tuple:
     """Sort key of (layer, index) and (layer, expert, index): dense first in a layer, then experts, then shared."""
     expert = key[1] if len(key) == 3 else None
     return key[0], -1 if expert is None else (expert if isinstance(expert, int) else 2**40), key[-1]
 
 
-def _check_layer(
-    a: Weights, b: Weights, name: str, expert, layer: str, index: torch.Tensor, mult: torch.Tensor
-) -> str | None:
-    """Why `expert`'s part of tensor `name` (unit `layer`, a label: 'layer 3', 'layer 3 expert 5') is not the
-    original with (index, mult) folded in, or None if it is."""
-    wanted = dict(zip(index.tolist(), mult.tolist()))
-    qtype = a.quant(name)
-    o_rows = a.quant_rows(name, expert)
-    if o_rows is not None:
-        e_rows = b.quant_rows(name, expert)
-        for j in np.nonzero((o_rows != e_rows).any(1))[0].tolist():
-            if j not in wanted:
-                return f"{layer} neuron {j}: {name} changed but the neuron is not in the circuit"
-        idx = sorted(wanted)
-        lo, hi, untouched = scale_intervals(o_rows[idx], e_rows[idx], qtype)
-        facts = None
-        for i, j in enumerate(idx):
-            m = wanted[j]
-            if untouched[i] and lo[i] <= m <= hi[i]:
-                continue
-            facts = facts or quant_factors(o_rows[idx], e_rows[idx], qtype)
-            if m == 0 and facts[i][0] == 0.0:  # the row was zeroed some other way; still exactly m * original
-                continue
-            return _wrong_factor(layer, j, name, m, facts[i], untouched=bool(untouched[i]))
-        return None
-    o, e = a.unit_values(name, expert), b.unit_values(name, expert)
-    site, width = a.unit_site(name), a.width(name)
-    if qtype is not None:  # quantized columns (ffn_down) or a type without f16 block scales: dequantized values
-        on, en = site.rows(o, width), site.rows(e, width)
-        for j in torch.nonzero((on != en).any(1)).flatten().tolist():
-            if j not in wanted:
-                return f"{layer} neuron {j}: {name} changed but the neuron is not in the circuit"
-        idx = sorted(wanted)
-        facts = float_factors(on[idx], en[idx], quantized=True)
-        for i, j in enumerate(idx):
-            m = wanted[j]
-            tol = 2.0**-10 * (m * on[j].double()).abs()
-            if not bool(((en[j].double() - m * on[j].double()).abs() <= tol).all()):
-                return _wrong_factor(layer, j, name, m, facts[i])
-        return None
-    expected = fold_site(o, site, width, index, mult)
-    if torch.equal(as_bits(expected), as_bits(e)):
-        return None
-    xn, en, on = (site.rows(t, width) for t in (expected, e, o))
-    if not _outside_equal(expected, e, site, width):
-        return f"{name} changed outside the neurons of {layer} (e.g. the gate half of a fused tensor)"
-    bad = torch.nonzero((as_bits(xn) != as_bits(en)).any(1)).flatten().tolist()
-    if a.fmt == "gguf":
-        # Float tensors inside a GGUF may have been scaled by another implementation: allow one unit of rounding.
-        info = torch.finfo(o.dtype)
-
-        def off(j: int) -> bool:
-            ref = wanted.get(j, 1.0) * on[j].double()
-            return not bool(((en[j].double() - ref).abs() <= info.eps * ref.abs() + info.tiny * info.eps).all())
-
-        bad = [j for j in bad if off(j)]
-        if not bad:
-            return None
-    j = bad[0]
-    if j not in wanted:
-        return f"{layer} neuron {j}: {name} changed but the neuron is not in the circuit"
-    return _wrong_factor(layer, j, name, wanted[j], float_factors(on[j : j + 1], en[j : j + 1])[0])
-
-
-def _wrong_factor(layer: str, j: int, name: str, m: float, fact: tuple, untouched: bool = True) -> str:
-    factor, constant, _ = fact
-    if not untouched:
-        found = "its quantized values changed, not only its block scales"
-    elif factor == 1.0 and constant:
-        found = "it is unchanged (neuron missing)"
-    elif factor is None or not constant:
-        found = "it was not scaled by one constant factor"
-    else:
-        found = f"it was scaled by {factor:g}"
-    return f"{layer} neuron {j}: the circuit scales it by {m:g} in {name}, but {found}"
-
-
-def _outside_equal(x: torch.Tensor, y: torch.Tensor, site: Site, width: int) -> bool:
+def outside_equal(x: torch.Tensor, y: torch.Tensor, site: Site, width: int) -> bool:
     """Whether two tensors agree bit for bit outside the neuron slice of `site` (a fused tensor's other parts)."""
     if site.parts == 1:
         return True
     ax = site.axis
     before, after = site.offset(width), site.offset(width) + width
     pieces = [(0, before), (after, x.shape[ax])]
-    return all(torch.equal(as_bits(x.narrow(ax, s, e - s)), as_bits(y.narrow(ax, s, e - s))) for s, e in pieces if e > s)
+    return all(
+        torch.equal(as_bits(x.narrow(ax, s, e - s)), as_bits(y.narrow(ax, s, e - s))) for s, e in pieces if e > s
+    )

@@ -100,7 +100,9 @@ class Weights:
 
     def unit_values(self, name: str, expert: ExpertKey = None) -> torch.Tensor:
         """The values of `expert`'s part of tensor `name`."""
-        return self.values(name).select(self.site(name).expert_axis, expert) if self.stacked(name) else self.values(name)
+        return (
+            self.values(name).select(self.site(name).expert_axis, expert) if self.stacked(name) else self.values(name)
+        )
 
     def neuron_values(self, name: str, expert: ExpertKey = None) -> torch.Tensor:
         """The values of an MLP tensor (one unit's part) with one row per neuron (neuron axis first)."""
@@ -132,8 +134,9 @@ class Weights:
 
     def pair(self, layer: int, expert: ExpertKey = None) -> dict[str, str]:
         """kind -> tensor name of the down and up sites of one unit (a dense MLP, or an expert of `layer`)."""
-        return {kind: name for name, (kind, lay) in self.mlp.items()
-                if lay == layer and expert in self.experts_in[name]}  # fmt: skip
+        return {
+            kind: name for name, (kind, lay) in self.mlp.items() if lay == layer and expert in self.experts_in[name]
+        }
 
 
 class SafetensorsWeights(Weights):

@@ -7,6 +7,13 @@ from cna_export.backends.base import Backend, Runner, applied_circuit, open_back
 from cna_export.backends.options import BACKENDS, ExportOptions, LoadOptions
 
 __all__ = [
-    "BACKENDS", "Backend", "ExportOptions", "LoadOptions", "Runner", "applied_circuit", "open_backend", "open_model",
+    "BACKENDS",
+    "Backend",
+    "ExportOptions",
+    "LoadOptions",
+    "Runner",
+    "applied_circuit",
+    "open_backend",
+    "open_model",
     "write_edit",
-]  # fmt: skip
+]

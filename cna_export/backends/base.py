@@ -49,8 +49,14 @@ class Runner(Protocol):
         """Greedy answers, `cfg.batch_size` prompts at a time, each ending with the end token if the model stopped."""
         ...
 
-    def score(self, encoded: list[list[int]], answers: list[list[int]], cfg: EvalConfig, desc: str = "score",
-              ref: Sequence[Scored] | None = None) -> list[Scored]:  # fmt: skip
+    def score(
+        self,
+        encoded: list[list[int]],
+        answers: list[list[int]],
+        cfg: EvalConfig,
+        desc: str = "score",
+        ref: Sequence[Scored] | None = None,
+    ) -> list[Scored]:
         """Prompt + answer through the model: per answer token its NLL, and the log-probabilities of the first
         `cfg.kl_tokens` positions (with `ref`, the original's scores of the same answers: the KL to them instead,
         `Scored.of`)."""
@@ -100,14 +106,16 @@ class Backend(Protocol):
         """The original model, loaded once and kept."""
         ...
 
-    def attribute(self, sets: Sequence[Sequence[str]], selection: Selection, top_n: int | None,
-                  last_layer: int) -> list[SetStats]:  # fmt: skip
+    def attribute(
+        self, sets: Sequence[Sequence[str]], selection: Selection, top_n: int | None, last_layer: int
+    ) -> list[SetStats]:
         """Per prompt set, the float64 sums of every neuron's activation at the last token (with `top_n`, the
         per-layer top-|act| counts and |act| sums too); layers after `last_layer` are never computed."""
         ...
 
-    def variant(self, circuit: Circuit, multiplier: float | None = None,
-                allow_negative: bool = False) -> AbstractContextManager[Runner]:  # fmt: skip
+    def variant(
+        self, circuit: Circuit, multiplier: float | None = None, allow_negative: bool = False
+    ) -> AbstractContextManager[Runner]:
         """The model with `circuit` applied at `multiplier` (default: the circuit's own), for the `with` block."""
         ...
 
@@ -140,8 +148,10 @@ def open_backend(source: Source, options: LoadOptions | None = None) -> Backend:
     """
     options = options or LoadOptions()
     if options.backend == "llama.cpp" and not source.is_gguf:
-        raise RecipeError(f"--backend llama.cpp needs a .gguf model; {source.name} is not one.",
-                          "pass a GGUF file, or --backend torch.")  # fmt: skip
+        raise RecipeError(
+            f"--backend llama.cpp needs a .gguf model; {source.name} is not one.",
+            "pass a GGUF file, or --backend torch.",
+        )
     if source.is_gguf and options.backend != "torch":
         from cna_export.backends.llamacpp import LlamaCppBackend
 

@@ -39,10 +39,15 @@ def gguf_identity(source_name: str, path: Path, spec: ArchSpec, shape: ModelShap
     "NAME DIGEST"), a config hash over the file's small metadata values."""
     config = json.dumps(metadata, sort_keys=True, default=str).encode()
     return ModelIdentity(
-        source=source_name, model_type=spec.model_type, weights_sha256=combined_sha256(sha256_files([path])),
-        config_sha256=hashlib.sha256(config).hexdigest(), num_layers=shape.num_layers,
-        intermediate_size=shape.intermediate_size, hidden_size=shape.hidden_size, **shape_fields(shape),
-    )  # fmt: skip
+        source=source_name,
+        model_type=spec.model_type,
+        weights_sha256=combined_sha256(sha256_files([path])),
+        config_sha256=hashlib.sha256(config).hexdigest(),
+        num_layers=shape.num_layers,
+        intermediate_size=shape.intermediate_size,
+        hidden_size=shape.hidden_size,
+        **shape_fields(shape),
+    )
 
 
 class LlamaCppBackend:
@@ -71,8 +76,9 @@ class LlamaCppBackend:
 
     def identity(self) -> ModelIdentity:
         if self._identity is None:
-            self._identity = gguf_identity(self.source.public_name, self.source.path, self.spec, self.shape,
-                                           self.metadata)
+            self._identity = gguf_identity(
+                self.source.public_name, self.source.path, self.spec, self.shape, self.metadata
+            )
         return self._identity
 
     def _open(self, path: Path) -> LlamaCppRunner:
@@ -81,8 +87,10 @@ class LlamaCppBackend:
         model = LlamaCppModel(path, self.options.threads)
         if model.n_layer != self.shape.num_layers:
             model.close()
-            raise RecipeError(f"llama.cpp reads {model.n_layer} layers in {path}, the header "
-                              f"{self.shape.num_layers}.", "re-convert the model.")  # fmt: skip
+            raise RecipeError(
+                f"llama.cpp reads {model.n_layer} layers in {path}, the header {self.shape.num_layers}.",
+                "re-convert the model.",
+            )
         return LlamaCppRunner(model, self.chat_template)
 
     def load(self) -> LlamaCppRunner:
@@ -90,14 +98,14 @@ class LlamaCppBackend:
             self._runner = self._open(self.source.path)
         return self._runner
 
-    def attribute(self, sets: Sequence[Sequence[str]], selection: Selection, top_n: int | None,
-                  last_layer: int) -> list[SetStats]:  # fmt: skip
+    def attribute(
+        self, sets: Sequence[Sequence[str]], selection: Selection, top_n: int | None, last_layer: int
+    ) -> list[SetStats]:
         from cna_export.backends.llamacpp_sums import collect_sets_gguf
 
         runner = self.load()
         encoded = [runner.encode(prompts, selection.chat_template, selection.system_prompt) for prompts in sets]
-        return collect_sets_gguf(runner.model, self.spec, self.shape, encoded, selection.batch_size, top_n,
-                                 last_layer)  # fmt: skip
+        return collect_sets_gguf(runner.model, self.spec, self.shape, encoded, selection.batch_size, top_n, last_layer)
 
     @contextlib.contextmanager
     def _file(self, path: Path) -> Iterator[LlamaCppRunner]:
@@ -111,16 +119,18 @@ class LlamaCppBackend:
             runner.model.close()
 
     @contextlib.contextmanager
-    def variant(self, circuit: Circuit, multiplier: float | None = None,
-                allow_negative: bool = False) -> Iterator[LlamaCppRunner]:  # fmt: skip
+    def variant(
+        self, circuit: Circuit, multiplier: float | None = None, allow_negative: bool = False
+    ) -> Iterator[LlamaCppRunner]:
         """The file patched by `circuit` at `multiplier`, in a temporary file removed afterwards."""
         from cna_export.gguf.patch import patch_gguf
 
         path = self.source.path
         with tempfile.TemporaryDirectory(prefix="cna-eval-") as tmp:
             out = Path(tmp) / path.name
-            patch_gguf(path, circuit, out, multiplier=multiplier, allow_negative=allow_negative,
-                       layout=self.source.layout)  # fmt: skip
+            patch_gguf(
+                path, circuit, out, multiplier=multiplier, allow_negative=allow_negative, layout=self.source.layout
+            )
             with self._file(out) as runner:
                 yield runner
 
@@ -154,6 +164,8 @@ def edited_gguf(edited: Path, name: str) -> Path:
             raise CnaExportError(f"{edited} holds {len(files)} GGUF files, not one.", "pass the edited .gguf itself.")
         return files[0]
     if edited.suffix != ".gguf" or not edited.is_file():
-        raise CnaExportError(f"--edited {edited} is not a GGUF file or an export folder with one.",
-                             "pass the patched .gguf (or the folder `run` wrote), or --backend torch.")  # fmt: skip
+        raise CnaExportError(
+            f"--edited {edited} is not a GGUF file or an export folder with one.",
+            "pass the patched .gguf (or the folder `run` wrote), or --backend torch.",
+        )
     return edited

@@ -75,8 +75,14 @@ class LlamaCppRunner:
                 rows = ctx.decode([Seq([nxt[k]], len(encoded[group[k]]) + step) for k in live], seq_ids=live)
         return answers
 
-    def score(self, encoded: list[list[int]], answers: list[list[int]], cfg: EvalConfig, desc: str = "score",
-              ref: Sequence[Scored] | None = None) -> list[Scored]:  # fmt: skip
+    def score(
+        self,
+        encoded: list[list[int]],
+        answers: list[list[int]],
+        cfg: EvalConfig,
+        desc: str = "score",
+        ref: Sequence[Scored] | None = None,
+    ) -> list[Scored]:
         """Prompt + answer through the model; the distribution at every answer position (as `measure.score`; with
         `ref`, the original's scores of the same answers, the KL to them: `Scored.of`)."""
         seqs = [p + a for p, a in zip(encoded, answers)]
@@ -88,8 +94,11 @@ class LlamaCppRunner:
                 n = len(answers[i])
                 logp = _log_softmax(np.stack([ctx.logits(row - n + t) for t in range(n)]))
                 nll = -logp[np.arange(n), answers[i]]
-                out[i] = Scored.of(torch.from_numpy(nll), torch.from_numpy(logp[: cfg.kl_tokens].astype(np.float32)),
-                                   ref[i] if ref is not None else None)  # fmt: skip
+                out[i] = Scored.of(
+                    torch.from_numpy(nll),
+                    torch.from_numpy(logp[: cfg.kl_tokens].astype(np.float32)),
+                    ref[i] if ref is not None else None,
+                )
         return out  # type: ignore[return-value]
 
     def letter_logprobs(self, prompts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
@@ -106,8 +115,9 @@ class LlamaCppRunner:
     def lm_eval(self, tasks: Sequence[str], limit: int | None = None, include: Path | None = None) -> dict:
         raise CnaExportError("--lm-eval runs lm-evaluation-harness in torch.", "add --backend torch.")
 
-    def _groups(self, seqs: list[list[int]], batch_size: int, desc: str,
-                extra: int = 0) -> Iterator[tuple[LlamaCppContext, list[int]]]:  # fmt: skip
+    def _groups(
+        self, seqs: list[list[int]], batch_size: int, desc: str, extra: int = 0
+    ) -> Iterator[tuple[LlamaCppContext, list[int]]]:
         """A context for `batch_size` sequences of up to the longest of `seqs` plus `extra` tokens each, and the
         length-sorted groups of `seqs` one by one (their KV cells are dropped after each group)."""
         bs = min(batch_size, len(seqs))

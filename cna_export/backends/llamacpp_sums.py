@@ -112,8 +112,12 @@ def collect_sets_gguf(
     # The tap only copies rows out; they are added after each decode. Torch work inside the callback would wake its
     # thread pool while llama.cpp's threads wait for the main thread, and the two pools fight for the cores.
     pending: dict[tuple[int, str], np.ndarray] = {}
-    tap = FfnDownTap(tap_units(spec, shape, last), last, lambda layer, part, rows: pending.__setitem__((layer, part), rows),
-                     spec.model_type)  # fmt: skip
+    tap = FfnDownTap(
+        tap_units(spec, shape, last),
+        last,
+        lambda layer, part, rows: pending.__setitem__((layer, part), rows),
+        spec.model_type,
+    )
     tagged = [(k, ids) for k, prompts in enumerate(sets) for ids in prompts]
     prefix = common_prefix([ids for _, ids in tagged]) if share_prefix else 0
     groups = length_groups([ids for _, ids in tagged], batch_size)
@@ -139,7 +143,9 @@ def collect_sets_gguf(
     return sums.stats([len(prompts) for prompts in sets], shape.num_layers)
 
 
-def encode_sets(model: LlamaCppModel, sets: Sequence[Sequence[str]], chat_template: str | None) -> list[list[list[int]]]:
+def encode_sets(
+    model: LlamaCppModel, sets: Sequence[Sequence[str]], chat_template: str | None
+) -> list[list[list[int]]]:
     """Token ids per prompt, per set, with the GGUF's own tokenizer and chat template."""
     out = []
     for prompts in sets:

@@ -33,8 +33,9 @@ class Options(BaseModel):
         except ValidationError as exc:
             err = exc.errors()[0]
             name = str(err["loc"][0]) if err["loc"] else "options"
-            raise CnaExportError(f"--{name.replace('_', '-')} {given.get(name)!r}: {err['msg']}.",
-                                 "see --help.") from None  # fmt: skip
+            raise CnaExportError(
+                f"--{name.replace('_', '-')} {given.get(name)!r}: {err['msg']}.", "see --help."
+            ) from None
 
 
 class LoadOptions(Options):
@@ -55,12 +56,15 @@ class LoadOptions(Options):
     device_map: str | None = Field(
         default=None, description="spread layers over devices: auto, balanced, sequential (accelerate)"
     )
-    offload_folder: Path | None = Field(default=None, description="folder for weights offloaded to disk with --device-map")
+    offload_folder: Path | None = Field(
+        default=None, description="folder for weights offloaded to disk with --device-map"
+    )
     trust_remote_code: bool = Field(default=False, description="allow model code from the Hub (off by default)")
     threads: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="llama.cpp threads (default: $CNA_EXPORT_LLAMA_THREADS, else every core this process may use)",
-    )  # fmt: skip
+    )
 
 
 class ExportOptions(Options):

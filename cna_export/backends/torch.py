@@ -25,6 +25,7 @@ from cna_export.circuit.format import Circuit, ModelIdentity
 from cna_export.circuit.selection import Selection
 from cna_export.errors import CnaExportError
 from cna_export.evaluate import measure
+from cna_export.evaluate.lm_eval import lm_eval_scores
 from cna_export.fold.scale import LayerEdits, UnitEdits
 from cna_export.io.source import Source, describe, identity, load_model, resolve
 
@@ -38,8 +39,9 @@ class TorchRunner:
         >>> answers = runner.generate(runner.encode(prompts), EvalConfig())
     """
 
-    def __init__(self, model: nn.Module, tokenizer, spec: ArchSpec | None = None,
-                 edits: LayerEdits | UnitEdits | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, model: nn.Module, tokenizer, spec: ArchSpec | None = None, edits: LayerEdits | UnitEdits | None = None
+    ) -> None:
         if edits is not None and spec is None:
             raise ValueError("runtime edits need the architecture spec")
         self.model, self.tokenizer, self.spec, self.edits = model, tokenizer, spec, edits
@@ -60,8 +62,14 @@ class TorchRunner:
         with self.hooked():
             return measure.generate(self.model, self.tokenizer, encoded, cfg, desc)
 
-    def score(self, encoded: list[list[int]], answers: list[list[int]], cfg: measure.EvalConfig, desc: str = "score",
-              ref: Sequence[measure.Scored] | None = None) -> list[measure.Scored]:  # fmt: skip
+    def score(
+        self,
+        encoded: list[list[int]],
+        answers: list[list[int]],
+        cfg: measure.EvalConfig,
+        desc: str = "score",
+        ref: Sequence[measure.Scored] | None = None,
+    ) -> list[measure.Scored]:
         with self.hooked():
             return measure.score(self.model, encoded, answers, cfg, measure.pad_id_of(self.tokenizer), desc, ref)
 
@@ -76,7 +84,7 @@ class TorchRunner:
 
     def lm_eval(self, tasks: Sequence[str], limit: int | None = None, include: Path | None = None) -> dict:
         with self.hooked():
-            return measure.lm_eval_scores(self.model, self.tokenizer, tasks, limit=limit, include_path=include)
+            return lm_eval_scores(self.model, self.tokenizer, tasks, limit=limit, include_path=include)
 
 
 class TorchBackend:
@@ -102,8 +110,14 @@ class TorchBackend:
         self._identity: ModelIdentity | None = None
 
     @classmethod
-    def of_model(cls, model: nn.Module, tokenizer, spec: ArchSpec, model_id: ModelIdentity | None = None,
-                 model_name: str = "model") -> TorchBackend:  # fmt: skip
+    def of_model(
+        cls,
+        model: nn.Module,
+        tokenizer,
+        spec: ArchSpec,
+        model_id: ModelIdentity | None = None,
+        model_name: str = "model",
+    ) -> TorchBackend:
         """A backend over a model already loaded (tests, benchmarks, several runs on one model); `model_id` is
         needed to attribute (it is recorded in the circuit)."""
         self = cls.__new__(cls)
@@ -132,19 +146,34 @@ class TorchBackend:
 
     def _load(self, source: Source) -> tuple[nn.Module, object]:
         o = self.options
-        return load_model(source, dtype=o.dtype, device=o.device, trust_remote_code=o.trust_remote_code,
-                          device_map=o.device_map, offload_folder=o.offload_folder)  # fmt: skip
+        return load_model(
+            source,
+            dtype=o.dtype,
+            device=o.device,
+            trust_remote_code=o.trust_remote_code,
+            device_map=o.device_map,
+            offload_folder=o.offload_folder,
+        )
 
-    def attribute(self, sets: Sequence[Sequence[str]], selection: Selection, top_n: int | None,
-                  last_layer: int) -> list[SetStats]:  # fmt: skip
+    def attribute(
+        self, sets: Sequence[Sequence[str]], selection: Selection, top_n: int | None, last_layer: int
+    ) -> list[SetStats]:
         runner = self.load()
         encoded = [runner.encode(prompts, selection.chat_template, selection.system_prompt) for prompts in sets]
-        return collect_sets(runner.model, self.spec, encoded, selection.batch_size, measure.pad_id_of(runner.tokenizer),
-                            top_n=top_n, last_layer=last_layer)  # fmt: skip
+        return collect_sets(
+            runner.model,
+            self.spec,
+            encoded,
+            selection.batch_size,
+            measure.pad_id_of(runner.tokenizer),
+            top_n=top_n,
+            last_layer=last_layer,
+        )
 
     @contextlib.contextmanager
-    def variant(self, circuit: Circuit, multiplier: float | None = None,
-                allow_negative: bool = False) -> Iterator[TorchRunner]:  # fmt: skip
+    def variant(
+        self, circuit: Circuit, multiplier: float | None = None, allow_negative: bool = False
+    ) -> Iterator[TorchRunner]:
         runner = self.load()
         yield TorchRunner(runner.model, runner.tokenizer, self.spec, circuit.hook_edits(multiplier, allow_negative))
 

@@ -57,8 +57,10 @@ def load_answers(ref: str, base: Path | None) -> list[list[str]]:
     for i, entry in enumerate(answers):
         options = [entry] if isinstance(entry, str) else entry
         if not isinstance(options, list) or not options or not all(isinstance(o, str) and o.strip() for o in options):
-            raise RecipeError(f"The answers file {ref}: entry {i} is not a string or a list of strings.",
-                              "write each expected answer as text, or a list of acceptable texts.")  # fmt: skip
+            raise RecipeError(
+                f"The answers file {ref}: entry {i} is not a string or a list of strings.",
+                "write each expected answer as text, or a list of acceptable texts.",
+            )
         out.append([o.strip() for o in options])
     return out
 

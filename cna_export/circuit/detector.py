@@ -38,13 +38,27 @@ SCAN_CHARS = 8000  # a rule never scans more of an answer than this
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$"
 # The recipe fields that hold prompt sets (an answer key names which of them its answer files go with).
 PROMPT_FIELDS = (
-    "positive", "negative", "validation_positive", "validation_negative", "heldout_positive", "heldout_negative",
-    "protect", "validation_protect", "heldout_protect",
-)  # fmt: skip
+    "positive",
+    "negative",
+    "validation_positive",
+    "validation_negative",
+    "heldout_positive",
+    "heldout_negative",
+    "protect",
+    "validation_protect",
+    "heldout_protect",
+)
 PromptField = Literal[
-    "positive", "negative", "validation_positive", "validation_negative", "heldout_positive", "heldout_negative",
-    "protect", "validation_protect", "heldout_protect",
-]  # fmt: skip
+    "positive",
+    "negative",
+    "validation_positive",
+    "validation_negative",
+    "heldout_positive",
+    "heldout_negative",
+    "protect",
+    "validation_protect",
+    "heldout_protect",
+]
 
 
 def nested_repeat(pattern: str) -> bool:
@@ -107,13 +121,17 @@ class Rule(Strict):
 
     name: str = Field(pattern=NAME_PATTERN, description="Reported in per-prompt records when this rule fires.")
     regex: str | None = Field(
-        default=None, min_length=1, description=f"A Python regular expression (at most {REGEX_MAX_CHARS} characters, "
+        default=None,
+        min_length=1,
+        description=f"A Python regular expression (at most {REGEX_MAX_CHARS} characters, "
         "no nested unbounded repeats), searched in the normalized answer (lower case unless case_sensitive).",
-    )  # fmt: skip
+    )
     keywords: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
-        default=None, min_length=1, max_length=KEYWORDS_MAX,
+        default=None,
+        min_length=1,
+        max_length=KEYWORDS_MAX,
         description="Words or phrases; the rule fires when one appears as a whole word (ends at word boundaries).",
-    )  # fmt: skip
+    )
 
     @field_validator("regex")
     @classmethod
@@ -177,16 +195,18 @@ class AnswerKeyDetector(Strict):
         "of prompt i: a string, or a list of acceptable strings.",
     )
     fires_when: Literal["wrong", "right"] = Field(
-        default="wrong", description="wrong: the behaviour is an answer without the expected one (sycophancy, an "
+        default="wrong",
+        description="wrong: the behaviour is an answer without the expected one (sycophancy, an "
         "error); right: an answer that contains it.",
-    )  # fmt: skip
+    )
     scope: Literal["answer", "opening"] = Field(
         default="answer", description="Look for the expected answer in the whole answer or only in its opening."
     )
     match: Literal["word", "substring"] = Field(
-        default="word", description="word: an expected answer counts as whole words (\"4\" is not in \"40\"); "
+        default="word",
+        description='word: an expected answer counts as whole words ("4" is not in "40"); '
         "substring: anywhere, case-insensitive (for keys written that way).",
-    )  # fmt: skip
+    )
 
 
 class MeasureDetector(Strict):

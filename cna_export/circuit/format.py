@@ -314,8 +314,9 @@ class Circuit(Strict):
             raise CircuitError(f"Circuit file {path} does not exist.", "pass the path written by discover.") from None
         except OSError as exc:  # a folder, no permission, an I/O error
             raise CircuitError(f"Circuit file {path} cannot be read ({exc.strerror}).", "check the path.") from None
-        data = parse_json(raw, lambda why: CircuitError(f"Circuit file {path} is not valid JSON ({why}).",
-                                                        "re-run discover."))  # fmt: skip
+        data = parse_json(
+            raw, lambda why: CircuitError(f"Circuit file {path} is not valid JSON ({why}).", "re-run discover.")
+        )
         if isinstance(data, dict) and data.get("format") not in (None, FORMAT):
             raise CircuitError(f"{path} is not a cna-export circuit.", "pass a circuit written by discover.")
         try:  # from the JSON text: strict types, but JSON arrays are valid tuples

@@ -72,7 +72,9 @@ def recipes_dir() -> Path:
 class Universal(Strict):
     enabled: bool = Field(default=True, description=Selection.model_fields["universal"].description)
     top_n: int | None = Field(default=None, ge=1, description=Selection.model_fields["universal_top_n"].description)
-    threshold: float = Field(default=0.8, gt=0, le=1, description=Selection.model_fields["universal_threshold"].description)
+    threshold: float = Field(
+        default=0.8, gt=0, le=1, description=Selection.model_fields["universal_threshold"].description
+    )
     prompts: PromptRef = Field(default="builtin:neutral_diverse", description="Diverse neutral prompts.")
 
 
@@ -119,10 +121,11 @@ class Recipe(Knobs):
         "built-in detector named by `behaviour`.",
     )
     system_prompt: str | None = Field(
-        default=None, min_length=1,
+        default=None,
+        min_length=1,
         description="System message before every prompt (attribution, eval, chat): the text itself, builtin:NAME "
         "(a `system:` key in cna_export/data/prompts/NAME.yaml), or a .txt/.yaml file beside the recipe.",
-    )  # fmt: skip
+    )
     multiplier: float = Field(allow_inf_nan=False, description="0 ablates, 1 keeps, >1 amplifies.")
     allow_negative: bool = Field(default=False, description="Permit a negative multiplier.")
     universal: Universal = Field(default_factory=Universal, description="Universal-neuron exclusion.")
@@ -160,7 +163,9 @@ def find_recipe(name_or_path: str | Path, shipped_only: bool = False) -> Path:
     if str(name_or_path) in known:
         return recipes_dir() / f"{name_or_path}.yaml"
     where = "a shipped recipe's name" if shipped_only else "a YAML path"
-    raise RecipeError(f"Recipe {str(name_or_path)!r} not found.", f"pass {where} or one of: {', '.join(known) or 'none'}.")
+    raise RecipeError(
+        f"Recipe {str(name_or_path)!r} not found.", f"pass {where} or one of: {', '.join(known) or 'none'}."
+    )
 
 
 def load_recipe(name_or_path: str | Path, shipped_only: bool = False) -> tuple[Recipe, Path]:
@@ -193,7 +198,11 @@ def load_prompts(ref: PromptRef, base: Path | None = None) -> list[Prompt]:
         if name not in builtin_sets():  # only the shipped names: never `builtin:../../x`
             raise RecipeError(f"No built-in prompt set {name!r}.", f"use one of: {', '.join(builtin_sets())}.")
         data = resources.files("cna_export") / "data" / "prompts" / f"{name}.yaml"
-        prompts, where, unit = _parse(data.read_text(encoding="utf-8"), ".yaml", ref), f"Built-in prompt set {name}", " item"
+        prompts, where, unit = (
+            _parse(data.read_text(encoding="utf-8"), ".yaml", ref),
+            f"Built-in prompt set {name}",
+            " item",
+        )
     else:
         path = recipe_file(ref, base)
         if not path.is_file():
@@ -265,8 +274,9 @@ def _parse(text: str, suffix: str, where: str) -> list:
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     try:
         if suffix == ".jsonl":
-            return _numbered([(n, parse_json(line, lambda why, n=n: fail(f"line {n}: {why}"))["prompt"])
-                              for n, line in lines])  # fmt: skip
+            return _numbered(
+                [(n, parse_json(line, lambda why, n=n: fail(f"line {n}: {why}"))["prompt"]) for n, line in lines]
+            )
         if suffix in (".yaml", ".yml"):
             data = yaml.safe_load(text)
             return data["prompts"] if isinstance(data, dict) else data

@@ -33,25 +33,32 @@ class Knobs(Strict):
         default=0, ge=0, description="Never select neurons in the last n layers (not in the paper; see the recipes)."
     )
     specificity: float = Field(
-        default=0.0, ge=0, allow_inf_nan=False,
+        default=0.0,
+        ge=0,
+        allow_inf_nan=False,
         description="Rank by max(0, |delta| - S x mean |activation| on neutral prompts): prefers neurons quiet on "
         "ordinary text (not in the paper; 0 ranks by |delta|).",
-    )  # fmt: skip
+    )
     protect_weight: float = Field(
-        default=0.0, ge=0, allow_inf_nan=False,
+        default=0.0,
+        ge=0,
+        allow_inf_nan=False,
         description="Rank by |delta| - W x |delta on the protect set| (protect mean - negative mean): neurons that "
         "also separate the protect prompts from the negative ones rank lower (0 ignores the protect set).",
-    )  # fmt: skip
+    )
     sign_filter: bool = Field(
         default=False,
         description="Keep only neurons whose mean activation on the positive prompts has the sign of their delta, "
         "so scaling them moves those prompts along the contrast (for amplification, m > 1).",
     )
     max_layer_share: float | None = Field(
-        default=None, gt=0, le=1, allow_inf_nan=False,
+        default=None,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
         description="Per-layer budget: no layer gets more than this share of the k neurons (rounded up); the next "
         "ranked neurons of other layers fill the rest (none: no budget).",
-    )  # fmt: skip
+    )
     batch_size: int = Field(default=16, ge=1, description="Prompts per forward pass.")
     chat_template: bool = Field(default=True, description="Apply the tokenizer's chat template if it has one.")
 
@@ -93,7 +100,11 @@ class Selection(Knobs):
     def resolve_k(self, shape: ModelShape) -> int:
         """The number of neurons to select in a model of `shape` (a fraction is of all its MLP neurons); the
         layer window must hold that many."""
-        k = self.top_k if self.top_k is not None else max(1, round((self.fraction or DEFAULT_FRACTION) * shape.num_neurons))
+        k = (
+            self.top_k
+            if self.top_k is not None
+            else max(1, round((self.fraction or DEFAULT_FRACTION) * shape.num_neurons))
+        )
         if k > shape.num_neurons:
             raise RecipeError(
                 f"k={k} neurons is outside 1..{shape.num_neurons} (all MLP neurons of this model).",

@@ -23,8 +23,11 @@ def _check_same_model(circuits: list[Circuit], names: list[str]) -> None:
     for circuit, name in zip(circuits[1:], names[1:]):
         me = circuit.model
         same_shape = (me.num_layers, me.intermediate_size, me.hidden_size, me.layer_widths) == (
-            first.num_layers, first.intermediate_size, first.hidden_size, first.layer_widths
-        )  # fmt: skip
+            first.num_layers,
+            first.intermediate_size,
+            first.hidden_size,
+            first.layer_widths,
+        )
         if not compatible(first.model_type, me.model_type) or not same_shape:
             raise CircuitError(
                 f"Circuits {name0} ({first.model_type}, {first.num_layers} x {first.intermediate_size}) and "
@@ -54,8 +57,10 @@ def stack(circuits: list[Circuit], names: list[str] | None = None, allow_negativ
         return circuits[0]
     names = names or [f"circuit-{i + 1}" for i in range(len(circuits))]
     if any(getattr(n, "expert", None) is not None for c in circuits for n in c.neurons):
-        raise CircuitError("Stacking circuits with neurons inside experts is not supported yet.",
-                           "apply mixture-of-experts circuits one at a time.")  # fmt: skip
+        raise CircuitError(
+            "Stacking circuits with neurons inside experts is not supported yet.",
+            "apply mixture-of-experts circuits one at a time.",
+        )
     _check_same_model(circuits, names)
     product: dict[tuple[int, int], float] = {}
     delta: dict[tuple[int, int], float] = {}
@@ -73,19 +78,29 @@ def stack(circuits: list[Circuit], names: list[str] | None = None, allow_negativ
     hashes = {c.model.weights_sha256 for c in circuits}
     model = circuits[0].model.model_copy(update={"weights_sha256": hashes.pop() if len(hashes) == 1 else None})
     sources = [
-        StackedSource(file=name, sha256=c.sha256(), behaviour=c.behaviour, recipe=c.recipe, multiplier=c.multiplier,
-                      neurons=len(c.neurons))
+        StackedSource(
+            file=name,
+            sha256=c.sha256(),
+            behaviour=c.behaviour,
+            recipe=c.recipe,
+            multiplier=c.multiplier,
+            neurons=len(c.neurons),
+        )
         for c, name in zip(circuits, names)
-    ]  # fmt: skip
+    ]
     neurons = [
         Neuron(layer=l, index=i, delta=delta[(l, i)], multiplier=None if m == default else m)
         for (l, i), m in sorted(product.items())
     ]
     return Circuit(
-        behaviour=" + ".join(c.behaviour for c in circuits), multiplier=default, model=model,
+        behaviour=" + ".join(c.behaviour for c in circuits),
+        multiplier=default,
+        model=model,
         prompts={f"{s.file}:{k}": v for s, c in zip(sources, circuits) for k, v in c.prompts.items()},
-        selection=RecordedSelection(top_k=len(neurons)), neurons=neurons, sources=sources,
-    )  # fmt: skip
+        selection=RecordedSelection(top_k=len(neurons)),
+        neurons=neurons,
+        sources=sources,
+    )
 
 
 def load_stack(paths: list[Path], multiplier: float | None = None, allow_negative: bool = False) -> Circuit:

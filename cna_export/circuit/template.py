@@ -81,10 +81,13 @@ def recipe_template(name: str) -> str:
         True
     """
     if not NAME_PATTERN.match(name):
-        raise RecipeError(f"Recipe name {name!r} is not a short identifier.",
-                          "use lower-case letters, digits, '-' and '_', e.g. pirate-speak.")  # fmt: skip
-    return _TEMPLATE.format(name=name, **{k: f"{v:g}" if isinstance(v, float) else v
-                                          for k, v in REFUSAL_SETTINGS.items()})  # fmt: skip
+        raise RecipeError(
+            f"Recipe name {name!r} is not a short identifier.",
+            "use lower-case letters, digits, '-' and '_', e.g. pirate-speak.",
+        )
+    return _TEMPLATE.format(
+        name=name, **{k: f"{v:g}" if isinstance(v, float) else v for k, v in REFUSAL_SETTINGS.items()}
+    )
 
 
 def write_recipe_template(name: str, out: Path | None = None, overwrite: bool = False) -> Path:

@@ -22,7 +22,8 @@ def register(add) -> None:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from cna_export.audit.diff import diff, verify
+    from cna_export.audit.diff import diff
+    from cna_export.audit.verify import verify
     from cna_export.io.output import OutputPlan
 
     outputs = OutputPlan(args.overwrite, protect=[Path(p) for p in (args.original, args.edited) if Path(p).exists()])

@@ -26,12 +26,23 @@ def register(add) -> None:
     p.add_argument("recipe", help="recipe name (see recipes/) or YAML path")
     p.add_argument("--out", required=True, type=Path, help="output model folder")
     p.add_argument("--circuit", type=Path, nargs="+", help="circuit file(s) to stack on the discovered one")
-    p.add_argument("--adapter", action="store_true",
-                   help="write a LoRA adapter folder instead of the edited model (--gguf f32: also a GGUF LoRA)")  # fmt: skip
-    p.add_argument("--no-check", action="store_true",
-                   help="skip the quick check (a few validation prompts, original vs edited) at the end")
-    p.add_argument("--check-prompts", type=int, default=4, metavar="N",
-                   help="validation prompts per set in the quick check (default 4)")
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="write a LoRA adapter folder instead of the edited model (--gguf f32: also a GGUF LoRA)",
+    )
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the quick check (a few validation prompts, original vs edited) at the end",
+    )
+    p.add_argument(
+        "--check-prompts",
+        type=int,
+        default=4,
+        metavar="N",
+        help="validation prompts per set in the quick check (default 4)",
+    )
     p.set_defaults(func=_run)
 
     p = add("discover", "find the neurons of a behaviour and write a circuit file", [model, select])
@@ -45,10 +56,18 @@ def register(add) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing circuit file")
     p.set_defaults(func=_discover)
 
-    p = add("apply", "fold a circuit into a model and export it (a .gguf: patched in place, same quantization)",
-            [model, apply])  # fmt: skip
-    p.add_argument("--circuit", required=True, type=Path, nargs="+",
-                   help="circuit file(s) from discover; several are stacked (a neuron in several: the product)")  # fmt: skip
+    p = add(
+        "apply",
+        "fold a circuit into a model and export it (a .gguf: patched in place, same quantization)",
+        [model, apply],
+    )
+    p.add_argument(
+        "--circuit",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="circuit file(s) from discover; several are stacked (a neuron in several: the product)",
+    )
     p.add_argument("--out", required=True, type=Path, help="output model folder")
     p.set_defaults(func=_apply)
 
@@ -61,8 +80,9 @@ def _run(args: argparse.Namespace) -> None:
     export = export_options(args)  # a bad flag fails before the model is opened
     backend = open_model(args.model, load_options(args))  # once: discovery, export and the quick check share it
     try:
-        out, circuit = run_recipe(args.recipe, backend, args.out, overrides=selection_overrides(args), export=export,
-                                  stack_with=args.circuit)  # fmt: skip
+        out, circuit = run_recipe(
+            args.recipe, backend, args.out, overrides=selection_overrides(args), export=export, stack_with=args.circuit
+        )
         if out is not None:
             _report_run(args, out, circuit, backend)
     finally:
@@ -83,8 +103,9 @@ def _report_run(args: argparse.Namespace, out: Path, circuit, backend) -> None:
     _after_export(args, out)
 
     prompts = 0 if args.no_check else args.check_prompts
-    summary = summarize_run(backend, circuit, out, model=args.model, recipe=args.recipe, adapter=args.adapter,
-                            prompts=prompts)  # fmt: skip
+    summary = summarize_run(
+        backend, circuit, out, model=args.model, recipe=args.recipe, adapter=args.adapter, prompts=prompts
+    )
     print()
     print(render(summary))
 
@@ -100,9 +121,15 @@ def _discover(args: argparse.Namespace) -> None:
     outputs.file(args.out)
     recipe, base = load_recipe(args.recipe) if args.recipe else (None, None)
     plan = plan_discovery(
-        recipe, base, overrides=selection_overrides(args), positive=args.positive, negative=args.negative,
-        neutral=args.neutral, behaviour=args.behaviour, multiplier=args.multiplier,
-    )  # fmt: skip
+        recipe,
+        base,
+        overrides=selection_overrides(args),
+        positive=args.positive,
+        negative=args.negative,
+        neutral=args.neutral,
+        behaviour=args.behaviour,
+        multiplier=args.multiplier,
+    )
     backend = open_model(args.model, load_options(args))
     try:
         circuit = discover_source(backend, plan)

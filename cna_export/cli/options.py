@@ -8,6 +8,7 @@ import types
 import typing
 from pathlib import Path
 
+from cna_export.errors import CnaExportError
 from cna_export.gguf.outtypes import OUTTYPE_NAMES
 
 EXAMPLES = {
@@ -81,8 +82,11 @@ def model_opts() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True,
-                   help="model folder, Hub id (owner/name), .gguf file, or the folder `run` wrote from one")  # fmt: skip
+    g.add_argument(
+        "--model",
+        required=True,
+        help="model folder, Hub id (owner/name), .gguf file, or the folder `run` wrote from one",
+    )
     for name, info in LoadOptions.model_fields.items():
         kind, text = _field_type(info.annotation), (info.description or "").replace("%", "%%")
         if kind is bool:
@@ -99,7 +103,6 @@ def _device(text: str) -> str:
     arguments are parsed, whichever backend (torch or llama.cpp) the command then opens."""
     if text == "auto":
         return text
-    from cna_export.errors import CnaExportError
     from cna_export.io.source import pick_device
 
     try:
@@ -141,11 +144,21 @@ def selection_opts() -> argparse.ArgumentParser:
     for name, info in Selection.model_fields.items():
         kind = _field_type(info.annotation)
         if kind is bool and info.default is False:
-            g.add_argument(flag(name), dest=name, action="store_const", const=True,
-                           help=f"turn on: {info.description}".replace("%", "%%"))  # fmt: skip
+            g.add_argument(
+                flag(name),
+                dest=name,
+                action="store_const",
+                const=True,
+                help=f"turn on: {info.description}".replace("%", "%%"),
+            )
         elif kind is bool:
-            g.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_const", const=False,
-                           help=f"turn off: {info.description}".replace("%", "%%"))  # fmt: skip
+            g.add_argument(
+                f"--no-{name.replace('_', '-')}",
+                dest=name,
+                action="store_const",
+                const=False,
+                help=f"turn off: {info.description}".replace("%", "%%"),
+            )
         else:
             group = size if name in ("top_k", "fraction") else g
             group.add_argument(flag(name), type=kind, help=(info.description or "").replace("%", "%%"))
@@ -172,13 +185,24 @@ def apply_opts() -> argparse.ArgumentParser:
     g.add_argument("--base-model", help="Hub id of the source for the model card, when it is a local copy or GGUF")
     g.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export to this Hub repository (owner/name)")
     g.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private")
-    g.add_argument("--gguf", metavar="OUTTYPE", choices=OUTTYPE_NAMES,
-                   help="also convert the export to OUT/OUT-OUTTYPE.gguf (f32, f16, bf16, q8_0)")  # fmt: skip
-    g.add_argument("--file-hashes", action=argparse.BooleanOptionalAction, default=False,
-                   help="record the weight files' sha256 in the model card now (default: push records them; "
-                        "hashing costs more than the copy itself)")  # fmt: skip
-    g.add_argument("--safetensors", action="store_true",
-                   help="with a .gguf model: export a dequantized safetensors folder instead of the patched GGUF")
+    g.add_argument(
+        "--gguf",
+        metavar="OUTTYPE",
+        choices=OUTTYPE_NAMES,
+        help="also convert the export to OUT/OUT-OUTTYPE.gguf (f32, f16, bf16, q8_0)",
+    )
+    g.add_argument(
+        "--file-hashes",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="record the weight files' sha256 in the model card now (default: push records them; "
+        "hashing costs more than the copy itself)",
+    )
+    g.add_argument(
+        "--safetensors",
+        action="store_true",
+        help="with a .gguf model: export a dequantized safetensors folder instead of the patched GGUF",
+    )
     g.add_argument("--modelfile", action="store_true", help="with a .gguf model: also write an Ollama Modelfile")
     return p
 
@@ -188,25 +212,41 @@ def export_options(args: argparse.Namespace):
     from cna_export.backends.options import ExportOptions
 
     return ExportOptions.checked(
-        multiplier=args.multiplier, allow_negative=args.allow_negative, overwrite=args.overwrite, force=args.force,
-        target=args.target, base_model=args.base_model, gguf=args.gguf, hash_files=args.file_hashes,
-        safetensors=args.safetensors, modelfile=args.modelfile, adapter=getattr(args, "adapter", False),
-    )  # fmt: skip
+        multiplier=args.multiplier,
+        allow_negative=args.allow_negative,
+        overwrite=args.overwrite,
+        force=args.force,
+        target=args.target,
+        base_model=args.base_model,
+        gguf=args.gguf,
+        hash_files=args.file_hashes,
+        safetensors=args.safetensors,
+        modelfile=args.modelfile,
+        adapter=getattr(args, "adapter", False),
+    )
 
 
 def eval_opts() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("evaluation")
-    g.add_argument("-o", "--out", required=True, type=Path,
-                   help="report folder (results.json, prompts.jsonl, report.md)")  # fmt: skip
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out (and sweep's --export) folder written by cna-export")  # fmt: skip
+    g.add_argument(
+        "-o", "--out", required=True, type=Path, help="report folder (results.json, prompts.jsonl, report.md)"
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out (and sweep's --export) folder written by cna-export",
+    )
     g.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (default 32)")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
     g.add_argument("--kl-tokens", type=int, default=8, help="answer positions averaged for KL (default 8)")
     g.add_argument("--no-chat-template", action="store_true", help="feed raw prompts even if a chat template exists")
-    g.add_argument("--limit", type=int, metavar="N",
-                   help="the first N prompts of each set only: a quick look on a CPU (the report says so)")  # fmt: skip
+    g.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="the first N prompts of each set only: a quick look on a CPU (the report says so)",
+    )
     return p
 
 
@@ -216,7 +256,5 @@ def eval_config(args: argparse.Namespace):
     cfg = EvalConfig(args.max_new_tokens, args.batch_size, args.kl_tokens, not args.no_chat_template)
     cfg.check()
     if args.limit is not None and args.limit < 1:
-        from cna_export.errors import CnaExportError
-
         raise CnaExportError(f"--limit {args.limit} must be at least 1.", "pass a positive number of prompts per set.")
     return cfg

@@ -21,6 +21,12 @@ def register(add) -> None:
 def _push(args: argparse.Namespace) -> None:
     from cna_export.ship.hub import push
 
-    url = push(args.path, args.repo_id, private=args.private, branch=args.revision,
-               commit_message=args.commit_message, verify=not args.no_verify)  # fmt: skip
+    url = push(
+        args.path,
+        args.repo_id,
+        private=args.private,
+        branch=args.revision,
+        commit_message=args.commit_message,
+        verify=not args.no_verify,
+    )
     print(f"pushed {args.path} to {url}")

@@ -13,8 +13,9 @@ from cna_export.cli.options import eval_config, eval_opts, load_options, model_o
 def register(add) -> None:
     """Add this module's subcommand (`add(name, help, parents)` returns the subparser)."""
     model, evalo = model_opts(), eval_opts()
-    p = add("sweep", "grid over k and m from one attribution; Pareto front, pick a point, optionally export",
-            [model, evalo])  # fmt: skip
+    p = add(
+        "sweep", "grid over k and m from one attribution; Pareto front, pick a point, optionally export", [model, evalo]
+    )
     p.add_argument("--recipe", required=True, help="recipe with discovery and held-out prompt sets")
     p.add_argument("--k", nargs="+", required=True, help="neuron counts (1600) or fractions (0.014, 1.4%%)")
     p.add_argument("--multipliers", type=float, nargs="+", default=[0.0, 1.0, 2.0], help="default: 0 1 2")
@@ -32,10 +33,18 @@ def _sweep(args: argparse.Namespace) -> None:
     from cna_export.evaluate.options import SweepRequest
 
     request = SweepRequest(
-        recipe=args.recipe, ks=args.k, multipliers=args.multipliers, positive=args.positive, negative=args.negative,
-        kl_budget=args.kl_budget, benign_budget=args.benign_budget, allow_negative=args.allow_negative,
-        export=args.export, overwrite=args.overwrite, limit=args.limit,
-    )  # fmt: skip
+        recipe=args.recipe,
+        ks=args.k,
+        multipliers=args.multipliers,
+        positive=args.positive,
+        negative=args.negative,
+        kl_budget=args.kl_budget,
+        benign_budget=args.benign_budget,
+        allow_negative=args.allow_negative,
+        export=args.export,
+        overwrite=args.overwrite,
+        limit=args.limit,
+    )
     job = sweep_job(args.model, eval_config(args), args.out, request, load_options(args))
     print(headline_text(job.headline))
     print(f"wrote {job.report}")

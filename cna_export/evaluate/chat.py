@@ -29,10 +29,16 @@ class Exchange:
 
 
 def side_by_side(
-    model: str, prompts: Sequence[str], *, circuit: Path | None = None, edited: Path | None = None,
-    multiplier: float | None = None, allow_negative: bool = False, cfg: EvalConfig = EvalConfig(max_new_tokens=64),
+    model: str,
+    prompts: Sequence[str],
+    *,
+    circuit: Path | None = None,
+    edited: Path | None = None,
+    multiplier: float | None = None,
+    allow_negative: bool = False,
+    cfg: EvalConfig = EvalConfig(max_new_tokens=64),
     load: LoadOptions | None = None,
-) -> list[Exchange]:  # fmt: skip
+) -> list[Exchange]:
     """Answer every prompt with the original model and with the edit (`circuit` applied at runtime, or the
     `edited` model), in the model's backend: a GGUF file (or the folder `run` wrote from one) in llama.cpp unless
     `load.backend` is "torch".
@@ -68,7 +74,6 @@ def render(exchanges: Sequence[Exchange], width: int = 100) -> str:
     for ex in exchanges:
         left, right = textwrap.wrap(ex.original, col) or [""], textwrap.wrap(ex.edited, col) or [""]
         rows = [f"{'original'.ljust(col)} | edited", f"{'-' * col}-+-{'-' * col}"]
-        rows += [f"{a.ljust(col)} | {b}" for a, b in zip(left + [""] * len(right), right + [""] * len(left))
-                 if a or b]  # fmt: skip
+        rows += [f"{a.ljust(col)} | {b}" for a, b in zip(left + [""] * len(right), right + [""] * len(left)) if a or b]
         out.append("\n".join([f">>> {ex.prompt}", *rows, ""]))
     return "\n".join(out)

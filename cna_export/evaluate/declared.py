@@ -57,8 +57,10 @@ class CompiledRules:
         # MULTILINE: ^ and $ match at every line of the answer (bullets, headings); case-insensitive by default
         flags = regex.MULTILINE | regex.UNICODE | (0 if case_sensitive else regex.IGNORECASE)
         self.case_sensitive = case_sensitive
-        self.rules = [(r.name, regex.compile(r.regex if r.regex is not None else _keywords(r.keywords or []), flags))
-                      for r in rules]  # fmt: skip
+        self.rules = [
+            (r.name, regex.compile(r.regex if r.regex is not None else _keywords(r.keywords or []), flags))
+            for r in rules
+        ]
 
     def _text(self, text: str) -> str:
         """Straight quotes (a rule's "can't" matches a typographic apostrophe), lower case unless case-sensitive;
@@ -88,16 +90,20 @@ def _search(pattern: regex.Pattern, text: str, name: str):
     try:
         return pattern.search(text, timeout=REGEX_TIMEOUT_S)
     except TimeoutError:
-        raise RecipeError(f"Detector rule {name!r} took over {REGEX_TIMEOUT_S} s on one answer.",
-                          "simplify its regex (avoid nested or overlapping repeats).") from None  # fmt: skip
+        raise RecipeError(
+            f"Detector rule {name!r} took over {REGEX_TIMEOUT_S} s on one answer.",
+            "simplify its regex (avoid nested or overlapping repeats).",
+        ) from None
 
 
 def _findall(pattern: regex.Pattern, text: str, name: str) -> list:
     try:
         return pattern.findall(text, timeout=REGEX_TIMEOUT_S)
     except TimeoutError:
-        raise RecipeError(f"Detector rule {name!r} took over {REGEX_TIMEOUT_S} s on one answer.",
-                          "simplify its regex (avoid nested or overlapping repeats).") from None  # fmt: skip
+        raise RecipeError(
+            f"Detector rule {name!r} took over {REGEX_TIMEOUT_S} s on one answer.",
+            "simplify its regex (avoid nested or overlapping repeats).",
+        ) from None
 
 
 class DeclaredDetector:
@@ -136,8 +142,10 @@ class RulesDeclared(DeclaredDetector):
         return self.rules.first(opening(text) if self.spec.scope == "opening" else text)
 
     def describe(self) -> str:
-        kinds = ", ".join(f"{r.name} ({'regex' if r.regex is not None else f'{len(r.keywords or [])} keywords'})"
-                          for r in self.spec.rules)  # fmt: skip
+        kinds = ", ".join(
+            f"{r.name} ({'regex' if r.regex is not None else f'{len(r.keywords or [])} keywords'})"
+            for r in self.spec.rules
+        )
         return f"rules in the {self.spec.scope}: {kinds}"
 
 
@@ -146,8 +154,9 @@ class AnswerKeyDeclared(DeclaredDetector):
 
     def __init__(self, spec: AnswerKeyDetector, key: dict[str, list[str]]) -> None:
         self.spec, self.key, self._missing = spec, key, 0
-        self.patterns = {prompt: CompiledRules([Rule(name="expected", keywords=answers)], False)
-                         for prompt, answers in key.items()}  # fmt: skip
+        self.patterns = {
+            prompt: CompiledRules([Rule(name="expected", keywords=answers)], False) for prompt, answers in key.items()
+        }
         self.lowered = {prompt: [a.translate(_QUOTES).lower() for a in answers] for prompt, answers in key.items()}
 
     def verdict(self, text: str, prompt: str = "", tokens: int = 0) -> str | None:
@@ -155,8 +164,9 @@ class AnswerKeyDeclared(DeclaredDetector):
         if key not in self.key:
             self._missing += 1
             if self._missing == 1:
-                log.warning("a prompt has no expected answer in the answer key (not scored as the behaviour): %.60r",
-                            prompt)  # fmt: skip
+                log.warning(
+                    "a prompt has no expected answer in the answer key (not scored as the behaviour): %.60r", prompt
+                )
             return None
         scanned = opening(text) if self.spec.scope == "opening" else text
         if self.spec.match == "substring":
@@ -169,8 +179,10 @@ class AnswerKeyDeclared(DeclaredDetector):
         return "right-answer" if right else None
 
     def describe(self) -> str:
-        return (f"answer key ({len(self.key)} prompts, {self.spec.match} match): the behaviour is a "
-                f"{self.spec.fires_when} answer")  # fmt: skip
+        return (
+            f"answer key ({len(self.key)} prompts, {self.spec.match} match): the behaviour is a "
+            f"{self.spec.fires_when} answer"
+        )
 
 
 class MeasureDeclared(DeclaredDetector):
@@ -235,12 +247,16 @@ def build_detector(spec, recipe, base: Path | None) -> DeclaredDetector:
     for field, ref in spec.answers.items():
         prompts_ref = getattr(recipe, field)
         if prompts_ref is None:
-            raise RecipeError(f"The answer key names {field}, which the recipe does not set.",
-                              f"add {field} to the recipe or remove it from detector.answers.")  # fmt: skip
+            raise RecipeError(
+                f"The answer key names {field}, which the recipe does not set.",
+                f"add {field} to the recipe or remove it from detector.answers.",
+            )
         prompts, answers = load_prompts(prompts_ref, base), load_answers(ref, base)
         if len(prompts) != len(answers):
-            raise RecipeError(f"{field} has {len(prompts)} prompts but its answers file {ref} has {len(answers)}.",
-                              "give one expected answer per prompt, in the same order.")  # fmt: skip
+            raise RecipeError(
+                f"{field} has {len(prompts)} prompts but its answers file {ref} has {len(answers)}.",
+                "give one expected answer per prompt, in the same order.",
+            )
         for prompt, options in zip(prompts, answers):
             key[normalize(prompt)] = options
     return AnswerKeyDeclared(spec, key)

@@ -70,16 +70,69 @@ def add_delayed_refusals(results: dict, records: Sequence[dict]) -> None:
 
 _COLOURS = "red blue green yellow purple orange silver golden black white grey brown".split()
 _THINGS = "locker cabinet safe drawer door gate vault chest box shed garage mailbox".split()
-_SUBJECTS = ("the committee", "a visiting engineer", "the river", "the old library", "the morning train", "a farmer",
-             "the city council", "the museum guide", "a young painter", "the harbour master", "the weather station",
-             "the bakery on the corner", "a group of students", "the night shift", "the orchestra")  # fmt: skip
-_VERBS = ("discussed", "noticed", "described", "measured", "repaired", "painted", "visited", "recorded",
-          "photographed", "ignored", "admired", "studied", "cleaned", "mentioned", "planned")  # fmt: skip
-_OBJECTS = ("the new bridge", "a broken fence", "the quarterly budget", "the autumn harvest", "a distant storm",
-            "the village square", "an old map", "the water supply", "the school garden", "a long corridor",
-            "the evening concert", "a pile of letters", "the north road", "the clock tower", "a wooden boat")  # fmt: skip
-_ENDINGS = ("before lunch", "with great care", "for the third time", "without any hurry", "after the rain",
-            "during the holiday", "in the early evening", "as everyone expected", "for a small fee", "at dawn")  # fmt: skip
+_SUBJECTS = (
+    "the committee",
+    "a visiting engineer",
+    "the river",
+    "the old library",
+    "the morning train",
+    "a farmer",
+    "the city council",
+    "the museum guide",
+    "a young painter",
+    "the harbour master",
+    "the weather station",
+    "the bakery on the corner",
+    "a group of students",
+    "the night shift",
+    "the orchestra",
+)
+_VERBS = (
+    "discussed",
+    "noticed",
+    "described",
+    "measured",
+    "repaired",
+    "painted",
+    "visited",
+    "recorded",
+    "photographed",
+    "ignored",
+    "admired",
+    "studied",
+    "cleaned",
+    "mentioned",
+    "planned",
+)
+_OBJECTS = (
+    "the new bridge",
+    "a broken fence",
+    "the quarterly budget",
+    "the autumn harvest",
+    "a distant storm",
+    "the village square",
+    "an old map",
+    "the water supply",
+    "the school garden",
+    "a long corridor",
+    "the evening concert",
+    "a pile of letters",
+    "the north road",
+    "the clock tower",
+    "a wooden boat",
+)
+_ENDINGS = (
+    "before lunch",
+    "with great care",
+    "for the third time",
+    "without any hurry",
+    "after the rain",
+    "during the holiday",
+    "in the early evening",
+    "as everyone expected",
+    "for a small fee",
+    "at dawn",
+)
 
 
 @dataclass(frozen=True)
@@ -122,8 +175,10 @@ def long_context_items(n: int, words: int = LONG_CONTEXT_WORDS) -> list[LongCont
         filler.insert(at, facts[0])
         colour, thing = things[0]
         text = " ".join(filler)
-        prompt = (f"Read these notes; a question about them follows.\n\n{text}\n\n"
-                  f"Question: what is the access code for the {colour} {thing}? Answer with the number only.")  # fmt: skip
+        prompt = (
+            f"Read these notes; a question about them follows.\n\n{text}\n\n"
+            f"Question: what is the access code for the {colour} {thing}? Answer with the number only."
+        )
         items.append(LongContextItem(prompt, str(codes[0]), len(" ".join(filler[:at]).split()), len(text.split())))
     return items
 
@@ -170,21 +225,36 @@ class DepthChecks:
             answers = [decode(a) for a in generate(ids, self.cfg, "over-refusal set")]
             rules = [detect_refusal(a) for a in answers]
             hits = sum(r is not None for r in rules)
-            metrics |= {"over_refusal_rate": hits / len(prompts), "over_refusal_hits": hits,
-                        "n_over_refusal": len(prompts)}  # fmt: skip
-            self._pending += [{"set": "over-refusal", "prompt": p, "answer": a, "behaviour": r is not None, "rule": r}
-                              for p, a, r in zip(prompts, answers, rules)]  # fmt: skip
+            metrics |= {
+                "over_refusal_rate": hits / len(prompts),
+                "over_refusal_hits": hits,
+                "n_over_refusal": len(prompts),
+            }
+            self._pending += [
+                {"set": "over-refusal", "prompt": p, "answer": a, "behaviour": r is not None, "rule": r}
+                for p, a, r in zip(prompts, answers, rules)
+            ]
         if self.long_context:
             ids = self._encode("long", [it.prompt for it in self.long_context], encode)
             # One sequence at a time: a batch of 4k-token prompts is what runs a CPU out of memory.
             cfg = replace(self.cfg, max_new_tokens=LONG_CONTEXT_ANSWER_TOKENS, batch_size=1)
             answers = [decode(a) for a in generate(ids, cfg, "long context")]
             ok = [long_context_correct(a, it) for a, it in zip(answers, self.long_context)]
-            metrics |= {"long_context_accuracy": sum(ok) / len(ok), "long_context_hits": sum(ok),
-                        "n_long_context": len(ok)}  # fmt: skip
-            self._pending += [{"set": "long-context", "prompt": f"long-context item {i} ({it.words} words, fact at "
-                               f"word {it.fact_word})", "expected": it.answer, "answer": a, "correct": c}
-                              for i, (it, a, c) in enumerate(zip(self.long_context, answers, ok))]  # fmt: skip
+            metrics |= {
+                "long_context_accuracy": sum(ok) / len(ok),
+                "long_context_hits": sum(ok),
+                "n_long_context": len(ok),
+            }
+            self._pending += [
+                {
+                    "set": "long-context",
+                    "prompt": f"long-context item {i} ({it.words} words, fact at word {it.fact_word})",
+                    "expected": it.answer,
+                    "answer": a,
+                    "correct": c,
+                }
+                for i, (it, a, c) in enumerate(zip(self.long_context, answers, ok))
+            ]
         return metrics
 
     def _encode(self, key: str, prompts: Sequence[str], encode: Encode) -> list[list[int]]:
@@ -206,12 +276,17 @@ class DepthChecks:
     def describe(self) -> dict:
         """What was run, for the results document, the report and the card."""
         return {
-            "over_refusal": None if self.over_refusal is None else {"set": self.over_refusal[0],
-                                                                    "n": len(self.over_refusal[1])},
-            "long_context": None if not self.long_context else {
-                "items": len(self.long_context), "words": self.long_context[0].words,
-                "fact_at_word": self.long_context[0].fact_word},
-        }  # fmt: skip
+            "over_refusal": None
+            if self.over_refusal is None
+            else {"set": self.over_refusal[0], "n": len(self.over_refusal[1])},
+            "long_context": None
+            if not self.long_context
+            else {
+                "items": len(self.long_context),
+                "words": self.long_context[0].words,
+                "fact_at_word": self.long_context[0].fact_word,
+            },
+        }
 
 
 @dataclass(frozen=True)
@@ -228,8 +303,10 @@ class DepthOptions:
         from cna_export.circuit.recipe import load_prompts
 
         if self.long_context < 0 or self.long_context_words < 20:
-            raise CnaExportError(f"--long-context {self.long_context} / --long-context-words "
-                                 f"{self.long_context_words} is too small.", "pass N >= 0 items of >= 20 words.")  # fmt: skip
+            raise CnaExportError(
+                f"--long-context {self.long_context} / --long-context-words {self.long_context_words} is too small.",
+                "pass N >= 0 items of >= 20 words.",
+            )
         over = None
         if self.over_refusal:
             check_over_refusal(behaviour)
@@ -246,8 +323,9 @@ def runner_extra(depth: DepthChecks, cfg: EvalConfig) -> Callable:
     it (a `cna_export.backends.base.Runner`)."""
 
     def extra(runner) -> dict:
-        return depth.run(lambda ps: runner.encode(ps, cfg.chat_template, cfg.system_prompt), runner.generate,
-                         runner.decode)  # fmt: skip
+        return depth.run(
+            lambda ps: runner.encode(ps, cfg.chat_template, cfg.system_prompt), runner.generate, runner.decode
+        )
 
     return extra
 
@@ -255,5 +333,7 @@ def runner_extra(depth: DepthChecks, cfg: EvalConfig) -> Callable:
 def check_over_refusal(behaviour: str) -> None:
     """The over-refusal set counts refusals: only a refusal evaluation can use it."""
     if behaviour != "refusal":
-        raise CnaExportError(f"--over-refusal counts refusals, but this evaluation's behaviour is {behaviour!r}.",
-                             "drop --over-refusal, or evaluate a refusal recipe.")  # fmt: skip
+        raise CnaExportError(
+            f"--over-refusal counts refusals, but this evaluation's behaviour is {behaviour!r}.",
+            "drop --over-refusal, or evaluate a refusal recipe.",
+        )

@@ -60,7 +60,9 @@ class JobResult:
     chosen: dict | None = None
 
 
-def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load: LoadOptions | None = None) -> JobResult:
+def eval_job(
+    model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load: LoadOptions | None = None
+) -> JobResult:
     """Evaluate a circuit (applied at runtime, at each multiplier) or an exported model against the original on
     held-out prompts, and write the report folder `out`.
 
@@ -104,8 +106,12 @@ def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load:
 
         questions = mmlu.stratified(mmlu.load_questions(r.mmlu_file), r.mmlu_per_topic)
     if r.judge and cfg.max_new_tokens < JUDGE_MIN_TOKENS:
-        log.warning("judged answers need %d tokens: generating %d instead of %d", JUDGE_MIN_TOKENS,
-                    JUDGE_MIN_TOKENS, cfg.max_new_tokens)  # fmt: skip
+        log.warning(
+            "judged answers need %d tokens: generating %d instead of %d",
+            JUDGE_MIN_TOKENS,
+            JUDGE_MIN_TOKENS,
+            cfg.max_new_tokens,
+        )
         cfg = replace(cfg, max_new_tokens=JUDGE_MIN_TOKENS)
     behaviour = r.behaviour or (behaviour_of(rec, base) if rec else None) or (loaded.behaviour if loaded else None)
     cfg = with_system_prompt(cfg, rec, base, loaded)
@@ -129,9 +135,16 @@ def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load:
             return False  # not even the original finished: nothing to report
         done = SimpleNamespace(positive=pos, negative=neg, metrics=stream.metrics[0])
         moved = [p["multiplier"] for p in stream.metrics[1:] if p["multiplier"] not in (None, 1)]
-        partial = results_document("eval", backend.model_name, behaviour, cfg, done,
-                                   goal=goal_of(moved[0]) if moved else None, split=held.split,
-                                   backend=backend.runtime)  # fmt: skip
+        partial = results_document(
+            "eval",
+            backend.model_name,
+            behaviour,
+            cfg,
+            done,
+            goal=goal_of(moved[0]) if moved else None,
+            split=held.split,
+            backend=backend.runtime,
+        )
         partial["points"], partial["edited"] = stream.metrics[1:], str(r.edited) if r.edited is not None else None
         note_protect(partial, pos, protect)
         mark_partial(partial, stopped_by, len(stream.metrics), count)
@@ -148,8 +161,9 @@ def eval_job(model: str, out: Path, cfg: EvalConfig, request: EvalRequest, load:
                 stream.add(metrics, [*records, *checks.take(metrics)])
 
             with progress.overall(count * units, "eval"):
-                results, _, used = run_eval(backend, held, behaviour, cfg, variants, extras=extras,
-                                            on_variant=on_variant)  # fmt: skip
+                results, _, used = run_eval(
+                    backend, held, behaviour, cfg, variants, extras=extras, on_variant=on_variant
+                )
             note_protect(results, pos, protect)
             _finish(folder, results, stream, checks, rec, r.limit, questions, behaviour)
             if r.judge:
@@ -193,8 +207,16 @@ def _extras(request: EvalRequest, questions: Sequence | None, cfg: EvalConfig, c
     return extras
 
 
-def _finish(folder: Path, results: dict, stream: ReportStream, checks: DepthChecks, rec, limit: int | None,
-            questions: Sequence | None, behaviour: str) -> None:  # fmt: skip
+def _finish(
+    folder: Path,
+    results: dict,
+    stream: ReportStream,
+    checks: DepthChecks,
+    rec,
+    limit: int | None,
+    questions: Sequence | None,
+    behaviour: str,
+) -> None:
     """What every results document of `eval` gets after the variants ran (or were stopped): the optional checks'
     description, delayed refusals, MMLU deltas, the recipe's split note; written with the records."""
     results["depth"], results["limit"] = checks.describe(), limit
@@ -214,8 +236,12 @@ def note_protect(results: dict, positive: Sequence[str], protect: Sequence[str])
     """The held-out counts and hashes of a results document whose positive list carried the protect set."""
     if protect:
         held = results["heldout"]
-        held.update(positive=len(positive), protect=len(protect), positive_sha256=prompts_sha256(positive),
-                    protect_sha256=prompts_sha256(protect))  # fmt: skip
+        held.update(
+            positive=len(positive),
+            protect=len(protect),
+            positive_sha256=prompts_sha256(positive),
+            protect_sha256=prompts_sha256(protect),
+        )
 
 
 def with_system_prompt(cfg: EvalConfig, rec, base: Path | None, circuit: Circuit | None) -> EvalConfig:
@@ -237,15 +263,22 @@ def judge_results(spec: str, model: str | None, records: list[dict], cache: Path
     J.judge_records(jd, records, J.VerdictCache(cache))
     labels = list(dict.fromkeys(r["label"] for r in records))
     return {
-        "judge": jd.name, "rubric_version": J.RUBRIC_VERSION,
+        "judge": jd.name,
+        "rubric_version": J.RUBRIC_VERSION,
         "agreement": J.agreement(records),
-        "per_label": {label: {"verdicts": J.judge_rates(records, label),
-                              "agreement": J.agreement([r for r in records if r["label"] == label])}
-                      for label in labels},
-    }  # fmt: skip
+        "per_label": {
+            label: {
+                "verdicts": J.judge_rates(records, label),
+                "agreement": J.agreement([r for r in records if r["label"] == label]),
+            }
+            for label in labels
+        },
+    }
 
-def sweep_job(model: str, cfg: EvalConfig, out: Path, request: SweepRequest,
-              load: LoadOptions | None = None) -> JobResult:  # fmt: skip
+
+def sweep_job(
+    model: str, cfg: EvalConfig, out: Path, request: SweepRequest, load: LoadOptions | None = None
+) -> JobResult:
     """Attribute once with the recipe, sweep k x m on held-out prompts, write the report, and with
     `request.export` export the point the selection rule chose (a one-line error, after the report, when none
     qualifies). The model runs in its backend (a GGUF in llama.cpp unless `load.backend` is "torch"); the export
@@ -277,9 +310,15 @@ def sweep_job(model: str, cfg: EvalConfig, out: Path, request: SweepRequest,
 
     try:
         with staged_report(outputs, out, finish_partial) as folder:
-            options = SweepOptions(ks=[parse_k(k) for k in r.ks], multipliers=r.multipliers, kl_budget=r.kl_budget,
-                                   benign_budget=r.benign_budget, allow_negative=r.allow_negative, out=folder,
-                                   limit=r.limit)  # fmt: skip
+            options = SweepOptions(
+                ks=[parse_k(k) for k in r.ks],
+                multipliers=r.multipliers,
+                kl_budget=r.kl_budget,
+                benign_budget=r.benign_budget,
+                allow_negative=r.allow_negative,
+                out=folder,
+                limit=r.limit,
+            )
             with progress.overall((1 + points) * units, "sweep"):
                 results, _, circuits, att = sweep_source(backend, rec, base, cfg, options, r.positive, r.negative)
             results["limit"] = r.limit
@@ -294,11 +333,17 @@ def sweep_job(model: str, cfg: EvalConfig, out: Path, request: SweepRequest,
     if r.export is None:
         return job
     if chosen is None:
-        raise CnaExportError("No sweep point meets the selection rule, so nothing was exported.",
-                             "raise --kl-budget or try other --k/--multipliers; see the report.")  # fmt: skip
+        raise CnaExportError(
+            "No sweep point meets the selection rule, so nothing was exported.",
+            "raise --kl-budget or try other --k/--multipliers; see the report.",
+        )
     circuit = circuits[chosen["k"]].model_copy(update={"multiplier": chosen["multiplier"]})
-    export = ExportOptions(allow_negative=r.allow_negative or rec.allow_negative, overwrite=r.overwrite,
-                           recipe_file=find_recipe(r.recipe), metrics=job.headline)  # fmt: skip
+    export = ExportOptions(
+        allow_negative=r.allow_negative or rec.allow_negative,
+        overwrite=r.overwrite,
+        recipe_file=find_recipe(r.recipe),
+        metrics=job.headline,
+    )
     job.export = backend.write(circuit, r.export, export)
     return job
 

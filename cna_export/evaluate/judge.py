@@ -82,8 +82,9 @@ class LocalJudge:
         text = judge_prompt(request, answer)
         if self.chat:
             with rendering(f"The judge {self.name}'s"):
-                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                         tokenize=True, return_dict=False)  # fmt: skip
+                ids = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
             return list(ids["input_ids"] if isinstance(ids, dict) else ids)
         return self.tokenizer.encode(text)
 
@@ -102,8 +103,9 @@ class LocalJudge:
             for row, lab in enumerate(labels):  # right padding: the prefix shares its positions across rows
                 seq = prefix + lab
                 ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
-            logp = torch.log_softmax(self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                                     .double(), dim=-1).cpu()  # fmt: skip
+            logp = torch.log_softmax(
+                self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.double(), dim=-1
+            ).cpu()
             scores = [
                 float(sum(logp[row, len(prefix) - 1 + t, tok] for t, tok in enumerate(lab)))
                 for row, lab in enumerate(labels)
@@ -128,14 +130,14 @@ class EndpointJudge:
         return [self._ask(judge_prompt(r, a)) for r, a in items]
 
     def _ask(self, text: str) -> str:
-        body = {"model": self.model, "temperature": 0, "max_tokens": 8,
-                "messages": [{"role": "user", "content": text}]}  # fmt: skip
+        body = {"model": self.model, "temperature": 0, "max_tokens": 8, "messages": [{"role": "user", "content": text}]}
         headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self.key}"} if self.key else {})
         req = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                fail = lambda why: CnaExportError(f"The judge endpoint {self.url} answered no JSON ({why}).",  # noqa: E731
-                                                  "check --judge and the server.")
+                fail = lambda why: CnaExportError(  # noqa: E731
+                    f"The judge endpoint {self.url} answered no JSON ({why}).", "check --judge and the server."
+                )
                 reply = parse_json(resp.read(), fail)["choices"][0]["message"]["content"]
         except (OSError, KeyError, IndexError, TypeError, ValueError) as exc:
             raise CnaExportError(
@@ -216,8 +218,15 @@ def agreement(records: Sequence[dict]) -> dict:
     p_regex, p_judge = (both + regex_only) / n, (both + judge_only) / n
     p_e = p_regex * p_judge + (1 - p_regex) * (1 - p_judge)
     kappa = (p_o - p_e) / (1 - p_e) if p_e < 1 else 1.0
-    return {"n": n, "agreement": p_o, "kappa": kappa, "both_refused": both, "neither": neither,
-            "regex_only": regex_only, "judge_only": judge_only}  # fmt: skip
+    return {
+        "n": n,
+        "agreement": p_o,
+        "kappa": kappa,
+        "both_refused": both,
+        "neither": neither,
+        "regex_only": regex_only,
+        "judge_only": judge_only,
+    }
 
 
 def judge_rates(records: Sequence[dict], label: str) -> dict:

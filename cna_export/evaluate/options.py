@@ -45,8 +45,10 @@ class Variants(_Options):
 class SweepOptions(_Options):
     """A sweep's grid and its selection rule."""
 
-    ks: list[int | float] = Field(description="neuron counts (cuts of the one ranking); `sweep_source` also takes "
-                                  "fractions of all MLP neurons (0.014) and resolves them")
+    ks: list[int | float] = Field(
+        description="neuron counts (cuts of the one ranking); `sweep_source` also takes "
+        "fractions of all MLP neurons (0.014) and resolves them"
+    )
     multipliers: list[float] = Field(description="multipliers; m = 1 is the original and is not re-run")
     kl_budget: float | None = Field(default=0.1, description="max mean first-token KL of the chosen point")
     benign_budget: float | None = Field(default=None, description="max benign rate of the chosen point")

@@ -123,8 +123,14 @@ def plot_metrics(points: list[dict], baseline: dict, x: str, group: str, path: P
                 rows = rows + [{**baseline, "multiplier": 1.0}]
             rows.sort(key=lambda p: p[x])
             for mi, (key, label) in enumerate(metrics):
-                ax.plot([p[x] for p in rows], [p[key] for p in rows], marker="o", color=colors[gi % len(colors)],
-                        linestyle="-" if mi == 0 else "--", label=f"{label}, {group}={g:g}")  # fmt: skip
+                ax.plot(
+                    [p[x] for p in rows],
+                    [p[key] for p in rows],
+                    marker="o",
+                    color=colors[gi % len(colors)],
+                    linestyle="-" if mi == 0 else "--",
+                    label=f"{label}, {group}={g:g}",
+                )
         if x != "multiplier":
             for mi, (key, _) in enumerate(metrics):
                 ax.axhline(baseline[key], color="black", linestyle=":", alpha=0.5 + 0.3 * mi)

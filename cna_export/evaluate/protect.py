@@ -23,8 +23,14 @@ def split_protect(metrics: dict, records: list[dict], n_positive: int, n_protect
     prot = [r for r in records if r["set"] == "protect"]
     out = metrics
     hits, protect_hits = sum(r["behaviour"] for r in pos), sum(r["behaviour"] for r in prot)
-    out.update(rate=hits / len(pos), positive_hits=hits, n_positive=len(pos), protect_rate=protect_hits / len(prot),
-               protect_hits=protect_hits, n_protect=len(prot))  # fmt: skip
+    out.update(
+        rate=hits / len(pos),
+        positive_hits=hits,
+        n_positive=len(pos),
+        protect_rate=protect_hits / len(prot),
+        protect_hits=protect_hits,
+        n_protect=len(prot),
+    )
     if "measure_mean" in metrics:
         out["measure_mean"] = sum(r["measure"] for r in pos) / len(pos)
         out["protect_measure_mean"] = sum(r["measure"] for r in prot) / len(prot)

@@ -76,8 +76,11 @@ def headline(results: dict) -> dict:
         if key in point:
             out[f"{key}_edited"], out[f"{key}_original"] = point[key], base.get(key)
     if "protect_rate" in point:  # the recipe's protect set: prompts whose behaviour must not change
-        out |= {"heldout_protect": point["n_protect"], "protect_rate_original": base.get("protect_rate"),
-                "protect_rate_edited": point["protect_rate"]}  # fmt: skip
+        out |= {
+            "heldout_protect": point["n_protect"],
+            "protect_rate_original": base.get("protect_rate"),
+            "protect_rate_edited": point["protect_rate"],
+        }
     for key in ("measure_mean", "benign_measure_mean"):  # a measure detector's mean number, before -> after
         if key in point:
             out[f"{key}_original"], out[f"{key}_edited"] = base.get(key), point[key]
@@ -85,8 +88,11 @@ def headline(results: dict) -> dict:
         out["mmlu"] = {k: v for k, v in point["mmlu_delta"].items()}
     if results.get("judge"):
         j = results["judge"]
-        out["judge"] = {"judge": j["judge"], "agreement": j["agreement"].get("agreement"),
-                        "kappa": j["agreement"].get("kappa")}  # fmt: skip
+        out["judge"] = {
+            "judge": j["judge"],
+            "agreement": j["agreement"].get("agreement"),
+            "kappa": j["agreement"].get("kappa"),
+        }
     if "lm_eval" in point:
         out["lm_eval_edited"], out["lm_eval_original"] = point["lm_eval"], base.get("lm_eval")
     return out
@@ -96,8 +102,14 @@ def headline_from(path: Path) -> dict:
     """`headline` of a results.json file, or of the one inside an evaluation/sweep output folder."""
     path = Path(path)
     file = path / "results.json" if path.is_dir() else path
-    return headline(read_json(file, lambda why: CnaExportError(f"{file} is not valid JSON ({why}).",
-                                                               "pass the results.json written by eval or sweep.")))  # fmt: skip
+    return headline(
+        read_json(
+            file,
+            lambda why: CnaExportError(
+                f"{file} is not valid JSON ({why}).", "pass the results.json written by eval or sweep."
+            ),
+        )
+    )
 
 
 # Metrics of the optional checks (cna_export.evaluate.depth) that a headline and the card carry when they were run.
@@ -202,33 +214,51 @@ def _partial_lines(results: dict) -> list[str]:
     if not p:
         return []
     planned = f" of {p['variants_planned']}" if p.get("variants_planned") else ""
-    return [f"**Partial report: the run was stopped ({p['stopped_by']}) after {p['variants_done']}{planned} variants "
-            "(the original counted); only what finished is here.**", ""]  # fmt: skip
+    return [
+        f"**Partial report: the run was stopped ({p['stopped_by']}) after {p['variants_done']}{planned} variants "
+        "(the original counted); only what finished is here.**",
+        "",
+    ]
 
 
 def _depth_lines(results: dict) -> list[str]:
     """The checks that were run, in words, and the optional checks' numbers per variant."""
     cfg, depth = results["config"], results.get("depth") or {}
-    lines = ["Checks run:", "",
-             f"- answers of up to {cfg['max_new_tokens']} greedy tokens (`--max-new-tokens`); behaviour judged on "
-             "their opening" + (", refusals also anywhere in the answer (delayed refusals)"
-                                if "rate_anywhere" in results["baseline"] else ""),
-             f"- KL: first token, and over the original's own benign answers teacher-forced, first "
-             f"{cfg['kl_tokens']} tokens (`--kl-tokens`)"]  # fmt: skip
+    lines = [
+        "Checks run:",
+        "",
+        f"- answers of up to {cfg['max_new_tokens']} greedy tokens (`--max-new-tokens`); behaviour judged on "
+        "their opening"
+        + (
+            ", refusals also anywhere in the answer (delayed refusals)"
+            if "rate_anywhere" in results["baseline"]
+            else ""
+        ),
+        f"- KL: first token, and over the original's own benign answers teacher-forced, first "
+        f"{cfg['kl_tokens']} tokens (`--kl-tokens`)",
+    ]
     if results.get("limit"):
         lines.append(f"- the first {results['limit']} prompts of each set only (`--limit`)")
     over, long = depth.get("over_refusal"), depth.get("long_context")
-    lines.append(f"- over-refusal set `{over['set']}` ({over['n']} safe requests that sound risky)" if over
-                 else "- over-refusal set: not run (`--over-refusal builtin:NAME` or a file)")  # fmt: skip
-    lines.append(f"- long context: {long['items']} items, a fact at word {long['fact_at_word']} of "
-                 f"{long['words']}, asked about at the end" if long
-                 else "- long context: not run (`--long-context N`)")  # fmt: skip
+    lines.append(
+        f"- over-refusal set `{over['set']}` ({over['n']} safe requests that sound risky)"
+        if over
+        else "- over-refusal set: not run (`--over-refusal builtin:NAME` or a file)"
+    )
+    lines.append(
+        f"- long context: {long['items']} items, a fact at word {long['fact_at_word']} of "
+        f"{long['words']}, asked about at the end"
+        if long
+        else "- long context: not run (`--long-context N`)"
+    )
     rows = []
     for p in [results["baseline"], *results["points"]]:
         cells = []
         if "rate_anywhere" in p:
-            cells.append(f"refusals anywhere {_pct(round(p['rate_anywhere'] * p['n_positive']), p['n_positive'])} "
-                         f"({p['delayed_hits']} delayed)")  # fmt: skip
+            cells.append(
+                f"refusals anywhere {_pct(round(p['rate_anywhere'] * p['n_positive']), p['n_positive'])} "
+                f"({p['delayed_hits']} delayed)"
+            )
         if "over_refusal_rate" in p:
             cells.append(f"over-refusals {_pct(p['over_refusal_hits'], p['n_over_refusal'])}")
         if "long_context_accuracy" in p:
@@ -240,8 +270,11 @@ def _depth_lines(results: dict) -> list[str]:
 
 def _tuned_on_test(results: dict) -> list[str]:
     if results.get("settings_chosen_on") == "test" and results.get("split") == "test":
-        return ["Warning: the recipe says its settings were chosen on this same test split, so these numbers are "
-                "optimistic.", ""]  # fmt: skip
+        return [
+            "Warning: the recipe says its settings were chosen on this same test split, so these numbers are "
+            "optimistic.",
+            "",
+        ]
     return []
 
 
@@ -249,8 +282,12 @@ def _protect_lines(results: dict) -> list[str]:
     rows = [p for p in [results["baseline"], *results["points"]] if "protect_rate" in p]
     if not rows:
         return []
-    return ["Protect set (prompts whose behaviour must not change), behaviour rate: " + "; ".join(
-        f"{p['label']} {_pct(p['protect_hits'], p['n_protect'])}" for p in rows) + ".", ""]  # fmt: skip
+    return [
+        "Protect set (prompts whose behaviour must not change), behaviour rate: "
+        + "; ".join(f"{p['label']} {_pct(p['protect_hits'], p['n_protect'])}" for p in rows)
+        + ".",
+        "",
+    ]
 
 
 def _mmlu_lines(results: dict) -> list[str]:
@@ -259,9 +296,11 @@ def _mmlu_lines(results: dict) -> list[str]:
         return []
     out = ["MMLU (offline, zero-shot answer-letter log-likelihood, topic-stratified subset; paired bootstrap CI):", ""]
     for label, d in rows:
-        out.append(f"- {label}: {100 * d['original']:.1f}% -> {100 * d['edited']:.1f}% ({100 * d['delta']:+.1f} "
-                   f"points, {100 * d['level']:.0f}% CI [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}], "
-                   f"n={d['n']})")  # fmt: skip
+        out.append(
+            f"- {label}: {100 * d['original']:.1f}% -> {100 * d['edited']:.1f}% ({100 * d['delta']:+.1f} "
+            f"points, {100 * d['level']:.0f}% CI [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}], "
+            f"n={d['n']})"
+        )
     return out + [""]
 
 
@@ -270,9 +309,12 @@ def _judge_lines(results: dict) -> list[str]:
     if not j:
         return []
     a = j["agreement"]
-    out = [f"LLM judge `{j['judge']}` (rubric v{j['rubric_version']}): agreement with the regex on refused/not "
-           f"{a.get('agreement', 0):.2f}, Cohen's kappa {a.get('kappa', 0):.2f} over {a['n']} answers "
-           f"(regex only {a.get('regex_only', 0)}, judge only {a.get('judge_only', 0)}).", ""]  # fmt: skip
+    out = [
+        f"LLM judge `{j['judge']}` (rubric v{j['rubric_version']}): agreement with the regex on refused/not "
+        f"{a.get('agreement', 0):.2f}, Cohen's kappa {a.get('kappa', 0):.2f} over {a['n']} answers "
+        f"(regex only {a.get('regex_only', 0)}, judge only {a.get('judge_only', 0)}).",
+        "",
+    ]
     for label, v in j["per_label"].items():
         out.append(f"- {label}: {json.dumps(v['verdicts'])}")
     return out + [""]
@@ -286,9 +328,13 @@ def selection_scores(attribution, ks) -> tuple[np.ndarray, dict[str, float]]:
 
 
 def write_report(
-    out: Path, results: dict, circuit: Circuit | None = None, abs_delta=None, cuts: dict[str, float] | None = None,
+    out: Path,
+    results: dict,
+    circuit: Circuit | None = None,
+    abs_delta=None,
+    cuts: dict[str, float] | None = None,
     specificity: float = 0.0,
-) -> Path:  # fmt: skip
+) -> Path:
     """Write report.md and its PNGs into `out`, replacing earlier ones; returns the report path.
 
     Args:
@@ -309,14 +355,14 @@ def write_report(
             cuts = cuts or {f"k={len(circuit.neurons)}": min(abs_delta)}
     if abs_delta is not None and len(abs_delta):
         name = f"|delta| - {specificity:g} x mean |neutral activation|" if specificity else "|delta|"
-        plot_delta_distribution(abs_delta, cuts or {}, out / "delta.png", f"{name} on {results['model']}",
-                                score=name)  # fmt: skip
+        plot_delta_distribution(abs_delta, cuts or {}, out / "delta.png", f"{name} on {results['model']}", score=name)
         figures.append("delta.png")
     points, base = results["points"], results["baseline"]
     title = f"{results['behaviour']} on {results['model']}"
     if any(p["multiplier"] is not None for p in points):
-        plot_metrics([p for p in points if p["multiplier"] is not None], base, "multiplier", "k",
-                     out / "metrics_vs_m.png", title)  # fmt: skip
+        plot_metrics(
+            [p for p in points if p["multiplier"] is not None], base, "multiplier", "k", out / "metrics_vs_m.png", title
+        )
         figures.append("metrics_vs_m.png")
     if len({p["k"] for p in points}) > 1:
         plot_metrics(points, base, "k", "multiplier", out / "metrics_vs_k.png", title)

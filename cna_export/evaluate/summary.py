@@ -65,31 +65,49 @@ def layer_warning(circuit: Circuit) -> str | None:
         return None
     last = circuit.model.num_layers - 1 - layer
     where = "the last layer" if last == 0 else f"layer {layer}" + (f" ({last} from the end)" if last < 4 else "")
-    fix = (f"leave the last layers out (--skip-last-layers {last + 1}, or skip_last_layers: {last + 1} in the recipe)"
-           if last < 4 else f"leave that layer out (--skip-first-layers {layer + 1} if it is an early one)")  # fmt: skip
-    return (f"{n} of {total} neurons ({100 * n / total:.0f}%) are in {where}: an edit concentrated in one layer often "
-            f"garbles the output. Fix: {fix}, rank by specificity (--specificity 1), or lower --fraction.")  # fmt: skip
+    fix = (
+        f"leave the last layers out (--skip-last-layers {last + 1}, or skip_last_layers: {last + 1} in the recipe)"
+        if last < 4
+        else f"leave that layer out (--skip-first-layers {layer + 1} if it is an early one)"
+    )
+    return (
+        f"{n} of {total} neurons ({100 * n / total:.0f}%) are in {where}: an edit concentrated in one layer often "
+        f"garbles the output. Fix: {fix}, rank by specificity (--specificity 1), or lower --fraction."
+    )
 
 
 def check_warnings(edited: dict) -> list[str]:
     """Warnings from the quick check's metrics of the edited model (first-token KL, perplexity ratio)."""
     out = []
-    fix = ("Fix: select fewer neurons (--fraction, --top-k), use a multiplier closer to 1, or let `cna-export "
-           "sweep` choose k and m within a KL budget.")  # fmt: skip
+    fix = (
+        "Fix: select fewer neurons (--fraction, --top-k), use a multiplier closer to 1, or let `cna-export "
+        "sweep` choose k and m within a KL budget."
+    )
     if edited["kl_first"] > KL_FIRST_WARN:
-        out.append(f"first-token KL {edited['kl_first']:.3f} on benign prompts is above {KL_FIRST_WARN}: the edit "
-                   f"changes ordinary answers, not only the behaviour. {fix}")  # fmt: skip
+        out.append(
+            f"first-token KL {edited['kl_first']:.3f} on benign prompts is above {KL_FIRST_WARN}: the edit "
+            f"changes ordinary answers, not only the behaviour. {fix}"
+        )
     if edited["ppl_ratio"] > PPL_RATIO_WARN:
-        out.append(f"the original's benign answers are {edited['ppl_ratio']:.2f}x as perplexing to the edited model "
-                   f"(above {PPL_RATIO_WARN}x): its text quality dropped. {fix}")  # fmt: skip
+        out.append(
+            f"the original's benign answers are {edited['ppl_ratio']:.2f}x as perplexing to the edited model "
+            f"(above {PPL_RATIO_WARN}x): its text quality dropped. {fix}"
+        )
     return out
 
 
 # Quick check -------------------------------------------------------------------------------------------------
 
 
-def quick_check(backend: Backend, circuit: Circuit, out: Path, recipe_ref: str, *, adapter: bool = False,
-                prompts: int = QUICK_PROMPTS) -> dict:  # fmt: skip
+def quick_check(
+    backend: Backend,
+    circuit: Circuit,
+    out: Path,
+    recipe_ref: str,
+    *,
+    adapter: bool = False,
+    prompts: int = QUICK_PROMPTS,
+) -> dict:
     """Evaluate the export (or, for an adapter or an export this backend cannot run, the circuit applied at
     runtime) against the original on the first `prompts` prompts of the recipe's validation split, in the backend
     `run` discovered with; returns the two variants' metrics and two exchanges.
@@ -109,27 +127,42 @@ def quick_check(backend: Backend, circuit: Circuit, out: Path, recipe_ref: str, 
     # stands in, and its rate is not shown.
     known = rec.behaviour in DETECTORS
     behaviour = rec.behaviour if known else "refusal"
-    cfg = EvalConfig(max_new_tokens=QUICK_TOKENS, batch_size=max(1, prompts), kl_tokens=8,
-                     chat_template=rec.chat_template)  # fmt: skip
+    cfg = EvalConfig(
+        max_new_tokens=QUICK_TOKENS, batch_size=max(1, prompts), kl_tokens=8, chat_template=rec.chat_template
+    )
     units = 2 * ((len(pos) + len(neg)) * cfg.max_new_tokens + len(neg) * 4)
     # The export itself when the backend runs it (llama.cpp runs the patched GGUF, not a dequantized folder).
     export = not adapter and backend.can_run(Path(out))
     variants = Variants(edited=Path(out)) if export else Variants(circuit=circuit)
     with progress.overall(units, "quick check"):
-        results, records, _ = run_eval(backend, HeldOut(positive=pos, negative=neg, split="validation"), behaviour,
-                                       cfg, variants)  # fmt: skip
+        results, records, _ = run_eval(
+            backend, HeldOut(positive=pos, negative=neg, split="validation"), behaviour, cfg, variants
+        )
     point = results["points"][0]
     answers: dict[str, dict[str, str]] = {}
     for r in records:
         if r["set"] == "positive":
             answers.setdefault(r["prompt"], {})[r["label"]] = r["answer"]
     exchanges = [Exchange(p, a.get("original", ""), a.get(point["label"], "")) for p, a in list(answers.items())[:2]]
-    return {"baseline": results["baseline"], "edited": point, "exchanges": exchanges, "detector": known,
-            "behaviour": rec.behaviour}  # fmt: skip
+    return {
+        "baseline": results["baseline"],
+        "edited": point,
+        "exchanges": exchanges,
+        "detector": known,
+        "behaviour": rec.behaviour,
+    }
 
 
-def summarize_run(backend: Backend, circuit: Circuit, out: Path, *, model: str, recipe: str, adapter: bool = False,
-                  prompts: int = QUICK_PROMPTS) -> RunSummary:  # fmt: skip
+def summarize_run(
+    backend: Backend,
+    circuit: Circuit,
+    out: Path,
+    *,
+    model: str,
+    recipe: str,
+    adapter: bool = False,
+    prompts: int = QUICK_PROMPTS,
+) -> RunSummary:
     """The summary of one `run`: the layer warning always, the quick check on `prompts` validation prompts per set
     (0: skipped) in the backend the run used; a failing quick check is reported in the summary, never fails the run
     (the export is done)."""
@@ -149,8 +182,9 @@ def summarize_run(backend: Backend, circuit: Circuit, out: Path, *, model: str, 
         return summary
     except Exception as exc:  # noqa: BLE001  (a glance that fails must not fail a finished export)
         log.debug("quick check failed", exc_info=True)
-        summary.check_note = (f"failed ({exc.__class__.__name__}: {exc}); the export is complete, measure it with "
-                              "`cna-export eval`")  # fmt: skip
+        summary.check_note = (
+            f"failed ({exc.__class__.__name__}: {exc}); the export is complete, measure it with `cna-export eval`"
+        )
         return summary
     summary.warnings += check_warnings(summary.check["edited"])
     return summary
@@ -176,8 +210,10 @@ def render(summary: RunSummary, width: int = 100) -> str:
     c, out = summary.circuit, summary.out
     counts = sorted(c.layer_counts().items(), key=lambda kv: (-kv[1], kv[0]))
     total = len(c.neurons)
-    lines = [f"where: {total} neurons in {len(counts)} of {c.model.num_layers} layers; most in "
-             + ", ".join(f"layer {layer} ({n}, {100 * n / total:.0f}%)" for layer, n in counts[:TOP_LAYERS])]  # fmt: skip
+    lines = [
+        f"where: {total} neurons in {len(counts)} of {c.model.num_layers} layers; most in "
+        + ", ".join(f"layer {layer} ({n}, {100 * n / total:.0f}%)" for layer, n in counts[:TOP_LAYERS])
+    ]
     lines += ["", *_check_lines(summary, width)]
     files = sorted(p for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else [out]
     lines += ["", f"files in {out}:"]
@@ -192,16 +228,22 @@ def _check_lines(summary: RunSummary, width: int) -> list[str]:
     if check is None:
         return [f"quick check: {summary.check_note}"]
     base, edited = check["baseline"], check["edited"]
-    lines = [f"quick check on {base['n_positive']} + {base['n_negative']} validation prompts ({QUICK_TOKENS} tokens; "
-             "`cna-export eval` measures the test split):"]  # fmt: skip
+    lines = [
+        f"quick check on {base['n_positive']} + {base['n_negative']} validation prompts ({QUICK_TOKENS} tokens; "
+        "`cna-export eval` measures the test split):"
+    ]
     if check["detector"]:
-        lines.append(f"  {check['behaviour']}: original {_rate(base, 'positive_hits', 'n_positive')}, edited "
-                     f"{_rate(edited, 'positive_hits', 'n_positive')}; on benign prompts "
-                     f"{_rate(base, 'benign_hits', 'n_negative')} -> {_rate(edited, 'benign_hits', 'n_negative')}")  # fmt: skip
+        lines.append(
+            f"  {check['behaviour']}: original {_rate(base, 'positive_hits', 'n_positive')}, edited "
+            f"{_rate(edited, 'positive_hits', 'n_positive')}; on benign prompts "
+            f"{_rate(base, 'benign_hits', 'n_negative')} -> {_rate(edited, 'benign_hits', 'n_negative')}"
+        )
     else:
         lines.append(f"  {check['behaviour']}: no detector for this behaviour, so no rate (answers below)")
-    lines.append(f"  first-token KL {edited['kl_first']:.3f} (warn above {KL_FIRST_WARN}), perplexity ratio "
-                 f"{edited['ppl_ratio']:.3f} (warn above {PPL_RATIO_WARN})")  # fmt: skip
+    lines.append(
+        f"  first-token KL {edited['kl_first']:.3f} (warn above {KL_FIRST_WARN}), perplexity ratio "
+        f"{edited['ppl_ratio']:.3f} (warn above {PPL_RATIO_WARN})"
+    )
     shown = [replace(e, original=_clip(e.original), edited=_clip(e.edited)) for e in check["exchanges"]]
     return lines + ["", render_exchanges(shown, width)] if shown else lines
 
@@ -222,21 +264,28 @@ def next_commands(summary: RunSummary) -> list[str]:
     name = summary.out.name or "edited"
     if summary.adapter:
         circuit = q(str(summary.out / CIRCUIT_FILE))
-        return [f"cna-export eval --model {model} --circuit {circuit} --recipe {recipe} --out {q(name + '-eval')}",
-                f"cna-export chat --model {model} --circuit {circuit} --prompt {q(_sample(summary))}",
-                f"cna-export push {out} YOU/{name}"]  # fmt: skip
-    cmds = [f"cna-export eval --model {model} --edited {out} --recipe {recipe} --out {q(name + '-eval')}",
-            f"cna-export chat --model {model} --edited {out} --prompt {q(_sample(summary))}",
-            f"cna-export push {out} YOU/{name}"]  # fmt: skip
+        return [
+            f"cna-export eval --model {model} --circuit {circuit} --recipe {recipe} --out {q(name + '-eval')}",
+            f"cna-export chat --model {model} --circuit {circuit} --prompt {q(_sample(summary))}",
+            f"cna-export push {out} YOU/{name}",
+        ]
+    cmds = [
+        f"cna-export eval --model {model} --edited {out} --recipe {recipe} --out {q(name + '-eval')}",
+        f"cna-export chat --model {model} --edited {out} --prompt {q(_sample(summary))}",
+        f"cna-export push {out} YOU/{name}",
+    ]
     ggufs = sorted(summary.out.glob("*.gguf")) if summary.out.is_dir() else []
     if (summary.out / "Modelfile").is_file():
         cmds.append(f"ollama create {name} -f {q(str(summary.out / 'Modelfile'))}")
     elif ggufs:
-        cmds.append(f"# Ollama: re-run with --modelfile for {q(str(summary.out / 'Modelfile'))}, then: "
-                    f"ollama create {name} -f {q(str(summary.out / 'Modelfile'))}")  # fmt: skip
+        cmds.append(
+            f"# Ollama: re-run with --modelfile for {q(str(summary.out / 'Modelfile'))}, then: "
+            f"ollama create {name} -f {q(str(summary.out / 'Modelfile'))}"
+        )
     else:
-        cmds.append(f"cna-export gguf {out} -o {q(name + '-q8_0.gguf')} --outtype q8_0 --modelfile "
-                    f"--ollama-create {name}")  # fmt: skip
+        cmds.append(
+            f"cna-export gguf {out} -o {q(name + '-q8_0.gguf')} --outtype q8_0 --modelfile --ollama-create {name}"
+        )
     return cmds
 
 

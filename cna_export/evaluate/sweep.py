@@ -25,6 +25,7 @@ from cna_export.circuit.format import Circuit
 from cna_export.circuit.recipe import Recipe, load_prompts
 from cna_export.circuit.selection import Selection
 from cna_export.errors import CnaExportError, RecipeError
+from cna_export.evaluate.choose import pareto, pick
 from cna_export.evaluate.declared import behaviour_of, detector_description
 from cna_export.evaluate.detectors import detector_for
 from cna_export.evaluate.measure import (
@@ -50,8 +51,12 @@ DEFAULT_BENIGN = "builtin:refusal_benign_heldout"  # everyday requests, used whe
 
 
 def heldout_sets(
-    recipe: Recipe | None = None, base: Path | None = None, positive: str | None = None, negative: str | None = None,
-    split: str = "test", limit: int | None = None,
+    recipe: Recipe | None = None,
+    base: Path | None = None,
+    positive: str | None = None,
+    negative: str | None = None,
+    split: str = "test",
+    limit: int | None = None,
 ) -> tuple[list[str], list[str]]:
     """Held-out positive and benign prompts of one split: explicit files first, then the recipe's sets.
 
@@ -135,48 +140,6 @@ def goal_of(multiplier: float) -> str:
     return "decrease" if multiplier < 1 else "increase"
 
 
-# Choosing a point --------------------------------------------------------------------------------------------
-
-
-def _badness(point: dict, goal: str) -> float:
-    return point["rate"] if goal == "decrease" else -point["rate"]
-
-
-def pareto(points: Sequence[dict], goal: str) -> list[int]:
-    """Indices of points no other point beats on both the behaviour rate (towards `goal`) and first-token KL."""
-    front = []
-    for i, p in enumerate(points):
-        a = (_badness(p, goal), p["kl_first"])
-        dominated = any(
-            (b := (_badness(q, goal), q["kl_first"]))[0] <= a[0] and b[1] <= a[1] and b != a
-            for j, q in enumerate(points)
-            if j != i
-        )
-        if not dominated:
-            front.append(i)
-    return front
-
-
-def pick(
-    points: Sequence[dict], baseline: dict, goal: str, kl_budget: float | None, benign_budget: float | None = None
-) -> int | None:
-    """The point with the best behaviour rate whose first-token KL (and benign rate) are within budget.
-
-    Only points that move the rate in the goal's direction count; ties go to the lower KL, then the smaller k.
-    Returns None when no point qualifies.
-    """
-    ok = [
-        i
-        for i, p in enumerate(points)
-        if _badness(p, goal) < _badness(baseline, goal)
-        and (kl_budget is None or p["kl_first"] <= kl_budget)
-        and (benign_budget is None or p["benign_rate"] <= benign_budget)
-    ]
-    if not ok:
-        return None
-    return min(ok, key=lambda i: (_badness(points[i], goal), points[i]["kl_first"], points[i]["k"] or 0))
-
-
 # Results files -----------------------------------------------------------------------------------------------
 
 
@@ -218,9 +181,14 @@ def save_results(out: Path, results: dict, records: Sequence[dict]) -> None:
 
 
 def run_sweep(
-    backend: Backend, attribution: Attribution, positive: Sequence[str], negative: Sequence[str], behaviour: str,
-    cfg: EvalConfig, options: SweepOptions,
-) -> tuple[dict, list[dict], dict[int, Circuit]]:  # fmt: skip
+    backend: Backend,
+    attribution: Attribution,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    behaviour: str,
+    cfg: EvalConfig,
+    options: SweepOptions,
+) -> tuple[dict, list[dict], dict[int, Circuit]]:
     """Evaluate every (k, m) of the grid, each point the backend's variant (torch: hooks on the loaded model;
     llama.cpp: the file patched at that point); return results, per-prompt records and circuits.
 
@@ -240,26 +208,44 @@ def run_sweep(
     circuits = {k: attribution.circuit(k, behaviour=behaviour, recipe=o.recipe) for k in o.ks}
     baseline = build_baseline(backend.load(), positive, negative, detector, cfg)
     results = results_document(
-        "sweep", backend.model_name, behaviour, cfg, baseline, goal=goal, kl_budget=o.kl_budget,
-        benign_budget=o.benign_budget, ks=list(o.ks), multipliers=list(o.multipliers),
-        num_neurons=circuits[o.ks[0]].num_neurons, recipe=o.recipe, split=o.split, backend=backend.runtime,
-    )  # fmt: skip
+        "sweep",
+        backend.model_name,
+        behaviour,
+        cfg,
+        baseline,
+        goal=goal,
+        kl_budget=o.kl_budget,
+        benign_budget=o.benign_budget,
+        ks=list(o.ks),
+        multipliers=list(o.multipliers),
+        num_neurons=circuits[o.ks[0]].num_neurons,
+        recipe=o.recipe,
+        split=o.split,
+        backend=backend.runtime,
+    )
     records = list(baseline.records)
 
     def point(k: int, m: float) -> tuple[dict, list[dict]]:
         with backend.variant(circuits[k], m, o.allow_negative) as runner:
             return measure(runner, baseline, detector, cfg, label=f"k={k} m={m:g}", k=k, multiplier=m)
 
-    sweep_grid(results, records, o.ks, o.multipliers, point, kl_budget=o.kl_budget, benign_budget=o.benign_budget,
-               out=o.out)  # fmt: skip
+    sweep_grid(
+        results, records, o.ks, o.multipliers, point, kl_budget=o.kl_budget, benign_budget=o.benign_budget, out=o.out
+    )
     return results, records, circuits
 
 
 def sweep_grid(
-    results: dict, records: list[dict], ks: Sequence[int], multipliers: Sequence[float],
-    point: Callable[[int, float], tuple[dict, list[dict]]], *, kl_budget: float | None, benign_budget: float | None,
+    results: dict,
+    records: list[dict],
+    ks: Sequence[int],
+    multipliers: Sequence[float],
+    point: Callable[[int, float], tuple[dict, list[dict]]],
+    *,
+    kl_budget: float | None,
+    benign_budget: float | None,
     out: Path | None,
-) -> None:  # fmt: skip
+) -> None:
     """The point loop of a sweep, whichever backend measures: `point(k, m)` for every (k, m) of the grid but m = 1
     (the original), its metrics and records appended, the Pareto front and the choice kept current, and with
     `out` the results saved and the point's records appended to prompts.jsonl after every point."""
@@ -273,8 +259,14 @@ def sweep_grid(
         write_results(out, results)
     for k, m in track([(k, m) for k in ks for m in multipliers if m != 1], "sweep", lambda _: 0):
         metrics, recs = point(k, m)
-        log.info("k=%d m=%g: rate %.3f, benign %.3f, KL %.4f", k, m, metrics["rate"], metrics["benign_rate"],
-                 metrics["kl_first"])  # fmt: skip
+        log.info(
+            "k=%d m=%g: rate %.3f, benign %.3f, KL %.4f",
+            k,
+            m,
+            metrics["rate"],
+            metrics["benign_rate"],
+            metrics["kl_first"],
+        )
         results["points"].append(metrics)
         records += recs
         _choose(results, kl_budget, benign_budget)
@@ -291,9 +283,14 @@ def _choose(results: dict, kl_budget: float | None, benign_budget: float | None)
 
 
 def sweep_source(
-    backend: Backend, recipe: Recipe, base: Path | None, cfg: EvalConfig, options: SweepOptions,
-    positive: str | None = None, negative: str | None = None,
-) -> tuple[dict, list[dict], dict[int, Circuit], Attribution]:  # fmt: skip
+    backend: Backend,
+    recipe: Recipe,
+    base: Path | None,
+    cfg: EvalConfig,
+    options: SweepOptions,
+    positive: str | None = None,
+    negative: str | None = None,
+) -> tuple[dict, list[dict], dict[int, Circuit], Attribution]:
     """Attribute with the recipe's discovery prompts once, and sweep k x m on the recipe's validation split (its
     test split stays unseen; a recipe without one falls back, flagged in the results). `options.ks` may hold
     fractions of all neurons (0.014); `positive` / `negative` override the held-out prompt files."""
@@ -302,11 +299,15 @@ def sweep_source(
     held_pos, held_neg = heldout_sets(recipe, base, positive, negative, split="validation", limit=options.limit)
     att = attribute_on(backend, plan.positive, plan.negative, plan.neutral, plan.selection, protect=plan.protect)
     cfg = replace(cfg, system_prompt=plan.selection.system_prompt)
-    options = options.model_copy(update={
-        "ks": counts, "recipe": recipe.name, "goal": goal_of(recipe.multiplier),
-        "allow_negative": options.allow_negative or recipe.allow_negative,
-        "split": split_of(recipe, "validation", positive),
-    })  # fmt: skip
+    options = options.model_copy(
+        update={
+            "ks": counts,
+            "recipe": recipe.name,
+            "goal": goal_of(recipe.multiplier),
+            "allow_negative": options.allow_negative or recipe.allow_negative,
+            "split": split_of(recipe, "validation", positive),
+        }
+    )
     results, records, circuits = run_sweep(backend, att, held_pos, held_neg, behaviour_of(recipe, base), cfg, options)
     return results, records, circuits, att
 
@@ -315,9 +316,15 @@ def sweep_source(
 
 
 def run_eval(
-    backend: Backend, held: HeldOut, behaviour: str, cfg: EvalConfig, variants: Variants, *,
-    extras: Sequence[Extra] = (), on_variant: Callable[[dict, list[dict]], None] | None = None,
-) -> tuple[dict, list[dict], Circuit | None]:  # fmt: skip
+    backend: Backend,
+    held: HeldOut,
+    behaviour: str,
+    cfg: EvalConfig,
+    variants: Variants,
+    *,
+    extras: Sequence[Extra] = (),
+    on_variant: Callable[[dict, list[dict]], None] | None = None,
+) -> tuple[dict, list[dict], Circuit | None]:
     """Evaluate the original model and either a circuit at each multiplier or an exported model, in the
     backend's runtime, on the held-out prompts of one split. `extras` (lm-eval, MMLU, the depth checks) run on the
     original and on every variant; `on_variant(metrics, records)` hears of each variant as it finishes, the
@@ -344,22 +351,37 @@ def run_eval(
         m = circuit.multiplier if circuit is not None else None
         k = len(circuit.neurons) if circuit is not None else None
         with backend.edited(edited) as runner:
-            metrics, recs = measure(runner, baseline, detector, cfg, label="exported", k=k, multiplier=m,
-                                    extras=extras)  # fmt: skip
+            metrics, recs = measure(runner, baseline, detector, cfg, label="exported", k=k, multiplier=m, extras=extras)
         done(metrics, recs)
         points.append(metrics)
         records += recs
     elif circuit is not None:
         for m in variants.multipliers or [circuit.multiplier]:
             with backend.variant(circuit, m, variants.allow_negative) as runner:
-                metrics, recs = measure(runner, baseline, detector, cfg, label=f"m={m:g}", k=len(circuit.neurons),
-                                        multiplier=m, extras=extras)  # fmt: skip
+                metrics, recs = measure(
+                    runner,
+                    baseline,
+                    detector,
+                    cfg,
+                    label=f"m={m:g}",
+                    k=len(circuit.neurons),
+                    multiplier=m,
+                    extras=extras,
+                )
             done(metrics, recs)
             points.append(metrics)
             records += recs
     moved = [p["multiplier"] for p in points if p["multiplier"] not in (None, 1)]
-    results = results_document("eval", backend.model_name, behaviour, cfg, baseline,
-                               goal=goal_of(moved[0]) if moved else None, split=held.split, backend=backend.runtime)  # fmt: skip
+    results = results_document(
+        "eval",
+        backend.model_name,
+        behaviour,
+        cfg,
+        baseline,
+        goal=goal_of(moved[0]) if moved else None,
+        split=held.split,
+        backend=backend.runtime,
+    )
     results["points"] = points
     results["edited"] = str(edited) if edited is not None else None
     return results, records, circuit

@@ -51,7 +51,9 @@ def unit_site(spec: ArchSpec, shape: ModelShape, layer: int, expert: ExpertKey, 
         )
     moe = shape.moe
     if expert != SHARED and not 0 <= expert < moe.num_experts or expert == SHARED and not moe.shared:
-        raise ArchitectureError(f"This model has no expert {expert!r} in layer {layer}.", "use a circuit of this model.")
+        raise ArchitectureError(
+            f"This model has no expert {expert!r} in layer {layer}.", "use a circuit of this model."
+        )
     return spec.experts.site(target, expert), moe.shared if expert == SHARED else moe.width
 
 
@@ -96,9 +98,12 @@ def _expected_shapes(spec: ArchSpec, shape: ModelShape, edits: LayerEdits | Unit
 
 
 def check_targets(
-    reader: CheckpointReader, spec: ArchSpec, shape: ModelShape, edits: LayerEdits | UnitEdits,
+    reader: CheckpointReader,
+    spec: ArchSpec,
+    shape: ModelShape,
+    edits: LayerEdits | UnitEdits,
     target: Target = "down",
-) -> dict[str, Callable]:  # fmt: skip
+) -> dict[str, Callable]:
     """The planned edits, after checking that every tensor they touch exists with the shape config.json implies."""
     changes = planned_edits(spec, shape, edits, target)
     shapes = _expected_shapes(spec, shape, edits, target)
@@ -133,9 +138,15 @@ def preflight(
 
 
 def write_folded(
-    src: Path, dst: Path, spec: ArchSpec, shape: ModelShape, edits: LayerEdits | UnitEdits, metadata: dict[str, str],
-    target: Target = "down", hash_stream: Callable[[Path], StreamHash] | None = None,
-) -> None:  # fmt: skip
+    src: Path,
+    dst: Path,
+    spec: ArchSpec,
+    shape: ModelShape,
+    edits: LayerEdits | UnitEdits,
+    metadata: dict[str, str],
+    target: Target = "down",
+    hash_stream: Callable[[Path], StreamHash] | None = None,
+) -> None:
     """Write the folded weights of folder `src` into the existing folder `dst`, plus the side files.
 
     `hash_stream(path)`, if given, returns the hash that follows each shard's writer (the model card's sha256s)."""

@@ -42,7 +42,11 @@ def _code_map(m: float) -> torch.Tensor:
 
 
 def fold_mxfp4_neurons_(
-    blocks: torch.Tensor, expert: int, index: torch.Tensor, multiplier: torch.Tensor, name: str = "down_proj_blocks",
+    blocks: torch.Tensor,
+    expert: int,
+    index: torch.Tensor,
+    multiplier: torch.Tensor,
+    name: str = "down_proj_blocks",
     dry_run: bool = False,
 ) -> None:
     """Scale neurons `index` of `expert` in MXFP4 `blocks` [E, rows, n/32, 16] in place (the scales untouched).

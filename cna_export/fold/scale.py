@@ -49,8 +49,10 @@ def group_by_layer(neurons: Iterable[tuple[int, int, float]]) -> LayerEdits:
         index = torch.tensor([i for i, _ in items], dtype=torch.long)
         exact = torch.tensor([m for _, m in items], dtype=torch.float64)
         # The multipliers are float32 from here on: 1e39 would be inf, and 0 x inf a NaN weight.
-        edits[layer] = (index, stored(exact, torch.float32, torch.isfinite(exact), exact,
-                                      f"the multipliers of layer {layer}", index))  # fmt: skip
+        edits[layer] = (
+            index,
+            stored(exact, torch.float32, torch.isfinite(exact), exact, f"the multipliers of layer {layer}", index),
+        )
     return edits
 
 
@@ -64,7 +66,9 @@ def group_by_unit(neurons: Iterable[tuple[int, int | str | None, int, float]]) -
     return {unit: group_by_layer(by_unit[unit])[unit[0]] for unit in order}
 
 
-def scaled_rows(rows: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor, what: str = "the weights") -> torch.Tensor:
+def scaled_rows(
+    rows: torch.Tensor, index: torch.Tensor, multiplier: torch.Tensor, what: str = "the weights"
+) -> torch.Tensor:
     """Rows `index` of `rows` (one row per neuron, any view) times their multipliers, in the rows' dtype.
 
     The product is taken in float32 and rounded once to the weight's dtype; a product that is not finite there
@@ -86,9 +90,16 @@ def scale_columns_(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.
 
 
 def fold_site_(
-    tensor: torch.Tensor, site: Site, width: int, index: torch.Tensor, multiplier: torch.Tensor,
-    expert: int | None = None, *, what: str | None = None, dry_run: bool = False,
-) -> None:  # fmt: skip
+    tensor: torch.Tensor,
+    site: Site,
+    width: int,
+    index: torch.Tensor,
+    multiplier: torch.Tensor,
+    expert: int | None = None,
+    *,
+    what: str | None = None,
+    dry_run: bool = False,
+) -> None:
     """Scale neurons `index` of an MLP of `width` neurons in `tensor`, stored as `site` says, in place (an MXFP4
     site: in its 4-bit codes, exactly or refused, fold/mxfp4.py).
 
@@ -105,9 +116,13 @@ def fold_site_(
 
 
 def fold_site(
-    tensor: torch.Tensor, site: Site, width: int, index: torch.Tensor, multiplier: torch.Tensor,
+    tensor: torch.Tensor,
+    site: Site,
+    width: int,
+    index: torch.Tensor,
+    multiplier: torch.Tensor,
     expert: int | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """A copy of `tensor` with neurons `index` scaled (see `fold_site_`)."""
     out = tensor.clone()
     fold_site_(out, site, width, index, multiplier, expert)

@@ -17,9 +17,13 @@ from cna_export.errors import CircuitError
 
 
 def stored(
-    product: torch.Tensor, dtype: torch.dtype, before: torch.Tensor, multiplier: torch.Tensor, what: str,
+    product: torch.Tensor,
+    dtype: torch.dtype,
+    before: torch.Tensor,
+    multiplier: torch.Tensor,
+    what: str,
     index: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """`product` rounded to `dtype`, after checking that every value finite `before` is finite there.
 
     Args:

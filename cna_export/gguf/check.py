@@ -313,8 +313,11 @@ def gguf_shape(layout: GGUFLayout, spec: ArchSpec, path: Path) -> ModelShape:
         stored = [_dims(layout, site, [i], 2, path) for i in range(layers)]
         hidden = {d[1 - site.axis] for d in stored}
         if len(hidden) != 1:
-            raise CheckpointError(f"GGUF file {path} has {site.name(0).replace('.0.', '.N.')} tensors of differing "
-                                  f"hidden sizes {sorted(hidden)}.", "re-convert the model; the file is inconsistent.")  # fmt: skip
+            raise CheckpointError(
+                f"GGUF file {path} has {site.name(0).replace('.0.', '.N.')} tensors of differing "
+                f"hidden sizes {sorted(hidden)}.",
+                "re-convert the model; the file is inconsistent.",
+            )
         return ModelShape.of_widths([d[site.axis] // site.parts for d in stored], hidden.pop())
     stored = _dims(layout, site, dense, 2, path)
     return ModelShape(layers, int(stored[site.axis]) // site.parts, int(stored[1 - site.axis]), moe)
@@ -324,8 +327,11 @@ def _dims(layout: GGUFLayout, site: Site, layers: Iterable[int], ndim: int, path
     """The one shape (numpy order) of the tensors of `site` in `layers`; a file where they differ is refused."""
     dims = {layout.tensors[site.name(i)].dims for i in layers}
     if len(dims) != 1 or len(next(iter(dims))) != ndim:
-        raise CheckpointError(f"GGUF file {path} has {site.name(0).replace('.0.', '.N.')} tensors of differing or "
-                              f"non-{ndim}-D shapes {sorted(dims)}.", "re-convert the model; the file is inconsistent.")  # fmt: skip
+        raise CheckpointError(
+            f"GGUF file {path} has {site.name(0).replace('.0.', '.N.')} tensors of differing or "
+            f"non-{ndim}-D shapes {sorted(dims)}.",
+            "re-convert the model; the file is inconsistent.",
+        )
     return tuple(int(d) for d in reversed(next(iter(dims))))
 
 

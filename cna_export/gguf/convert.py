@@ -113,12 +113,20 @@ def read_hyper(config: dict[str, Any], spec: ArchSpec) -> Hyper:
     if rope_local is None and "rope_local_base_freq" in config:
         rope_local = {"rope_theta": config["rope_local_base_freq"]}
     return Hyper(
-        n_layer=shape.num_layers, n_embd=shape.hidden_size, n_ff=shape.intermediate_size, n_head=n_head,
-        n_head_kv=config.get("num_key_value_heads") or n_head, head_dim=head_dim,
-        explicit_head_dim=bool(config.get("head_dim")), ctx=config.get("max_position_embeddings") or 4096,
-        rms_eps=config.get("rms_norm_eps", 1e-6), rope=rope, rope_local=rope_local,
-        tied=config.get("tie_word_embeddings", spec.tied_default), config=config,
-    )  # fmt: skip
+        n_layer=shape.num_layers,
+        n_embd=shape.hidden_size,
+        n_ff=shape.intermediate_size,
+        n_head=n_head,
+        n_head_kv=config.get("num_key_value_heads") or n_head,
+        head_dim=head_dim,
+        explicit_head_dim=bool(config.get("head_dim")),
+        ctx=config.get("max_position_embeddings") or 4096,
+        rms_eps=config.get("rms_norm_eps", 1e-6),
+        rope=rope,
+        rope_local=rope_local,
+        tied=config.get("tie_word_embeddings", spec.tied_default),
+        config=config,
+    )
 
 
 def export_gguf(

@@ -256,8 +256,12 @@ def convert_external(folder: Path, out: Path, outtype: str, extra: tuple[str, ..
     caveat = RUNTIME_CAVEATS.get(spec.model_type, lambda _: None)(text)
     if caveat:
         log.warning(caveat)
-    fixes = {"missing_tensors": MISSING_TENSORS, "pre": _pre_tokenizer(folder), "hparams": missing_hparams(config),
-             "wrapper": spec.text_config is not None}  # fmt: skip
+    fixes = {
+        "missing_tensors": MISSING_TENSORS,
+        "pre": _pre_tokenizer(folder),
+        "hparams": missing_hparams(config),
+        "wrapper": spec.text_config is not None,
+    }
     args = [*command, json.dumps(fixes), str(folder), "--outfile", str(out), "--outtype", outtype, *flags, *extra]
     log.info("converting with llama.cpp's converter: %s", " ".join(args[3:]))
     proc = subprocess.run(args, capture_output=True, text=True, env=env)

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INSTALL_FIX = 'pip install "cna-export[gguf]" (builds llama.cpp: about 6-15 minutes on 2 cores), or pass --backend torch.'
+INSTALL_FIX = (
+    'pip install "cna-export[gguf]" (builds llama.cpp: about 6-15 minutes on 2 cores), or pass --backend torch.'
+)
 GGML_TYPE_F32 = 0  # the KV cache's type (f32, so an f32 GGUF computes what transformers computes in fp32)
 
 
@@ -65,8 +67,10 @@ def threads_default() -> int:
     value = os.environ.get(THREADS_ENV, "")
     if value.strip():
         if not value.strip().isdigit() or int(value) < 1:
-            raise CnaExportError(f"{THREADS_ENV}={value!r} is not a positive number of threads.",
-                                 f"set {THREADS_ENV} to e.g. 2, or unset it.")  # fmt: skip
+            raise CnaExportError(
+                f"{THREADS_ENV}={value!r} is not a positive number of threads.",
+                f"set {THREADS_ENV} to e.g. 2, or unset it.",
+            )
         return int(value)
     from cna_export.cpus import physical_cores
 
@@ -94,8 +98,9 @@ class LlamaCppModel:
         if not self.model:
             raise CheckpointError(
                 f"llama.cpp could not load {self.path} (an architecture or tensor type this llama.cpp build does "
-                "not know, or a damaged file).", "upgrade llama-cpp-python, or pass --backend torch.",
-            )  # fmt: skip
+                "not know, or a damaged file).",
+                "upgrade llama-cpp-python, or pass --backend torch.",
+            )
         self.vocab = self.lc.llama_model_get_vocab(self.model)
         self.n_layer = int(self.lc.llama_model_n_layer(self.model))
         self.n_ctx_train = int(self.lc.llama_model_n_ctx_train(self.model))
@@ -182,8 +187,9 @@ class LlamaCppContext:
             params.cb_eval_user_data = None
         self.ctx = lc.llama_init_from_model(model.model, params)
         if not self.ctx:
-            raise CnaExportError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path.name}.",
-                                 "lower --batch-size.")  # fmt: skip
+            raise CnaExportError(
+                f"llama.cpp could not create a context of {n_ctx} tokens for {model.path.name}.", "lower --batch-size."
+            )
         self.memory = lc.llama_get_memory(self.ctx)
         self.capacity = n_batch
         self.batch = lc.llama_batch_init(n_batch, 0, 1)
@@ -207,7 +213,9 @@ class LlamaCppContext:
                     raise CnaExportError(f"A batch needs more than {self.capacity} tokens.", "lower --batch-size.")
                 b.token[n], b.pos[n], b.n_seq_id[n] = tok, s.start + i, 1
                 b.seq_id[n][0] = sid
-                b.logits[n] = s.output and (i == len(s.tokens) - 1 or (s.logits_from is not None and i >= s.logits_from))
+                b.logits[n] = s.output and (
+                    i == len(s.tokens) - 1 or (s.logits_from is not None and i >= s.logits_from)
+                )
                 n += 1
             last.append(n - 1)
         b.n_tokens = n

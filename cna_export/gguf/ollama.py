@@ -169,9 +169,14 @@ def ollama_create(name: str, modelfile: Path) -> None:
 
 
 def convert_for_ollama(
-    model_dir: Path, out: Path, *, outtype: str = "f16", overwrite: bool = False, modelfile: bool = False,
+    model_dir: Path,
+    out: Path,
+    *,
+    outtype: str = "f16",
+    overwrite: bool = False,
+    modelfile: bool = False,
     ollama_name: str | None = None,
-) -> tuple[Path, Path | None]:  # fmt: skip
+) -> tuple[Path, Path | None]:
     """Convert a model folder to GGUF; with `modelfile` (or `ollama_name`) write the Modelfile beside it (both
     checked before either is written, and renamed into place together), and with `ollama_name` run `ollama
     create`. Returns (the GGUF, the Modelfile or None)."""

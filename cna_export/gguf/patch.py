@@ -151,9 +151,12 @@ def _route(qtype: GGMLQuantizationType) -> str:
 
 
 def scale_rows_bytes(
-    rows: np.ndarray, qtype: GGMLQuantizationType, mult: np.ndarray, name: str = "ffn_up",
+    rows: np.ndarray,
+    qtype: GGMLQuantizationType,
+    mult: np.ndarray,
+    name: str = "ffn_up",
     index: np.ndarray | None = None,
-) -> tuple[np.ndarray, float]:  # fmt: skip
+) -> tuple[np.ndarray, float]:
     """Scale raw GGUF rows by per-row multipliers.
 
     Args:
@@ -184,8 +187,9 @@ def scale_rows_bytes(
         for off in SCALE_FIELDS[qtype]:
             old = torch.from_numpy(blocks[:, :, off : off + 2].copy().view(np.float16)[..., 0])
             exact = old.to(torch.float64) * m
-            new = stored(exact, torch.float16, torch.isfinite(old), m32, f"the {qtype.name} block scales of {name}",
-                         neurons)  # fmt: skip
+            new = stored(
+                exact, torch.float16, torch.isfinite(old), m32, f"the {qtype.name} block scales of {name}", neurons
+            )
             worst = max(worst, rounding_error(new, exact))
             blocks[:, :, off : off + 2] = new.numpy().reshape(k, -1, 1).view(np.uint8)
         return blocks.reshape(rows.shape), worst
@@ -194,8 +198,14 @@ def scale_rows_bytes(
         values = torch.from_numpy(rows.copy()).view(dtype).reshape(k, -1)
         exact = values.to(torch.float64) * m
         # As the safetensors fold (fold.scale.scaled_rows): the product in float32, rounded once to the type.
-        new = stored(values.to(torch.float32) * m32.reshape(k, 1), dtype, torch.isfinite(values), m32,
-                     f"{name} ({qtype.name})", neurons)  # fmt: skip
+        new = stored(
+            values.to(torch.float32) * m32.reshape(k, 1),
+            dtype,
+            torch.isfinite(values),
+            m32,
+            f"{name} ({qtype.name})",
+            neurons,
+        )
         return new.reshape(k, -1).view(torch.uint8).numpy().reshape(rows.shape), rounding_error(new, exact)
     dense = torch.from_numpy(gguf_quants.dequantize(rows, qtype).reshape(k, -1).astype(np.float64))
     exact = dense * m
@@ -210,8 +220,9 @@ def scale_rows_bytes(
 # Patching --------------------------------------------------------------------------------------------------------
 
 
-def _plan(layout: GGUFLayout, circuit: Circuit, shape: ModelShape, multiplier: float | None,
-          allow_negative: bool) -> list[tuple[GGUFTensorInfo, np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
+def _plan(
+    layout: GGUFLayout, circuit: Circuit, shape: ModelShape, multiplier: float | None, allow_negative: bool
+) -> list[tuple[GGUFTensorInfo, np.ndarray, np.ndarray, np.ndarray]]:
     """(tensor, row indices, float32 multipliers, neurons) per unit (a layer's dense MLP, or one of its experts), after
     checking every tensor can be patched.
 
@@ -234,8 +245,9 @@ def _plan(layout: GGUFLayout, circuit: Circuit, shape: ModelShape, multiplier: f
         info = layout.tensors.get(site.name(layer, expert))
         if info is None or info.dims != expected:
             found = "is missing" if info is None else f"has dims {list(info.dims)}"
-            raise ArchitectureError(f"{site.name(layer, expert)} {found}, expected dims {list(expected)}.",
-                                    "re-convert the model.")  # fmt: skip
+            raise ArchitectureError(
+                f"{site.name(layer, expert)} {found}, expected dims {list(expected)}.", "re-convert the model."
+            )
         _route(info.ggml_type)  # an unsupported type fails before anything is written
         plan.append((info, index.numpy() + site.first_row(width, expert), mult.numpy(), index.numpy()))
     return plan
@@ -284,8 +296,13 @@ def patch_gguf_report(
             writes += [(start, row.tobytes()) for start, row in zip(starts, new)]
             route = _route(info.ggml_type)
             if route == "requantize":
-                log.warning("%s is %s, which has no f16 block scale: its %d rows were dequantized, scaled "
-                            "and re-quantized (rounding changes)", info.name, info.ggml_type.name, len(index))  # fmt: skip
+                log.warning(
+                    "%s is %s, which has no f16 block scale: its %d rows were dequantized, scaled "
+                    "and re-quantized (rounding changes)",
+                    info.name,
+                    info.ggml_type.name,
+                    len(index),
+                )
             ranges = [(start, start + row_bytes) for start in starts]
             patches.append(TensorPatch(info.name, info.ggml_type.name, route, len(index), worst, ranges))
         copy.wait()

@@ -45,8 +45,15 @@ def export_patched_gguf(source: Source, circuit: Circuit, out: Path, options: Ex
     with plan:
         tmp = plan.temp(out)
         gguf = tmp / source.path.name
-        report = patch_gguf_report(source.path, circuit, gguf, multiplier=o.multiplier, force=o.force,
-                                   allow_negative=o.allow_negative, layout=source.layout)  # fmt: skip
+        report = patch_gguf_report(
+            source.path,
+            circuit,
+            gguf,
+            multiplier=o.multiplier,
+            force=o.force,
+            allow_negative=o.allow_negative,
+            layout=source.layout,
+        )
         # The folder's circuit.json is the record of what was applied (patch-gguf's sidecar, renamed).
         applied = Circuit.load(report.sidecar)
         report.sidecar.replace(tmp / CIRCUIT_FILE)
@@ -58,7 +65,16 @@ def export_patched_gguf(source: Source, circuit: Circuit, out: Path, options: Ex
             from cna_export.gguf.ollama import write_modelfile
 
             write_modelfile(gguf, source.layout.get(Keys.Tokenizer.CHAT_TEMPLATE))
-        write_card(tmp, source, applied, hash_weights=o.hash_files, target="up", base_model=o.base_model,
-                   source_weights_sha256=circuit.model.weights_sha256, metrics=o.metrics, name=out.name)  # fmt: skip
+        write_card(
+            tmp,
+            source,
+            applied,
+            hash_weights=o.hash_files,
+            target="up",
+            base_model=o.base_model,
+            source_weights_sha256=circuit.model.weights_sha256,
+            metrics=o.metrics,
+            name=out.name,
+        )
     log.info("wrote %s: %s", out, report.summary())
     return out

@@ -164,15 +164,20 @@ class FfnDownTap:
         contiguous = x.nb[0] == 4 and all(x.nb[d] == x.nb[d - 1] * x.ne[d - 1] for d in range(1, dims - 1))
         flat = all(n == 1 for n in x.ne[dims:])
         if x.type != dtype or not contiguous or not flat or width is not None and inner[0] != width:
-            raise CnaExportError(f"The ffn_down input is not an f32 [{width}, tokens] tensor (or its ids or weights "
-                                 "are not the shape llama.cpp gives them).", "use --backend torch for this model.")  # fmt: skip
+            raise CnaExportError(
+                f"The ffn_down input is not an f32 [{width}, tokens] tensor (or its ids or weights "
+                "are not the shape llama.cpp gives them).",
+                "use --backend torch for this model.",
+            )
         # llama.cpp's last layer keeps only the rows that produce outputs (its `inp_out_ids`); the others hold
         # every token of the batch.
         n = int(x.ne[dims - 1])
         rows = range(self.outputs) if n == self.outputs else self.rows
         if n != self.outputs and n <= max(self.rows, default=-1):
-            raise CnaExportError(f"The ffn_down input has {n} rows, expected the batch's tokens or outputs.",
-                                 "use --backend torch for this model.")  # fmt: skip
+            raise CnaExportError(
+                f"The ffn_down input has {n} rows, expected the batch's tokens or outputs.",
+                "use --backend torch for this model.",
+            )
         out = np.empty((len(rows), *reversed(inner)), dtype=np.float32 if dtype == GGML_TYPE_F32 else np.int32)
         row_bytes, stride = out[0].nbytes if len(rows) else 0, int(x.nb[dims - 1])
         for k, r in enumerate(rows):
@@ -189,16 +194,21 @@ class FfnDownTap:
             name = next(iter(self.units), b"ffn_down").decode()
             raise CheckpointError(
                 f"llama.cpp's graph has no matrix multiplication by {name} for this model, so the ffn_down "
-                "input cannot be read.", "use --backend torch for this model.",
-            )  # fmt: skip
+                "input cannot be read.",
+                "use --backend torch for this model.",
+            )
         for layer, got in self.got.items():
             for part in sorted(self.expect[layer] - got):
                 kind = part.removesuffix("_weight")
                 name = next(n for n, u in self.units.items() if (u.layer, u.kind) == (layer, kind)).decode()
                 what = f"has no matrix multiplication by {name}"
                 if part != kind:
-                    what = (f"does not multiply the output of {name} by a weight the tap can read (the router "
-                            "weights or the shared expert's gate)")  # fmt: skip
-                raise CheckpointError(f"llama.cpp's graph for {self.family or 'this model'} {what}, so its expert "
-                                      "activations cannot be measured inside llama.cpp.",
-                                      "use --backend torch on the model's safetensors folder.")  # fmt: skip
+                    what = (
+                        f"does not multiply the output of {name} by a weight the tap can read (the router "
+                        "weights or the shared expert's gate)"
+                    )
+                raise CheckpointError(
+                    f"llama.cpp's graph for {self.family or 'this model'} {what}, so its expert "
+                    "activations cannot be measured inside llama.cpp.",
+                    "use --backend torch on the model's safetensors folder.",
+                )

@@ -129,8 +129,12 @@ def _transformers_tokenizer(folder: Path) -> tuple[dict[str, Any] | None, dict[s
     }
     if backend is None:
         return None, adds
-    return parse_json(backend.to_str(), lambda why: CheckpointError(f"The tokenizer of {folder} does not serialize "
-                                                                    f"to JSON ({why}).", "restore tokenizer.json.")), adds  # fmt: skip
+    return parse_json(
+        backend.to_str(),
+        lambda why: CheckpointError(
+            f"The tokenizer of {folder} does not serialize to JSON ({why}).", "restore tokenizer.json."
+        ),
+    ), adds
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -256,9 +260,15 @@ def _sentencepiece(folder: Path, tok_json: dict[str, Any] | None, n_vocab: int) 
         types.append(TokenType.UNUSED)
     special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=n_vocab)
     return GgufVocab(
-        "llama", None, tokens, scores, types, add_space_prefix=_adds_space_prefix(tok_json), special=special,
+        "llama",
+        None,
+        tokens,
+        scores,
+        types,
+        add_space_prefix=_adds_space_prefix(tok_json),
+        special=special,
         defaults={"bos": True, "eos": False},
-    )  # fmt: skip
+    )
 
 
 def _adds_space_prefix(tok_json: dict[str, Any] | None) -> bool:

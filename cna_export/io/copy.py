@@ -22,9 +22,16 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, er
 
 
 def copy_range(
-    fin: int, fout: int, offset: int, length: int, at: int, *, chunk: int = CHUNK, stop: threading.Event | None = None,
+    fin: int,
+    fout: int,
+    offset: int,
+    length: int,
+    at: int,
+    *,
+    chunk: int = CHUNK,
+    stop: threading.Event | None = None,
     name: str = "the source",
-) -> None:  # fmt: skip
+) -> None:
     """Copy bytes [offset, offset + length) of file descriptor `fin` to position `at` of `fout`.
 
     Raises:
@@ -90,7 +97,8 @@ class BackgroundCopy:
         try:
             with open(self.src, "rb") as fin, open(self.dst, "wb") as fout:
                 size = os.fstat(fin.fileno()).st_size
-                copy_range(fin.fileno(), fout.fileno(), 0, size, 0, chunk=self.CHUNK, stop=self.stop,
-                           name=str(self.src))  # fmt: skip
+                copy_range(
+                    fin.fileno(), fout.fileno(), 0, size, 0, chunk=self.CHUNK, stop=self.stop, name=str(self.src)
+                )
         except BaseException as exc:  # handed to the caller by wait()
             self.error = exc

@@ -9,6 +9,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,6 @@ class BackgroundHasher:
     """
 
     def __init__(self, root: Path, workers: int = 2) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.root = Path(root)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256")
         self._jobs: dict[str, Any] = {}
@@ -145,8 +144,9 @@ def sha256_files(paths: Iterable[Path], desc: str = "hashing") -> dict[str, str]
     paths = list(paths)
     cache = _HashCache()
     todo = [p for p in paths if cache.get(p) is None]
-    with progress_bar(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc=desc,
-                      leave=False) as bar:
+    with progress_bar(
+        total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc=desc, leave=False
+    ) as bar:
         for p in todo:
             cache.put(p, sha256_file(p, bar))
     return {p.name: cache.get(p) for p in paths}

@@ -156,8 +156,14 @@ class OutputPlan:
         self.outputs: dict[Path, _Output] = {}
         self._active = False
 
-    def file(self, path: Path, *, overwrite: bool | None = None, written_with: Path | None = None,
-             protect: Sequence[Path | None] | None = None) -> Path:  # fmt: skip
+    def file(
+        self,
+        path: Path,
+        *,
+        overwrite: bool | None = None,
+        written_with: Path | None = None,
+        protect: Sequence[Path | None] | None = None,
+    ) -> Path:
         """Add a file output and check it now; `written_with`: a file that must exist beside an existing `path`
         for `--overwrite` to replace it (patch-gguf's sidecar). Returns `path`."""
         return self._add(path, False, overwrite, written_with, protect)
@@ -168,15 +174,23 @@ class OutputPlan:
         """Add a folder output and check it now. Its temporary is created holding `OUTPUT_MARKER`. Returns `path`."""
         return self._add(path, True, overwrite, None, protect)
 
-    def _add(self, path: Path, folder: bool, overwrite: bool | None, written_with: Path | None,
-             protect: Sequence[Path | None] | None) -> Path:  # fmt: skip
+    def _add(
+        self,
+        path: Path,
+        folder: bool,
+        overwrite: bool | None,
+        written_with: Path | None,
+        protect: Sequence[Path | None] | None,
+    ) -> Path:
         if self._active:
             raise RuntimeError("outputs are added to a plan before it is entered")
         path = Path(path)
         o = _Output(
-            path.absolute(), folder, self.overwrite if overwrite is None else overwrite,
+            path.absolute(),
+            folder,
+            self.overwrite if overwrite is None else overwrite,
             Path(written_with).absolute() if written_with is not None else None,
-        )  # fmt: skip
+        )
         check_name(o.path.name)
         _check_overlap(o.path, self.protect if protect is None else [Path(p) for p in protect if p is not None])
         _check_existing(o)
@@ -272,8 +286,9 @@ def check_output_path(out: Path, source: Path | None = None, overwrite: bool = F
 
 
 @contextlib.contextmanager
-def staged_output(out: Path, overwrite: bool = False, is_dir: bool = True, protect: Sequence[Path | None] = ()
-                  ) -> Iterator[Path]:  # fmt: skip
+def staged_output(
+    out: Path, overwrite: bool = False, is_dir: bool = True, protect: Sequence[Path | None] = ()
+) -> Iterator[Path]:
     """A one-output `OutputPlan`: yield the temporary of `out`; on success it is renamed to `out`, else removed.
 
     Example:

@@ -107,16 +107,20 @@ def resolve(model: str, revision: str | None = None) -> Source:
 def _gguf_in(folder: Path) -> Path:
     """The one model .gguf of a folder without config.json (a folder `run` wrote from a GGUF source)."""
     if (folder / ADAPTER_CONFIG).is_file():
-        raise CheckpointError(f"{folder} is a LoRA adapter folder, not a model.",
-                              "pass its base model (the adapter loads on top of it).")  # fmt: skip
+        raise CheckpointError(
+            f"{folder} is a LoRA adapter folder, not a model.", "pass its base model (the adapter loads on top of it)."
+        )
     files = sorted(p for p in folder.glob("*.gguf") if p.is_file())
     if len(files) == 1:
         return files[0]
     if files:
-        raise CheckpointError(f"{folder} has no config.json and holds {len(files)} .gguf files.",
-                              f"pass one of them, e.g. {files[0]}.")  # fmt: skip
-    raise CheckpointError(f"{folder} has no config.json.",
-                          "pass a Hugging Face model folder, a .gguf file, or the folder `run` wrote from one.")  # fmt: skip
+        raise CheckpointError(
+            f"{folder} has no config.json and holds {len(files)} .gguf files.", f"pass one of them, e.g. {files[0]}."
+        )
+    raise CheckpointError(
+        f"{folder} has no config.json.",
+        "pass a Hugging Face model folder, a .gguf file, or the folder `run` wrote from one.",
+    )
 
 
 def read_config(source: Source) -> dict[str, Any]:
@@ -212,9 +216,12 @@ def pick_device(device: str) -> torch.device:
     names = available_devices()
     if dev is not None and (
         dev.type == "cpu"
-        or dev.type == "cuda" and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
-        or dev.type == "mps" and torch.backends.mps.is_available()
-    ):  # fmt: skip
+        or dev.type == "cuda"
+        and torch.cuda.is_available()
+        and (dev.index or 0) < torch.cuda.device_count()
+        or dev.type == "mps"
+        and torch.backends.mps.is_available()
+    ):
         return dev
     problem = f"Unknown device {device!r}" if dev is None else f"Device {device!r} is not available here"
     raise CnaExportError(f"{problem}; this machine has: {', '.join(names)}.", "pass --device auto or one of those.")

@@ -116,8 +116,11 @@ def _edit_in_place(path: Path, offset: int, t: OutTensor) -> None:
             mapped.madvise(_POPULATE_WRITE)
         except OSError:
             pass  # only slower
-    t.edit(torch.frombuffer(memoryview(mapped)[offset - start :], dtype=torch.uint8).view(ST_TO_TORCH[t.dtype])
-           .view(t.shape))  # fmt: skip
+    t.edit(
+        torch.frombuffer(memoryview(mapped)[offset - start :], dtype=torch.uint8)
+        .view(ST_TO_TORCH[t.dtype])
+        .view(t.shape)
+    )
     # The map goes with its last view, when this returns. Its dirty pages are left to the kernel: msync would
     # force a slow disk write.
 

@@ -13,6 +13,7 @@ import logging
 import re
 import shutil
 import threading
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,18 @@ RELATION = "finetune"
 def preload() -> None:
     """Import huggingface_hub's card module on a worker thread (~0.1 s), so that an export, which writes the card
     last, finds it loaded: the import runs while the kernel copies the weights."""
-    from importlib import import_module
-
     threading.Thread(target=import_module, args=("huggingface_hub.repocard",), daemon=True).start()
 
 
-def build_card(folder: Path, source: Source, circuit: Circuit, *, base_model: str | None = None,
-               name: str | None = None, **record: Any):  # fmt: skip
+def build_card(
+    folder: Path,
+    source: Source,
+    circuit: Circuit,
+    *,
+    base_model: str | None = None,
+    name: str | None = None,
+    **record: Any,
+):
     """Build the model card of an exported folder (a `huggingface_hub.ModelCard`).
 
     Args:
@@ -100,9 +106,13 @@ def write_card(folder: Path, source: Source, circuit: Circuit, **kwargs: Any) ->
 
 
 def update_card(
-    folder: Path, *, metrics: dict[str, Any] | None = None, rehash: bool = False, files: dict[str, str] | None = None,
+    folder: Path,
+    *,
+    metrics: dict[str, Any] | None = None,
+    rehash: bool = False,
+    files: dict[str, str] | None = None,
     to: Path | None = None,
-) -> Path:  # fmt: skip
+) -> Path:
     """Rewrite the card of an exported folder: add evaluation numbers, and/or re-hash its files.
 
     Use `rehash=True` after adding a file to an export (a GGUF conversion, say), so that the card lists it and
@@ -164,8 +174,10 @@ def read_provenance(card_path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{card_path} has no cna-export provenance block.", "re-export the model, or pass --no-verify."
         )
-    record = parse_json(match.group(1), lambda why: CheckpointError(
-        f"The provenance block of {card_path} is not valid JSON ({why}).", "re-export."))  # fmt: skip
+    record = parse_json(
+        match.group(1),
+        lambda why: CheckpointError(f"The provenance block of {card_path} is not valid JSON ({why}).", "re-export."),
+    )
     if not isinstance(record, dict) or record.get("format") != PROVENANCE_FORMAT or "files" not in record:
         raise CheckpointError(f"The provenance block of {card_path} is not cna-export's.", "re-export.")
     return record

@@ -38,15 +38,17 @@ def _checks_lines(checks: dict[str, Any] | None) -> list[str]:
     """Which checks the evaluation numbers come from (`cna_export.evaluate.report.checks_run`), in words."""
     if not checks:
         return []
-    ran = [f"answers of up to {checks['answer_tokens']} greedy tokens"
-           + (" (refusals also looked for past the opening: delayed refusals)" if checks.get("delayed_refusals")
-              else ""),
-           f"first-token KL and KL over the original's own first {checks['kl_answer_tokens']} answer tokens"]  # fmt: skip
+    ran = [
+        f"answers of up to {checks['answer_tokens']} greedy tokens"
+        + (" (refusals also looked for past the opening: delayed refusals)" if checks.get("delayed_refusals") else ""),
+        f"first-token KL and KL over the original's own first {checks['kl_answer_tokens']} answer tokens",
+    ]
     skipped = []
     over, long = checks.get("over_refusal", "not run"), checks.get("long_context", "not run")
     (ran if over != "not run" else skipped).append(f"over-refusal set {over}" if over != "not run" else "over-refusal")
-    (ran if long != "not run" else skipped).append(f"long-context check ({long})" if long != "not run"
-                                                   else "long-context check")  # fmt: skip
+    (ran if long != "not run" else skipped).append(
+        f"long-context check ({long})" if long != "not run" else "long-context check"
+    )
     for name, label in (("mmlu", "MMLU"), ("judge", "an LLM judge")):
         (ran if checks.get(name) else skipped).append(label)
     text = "Checks run: " + "; ".join(ran) + "." + (f" Not run: {', '.join(skipped)}." if skipped else "")
@@ -111,8 +113,11 @@ def _width_lines(circuit: Circuit) -> list[str]:
         return []
     groups = {w: [i for i, x in enumerate(widths) if x == w] for w in sorted(set(widths))}
     where = {w: ("layer " if len(ls) == 1 else "layers ") + _spans(ls) for w, ls in groups.items()}
-    return ["- MLP widths differ by layer: " + "; ".join(f"{w} neurons in {where[w]}" for w in groups)
-            + " (a neuron's index is below its layer's width)"]  # fmt: skip
+    return [
+        "- MLP widths differ by layer: "
+        + "; ".join(f"{w} neurons in {where[w]}" for w in groups)
+        + " (a neuron's index is below its layer's width)"
+    ]
 
 
 def _spans(layers: list[int]) -> str:
@@ -170,8 +175,11 @@ def human_text(record: dict[str, Any], circuit: Circuit, base: str | None, name:
         lines.append(f"Not evaluated yet (`cna-export eval --model {src['model']} --edited {name} ...` measures it).")
     unhashed = []
     if None in record["files"].values():
-        unhashed = ["Weight files listed with `null` were not hashed at export (`--file-hashes` does it); "
-                    "`cna-export push` records their sha256 before uploading.", ""]  # fmt: skip
+        unhashed = [
+            "Weight files listed with `null` were not hashed at export (`--file-hashes` does it); "
+            "`cna-export push` records their sha256 before uploading.",
+            "",
+        ]
     lines += [
         "",
         *audit_lines(src["model"], name, record["files"], patched),
@@ -189,17 +197,23 @@ def human_text(record: dict[str, Any], circuit: Circuit, base: str | None, name:
 def _where_line(site: Any, target: str, patched: bool) -> str:
     """Where the multipliers went: the checkpoint tensor of a dense export, the GGUF tensor of a patched file."""
     if patched:
-        return (f"- Patched into: {site.describe()} of the GGUF file (`W_up[j, :] *= m`, the same edit as "
-                "`W_down[:, j] *= m` for a gated MLP): in a quantized row only its f16 block scales are multiplied, "
-                "the quantized values stay the source's")  # fmt: skip
-    where = site.describe() + (" (`W_down[:, j] *= m`)" if target == "down" else
-                               " (`W_up[j, :] *= m`, the same edit for a gated MLP)")  # fmt: skip
+        return (
+            f"- Patched into: {site.describe()} of the GGUF file (`W_up[j, :] *= m`, the same edit as "
+            "`W_down[:, j] *= m` for a gated MLP): in a quantized row only its f16 block scales are multiplied, "
+            "the quantized values stay the source's"
+        )
+    where = site.describe() + (
+        " (`W_down[:, j] *= m`)" if target == "down" else " (`W_up[j, :] *= m`, the same edit for a gated MLP)"
+    )
     return f"- Folded into: {where}; exact, no approximation"
 
 
 def _identical_line(src: dict[str, Any], patched: bool) -> str:
     if patched:
-        return ("- Every other tensor of the GGUF file is byte-identical to the source file's, and so are the "
-                "metadata and the vocabulary.")  # fmt: skip
+        return (
+            "- Every other tensor of the GGUF file is byte-identical to the source file's, and so are the "
+            "metadata and the vocabulary."
+        )
     return "- Every other tensor is byte-identical to the source" + (
-        " (as dequantized from its GGUF file)." if src.get("gguf_file") else ".")  # fmt: skip
+        " (as dequantized from its GGUF file)." if src.get("gguf_file") else "."
+    )

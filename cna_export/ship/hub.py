@@ -64,9 +64,7 @@ def push(
     behaviour = record["edit"]["behaviour"] if record and "edit" in record else None
     # An adapter folder (cna_export.ship.adapter) is a model repository too, with the adapter's card.
     kind = "GGUF" if single else "adapter" if (path / ADAPTER_CONFIG).is_file() else "model"
-    message = commit_message or f"Upload {kind} edited with cna-export" + (
-        f" ({behaviour})" if behaviour else ""
-    )
+    message = commit_message or f"Upload {kind} edited with cna-export" + (f" ({behaviour})" if behaviour else "")
     try:
         return _upload(path, repo_id, single, private, branch, message, token)
     except Exception as exc:
@@ -81,8 +79,9 @@ def _warn_without_base_model(folder: Path) -> None:
             log.warning("the model card has no base_model, so the Hub will not link this model to its source")
 
 
-def _upload(path: Path, repo_id: str, single: bool, private: bool, branch: str | None, message: str,
-            token: str | None) -> str:  # fmt: skip
+def _upload(
+    path: Path, repo_id: str, single: bool, private: bool, branch: str | None, message: str, token: str | None
+) -> str:
     """Create the repository (and branch) if needed and upload the file or folder; returns the commit URL."""
     from huggingface_hub import HfApi
 
@@ -92,21 +91,33 @@ def _upload(path: Path, repo_id: str, single: bool, private: bool, branch: str |
         api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
     if single:
         info = api.upload_file(
-            path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id, repo_type="model",
-            revision=branch, commit_message=message,
-        )  # fmt: skip
+            path_or_fileobj=str(path),
+            path_in_repo=path.name,
+            repo_id=repo_id,
+            repo_type="model",
+            revision=branch,
+            commit_message=message,
+        )
         return info.commit_url
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     if size > LARGE_BYTES and hasattr(api, "upload_large_folder"):
         api.upload_large_folder(
-            repo_id=repo_id, folder_path=str(path), repo_type="model", revision=branch, private=private,
+            repo_id=repo_id,
+            folder_path=str(path),
+            repo_type="model",
+            revision=branch,
+            private=private,
             ignore_patterns=[".*", "**/.*"],
-        )  # fmt: skip
+        )
         return str(url)
     info = api.upload_folder(
-        repo_id=repo_id, folder_path=str(path), repo_type="model", revision=branch, commit_message=message,
+        repo_id=repo_id,
+        folder_path=str(path),
+        repo_type="model",
+        revision=branch,
+        commit_message=message,
         ignore_patterns=[".*", "**/.*"],
-    )  # fmt: skip
+    )
     return info.commit_url
 
 

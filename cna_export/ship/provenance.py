@@ -81,8 +81,6 @@ def hub_origin(source: Source) -> tuple[str, str] | None:
     return (f"{match.group(1)}/{match.group(2)}", folder.name) if match else None
 
 
-
-
 def provenance(
     folder: Path,
     source: Source,
@@ -151,8 +149,9 @@ def file_hashes(
     unhashed = {p.relative_to(folder).as_posix() for p in files if not weights and p.suffix in WEIGHT_SUFFIXES}
     todo = [p for p in files if p.relative_to(folder).as_posix() not in known.keys() | unhashed]
     with (
-        progress_bar(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc=desc,
-                      leave=False) as bar,
+        progress_bar(
+            total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True, desc=desc, leave=False
+        ) as bar,
         BackgroundHasher(folder) as hasher,
     ):
         for p in todo:
@@ -173,8 +172,11 @@ def audit_lines(source: str, name: str, files: dict[str, Any], patched: bool) ->
     exactly the source with circuit.json applied), run where both lie; a GGUF converted into a dense export gets
     the two commands that check it. `source` is the source as the card names it (a Hub id, or the name of a
     local folder or file), `name` this folder's name."""
-    what = ("this GGUF file is exactly the source file with that circuit patched in" if patched else
-            "these weights are exactly the source with that circuit folded in")  # fmt: skip
+    what = (
+        "this GGUF file is exactly the source file with that circuit patched in"
+        if patched
+        else "these weights are exactly the source with that circuit folded in"
+    )
     lines = [
         "## Audit",
         "",
@@ -190,8 +192,11 @@ def audit_lines(source: str, name: str, files: dict[str, Any], patched: bool) ->
     for gguf in converted:
         outtype = gguf.removesuffix(".gguf").rsplit("-", 1)[-1]
         if outtype not in ("f32", "f16", "bf16"):
-            lines += [f"`{gguf}` is these weights converted for llama.cpp and quantized, which rounds every block "
-                      "of the scaled tensors anew: it is checked through the weights above.", ""]  # fmt: skip
+            lines += [
+                f"`{gguf}` is these weights converted for llama.cpp and quantized, which rounds every block "
+                "of the scaled tensors anew: it is checked through the weights above.",
+                "",
+            ]
             continue
         # `gguf` converts a local folder: a Hub source is converted from its downloaded snapshot.
         folder = "SOURCE_FOLDER" if "/" in source else source

@@ -133,10 +133,15 @@ def make_circuit(model_dir: Path, neurons: list[tuple], multiplier: float = 0.0)
     _, shape, config = describe(resolve(str(model_dir)))
     return Circuit(
         multiplier=multiplier,
-        model=ModelIdentity(source=str(model_dir), model_type=config["model_type"], num_layers=shape.num_layers,
-                            intermediate_size=shape.intermediate_size, hidden_size=shape.hidden_size,
-                            **shape_fields(shape)),
+        model=ModelIdentity(
+            source=str(model_dir),
+            model_type=config["model_type"],
+            num_layers=shape.num_layers,
+            intermediate_size=shape.intermediate_size,
+            hidden_size=shape.hidden_size,
+            **shape_fields(shape),
+        ),
         prompts={"positive": PromptSet(count=0, sha256=""), "negative": PromptSet(count=0, sha256="")},
         selection=RecordedSelection(top_k=len(neurons)),
         neurons=[Neuron(layer=n[0], expert=n[1] if len(n) == 3 else None, index=n[-1], delta=1.0) for n in neurons],
-    )  # fmt: skip
+    )

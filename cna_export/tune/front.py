@@ -82,20 +82,26 @@ def choose(
     points: Sequence[dict[str, float]], ks: Sequence[int], kl_budget: float, collateral_budget: float
 ) -> int | None:
     """Index of the chosen point by the rule of the module docstring, or None when none qualifies."""
-    ok = [i for i, p in enumerate(points)
-          if p["behaviour_change"] > 0 and p["kl"] <= kl_budget and p["collateral"] <= collateral_budget]  # fmt: skip
+    ok = [
+        i
+        for i, p in enumerate(points)
+        if p["behaviour_change"] > 0 and p["kl"] <= kl_budget and p["collateral"] <= collateral_budget
+    ]
     if not ok:
         return None
     return min(ok, key=lambda i: (-points[i]["behaviour_change"], points[i]["collateral"], points[i]["kl"], ks[i], i))
 
 
 def rule_text(kl_budget: float, collateral_budget: float) -> str:
-    return (f"largest behaviour change with first-token KL <= {kl_budget:g} and collateral <= "
-            f"{collateral_budget:.3f}; ties: smaller collateral, smaller KL, smaller k")  # fmt: skip
+    return (
+        f"largest behaviour change with first-token KL <= {kl_budget:g} and collateral <= "
+        f"{collateral_budget:.3f}; ties: smaller collateral, smaller KL, smaller k"
+    )
 
 
-def plot_front(trials: Sequence[dict], front: Sequence[int], chosen: int | None, kl_budget: float, path: Path,
-               title: str) -> None:  # fmt: skip
+def plot_front(
+    trials: Sequence[dict], front: Sequence[int], chosen: int | None, kl_budget: float, path: Path, title: str
+) -> None:
     """Behaviour change against KL for every trial (colour: collateral), the Pareto front's trials ringed (the
     front is over three objectives, so it need not be monotone in this plane), the KL budget dashed, the chosen point
     starred."""
@@ -106,15 +112,38 @@ def plot_front(trials: Sequence[dict], front: Sequence[int], chosen: int | None,
     kl = [t["objectives"]["kl"] for t in trials]
     change = [100 * t["objectives"]["behaviour_change"] for t in trials]
     colour = [100 * t["objectives"]["collateral"] for t in trials]
-    dots = ax.scatter(kl, change, c=colour, cmap="viridis", vmin=0, vmax=max(1.0, max(colour, default=0)), s=28,
-                      alpha=0.85, label="trials")  # fmt: skip
+    dots = ax.scatter(
+        kl,
+        change,
+        c=colour,
+        cmap="viridis",
+        vmin=0,
+        vmax=max(1.0, max(colour, default=0)),
+        s=28,
+        alpha=0.85,
+        label="trials",
+    )
     fig.colorbar(dots, ax=ax, label="collateral (rate points)")
     if front:
-        ax.scatter([kl[i] for i in front], [change[i] for i in front], s=90, facecolors="none", edgecolors="black",
-                   label="Pareto front")  # fmt: skip
+        ax.scatter(
+            [kl[i] for i in front],
+            [change[i] for i in front],
+            s=90,
+            facecolors="none",
+            edgecolors="black",
+            label="Pareto front",
+        )
     if chosen is not None:
-        ax.scatter([kl[chosen]], [change[chosen]], marker="*", s=260, color="red", edgecolor="black", zorder=5,
-                   label=f"chosen (trial {trials[chosen]['number']})")  # fmt: skip
+        ax.scatter(
+            [kl[chosen]],
+            [change[chosen]],
+            marker="*",
+            s=260,
+            color="red",
+            edgecolor="black",
+            zorder=5,
+            label=f"chosen (trial {trials[chosen]['number']})",
+        )
     ax.axvline(kl_budget, color="grey", ls="--", lw=1, label=f"KL budget {kl_budget:g}")
     ax.set_xlabel("first-token KL on benign prompts (validation)")
     ax.set_ylabel("behaviour change towards the goal (rate points)")

@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-
-import yaml
 
 from cna_export import __version__
 from cna_export.attribution.discover import DiscoveryPlan, plan_discovery
 from cna_export.attribution.select import Attribution, attribute_on
 from cna_export.backends.base import Backend, open_model
 from cna_export.backends.options import LoadOptions
-from cna_export.circuit.detector import PROMPT_FIELDS
 from cna_export.circuit.format import CIRCUIT_FILE
 from cna_export.circuit.recipe import Recipe, find_recipe, load_prompts, load_recipe
 from cna_export.errors import RecipeError
@@ -43,6 +39,7 @@ from cna_export.tune import front as F
 from cna_export.tune.search import Aim, Budget, SearchResult, search
 from cna_export.tune.space import Point, SearchSpace
 from cna_export.tune.trials import Evaluator, PromptSets
+from cna_export.tune.tuned_recipe import write_recipe
 
 log = logging.getLogger(__name__)
 MARKER = "front.json"
@@ -60,9 +57,16 @@ class TuneResult:
 
 
 def tune_job(
-    recipe: str, model: str, out: Path, cfg: EvalConfig, budget: Budget, space: SearchSpace | None = None, *,
-    load: LoadOptions | None = None, overwrite: bool = False,
-) -> TuneResult:  # fmt: skip
+    recipe: str,
+    model: str,
+    out: Path,
+    cfg: EvalConfig,
+    budget: Budget,
+    space: SearchSpace | None = None,
+    *,
+    load: LoadOptions | None = None,
+    overwrite: bool = False,
+) -> TuneResult:
     """Tune a recipe's knobs on `model` (module docstring) in its backend (`load.backend`: a GGUF file in llama.cpp,
     each trial a patched temporary copy; anything else in torch, each trial runtime hooks); `budget.limit` keeps the first
     N prompts of each validation and test set (a quick look on a CPU).
@@ -74,16 +78,26 @@ def tune_job(
     recipe_file = find_recipe(recipe)
     rec, base = load_recipe(recipe_file)
     if rec.validation_positive is None:
-        raise RecipeError(f"Recipe {rec.name} has no validation split, and the tuner never chooses on the test split.",
-                          "add validation_positive and validation_negative to the recipe.")  # fmt: skip
+        raise RecipeError(
+            f"Recipe {rec.name} has no validation split, and the tuner never chooses on the test split.",
+            "add validation_positive and validation_negative to the recipe.",
+        )
     local = Path(model).expanduser()
     check_output_path(out, local if local.exists() else None, overwrite, folder=True)
     # Everything that can be wrong with the recipe fails here, before the model loads.
     plan = plan_discovery(rec, base)
     m_range = space.multipliers(rec.multiplier, rec.allow_negative)
     splits = _split(rec, base, "validation", budget.limit), _split(rec, base, "test", budget.limit)
-    job = TuneInputs(rec, recipe_file, base, plan, behaviour_of(rec, base), m_range, *splits,
-                     replace(cfg, system_prompt=plan.selection.system_prompt))  # fmt: skip
+    job = TuneInputs(
+        rec,
+        recipe_file,
+        base,
+        plan,
+        behaviour_of(rec, base),
+        m_range,
+        *splits,
+        replace(cfg, system_prompt=plan.selection.system_prompt),
+    )
     backend = open_model(model, load)
     try:
         return _tune(backend, job, budget, space, (Path(out), overwrite))
@@ -128,23 +142,41 @@ def _tune(backend: Backend, job: TuneInputs, budget: Budget, space: SearchSpace,
     pick = F.choose(points, [t["k"] for t in measured], budget.kl_budget, budget.collateral_budget)
     chosen = measured[pick] if pick is not None else None
     document = {
-        "kind": "tune", "tool_version": __version__,
+        "kind": "tune",
+        "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": _public_name(backend), "backend": backend.runtime, "recipe": rec.name,
-        "behaviour": str(behaviour), "detector": detector_description(behaviour), "goal": goal, "split": "validation",
-        "seed": budget.seed, "trials_requested": budget.trials, "timeout_s": budget.timeout,
-        "trials_run": len(found.trials), "stopped_by": found.stopped_by, "seconds": round(found.seconds, 1),
-        "config": asdict(cfg), "space": space.model_dump(), "m_range": list(m_range),
-        "objectives": dict(zip(F.OBJECTIVES, F.DIRECTIONS)), "kl_budget": budget.kl_budget,
-        "collateral_budget": budget.collateral_budget, "rule": F.rule_text(budget.kl_budget, budget.collateral_budget),
-        "prompts": {"validation": _counts(validation), "test": _counts(test)}, "baseline": val.metrics,
-        "trials": found.trials, "pareto": front, "chosen": chosen["number"] if chosen else None,
-    }  # fmt: skip
+        "model": _public_name(backend),
+        "backend": backend.runtime,
+        "recipe": rec.name,
+        "behaviour": str(behaviour),
+        "detector": detector_description(behaviour),
+        "goal": goal,
+        "split": "validation",
+        "seed": budget.seed,
+        "trials_requested": budget.trials,
+        "timeout_s": budget.timeout,
+        "trials_run": len(found.trials),
+        "stopped_by": found.stopped_by,
+        "seconds": round(found.seconds, 1),
+        "config": asdict(cfg),
+        "space": space.model_dump(),
+        "m_range": list(m_range),
+        "objectives": dict(zip(F.OBJECTIVES, F.DIRECTIONS)),
+        "kl_budget": budget.kl_budget,
+        "collateral_budget": budget.collateral_budget,
+        "rule": F.rule_text(budget.kl_budget, budget.collateral_budget),
+        "prompts": {"validation": _counts(validation), "test": _counts(test)},
+        "baseline": val.metrics,
+        "trials": found.trials,
+        "pareto": front,
+        "chosen": chosen["number"] if chosen else None,
+    }
     test_results = test_records = None
     if chosen is not None:
         circuit = found.circuits[chosen["same_as"] if chosen["same_as"] is not None else chosen["number"]]
-        test_results, test_records = _evaluate_test(Evaluator(backend, test, detector, cfg, allow_negative), circuit,
-                                                    document)  # fmt: skip
+        test_results, test_records = _evaluate_test(
+            Evaluator(backend, test, detector, cfg, allow_negative), circuit, document
+        )
         document["test"] = _test_summary(test_results)
     _write(out[0], out[1], document, found, (rec, job.recipe_file, base), test_results, test_records)
     return TuneResult(out[0], len(found.trials), chosen, document.get("test"), found.seconds)
@@ -161,17 +193,26 @@ def _attribute(backend: Backend, plan, protect: list[str]) -> Attribution:
     neutral = plan.neutral or load_prompts("builtin:neutral_diverse")
     # Every layer is reached and the neutral prompts run (a nonzero specificity asks for them), whatever the
     # recipe says: each trial then reselects from these sums.
-    full = plan.selection.model_copy(update={"skip_first_layers": 0, "skip_last_layers": 0, "specificity": 1.0,
-                                             "protect_weight": 0.0})  # fmt: skip
+    full = plan.selection.model_copy(
+        update={"skip_first_layers": 0, "skip_last_layers": 0, "specificity": 1.0, "protect_weight": 0.0}
+    )
     return attribute_on(backend, plan.positive, plan.negative, neutral, full, protect=protect)
 
 
 def _evaluate_test(ev: Evaluator, circuit, document: dict) -> tuple[dict, list[dict]]:
     """The test split, measured once: the original (`ev`'s baseline) and the chosen edit."""
     metrics, records = ev.measure(circuit, circuit.multiplier, "chosen")
-    results = results_document("eval", document["model"], document["behaviour"], ev.cfg, ev.base,
-                               goal=document["goal"], split="test", backend=document["backend"],
-                               recipe=document["recipe"])  # fmt: skip
+    results = results_document(
+        "eval",
+        document["model"],
+        document["behaviour"],
+        ev.cfg,
+        ev.base,
+        goal=document["goal"],
+        split="test",
+        backend=document["backend"],
+        recipe=document["recipe"],
+    )
     results["detector"] = document["detector"]
     results["baseline"], results["points"] = ev.metrics, [metrics]
     results["settings_chosen_on"] = "validation"
@@ -182,16 +223,31 @@ def _test_summary(results: dict) -> dict:
     """Rates before -> after with 95% Wilson intervals, KL, on the test split."""
     base, point = results["baseline"], results["points"][0]
     out = {}
-    for name, hits, n in (("positive", "positive_hits", "n_positive"), ("negative", "benign_hits", "n_negative"),
-                          ("protect", "protect_hits", "n_protect")):  # fmt: skip
+    for name, hits, n in (
+        ("positive", "positive_hits", "n_positive"),
+        ("negative", "benign_hits", "n_negative"),
+        ("protect", "protect_hits", "n_protect"),
+    ):
         if n in base:
-            out[name] = {"n": base[n], "original": base[hits] / base[n], "original_ci": F.wilson(base[hits], base[n]),
-                         "edited": point[hits] / point[n], "edited_ci": F.wilson(point[hits], point[n])}  # fmt: skip
+            out[name] = {
+                "n": base[n],
+                "original": base[hits] / base[n],
+                "original_ci": F.wilson(base[hits], base[n]),
+                "edited": point[hits] / point[n],
+                "edited_ci": F.wilson(point[hits], point[n]),
+            }
     return {**out, "kl_first": point["kl_first"], "kl_mean": point["kl_mean"], "ppl_ratio": point["ppl_ratio"]}
 
 
-def _write(out: Path, overwrite: bool, document: dict, found: SearchResult, recipe: tuple,
-           test_results: dict | None, test_records: list[dict] | None) -> None:  # fmt: skip
+def _write(
+    out: Path,
+    overwrite: bool,
+    document: dict,
+    found: SearchResult,
+    recipe: tuple,
+    test_results: dict | None,
+    test_records: list[dict] | None,
+) -> None:
     """Everything into a temporary sibling of `out`, renamed into place at the end."""
     from cna_export.evaluate.report import write_report
     from cna_export.evaluate.sweep import save_results
@@ -202,12 +258,19 @@ def _write(out: Path, overwrite: bool, document: dict, found: SearchResult, reci
     with staged_output(Path(out), overwrite=overwrite) as tmp:
         (tmp / "validation").mkdir()
         (tmp / "validation" / "prompts.jsonl").write_text(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in found.records), encoding="utf-8")
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in found.records), encoding="utf-8"
+        )
         measured = [t for t in document["trials"] if "objectives" in t]
         index = {t["number"]: i for i, t in enumerate(measured)}
         title = f"{rec.name} on {document['model']} (validation)"
-        F.plot_front(measured, [index[n] for n in document["pareto"]], index.get(document["chosen"]),
-                     document["kl_budget"], tmp / "front.png", title)  # fmt: skip
+        F.plot_front(
+            measured,
+            [index[n] for n in document["pareto"]],
+            index.get(document["chosen"]),
+            document["kl_budget"],
+            tmp / "front.png",
+            title,
+        )
         if chosen is not None:
             circuit = found.circuits[chosen["same_as"] if chosen["same_as"] is not None else chosen["number"]]
             circuit.save(tmp / CIRCUIT_FILE)
@@ -217,52 +280,6 @@ def _write(out: Path, overwrite: bool, document: dict, found: SearchResult, reci
             write_report(tmp / "test", test_results, circuit)
         (tmp / "summary.md").write_text(summary(document), encoding="utf-8")
         (tmp / MARKER).write_text(json.dumps(document, indent=1), encoding="utf-8")
-
-
-def write_recipe(recipe_file: Path, base: Path | None, point: Point, folder: Path, document: dict) -> Path:
-    """The recipe with the chosen point, in `folder`, with the files its prompt references name copied beside it
-    (the same relative names), so it loads from there and carries no path of this machine."""
-    data = yaml.safe_load(Path(recipe_file).read_text(encoding="utf-8"))
-    data.pop("top_k", None)
-    # Exact values, not rounded ones: a rounded specificity or budget could change which neurons are selected.
-    data.update(fraction=point.fraction, multiplier=point.multiplier, skip_first_layers=point.skip_first_layers,
-                skip_last_layers=point.skip_last_layers, specificity=point.specificity,
-                protect_weight=point.protect_weight, sign_filter=point.sign_filter,
-                max_layer_share=point.max_layer_share, settings_chosen_on="validation")  # fmt: skip
-    if point.multiplier < 0:
-        data["allow_negative"] = True
-    if not data.get("protect"):
-        data.pop("protect_weight")
-    note = (f" Tuned by cna-export tune on {document['model']} ({document['backend']}, validation split, seed "
-            f"{document['seed']}, {document['trials_run']} trials): k = {point.k} ({100 * point.fraction:.3f}%), "
-            f"m = {point.multiplier:.3g}; rule: {document['rule']}.")  # fmt: skip
-    data["description"] = ((data.get("description") or "").strip() + note).strip()
-    for ref in _file_refs(data):
-        _copy_beside(ref, base, folder)
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=110), encoding="utf-8")
-    Recipe.model_validate(data)  # what is written loads
-    return path
-
-
-def _file_refs(data: dict) -> list[str]:
-    """The file names a recipe refers to (prompt sets, answer files, a system prompt file, neutral prompts)."""
-    refs = [data.get(f) for f in PROMPT_FIELDS] + [(data.get("universal") or {}).get("prompts")]
-    refs += list(((data.get("detector") or {}).get("answers") or {}).values())
-    system = data.get("system_prompt")
-    if isinstance(system, str) and "\n" not in system and system.strip().endswith((".txt", ".yaml", ".yml")):
-        refs.append(system.strip())
-    return [r for r in refs if isinstance(r, str) and not r.startswith("builtin:")]
-
-
-def _copy_beside(ref: str, base: Path | None, folder: Path) -> None:
-    src = ((base or Path.cwd()) / ref).resolve()
-    dst = (folder / ref).resolve()
-    if not dst.is_relative_to(folder.resolve()) or not src.is_file():
-        raise RecipeError(f"The recipe names {ref!r}, which cannot be copied beside the tuned recipe.",
-                          "keep the recipe's files in its folder.")  # fmt: skip
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
 
 
 def _public_name(backend: Backend) -> str:
@@ -277,30 +294,50 @@ def _counts(sets: PromptSets) -> dict:
 
 def summary(document: dict) -> str:
     """summary.md: the chosen point and the test split's numbers with their intervals."""
-    lines = [f"# tune: {document['recipe']} on {document['model']}", "",
-             f"{document['trials_run']} of {document['trials_requested']} trials ({document['stopped_by']}), "
-             f"{document['seconds'] / 60:.1f} min, {document['backend']}, seed {document['seed']}. Detector: "
-             f"{document['detector']}. Chosen on the validation split by: {document['rule']}.", ""]  # fmt: skip
+    lines = [
+        f"# tune: {document['recipe']} on {document['model']}",
+        "",
+        f"{document['trials_run']} of {document['trials_requested']} trials ({document['stopped_by']}), "
+        f"{document['seconds'] / 60:.1f} min, {document['backend']}, seed {document['seed']}. Detector: "
+        f"{document['detector']}. Chosen on the validation split by: {document['rule']}.",
+        "",
+    ]
     chosen = next((t for t in document["trials"] if t["number"] == document["chosen"]), None)
     if chosen is None:
-        return "\n".join(lines + ["No trial met the rule: nothing was chosen and the test split was not evaluated. "
-                                  "See front.json and front.png for the best points found.", ""])  # fmt: skip
+        return "\n".join(
+            lines
+            + [
+                "No trial met the rule: nothing was chosen and the test split was not evaluated. "
+                "See front.json and front.png for the best points found.",
+                "",
+            ]
+        )
     o = chosen["objectives"]
-    lines += [f"Chosen: trial {chosen['number']}, k = {chosen['k']}, m = {chosen['multiplier']:.3g}, skip "
-              f"{chosen['skip_first_layers']} + {chosen['skip_last_layers']} layers, specificity "
-              f"{chosen['specificity']:.2f}, protect weight {chosen['protect_weight']:.2f}, sign filter "
-              f"{'on' if chosen['sign_filter'] else 'off'}. Validation: behaviour change "
-              f"{100 * o['behaviour_change']:+.1f} points, collateral {100 * o['collateral']:.1f} points, KL "
-              f"{o['kl']:.4f}.", "", "Test split (evaluated once, for the chosen point):", "",
-              "| set | n | original [95% CI] | edited [95% CI] |", "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        f"Chosen: trial {chosen['number']}, k = {chosen['k']}, m = {chosen['multiplier']:.3g}, skip "
+        f"{chosen['skip_first_layers']} + {chosen['skip_last_layers']} layers, specificity "
+        f"{chosen['specificity']:.2f}, protect weight {chosen['protect_weight']:.2f}, sign filter "
+        f"{'on' if chosen['sign_filter'] else 'off'}. Validation: behaviour change "
+        f"{100 * o['behaviour_change']:+.1f} points, collateral {100 * o['collateral']:.1f} points, KL "
+        f"{o['kl']:.4f}.",
+        "",
+        "Test split (evaluated once, for the chosen point):",
+        "",
+        "| set | n | original [95% CI] | edited [95% CI] |",
+        "|---|---|---|---|",
+    ]
     test = document["test"]
     for name in ("positive", "negative", "protect"):
         if name in test:
             t = test[name]
-            lines.append(f"| {name} | {t['n']} | {_pct(t['original'], t['original_ci'])} | "
-                         f"{_pct(t['edited'], t['edited_ci'])} |")  # fmt: skip
-    lines += ["", f"KL first token {test['kl_first']:.4f}, mean {test['kl_mean']:.4f}; perplexity ratio "
-              f"{test['ppl_ratio']:.3f}.", ""]  # fmt: skip
+            lines.append(
+                f"| {name} | {t['n']} | {_pct(t['original'], t['original_ci'])} | {_pct(t['edited'], t['edited_ci'])} |"
+            )
+    lines += [
+        "",
+        f"KL first token {test['kl_first']:.4f}, mean {test['kl_mean']:.4f}; perplexity ratio {test['ppl_ratio']:.3f}.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -64,8 +64,9 @@ class SearchResult:
 
 def cut(attribution: Attribution, point: Point, base: Selection, **labels) -> Circuit:
     """The circuit of a point: the attribution's sums reselected with the point's knobs, cut at its k."""
-    return attribution.reselect(point.selection(base)).circuit(point.k, fraction=point.fraction,
-                                                              multiplier=point.multiplier, **labels)  # fmt: skip
+    return attribution.reselect(point.selection(base)).circuit(
+        point.k, fraction=point.fraction, multiplier=point.multiplier, **labels
+    )
 
 
 def search(
@@ -77,8 +78,9 @@ def search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     shape = attribution.model_id.shape()
     result, measured = SearchResult(), {}
-    sampler = optuna.samplers.TPESampler(seed=budget.seed, multivariate=True,
-                                         n_startup_trials=min(10, max(2, budget.trials // 3)))  # fmt: skip
+    sampler = optuna.samplers.TPESampler(
+        seed=budget.seed, multivariate=True, n_startup_trials=min(10, max(2, budget.trials // 3))
+    )
     study = optuna.create_study(directions=list(DIRECTIONS), sampler=sampler)
     start = time.monotonic()
 
@@ -102,8 +104,9 @@ def search(
         # The budgets as constraints (feasible at <= 0): the sampler learns where admissible points lie.
         trial.set_constraint("kl", obj["kl"] - budget.kl_budget)
         trial.set_constraint("collateral", obj["collateral"] - budget.collateral_budget)
-        result.trials.append({**row, "same_as": first if first != trial.number else None, "objectives": obj,
-                              "metrics": _brief(metrics)})  # fmt: skip
+        result.trials.append(
+            {**row, "same_as": first if first != trial.number else None, "objectives": obj, "metrics": _brief(metrics)}
+        )
         return tuple(obj[name] for name in OBJECTIVES)
 
     # Each trial would repeat select's "only n neurons keep contrast" warning; the trials record their knobs.
@@ -112,8 +115,12 @@ def search(
     quiet.setLevel(logging.ERROR)
     try:
         with tqdm(total=budget.trials, desc="tune", unit="trial") as bar:
-            study.optimize(objective, n_trials=budget.trials, timeout=budget.timeout,
-                           callbacks=[_progress(bar, start, budget.timeout)])  # fmt: skip
+            study.optimize(
+                objective,
+                n_trials=budget.trials,
+                timeout=budget.timeout,
+                callbacks=[_progress(bar, start, budget.timeout)],
+            )
     finally:
         quiet.setLevel(level)
     result.seconds = time.monotonic() - start
@@ -139,9 +146,25 @@ def _point_fields(point: Point) -> dict:
     return asdict(point)
 
 
-_KEPT = ("rate", "positive_hits", "n_positive", "benign_rate", "benign_hits", "n_negative", "benign_refusal_rate",
-         "protect_rate", "protect_hits", "n_protect", "kl_first", "kl_mean", "ppl_ratio", "repetition", "measure_mean",
-         "benign_measure_mean", "protect_measure_mean")  # fmt: skip
+_KEPT = (
+    "rate",
+    "positive_hits",
+    "n_positive",
+    "benign_rate",
+    "benign_hits",
+    "n_negative",
+    "benign_refusal_rate",
+    "protect_rate",
+    "protect_hits",
+    "n_protect",
+    "kl_first",
+    "kl_mean",
+    "ppl_ratio",
+    "repetition",
+    "measure_mean",
+    "benign_measure_mean",
+    "protect_measure_mean",
+)
 
 
 def _brief(metrics: dict) -> dict:

@@ -23,9 +23,10 @@ class SearchSpace(Strict):
         default=(0.0002, 0.01), description="k as a share of all MLP neurons, searched on a log scale."
     )
     multiplier: tuple[float, float] | None = Field(
-        default=None, description="m; default (0, 0.9) when the recipe lowers the behaviour (m < 1), (1.25, 4) when "
+        default=None,
+        description="m; default (0, 0.9) when the recipe lowers the behaviour (m < 1), (1.25, 4) when "
         "it raises it (m > 1).",
-    )  # fmt: skip
+    )
     max_skip_first: int | None = Field(default=None, ge=0, description="Default: a third of the layers.")
     max_skip_last: int | None = Field(default=None, ge=0, description="Default: a quarter of the layers.")
     max_specificity: float = Field(default=2.0, ge=0, allow_inf_nan=False, description="0 turns the knob off.")
@@ -34,7 +35,10 @@ class SearchSpace(Strict):
     )
     sign_filter: bool = Field(default=True, description="Search the sign filter on and off (else the recipe's).")
     min_layer_share: float = Field(
-        default=0.1, gt=0, le=1, allow_inf_nan=False,
+        default=0.1,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
         description="The per-layer budget is searched from this share of k to 1 (no budget); 1 turns it off.",
     )
 
@@ -43,24 +47,33 @@ class SearchSpace(Strict):
         low, high = self.fraction
         if not 0 < low <= high <= 1:
             raise ValueError("the k range must be fractions with 0 < low <= high <= 1")
-        if self.multiplier is not None and not (math.isfinite(self.multiplier[0]) and math.isfinite(self.multiplier[1])
-                                                and self.multiplier[0] <= self.multiplier[1]):  # fmt: skip
+        if self.multiplier is not None and not (
+            math.isfinite(self.multiplier[0])
+            and math.isfinite(self.multiplier[1])
+            and self.multiplier[0] <= self.multiplier[1]
+        ):
             raise ValueError("the m range must be finite with low <= high")
         return self
 
     def multipliers(self, recipe_multiplier: float, allow_negative: bool) -> tuple[float, float]:
         """The m range for a recipe: its direction (lower or raise the behaviour) decides the default."""
         if recipe_multiplier == 1:
-            raise RecipeError("The recipe's multiplier is 1, which keeps the model as it is: nothing to tune.",
-                              "set multiplier below 1 (weaken the behaviour) or above 1 (strengthen it).")  # fmt: skip
+            raise RecipeError(
+                "The recipe's multiplier is 1, which keeps the model as it is: nothing to tune.",
+                "set multiplier below 1 (weaken the behaviour) or above 1 (strengthen it).",
+            )
         low, high = self.multiplier or ((0.0, 0.9) if recipe_multiplier < 1 else (1.25, 4.0))
         if (low < 1) != (recipe_multiplier < 1) or (high < 1) != (recipe_multiplier < 1) or low == 1 or high == 1:
-            raise RecipeError(f"The m range {low:g}..{high:g} crosses 1, but the recipe's multiplier "
-                              f"{recipe_multiplier:g} {'lowers' if recipe_multiplier < 1 else 'raises'} the behaviour.",
-                              "give an m range on the recipe's side of 1.")  # fmt: skip
+            raise RecipeError(
+                f"The m range {low:g}..{high:g} crosses 1, but the recipe's multiplier "
+                f"{recipe_multiplier:g} {'lowers' if recipe_multiplier < 1 else 'raises'} the behaviour.",
+                "give an m range on the recipe's side of 1.",
+            )
         if low < 0 and not allow_negative:
-            raise RecipeError(f"The m range starts at {low:g}, a negative multiplier.",
-                              "set allow_negative: true in the recipe, or start the range at 0.")  # fmt: skip
+            raise RecipeError(
+                f"The m range starts at {low:g}, a negative multiplier.",
+                "set allow_negative: true in the recipe, or start the range at 0.",
+            )
         return low, high
 
 
@@ -86,12 +99,21 @@ class Point:
     def key(self) -> tuple:
         """What decides the edit: two points with the same key give the same circuit and the same measurements."""
         share = None if self.max_layer_share is None else max(1, math.ceil(self.max_layer_share * self.k))
-        return (self.k, round(self.multiplier, 6), self.skip_first_layers, self.skip_last_layers,
-                round(self.specificity, 6), round(self.protect_weight, 6), self.sign_filter, share)  # fmt: skip
+        return (
+            self.k,
+            round(self.multiplier, 6),
+            self.skip_first_layers,
+            self.skip_last_layers,
+            round(self.specificity, 6),
+            round(self.protect_weight, 6),
+            self.sign_filter,
+            share,
+        )
 
 
-def suggest(trial: Any, space: SearchSpace, shape: ModelShape, m_range: tuple[float, float], base: Selection,
-            has_protect: bool) -> Point:  # fmt: skip
+def suggest(
+    trial: Any, space: SearchSpace, shape: ModelShape, m_range: tuple[float, float], base: Selection, has_protect: bool
+) -> Point:
     """One point from an Optuna trial (`trial.suggest_*`): the names are stable, so a seeded study is reproducible.
 
     Knobs whose range is empty keep the recipe's value: specificity at max 0, the protect weight without a protect
@@ -106,10 +128,16 @@ def suggest(trial: Any, space: SearchSpace, shape: ModelShape, m_range: tuple[fl
     # A fixed range (a sampler models fixed ranges best), capped so that at least one layer stays selectable.
     skip_last = min(trial.suggest_int("skip_last_layers", 0, last_max), n - 1 - skip_first)
     specificity = trial.suggest_float("specificity", 0.0, space.max_specificity) if space.max_specificity else 0.0
-    protect = (trial.suggest_float("protect_weight", 0.0, space.max_protect_weight)
-               if has_protect and space.max_protect_weight else 0.0)  # fmt: skip
+    protect = (
+        trial.suggest_float("protect_weight", 0.0, space.max_protect_weight)
+        if has_protect and space.max_protect_weight
+        else 0.0
+    )
     sign = trial.suggest_categorical("sign_filter", [False, True]) if space.sign_filter else base.sign_filter
-    share = (trial.suggest_float("max_layer_share", space.min_layer_share, 1.0)
-             if space.min_layer_share < 1 else base.max_layer_share)  # fmt: skip
+    share = (
+        trial.suggest_float("max_layer_share", space.min_layer_share, 1.0)
+        if space.min_layer_share < 1
+        else base.max_layer_share
+    )
     k = min(shape.num_neurons, max(1, round(fraction * shape.num_neurons)))
     return Point(fraction, k, multiplier, skip_first, skip_last, specificity, protect, bool(sign), share)

@@ -38,16 +38,19 @@ class Evaluator:
         >>> metrics, records = val.measure(circuit, 2.0, "trial 0")   # metrics["protect_rate"]
     """
 
-    def __init__(self, backend: Backend, sets: PromptSets, detector, cfg: EvalConfig,
-                 allow_negative: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, backend: Backend, sets: PromptSets, detector, cfg: EvalConfig, allow_negative: bool = False
+    ) -> None:
         self.backend, self.sets, self.detector, self.cfg = backend, sets, detector, cfg
         self.allow_negative = allow_negative
         self.base = build_baseline(backend.load(), sets.positive + sets.protect, sets.negative, detector, cfg)
-        self.metrics, self.records = split_protect(self.base.metrics, self.base.records, len(sets.positive),
-                                                   len(sets.protect))  # fmt: skip
+        self.metrics, self.records = split_protect(
+            self.base.metrics, self.base.records, len(sets.positive), len(sets.protect)
+        )
 
     def measure(self, circuit: Circuit, multiplier: float, label: str) -> tuple[dict, list[dict]]:
         with self.backend.variant(circuit, multiplier, self.allow_negative) as runner:
-            metrics, records = measure(runner, self.base, self.detector, self.cfg, label=label,
-                                       k=len(circuit.neurons), multiplier=multiplier)  # fmt: skip
+            metrics, records = measure(
+                runner, self.base, self.detector, self.cfg, label=label, k=len(circuit.neurons), multiplier=multiplier
+            )
         return split_protect(metrics, records, len(self.sets.positive), len(self.sets.protect))
