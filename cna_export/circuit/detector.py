@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, TypeAdapter, field_validator, model_validator
 
@@ -37,17 +37,6 @@ RULES_MAX = 64
 SCAN_CHARS = 8000  # a rule never scans more of an answer than this
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$"
 # The recipe fields that hold prompt sets (an answer key names which of them its answer files go with).
-PROMPT_FIELDS = (
-    "positive",
-    "negative",
-    "validation_positive",
-    "validation_negative",
-    "heldout_positive",
-    "heldout_negative",
-    "protect",
-    "validation_protect",
-    "heldout_protect",
-)
 PromptField = Literal[
     "positive",
     "negative",
@@ -59,6 +48,7 @@ PromptField = Literal[
     "validation_protect",
     "heldout_protect",
 ]
+PROMPT_FIELDS: tuple[str, ...] = get_args(PromptField)
 
 
 def nested_repeat(pattern: str) -> bool:

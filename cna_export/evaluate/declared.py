@@ -87,18 +87,17 @@ def _keywords(words: Sequence[str]) -> str:
 
 
 def _search(pattern: regex.Pattern, text: str, name: str):
-    try:
-        return pattern.search(text, timeout=REGEX_TIMEOUT_S)
-    except TimeoutError:
-        raise RecipeError(
-            f"Detector rule {name!r} took over {REGEX_TIMEOUT_S} s on one answer.",
-            "simplify its regex (avoid nested or overlapping repeats).",
-        ) from None
+    return _timed(pattern.search, text, name)
 
 
 def _findall(pattern: regex.Pattern, text: str, name: str) -> list:
+    return _timed(pattern.findall, text, name)
+
+
+def _timed(method, text: str, name: str):
+    """`method(text)` of a compiled rule, stopped after REGEX_TIMEOUT_S (a recipe's regex is untrusted)."""
     try:
-        return pattern.findall(text, timeout=REGEX_TIMEOUT_S)
+        return method(text, timeout=REGEX_TIMEOUT_S)
     except TimeoutError:
         raise RecipeError(
             f"Detector rule {name!r} took over {REGEX_TIMEOUT_S} s on one answer.",
