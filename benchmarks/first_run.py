@@ -24,14 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.gguf_native import MODELS  # the real quantized files, by short name
+
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
-REAL = Path(os.environ.get("CNA_REAL_MODELS", Path.home() / ".cache" / "cna-real-models"))
-MODELS = {
-    "smollm2": REAL / "SmolLM2-135M-Instruct.Q4_1.gguf",
-    "qwen0.5b": REAL / "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
-    "qwen1.5b": REAL / "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
-}
 RESULTS = REPO / "benchmarks" / "results" / "first_run.json"
 
 

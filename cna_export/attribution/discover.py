@@ -19,16 +19,8 @@ if TYPE_CHECKING:
     from cna_export.backends.base import Backend
 
 
-def discover_on(
-    backend: Backend,
-    positive: Sequence[str],
-    negative: Sequence[str],
-    neutral: Sequence[str],
-    selection: Selection,
-    *,
-    protect: Sequence[str] = (),
-    **labels: Any,
-) -> Circuit:
+def discover_on(backend: Backend, positive: Sequence[str], negative: Sequence[str], neutral: Sequence[str],
+        selection: Selection, *, protect: Sequence[str] = (), **labels: Any) -> Circuit:  # fmt: skip
     """Run CNA on a backend and return the circuit (not yet saved); `labels` (behaviour, recipe, multiplier) are
     recorded in it. `protect`: prompts whose behaviour must not change (ranked against with
     `selection.protect_weight`).
@@ -111,14 +103,5 @@ def plan_discovery(
 
 def discover_source(backend: Backend, plan: DiscoveryPlan) -> Circuit:
     """Run a discovery plan on an opened model (`cna_export.backends.open_backend`)."""
-    return discover_on(
-        backend,
-        plan.positive,
-        plan.negative,
-        plan.neutral,
-        plan.selection,
-        behaviour=plan.behaviour,
-        recipe=plan.recipe,
-        multiplier=plan.multiplier,
-        protect=plan.protect,
-    )
+    return discover_on(backend, plan.positive, plan.negative, plan.neutral, plan.selection, behaviour=plan.behaviour,
+                       recipe=plan.recipe, multiplier=plan.multiplier, protect=plan.protect)  # fmt: skip

@@ -220,15 +220,8 @@ def prepare(shape: ModelShape, selection: Selection) -> tuple[Selection, int | N
     return selection, top_n, window.stop - 1
 
 
-def attribute_on(
-    backend: Backend,
-    positive: Sequence[str],
-    negative: Sequence[str],
-    neutral: Sequence[str],
-    selection: Selection,
-    *,
-    protect: Sequence[str] = (),
-) -> Attribution:
+def attribute_on(backend: Backend, positive: Sequence[str], negative: Sequence[str], neutral: Sequence[str],
+        selection: Selection, *, protect: Sequence[str] = ()) -> Attribution:  # fmt: skip
     """Run the forward passes of CNA on a backend (torch or llama.cpp, `cna_export.backends`): the per-set sums
     of the positive, negative, (for universal neurons or specificity) neutral and (when given) `protect` prompts in
     one set of passes, then deltas, skipped layers and universal neurons (no k yet).
@@ -311,19 +304,6 @@ def from_stats(
     routed = None
     if moe is not None and all(s.routed is not None for s in stats):
         routed = {name: s.routed for name, s in zip(prompts, stats)}
-    return Attribution(
-        delta=delta,
-        score=score,
-        excluded=excluded,
-        universal=universal_list,
-        top_n=top_n,
-        prompts=prompts,
-        selection=selection,
-        model_id=model_id,
-        dtype=dtype,
-        chat_template=chat_template,
-        moe=moe,
-        routed=routed,
-        stats=list(stats),
-        collected_top_n=collected or None,
-    )
+    return Attribution(delta=delta, score=score, excluded=excluded, universal=universal_list, top_n=top_n,
+                       prompts=prompts, selection=selection, model_id=model_id, dtype=dtype, chat_template=chat_template,
+                       moe=moe, routed=routed, stats=list(stats), collected_top_n=collected or None)  # fmt: skip

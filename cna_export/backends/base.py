@@ -49,14 +49,8 @@ class Runner(Protocol):
         """Greedy answers, `cfg.batch_size` prompts at a time, each ending with the end token if the model stopped."""
         ...
 
-    def score(
-        self,
-        encoded: list[list[int]],
-        answers: list[list[int]],
-        cfg: EvalConfig,
-        desc: str = "score",
-        ref: Sequence[Scored] | None = None,
-    ) -> list[Scored]:
+    def score(self, encoded: list[list[int]], answers: list[list[int]], cfg: EvalConfig, desc: str = "score",
+            ref: Sequence[Scored] | None = None) -> list[Scored]:  # fmt: skip
         """Prompt + answer through the model: per answer token its NLL, and the log-probabilities of the first
         `cfg.kl_tokens` positions (with `ref`, the original's scores of the same answers: the KL to them instead,
         `Scored.of`)."""

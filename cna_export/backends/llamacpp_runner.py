@@ -75,14 +75,8 @@ class LlamaCppRunner:
                 rows = ctx.decode([Seq([nxt[k]], len(encoded[group[k]]) + step) for k in live], seq_ids=live)
         return answers
 
-    def score(
-        self,
-        encoded: list[list[int]],
-        answers: list[list[int]],
-        cfg: EvalConfig,
-        desc: str = "score",
-        ref: Sequence[Scored] | None = None,
-    ) -> list[Scored]:
+    def score(self, encoded: list[list[int]], answers: list[list[int]], cfg: EvalConfig, desc: str = "score",
+            ref: Sequence[Scored] | None = None) -> list[Scored]:  # fmt: skip
         """Prompt + answer through the model; the distribution at every answer position (as `measure.score`; with
         `ref`, the original's scores of the same answers, the KL to them: `Scored.of`)."""
         seqs = [p + a for p, a in zip(encoded, answers)]

@@ -20,8 +20,11 @@ def register(add) -> None:
     """Add the `adapter` subcommand (`add(name, help, parents)` returns the subparser)."""
     p = add("adapter", "write a circuit as a LoRA adapter (PEFT; --gguf: llama.cpp / Ollama)", [])
     p.epilog = EXAMPLE
-    p.add_argument("--model", required=True,
-                   help="base model: folder or Hub id (safetensors), or a .gguf file (its LoRA: OUT-lora-f32.gguf)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="base model: folder or Hub id (safetensors), or a .gguf file (its LoRA: OUT-lora-f32.gguf)",
+    )
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--circuit", required=True, type=Path, nargs="+",
                    help="circuit file(s); several are stacked (a neuron in several gets the product)")  # fmt: skip

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cna_export.cli.options import eval_config, eval_opts, load_options, model_opts
+from cna_export.cli.options import eval_config, eval_opts, from_args, load_options, model_opts
 from cna_export.evaluate.defaults import LONG_CONTEXT_WORDS
 
 
@@ -77,28 +77,10 @@ def _eval(args: argparse.Namespace) -> None:
     from cna_export.evaluate.jobs import eval_job
     from cna_export.evaluate.options import EvalRequest
 
-    request = EvalRequest(
-        circuit=args.circuit,
-        edited=args.edited,
-        multipliers=args.multiplier,
-        allow_negative=args.allow_negative,
-        recipe=args.recipe,
-        positive=args.positive,
-        negative=args.negative,
-        behaviour=args.behaviour,
-        split=args.split,
-        lm_eval_tasks=list(args.lm_eval),
-        lm_eval_limit=args.lm_eval_limit,
-        lm_eval_include=args.lm_eval_include,
-        mmlu_per_topic=args.mmlu,
-        mmlu_file=args.mmlu_file,
-        judge=args.judge,
-        judge_model=args.judge_model,
-        limit=args.limit,
+    request = from_args(
+        EvalRequest, args, multipliers=args.multiplier, lm_eval_tasks=list(args.lm_eval), mmlu_per_topic=args.mmlu,
         depth=DepthOptions(args.over_refusal, args.long_context, args.long_context_words),
-        overwrite=args.overwrite,
-        update_card=args.update_card,
-    )
+    )  # fmt: skip
     job = eval_job(args.model, args.out, eval_config(args), request, load_options(args))
     print(headline_text(job.headline))
     print(f"wrote {job.report}")

@@ -35,15 +35,8 @@ def _patch_gguf(args: argparse.Namespace) -> None:
     from cna_export.circuit.format import Circuit
     from cna_export.gguf.patch import patch_gguf_report
 
-    report = patch_gguf_report(
-        args.gguf,
-        Circuit.load(args.circuit),
-        args.out,
-        multiplier=args.multiplier,
-        overwrite=args.overwrite,
-        force=args.force,
-        allow_negative=args.allow_negative,
-    )
+    report = patch_gguf_report(args.gguf, Circuit.load(args.circuit), args.out, multiplier=args.multiplier,
+                               overwrite=args.overwrite, force=args.force, allow_negative=args.allow_negative)  # fmt: skip
     print(f"wrote {report.out}: {report.summary()}")
     print(f"wrote {report.sidecar}")
 
@@ -51,14 +44,8 @@ def _patch_gguf(args: argparse.Namespace) -> None:
 def _gguf(args: argparse.Namespace) -> None:
     from cna_export.gguf.ollama import convert_for_ollama
 
-    gguf, modelfile = convert_for_ollama(
-        args.model_dir,
-        args.out,
-        outtype=args.outtype,
-        overwrite=args.overwrite,
-        modelfile=args.modelfile,
-        ollama_name=args.ollama_create,
-    )
+    gguf, modelfile = convert_for_ollama(args.model_dir, args.out, outtype=args.outtype, overwrite=args.overwrite,
+                                         modelfile=args.modelfile, ollama_name=args.ollama_create)  # fmt: skip
     print(f"wrote {gguf}")
     if modelfile is not None:
         print(f"wrote {modelfile}")

@@ -122,6 +122,20 @@ def load_options(args: argparse.Namespace):
     return LoadOptions.checked(**{name: getattr(args, name, None) for name in LoadOptions.model_fields})
 
 
+def flag_values(cls, args: argparse.Namespace, **given) -> dict:
+    """The fields of an options model (pydantic or dataclass) from the parsed flags named like them, plus `given`
+    (the fields whose flag has another name or needs converting); a field without a flag keeps its default."""
+    import dataclasses
+
+    names = cls.model_fields if hasattr(cls, "model_fields") else [f.name for f in dataclasses.fields(cls)]
+    return {**{n: getattr(args, n) for n in names if n not in given and hasattr(args, n)}, **given}
+
+
+def from_args(cls, args: argparse.Namespace, **given):
+    """`cls` made from the parsed flags (`flag_values`)."""
+    return cls(**flag_values(cls, args, **given))
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -211,19 +225,7 @@ def export_options(args: argparse.Namespace):
     """The `ExportOptions` of the edit-and-export flags (run, apply), made once per command."""
     from cna_export.backends.options import ExportOptions
 
-    return ExportOptions.checked(
-        multiplier=args.multiplier,
-        allow_negative=args.allow_negative,
-        overwrite=args.overwrite,
-        force=args.force,
-        target=args.target,
-        base_model=args.base_model,
-        gguf=args.gguf,
-        hash_files=args.file_hashes,
-        safetensors=args.safetensors,
-        modelfile=args.modelfile,
-        adapter=getattr(args, "adapter", False),
-    )
+    return ExportOptions.checked(**flag_values(ExportOptions, args, hash_files=args.file_hashes))
 
 
 def eval_opts() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from cna_export.cli.eval import headline_text
-from cna_export.cli.options import eval_config, eval_opts, load_options, model_opts
+from cna_export.cli.options import eval_config, eval_opts, from_args, load_options, model_opts
 
 
 def register(add) -> None:
@@ -32,19 +32,7 @@ def _sweep(args: argparse.Namespace) -> None:
     from cna_export.evaluate.jobs import sweep_job
     from cna_export.evaluate.options import SweepRequest
 
-    request = SweepRequest(
-        recipe=args.recipe,
-        ks=args.k,
-        multipliers=args.multipliers,
-        positive=args.positive,
-        negative=args.negative,
-        kl_budget=args.kl_budget,
-        benign_budget=args.benign_budget,
-        allow_negative=args.allow_negative,
-        export=args.export,
-        overwrite=args.overwrite,
-        limit=args.limit,
-    )
+    request = from_args(SweepRequest, args, ks=args.k)
     job = sweep_job(args.model, eval_config(args), args.out, request, load_options(args))
     print(headline_text(job.headline))
     print(f"wrote {job.report}")

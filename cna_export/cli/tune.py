@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cna_export.cli.options import eval_config, eval_opts, load_options, model_opts
+from cna_export.cli.options import eval_config, eval_opts, from_args, load_options, model_opts
 from cna_export.errors import CnaExportError
 
 EXAMPLE = """examples:
@@ -67,14 +67,7 @@ def _tune(args: argparse.Namespace) -> None:
         space = SearchSpace(fraction=tuple(args.k_range), multiplier=tuple(args.m_range) if args.m_range else None)
     except ValidationError as exc:
         raise CnaExportError(f"Bad search range: {exc.errors()[0]['msg']}.", "see cna-export tune --help.") from None
-    budget = Budget(
-        trials=args.trials,
-        timeout=args.timeout,
-        seed=args.seed,
-        kl_budget=args.kl_budget,
-        collateral_budget=args.collateral_budget,
-        limit=args.limit,
-    )
+    budget = from_args(Budget, args)
     result = tune_job(
         args.recipe,
         args.model,

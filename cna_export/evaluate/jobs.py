@@ -34,10 +34,9 @@ from cna_export.evaluate.stream import (
     write_results,
 )
 from cna_export.evaluate.sweep import (
-    goal_of,
+    eval_document,
     heldout_sets,
     parse_k,
-    results_document,
     run_eval,
     split_of,
     sweep_source,
@@ -134,17 +133,7 @@ def eval_job(
         if stream is None or not stream.metrics:
             return False  # not even the original finished: nothing to report
         done = SimpleNamespace(positive=pos, negative=neg, metrics=stream.metrics[0])
-        moved = [p["multiplier"] for p in stream.metrics[1:] if p["multiplier"] not in (None, 1)]
-        partial = results_document(
-            "eval",
-            backend.model_name,
-            behaviour,
-            cfg,
-            done,
-            goal=goal_of(moved[0]) if moved else None,
-            split=held.split,
-            backend=backend.runtime,
-        )
+        partial = eval_document(backend, behaviour, cfg, done, held.split, stream.metrics[1:])
         partial["points"], partial["edited"] = stream.metrics[1:], str(r.edited) if r.edited is not None else None
         note_protect(partial, pos, protect)
         mark_partial(partial, stopped_by, len(stream.metrics), count)

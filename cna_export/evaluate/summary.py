@@ -99,15 +99,8 @@ def check_warnings(edited: dict) -> list[str]:
 # Quick check -------------------------------------------------------------------------------------------------
 
 
-def quick_check(
-    backend: Backend,
-    circuit: Circuit,
-    out: Path,
-    recipe_ref: str,
-    *,
-    adapter: bool = False,
-    prompts: int = QUICK_PROMPTS,
-) -> dict:
+def quick_check(backend: Backend, circuit: Circuit, out: Path, recipe_ref: str, *, adapter: bool = False,
+        prompts: int = QUICK_PROMPTS) -> dict:  # fmt: skip
     """Evaluate the export (or, for an adapter or an export this backend cannot run, the circuit applied at
     runtime) against the original on the first `prompts` prompts of the recipe's validation split, in the backend
     `run` discovered with; returns the two variants' metrics and two exchanges.
@@ -153,16 +146,8 @@ def quick_check(
     }
 
 
-def summarize_run(
-    backend: Backend,
-    circuit: Circuit,
-    out: Path,
-    *,
-    model: str,
-    recipe: str,
-    adapter: bool = False,
-    prompts: int = QUICK_PROMPTS,
-) -> RunSummary:
+def summarize_run(backend: Backend, circuit: Circuit, out: Path, *, model: str, recipe: str, adapter: bool = False,
+        prompts: int = QUICK_PROMPTS) -> RunSummary:  # fmt: skip
     """The summary of one `run`: the layer warning always, the quick check on `prompts` validation prompts per set
     (0: skipped) in the backend the run used; a failing quick check is reported in the summary, never fails the run
     (the export is done)."""

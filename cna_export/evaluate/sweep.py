@@ -143,6 +143,14 @@ def goal_of(multiplier: float) -> str:
 # Results files -----------------------------------------------------------------------------------------------
 
 
+def eval_document(backend: Backend, behaviour: str, cfg: EvalConfig, baseline, split: str, points: list[dict]) -> dict:
+    """An eval's results document (`results_document`), its goal read from the first point that moves a neuron."""
+    moved = [p["multiplier"] for p in points if p["multiplier"] not in (None, 1)]
+    goal = goal_of(moved[0]) if moved else None
+    return results_document("eval", backend.model_name, behaviour, cfg, baseline, goal=goal, split=split,
+                            backend=backend.runtime)  # fmt: skip
+
+
 def results_document(kind: str, model: str, behaviour: str, cfg: EvalConfig, baseline: Baseline, **extra) -> dict:
     """The results document of an eval or sweep (`results.json`), whichever backend measured it: what was run,
     on which held-out prompts, the original's metrics, and `extra` fields; the points are appended as measured."""
@@ -371,17 +379,7 @@ def run_eval(
             done(metrics, recs)
             points.append(metrics)
             records += recs
-    moved = [p["multiplier"] for p in points if p["multiplier"] not in (None, 1)]
-    results = results_document(
-        "eval",
-        backend.model_name,
-        behaviour,
-        cfg,
-        baseline,
-        goal=goal_of(moved[0]) if moved else None,
-        split=held.split,
-        backend=backend.runtime,
-    )
+    results = eval_document(backend, behaviour, cfg, baseline, held.split, points)
     results["points"] = points
     results["edited"] = str(edited) if edited is not None else None
     return results, records, circuit

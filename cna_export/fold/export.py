@@ -185,15 +185,8 @@ def materialize_gguf(source: Source, folder: Path, dtype: str = "float32") -> No
     tokenizer.save_pretrained(folder)
 
 
-def apply_circuit(
-    source: Source,
-    circuit: Circuit,
-    out: Path,
-    options: ExportOptions | None = None,
-    *,
-    multiplier: float | None = None,
-    target: Target | None = None,
-) -> Path:
+def apply_circuit(source: Source, circuit: Circuit, out: Path, options: ExportOptions | None = None, *,
+        multiplier: float | None = None, target: Target | None = None) -> Path:  # fmt: skip
     """Fold `circuit` into `source` and export it to the folder `out`. The source is never modified.
 
     Args:

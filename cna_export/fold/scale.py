@@ -89,17 +89,8 @@ def scale_columns_(weight: torch.Tensor, index: torch.Tensor, multiplier: torch.
     scale_rows_(weight.T, index, multiplier)
 
 
-def fold_site_(
-    tensor: torch.Tensor,
-    site: Site,
-    width: int,
-    index: torch.Tensor,
-    multiplier: torch.Tensor,
-    expert: int | None = None,
-    *,
-    what: str | None = None,
-    dry_run: bool = False,
-) -> None:
+def fold_site_(tensor: torch.Tensor, site: Site, width: int, index: torch.Tensor, multiplier: torch.Tensor,
+        expert: int | None = None, *, what: str | None = None, dry_run: bool = False) -> None:  # fmt: skip
     """Scale neurons `index` of an MLP of `width` neurons in `tensor`, stored as `site` says, in place (an MXFP4
     site: in its 4-bit codes, exactly or refused, fold/mxfp4.py).
 
@@ -115,14 +106,8 @@ def fold_site_(
         rows[index] = new
 
 
-def fold_site(
-    tensor: torch.Tensor,
-    site: Site,
-    width: int,
-    index: torch.Tensor,
-    multiplier: torch.Tensor,
-    expert: int | None = None,
-) -> torch.Tensor:
+def fold_site(tensor: torch.Tensor, site: Site, width: int, index: torch.Tensor, multiplier: torch.Tensor,
+        expert: int | None = None) -> torch.Tensor:  # fmt: skip
     """A copy of `tensor` with neurons `index` scaled (see `fold_site_`)."""
     out = tensor.clone()
     fold_site_(out, site, width, index, multiplier, expert)

@@ -38,6 +38,7 @@ from cna_export.errors import ArchitectureError, CircuitError
 from cna_export.fold.scale import LayerEdits, UnitEdits
 from cna_export.fold.storage import stored
 from cna_export.io.output import OutputPlan
+from cna_export.io.source import ADAPTER_CONFIG
 
 if TYPE_CHECKING:
     from cna_export.audit.weights import Weights
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # PEFT's names for the factors of module M in an adapter file (PeftModel.save_pretrained writes these keys).
 PEFT_PREFIX = "base_model.model."

@@ -48,15 +48,8 @@ def preload() -> None:
     threading.Thread(target=import_module, args=("huggingface_hub.repocard",), daemon=True).start()
 
 
-def build_card(
-    folder: Path,
-    source: Source,
-    circuit: Circuit,
-    *,
-    base_model: str | None = None,
-    name: str | None = None,
-    **record: Any,
-):
+def build_card(folder: Path, source: Source, circuit: Circuit, *, base_model: str | None = None,
+        name: str | None = None, **record: Any):  # fmt: skip
     """Build the model card of an exported folder (a `huggingface_hub.ModelCard`).
 
     Args:
