@@ -55,6 +55,18 @@ def test_kl_and_perplexity_warnings_name_their_thresholds():
     assert all("Fix:" in w and "cna-export sweep" in w for w in bad)
 
 
+def test_an_original_without_the_behaviour_is_pointed_out():
+    def check(hits: int, n: int = 4, detector: bool = True) -> dict:
+        return {"baseline": {"positive_hits": hits, "n_positive": n}, "detector": detector, "behaviour": "refusal"}
+
+    never = S.nothing_to_change(check(0), multiplier=0.0)  # SmolLM2-135M refuses none of refusal-ablate's prompts
+    assert len(never) == 1 and "shows refusal on none of the 4 validation prompts" in never[0] and "Fix:" in never[0]
+    assert "on all of the 4" in S.nothing_to_change(check(4), multiplier=2.0)[0]  # strengthen what is already total
+    assert S.nothing_to_change(check(1), multiplier=0.0) == [] and S.nothing_to_change(check(4), multiplier=0.0) == []
+    assert S.nothing_to_change(check(0), multiplier=2.0) == []  # raising from none is the edit's job
+    assert S.nothing_to_change(check(0, detector=False), multiplier=0.0) == []  # no rate, no claim
+
+
 def test_summary_renders_warnings_and_the_side_by_side(tiny_models, tmp_path):
     circuit = make_circuit(tiny_models["qwen2"], [(2, i) for i in range(9)] + [(0, 1)])
     metrics = {"n_positive": 2, "n_negative": 2, "positive_hits": 2, "benign_hits": 0}

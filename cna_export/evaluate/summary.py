@@ -96,6 +96,23 @@ def check_warnings(edited: dict) -> list[str]:
     return out
 
 
+def nothing_to_change(check: dict, multiplier: float) -> list[str]:
+    """A warning when the original already sits where the edit pushes (a recipe that lowers a behaviour the model
+    never shows on the quick check's prompts, or raises one it always shows): the edit then has little to do."""
+    base = check["baseline"]
+    if not check["detector"] or not base.get("n_positive"):
+        return []
+    hits, n = base["positive_hits"], base["n_positive"]
+    if (multiplier < 1 and hits == 0) or (multiplier > 1 and hits == n):
+        rate = "none" if hits == 0 else "all"
+        return [
+            f"the original shows {check['behaviour']} on {rate} of the {n} validation prompts checked: this model may "
+            "not need this edit, and its effect cannot be seen here. Fix: measure it on the test split with "
+            "`cna-export eval`, or use a recipe whose prompts this model answers the way you want to change."
+        ]
+    return []
+
+
 # Quick check -------------------------------------------------------------------------------------------------
 
 
@@ -172,6 +189,7 @@ def summarize_run(backend: Backend, circuit: Circuit, out: Path, *, model: str, 
         )
         return summary
     summary.warnings += check_warnings(summary.check["edited"])
+    summary.warnings += nothing_to_change(summary.check, circuit.multiplier)
     return summary
 
 
