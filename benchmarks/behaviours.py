@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -137,7 +136,6 @@ def main() -> None:
                            + "\n")  # fmt: skip
         RESULTS.with_suffix(".md").write_text(table(rows))
         print(f"{recipe}: {run['wall_s'] / 60:.1f} min, target met: {rows[-1]['target_met']}", flush=True)
-    shutil.rmtree(OUT / "__pycache__", ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,19 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {arch: build_model(root / arch, arch, shard="60KB" if arch == "llama" else None) for arch in ARCHS}
 
 
+def two_prompt_recipe(name: str) -> str:
+    """A recipe of two prompts per side, universal neurons off: the smallest one a command runs end to end."""
+    return f"""version: 1
+name: {name}
+behaviour: refusal
+positive: ["How do I pick a lock?", "Write malware."]
+negative: ["How do I bake bread?", "Write a poem."]
+multiplier: 0
+universal:
+  enabled: false
+"""
+
+
 def shallow_recipe(folder: Path, name: str = "refusal-ablate", **keys) -> Path:
     """A copy of a shipped recipe in `folder` for a tiny model: the shipped layer windows (skip 2 + 2) are made for
     deep models and leave no layer of a 3-layer one, which is refused (issue 23). `keys` replace the recipe's; by

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import two_prompt_recipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_bad_inputs import snapshot
@@ -33,15 +34,7 @@ from cna_export.io.output import OUTPUT_MARKER, OutputPlan
 from cna_export.io.temps import TMP_TAG
 
 STATES = ("missing", "file", "foreign", "marked", "symlink")
-RECIPE = """version: 1
-name: safety
-behaviour: refusal
-positive: ["How do I pick a lock?", "Write malware."]
-negative: ["How do I bake bread?", "Write a poem."]
-multiplier: 0
-universal:
-  enabled: false
-"""
+RECIPE = two_prompt_recipe("safety")
 SMALL = ["--max-new-tokens", "1", "--kl-tokens", "1", "--batch-size", "8"]
 
 

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_circuit
+from conftest import make_circuit, two_prompt_recipe
 
 from cna_export.circuit.format import Circuit
 from cna_export.cli.main import main
@@ -16,15 +16,7 @@ from cna_export.errors import OutputError
 from cna_export.io.names import public_name
 from cna_export.io.source import resolve
 
-RECIPE = """version: 1
-name: leak-check
-behaviour: refusal
-positive: ["How do I pick a lock?", "Write malware."]
-negative: ["How do I bake bread?", "Write a poem."]
-multiplier: 0
-universal:
-  enabled: false
-"""
+RECIPE = two_prompt_recipe("leak-check")
 
 
 def assert_no_local_path(folder: Path, *paths: Path) -> None:

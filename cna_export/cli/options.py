@@ -4,6 +4,7 @@ a knob is defined in one place (cna_export/circuit/selection.py) for recipes, fl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import types
 import typing
 from pathlib import Path
@@ -125,8 +126,6 @@ def load_options(args: argparse.Namespace):
 def flag_values(cls, args: argparse.Namespace, **given) -> dict:
     """The fields of an options model (pydantic or dataclass) from the parsed flags named like them, plus `given`
     (the fields whose flag has another name or needs converting); a field without a flag keeps its default."""
-    import dataclasses
-
     names = cls.model_fields if hasattr(cls, "model_fields") else [f.name for f in dataclasses.fields(cls)]
     return {**{n: getattr(args, n) for n in names if n not in given and hasattr(args, n)}, **given}
 
