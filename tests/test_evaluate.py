@@ -272,3 +272,21 @@ def test_lm_eval_hook(tiny_models, monkeypatch):
     with torch.no_grad(), scaled_neurons(model, spec, circuit.edits(0.0)):
         expected = model(ids).logits  # lm-eval ran with the edit hooked in
     torch.testing.assert_close(seen["logits"], expected)
+
+
+def test_first_token_kl_without_scoring_matches_the_scored_one(tiny_models):
+    """The tuner's trials skip the teacher-forced pass and read first-token KL from their generation's first step:
+    the same number as the scored KL at the first answer position, the same answers, and no kl_mean/perplexity."""
+    model, tok = _load(tiny_models["qwen2"])
+    circuit = make_circuit(tiny_models["qwen2"], [(layer, i) for layer in range(3) for i in range(0, 112, 3)])
+    edited = TorchRunner(model, tok, arch_for("qwen2"), circuit.edits(0.0))
+    fast_cfg = EvalConfig(max_new_tokens=6, batch_size=4, kl_tokens=4, score_answers=False)
+    scored_base = build_baseline(TorchRunner(model, tok), POS, NEG, detect_refusal, CFG)
+    fast_base = build_baseline(TorchRunner(model, tok), POS, NEG, detect_refusal, fast_cfg)
+    assert fast_base.ref is None and len(fast_base.first) == len(NEG) and fast_base.metrics["kl_first"] == 0
+    scored, scored_records = measure(edited, scored_base, detect_refusal, CFG)
+    fast, fast_records = measure(edited, fast_base, detect_refusal, fast_cfg)
+    assert scored["kl_first"] > 1e-4 and fast["kl_first"] == pytest.approx(scored["kl_first"], rel=1e-4)
+    for a, b in zip(scored_records, fast_records):
+        assert a["answer"] == b["answer"] and a.get("kl_first", 0) == pytest.approx(b.get("kl_first", 0), rel=1e-4)
+    assert not {"kl_mean", "ppl", "ppl_ratio"} & set(fast) and {"kl_mean", "ppl_ratio"} <= set(scored)

@@ -113,3 +113,28 @@ def test_bad_thread_count_is_one_line(gguf_case, tmp_path, monkeypatch):
                    str(neg), "--behaviour", "refusal", "--out", str(tmp_path / "r"), check=False)  # fmt: skip
     assert proc.returncode == 2 and "CNA_EXPORT_LLAMA_THREADS='two'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_first_token_kl_from_generation_matches_the_scored_one(gguf_case):
+    """In llama.cpp too, the tuner's unscored trials read the scored first-token KL from their generation."""
+    from cna_export.backends import open_backend
+    from cna_export.circuit.format import Circuit
+    from cna_export.evaluate.detectors import detect_refusal
+    from cna_export.evaluate.measure import EvalConfig, build_baseline, measure
+    from cna_export.io.source import resolve
+
+    path, _, _, circuit, _ = gguf_case
+    backend = open_backend(resolve(str(path)))
+    try:
+        out = {}
+        for scored in (True, False):
+            cfg = EvalConfig(max_new_tokens=6, batch_size=3, kl_tokens=4, score_answers=scored)
+            base = build_baseline(backend.load(), HARMFUL, BENIGN, detect_refusal, cfg)
+            with backend.variant(Circuit.load(circuit), 0.0) as runner:
+                out[scored] = measure(runner, base, detect_refusal, cfg)
+    finally:
+        backend.close()
+    (full, full_records), (fast, fast_records) = out[True], out[False]
+    assert full["kl_first"] > 1e-4 and fast["kl_first"] == pytest.approx(full["kl_first"], abs=1e-5)
+    assert [r["answer"] for r in full_records] == [r["answer"] for r in fast_records]
+    assert "kl_mean" not in fast and "ppl_ratio" not in fast

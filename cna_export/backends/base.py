@@ -45,8 +45,12 @@ class Runner(Protocol):
         after a `system` message when given (without a template: the system text, a blank line, the prompt)."""
         ...
 
-    def generate(self, encoded: list[list[int]], cfg: EvalConfig, desc: str = "generate") -> list[list[int]]:
-        """Greedy answers, `cfg.batch_size` prompts at a time, each ending with the end token if the model stopped."""
+    def generate(
+        self, encoded: list[list[int]], cfg: EvalConfig, desc: str = "generate", first: list | None = None
+    ) -> list[list[int]]:
+        """Greedy answers, `cfg.batch_size` prompts at a time, each ending with the end token if the model stopped;
+        with `first` (a list), each answer's first-token log-probabilities ([vocab] float32 tensors: the distribution
+        after the prompt) appended to it in prompt order, so first-token KL needs no second pass."""
         ...
 
     def score(self, encoded: list[list[int]], answers: list[list[int]], cfg: EvalConfig, desc: str = "score",

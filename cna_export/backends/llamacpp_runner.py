@@ -59,20 +59,30 @@ class LlamaCppRunner:
         """An answer's text without its end token (the shape of a tokenizer's `decode`, for `summarize`)."""
         return self.model.detokenize([t for t in ids if not (skip_special_tokens and self.is_end(t))])
 
-    def generate(self, encoded: list[list[int]], cfg: EvalConfig, desc: str = "generate") -> list[list[int]]:
-        """Greedy answers (ending with the end token when the model stopped), `cfg.batch_size` per decode."""
+    def generate(
+        self, encoded: list[list[int]], cfg: EvalConfig, desc: str = "generate", first: list | None = None
+    ) -> list[list[int]]:
+        """Greedy answers (ending with the end token when the model stopped), `cfg.batch_size` per decode; with
+        `first` (a list), each answer's first-token log-probabilities appended to it in prompt order."""
         answers: list[list[int]] = [[] for _ in encoded]
+        firsts: list[torch.Tensor | None] = [None] * len(encoded)
         for ctx, group in self._groups(encoded, cfg.batch_size, desc, extra=cfg.max_new_tokens):
             rows = ctx.decode([Seq(encoded[i]) for i in group])
             live = list(range(len(group)))
             for step in range(cfg.max_new_tokens):
-                nxt = {k: int(np.argmax(ctx.logits(r))) for k, r in zip(live, rows)}
+                logits = {k: ctx.logits(r) for k, r in zip(live, rows)}
+                if step == 0 and first is not None:
+                    for k, row_logits in logits.items():
+                        firsts[group[k]] = torch.from_numpy(_log_softmax(row_logits).astype(np.float32))
+                nxt = {k: int(np.argmax(x)) for k, x in logits.items()}
                 for k, token in nxt.items():
                     answers[group[k]].append(token)
                 live = [k for k in live if not self.is_end(nxt[k])]
                 if not live or step == cfg.max_new_tokens - 1:
                     break
                 rows = ctx.decode([Seq([nxt[k]], len(encoded[group[k]]) + step) for k in live], seq_ids=live)
+        if first is not None:
+            first.extend(firsts)
         return answers
 
     def score(self, encoded: list[list[int]], answers: list[list[int]], cfg: EvalConfig, desc: str = "score",

@@ -58,9 +58,11 @@ class TorchRunner:
         # Every prompt is checked against the model's context before the first forward pass.
         return encode_prompts(self.tokenizer, prompts, chat_template, context_of(self.model), system)
 
-    def generate(self, encoded: list[list[int]], cfg: measure.EvalConfig, desc: str = "generate") -> list[list[int]]:
+    def generate(
+        self, encoded: list[list[int]], cfg: measure.EvalConfig, desc: str = "generate", first: list | None = None
+    ) -> list[list[int]]:
         with self.hooked():
-            return measure.generate(self.model, self.tokenizer, encoded, cfg, desc)
+            return measure.generate(self.model, self.tokenizer, encoded, cfg, desc, first)
 
     def score(
         self,

@@ -50,6 +50,9 @@ class EvalConfig:
     kl_tokens: int = 8  # positions of the original's answer over which KL is averaged
     chat_template: bool = True
     system_prompt: str | None = None  # the recipe's system message, before every prompt
+    # False: no teacher-forced pass; first-token KL is read from the generation's first step and kl_mean and the
+    # perplexity are not measured (the tuner's validation trials, whose objectives use the first-token KL only).
+    score_answers: bool = True
 
     def check(self) -> None:
         for name in ("max_new_tokens", "batch_size", "kl_tokens"):
@@ -127,27 +130,43 @@ def eos_ids_of(model: nn.Module, tokenizer) -> list[int]:
 
 @torch.inference_mode()
 def generate(
-    model: nn.Module, tokenizer, encoded: list[list[int]], cfg: EvalConfig, desc: str = "generate"
+    model: nn.Module,
+    tokenizer,
+    encoded: list[list[int]],
+    cfg: EvalConfig,
+    desc: str = "generate",
+    first: list[torch.Tensor] | None = None,
 ) -> list[list[int]]:
-    """Greedy answers (token ids, ending with the EOS token when the model stopped) in prompt order."""
+    """Greedy answers (token ids, ending with the EOS token when the model stopped) in prompt order; with `first`
+    (a list), each answer's first-token log-probabilities ([vocab], float32) are appended to it in prompt order."""
     from transformers import GenerationConfig
 
     pad_id, eos = pad_id_of(tokenizer), eos_ids_of(model, tokenizer)
     gen_cfg = GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos or None
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=eos or None,
+        output_logits=first is not None,
+        return_dict_in_generate=True,
     )
     device = input_device(model)
     answers: list[list[int]] = [[] for _ in encoded]
+    firsts: list[torch.Tensor | None] = [None] * len(encoded)
     units = lambda b: len(b[2]) * cfg.max_new_tokens  # noqa: E731  (decode steps, for the overall estimate)
     for ids, mask, chunk in track(batches(encoded, cfg.batch_size, pad_id), desc, units):
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
         for row, i in enumerate(chunk):
+            if first is not None:
+                firsts[i] = F.log_softmax(out.logits[0][row].float(), dim=-1).cpu()
             answer = []
-            for token in out[row, ids.shape[1] :].tolist():
+            for token in out.sequences[row, ids.shape[1] :].tolist():
                 answer.append(token)
                 if token in eos:
                     break
             answers[i] = answer
+    if first is not None:
+        first.extend(firsts)  # type: ignore[arg-type]
     return answers
 
 
@@ -217,7 +236,8 @@ class Baseline:
     enc_neg: list[list[int]]
     pos_answers: list[list[int]]
     neg_answers: list[list[int]]
-    ref: list[Scored]  # the original's benign answers scored by the original
+    ref: list[Scored] | None  # the original's benign answers scored by the original (None: cfg.score_answers off)
+    first: list[torch.Tensor] | None = None  # without scoring: the original's first-token log-probs, benign prompts
     metrics: dict = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
 
@@ -243,11 +263,13 @@ def build_baseline(
     enc_pos = runner.encode(positive, cfg.chat_template, cfg.system_prompt)
     enc_neg = runner.encode(negative, cfg.chat_template, cfg.system_prompt)
     pos_answers = runner.generate(enc_pos, cfg, "original: positive")
-    neg_answers = runner.generate(enc_neg, cfg, "original: benign")
-    ref = runner.score(enc_neg, neg_answers, cfg, "original: score")
-    base = Baseline(list(positive), list(negative), enc_pos, enc_neg, pos_answers, neg_answers, ref)
+    first = None if cfg.score_answers else []
+    neg_answers = runner.generate(enc_neg, cfg, "original: benign", first=first)
+    ref = runner.score(enc_neg, neg_answers, cfg, "original: score") if cfg.score_answers else None
+    base = Baseline(list(positive), list(negative), enc_pos, enc_neg, pos_answers, neg_answers, ref, first)
     head = {"label": "original", "k": 0, "multiplier": 1.0}
-    base.metrics, base.records = summarize(base, runner, detector, Answers(pos_answers, neg_answers, ref), head)
+    answers = Answers(pos_answers, neg_answers, ref, first)
+    base.metrics, base.records = summarize(base, runner, detector, answers, head)
     for extra in extras:
         base.metrics.update(extra(runner))
     return base
@@ -273,11 +295,14 @@ def measure(
         ...     metrics, records = measure(edited, base, detect_refusal, EvalConfig(), label="m=0")
     """
     pos_answers = runner.generate(baseline.enc_pos, cfg, f"{label}: positive")
-    neg_answers = runner.generate(baseline.enc_neg, cfg, f"{label}: benign")
-    scored = runner.score(baseline.enc_neg, baseline.neg_answers, cfg, f"{label}: score", ref=baseline.ref)
+    first = None if baseline.ref is not None else []
+    neg_answers = runner.generate(baseline.enc_neg, cfg, f"{label}: benign", first=first)
+    scored = None
+    if baseline.ref is not None:
+        scored = runner.score(baseline.enc_neg, baseline.neg_answers, cfg, f"{label}: score", ref=baseline.ref)
     more = [extra(runner) for extra in extras]
     head = {"label": label, "k": k, "multiplier": multiplier}
-    metrics, records = summarize(baseline, runner, detector, Answers(pos_answers, neg_answers, scored), head)
+    metrics, records = summarize(baseline, runner, detector, Answers(pos_answers, neg_answers, scored, first), head)
     for m in more:
         metrics.update(m)
     return metrics, records
@@ -290,11 +315,21 @@ def lm_eval_check(tasks: Sequence[str], limit: int | None = None, include: Path 
 
 @dataclass
 class Answers:
-    """One variant's greedy answers (positive and benign prompts) and its scores of the original's benign answers."""
+    """One variant's greedy answers (positive and benign prompts) and its scores of the original's benign answers;
+    without scoring (`EvalConfig.score_answers` off), its first-token log-probabilities on the benign prompts."""
 
     positive: list[list[int]]
     negative: list[list[int]]
-    scored: list[Scored]
+    scored: list[Scored] | None
+    first: list[torch.Tensor] | None = None
+
+    def kl(self, base: Baseline) -> list[torch.Tensor]:
+        """Per benign prompt, KL(original || this) at the scored positions, or at the first answer token only."""
+        if self.scored is None:
+            return [kl_divergence(ref[None], own[None]) for ref, own in zip(base.first, self.first)]  # type: ignore[arg-type]
+        return [
+            sc.kl if sc.kl is not None else kl_divergence(ref.logp, sc.logp) for ref, sc in zip(base.ref, self.scored)
+        ]  # type: ignore[arg-type]
 
 
 def summarize(
@@ -302,7 +337,7 @@ def summarize(
 ) -> tuple[dict, list[dict]]:
     """One variant's answers and scores as its metrics and per-prompt records (both backends' variants alike);
     `head` (label, k, multiplier) starts every record and the metrics."""
-    pos_answers, neg_answers, scored = answers.positive, answers.negative, answers.scored
+    pos_answers, neg_answers = answers.positive, answers.negative
 
     def text(ids: list[int]) -> str:
         return runner.decode(ids, skip_special_tokens=True)
@@ -326,26 +361,20 @@ def summarize(
         pos_hits += rule is not None
         records[-1].update(behaviour=rule is not None, rule=rule, repetition=reps[-1])
     kl_first, kl_mean = [], []
-    for prompt, ids, ref, sc in zip(base.negative, neg_answers, base.ref, scored):
+    for i, (prompt, ids, kl) in enumerate(zip(base.negative, neg_answers, answers.kl(base))):
         answer = text(ids)
         records.append({**head, "set": "negative", "prompt": prompt, "answer": answer})
         rule, refusal = verdict("negative", prompt, answer, ids), detect_refusal(answer)
         neg_hits += rule is not None
         neg_refusals += refusal is not None
         reps.append(repetition(ids))
-        kl = sc.kl if sc.kl is not None else kl_divergence(ref.logp, sc.logp)
         kl_first.append(float(kl[0]))
-        kl_mean.append(float(kl.mean()))
         records[-1].update(
-            behaviour=rule is not None,
-            rule=rule,
-            refusal_rule=refusal,
-            repetition=reps[-1],
-            kl_first=kl_first[-1],
-            kl_mean=kl_mean[-1],
-            nll_original_answer=float(sc.nll.mean()),
+            behaviour=rule is not None, rule=rule, refusal_rule=refusal, repetition=reps[-1], kl_first=kl_first[-1]
         )
-    ppl, ppl_original = perplexity([s.nll for s in scored]), perplexity([r.nll for r in base.ref])
+        if answers.scored is not None:
+            kl_mean.append(float(kl.mean()))
+            records[-1].update(kl_mean=kl_mean[-1], nll_original_answer=float(answers.scored[i].nll.mean()))
     n_pos, n_neg = len(base.positive), len(base.negative)
     metrics = {
         **head,
@@ -357,14 +386,14 @@ def summarize(
         "n_negative": n_neg,
         "benign_refusal_rate": neg_refusals / n_neg,
         "kl_first": sum(kl_first) / n_neg,
-        "kl_mean": sum(kl_mean) / n_neg,
+        **({"kl_mean": sum(kl_mean) / n_neg} if kl_mean else {}),
         "repetition": sum(reps) / len(reps),
         # The CNA paper's quality metric is this same number (1 - repeated n-gram share of the generations).
         "quality": sum(reps) / len(reps),
-        "ppl": ppl,
-        "ppl_original": ppl_original,
-        "ppl_ratio": ppl / ppl_original,
     }
+    if answers.scored is not None:  # the perplexity of the original's benign answers under this variant
+        ppl, ppl_original = perplexity([s.nll for s in answers.scored]), perplexity([r.nll for r in base.ref])
+        metrics.update(ppl=ppl, ppl_original=ppl_original, ppl_ratio=ppl / ppl_original)
     if values["positive"]:  # a measure detector: the mean of its number on each set
         metrics["measure_mean"] = sum(values["positive"]) / len(values["positive"])
         metrics["benign_measure_mean"] = sum(values["negative"]) / max(1, len(values["negative"]))

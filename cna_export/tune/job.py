@@ -129,7 +129,8 @@ def _tune(backend: Backend, job: TuneInputs, budget: Budget, space: SearchSpace,
     discovery_protect = plan.protect or (load_prompts(rec.protect, base) if rec.protect is not None else [])
     attribution = _attribute(backend, plan, discovery_protect)
     allow_negative = rec.allow_negative or m_range[0] < 0
-    val = Evaluator(backend, validation, detector, cfg, allow_negative)
+    # Trials read first-token KL from their generation: no teacher-forced pass (the objectives use no other KL).
+    val = Evaluator(backend, validation, detector, replace(cfg, score_answers=False), allow_negative)
     collateral = budget.collateral_budget
     collateral = F.auto_collateral_budget(val.metrics) if collateral is None else collateral
     budget = replace(budget, collateral_budget=collateral)
@@ -158,7 +159,7 @@ def _tune(backend: Backend, job: TuneInputs, budget: Budget, space: SearchSpace,
         "trials_run": len(found.trials),
         "stopped_by": found.stopped_by,
         "seconds": round(found.seconds, 1),
-        "config": asdict(cfg),
+        "config": asdict(val.cfg),  # the validation trials' (the test split is scored in full)
         "space": space.model_dump(),
         "m_range": list(m_range),
         "objectives": dict(zip(F.OBJECTIVES, F.DIRECTIONS)),
