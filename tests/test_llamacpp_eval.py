@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("llama_cpp")
 
@@ -138,3 +139,35 @@ def test_first_token_kl_from_generation_matches_the_scored_one(gguf_case):
     assert full["kl_first"] > 1e-4 and fast["kl_first"] == pytest.approx(full["kl_first"], abs=1e-5)
     assert [r["answer"] for r in full_records] == [r["answer"] for r in fast_records]
     assert "kl_mean" not in fast and "ppl_ratio" not in fast
+
+
+def test_shared_prompt_prefix_is_computed_once_and_changes_nothing(gguf_case, monkeypatch):
+    """The prefix every prompt shares (here a system prompt in the chat template) is decoded once and shared in
+    the KV cache: the same answers, scores and MMLU letters as decoding every prompt whole."""
+    import cna_export.backends.llamacpp_runner as runner_module
+    from cna_export.attribution.collect import common_prefix
+    from cna_export.backends import open_backend
+    from cna_export.evaluate.measure import EvalConfig
+    from cna_export.io.source import resolve
+
+    backend = open_backend(resolve(str(gguf_case[0])))
+    try:
+        runner = backend.load()
+        encoded = runner.encode(HARMFUL + BENIGN, system="You are Skye, the support assistant of a router maker.")
+        assert common_prefix(encoded) > 10
+        cfg = EvalConfig(max_new_tokens=5, batch_size=3, kl_tokens=3)
+
+        def run() -> tuple:
+            answers = runner.generate(encoded, cfg)
+            scored = runner.score(encoded, answers, cfg)
+            return answers, [s.nll for s in scored], runner.letter_logprobs(["Q: 1+1? A", "Q: 2+2? A"])
+
+        shared = run()
+        monkeypatch.setattr(runner_module, "common_prefix", lambda seqs: 0)
+        whole = run()
+    finally:
+        backend.close()
+    assert shared[0] == whole[0]
+    for a, b in zip(shared[1], whole[1]):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert torch.allclose(shared[2], whole[2], atol=1e-4)

@@ -1,7 +1,8 @@
 """The llama.cpp backend's runner: one GGUF file as evaluation and chat see a model, quantized and mmapped as it is.
 
 Prompts go in as the GGUF's own tokens (chat-templated with its own template); answers come out greedily, a batch
-of sequences per decode sharing one unified KV cache; teacher-forced scoring keeps the logits from the last prompt
+of sequences per decode sharing one unified KV cache, in which the prefix every prompt shares (the chat template's
+system turn, a recipe's system prompt) is computed once and shared by all; teacher-forced scoring keeps the logits from the last prompt
 token on, so position `len(prompt) - 1 + t` predicts answer token t, as `cna_export.evaluate.measure.score` reads
 them; MMLU scores the next-token log-probabilities of the four letters after each raw prompt.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cna_export.attribution.collect import common_prefix
 from cna_export.backends.llamacpp_sums import length_groups
 from cna_export.errors import CnaExportError, RecipeError
 from cna_export.evaluate.measure import EvalConfig, Scored
@@ -66,8 +68,8 @@ class LlamaCppRunner:
         `first` (a list), each answer's first-token log-probabilities appended to it in prompt order."""
         answers: list[list[int]] = [[] for _ in encoded]
         firsts: list[torch.Tensor | None] = [None] * len(encoded)
-        for ctx, group in self._groups(encoded, cfg.batch_size, desc, extra=cfg.max_new_tokens):
-            rows = ctx.decode([Seq(encoded[i]) for i in group])
+        for ctx, group, prefix in self._groups(encoded, cfg.batch_size, desc, extra=cfg.max_new_tokens):
+            rows = ctx.decode([Seq(encoded[i][prefix:], prefix) for i in group])
             live = list(range(len(group)))
             for step in range(cfg.max_new_tokens):
                 logits = {k: ctx.logits(r) for k, r in zip(live, rows)}
@@ -91,9 +93,9 @@ class LlamaCppRunner:
         `ref`, the original's scores of the same answers, the KL to them: `Scored.of`)."""
         seqs = [p + a for p, a in zip(encoded, answers)]
         out: list[Scored | None] = [None] * len(seqs)
-        for ctx, group in self._groups(seqs, cfg.batch_size, desc):
+        for ctx, group, prefix in self._groups(seqs, cfg.batch_size, desc, prompts=encoded):
             # Logits from the last prompt token on: position len(prompt) - 1 + t predicts answer token t.
-            last = ctx.decode([Seq(seqs[i], logits_from=len(encoded[i]) - 1) for i in group])
+            last = ctx.decode([Seq(seqs[i][prefix:], prefix, logits_from=len(encoded[i]) - 1 - prefix) for i in group])
             for row, i in zip(last, group):
                 n = len(answers[i])
                 logp = _log_softmax(np.stack([ctx.logits(row - n + t) for t in range(n)]))
@@ -110,8 +112,8 @@ class LlamaCppRunner:
         ids = [self.model.tokenize(f" {c}", add_special=False)[0] for c in LETTERS]
         encoded = [self.model.tokenize(p, add_special=True) for p in prompts]
         out = torch.empty(len(prompts), len(LETTERS), dtype=torch.float64)
-        for ctx, group in self._groups(encoded, batch_size, "mmlu"):
-            rows = ctx.decode([Seq(encoded[i]) for i in group])
+        for ctx, group, prefix in self._groups(encoded, batch_size, "mmlu"):
+            rows = ctx.decode([Seq(encoded[i][prefix:], prefix) for i in group])
             for row, i in zip(rows, group):
                 out[i] = torch.from_numpy(_log_softmax(ctx.logits(row))[ids])
         return out
@@ -120,14 +122,22 @@ class LlamaCppRunner:
         raise CnaExportError("--lm-eval runs lm-evaluation-harness in torch.", "add --backend torch.")
 
     def _groups(
-        self, seqs: list[list[int]], batch_size: int, desc: str, extra: int = 0
-    ) -> Iterator[tuple[LlamaCppContext, list[int]]]:
+        self, seqs: list[list[int]], batch_size: int, desc: str, extra: int = 0, prompts: list[list[int]] | None = None
+    ) -> Iterator[tuple[LlamaCppContext, list[int], int]]:
         """A context for `batch_size` sequences of up to the longest of `seqs` plus `extra` tokens each, and the
-        length-sorted groups of `seqs` one by one (their KV cells are dropped after each group)."""
+        length-sorted groups of `seqs` one by one with the length of the prefix all of them share (of `prompts`,
+        when given: the prompts of prompt + answer sequences). The prefix's KV cells are computed once, as
+        sequence 0, and shared by every sequence of every group; a group decodes from the prefix on, and its own
+        cells are dropped after it."""
         bs = min(batch_size, len(seqs))
-        widest = max(len(s) for s in seqs)
-        with self.model.context(bs * (widest + extra) + 8, max(bs * widest, bs), bs) as ctx:
+        prefix = common_prefix(prompts or seqs)
+        widest = max(len(s) for s in seqs) - prefix
+        with self.model.context(prefix + bs * (widest + extra) + 8, max(bs * widest, bs, prefix), bs) as ctx:
+            if prefix:
+                ctx.decode([Seq(seqs[0][:prefix], output=False)])
             for group in track(length_groups(seqs, bs), desc, lambda g: len(g) * (extra or SCORE_UNITS)):
-                yield ctx, group
+                for k in range(1, len(group)) if prefix else ():
+                    ctx.share(0, k, prefix)
+                yield ctx, group, prefix
                 for k in range(len(group)):
-                    ctx.forget(k)
+                    ctx.forget(k, prefix)
