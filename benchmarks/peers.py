@@ -244,57 +244,100 @@ def run_cna(folder: Path, work: Path) -> dict:
     return json.loads(record.read_text())
 
 
-@torch.inference_mode()
-def cna_grid(folder: Path, work: Path, fractions: list[float], multipliers: list[float], max_tokens: int,
-             batch: int, markers: list[str], n_eval: int) -> dict:  # fmt: skip
-    """CNA points on the validation split scored the way heretic scores a trial: its markers on `max_tokens`
-    greedy tokens of the harmful prompts, first-token KL(original || edited) on the benign ones."""
+class HereticScoring:
+    """The model folder in torch, scored on the validation split the way heretic scores a trial: its markers on
+    `max_tokens` greedy tokens of the harmful prompts, first-token KL(original || edited) on the benign ones."""
+
+    def __init__(self, folder: Path, max_tokens: int, batch: int, markers: list[str], n_eval: int) -> None:
+        from cna_export.backends.torch import TorchBackend
+        from cna_export.evaluate.measure import EvalConfig
+        from cna_export.io.source import describe, identity, load_model, resolve
+
+        recipe, base = load_recipe(RECIPE)
+        self.harmful = load_prompts(recipe.validation_positive, base)[:n_eval]
+        self.benign = load_prompts(recipe.validation_negative, base)[:n_eval]
+        source = resolve(str(folder))
+        self.spec, self.shape, config = describe(source)
+        self.model, self.tok = load_model(source, dtype="float32", device="cpu")
+        self.backend = TorchBackend.of_model(self.model, self.tok, self.spec, identity(source, config, self.shape))
+        self.cfg, self.batch, self.markers = EvalConfig(max_new_tokens=max_tokens, batch_size=batch), batch, markers
+        self.enc = ph.encode_prompts(self.tok, self.harmful, True)
+        self.base_refusals, self.base_logp, _ = self.point()
+
+    @torch.inference_mode()
+    def point(self, circuit=None, multiplier: float | None = None) -> tuple[int, torch.Tensor, float]:
+        """(refusals, first-token log-probs, seconds) of the model, or of `circuit` hooked in at `multiplier`."""
+        from contextlib import nullcontext
+
+        from cna_export.attribution.hooks import scaled_neurons
+        from cna_export.evaluate.measure import generate
+
+        t0 = time.time()
+        edit = nullcontext() if circuit is None else scaled_neurons(self.model, self.spec, circuit.hook_edits(multiplier))
+        with edit:
+            answers = generate(self.model, self.tok, self.enc, self.cfg, "grid")
+            refusals = sum(ph.marker_refusal(self.tok.decode(a, skip_special_tokens=True), self.markers)
+                           for a in answers)  # fmt: skip
+            logp = ph.first_token_kl(self.model, self.tok, self.benign, self.batch)
+        return refusals, logp, time.time() - t0
+
+    def scored(self, circuit, multiplier: float) -> dict:
+        from cna_export.evaluate.measure import kl_divergence
+
+        refusals, logp, secs = self.point(circuit, multiplier)
+        kl = float(kl_divergence(self.base_logp, logp).mean())
+        return {"k": len(circuit.neurons), "multiplier": multiplier, "refusals": refusals, "n": len(self.harmful),
+                "kl": kl, "seconds": secs}  # fmt: skip
+
+
+def cna_grid(scoring: HereticScoring, work: Path, fractions: list[float], multipliers: list[float]) -> dict:
+    """refusal-ablate's attribution cut at each fraction, at each multiplier, scored heretic's way (validation)."""
     from cna_export.attribution.discover import plan_discovery
-    from cna_export.attribution.hooks import scaled_neurons
     from cna_export.attribution.select import attribute_on
-    from cna_export.backends.torch import TorchBackend
-    from cna_export.evaluate.measure import EvalConfig, generate, kl_divergence
-    from cna_export.io.source import describe, identity, load_model, resolve
 
     recipe, base = load_recipe(RECIPE)
-    harmful = load_prompts(recipe.validation_positive, base)[:n_eval]
-    benign = load_prompts(recipe.validation_negative, base)[:n_eval]
-    source = resolve(str(folder))
-    spec, shape, config = describe(source)
-    model, tok = load_model(source, dtype="float32", device="cpu")
     t = time.time()
     plan = plan_discovery(recipe, base)
-    backend = TorchBackend.of_model(model, tok, spec, identity(source, config, shape))
-    att = attribute_on(backend, plan.positive, plan.negative, plan.neutral, plan.selection)
+    att = attribute_on(scoring.backend, plan.positive, plan.negative, plan.neutral, plan.selection)
     attribution_s = time.time() - t
-    cfg = EvalConfig(max_new_tokens=max_tokens, batch_size=batch)
-    enc = ph.encode_prompts(tok, harmful, True)
-
-    def point() -> tuple[int, torch.Tensor, float]:
-        t0 = time.time()
-        answers = generate(model, tok, enc, cfg, "grid")
-        refusals = sum(ph.marker_refusal(tok.decode(a, skip_special_tokens=True), markers) for a in answers)
-        return refusals, ph.first_token_kl(model, tok, benign, batch), time.time() - t0
-
-    base_refusals, base_logp, _ = point()
     points = []
     for frac in fractions:
-        k = round(frac * shape.num_neurons)
+        k = round(frac * scoring.shape.num_neurons)
         circuit = att.circuit(k, behaviour=recipe.behaviour, recipe=recipe.name)
         circuit.save(work / f"circuit-k{k}.json", overwrite=True)
         for m in multipliers:
-            with scaled_neurons(model, spec, circuit.hook_edits(m)):
-                refusals, logp, secs = point()
-            kl = float(kl_divergence(base_logp, logp).mean())
-            points.append({"fraction": frac, "k": k, "multiplier": m, "refusals": refusals, "n": len(harmful),
-                           "kl": kl, "seconds": secs})  # fmt: skip
-            log(f"CNA grid k={k} m={m:g}: {refusals}/{len(harmful)} refusals, KL {kl:.4f} ({secs:.0f} s)")
+            points.append({"fraction": frac, **scoring.scored(circuit, m)})
+            p = points[-1]
+            log(f"CNA grid k={k} m={m:g}: {p['refusals']}/{p['n']} refusals, KL {p['kl']:.4f} ({p['seconds']:.0f} s)")
     front = [p for p in points if not any(q["refusals"] <= p["refusals"] and q["kl"] <= p["kl"] and q != p
                                           for q in points)]  # fmt: skip
     chosen = choose_trial(front)
-    return {"base_refusals": base_refusals, "n": len(harmful), "points": points, "chosen": chosen,
-            "attribution_s": attribution_s, "max_tokens": max_tokens, "recipe_fraction": recipe.fraction,
-            "recipe_multiplier": recipe.multiplier}  # fmt: skip
+    return {"base_refusals": scoring.base_refusals, "n": len(scoring.harmful), "points": points, "chosen": chosen,
+            "attribution_s": attribution_s, "max_tokens": scoring.cfg.max_new_tokens,
+            "recipe_fraction": recipe.fraction, "recipe_multiplier": recipe.multiplier}  # fmt: skip
+
+
+def tuned_point(scoring: HereticScoring, tuned: Path) -> dict:
+    """The point `cna-export tune refusal-ablate` chose (its recipe.yaml, rediscovered on this folder), scored
+    heretic's way on the validation split."""
+    from cna_export.attribution.discover import discover_source, plan_discovery
+
+    recipe, base = load_recipe(tuned / "recipe.yaml")
+    circuit = discover_source(scoring.backend, plan_discovery(recipe, base))
+    point = scoring.scored(circuit, recipe.multiplier)
+    tune = json.loads((tuned / "front.json").read_text())
+    log(f"CNA tuned k={point['k']} m={recipe.multiplier:g}: {point['refusals']}/{point['n']}, KL {point['kl']:.4f}")
+    return {**point, "tune": {k: tune[k] for k in ("model", "backend", "trials_run", "seconds", "chosen", "config")}}
+
+
+def run_tuned(folder: Path, work: Path, tuned: Path) -> dict:
+    """`cna-export run TUNED/recipe.yaml --model FOLDER`: the tuned point exported as a user does, timed."""
+    out, record = work / "cna-tuned", work / "cna-tuned.json"
+    if not record.is_file():
+        cmd = [sys.executable, "-m", "cna_export", "run", str(tuned / "recipe.yaml"), "--model", str(folder),
+               "--out", str(out)]  # fmt: skip
+        record.write_text(json.dumps(timed(cmd, work / "cna-tuned.log")))
+    return json.loads(record.read_text())
 
 
 def export_pick(folder: Path, work: Path, pick: dict) -> tuple[Path, dict]:
@@ -373,6 +416,10 @@ def frontier_png(doc: dict, path: Path) -> None:
     if shipped:
         ax.scatter([shipped[0]["kl"]], [shipped[0]["refusals"] / shipped[0]["n"]], s=120, marker="D",
                    facecolors="none", edgecolors="black", label="refusal-ablate as shipped")  # fmt: skip
+    if "tuned" in grid:
+        t = grid["tuned"]
+        ax.scatter([t["kl"]], [t["refusals"] / t["n"]], s=180, marker="P", c="tab:purple",
+                   label=f"CNA tuned (k={t['k']}, m={t['multiplier']:.2f})")  # fmt: skip
     ax.axhline(grid["base_refusals"] / grid["n"], color="gray", ls=":", lw=1, label="original")
     ax.axvline(KL_BUDGET, color="gray", ls="--", lw=0.8)
     ax.set_xscale("symlog", linthresh=0.01)
@@ -386,7 +433,8 @@ def frontier_png(doc: dict, path: Path) -> None:
 
 
 ROWS = [("original", "original"), ("CNA shipped", "CNA refusal-ablate as shipped"),
-        ("CNA grid pick", "CNA grid pick (validation)"), ("heretic chosen", "heretic chosen trial")]  # fmt: skip
+        ("CNA grid pick", "CNA grid pick (validation)"), ("CNA tuned", "CNA tuned (cna-export tune, validation)"),
+        ("heretic chosen", "heretic chosen trial")]  # fmt: skip
 
 
 def _fmt(x, pct: bool = True) -> str:
@@ -400,7 +448,7 @@ def render(out: Path) -> str:
     lines = ["# CNA against heretic (abliteration) on the test split", "",
              "Written by benchmarks/peers.py from benchmarks/results/peers/<model>/results.json; read the sizes line "
              "of each model before any number (small runs are marked as such).", ""]  # fmt: skip
-    for key, name in MODELS.items():
+    for name in MODELS.values():
         path = out / name / "results.json"
         if not path.is_file():
             continue
@@ -439,12 +487,29 @@ def render(out: Path) -> str:
         lines += ["", f"Validation (heretic's own scoring, {doc['cna']['grid']['max_tokens']} tokens, markers): "
                   f"heretic chosen trial {h['chosen']['index']}: {h['chosen']['refusals']}/{h['chosen']['n']} at KL "
                   f"{h['chosen']['kl']:.3f}; CNA grid pick k={c['k']} m={c['multiplier']:g}: {c['refusals']}/{c['n']} "
-                  f"at KL {c['kl']:.3f}; original {doc['cna']['grid']['base_refusals']}/{doc['cna']['grid']['n']}. "
+                  f"at KL {c['kl']:.3f}; " + (f"CNA tuned k={t['k']} m={t['multiplier']:.2f}: {t['refusals']}/{t['n']} "
+                  f"at KL {t['kl']:.3f}; " if (t := doc['cna']['grid'].get('tuned')) else "") +
+                  f"original {doc['cna']['grid']['base_refusals']}/{doc['cna']['grid']['n']}. "
                   f"Frontier: [{name}/frontier.png](peers/{name}/frontier.png).", ""]  # fmt: skip
     lines += ["## Formats each tool writes", "", "| | " + " | ".join(FORMATS) + " |", "|---|---|---|"]
     for feature in next(iter(FORMATS.values())):
         lines.append(f"| {feature} | " + " | ".join(FORMATS[t][feature] for t in FORMATS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def validation_points(folder: Path, work: Path, args: argparse.Namespace, markers: list[str]) -> dict:
+    """The CNA grid (grid.json) and, with --tuned, the tuner's point, scored heretic's way on validation; each
+    computed once in the work folder."""
+    grid_file, tuned_file = work / "grid.json", work / "tuned-validation.json"
+    if grid_file.is_file() and (tuned_file.is_file() or not args.tuned):
+        grid = json.loads(grid_file.read_text())
+        return {**grid, "tuned": json.loads(tuned_file.read_text())} if args.tuned else grid
+    scoring = HereticScoring(folder, args.trial_tokens, args.batch, markers, args.val_n)
+    if not grid_file.is_file():
+        grid_file.write_text(json.dumps(cna_grid(scoring, work, args.fractions, args.multipliers), indent=1))
+    if args.tuned and not tuned_file.is_file():
+        tuned_file.write_text(json.dumps(tuned_point(scoring, args.tuned), indent=1))
+    return validation_points(folder, work, args, markers)
 
 
 def run_model(key: str, args: argparse.Namespace) -> None:
@@ -459,10 +524,8 @@ def run_model(key: str, args: argparse.Namespace) -> None:
     folder = prepare(key, work)
     markers = heretic_markers()
     hw, export = work / "heretic", work / "heretic-export"
-    if args.phase == "grid":  # the CNA grid alone (e.g. beside a heretic run in another process)
-        if not (work / "grid.json").is_file():
-            (work / "grid.json").write_text(json.dumps(cna_grid(folder, work, args.fractions, args.multipliers,
-                                            args.trial_tokens, args.batch, markers, args.val_n), indent=1))  # fmt: skip
+    if args.phase == "grid":  # the CNA points alone (e.g. beside a heretic run in another process)
+        validation_points(folder, work, args, markers)
         return
     if not (hw / "result.json").is_file():
         hw.mkdir(exist_ok=True)
@@ -477,15 +540,15 @@ def run_model(key: str, args: argparse.Namespace) -> None:
         return
     shipped = run_cna(folder, work)
     log(f"CNA shipped: {shipped}")
-    grid_file = work / "grid.json"
-    if not grid_file.is_file():
-        grid_file.write_text(json.dumps(cna_grid(folder, work, args.fractions, args.multipliers, args.trial_tokens,
-                                                 args.batch, markers, args.val_n), indent=1))  # fmt: skip
-    grid = json.loads(grid_file.read_text())
+    grid = validation_points(folder, work, args, markers)
     pick = grid["chosen"]
     variants = {"CNA shipped": work / "cna-shipped", "heretic chosen": export}
     cost = {"CNA shipped": shipped,
             "heretic chosen": {k: heretic[k] for k in ("wall_s", "peak_rss_gib", "to_export_s")}}  # fmt: skip
+    if args.tuned:
+        variants["CNA tuned"] = work / "cna-tuned"
+        cost["CNA tuned"] = {**run_tuned(folder, work, args.tuned),
+                             "note": "run of the tuned recipe; the tune itself not included"}  # fmt: skip
     if (pick["fraction"], pick["multiplier"]) != (grid["recipe_fraction"], grid["recipe_multiplier"]):
         variants["CNA grid pick"], cost["CNA grid pick"] = export_pick(folder, work, pick)
         cost["CNA grid pick"] = {**cost["CNA grid pick"], "note": "apply only; attribution and grid not included"}
@@ -536,6 +599,8 @@ def main() -> None:
     ap.add_argument("--long-n", type=int, default=40, help="long-context items")
     ap.add_argument("--phase", choices=["all", "heretic", "grid"], default="all",
                     help="heretic or grid: only that phase (its result is kept in --work for a later full run)")
+    ap.add_argument("--tuned", type=Path, help="a `cna-export tune refusal-ablate` folder (recipe.yaml, front.json) "
+                    "of this model: its point joins the validation frontier and the test harness")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     if not args.render_only:
