@@ -369,22 +369,42 @@ def test_sets(n: int, overrefusal: str | None, mmlu_n: int, mmlu_file: Path | No
 
 
 def harness(folder: Path, variants: dict[str, Path], sets: ph.Sets, markers: list[str], batch: int,
-            out: Path) -> tuple[dict, list[dict]]:  # fmt: skip
-    """Score the original and every variant folder, one model in memory at a time."""
+            out: Path, device: str = "cpu") -> tuple[dict, list[dict]]:  # fmt: skip
+    """Score the original and every variant folder, one model in memory at a time. Resumable: each scored variant
+    is kept in `out` (harness/<variant>.json and .jsonl, the original's reference in reference.safetensors), and
+    a later run with the same sets scores only what is missing, so a long harness can span several sessions."""
     from cna_export.io.source import load_model, resolve
 
-    results, records, ref = {}, [], None
+    done = out / "harness"
+    done.mkdir(exist_ok=True)
+    key = ph.sets_key(sets)
+    results, records, ref = {}, [], ph.load_reference(done / "reference", key)
     for name, path in {"original": folder, **variants}.items():
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower())
+        kept = done / f"{slug}.json"
+        if kept.is_file() and json.loads(kept.read_text())["sets_key"] == key and (name != "original" or ref):
+            results[name] = json.loads(kept.read_text())["metrics"]
+            records += [json.loads(line) for line in (done / f"{slug}.jsonl").read_text().splitlines()]
+            log(f"harness {name}: kept from an earlier run")
+            continue
+        if name != "original" and ref is None:
+            raise RuntimeError("the original's reference is missing: score the original first")
         t = time.time()
-        model, tok = load_model(resolve(str(path)), dtype="float32", device="cpu")
-        metrics, recs, ref = ph.score_variant(model, tok, sets, markers, batch, ref)
+        model, tok = load_model(resolve(str(path)), dtype="float32", device=device)
+        metrics, recs, new_ref = ph.score_variant(model, tok, sets, markers, batch, ref)
         del model
+        if ref is None:
+            ref = new_ref
+            ph.save_reference(ref, done / "reference", key)
         metrics["harness_s"] = time.time() - t
+        metrics["device"] = device
         results[name] = metrics
-        records += [{"variant": name, **r} for r in recs]
+        recs = [{"variant": name, **r} for r in recs]
+        records += recs
+        (done / f"{slug}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+        kept.write_text(json.dumps({"sets_key": key, "metrics": metrics}, indent=1))
         log(f"harness {name}: {time.time() - t:.0f} s; " + ", ".join(
             f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_s")))  # fmt: skip
-        (out / "partial.json").write_text(json.dumps(results, indent=1))
     return results, records
 
 
@@ -553,7 +573,7 @@ def run_model(key: str, args: argparse.Namespace) -> None:
         variants["CNA grid pick"], cost["CNA grid pick"] = export_pick(folder, work, pick)
         cost["CNA grid pick"] = {**cost["CNA grid pick"], "note": "apply only; attribution and grid not included"}
     sets = test_sets(args.harness_n, args.overrefusal, args.mmlu_n, args.mmlu_file, args.long_n)
-    test, records = harness(folder, variants, sets, markers, args.batch, work)
+    test, records = harness(folder, variants, sets, markers, args.batch, work, args.device)
     doc = {
         "model": name, "source": f"{name}.Q4_K_M.gguf dequantized to a float32 folder (cna_export materialize_gguf)",
         "sizes": {"harmful": len(sets.harmful), "benign": len(sets.benign), "overrefusal": len(sets.overrefusal),
@@ -599,6 +619,7 @@ def main() -> None:
     ap.add_argument("--long-n", type=int, default=40, help="long-context items")
     ap.add_argument("--phase", choices=["all", "heretic", "grid"], default="all",
                     help="heretic or grid: only that phase (its result is kept in --work for a later full run)")
+    ap.add_argument("--device", default="cpu", help="where the harness runs the models (cuda on a GPU machine)")
     ap.add_argument("--tuned", type=Path, help="a `cna-export tune refusal-ablate` folder (recipe.yaml, front.json) "
                     "of this model: its point joins the validation frontier and the test harness")
     ap.add_argument("--render-only", action="store_true")

@@ -12,11 +12,14 @@ tests/test_peers_harness.py; the rest needs a real model.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +151,38 @@ class Reference:
     benign_answers: list[list[int]]  # the original's greedy benign answers, cut at KL_TOKENS
     logp: list[torch.Tensor]  # its log-probs along them, [positions, vocab] float16 (memory)
     mmlu: dict | None = None
+
+
+def sets_key(sets: Sets) -> str:
+    """A hash of everything a variant is scored on (prompts, questions, items, prefixes, KL positions): kept results
+    are reused only for the same key."""
+    doc = {"harmful": sets.harmful, "benign": sets.benign, "overrefusal": sets.overrefusal,
+           "mmlu": [asdict(q) for q in sets.mmlu], "long": [asdict(it) for it in sets.long],
+           "prefixes": PREFIXES, "kl_tokens": KL_TOKENS}  # fmt: skip
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def save_reference(ref: Reference, stem: Path, key: str) -> None:
+    """The original's reference as safetensors (log-probs, answer ids) and JSON (MMLU record, sets key)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"logp.{i}": t.contiguous() for i, t in enumerate(ref.logp)}
+    tensors |= {f"answer.{i}": torch.tensor(a, dtype=torch.int64) for i, a in enumerate(ref.benign_answers)}
+    save_file(tensors, str(stem.with_suffix(".safetensors")))
+    stem.with_suffix(".json").write_text(json.dumps({"sets_key": key, "n": len(ref.logp), "mmlu": ref.mmlu}))
+
+
+def load_reference(stem: Path, key: str) -> Reference | None:
+    """`save_reference`'s reference when it was saved for the same sets key, else None."""
+    from safetensors.torch import load_file
+
+    meta, data = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    if not (meta.is_file() and data.is_file()) or json.loads(meta.read_text())["sets_key"] != key:
+        return None
+    info, tensors = json.loads(meta.read_text()), load_file(str(data))
+    n = info["n"]
+    return Reference([tensors[f"answer.{i}"].tolist() for i in range(n)], [tensors[f"logp.{i}"] for i in range(n)],
+                     info["mmlu"])  # fmt: skip
 
 
 def answer_sets(model, tokenizer, sets: Sets, batch: int, markers: Sequence[str]) -> tuple[dict, list[dict], dict]:

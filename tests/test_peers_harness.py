@@ -58,3 +58,24 @@ def test_long_context_scoring_takes_the_first_five_digit_number():
 def test_rate():
     assert ph.rate([True, False, True, True]) == 0.75
     assert ph.rate([]) != ph.rate([])  # nan for an empty set
+
+
+def test_reference_round_trip_and_sets_key(tmp_path):
+    """The harness resumes from kept results only for the same sets; the original's reference survives a save."""
+    import torch
+
+    from cna_export.evaluate.mmlu import Question
+
+    q = Question("math", "1+1?", ("1", "2", "3", "4"), 1)
+    sets = ph.Sets(["harm"], ["benign a", "benign b"], [], [q], ph.long_context_items(1, words=50))
+    key = ph.sets_key(sets)
+    assert key == ph.sets_key(ph.Sets(["harm"], ["benign a", "benign b"], [], [q], ph.long_context_items(1, words=50)))
+    assert key != ph.sets_key(ph.Sets(["harm"], ["benign a"], [], [q], sets.long))
+    ref = ph.Reference([[5, 6, 7], [8]], [torch.randn(3, 11).half(), torch.randn(1, 11).half()],
+                       {"accuracy": 1.0, "n": 1, "correct": [1]})  # fmt: skip
+    ph.save_reference(ref, tmp_path / "reference", key)
+    back = ph.load_reference(tmp_path / "reference", key)
+    assert back.benign_answers == ref.benign_answers and back.mmlu == ref.mmlu
+    assert all(torch.equal(a, b) for a, b in zip(back.logp, ref.logp))
+    assert ph.load_reference(tmp_path / "reference", "another key") is None
+    assert ph.load_reference(tmp_path / "missing", key) is None
