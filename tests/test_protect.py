@@ -177,3 +177,27 @@ def test_discover_flags_record_the_protect_set(tiny, tmp_path):
     data = json.loads(out.read_text())
     assert data["selection"]["protect_weight"] == 0.5 and data["selection"]["sign_filter"] is True
     assert data["prompts"]["protect"]["count"] == 3
+
+
+def test_sweep_reports_the_validation_protect_set(tiny, tmp_path):
+    """A sweep of a recipe with a protect set measures its validation protect prompts beside the positive ones:
+    every point (and the original) has a protect rate, the records say `set: protect`, and the counts are kept."""
+    from cna_export.backends import open_backend
+    from cna_export.evaluate.measure import EvalConfig
+    from cna_export.evaluate.options import SweepOptions
+    from cna_export.evaluate.sweep import sweep_source
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "name": "r", "behaviour": "refusal", "multiplier": 0.0,
+                                    "positive": POS, "negative": NEG, "protect": POOL[:3],
+                                    "validation_positive": POOL[3:6], "validation_negative": NEUTRAL[:3],
+                                    "validation_protect": POOL[6:8]}))  # fmt: skip
+    recipe, base = load_recipe(path)
+    cfg = EvalConfig(max_new_tokens=3, batch_size=4, kl_tokens=2)
+    results, records, _, _ = sweep_source(open_backend(resolve(str(tiny[0]))), recipe, base, cfg,
+                                          SweepOptions(ks=[5], multipliers=[0.0]))  # fmt: skip
+    assert results["heldout"]["positive"] == 3 and results["heldout"]["protect"] == 2
+    for point in [results["baseline"], *results["points"]]:
+        assert point["n_positive"] == 3 and point["n_protect"] == 2 and 0 <= point["protect_rate"] <= 1
+    protect = [r["prompt"] for r in records if r["set"] == "protect" and r["label"] == "original"]
+    assert sorted(protect) == sorted(POOL[6:8])

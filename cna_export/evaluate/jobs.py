@@ -21,9 +21,9 @@ from cna_export.errors import CnaExportError
 from cna_export.evaluate.declared import behaviour_of
 from cna_export.evaluate.depth import DepthChecks, add_delayed_refusals, runner_extra
 from cna_export.evaluate.judge import JUDGE_MIN_TOKENS
-from cna_export.evaluate.measure import EvalConfig, lm_eval_check, prompts_sha256
+from cna_export.evaluate.measure import EvalConfig, lm_eval_check
 from cna_export.evaluate.options import EvalRequest, HeldOut, SweepOptions, SweepRequest, Variants
-from cna_export.evaluate.protect import protect_prompts, split_protect
+from cna_export.evaluate.protect import note_protect, protect_prompts, split_protect
 from cna_export.evaluate.report import headline, selection_scores, write_report
 from cna_export.evaluate.stream import (
     RESULTS,
@@ -219,18 +219,6 @@ def _finish(
         results["settings_chosen_on"] = rec.settings_chosen_on
     stream.rewrite()
     write_results(folder, results)
-
-
-def note_protect(results: dict, positive: Sequence[str], protect: Sequence[str]) -> None:
-    """The held-out counts and hashes of a results document whose positive list carried the protect set."""
-    if protect:
-        held = results["heldout"]
-        held.update(
-            positive=len(positive),
-            protect=len(protect),
-            positive_sha256=prompts_sha256(positive),
-            protect_sha256=prompts_sha256(protect),
-        )
 
 
 def with_system_prompt(cfg: EvalConfig, rec, base: Path | None, circuit: Circuit | None) -> EvalConfig:

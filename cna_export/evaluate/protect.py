@@ -4,6 +4,7 @@ records labelled `set: protect`, metrics with `protect_rate`, `protect_hits`, `n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -53,3 +54,17 @@ def protect_prompts(recipe, base: Path | None, split: str, limit: int | None = N
     prompts = load_prompts(ref, base)
     prompts = disjoint(prompts, seen) if seen else prompts
     return prompts[:limit] if limit else prompts
+
+
+def note_protect(results: dict, positive: Sequence[str], protect: Sequence[str]) -> None:
+    """The held-out counts and hashes of a results document whose positive list carried the protect set."""
+    from cna_export.evaluate.measure import prompts_sha256
+
+    if protect:
+        held = results["heldout"]
+        held.update(
+            positive=len(positive),
+            protect=len(protect),
+            positive_sha256=prompts_sha256(positive),
+            protect_sha256=prompts_sha256(protect),
+        )

@@ -38,6 +38,7 @@ from cna_export.evaluate.measure import (
     prompts_sha256,
 )
 from cna_export.evaluate.options import HeldOut, SweepOptions, Variants
+from cna_export.evaluate.protect import note_protect, protect_prompts, split_protect
 from cna_export.fold.scale import check_multiplier
 from cna_export.io.output import write_text_atomic
 from cna_export.progress import track
@@ -196,9 +197,12 @@ def run_sweep(
     behaviour: str,
     cfg: EvalConfig,
     options: SweepOptions,
+    protect: Sequence[str] = (),
 ) -> tuple[dict, list[dict], dict[int, Circuit]]:
     """Evaluate every (k, m) of the grid, each point the backend's variant (torch: hooks on the loaded model;
-    llama.cpp: the file patched at that point); return results, per-prompt records and circuits.
+    llama.cpp: the file patched at that point); return results, per-prompt records and circuits. The `protect`
+    prompts (a recipe's protect set) ride with the positive ones and every point reports their rate as well
+    (`evaluate.protect`).
 
     m = 1 is the original model at every k and is not re-run. With `options.out`, results are saved after every
     point, so a long sweep that stops early keeps what it measured.
@@ -214,7 +218,8 @@ def run_sweep(
     detector = detector_for(behaviour)
     goal = o.goal or goal_of(min(o.multipliers))
     circuits = {k: attribution.circuit(k, behaviour=behaviour, recipe=o.recipe) for k in o.ks}
-    baseline = build_baseline(backend.load(), positive, negative, detector, cfg)
+    baseline = build_baseline(backend.load(), [*positive, *protect], negative, detector, cfg)
+    split_protect(baseline.metrics, baseline.records, len(positive), len(protect))
     results = results_document(
         "sweep",
         backend.model_name,
@@ -231,11 +236,13 @@ def run_sweep(
         split=o.split,
         backend=backend.runtime,
     )
+    note_protect(results, positive, protect)
     records = list(baseline.records)
 
     def point(k: int, m: float) -> tuple[dict, list[dict]]:
         with backend.variant(circuits[k], m, o.allow_negative) as runner:
-            return measure(runner, baseline, detector, cfg, label=f"k={k} m={m:g}", k=k, multiplier=m)
+            metrics, recs = measure(runner, baseline, detector, cfg, label=f"k={k} m={m:g}", k=k, multiplier=m)
+        return split_protect(metrics, recs, len(positive), len(protect))
 
     sweep_grid(
         results, records, o.ks, o.multipliers, point, kl_budget=o.kl_budget, benign_budget=o.benign_budget, out=o.out
@@ -305,6 +312,7 @@ def sweep_source(
     plan = plan_discovery(recipe, base)
     counts = resolve_ks(options.ks, backend.shape, plan.selection)
     held_pos, held_neg = heldout_sets(recipe, base, positive, negative, split="validation", limit=options.limit)
+    protect = protect_prompts(recipe, base, "validation", options.limit) if positive is None else []
     att = attribute_on(backend, plan.positive, plan.negative, plan.neutral, plan.selection, protect=plan.protect)
     cfg = replace(cfg, system_prompt=plan.selection.system_prompt)
     options = options.model_copy(
@@ -316,7 +324,8 @@ def sweep_source(
             "split": split_of(recipe, "validation", positive),
         }
     )
-    results, records, circuits = run_sweep(backend, att, held_pos, held_neg, behaviour_of(recipe, base), cfg, options)
+    behaviour = behaviour_of(recipe, base)
+    results, records, circuits = run_sweep(backend, att, held_pos, held_neg, behaviour, cfg, options, protect)
     return results, records, circuits, att
 
 
