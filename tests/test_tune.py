@@ -153,3 +153,22 @@ def test_tune_on_a_gguf_patches_each_trial(case, tmp_path):
     assert doc["backend"] == "llama.cpp" and doc["trials_run"] == 3 and doc["model"] == "qwen2.gguf"
     assert all("objectives" in t or "skipped" in t for t in doc["trials"])
     assert not list(tmp_path.glob("**/cna-eval-*")), "each trial's patched copy is removed"
+
+
+def test_the_first_trial_is_the_recipes_own_point(case, tmp_path):
+    """The tuner measures the recipe as written first (clipped into the space), so it never chooses worse on
+    validation than the shipped settings when those are admissible."""
+    from cna_export.arch import ModelShape
+    from cna_export.circuit.selection import Selection
+    from cna_export.tune.space import recipe_params
+
+    doc = _tune(case, tmp_path / "t", trials=2)
+    first = doc["trials"][0]["params"]
+    # RECIPE: fraction 0.01 (below SPACE's 0.02, so clipped), m = 0, no layers skipped, specificity 1 (default).
+    assert first["fraction"] == 0.02 and first["multiplier"] == 0.0 and first["skip_first_layers"] == 0
+    shape = ModelShape(num_layers=24, intermediate_size=4864, hidden_size=896)
+    params = recipe_params(SearchSpace(), shape, (0.0, 0.9), Selection(top_k=233, skip_first_layers=30,
+                           skip_last_layers=2, specificity=5.0, sign_filter=True), 2.0, has_protect=False)  # fmt: skip
+    assert params["fraction"] == pytest.approx(233 / (24 * 4864)) and params["multiplier"] == 0.9
+    assert params["skip_first_layers"] == 8 and params["skip_last_layers"] == 2 and params["specificity"] == 2.0
+    assert params["sign_filter"] is True and params["max_layer_share"] == 1.0 and "protect_weight" not in params

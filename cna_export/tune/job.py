@@ -37,7 +37,7 @@ from cna_export.evaluate.sweep import goal_of, heldout_sets, results_document
 from cna_export.io.output import check_output_path, staged_output
 from cna_export.tune import front as F
 from cna_export.tune.search import Aim, Budget, SearchResult, search
-from cna_export.tune.space import Point, SearchSpace
+from cna_export.tune.space import Point, SearchSpace, recipe_params
 from cna_export.tune.trials import Evaluator, PromptSets
 from cna_export.tune.tuned_recipe import write_recipe
 
@@ -135,7 +135,9 @@ def _tune(backend: Backend, job: TuneInputs, budget: Budget, space: SearchSpace,
     collateral = F.auto_collateral_budget(val.metrics) if collateral is None else collateral
     budget = replace(budget, collateral_budget=collateral)
     labels = {"behaviour": str(behaviour), "recipe": rec.name}
-    aim = Aim(goal, m_range, labels, has_protect=bool(discovery_protect and validation.protect))
+    has_protect = bool(discovery_protect and validation.protect)
+    start = recipe_params(space, backend.shape, m_range, plan.selection, rec.multiplier, has_protect)
+    aim = Aim(goal, m_range, labels, has_protect, start)
     found = search(attribution, val, plan.selection, space, budget, aim)
     measured = [t for t in found.trials if "objectives" in t]
     points = [t["objectives"] for t in measured]

@@ -1,8 +1,10 @@
 """The search: a seeded multi-objective Optuna study over the tuner's space, each trial a selection cut from one
 attribution (no forward pass) and measured on the validation split.
 
-Optuna's TPE sampler in its multi-objective form (seeded; its first trials are random, then it models the good
-and the bad trials) proposes points; the KL and collateral budgets go in as constraints, so the sampler learns
+The first trial is the recipe's own point (its k, m and selection knobs, clipped into the space), so the choice
+is never behind the recipe as shipped when that point is admissible. Then Optuna's TPE sampler in its
+multi-objective form (seeded; its first trials are random, then it models the good and the bad trials) proposes
+points; the KL and collateral budgets go in as constraints, so the sampler learns
 where the admissible region lies. Two trials that land on the same edit (same k, m, window, knobs) are measured
 once. A trial whose selection is impossible (more neurons than the exclusions leave) is recorded as skipped.
 The budget is a number of trials and, optionally, a time: no trial starts after the time is up.
@@ -49,6 +51,7 @@ class Aim:
     m_range: tuple[float, float]
     labels: dict
     has_protect: bool
+    start: dict | None = None  # a trial's parameters measured first (`space.recipe_params`: the recipe's own point)
 
 
 @dataclass
@@ -82,6 +85,8 @@ def search(
         seed=budget.seed, multivariate=True, n_startup_trials=min(10, max(2, budget.trials // 3))
     )
     study = optuna.create_study(directions=list(DIRECTIONS), sampler=sampler)
+    if aim.start is not None:
+        study.enqueue_trial(aim.start)
     start = time.monotonic()
 
     def objective(trial) -> tuple[float, ...]:

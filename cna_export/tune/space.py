@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from cna_export.arch import ModelShape
-from cna_export.circuit.selection import Selection, Strict
+from cna_export.circuit.selection import DEFAULT_FRACTION, Selection, Strict
 from cna_export.errors import RecipeError
 
 
@@ -119,9 +119,7 @@ def suggest(
     Knobs whose range is empty keep the recipe's value: specificity at max 0, the protect weight without a protect
     set, the sign filter when `space.sign_filter` is off."""
     n = shape.num_layers
-    first_max = space.max_skip_first if space.max_skip_first is not None else n // 3
-    last_max = space.max_skip_last if space.max_skip_last is not None else n // 4
-    first_max, last_max = min(first_max, n - 1), min(last_max, n - 1)
+    first_max, last_max = _skip_max(space, n)
     fraction = trial.suggest_float("fraction", *space.fraction, log=True)
     multiplier = trial.suggest_float("multiplier", *m_range)
     skip_first = trial.suggest_int("skip_first_layers", 0, first_max)
@@ -141,3 +139,45 @@ def suggest(
     )
     k = min(shape.num_neurons, max(1, round(fraction * shape.num_neurons)))
     return Point(fraction, k, multiplier, skip_first, skip_last, specificity, protect, bool(sign), share)
+
+
+def _skip_max(space: SearchSpace, num_layers: int) -> tuple[int, int]:
+    """The most layers that may be skipped at the start and at the end (defaults: a third, a quarter)."""
+    first = space.max_skip_first if space.max_skip_first is not None else num_layers // 3
+    last = space.max_skip_last if space.max_skip_last is not None else num_layers // 4
+    return min(first, num_layers - 1), min(last, num_layers - 1)
+
+
+def recipe_params(
+    space: SearchSpace, shape: ModelShape, m_range: tuple[float, float], base: Selection, multiplier: float,
+    has_protect: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The recipe's own settings as the parameters of a trial (`suggest`'s names), each clipped into the space. The
+    tuner measures them first, so its choice on validation is never behind the recipe as shipped when that point
+    is admissible.
+
+    Example:
+        >>> recipe_params(SearchSpace(), shape, (0.0, 0.9), Selection(fraction=0.002, skip_first_layers=2), 0.0, False)
+        {'fraction': 0.002, 'multiplier': 0.0, 'skip_first_layers': 2, ...}
+    """
+
+    def clip(x: float, low: float, high: float) -> float:
+        return min(max(x, low), high)
+
+    first_max, last_max = _skip_max(space, shape.num_layers)
+    share = base.top_k / shape.num_neurons if base.top_k is not None else base.fraction or DEFAULT_FRACTION
+    params: dict[str, Any] = {
+        "fraction": clip(share, *space.fraction),
+        "multiplier": clip(multiplier, *m_range),
+        "skip_first_layers": min(base.skip_first_layers, first_max),
+        "skip_last_layers": min(base.skip_last_layers, last_max),
+    }
+    if space.max_specificity:
+        params["specificity"] = min(base.specificity, space.max_specificity)
+    if has_protect and space.max_protect_weight:
+        params["protect_weight"] = min(base.protect_weight, space.max_protect_weight)
+    if space.sign_filter:
+        params["sign_filter"] = base.sign_filter
+    if space.min_layer_share < 1:
+        params["max_layer_share"] = clip(base.max_layer_share or 1.0, space.min_layer_share, 1.0)
+    return params
