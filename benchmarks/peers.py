@@ -595,7 +595,8 @@ def run_model(key: str, args: argparse.Namespace) -> None:
         heretic = json.loads((hw / "result.json").read_text())
         doc = {"model": name, "split": "validation", "markers_count": len(markers),
                "heretic": {**heretic_settings(args), **{k: heretic[k] for k in ("front", "chosen", "wall_s",
-                                                                                  "peak_rss_gib", "trials")}},
+                                                                                  "peak_rss_gib", "trials",
+                                                                                  "settings") if k in heretic}},
                "cna": {"grid": validation_points(folder, work, args, markers)}}  # fmt: skip
         (out / "validation.json").write_text(json.dumps(doc, indent=1))
         frontier_png(doc, out / "frontier-validation.png")
@@ -606,6 +607,7 @@ def run_model(key: str, args: argparse.Namespace) -> None:
         log(f"heretic: {args.trials} trials ...")
         res = run_heretic(folder, hw, export)
         res["trials"] = heretic_trials(hw)
+        res["settings"] = heretic_settings(args)["settings"]  # how this run went (threads), for later phases
         (hw / "result.json").write_text(json.dumps(res, indent=1))
     heretic = json.loads((hw / "result.json").read_text())
     log(f"heretic done: {heretic['wall_s']:.0f} s; chosen {heretic['chosen']}")
