@@ -2,9 +2,10 @@
 
 Prompts go in as the GGUF's own tokens (chat-templated with its own template); answers come out greedily, a batch
 of sequences per decode sharing one unified KV cache, in which the prefix every prompt shares (the chat template's
-system turn, a recipe's system prompt) is computed once and shared by all; teacher-forced scoring keeps the logits from the last prompt
-token on, so position `len(prompt) - 1 + t` predicts answer token t, as `cna_export.evaluate.measure.score` reads
-them; MMLU scores the next-token log-probabilities of the four letters after each raw prompt.
+system turn, a recipe's system prompt) is computed once and shared by all; teacher-forced scoring keeps the logits
+from the last prompt token on, so position `len(prompt) - 1 + t` predicts answer token t, as
+`cna_export.evaluate.measure.score` reads them; MMLU scores the next-token log-probabilities of the four letters
+after each raw prompt.
 """
 
 from __future__ import annotations
